@@ -1,0 +1,39 @@
+"""The built-in echo worker: every byte received is sent back, in order.
+
+A connection stays open until the client closes it, also while the worker
+drains: an echo stream has no request boundary at which closing would be
+safe, so a draining echo worker exits when its last client leaves (or when
+the master's drain timeout SIGKILLs it).
+"""
+
+from __future__ import annotations
+
+from upgraderd.apps import server
+
+
+class Echo:
+    """Echo protocol: reply with exactly what was received."""
+
+    def received(self, data: bytes) -> bytes:
+        """Return `data` unchanged."""
+        return data
+
+    def closing(self) -> bool:
+        """Never close on our own."""
+        return False
+
+    def idle(self) -> bool:
+        """An echo connection is never safe to close from our side."""
+        return False
+
+    def drain(self) -> None:
+        """Nothing to do: the client decides when the stream ends."""
+
+
+def main() -> int:
+    """Serve echo on every inherited listener."""
+    return server.main(lambda name: Echo())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

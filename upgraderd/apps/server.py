@@ -1,0 +1,229 @@
+"""The event loop shared by the built-in workers: accept, read, write, drain.
+
+We own the accept loop instead of using asyncio's `Server`: in CPython 3.11,
+`Server.close()` can drop a connection accepted in the same loop iteration
+(CPython issue #109564), and the client then sees a reset. Here a listener is
+unregistered and its fd closed between two loop passes, so nothing is ever
+accepted and then forgotten. Whatever the kernel queued but this worker did
+not accept stays on the socket, which the master and the next generation
+still hold.
+
+Order at start-up: signal handlers first, then listeners, then READY=1. A
+worker that said READY=1 before its drain handler existed could be killed by
+SIGTERM's default action with connections in hand.
+
+Drain (the drain signal, SIGTERM by default): stop accepting, tell every
+connection's protocol (HTTP answers the next request with `Connection:
+close`), let idle connections go after a grace period, exit when none is
+left. SIGINT: exit at once. If the master dies (our parent changes) we drain.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+from types import FrameType
+from typing import Callable, Protocol
+
+from upgraderd import worker
+
+READ_SIZE = 65536
+HIGH_WATER = 1 << 20
+ACCEPT_BATCH = 64
+
+
+class ConnectionProtocol(Protocol):
+    """What a built-in app does with the bytes of one connection."""
+
+    def received(self, data: bytes) -> bytes:
+        """Consume `data`; return the bytes to send back."""
+
+    def closing(self) -> bool:
+        """Return True once the connection should close after its output is flushed."""
+
+    def idle(self) -> bool:
+        """Return True if no request is in progress (safe to close while draining)."""
+
+    def drain(self) -> None:
+        """The worker is draining: finish the current request, then close."""
+
+
+class Conn:
+    """One accepted connection and its pending output."""
+
+    __slots__ = ("sock", "proto", "out", "eof", "events", "last_io")
+
+    def __init__(self, sock: socket.socket, proto: ConnectionProtocol) -> None:
+        self.sock = sock
+        self.proto = proto
+        self.out = bytearray()
+        self.eof = False
+        self.events = selectors.EVENT_READ
+        self.last_io = time.monotonic()
+
+
+class Server:
+    """A single-threaded selectors loop over inherited listeners."""
+
+    def __init__(self, listeners: dict[str, socket.socket],
+                 factory: Callable[[str], ConnectionProtocol], idle_grace: float = 1.0) -> None:
+        self.listeners = listeners
+        self.factory = factory
+        self.idle_grace = idle_grace
+        self.sel = selectors.DefaultSelector()
+        self.conns: dict[int, Conn] = {}
+        self.draining_since: float | None = None
+        self.stop_now = False
+        self.parent = os.getppid()
+        self._wake_r, self._wake_w = socket.socketpair()
+
+    def _install_signals(self) -> None:
+        for s in (self._wake_r, self._wake_w):
+            s.setblocking(False)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, None)
+        signal.signal(worker.drain_signal(), self._on_drain_signal)
+        signal.signal(signal.SIGINT, self._on_int)
+        if worker.drain_signal() != signal.SIGTERM:
+            signal.signal(signal.SIGTERM, self._on_drain_signal)
+
+    def _on_drain_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self.draining_since is None:
+            self.draining_since = -1.0  # acted on by the loop, outside the handler
+
+    def _on_int(self, signum: int, frame: FrameType | None) -> None:
+        self.stop_now = True
+
+    def serve(self) -> int:
+        """Serve until drained; return the exit code."""
+        self._install_signals()
+        for name, lsock in self.listeners.items():
+            lsock.setblocking(False)
+            self.sel.register(lsock, selectors.EVENT_READ, name)
+        worker.ready(f"serving {', '.join(self.listeners)}")
+        while not self.stop_now:
+            if self.draining_since == -1.0:
+                self._start_drain()
+            if self.draining_since is not None and self._drained():
+                break
+            for key, mask in self.sel.select(timeout=0.5):
+                self._dispatch(key, mask)
+            if os.getppid() != self.parent and self.draining_since is None:
+                self.draining_since = -1.0
+        for conn in list(self.conns.values()):
+            self._close(conn)
+        return 0
+
+    def _dispatch(self, key: selectors.SelectorKey, mask: int) -> None:
+        if key.fileobj is self._wake_r:
+            try:
+                self._wake_r.recv(4096)
+            except BlockingIOError:
+                pass
+        elif isinstance(key.data, str):
+            self._accept(key.fileobj, key.data)  # type: ignore[arg-type]
+        else:
+            conn: Conn = key.data
+            if mask & selectors.EVENT_READ:
+                self._read(conn)
+            if mask & selectors.EVENT_WRITE and conn.sock.fileno() >= 0:
+                self._flush(conn)
+
+    def _accept(self, lsock: socket.socket, name: str) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, _addr = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    return  # leave the rest queued; the kernel keeps them
+                raise
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = Conn(sock, self.factory(name))
+            if self.draining_since is not None:
+                conn.proto.drain()
+            self.conns[sock.fileno()] = conn
+            self.sel.register(sock, selectors.EVENT_READ, conn)
+
+    def _read(self, conn: Conn) -> None:
+        try:
+            data = conn.sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(conn)
+            return
+        conn.last_io = time.monotonic()
+        if not data:
+            conn.eof = True
+        else:
+            conn.out += conn.proto.received(data)
+        self._flush(conn)
+
+    def _flush(self, conn: Conn) -> None:
+        while conn.out:
+            try:
+                n = conn.sock.send(conn.out)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self._close(conn)
+                return
+            del conn.out[:n]
+            conn.last_io = time.monotonic()
+        if not conn.out and (conn.eof or conn.proto.closing()):
+            self._close(conn)
+            return
+        want = 0 if len(conn.out) >= HIGH_WATER or conn.eof else selectors.EVENT_READ
+        if conn.out:
+            want |= selectors.EVENT_WRITE
+        if want != conn.events:
+            conn.events = want
+            if want:
+                self.sel.modify(conn.sock, want, conn)
+            else:
+                self.sel.unregister(conn.sock)
+
+    def _close(self, conn: Conn) -> None:
+        fd = conn.sock.fileno()
+        if fd < 0:
+            return
+        if conn.events:
+            self.sel.unregister(conn.sock)
+        self.conns.pop(fd, None)
+        conn.sock.close()
+
+    def _start_drain(self) -> None:
+        self.draining_since = time.monotonic()
+        for lsock in self.listeners.values():
+            self.sel.unregister(lsock)
+            lsock.close()
+        for conn in self.conns.values():
+            conn.proto.drain()
+
+    def _drained(self) -> bool:
+        assert self.draining_since is not None
+        now = time.monotonic()
+        for conn in list(self.conns.values()):
+            if conn.proto.idle() and not conn.out and now - max(conn.last_io, self.draining_since) >= self.idle_grace:
+                self._close(conn)
+        return not self.conns
+
+
+def main(factory: Callable[[str], ConnectionProtocol], idle_grace: float = 1.0) -> int:
+    """Run a built-in app over the inherited listeners; return the exit code."""
+    socks = worker.listeners()
+    if not socks:
+        print("error: no listening sockets (LISTEN_FDS/LISTEN_PID not set for this process); "
+              "run me under upgraderd", file=sys.stderr)
+        return 2
+    return Server(socks, factory, idle_grace).serve()

@@ -1,0 +1,411 @@
+"""Load the YAML config into frozen dataclasses, validating strictly.
+
+Every option is declared once, as a dataclass field built by `opt()`: its type
+check, default and one-line doc live together, and the reference document is
+generated from them. The loader walks PyYAML's node tree (not the constructed
+Python objects) so that every problem can name `file:line:column`, the key path
+(`listeners[1].port`) and the offending value. Problems are collected, not
+raised one at a time, so `upgraderd check` can print all of them.
+
+Invariant: a `Config` is immutable. A reload builds a new one and diffs it
+against the old (see plan.py); nothing ever mutates a loaded config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import os
+import re
+import shutil
+import signal
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import yaml
+
+from upgraderd.errors import ConfigError
+
+REQUIRED: Any = object()
+DEFAULT_PATH = "config/upgraderd.yaml"
+BUILTIN_APPS = ("echo", "http")
+MODES = ("reuseport", "shared", "worker-bind")
+
+
+class Invalid(Exception):
+    """Raised by a validator; the loader adds the location and key path."""
+
+
+Check = Callable[[Any], Any]
+
+
+def opt(default: Any, check: Check, doc: str) -> Any:
+    """Declare one config option: its default, its validator and its doc line."""
+    meta = {"check": check, "doc": doc}
+    if default is REQUIRED:
+        return field(metadata={**meta, "required": True})
+    if isinstance(default, (list, dict)):
+        frozen = default
+        return field(default_factory=lambda: type(frozen)(frozen), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# -- validators: each takes the constructed YAML value and returns the typed one --
+
+def integer(lo: int | None = None, hi: int | None = None) -> Check:
+    def check(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise Invalid(f"expected an integer, got {_show(v)}")
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise Invalid(f"{v} is out of range; allowed: {_range(lo, hi)}")
+        return v
+    check.__doc__ = f"integer {_range(lo, hi)}"
+    return check
+
+
+def _range(lo: int | None, hi: int | None) -> str:
+    if hi is None:
+        return f">= {lo}"
+    return f"{lo}..{hi}"
+
+
+def string(v: Any) -> str:
+    """string"""
+    if not isinstance(v, str) or not v:
+        raise Invalid(f"expected a non-empty string, got {_show(v)}")
+    return v
+
+
+def name(v: Any) -> str:
+    """name: letters, digits, '.', '_' or '-'"""
+    s = string(v)
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", s):
+        raise Invalid(f"{_show(v)} is not a valid name; use letters, digits, '.', '_', '-'")
+    return s
+
+
+def one_of(*choices: str) -> Check:
+    def check(v: Any) -> str:
+        if v not in choices:
+            hint = _did_you_mean(str(v), choices)
+            raise Invalid(f"{_show(v)} is not one of {', '.join(choices)}{hint}")
+        return str(v)
+    check.__doc__ = " | ".join(choices)
+    return check
+
+
+def host(v: Any) -> str:
+    """IPv4 or IPv6 address"""
+    s = string(v)
+    try:
+        ipaddress.ip_address(s)
+    except ValueError:
+        raise Invalid(f"{_show(v)} is not an IPv4 or IPv6 address") from None
+    return s
+
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def duration(v: Any) -> float:
+    """duration: 500ms, 30s, 2m, 1h (a bare number means seconds)"""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        secs = float(v)
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*", str(v))
+        if not m:
+            raise Invalid(f"{_show(v)} is not a duration; write e.g. 500ms, 30s or 2m")
+        secs = float(m.group(1)) * _UNITS[m.group(2)]
+    if secs < 0:
+        raise Invalid(f"{_show(v)} is negative")
+    return secs
+
+
+def signal_name(v: Any) -> str:
+    """signal name: TERM, QUIT, INT, HUP, USR1, USR2, WINCH"""
+    s = string(v).upper()
+    s = s[3:] if s.startswith("SIG") else s
+    if s not in _SIGNALS:
+        raise Invalid(f"{_show(v)} is not a signal name; allowed: {', '.join(_SIGNALS)}")
+    return s
+
+
+_SIGNALS = ("TERM", "QUIT", "INT", "HUP", "USR1", "USR2", "WINCH")
+
+
+def argv(v: Any) -> tuple[str, ...]:
+    """command: a list of strings (argv), or one string split on spaces"""
+    if isinstance(v, str):
+        parts = v.split()
+    elif isinstance(v, list) and all(isinstance(p, (str, int, float)) for p in v):
+        parts = [str(p) for p in v]
+    else:
+        raise Invalid(f"expected a list of strings, got {_show(v)}")
+    if not parts:
+        raise Invalid("the command is empty")
+    return tuple(parts)
+
+
+def env_map(v: Any) -> dict[str, str]:
+    """mapping of environment variable names to strings"""
+    if not isinstance(v, dict):
+        raise Invalid(f"expected a mapping of NAME: value, got {_show(v)}")
+    out = {}
+    for k, val in v.items():
+        if not isinstance(k, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
+            raise Invalid(f"{_show(k)} is not a valid environment variable name")
+        if isinstance(val, (dict, list)) or val is None:
+            raise Invalid(f"the value of {k} must be a string, got {_show(val)}")
+        out[k] = str(val).lower() if isinstance(val, bool) else str(val)
+    return out
+
+
+def _show(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _did_you_mean(word: str, choices: Any) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# -- the schema --
+
+@dataclass(frozen=True, kw_only=True)
+class ListenerSpec:
+    """One named listening address."""
+
+    name: str = opt(REQUIRED, name, "Listener name; workers see it in LISTEN_FDNAMES.")
+    host: str = opt("127.0.0.1", host, "Address to listen on (IPv4 or IPv6).")
+    port: int = opt(REQUIRED, integer(1, 65535), "TCP port.")
+    mode: str = opt("reuseport", one_of(*MODES), "Who binds and how the accept queue is shared.")
+    backlog: int = opt(1024, integer(1, 65535), "listen() backlog of each socket.")
+
+    @property
+    def address(self) -> str:
+        """Return host:port, with IPv6 hosts in brackets."""
+        h = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{h}:{self.port}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerSpec:
+    """What a worker process runs and how many of them."""
+
+    count: int = opt(4, integer(1, 1024), "Number of worker processes (slots) per generation.")
+    app: str | None = opt(None, one_of(*BUILTIN_APPS), "Built-in app to run: echo or http.")
+    command: tuple[str, ...] | None = opt(None, argv, "argv of the worker program (instead of app).")
+    env: dict[str, str] = opt({}, env_map, "Extra environment variables for the workers.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReadySpec:
+    """When a new worker counts as ready."""
+
+    mode: str = opt("notify", one_of("notify", "delay"), "notify: READY=1 via NOTIFY_SOCKET; delay: alive after `after`.")
+    after: float = opt(1.0, duration, "With mode delay: how long a worker must stay alive.")
+    timeout: float = opt(30.0, duration, "A generation not ready by then fails; the old one keeps serving.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DrainSpec:
+    """How an old generation is stopped."""
+
+    signal: str = opt("TERM", signal_name, "Signal that asks a worker to stop accepting and finish.")
+    timeout: float = opt(30.0, duration, "SIGKILL a draining worker after this long.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RestartSpec:
+    """Respawning workers that die while their generation is ACTIVE."""
+
+    backoff: float = opt(0.1, duration, "First respawn delay; it doubles on each consecutive crash.")
+    max_backoff: float = opt(5.0, duration, "Cap of the respawn delay.")
+    crash_loop: int = opt(8, integer(1, 1000), "Consecutive quick crashes after which a slot is given up.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """A whole, validated config file."""
+
+    listeners: tuple[ListenerSpec, ...] = opt(REQUIRED, lambda v: v, "Listening sockets (at least one).")
+    workers: WorkerSpec = opt(WorkerSpec(), lambda v: v, "Worker processes.")
+    ready: ReadySpec = opt(ReadySpec(), lambda v: v, "Readiness of new workers.")
+    drain: DrainSpec = opt(DrainSpec(), lambda v: v, "Draining of old workers.")
+    restart: RestartSpec = opt(RestartSpec(), lambda v: v, "Respawn back-off.")
+    path: str = field(default="<string>", compare=False, metadata={"internal": True})
+
+    @property
+    def worker_argv(self) -> tuple[str, ...]:
+        """Return the argv a worker of this config runs."""
+        if self.workers.command is not None:
+            return self.workers.command
+        return (sys.executable, "-m", f"upgraderd.apps.{self.workers.app}")
+
+    @property
+    def drain_signal(self) -> signal.Signals:
+        """Return the drain signal as a `signal.Signals`."""
+        return signal.Signals[f"SIG{self.drain.signal}"]
+
+
+SECTIONS: dict[str, type] = {
+    "listeners": ListenerSpec, "workers": WorkerSpec, "ready": ReadySpec,
+    "drain": DrainSpec, "restart": RestartSpec,
+}
+
+
+class _Loader:
+    """Walk a composed YAML node tree and collect located problems."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.problems: list[str] = []
+        self.constructor = yaml.SafeLoader("")
+
+    def fail(self, node: yaml.Node | None, key: str, msg: str) -> None:
+        where = self.path
+        if node is not None:
+            where += f":{node.start_mark.line + 1}:{node.start_mark.column + 1}"
+        self.problems.append(f"{where}: {key}: {msg}" if key else f"{where}: {msg}")
+
+    def value(self, node: yaml.Node) -> Any:
+        return self.constructor.construct_object(node, deep=True)
+
+    def mapping(self, node: yaml.Node, key: str) -> dict[str, tuple[yaml.Node, yaml.Node]] | None:
+        if not isinstance(node, yaml.MappingNode):
+            self.fail(node, key, f"expected a mapping, got {_show(self.value(node))}")
+            return None
+        out: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+        for knode, vnode in node.value:
+            k = self.value(knode)
+            if not isinstance(k, str):
+                self.fail(knode, key, f"keys must be strings, got {_show(k)}")
+            elif k in out:
+                self.fail(knode, _join(key, k), "duplicate key")
+            else:
+                out[k] = (knode, vnode)
+        return out
+
+    def section(self, cls: type, node: yaml.Node, key: str) -> Any:
+        items = self.mapping(node, key)
+        if items is None:
+            return None
+        fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+        kwargs: dict[str, Any] = {}
+        for k, (knode, vnode) in items.items():
+            if k not in fields:
+                hint = _did_you_mean(k, fields)
+                self.fail(knode, _join(key, k), f"unknown key{hint}; allowed: {', '.join(fields)}")
+                continue
+            kwargs[k] = self.field(cls, k, vnode, _join(key, k))
+        for f in fields.values():
+            if f.metadata.get("required") and f.name not in items:
+                self.fail(node, _join(key, f.name), "is required")
+        if any(v is _BAD for v in kwargs.values()) or _missing(fields, items):
+            return None
+        return cls(**kwargs)
+
+    def field(self, cls: type, k: str, vnode: yaml.Node, key: str) -> Any:
+        if cls is Config and k == "listeners":
+            return self.listeners(vnode, key)
+        if cls is Config:
+            sub = self.section(SECTIONS[k], vnode, key)
+            return _BAD if sub is None else sub
+        check = next(f for f in dataclasses.fields(cls) if f.name == k).metadata["check"]
+        raw = self.value(vnode)
+        try:
+            return check(raw)
+        except Invalid as e:
+            self.fail(vnode, key, str(e))
+            return _BAD
+
+    def listeners(self, node: yaml.Node, key: str) -> Any:
+        if not isinstance(node, yaml.SequenceNode) or not node.value:
+            self.fail(node, key, "expected a non-empty list of listeners")
+            return _BAD
+        out = [self.section(ListenerSpec, n, f"{key}[{i}]") for i, n in enumerate(node.value)]
+        if any(x is None for x in out):
+            return _BAD
+        self.unique(node, key, out)
+        return tuple(out)
+
+    def unique(self, node: yaml.SequenceNode, key: str, listeners: list[ListenerSpec]) -> None:
+        names: dict[str, int] = {}
+        addrs: dict[tuple[str, int], int] = {}
+        for i, spec in enumerate(listeners):
+            item = node.value[i]
+            if spec.name in names:
+                self.fail(item, f"{key}[{i}].name",
+                          f"duplicate listener name {spec.name!r} (also {key}[{names[spec.name]}])")
+            names.setdefault(spec.name, i)
+            addr = (str(ipaddress.ip_address(spec.host)), spec.port)
+            if addr in addrs:
+                self.fail(item, f"{key}[{i}]",
+                          f"duplicate address {spec.address} (also {key}[{addrs[addr]}])")
+            addrs.setdefault(addr, i)
+
+
+_BAD: Any = object()
+
+
+def _missing(fields: Mapping[str, Any], items: Mapping[str, Any]) -> bool:
+    return any(f.metadata.get("required") and n not in items for n, f in fields.items())
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def parse(text: str, path: str = "<string>") -> Config:
+    """Parse and validate config text; raise ConfigError listing every problem."""
+    loader = _Loader(path)
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+        raise ConfigError([f"{where}: YAML syntax error: {e.problem or e.context}"]) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{path}: YAML error: {e}"]) from None
+    if root is None:
+        raise ConfigError([f"{path}: the file is empty; it needs at least `listeners:`"])
+    cfg: Config | None = loader.section(Config, root, "")
+    if cfg is not None:
+        _check_workers(loader, root, cfg)
+    if loader.problems:
+        raise ConfigError(loader.problems)
+    assert cfg is not None
+    return dataclasses.replace(cfg, path=path)
+
+
+def _check_workers(loader: _Loader, root: yaml.Node, cfg: Config) -> None:
+    items = loader.mapping(root, "") or {}
+    node = items.get("workers", (root, root))[1]
+    w = cfg.workers
+    if (w.app is None) == (w.command is None):
+        loader.fail(node, "workers", "set exactly one of `app` (echo, http) or `command`")
+        return
+    if w.command is not None:
+        prog = w.command[0]
+        env_path = w.env.get("PATH", os.environ.get("PATH", os.defpath))
+        found = shutil.which(prog, path=env_path) if "/" not in prog else (
+            prog if os.access(prog, os.X_OK) and os.path.isfile(prog) else None)
+        if found is None:
+            loader.fail(node, "workers.command[0]", f"{prog!r} is not an executable file or not on PATH")
+
+
+def load(path: str) -> Config:
+    """Read and validate the config file at `path`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: no such file"]) from None
+    except IsADirectoryError:
+        raise ConfigError([f"{path}: is a directory, not a config file"]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([f"{path}: cannot read: {e}"]) from None
+    return parse(text, path)

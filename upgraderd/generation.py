@@ -1,0 +1,267 @@
+"""One generation of workers and its state machine.
+
+    STARTING --all workers ready--> ACTIVE --successor ACTIVE--> DRAINING --all exited--> RETIRED
+       |                                                            '--drain deadline: SIGKILL--> RETIRED
+       '--a worker exits / ready timeout / spawn error--> FAILED --all exited--> RETIRED
+
+Invariants (the master keeps the cross-generation ones):
+- At most one STARTING and one ACTIVE generation exist at a time.
+- A generation is drained only after its successor is ACTIVE.
+- A FAILED generation's workers are drained, not SIGKILLed at once: a worker
+  that was already accepting may hold connections, and killing it would reset
+  them. They get the drain signal and SIGKILL only at the drain deadline.
+- A worker that dies while its generation is ACTIVE is respawned into its slot
+  after an exponential back-off; after `restart.crash_loop` consecutive quick
+  crashes the slot is given up (FATAL) and reported, not respawned forever.
+
+Nothing here makes a syscall: processes are started and signalled through the
+`Launcher` the master passes in, and time is the `now` argument, so unit tests
+drive it with a fake clock and a fake launcher.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import signal
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from upgraderd.config import Config
+from upgraderd.errors import SpawnError
+from upgraderd.process import Exit
+
+log = logging.getLogger("upgraderd")
+
+# A worker that stayed up this long before dying is not part of a crash loop.
+STABLE_AFTER = 10.0
+
+
+class GenerationState(enum.Enum):
+    STARTING = "starting"
+    ACTIVE = "active"
+    DRAINING = "draining"
+    FAILED = "failed"
+    RETIRED = "retired"
+
+
+class WorkerState(enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    BACKOFF = "backoff"
+    DRAINING = "draining"
+    EXITED = "exited"
+    FATAL = "fatal"
+
+
+LIVE_WORKER = (WorkerState.STARTING, WorkerState.READY, WorkerState.DRAINING)
+
+
+@dataclass
+class Worker:
+    """One worker slot of a generation and the process currently in it."""
+
+    slot: int
+    pid: int | None = None
+    state: WorkerState = WorkerState.STARTING
+    started_at: float = 0.0
+    ready_at: float | None = None
+    crashes: int = 0
+    respawn_at: float = 0.0
+    kill_at: float | None = None
+    killed: bool = False
+    last_exit: Exit | None = None
+
+
+class Launcher(Protocol):
+    """How a generation starts and signals its processes (the master implements it)."""
+
+    def spawn_worker(self, gen: Generation, slot: int) -> int:
+        """Start the worker for `slot` of `gen`; return its pid or raise SpawnError."""
+
+    def signal_worker(self, pid: int, sig: int) -> None:
+        """Send `sig` to worker `pid`."""
+
+
+@dataclass
+class Generation:
+    """A numbered set of workers started from one config."""
+
+    number: int
+    config: Config
+    launcher: Launcher
+    created_at: float
+    state: GenerationState = GenerationState.STARTING
+    workers: dict[int, Worker] = field(default_factory=dict)
+    changed_at: float = 0.0
+    active_at: float | None = None
+    reason: str = ""
+
+    def start(self, now: float) -> None:
+        """Spawn every slot; a spawn error fails the generation at once."""
+        self.changed_at = now
+        for slot in range(self.config.workers.count):
+            self.workers[slot] = Worker(slot)
+            if not self._spawn(self.workers[slot], now):
+                return
+
+    def _spawn(self, w: Worker, now: float) -> bool:
+        try:
+            w.pid = self.launcher.spawn_worker(self, w.slot)
+        except SpawnError as e:
+            w.pid, w.state = None, WorkerState.EXITED
+            if self.state is GenerationState.STARTING:
+                self._fail(now, f"slot {w.slot}: {e}")
+            else:
+                self._crashed(w, now, str(e))
+            return False
+        w.state, w.started_at, w.ready_at, w.killed = WorkerState.STARTING, now, None, False
+        log.debug("generation %d slot %d: spawned pid %d", self.number, w.slot, w.pid)
+        return True
+
+    def pids(self) -> dict[int, Worker]:
+        """Return the live workers by pid."""
+        return {w.pid: w for w in self.workers.values() if w.pid is not None and w.state in LIVE_WORKER}
+
+    def _transition(self, to: GenerationState, now: float, *allowed: GenerationState) -> None:
+        if self.state not in allowed:
+            raise RuntimeError(f"generation {self.number}: illegal {self.state.name} -> {to.name}")
+        log.info("generation %d %s -> %s after %.3fs", self.number, self.state.name, to.name,
+                 now - self.changed_at)
+        self.state, self.changed_at = to, now
+
+    # -- events --
+
+    def on_ready(self, pid: int, now: float) -> bool:
+        """Record READY=1 from `pid`; return False if it is not a starting worker here."""
+        w = self.pids().get(pid)
+        if w is None or w.state is not WorkerState.STARTING:
+            return False
+        w.state, w.ready_at = WorkerState.READY, now
+        if self.state is GenerationState.STARTING and all(
+                x.state is WorkerState.READY for x in self.workers.values()):
+            # STARTING -> ACTIVE
+            self._transition(GenerationState.ACTIVE, now, GenerationState.STARTING)
+            self.active_at = now
+        return True
+
+    def on_exit(self, pid: int, exit: Exit, now: float) -> bool:
+        """Record that worker `pid` exited; return False if it is not ours."""
+        w = self.pids().get(pid)
+        if w is None:
+            return False
+        w.pid, w.last_exit, w.state = None, exit, WorkerState.EXITED
+        if self.state is GenerationState.STARTING:
+            # STARTING -> FAILED
+            self._fail(now, f"slot {w.slot} (pid {pid}) exited at start-up: {exit.describe()}")
+        elif self.state is GenerationState.ACTIVE:
+            self._crashed(w, now, f"pid {pid} {exit.describe()}")
+        else:
+            self._retire_if_empty(now)
+        return True
+
+    def _crashed(self, w: Worker, now: float, why: str) -> None:
+        if now - w.started_at >= STABLE_AFTER:
+            w.crashes = 0
+        w.crashes += 1
+        r = self.config.restart
+        if w.crashes > r.crash_loop:
+            w.state = WorkerState.FATAL
+            log.error("generation %d slot %d: crash loop (%d crashes in a row, last: %s); "
+                      "not respawning it; send HUP to start a fresh generation",
+                      self.number, w.slot, w.crashes - 1, why)
+            return
+        delay = min(r.backoff * 2 ** (w.crashes - 1), r.max_backoff)
+        w.state, w.respawn_at = WorkerState.BACKOFF, now + delay
+        log.warning("generation %d slot %d: worker died (%s); respawning in %.2fs",
+                    self.number, w.slot, why, delay)
+
+    def _fail(self, now: float, why: str) -> None:
+        self.reason = why
+        # STARTING -> FAILED
+        self._transition(GenerationState.FAILED, now, GenerationState.STARTING)
+        log.error("generation %d failed: %s; the serving generation is untouched", self.number, why)
+        self._signal_all(now)
+        self._retire_if_empty(now)
+
+    def drain(self, now: float) -> None:
+        """Ask every worker to stop: ACTIVE (or STARTING, at shutdown) -> DRAINING."""
+        # ACTIVE -> DRAINING, STARTING -> DRAINING (only when the master stops)
+        self._transition(GenerationState.DRAINING, now, GenerationState.ACTIVE, GenerationState.STARTING)
+        self._signal_all(now)
+        self._retire_if_empty(now)
+
+    def _signal_all(self, now: float) -> None:
+        sig = self.config.drain_signal
+        for w in self.workers.values():
+            if w.state in (WorkerState.BACKOFF, WorkerState.FATAL):
+                w.state = WorkerState.EXITED
+            if w.pid is None or w.state not in LIVE_WORKER:
+                continue
+            w.state, w.kill_at = WorkerState.DRAINING, now + self.config.drain.timeout
+            self.launcher.signal_worker(w.pid, sig)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send `sig` to every live worker now (fast stop)."""
+        for pid in self.pids():
+            self.launcher.signal_worker(pid, sig)
+
+    def _retire_if_empty(self, now: float) -> None:
+        if self.pids():
+            return
+        # DRAINING -> RETIRED, FAILED -> RETIRED
+        self._transition(GenerationState.RETIRED, now, GenerationState.DRAINING, GenerationState.FAILED)
+
+    # -- time --
+
+    def tick(self, now: float) -> None:
+        """Act on every deadline that has passed by `now`."""
+        if self.state is GenerationState.STARTING:
+            self._tick_starting(now)
+        elif self.state is GenerationState.ACTIVE:
+            self._tick_active(now)
+        elif self.state in (GenerationState.DRAINING, GenerationState.FAILED):
+            self._tick_draining(now)
+
+    def _tick_starting(self, now: float) -> None:
+        self._ready_by_delay(now)
+        if self.state is GenerationState.STARTING and now >= self.created_at + self.config.ready.timeout:
+            late = sorted(w.slot for w in self.workers.values() if w.state is not WorkerState.READY)
+            # STARTING -> FAILED
+            self._fail(now, f"not ready within {self.config.ready.timeout:g}s "
+                            f"(slots {', '.join(map(str, late))} never sent READY=1)")
+
+    def _ready_by_delay(self, now: float) -> None:
+        if self.config.ready.mode != "delay":
+            return
+        for pid, w in list(self.pids().items()):
+            if w.state is WorkerState.STARTING and now >= w.started_at + self.config.ready.after:
+                self.on_ready(pid, now)
+
+    def _tick_active(self, now: float) -> None:
+        self._ready_by_delay(now)
+        for w in self.workers.values():
+            if w.state is WorkerState.BACKOFF and now >= w.respawn_at:
+                log.info("generation %d slot %d: respawning", self.number, w.slot)
+                self._spawn(w, now)
+
+    def _tick_draining(self, now: float) -> None:
+        for pid, w in self.pids().items():
+            if w.kill_at is not None and now >= w.kill_at and not w.killed:
+                log.warning("generation %d slot %d: pid %d still running after drain timeout "
+                            "%gs; SIGKILL", self.number, w.slot, pid, self.config.drain.timeout)
+                self.launcher.signal_worker(pid, signal.SIGKILL)
+                w.killed = True
+
+    def next_deadline(self) -> float | None:
+        """Return the earliest time `tick` has something to do, or None."""
+        times: list[float] = []
+        if self.state is GenerationState.STARTING:
+            times.append(self.created_at + self.config.ready.timeout)
+        if self.config.ready.mode == "delay":
+            times += [w.started_at + self.config.ready.after for w in self.workers.values()
+                      if w.state is WorkerState.STARTING]
+        times += [w.respawn_at for w in self.workers.values() if w.state is WorkerState.BACKOFF]
+        times += [w.kill_at for w in self.workers.values()
+                  if w.kill_at is not None and not w.killed and w.state is WorkerState.DRAINING]
+        return min(times) if times else None

@@ -1,0 +1,333 @@
+"""The master: the one owner of upgraderd's mutable runtime state.
+
+The loop blocks only in `select`, on two fds: the signal wakeup socket and the
+notify socket. Each pass reads signals and notify messages, reaps children,
+ticks every generation with `now`, then `_settle()`s: a level-triggered step
+that recomputes what to do from the generations' states (promote a new ACTIVE
+generation and drain its predecessor, record a failed reload, forget retired
+generations, close sockets nothing uses, start a queued reload). A missed
+event therefore cannot wedge the master.
+
+Invariants:
+- At most one STARTING generation; a HUP during STARTING is queued, and any
+  number of queued HUPs coalesce into one more reload.
+- The predecessor is drained only once its successor is ACTIVE.
+- A failed reload (bad config, bind error, worker crash, ready timeout) leaves
+  the ACTIVE generation and its sockets untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from upgraderd import config as configmod
+from upgraderd import plan as planmod
+from upgraderd import sockets
+from upgraderd.config import Config
+from upgraderd.errors import ConfigError, FatalError
+from upgraderd.generation import Generation, GenerationState
+from upgraderd.notify import NotifyServer, notify, parse_fields
+from upgraderd.process import Exit, ProcessAPI, PosixProcessAPI
+from upgraderd.signals import SignalInbox
+
+log = logging.getLogger("upgraderd")
+
+FAST_STOP_GRACE = 1.0
+# Variables of the master's own environment that must not leak to workers.
+PRIVATE_ENV = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET")
+
+
+@dataclass
+class Stats:
+    """Event counts and timings; they only ever grow while the master lives."""
+
+    reloads: dict[str, int] = field(default_factory=lambda: {"success": 0, "failed": 0, "rejected": 0})
+    worker_exits: dict[str, int] = field(default_factory=lambda: {"clean": 0, "error": 0, "signal": 0})
+    worker_restarts: int = 0
+    notify_rejected: int = 0
+    last_reload_ok: bool = True
+    last_reload_success_at: float = 0.0
+    last_reload_error: str = ""
+    reload_durations: list[float] = field(default_factory=list)
+    drain_durations: list[float] = field(default_factory=list)
+
+
+class Master:
+    """Run generations of workers for one config file."""
+
+    def __init__(self, config_path: str, procs: ProcessAPI | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 notify_server: NotifyServer | None = None) -> None:
+        self.config_path = config_path
+        self.procs = procs or PosixProcessAPI()
+        self.clock = clock
+        self.listeners = sockets.ListenerSet()
+        self.notify = notify_server or NotifyServer()
+        self.generations: list[Generation] = []
+        self.config: Config | None = None
+        self.stats = Stats()
+        self.started_at = clock()
+        self.wall_started_at = time.time()
+        self._next_number = 1
+        self._reload_pending_since: float | None = None
+        self._watching: tuple[Generation, float] | None = None
+        self._stopping: str | None = None
+        self.exit_code = 0
+        self._handlers = {
+            signal.SIGHUP: self._on_hup, signal.SIGTERM: self._on_term,
+            signal.SIGQUIT: self._on_term, signal.SIGINT: self._on_int,
+        }
+
+    # -- queries --
+
+    def generation(self, state: GenerationState) -> Generation | None:
+        """Return the newest generation in `state`, if any."""
+        found = [g for g in self.generations if g.state is state]
+        return found[-1] if found else None
+
+    @property
+    def active(self) -> Generation | None:
+        """Return the ACTIVE generation."""
+        return self.generation(GenerationState.ACTIVE)
+
+    @property
+    def starting(self) -> Generation | None:
+        """Return the STARTING generation."""
+        return self.generation(GenerationState.STARTING)
+
+    # -- Launcher, used by generations --
+
+    def spawn_worker(self, gen: Generation, slot: int) -> int:
+        """Start worker `slot` of `gen` with its sockets; return the pid."""
+        fds = self.listeners.child_fds(gen.config, slot)
+        env = {k: v for k, v in os.environ.items() if k not in PRIVATE_ENV}
+        env.update(gen.config.workers.env)
+        env.update({
+            "LISTEN_FDS": str(len(fds.fds)), "LISTEN_FDNAMES": ":".join(fds.names),
+            "NOTIFY_SOCKET": self.notify.address,
+            "UPGRADERD_GENERATION": str(gen.number), "UPGRADERD_SLOT": str(slot),
+            "UPGRADERD_DRAIN_SIGNAL": gen.config.drain.signal,
+        })
+        if gen.state is GenerationState.ACTIVE:
+            self.stats.worker_restarts += 1
+        return self.procs.spawn(gen.config.worker_argv, env, fds.fds)
+
+    def signal_worker(self, pid: int, sig: int) -> None:
+        """Send `sig` to worker `pid`."""
+        self.procs.kill(pid, sig)
+
+    # -- start, reload, stop --
+
+    def start(self) -> None:
+        """Load the config, bind its listeners and start generation 1."""
+        cfg = configmod.load(self.config_path)
+        try:
+            self.listeners.ensure(cfg)
+        except OSError as e:
+            raise FatalError(str(e)) from None
+        log.info("upgraderd %s starting: %s", _version(), planmod.diff(None, cfg).describe())
+        self.config = cfg
+        now = self.clock()
+        self._watching = (self._start_generation(cfg, now), now)
+
+    def _start_generation(self, cfg: Config, now: float) -> Generation:
+        gen = Generation(self._next_number, cfg, self, created_at=now)
+        self._next_number += 1
+        self.generations.append(gen)
+        log.info("generation %d STARTING: %d x %s", gen.number, cfg.workers.count,
+                 " ".join(cfg.worker_argv))
+        gen.start(now)
+        return gen
+
+    def _on_hup(self, now: float) -> None:
+        if self._stopping:
+            return
+        if self._reload_pending_since is None:
+            self._reload_pending_since = now
+        if self.starting is not None:
+            log.info("reload queued: generation %d is still starting", self.starting.number)
+
+    def reload(self, now: float, since: float) -> None:
+        """Re-read the config and start a new generation; on any error keep serving."""
+        notify_systemd(f"RELOADING=1\nMONOTONIC_USEC={int(time.monotonic() * 1e6)}")
+        try:
+            cfg = configmod.load(self.config_path)
+            self.listeners.ensure(cfg)
+        except (ConfigError, OSError) as e:
+            self._reload_failed(f"{e}", "rejected")
+            return
+        log.info("reload: %s", planmod.diff(self.config, cfg).describe())
+        self._watching = (self._start_generation(cfg, now), since)
+
+    def _reload_failed(self, why: str, result: str) -> None:
+        self.stats.reloads[result] += 1
+        self.stats.last_reload_ok = False
+        self.stats.last_reload_error = why
+        log.error("reload failed, still serving generation %s:\n%s",
+                  self.active.number if self.active else "-", why)
+        notify_systemd("READY=1\nSTATUS=reload failed")
+
+    def _on_term(self, now: float) -> None:
+        if self._stopping:
+            return
+        log.info("graceful stop: draining every generation")
+        notify_systemd("STOPPING=1")
+        self._stopping = "graceful"
+        for g in self.generations:
+            if g.state in (GenerationState.STARTING, GenerationState.ACTIVE):
+                g.drain(now)
+
+    def _on_int(self, now: float) -> None:
+        if self._stopping == "fast":
+            return
+        log.info("fast stop: SIGKILL in %gs", FAST_STOP_GRACE)
+        notify_systemd("STOPPING=1")
+        self._stopping = "fast"
+        for g in self.generations:
+            g.kill(signal.SIGINT)
+            for w in g.workers.values():
+                w.kill_at, w.killed = now + FAST_STOP_GRACE, False
+            if g.state in (GenerationState.STARTING, GenerationState.ACTIVE):
+                g.state = GenerationState.DRAINING
+
+    # -- the loop --
+
+    def run(self) -> int:
+        """Serve until stopped; return the exit code."""
+        with SignalInbox() as inbox, selectors.DefaultSelector() as sel:
+            sel.register(inbox.fileno(), selectors.EVENT_READ, "signal")
+            sel.register(self.notify.fileno(), selectors.EVENT_READ, "notify")
+            self.start()
+            while self.generations:
+                sel.select(self._timeout(self.clock()))
+                self.step(inbox.drain())
+        self.listeners.close_all()
+        self.notify.close()
+        log.info("upgraderd stopped")
+        return self.exit_code
+
+    def step(self, signals: set[signal.Signals]) -> None:
+        """Run one pass of the loop after `select` returned."""
+        now = self.clock()
+        for sig in sorted(signals):
+            handler = self._handlers.get(sig)
+            if handler is not None:
+                handler(now)
+        self.read_notify(now)
+        self.reap(now)
+        for g in list(self.generations):
+            g.tick(now)
+        self._settle(now)
+
+    def _timeout(self, now: float) -> float:
+        deadlines = [d for g in self.generations if (d := g.next_deadline()) is not None]
+        if not deadlines:
+            return 1.0
+        return max(0.0, min(1.0, min(deadlines) - now))
+
+    def read_notify(self, now: float) -> None:
+        """Apply every pending notify message from a worker; count strangers."""
+        owners = {pid: g for g in self.generations for pid in g.pids()}
+        for pid, data in self.notify.receive():
+            gen = owners.get(pid)
+            if gen is None:
+                self.stats.notify_rejected += 1
+                log.warning("ignored notify message from pid %d: not a worker", pid)
+                continue
+            try:
+                fields = parse_fields(data)
+            except ValueError as e:
+                self.stats.notify_rejected += 1
+                log.warning("ignored bad notify message from pid %d: %s", pid, e)
+                continue
+            if fields.get("READY") == "1":
+                gen.on_ready(pid, now)
+
+    def reap(self, now: float) -> None:
+        """Collect exited children and hand each to its generation."""
+        for ex in self.procs.reap():
+            self.stats.worker_exits[ex.reason] += 1
+            for g in self.generations:
+                if g.on_exit(ex.pid, ex, now):
+                    break
+            else:
+                log.debug("reaped pid %d that is not a worker", ex.pid)
+
+    def _settle(self, now: float) -> None:
+        active = [g for g in self.generations if g.state is GenerationState.ACTIVE]
+        for old in active[:-1]:
+            # ACTIVE -> DRAINING: only ever once a successor is ACTIVE
+            old.drain(now)
+        self._settle_reload(now)
+        self._forget_retired(now)
+        if self._stopping is None and self.starting is None and self._reload_pending_since is not None:
+            since, self._reload_pending_since = self._reload_pending_since, None
+            self.reload(now, since)
+            self._settle_reload(now)
+
+    def _settle_reload(self, now: float) -> None:
+        if self._watching is None:
+            return
+        gen, since = self._watching
+        if gen.state is GenerationState.STARTING:
+            return
+        self._watching = None
+        if gen.number == 1:
+            self._settle_first(gen, now)
+        elif gen.state is GenerationState.ACTIVE:
+            self.config = gen.config
+            self.stats.reloads["success"] += 1
+            self.stats.last_reload_ok = True
+            self.stats.last_reload_success_at = time.time()
+            self.stats.reload_durations.append(now - since)
+            log.info("reload done: generation %d ACTIVE %.3fs after HUP", gen.number, now - since)
+            notify_systemd(f"READY=1\nSTATUS=generation {gen.number} active")
+        else:
+            self._reload_failed(f"generation {gen.number}: {gen.reason}", "failed")
+
+    def _settle_first(self, gen: Generation, now: float) -> None:
+        if gen.state is GenerationState.ACTIVE:
+            log.info("serving: generation 1 ACTIVE %.3fs after start", now - gen.created_at)
+            notify_systemd("READY=1\nSTATUS=generation 1 active")
+            return
+        log.error("the first generation failed (%s); stopping", gen.reason)
+        self.exit_code = 1
+        self._stopping = "failed"
+
+    def _forget_retired(self, now: float) -> None:
+        keep = []
+        for g in self.generations:
+            if g.state is not GenerationState.RETIRED:
+                keep.append(g)
+            elif g.active_at is not None:
+                self.stats.drain_durations.append(now - g.changed_at)
+        if len(keep) == len(self.generations):
+            return
+        self.generations = keep
+        wanted: set[sockets.SocketKey] = set()
+        for g in keep:
+            wanted |= sockets.keys_for(g.config)
+        if self.config is not None and not self._stopping:
+            wanted |= sockets.keys_for(self.config)
+        for key in self.listeners.keep_only(wanted):
+            if not self._stopping:
+                log.info("closed listener %s:%d (%s, slot %d): no longer in the config", *key)
+
+
+def notify_systemd(message: str) -> None:
+    """Tell systemd (if it started us with NOTIFY_SOCKET) about our state."""
+    try:
+        notify(message)
+    except OSError as e:
+        log.debug("sd_notify failed: %s", e)
+
+
+def _version() -> str:
+    from upgraderd import __version__
+    return __version__

@@ -1,0 +1,96 @@
+"""The sd_notify protocol, in both directions.
+
+- `NotifyServer` is the master's datagram socket that workers send `READY=1`
+  to. SO_PASSCRED makes the kernel attach the sender's pid to every message,
+  so the master can ignore (and count) messages that do not come from one of
+  its own workers. It is bound in the abstract namespace: nothing to unlink.
+- `notify()` sends a message to `$NOTIFY_SOCKET`: the master uses it to tell
+  systemd READY=1 / RELOADING=1 / STOPPING=1, and workers use it to tell the
+  master they are ready.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from dataclasses import dataclass
+
+_UCRED = struct.Struct("iII")
+
+
+@dataclass(frozen=True)
+class Message:
+    """One notify datagram: the sender's pid and its KEY=VALUE fields."""
+
+    pid: int
+    fields: dict[str, str]
+
+
+def parse_fields(data: bytes) -> dict[str, str]:
+    """Parse newline-separated KEY=VALUE lines; raise ValueError on garbage."""
+    text = data.decode("utf-8")
+    out: dict[str, str] = {}
+    for line in text.split("\n"):
+        if not line:
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not key or not key.replace("_", "").isalnum():
+            raise ValueError(f"not a KEY=VALUE line: {line[:40]!r}")
+        out[key] = value
+    if not out:
+        raise ValueError("empty message")
+    return out
+
+
+class NotifyServer:
+    """The master's NOTIFY_SOCKET."""
+
+    def __init__(self, sock: socket.socket | None = None) -> None:
+        if sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.bind(f"\0upgraderd-{os.getpid()}-{os.urandom(4).hex()}")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        sock.setblocking(False)
+        self.sock = sock
+
+    @property
+    def address(self) -> str:
+        """Return the NOTIFY_SOCKET value workers use ('@' marks the abstract namespace)."""
+        raw = self.sock.getsockname()
+        name: str = raw.decode() if isinstance(raw, bytes) else str(raw)
+        return "@" + name[1:] if name.startswith("\0") else name
+
+    def fileno(self) -> int:
+        """Return the socket's fd, for select."""
+        return self.sock.fileno()
+
+    def receive(self) -> list[tuple[int, bytes]]:
+        """Read every pending datagram; return (sender pid, payload) pairs."""
+        out: list[tuple[int, bytes]] = []
+        while True:
+            try:
+                data, anc, _flags, _addr = self.sock.recvmsg(4096, socket.CMSG_SPACE(_UCRED.size))
+            except (BlockingIOError, InterruptedError):
+                return out
+            pid = 0
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    pid = _UCRED.unpack(payload[:_UCRED.size])[0]
+            out.append((pid, data))
+
+    def close(self) -> None:
+        """Close the socket."""
+        self.sock.close()
+
+
+def notify(message: str, address: str | None = None) -> bool:
+    """Send `message` to `address` (default $NOTIFY_SOCKET); return False if unset."""
+    address = address if address is not None else os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    target = "\0" + address[1:] if address.startswith("@") else address
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        s.connect(target)
+        s.sendall(message.encode())
+    return True

@@ -1,0 +1,126 @@
+"""The OS seam for worker processes: spawn, signal, reap.
+
+This is the only module that creates, signals or waits on processes; unit
+tests replace `PosixProcessAPI` with a fake that records calls and scripts
+exits.
+
+Design note: workers are started with `posix_spawn`, never a bare `fork()` of
+the master (the master may run a metrics thread, and only exec loads new code
+from disk). systemd's protocol wants `LISTEN_PID` to equal the worker's own
+pid, which is unknown before the spawn, so argv goes through a one-line shell
+shim that exports `$$` and execs the real program; the pid does not change
+across exec.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+from dataclasses import dataclass
+from typing import Mapping, Protocol, Sequence
+
+from upgraderd.errors import SpawnError
+
+SHIM = ("/bin/sh", "-c", 'LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@"')
+
+
+@dataclass(frozen=True)
+class Exit:
+    """How a reaped process ended."""
+
+    pid: int
+    code: int | None = None
+    signal: int | None = None
+
+    @property
+    def reason(self) -> str:
+        """Return 'clean', 'error' or 'signal' (the metric label)."""
+        if self.signal is not None:
+            return "signal"
+        return "clean" if self.code == 0 else "error"
+
+    def describe(self) -> str:
+        """Return a human-readable account, e.g. 'exit code 3' or 'killed by SIGKILL'."""
+        if self.signal is not None:
+            try:
+                name = signal.Signals(self.signal).name
+            except ValueError:
+                name = str(self.signal)
+            return f"killed by {name}"
+        return f"exit code {self.code}"
+
+
+class ProcessAPI(Protocol):
+    """What the master needs from the OS to run workers."""
+
+    def spawn(self, argv: Sequence[str], env: Mapping[str, str], fds: Sequence[int],
+              cwd: str | None = None) -> int:
+        """Start argv with `fds` at 3, 4, ...; return the pid or raise SpawnError."""
+
+    def kill(self, pid: int, sig: int) -> None:
+        """Send `sig` to `pid`; a process that is already gone is not an error."""
+
+    def reap(self) -> list[Exit]:
+        """Collect every child that has exited, without blocking."""
+
+
+class PosixProcessAPI:
+    """The real implementation, on posix_spawn and waitpid."""
+
+    def spawn(self, argv: Sequence[str], env: Mapping[str, str], fds: Sequence[int],
+              cwd: str | None = None) -> int:
+        """Start argv with `fds` at 3, 4, ...; return the pid or raise SpawnError."""
+        actions = _fd_actions(fds)
+        args = [*SHIM, *argv]
+        if cwd is not None:
+            args = ["/bin/sh", "-c", 'cd "$0" || exit 127; shift; exec "$@"', cwd, *args]
+        try:
+            return os.posix_spawn(args[0], args, dict(env), file_actions=actions)
+        except OSError as e:
+            raise SpawnError(f"cannot start {argv[0]!r}: {e.strerror}") from None
+
+    def kill(self, pid: int, sig: int) -> None:
+        """Send `sig` to `pid`; a process that is already gone is not an error."""
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def reap(self) -> list[Exit]:
+        """Collect every child that has exited, without blocking."""
+        out: list[Exit] = []
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return out
+            except OSError as e:
+                if e.errno == errno.EINTR:
+                    continue
+                raise
+            if pid == 0:
+                return out
+            if os.WIFSIGNALED(status):
+                out.append(Exit(pid, signal=os.WTERMSIG(status)))
+            elif os.WIFEXITED(status):
+                out.append(Exit(pid, code=os.WEXITSTATUS(status)))
+
+
+def _fd_actions(fds: Sequence[int]) -> list[tuple[int, ...]]:
+    """Return posix_spawn file actions that put `fds` at 3, 4, ... in the child.
+
+    Sources are first copied above every source and target, so that placing
+    one fd can never overwrite another that is still to be placed. dup2'd
+    fds do not carry FD_CLOEXEC, so the temporary copies are closed again.
+    """
+    if not fds:
+        return []
+    high = max(max(fds), 3 + len(fds)) + 1
+    actions: list[tuple[int, ...]] = []
+    for i, fd in enumerate(fds):
+        actions.append((os.POSIX_SPAWN_DUP2, fd, high + i))
+    for i in range(len(fds)):
+        actions.append((os.POSIX_SPAWN_DUP2, high + i, 3 + i))
+        actions.append((os.POSIX_SPAWN_CLOSE, high + i))
+    return actions

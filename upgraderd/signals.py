@@ -1,0 +1,69 @@
+"""Receive signals without doing anything inside a signal handler.
+
+Design note: the Python-level handlers are no-ops. They must exist, because a
+C-level handler only writes to the wakeup fd when a Python handler is
+installed. The byte `set_wakeup_fd` writes is the signal number (the asyncio
+idiom), so reading the socketpair tells which signals arrived; duplicates
+coalesce into a set. No logging, no locks and no state change happen in the
+handler (logging there can deadlock). The main loop selects on `fileno()`.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+from types import FrameType, TracebackType
+from typing import Any, Iterable
+
+HANDLED = (signal.SIGHUP, signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGCHLD,
+           signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
+
+
+def _record(signum: int, frame: FrameType | None) -> None:
+    """Do nothing: the C handler has already written the signal number to the wakeup fd."""
+
+
+class SignalInbox:
+    """A context manager that routes `signals` to a socketpair the loop can select on."""
+
+    def __init__(self, signals: Iterable[signal.Signals] = HANDLED) -> None:
+        self.signals = tuple(signals)
+        self._rsock, self._wsock = socket.socketpair()
+        self._rsock.setblocking(False)
+        self._wsock.setblocking(False)
+        self._old_handlers: dict[signal.Signals, Any] = {}
+        self._old_wakeup = -1
+
+    def __enter__(self) -> SignalInbox:
+        self._old_wakeup = signal.set_wakeup_fd(self._wsock.fileno(), warn_on_full_buffer=False)
+        for sig in self.signals:
+            self._old_handlers[sig] = signal.signal(sig, _record)
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        for sig, old in self._old_handlers.items():
+            signal.signal(sig, old)
+        signal.set_wakeup_fd(self._old_wakeup)
+        self._rsock.close()
+        self._wsock.close()
+
+    def fileno(self) -> int:
+        """Return the fd to select on."""
+        return self._rsock.fileno()
+
+    def drain(self) -> set[signal.Signals]:
+        """Return the set of signals received since the last call."""
+        got: set[signal.Signals] = set()
+        while True:
+            try:
+                data = self._rsock.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                return got
+            if not data:
+                return got
+            for b in data:
+                try:
+                    got.add(signal.Signals(b))
+                except ValueError:
+                    continue
