@@ -91,6 +91,7 @@ class Daemon:
         self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
         self.seen_workers: set[int] = set()
+        self.log_offset = 0
 
     def write_config(self, config: dict[str, object] | str) -> None:
         """Write (or rewrite) the config file atomically."""
@@ -104,6 +105,7 @@ class Daemon:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         for var in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
             env.pop(var, None)
+        self.log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "upgraderd", "run", "-c", str(self.config_path), *self.args],
@@ -119,8 +121,10 @@ class Daemon:
         return self.proc.pid
 
     def log(self) -> str:
-        """Return the whole log so far."""
-        return self.log_path.read_text(errors="replace")
+        """Return what this run of the master has logged so far."""
+        with open(self.log_path, "rb") as f:
+            f.seek(self.log_offset)
+            return f.read().decode(errors="replace")
 
     def wait_log(self, pattern: str, count: int = 1, timeout: float = 20.0) -> list[re.Match[str]]:
         """Wait until `pattern` matches at least `count` times in the log."""

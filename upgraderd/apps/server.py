@@ -71,8 +71,10 @@ class Server:
     """A single-threaded selectors loop over inherited listeners."""
 
     def __init__(self, listeners: dict[str, socket.socket],
-                 factory: Callable[[str], ConnectionProtocol], idle_grace: float = 1.0) -> None:
+                 factory: Callable[[str], ConnectionProtocol], idle_grace: float = 1.0,
+                 announce: bool = True) -> None:
         self.listeners = listeners
+        self.announce = announce
         self.factory = factory
         self.idle_grace = idle_grace
         self.sel = selectors.DefaultSelector()
@@ -105,7 +107,8 @@ class Server:
         for name, lsock in self.listeners.items():
             lsock.setblocking(False)
             self.sel.register(lsock, selectors.EVENT_READ, name)
-        worker.ready(f"serving {', '.join(self.listeners)}")
+        if self.announce:
+            worker.ready(f"serving {', '.join(self.listeners)}")
         while not self.stop_now:
             if self.draining_since == -1.0:
                 self._start_drain()
@@ -219,11 +222,12 @@ class Server:
         return not self.conns
 
 
-def main(factory: Callable[[str], ConnectionProtocol], idle_grace: float = 1.0) -> int:
+def main(factory: Callable[[str], ConnectionProtocol], idle_grace: float = 1.0,
+         announce: bool = True) -> int:
     """Run a built-in app over the inherited listeners; return the exit code."""
     socks = worker.listeners()
     if not socks:
         print("error: no listening sockets (LISTEN_FDS/LISTEN_PID not set for this process); "
               "run me under upgraderd", file=sys.stderr)
         return 2
-    return Server(socks, factory, idle_grace).serve()
+    return Server(socks, factory, idle_grace, announce).serve()

@@ -1,0 +1,145 @@
+"""A broken new generation, a crashed worker, stops and restarts: the service keeps its promises."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import time
+
+import pytest
+
+from daemon import ROOT, Daemon, alive, echo_config, free_port, wait_until
+from loadgen import Load
+
+pytestmark = pytest.mark.e2e
+
+FIXTURE = str(ROOT / "tests" / "fixtures" / "echo_worker.py")
+
+
+def fixture_config(port: int, *args: str, **sections: object) -> dict[str, object]:
+    cfg = echo_config(port, **sections)
+    cfg["workers"] = {"count": 4, "command": [sys.executable, FIXTURE, *args]}
+    return cfg
+
+
+@pytest.mark.parametrize("args, why", [
+    (("--exit", "3"), r"exited at start-up: exit code 3"),
+    (("--no-ready",), r"not ready within 2s \(slots 0, 1, 2, 3 never sent READY=1\)"),
+])
+def test_failed_generation_leaves_old_one_serving(tmp_path, args, why):
+    port = free_port()
+    with Daemon(tmp_path, echo_config(port)).start() as d:
+        gen1 = d.workers()
+        load = Load("127.0.0.1", port, threads=4, max_seconds=60).start("echo")
+        assert load.wait_for_ok(100)
+        d.write_config(fixture_config(port, *args, ready={"timeout": "2s"}))
+        d.send(signal.SIGHUP)
+        d.wait_log(r"reload failed, still serving generation 1")
+        d.wait_log(why)
+        # The failed generation's workers go away; generation 1 is untouched.
+        wait_until(lambda: d.workers() == gen1, 15, "only generation 1's workers to remain")
+        assert load.wait_for_ok(load.result.ok + 200)
+        result = load.stop()
+        assert result.failures == {}, (result.failures, result.examples)
+        assert "generation 1 ACTIVE -> DRAINING" not in d.log()
+        # Fix the config: the next HUP brings up generation 3.
+        d.write_config(echo_config(port))
+        d.send(signal.SIGHUP)
+        d.wait_log(r"reload done: generation 3 ACTIVE")
+
+
+def test_garbage_notify_is_counted_and_generation_fails(tmp_path):
+    port = free_port()
+    with Daemon(tmp_path, echo_config(port)).start() as d:
+        d.write_config(fixture_config(port, "--garbage", ready={"timeout": "2s"}))
+        d.send(signal.SIGHUP)
+        d.wait_log(r"ignored bad notify message from pid \d+", count=4)
+        d.wait_log(r"reload failed, still serving generation 1")
+
+
+def test_crashed_worker_is_respawned_into_its_slot(tmp_path):
+    port = free_port()
+    with Daemon(tmp_path, echo_config(port)).start() as d:
+        before = d.workers()
+        load = Load("127.0.0.1", port, threads=4, max_seconds=60).start("echo")
+        assert load.wait_for_ok(100)
+        victim = min(before)
+        os.kill(victim, signal.SIGKILL)
+        d.wait_log(rf"pid {victim} killed by SIGKILL\); respawning in 0.10s")
+        m = d.wait_log(r"generation 1 slot (\d+): respawning$")[0]
+        def refilled() -> set[int] | None:
+            w = d.workers()
+            return w if len(w) == 4 and victim not in w else None
+        now = wait_until(refilled, 10, "the slot to be refilled")
+        assert before - {victim} < now  # type: ignore[operator]
+        assert load.wait_for_ok(load.result.ok + 300)
+        result = load.stop()
+        # Only round trips in flight on the killed worker can fail, at most one per client thread.
+        assert set(result.failures) <= {"reset", "short"}
+        assert sum(result.failures.values()) <= 4, result.failures
+        assert m.group(1) in {"0", "1", "2", "3"}
+
+
+def test_term_finishes_in_flight_echoes_then_exits(tmp_path):
+    port = free_port()
+    d = Daemon(tmp_path, echo_config(port)).start()
+    try:
+        workers = d.workers()
+        load = Load("127.0.0.1", port, threads=6, max_seconds=60).start("echo-keepalive")
+        assert load.wait_for_ok(300)
+        d.send(signal.SIGTERM)
+        d.wait_log(r"graceful stop")
+        # The held connections keep echoing after TERM, until the clients close them.
+        assert load.wait_for_ok(load.result.ok + 300)
+        assert d.proc.poll() is None
+        result = load.stop()
+        assert d.proc.wait(15) == 0
+        assert result.failures == {}, (result.failures, result.examples)
+        assert not any(alive(p) for p in workers)
+        assert "SIGKILL" not in d.log()
+    finally:
+        d.stop()
+
+
+def _time_wait_on(port: int) -> int:
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                if state == "06" and int(local.rsplit(":", 1)[1], 16) == port:
+                    count += 1
+    return count
+
+
+def test_master_killed_with_sigkill_restarts_at_once(tmp_path):
+    port = free_port()
+    d = Daemon(tmp_path, echo_config(port)).start()
+    held = []
+    for i in range(8):
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s.sendall(b"ping%d" % i)
+        assert s.recv(16) == b"ping%d" % i
+        held.append(s)
+    workers = d.workers()
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait(10)
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not any(alive(p) for p in workers), 10, "the orphaned workers to die")
+    for s in held:
+        assert s.recv(16) == b""  # the server side closed first ...
+        s.close()
+    # ... so its end of each connection now sits in TIME_WAIT on the listening port.
+    wait_until(lambda: _time_wait_on(port) > 0, 5, "TIME_WAIT on the port")
+    d2 = Daemon(tmp_path, echo_config(port)).start()
+    try:
+        assert _time_wait_on(port) > 0
+        assert "Address already in use" not in d2.log()
+        load = Load("127.0.0.1", port, threads=2, max_seconds=30).start("echo")
+        assert load.wait_for_ok(100)
+        assert load.stop().failures == {}
+    finally:
+        d2.stop()
