@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import grp
 import ipaddress
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -162,6 +164,59 @@ def env_map(v: Any) -> dict[str, str]:
     return out
 
 
+def directory(v: Any) -> str:
+    """path of an existing directory"""
+    s = string(v)
+    if not os.path.isdir(s):
+        raise Invalid(f"{_show(v)} is not an existing directory")
+    return s
+
+
+def user_name(v: Any) -> str:
+    """name (or uid) of an existing user"""
+    s = str(v) if isinstance(v, int) and not isinstance(v, bool) else string(v)
+    try:
+        pwd.getpwuid(int(s)) if s.isdigit() else pwd.getpwnam(s)
+    except KeyError:
+        raise Invalid(f"no such user: {_show(v)}") from None
+    return s
+
+
+def group_name(v: Any) -> str:
+    """name (or gid) of an existing group"""
+    s = str(v) if isinstance(v, int) and not isinstance(v, bool) else string(v)
+    try:
+        grp.getgrgid(int(s)) if s.isdigit() else grp.getgrnam(s)
+    except KeyError:
+        raise Invalid(f"no such group: {_show(v)}") from None
+    return s
+
+
+def listen_address(v: Any) -> str | None:
+    """host:port (IPv6 as [::1]:port), or null to disable"""
+    if v is None:
+        return None
+    s = string(v)
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([0-9.]+|localhost):(\d+)", s)
+    if not m:
+        raise Invalid(f"{_show(v)} is not host:port (write IPv6 as [::1]:9108)")
+    hostpart = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if hostpart != "localhost":
+        host(hostpart)
+    if not 1 <= port <= 65535:
+        raise Invalid(f"port {port} is out of range; allowed: 1..65535")
+    return s
+
+
+def default_pidfile() -> str:
+    """Return /run/upgraderd.pid for root, else a per-user runtime path."""
+    if os.geteuid() == 0:
+        return "/run/upgraderd.pid"
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return os.path.join(runtime, "upgraderd.pid") if runtime else f"/tmp/upgraderd-{os.geteuid()}.pid"
+
+
 def _show(v: Any) -> str:
     text = repr(v)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -199,15 +254,21 @@ class WorkerSpec:
     app: str | None = opt(None, one_of(*BUILTIN_APPS), "Built-in app to run: echo or http.")
     command: tuple[str, ...] | None = opt(None, argv, "argv of the worker program (instead of app).")
     env: dict[str, str] = opt({}, env_map, "Extra environment variables for the workers.")
+    cwd: str | None = opt(None, directory, "Working directory of the workers (default: the master's).")
+    user: str | None = opt(None, user_name, "Run the workers as this user (the master must be root).")
+    group: str | None = opt(None, group_name, "Run the workers with this group (default: the user's).")
+    threads: int = opt(1, integer(1, 256), "Threads per worker of a built-in app (app only).")
 
 
 @dataclass(frozen=True, kw_only=True)
 class ReadySpec:
     """When a new worker counts as ready."""
 
-    mode: str = opt("notify", one_of("notify", "delay"), "notify: READY=1 via NOTIFY_SOCKET; delay: alive after `after`.")
+    mode: str = opt("notify", one_of("notify", "delay", "http"),
+                    "notify: READY=1 via NOTIFY_SOCKET; delay: alive after `after`; http: `url` answers 2xx.")
     after: float = opt(1.0, duration, "With mode delay: how long a worker must stay alive.")
     timeout: float = opt(30.0, duration, "A generation not ready by then fails; the old one keeps serving.")
+    url: str | None = opt(None, string, "With mode http: per-worker health URL, e.g. http://{addr:web}/healthz.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -228,6 +289,31 @@ class RestartSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class MetricsSpec:
+    """The master's Prometheus endpoint."""
+
+    listen: str | None = opt("127.0.0.1:9108", listen_address,
+                             "host:port of /metrics, /healthz and /readyz; null disables it.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogSpec:
+    """The master's log."""
+
+    format: str = opt("text", one_of("text", "json"), "One line per event: text or json.")
+    level: str = opt("info", one_of("debug", "info", "warning", "error"), "Lowest level logged.")
+    file: str | None = opt(None, string, "Log file (reopened on SIGUSR1); default: stderr.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class KernelSpec:
+    """Kernel settings upgraderd checks or sets."""
+
+    tcp_migrate_req: str = opt("check", one_of("check", "set", "ignore"),
+                               "net.ipv4.tcp_migrate_req: check and warn, set it to 1, or ignore it.")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     """A whole, validated config file."""
 
@@ -236,6 +322,11 @@ class Config:
     ready: ReadySpec = opt(ReadySpec(), lambda v: v, "Readiness of new workers.")
     drain: DrainSpec = opt(DrainSpec(), lambda v: v, "Draining of old workers.")
     restart: RestartSpec = opt(RestartSpec(), lambda v: v, "Respawn back-off.")
+    metrics: MetricsSpec = opt(MetricsSpec(), lambda v: v, "Prometheus endpoint.")
+    log: LogSpec = opt(LogSpec(), lambda v: v, "Logging.")
+    kernel: KernelSpec = opt(KernelSpec(), lambda v: v, "Kernel settings.")
+    pidfile: str | None = opt(None, string, "Pidfile, written once the master serves "
+                              "(default: /run/upgraderd.pid as root, else a per-user runtime path).")
     path: str = field(default="<string>", compare=False, metadata={"internal": True})
 
     @property
@@ -246,6 +337,11 @@ class Config:
         return (sys.executable, "-m", f"upgraderd.apps.{self.workers.app}")
 
     @property
+    def pidfile_path(self) -> str:
+        """Return the pidfile path, with the default applied."""
+        return self.pidfile or default_pidfile()
+
+    @property
     def drain_signal(self) -> signal.Signals:
         """Return the drain signal as a `signal.Signals`."""
         return signal.Signals[f"SIG{self.drain.signal}"]
@@ -253,7 +349,8 @@ class Config:
 
 SECTIONS: dict[str, type] = {
     "listeners": ListenerSpec, "workers": WorkerSpec, "ready": ReadySpec,
-    "drain": DrainSpec, "restart": RestartSpec,
+    "drain": DrainSpec, "restart": RestartSpec, "metrics": MetricsSpec, "log": LogSpec,
+    "kernel": KernelSpec,
 }
 
 
@@ -311,7 +408,7 @@ class _Loader:
     def field(self, cls: type, k: str, vnode: yaml.Node, key: str) -> Any:
         if cls is Config and k == "listeners":
             return self.listeners(vnode, key)
-        if cls is Config:
+        if cls is Config and k in SECTIONS:
             sub = self.section(SECTIONS[k], vnode, key)
             return _BAD if sub is None else sub
         check = next(f for f in dataclasses.fields(cls) if f.name == k).metadata["check"]
@@ -388,6 +485,15 @@ def _check_workers(loader: _Loader, root: yaml.Node, cfg: Config) -> None:
     if (w.app is None) == (w.command is None):
         loader.fail(node, "workers", "set exactly one of `app` (echo, http) or `command`")
         return
+    if w.threads > 1 and w.app is None:
+        loader.fail(node, "workers.threads", "only the built-in apps take `threads`; "
+                    "a command manages its own threads")
+    if (w.user or w.group) and os.geteuid() != 0:
+        loader.fail(node, "workers.user" if w.user else "workers.group",
+                    "running workers as another user needs a master started as root")
+    if cfg.ready.mode == "http" and not cfg.ready.url:
+        rnode = items.get("ready", (root, root))[1]
+        loader.fail(rnode, "ready.url", "ready.mode http needs a `url`")
     if w.command is not None:
         prog = w.command[0]
         env_path = w.env.get("PATH", os.environ.get("PATH", os.defpath))
