@@ -150,16 +150,28 @@ class Daemon:
         self.seen_workers |= pids
         return pids
 
+    def hup(self) -> None:
+        """Send SIGHUP and wait until the master has logged receiving it."""
+        n = self.log().count("received SIGHUP")
+        self.send(signal.SIGHUP)
+        wait_until(lambda: self.log().count("received SIGHUP") > n, 20, "the master to receive SIGHUP")
+
     def settled(self) -> int:
-        """Wait until no generation is STARTING; return the newest ACTIVE generation number."""
+        """Wait until no generation is STARTING and no reload is queued; return the ACTIVE number.
+
+        Only valid once every HUP sent has been received (send them with `hup()`).
+        """
         def done() -> int | None:
             log = self.log()
             started = [int(n) for n in re.findall(r"generation (\d+) STARTING:", log)]
             settled = {int(n) for n in re.findall(r"generation (\d+) STARTING -> (?:ACTIVE|FAILED)", log)}
-            if started and all(n in settled for n in started) and "reload queued" not in log[-300:]:
-                active = [int(n) for n in re.findall(r"generation (\d+) STARTING -> ACTIVE", log)]
-                return max(active) if active else None
-            return None
+            outcomes = re.findall(r"(?:reload done|reload failed|serving: generation 1).*", log)
+            if not started or not all(n in settled for n in started):
+                return None
+            if outcomes and "another reload is queued" in outcomes[-1]:
+                return None
+            active = [int(n) for n in re.findall(r"generation (\d+) STARTING -> ACTIVE", log)]
+            return max(active) if active else None
         return wait_until(done, 30, "every generation to settle")  # type: ignore[return-value]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:

@@ -147,11 +147,18 @@ class Master:
 
     def _on_hup(self, now: float) -> None:
         if self._stopping:
+            log.info("received SIGHUP while stopping: ignored")
             return
         if self._reload_pending_since is None:
             self._reload_pending_since = now
         if self.starting is not None:
-            log.info("reload queued: generation %d is still starting", self.starting.number)
+            log.info("received SIGHUP: reload queued, generation %d is still starting",
+                     self.starting.number)
+        else:
+            log.info("received SIGHUP: reloading %s", self.config_path)
+
+    def _queued(self) -> str:
+        return "; another reload is queued" if self._reload_pending_since is not None else ""
 
     def reload(self, now: float, since: float) -> None:
         """Re-read the config and start a new generation; on any error keep serving."""
@@ -169,8 +176,8 @@ class Master:
         self.stats.reloads[result] += 1
         self.stats.last_reload_ok = False
         self.stats.last_reload_error = why
-        log.error("reload failed, still serving generation %s:\n%s",
-                  self.active.number if self.active else "-", why)
+        log.error("reload failed, still serving generation %s%s:\n%s",
+                  self.active.number if self.active else "-", self._queued(), why)
         notify_systemd("READY=1\nSTATUS=reload failed")
 
     def _on_term(self, now: float) -> None:
@@ -286,7 +293,8 @@ class Master:
             self.stats.last_reload_ok = True
             self.stats.last_reload_success_at = time.time()
             self.stats.reload_durations.append(now - since)
-            log.info("reload done: generation %d ACTIVE %.3fs after HUP", gen.number, now - since)
+            log.info("reload done: generation %d ACTIVE %.3fs after HUP%s", gen.number, now - since,
+                     self._queued())
             notify_systemd(f"READY=1\nSTATUS=generation {gen.number} active")
         else:
             self._reload_failed(f"generation {gen.number}: {gen.reason}", "failed")
