@@ -83,7 +83,9 @@ def echo_config(port: int, mode: str = "reuseport", count: int = 4, **sections: 
 class Daemon:
     """One upgraderd master run with a config written to `workdir`."""
 
-    def __init__(self, workdir: Path, config: dict[str, object] | str, args: tuple[str, ...] = ()) -> None:
+    def __init__(self, workdir: Path, config: dict[str, object] | str, args: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None) -> None:
+        self.extra_env = env or {}
         self.workdir = workdir
         self.config_path = workdir / "upgraderd.yaml"
         self.log_path = workdir / "upgraderd.log"
@@ -105,6 +107,7 @@ class Daemon:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         for var in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
             env.pop(var, None)
+        env.update(self.extra_env)
         self.log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(

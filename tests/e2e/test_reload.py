@@ -45,6 +45,9 @@ def test_fifty_hups_under_load_drop_nothing(tmp_path, mode):
         # The old generations drained and exited; only the newest generation's 4 workers remain.
         wait_until(lambda: all(f"generation {n} DRAINING -> RETIRED" in d.log() for n in range(1, final)),
                    10, "every old generation to retire")
+        drains = [float(x) for x in re.findall(r"DRAINING -> RETIRED after ([0-9.]+)s", d.log())]
+        assert len(drains) == final - 1 and max(drains) < 10.0  # drain.timeout
+        assert "SIGKILL" not in d.log()
         now = d.workers()
         assert len(now) == 4 and not (now & first)
         assert not any(alive(p) for p in first)
