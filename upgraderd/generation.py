@@ -95,6 +95,7 @@ class Generation:
     workers: dict[int, Worker] = field(default_factory=dict)
     changed_at: float = 0.0
     active_at: float | None = None
+    drain_started_at: float | None = None
     reason: str = ""
 
     def start(self, now: float) -> None:
@@ -106,6 +107,7 @@ class Generation:
                 return
 
     def _spawn(self, w: Worker, now: float) -> bool:
+        w.started_at = now
         try:
             w.pid = self.launcher.spawn_worker(self, w.slot)
         except SpawnError as e:
@@ -115,7 +117,7 @@ class Generation:
             else:
                 self._crashed(w, now, str(e))
             return False
-        w.state, w.started_at, w.ready_at, w.killed = WorkerState.STARTING, now, None, False
+        w.state, w.ready_at, w.killed = WorkerState.STARTING, None, False
         log.debug("generation %d slot %d: spawned pid %d", self.number, w.slot, w.pid)
         return True
 
@@ -165,11 +167,11 @@ class Generation:
             w.crashes = 0
         w.crashes += 1
         r = self.config.restart
-        if w.crashes > r.crash_loop:
+        if w.crashes >= r.crash_loop:
             w.state = WorkerState.FATAL
             log.error("generation %d slot %d: crash loop (%d crashes in a row, last: %s); "
                       "not respawning it; send HUP to start a fresh generation",
-                      self.number, w.slot, w.crashes - 1, why)
+                      self.number, w.slot, w.crashes, why)
             return
         delay = min(r.backoff * 2 ** (w.crashes - 1), r.max_backoff)
         w.state, w.respawn_at = WorkerState.BACKOFF, now + delay
@@ -191,20 +193,30 @@ class Generation:
         self._signal_all(now)
         self._retire_if_empty(now)
 
-    def _signal_all(self, now: float) -> None:
-        sig = self.config.drain_signal
+    def stop_fast(self, now: float, sig: int, grace: float) -> None:
+        """Send `sig` to every worker now and SIGKILL whatever is left after `grace`."""
+        if self.state in (GenerationState.ACTIVE, GenerationState.STARTING):
+            # ACTIVE -> DRAINING, STARTING -> DRAINING (fast stop)
+            self._transition(GenerationState.DRAINING, now, GenerationState.ACTIVE, GenerationState.STARTING)
+        if self.state is GenerationState.RETIRED:
+            return
+        self._signal_all(now, sig, grace)
+        self._retire_if_empty(now)
+
+    def _signal_all(self, now: float, sig: int | None = None, timeout: float | None = None) -> None:
+        sig = self.config.drain_signal if sig is None else sig
+        timeout = self.config.drain.timeout if timeout is None else timeout
+        if self.drain_started_at is None:
+            self.drain_started_at = now
         for w in self.workers.values():
             if w.state in (WorkerState.BACKOFF, WorkerState.FATAL):
                 w.state = WorkerState.EXITED
             if w.pid is None or w.state not in LIVE_WORKER:
                 continue
-            w.state, w.kill_at = WorkerState.DRAINING, now + self.config.drain.timeout
+            deadline = now + timeout
+            w.state = WorkerState.DRAINING
+            w.kill_at = deadline if w.kill_at is None else min(w.kill_at, deadline)
             self.launcher.signal_worker(w.pid, sig)
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Send `sig` to every live worker now (fast stop)."""
-        for pid in self.pids():
-            self.launcher.signal_worker(pid, sig)
 
     def _retire_if_empty(self, now: float) -> None:
         if self.pids():

@@ -197,11 +197,7 @@ class Master:
         notify_systemd("STOPPING=1")
         self._stopping = "fast"
         for g in self.generations:
-            g.kill(signal.SIGINT)
-            for w in g.workers.values():
-                w.kill_at, w.killed = now + FAST_STOP_GRACE, False
-            if g.state in (GenerationState.STARTING, GenerationState.ACTIVE):
-                g.state = GenerationState.DRAINING
+            g.stop_fast(now, signal.SIGINT, FAST_STOP_GRACE)
 
     # -- the loop --
 
@@ -285,6 +281,9 @@ class Master:
         if gen.state is GenerationState.STARTING:
             return
         self._watching = None
+        if self._stopping and gen.state is not GenerationState.ACTIVE:
+            log.info("generation %d stopped before it became ready: the master is stopping", gen.number)
+            return
         if gen.number == 1:
             self._settle_first(gen, now)
         elif gen.state is GenerationState.ACTIVE:
@@ -313,8 +312,8 @@ class Master:
         for g in self.generations:
             if g.state is not GenerationState.RETIRED:
                 keep.append(g)
-            elif g.active_at is not None:
-                self.stats.drain_durations.append(now - g.changed_at)
+            elif g.active_at is not None and g.drain_started_at is not None:
+                self.stats.drain_durations.append(now - g.drain_started_at)
         if len(keep) == len(self.generations):
             return
         self.generations = keep

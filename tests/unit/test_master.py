@@ -1,0 +1,606 @@
+"""The Master loop with a fake clock, fake processes and a fake notify socket.
+
+Each test writes a config, calls `master.start()`, then scripts notify messages,
+exits and clock moves and calls `master.step(signals)`, as `run()` would after
+`select` returned.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+
+from fakes import FakeClock, FakeNotify, FakeProcessAPI
+from upgraderd.generation import GenerationState as G, WorkerState as W
+from upgraderd.master import FAST_STOP_GRACE, Master
+
+HUP, TERM, INT, KILL, QUIT = signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGKILL, signal.SIGQUIT
+T0 = 100.0
+
+
+def free_port() -> int:
+    # The config rejects port 0, so take one the kernel hands out and let it go:
+    # the master binds with SO_REUSEADDR and SO_REUSEPORT.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Rig:
+    """A Master wired to fakes, plus helpers to script it."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.path = tmp_path / "upgraderd.yaml"
+        self.port = free_port()
+        self.clock = FakeClock(T0)
+        self.procs = FakeProcessAPI()
+        self.notify = FakeNotify()
+        self.master = Master(str(self.path), procs=self.procs, clock=self.clock,
+                             notify_server=self.notify)  # type: ignore[arg-type]
+
+    def write(self, count: int = 2, **sections: Any) -> None:
+        doc: dict[str, Any] = {
+            "listeners": [{"name": "main", "host": "127.0.0.1", "port": self.port}],
+            "workers": {"count": count, "app": "echo"},
+            **sections,
+        }
+        self.path.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+    def start(self, count: int = 2, **sections: Any) -> Master:
+        self.write(count, **sections)
+        self.master.start()
+        return self.master
+
+    def step(self, *signals: signal.Signals, at: float | None = None) -> None:
+        if at is not None:
+            self.clock.set(at)
+        self.master.step(set(signals))
+
+    def ready(self, *pids: int, at: float | None = None) -> None:
+        self.notify.ready(*pids)
+        self.step(at=at)
+
+    def states(self) -> list[tuple[int, G]]:
+        return [(g.number, g.state) for g in self.master.generations]
+
+    def serving(self, count: int = 2, **sections: Any) -> Master:
+        """Start generation 1 at T0 and make it ACTIVE."""
+        self.start(count, **sections)
+        self.ready(*self.procs.pids(1))
+        assert self.states() == [(1, G.ACTIVE)]
+        return self.master
+
+
+@pytest.fixture
+def rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> Iterator[Rig]:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)   # keep notify_systemd() a no-op
+    caplog.set_level(logging.DEBUG, logger="upgraderd")
+    r = Rig(tmp_path)
+    try:
+        yield r
+    finally:
+        r.master.listeners.close_all()
+
+
+def messages(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records]
+
+
+# -- start-up --
+
+def test_start_spawns_generation_1_with_the_socket_activation_env(rig: Rig) -> None:
+    m = rig.start(count=3)
+    assert rig.states() == [(1, G.STARTING)]
+    assert [s.pid for s in rig.procs.spawns] == [1000, 1001, 1002]
+    fds = []
+    for slot, s in enumerate(rig.procs.spawns):
+        assert s.argv == (sys.executable, "-m", "upgraderd.apps.echo")
+        assert {k: s.env[k] for k in ("LISTEN_FDS", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "UPGRADERD_GENERATION",
+                                      "UPGRADERD_SLOT", "UPGRADERD_DRAIN_SIGNAL")} == {
+            "LISTEN_FDS": "1", "LISTEN_FDNAMES": "main", "NOTIFY_SOCKET": "@upgraderd-fake-notify",
+            "UPGRADERD_GENERATION": "1", "UPGRADERD_SLOT": str(slot), "UPGRADERD_DRAIN_SIGNAL": "TERM"}
+        assert "LISTEN_PID" not in s.env
+        assert len(s.fds) == 1
+        fds.append(s.fds[0])
+        assert s.cwd is None
+    assert len(set(fds)) == 3                          # reuseport: one socket per slot
+    assert len(m.listeners.keys()) == 3
+    assert rig.procs.kills == []
+
+
+def test_all_ready_goes_active(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    m = rig.start(count=3)
+    a, b, c = rig.procs.pids(1)
+    rig.ready(a, c, at=T0 + 0.25)
+    assert rig.states() == [(1, G.STARTING)]
+    assert m.active is None and m.starting is m.generations[0]
+    rig.ready(b, at=T0 + 0.5)
+    assert rig.states() == [(1, G.ACTIVE)]
+    assert m.active is m.generations[0] and m.active.active_at == T0 + 0.5
+    assert "serving: generation 1 ACTIVE 0.500s after start" in messages(caplog)
+    assert m.stats.reloads == {"success": 0, "failed": 0, "rejected": 0}
+    assert m.stats.notify_rejected == 0
+    assert m.exit_code == 0
+    assert rig.procs.kills == []
+
+
+def test_first_generation_failing_sets_exit_code_1(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    m = rig.start(count=2)
+    a, b = rig.procs.pids(1)
+    rig.procs.exit(a, code=2)
+    rig.step(at=T0 + 0.1)
+    assert rig.states() == [(1, G.FAILED)]
+    assert m.exit_code == 1
+    assert rig.procs.kills == [(b, TERM)]
+    assert "the first generation failed (slot 0 (pid 1000) exited at start-up: exit code 2); stopping" \
+        in messages(caplog)
+    assert m.stats.reloads == {"success": 0, "failed": 0, "rejected": 0}
+    rig.step(HUP, at=T0 + 0.2)                         # stopping: no reload
+    assert len(rig.procs.spawns) == 2
+    rig.procs.exit(b, code=0)
+    rig.step(at=T0 + 0.3)
+    assert m.generations == []
+    assert m.exit_code == 1
+    assert m.listeners.keys() == set()
+
+
+def test_first_generation_spawn_error_sets_exit_code_1(rig: Rig) -> None:
+    rig.procs.fail_spawn(generation=1, slot=0)
+    m = rig.start(count=2)
+    assert rig.procs.spawns == []
+    assert rig.states() == [(1, G.RETIRED)]
+    rig.step()
+    assert m.exit_code == 1
+    assert m.generations == []
+
+
+# -- reload --
+
+def test_predecessor_drained_only_after_successor_active(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    m = rig.start(count=2)
+    old = rig.procs.pids(1)
+    rig.ready(*old, at=T0 + 1)
+    rig.step(HUP, at=T0 + 10)
+    assert rig.states() == [(1, G.ACTIVE), (2, G.STARTING)]
+    new = rig.procs.pids(2)
+    assert new == [1002, 1003]
+    # Gen 2 slot i inherits gen 1 slot i's socket.
+    assert [rig.procs.spawn_of(p).fds for p in new] == [rig.procs.spawn_of(p).fds for p in old]
+    rig.ready(new[0], at=T0 + 11)
+    rig.step(at=T0 + 12)
+    assert rig.states() == [(1, G.ACTIVE), (2, G.STARTING)]
+    assert rig.procs.kills == []                       # nothing drained while gen 2 is not fully ready
+    rig.ready(new[1], at=T0 + 12.5)
+    assert rig.states() == [(1, G.DRAINING), (2, G.ACTIVE)]
+    assert rig.procs.kills == [(old[0], TERM), (old[1], TERM)]
+    assert m.stats.reloads == {"success": 1, "failed": 0, "rejected": 0}
+    assert m.stats.reload_durations == [2.5]
+    assert m.stats.last_reload_ok is True
+    assert "reload done: generation 2 ACTIVE 2.500s after HUP" in messages(caplog)
+    assert m.config is m.generations[1].config
+
+
+def test_draining_generation_retires_when_all_exited(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    m = rig.start(count=2)
+    old = rig.procs.pids(1)
+    rig.ready(*old)
+    rig.step(HUP, at=T0 + 1)
+    rig.ready(*rig.procs.pids(2), at=T0 + 2)
+    rig.procs.exit(old[0], code=0)
+    rig.step(at=T0 + 3)
+    assert rig.states() == [(1, G.DRAINING), (2, G.ACTIVE)]
+    rig.procs.exit(old[1], code=0)
+    rig.step(at=T0 + 4)
+    assert rig.states() == [(2, G.ACTIVE)]
+    assert "generation 1 DRAINING -> RETIRED after 2.000s" in messages(caplog)
+    assert m.stats.worker_exits == {"clean": 2, "error": 0, "signal": 0}
+    assert rig.procs.kills == [(old[0], TERM), (old[1], TERM)]
+    assert len(m.listeners.keys()) == 2                # the sockets outlive the generations
+
+
+def test_drain_duration_is_measured_from_the_start_of_the_drain(rig: Rig) -> None:
+    m = rig.start(count=1)
+    old = rig.procs.pids(1)
+    rig.ready(*old)
+    rig.step(HUP, at=T0 + 1)
+    rig.ready(*rig.procs.pids(2), at=T0 + 2)           # gen 1 DRAINING from T0 + 2
+    rig.procs.exit(old[0], code=0)
+    rig.step(at=T0 + 5)
+    assert rig.states() == [(2, G.ACTIVE)]
+    assert m.stats.drain_durations == [3.0]
+
+
+def test_drain_timeout_sigkills_exactly_once(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    m = rig.start(count=2, drain={"timeout": 5})
+    old = rig.procs.pids(1)
+    rig.ready(*old)
+    rig.step(HUP, at=T0 + 1)
+    rig.ready(*rig.procs.pids(2), at=T0 + 2)
+    rig.procs.exit(old[0], code=0)
+    rig.step(at=T0 + 3)
+    rig.step(at=T0 + 6.999)
+    assert rig.procs.kills == [(old[0], TERM), (old[1], TERM)]
+    assert m.generations[0].next_deadline() == T0 + 7
+    rig.step(at=T0 + 7)
+    rig.step(at=T0 + 8)
+    rig.step(at=T0 + 60)
+    assert rig.procs.kills == [(old[0], TERM), (old[1], TERM), (old[1], KILL)]
+    assert "generation 1 slot 1: pid 1001 still running after drain timeout 5s; SIGKILL" in messages(caplog)
+    rig.procs.exit(old[1], signal=9)
+    rig.step(at=T0 + 60.5)
+    assert rig.states() == [(2, G.ACTIVE)]
+    assert m.stats.worker_exits == {"clean": 1, "error": 0, "signal": 1}
+
+
+def test_hups_during_starting_coalesce_into_one_more_generation(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    m = rig.start(count=1)
+    rig.ready(*rig.procs.pids(1))
+    rig.step(HUP, at=T0 + 1)
+    assert rig.states() == [(1, G.ACTIVE), (2, G.STARTING)]
+    rig.step(HUP, at=T0 + 2)
+    rig.step(HUP, at=T0 + 3)
+    rig.step(HUP, at=T0 + 4)
+    assert rig.states() == [(1, G.ACTIVE), (2, G.STARTING)]
+    assert messages(caplog).count("received SIGHUP: reload queued, generation 2 is still starting") == 3
+    assert len(rig.procs.spawns) == 2
+    rig.ready(*rig.procs.pids(2), at=T0 + 5)
+    # Gen 2 settles; the queued HUPs start exactly one more generation in the same pass.
+    assert rig.states() == [(1, G.DRAINING), (2, G.ACTIVE), (3, G.STARTING)]
+    assert rig.procs.kills == [(1000, TERM)]
+    rig.step(at=T0 + 6)
+    rig.step(at=T0 + 7)
+    assert [s.generation for s in rig.procs.spawns] == [1, 2, 3]
+    rig.ready(*rig.procs.pids(3), at=T0 + 8)
+    rig.step(at=T0 + 9)
+    assert rig.states() == [(1, G.DRAINING), (2, G.DRAINING), (3, G.ACTIVE)]
+    assert [s.generation for s in rig.procs.spawns] == [1, 2, 3]
+    assert m.stats.reloads == {"success": 2, "failed": 0, "rejected": 0}
+    # Gen 3's reload is measured from the first HUP that queued it.
+    assert m.stats.reload_durations == [4.0, 6.0]
+
+
+def test_hup_during_first_generation_start_is_queued(rig: Rig) -> None:
+    m = rig.start(count=1)
+    rig.step(HUP, at=T0 + 0.5)
+    assert rig.states() == [(1, G.STARTING)]
+    rig.ready(*rig.procs.pids(1), at=T0 + 1)
+    assert rig.states() == [(1, G.ACTIVE), (2, G.STARTING)]
+    rig.ready(*rig.procs.pids(2), at=T0 + 3)
+    assert m.stats.reload_durations == [2.5]
+
+
+def test_reload_duration_is_measured_from_the_hup(rig: Rig) -> None:
+    m = rig.serving(count=2)
+    rig.step(HUP, at=T0 + 10)
+    a, b = rig.procs.pids(2)
+    rig.ready(a, at=T0 + 10.25)
+    rig.ready(b, at=T0 + 10.75)
+    assert m.stats.reload_durations == [0.75]
+    rig.step(HUP, at=T0 + 20)
+    rig.ready(*rig.procs.pids(3), at=T0 + 21.5)
+    assert m.stats.reload_durations == [0.75, 1.5]
+
+
+def test_worker_exit_during_starting_fails_reload(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    m = rig.start(count=2, drain={"timeout": 4})
+    old = rig.procs.pids(1)
+    rig.ready(*old)
+    rig.step(HUP, at=T0 + 1)
+    a, b = rig.procs.pids(2)
+    rig.ready(a, at=T0 + 1.5)
+    rig.procs.exit(b, code=1)
+    rig.step(at=T0 + 2)
+    assert rig.states() == [(1, G.ACTIVE), (2, G.FAILED)]
+    assert rig.procs.kills == [(a, TERM)]
+    assert m.stats.reloads == {"success": 0, "failed": 1, "rejected": 0}
+    assert m.stats.last_reload_ok is False
+    assert m.stats.last_reload_error == "generation 2: slot 1 (pid 1003) exited at start-up: exit code 1"
+    assert ("reload failed, still serving generation 1:\n"
+            "generation 2: slot 1 (pid 1003) exited at start-up: exit code 1") in messages(caplog)
+    rig.step(at=T0 + 5.999)
+    assert rig.procs.kills == [(a, TERM)]
+    rig.step(at=T0 + 6)
+    rig.step(at=T0 + 7)
+    assert rig.procs.kills == [(a, TERM), (a, KILL)]
+    rig.procs.exit(a, signal=9)
+    rig.step(at=T0 + 7.5)
+    assert rig.states() == [(1, G.ACTIVE)]
+    # The serving generation was never touched.
+    assert rig.procs.kills_of(old) == []
+    assert [w.state for w in m.generations[0].workers.values()] == [W.READY, W.READY]
+    assert m.stats.reloads == {"success": 0, "failed": 1, "rejected": 0}
+    assert m.stats.reload_durations == []
+    assert m.config is m.generations[0].config
+
+
+def test_ready_timeout_fails_reload(rig: Rig) -> None:
+    m = rig.start(count=2, ready={"timeout": 3})
+    old = rig.procs.pids(1)
+    rig.ready(*old)
+    rig.step(HUP, at=T0 + 1)
+    a, b = rig.procs.pids(2)
+    rig.ready(b, at=T0 + 2)
+    rig.step(at=T0 + 3.999)
+    assert rig.states() == [(1, G.ACTIVE), (2, G.STARTING)]
+    rig.step(at=T0 + 4)
+    assert rig.states() == [(1, G.ACTIVE), (2, G.FAILED)]
+    assert rig.procs.kills == [(a, TERM), (b, TERM)]
+    assert m.stats.reloads == {"success": 0, "failed": 1, "rejected": 0}
+    assert m.stats.last_reload_error == "generation 2: not ready within 3s (slots 0 never sent READY=1)"
+
+
+def test_spawn_error_fails_reload(rig: Rig) -> None:
+    m = rig.serving(count=3)
+    rig.procs.fail_spawn(generation=2, slot=1, message="cannot start 'x': Permission denied")
+    rig.step(HUP, at=T0 + 1)
+    assert [s.generation for s in rig.procs.spawns] == [1, 1, 1, 2]
+    first = rig.procs.pids(2)[0]
+    assert rig.states() == [(1, G.ACTIVE), (2, G.FAILED)]
+    assert rig.procs.kills == [(first, TERM)]
+    assert m.stats.reloads == {"success": 0, "failed": 1, "rejected": 0}
+    assert m.stats.last_reload_error == "generation 2: slot 1: cannot start 'x': Permission denied"
+    rig.procs.exit(first, signal=15)
+    rig.step(at=T0 + 2)
+    assert rig.states() == [(1, G.ACTIVE)]
+    # The next HUP rolls a healthy generation.
+    rig.step(HUP, at=T0 + 3)
+    rig.ready(*rig.procs.pids(3), at=T0 + 4)
+    assert rig.states() == [(1, G.DRAINING), (3, G.ACTIVE)]
+    assert m.stats.reloads == {"success": 1, "failed": 1, "rejected": 0}
+
+
+def test_invalid_config_on_hup_is_rejected(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    m = rig.serving(count=2)
+    good = rig.path.read_text()
+    config = m.config
+    assert good.splitlines()[3].startswith("  port: ")
+    rig.path.write_text(good.replace("  port:", "  mood: fast\n  port:"))   # line 4
+    rig.step(HUP, at=T0 + 1)
+    assert rig.states() == [(1, G.ACTIVE)]
+    assert len(rig.procs.spawns) == 2
+    assert rig.procs.kills == []
+    assert m.stats.reloads == {"success": 0, "failed": 0, "rejected": 1}
+    assert m.stats.last_reload_ok is False
+    assert m.stats.last_reload_error == (
+        f"{rig.path}:4:3: listeners[0].mood: unknown key (did you mean 'mode'?); "
+        "allowed: name, host, port, mode, backlog")
+    assert f"reload failed, still serving generation 1:\n{m.stats.last_reload_error}" in messages(caplog)
+    assert m.config is config
+    # Fixed: the next HUP works.
+    rig.path.write_text(good)
+    rig.step(HUP, at=T0 + 2)
+    assert rig.states() == [(1, G.ACTIVE), (2, G.STARTING)]
+    assert m.stats.reloads == {"success": 0, "failed": 0, "rejected": 1}
+
+
+def test_unparseable_config_on_hup_is_rejected(rig: Rig) -> None:
+    m = rig.serving(count=1)
+    rig.path.write_text("listeners: [\n")
+    rig.step(HUP, at=T0 + 1)
+    assert rig.states() == [(1, G.ACTIVE)]
+    assert m.stats.reloads["rejected"] == 1
+    assert m.stats.last_reload_error == f"{rig.path}:2:1: YAML syntax error: expected the node content, " \
+                                        "but found '<stream end>'"
+
+
+# -- ACTIVE: crashes --
+
+def test_crash_in_active_respawns_into_the_same_slot_after_backoff(rig: Rig) -> None:
+    m = rig.serving(count=2, restart={"backoff": 0.25, "max_backoff": 1})
+    a, b = rig.procs.pids(1)
+    rig.procs.exit(b, signal=11)
+    rig.step(at=T0 + 1)
+    assert m.generations[0].workers[1].state is W.BACKOFF
+    assert m.stats.worker_exits == {"clean": 0, "error": 0, "signal": 1}
+    rig.step(at=T0 + 1.2499)
+    assert len(rig.procs.spawns) == 2
+    rig.step(at=T0 + 1.25)
+    assert len(rig.procs.spawns) == 3
+    new = rig.procs.spawns[-1]
+    assert (new.pid, new.generation, new.slot) == (1002, 1, 1)
+    assert new.fds == rig.procs.spawn_of(b).fds
+    assert m.stats.worker_restarts == 1
+    assert rig.procs.kills == []
+    assert rig.states() == [(1, G.ACTIVE)]
+    rig.ready(1002, at=T0 + 1.5)
+    assert m.generations[0].workers[1].state is W.READY
+    assert m.stats.notify_rejected == 0
+
+
+def test_crash_backoff_doubles_capped_and_resets_after_stable(rig: Rig) -> None:
+    m = rig.serving(count=1, restart={"backoff": 0.25, "max_backoff": 1.5, "crash_loop": 20})
+    w = m.generations[0].workers[0]
+    now, delays = T0, []
+    for _ in range(5):
+        now += 0.5
+        rig.procs.exit(w.pid, code=1)                # type: ignore[arg-type]
+        rig.step(at=now)
+        delays.append(w.respawn_at - now)
+        rig.step(at=w.respawn_at)
+        now = w.respawn_at
+    assert delays == [0.25, 0.5, 1.0, 1.5, 1.5]
+    assert m.stats.worker_restarts == 5
+    # Up for 10 s (STABLE_AFTER): the count starts over.
+    now += 10
+    rig.procs.exit(w.pid, code=1)                    # type: ignore[arg-type]
+    rig.step(at=now)
+    assert (w.crashes, w.respawn_at - now) == (1, 0.25)
+
+
+def test_crash_loop_goes_fatal_and_stops_respawning(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    m = rig.serving(count=2, restart={"backoff": 0.25, "max_backoff": 0.5, "crash_loop": 2})
+    w = m.generations[0].workers[0]
+    now = T0
+    for _ in range(10):
+        now += 0.5
+        rig.procs.exit(w.pid, code=1)                # type: ignore[arg-type]
+        rig.step(at=now)
+        if w.state is W.FATAL:
+            break
+        rig.step(at=w.respawn_at)
+        now = w.respawn_at
+    assert w.state is W.FATAL
+    assert sum("crash loop" in msg for msg in messages(caplog)) == 1
+    spawns = len(rig.procs.spawns)
+    rig.step(at=now + 3600)
+    assert len(rig.procs.spawns) == spawns
+    assert rig.states() == [(1, G.ACTIVE)]
+    # A HUP replaces the crippled generation.
+    rig.step(HUP, at=now + 3601)
+    rig.ready(*rig.procs.pids(2), at=now + 3602)
+    assert rig.states() == [(1, G.DRAINING), (2, G.ACTIVE)]
+    assert rig.procs.kills == [(1001, TERM)]
+
+
+# -- notify --
+
+def test_notify_from_strangers_and_garbage_is_counted(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    m = rig.start(count=2)
+    a, b = rig.procs.pids(1)
+    rig.notify.send(4242, b"READY=1")              # not a worker
+    rig.notify.send(0, b"READY=1")                 # no credentials
+    rig.notify.send(a, b"\xff\xfe")                # not UTF-8
+    rig.notify.send(a, b"hello")                   # not KEY=VALUE
+    rig.notify.send(a, b"")                        # empty
+    rig.notify.send(a, b"READY=1\nSTATUS=ok")      # fine
+    rig.step(at=T0 + 1)
+    assert m.stats.notify_rejected == 5
+    assert m.generations[0].workers[0].state is W.READY
+    assert m.generations[0].workers[1].state is W.STARTING
+    msgs = messages(caplog)
+    assert "ignored notify message from pid 4242: not a worker" in msgs
+    assert "ignored notify message from pid 0: not a worker" in msgs
+    assert "ignored bad notify message from pid 1000: not a KEY=VALUE line: 'hello'" in msgs
+    assert "ignored bad notify message from pid 1000: empty message" in msgs
+    rig.ready(b, at=T0 + 2)
+    assert rig.states() == [(1, G.ACTIVE)]
+    # A worker that has exited (and been reaped) is a stranger too.
+    rig.procs.exit(b, code=0)
+    rig.step(at=T0 + 3)
+    rig.notify.send(b, b"READY=1")
+    rig.step(at=T0 + 3.5)
+    assert "ignored notify message from pid 1001: not a worker" in messages(caplog)
+    assert m.stats.notify_rejected == 5 + 1
+
+
+def test_ready_mode_delay(rig: Rig) -> None:
+    m = rig.start(count=2, ready={"mode": "delay", "after": 2})
+    rig.step(at=T0 + 1.999)
+    assert rig.states() == [(1, G.STARTING)]
+    rig.step(at=T0 + 2)
+    assert rig.states() == [(1, G.ACTIVE)]
+    rig.step(HUP, at=T0 + 5)
+    rig.step(at=T0 + 6.999)
+    assert rig.states() == [(1, G.ACTIVE), (2, G.STARTING)]
+    assert rig.procs.kills == []
+    rig.step(at=T0 + 7)
+    assert rig.states() == [(1, G.DRAINING), (2, G.ACTIVE)]
+    assert m.stats.reload_durations == [2.0]
+
+
+# -- stopping --
+
+def test_term_drains_everything_and_generations_empty(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    m = rig.start(count=2, drain={"timeout": 5})
+    old = rig.procs.pids(1)
+    rig.ready(*old)
+    rig.step(HUP, at=T0 + 1)
+    new = rig.procs.pids(2)
+    rig.ready(new[0], at=T0 + 2)                   # gen 2 still STARTING
+    rig.step(TERM, at=T0 + 3)
+    assert rig.states() == [(1, G.DRAINING), (2, G.DRAINING)]
+    assert rig.procs.kills == [(old[0], TERM), (old[1], TERM), (new[0], TERM), (new[1], TERM)]
+    assert "graceful stop: draining every generation" in messages(caplog)
+    rig.step(HUP, at=T0 + 3.5)                     # ignored while stopping
+    assert len(rig.procs.spawns) == 4
+    assert "received SIGHUP while stopping: ignored" in messages(caplog)
+    for pid in old + new[:1]:
+        rig.procs.exit(pid, code=0)
+    rig.step(at=T0 + 4)
+    assert rig.states() == [(2, G.DRAINING)]
+    rig.step(at=T0 + 8)                            # drain deadline of the straggler
+    assert rig.procs.kills[4:] == [(new[1], KILL)]
+    rig.procs.exit(new[1], signal=9)
+    rig.step(at=T0 + 8.5)
+    assert m.generations == []
+    assert m.listeners.keys() == set()
+    assert m.exit_code == 0
+
+
+def test_quit_is_a_graceful_stop(rig: Rig) -> None:
+    m = rig.serving(count=2)
+    rig.step(QUIT, at=T0 + 1)
+    assert rig.states() == [(1, G.DRAINING)]
+    assert rig.procs.kills == [(1000, TERM), (1001, TERM)]
+    for pid in rig.procs.pids(1):
+        rig.procs.exit(pid, code=0)
+    rig.step(at=T0 + 2)
+    assert m.generations == [] and m.exit_code == 0
+
+
+def test_term_while_first_generation_starts_exits_0(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    m = rig.start(count=1)
+    rig.step(TERM, at=T0 + 1)
+    assert rig.states() == [(1, G.DRAINING)]
+    rig.procs.exit(1000, code=0)
+    rig.step(at=T0 + 2)
+    assert m.generations == []
+    assert not any("first generation failed" in msg for msg in messages(caplog))
+    assert m.exit_code == 0
+
+
+def test_term_during_a_reload_is_not_a_failed_reload(rig: Rig) -> None:
+    m = rig.serving(count=1)
+    rig.step(HUP, at=T0 + 1)
+    rig.step(TERM, at=T0 + 2)
+    assert rig.states() == [(1, G.DRAINING), (2, G.DRAINING)]
+    assert m.stats.reloads == {"success": 0, "failed": 0, "rejected": 0}
+    assert m.stats.last_reload_ok is True
+
+
+def test_int_sends_sigint_then_sigkill_after_the_grace(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    m = rig.start(count=2)
+    old = rig.procs.pids(1)
+    rig.ready(*old)
+    rig.step(HUP, at=T0 + 1)
+    new = rig.procs.pids(2)
+    rig.step(INT, at=T0 + 2)
+    assert rig.states() == [(1, G.DRAINING), (2, G.DRAINING)]
+    assert rig.procs.kills == [(p, INT) for p in old + new]
+    assert f"fast stop: SIGKILL in {FAST_STOP_GRACE:g}s" in messages(caplog)
+    rig.procs.exit(old[0], signal=2)
+    rig.step(INT, at=T0 + 2.5)                     # a second INT changes nothing
+    rig.step(at=T0 + 2 + FAST_STOP_GRACE - 0.001)
+    assert rig.procs.kills == [(p, INT) for p in old + new]
+    rig.step(at=T0 + 2 + FAST_STOP_GRACE)
+    rig.step(at=T0 + 10)
+    assert rig.procs.kills[4:] == [(old[1], KILL), (new[0], KILL), (new[1], KILL)]
+    for pid in (old[1], *new):
+        rig.procs.exit(pid, signal=9)
+    rig.step(at=T0 + 10.5)
+    assert m.generations == []
+    assert m.stats.worker_exits == {"clean": 0, "error": 0, "signal": 4}
+
+
+def test_int_reports_the_sigkill_deadline(rig: Rig) -> None:
+    m = rig.serving(count=1)
+    rig.step(INT, at=T0 + 2)
+    assert m.generations[0].next_deadline() == T0 + 2 + FAST_STOP_GRACE
+
+
+def test_int_with_every_slot_in_backoff_still_stops(rig: Rig) -> None:
+    m = rig.serving(count=1, restart={"backoff": 5})
+    rig.procs.exit(1000, code=1)
+    rig.step(at=T0 + 1)
+    assert m.generations[0].workers[0].state is W.BACKOFF
+    rig.step(INT, at=T0 + 2)
+    rig.step(at=T0 + 10)
+    assert m.generations == []
