@@ -70,6 +70,7 @@ class Worker:
     respawn_at: float = 0.0
     kill_at: float | None = None
     killed: bool = False
+    retiring: bool = False
     last_exit: Exit | None = None
 
 
@@ -153,7 +154,10 @@ class Generation:
         if w is None:
             return False
         w.pid, w.last_exit, w.state = None, exit, WorkerState.EXITED
-        if self.state is GenerationState.STARTING:
+        if w.retiring:
+            del self.workers[w.slot]
+            log.info("generation %d slot %d: retired (pid %d %s)", self.number, w.slot, pid, exit.describe())
+        elif self.state is GenerationState.STARTING:
             # STARTING -> FAILED
             self._fail(now, f"slot {w.slot} (pid {pid}) exited at start-up: {exit.describe()}")
         elif self.state is GenerationState.ACTIVE:
@@ -161,6 +165,35 @@ class Generation:
         else:
             self._retire_if_empty(now)
         return True
+
+    def serving_slots(self) -> list[int]:
+        """Return the slots whose sockets must stay open: those of a STARTING or ACTIVE
+        generation that are not given up or retiring (a socket nobody will accept on
+        again would hold connections forever)."""
+        if self.state not in (GenerationState.STARTING, GenerationState.ACTIVE):
+            return []
+        return [s for s, w in self.workers.items() if w.state is not WorkerState.FATAL and not w.retiring]
+
+    def add_slot(self, now: float) -> int:
+        """Start one more worker in a new slot of this ACTIVE generation; return the slot."""
+        slot = max(self.workers, default=-1) + 1
+        self.workers[slot] = Worker(slot)
+        self._spawn(self.workers[slot], now)
+        return slot
+
+    def remove_slot(self, now: float) -> int | None:
+        """Drain the highest slot of this ACTIVE generation; return it, or None if only one is left."""
+        candidates = [s for s, w in self.workers.items() if not w.retiring]
+        if len(candidates) <= 1:
+            return None
+        w = self.workers[max(candidates)]
+        w.retiring = True
+        if w.pid is None or w.state not in LIVE_WORKER:
+            del self.workers[w.slot]
+            return w.slot
+        w.state, w.kill_at = WorkerState.DRAINING, now + self.config.drain.timeout
+        self.launcher.signal_worker(w.pid, self.config.drain_signal)
+        return w.slot
 
     def _crashed(self, w: Worker, now: float, why: str) -> None:
         if now - w.started_at >= STABLE_AFTER:
@@ -252,7 +285,8 @@ class Generation:
 
     def _tick_active(self, now: float) -> None:
         self._ready_by_delay(now)
-        for w in self.workers.values():
+        self._tick_draining(now)
+        for w in list(self.workers.values()):
             if w.state is WorkerState.BACKOFF and now >= w.respawn_at:
                 log.info("generation %d slot %d: respawning", self.number, w.slot)
                 self._spawn(w, now)

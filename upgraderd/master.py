@@ -51,6 +51,7 @@ class Stats:
     worker_exits: dict[str, int] = field(default_factory=lambda: {"clean": 0, "error": 0, "signal": 0})
     worker_restarts: int = 0
     notify_rejected: int = 0
+    slot_retire_risks: int = 0
     last_reload_ok: bool = True
     last_reload_success_at: float = 0.0
     last_reload_error: str = ""
@@ -82,6 +83,7 @@ class Master:
         self._handlers = {
             signal.SIGHUP: self._on_hup, signal.SIGTERM: self._on_term,
             signal.SIGQUIT: self._on_term, signal.SIGINT: self._on_int,
+            signal.SIGTTIN: self._on_ttin, signal.SIGTTOU: self._on_ttou,
         }
 
     # -- queries --
@@ -170,6 +172,10 @@ class Master:
             self._reload_failed(f"{e}", "rejected")
             return
         log.info("reload: %s", planmod.diff(self.config, cfg).describe())
+        if self.active is not None and cfg.workers.count < len(self.active.workers):
+            if (risk := sockets.retire_risk(cfg)) is not None:
+                self.stats.slot_retire_risks += 1
+                log.warning("the reload retires worker slots: %s", risk)
         self._watching = (self._start_generation(cfg, now), since)
 
     def _reload_failed(self, why: str, result: str) -> None:
@@ -179,6 +185,37 @@ class Master:
         log.error("reload failed, still serving generation %s%s:\n%s",
                   self.active.number if self.active else "-", self._queued(), why)
         notify_systemd("READY=1\nSTATUS=reload failed")
+
+    def _on_ttin(self, now: float) -> None:
+        gen = self.active
+        if gen is None or self._stopping:
+            log.warning("received SIGTTIN: ignored, no ACTIVE generation")
+            return
+        try:
+            self.listeners.ensure(gen.config, max(gen.workers, default=-1) + 2)
+        except OSError as e:
+            log.error("received SIGTTIN: cannot add a worker: %s", e)
+            return
+        slot = gen.add_slot(now)
+        log.info("received SIGTTIN: generation %d slot %d added, %d workers "
+                 "(a reload goes back to workers.count=%d)", gen.number, slot, len(gen.workers),
+                 gen.config.workers.count)
+
+    def _on_ttou(self, now: float) -> None:
+        gen = self.active
+        if gen is None or self._stopping:
+            log.warning("received SIGTTOU: ignored, no ACTIVE generation")
+            return
+        slot = gen.remove_slot(now)
+        if slot is None:
+            log.warning("received SIGTTOU: ignored, generation %d is down to one worker", gen.number)
+            return
+        log.info("received SIGTTOU: generation %d slot %d retiring, %d workers left "
+                 "(a reload goes back to workers.count=%d)", gen.number, slot,
+                 len([w for w in gen.workers.values() if not w.retiring]), gen.config.workers.count)
+        if (risk := sockets.retire_risk(gen.config)) is not None:
+            self.stats.slot_retire_risks += 1
+            log.warning("retiring slot %d: %s", slot, risk)
 
     def _on_term(self, now: float) -> None:
         if self._stopping:
@@ -269,6 +306,7 @@ class Master:
             old.drain(now)
         self._settle_reload(now)
         self._forget_retired(now)
+        self._close_unused()
         if self._stopping is None and self.starting is None and self._reload_pending_since is not None:
             since, self._reload_pending_since = self._reload_pending_since, None
             self.reload(now, since)
@@ -314,17 +352,20 @@ class Master:
                 keep.append(g)
             elif g.active_at is not None and g.drain_started_at is not None:
                 self.stats.drain_durations.append(now - g.drain_started_at)
-        if len(keep) == len(self.generations):
-            return
         self.generations = keep
+
+    def _close_unused(self) -> None:
+        """Close every socket no STARTING or ACTIVE slot will accept on again.
+
+        Draining workers no longer accept, so they do not keep a socket open; a
+        socket kept for them would queue connections that nobody serves.
+        """
         wanted: set[sockets.SocketKey] = set()
-        for g in keep:
-            wanted |= sockets.keys_for(g.config)
-        if self.config is not None and not self._stopping:
-            wanted |= sockets.keys_for(self.config)
+        for g in self.generations:
+            wanted |= sockets.keys_for(g.config, g.serving_slots())
         for key in self.listeners.keep_only(wanted):
             if not self._stopping:
-                log.info("closed listener %s:%d (%s, slot %d): no longer in the config", *key)
+                log.info("closed listener %s:%d (%s, slot %d): no slot serves it any more", *key)
 
 
 def notify_systemd(message: str) -> None:

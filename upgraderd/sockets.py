@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import socket
 from dataclasses import dataclass
+from typing import Iterable
 
 from upgraderd.config import Config, ListenerSpec
 
@@ -36,6 +37,27 @@ class ChildFds:
     names: tuple[str, ...]
 
 
+MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
+
+
+def migrate_req() -> int | None:
+    """Return net.ipv4.tcp_migrate_req of this network namespace (None if the kernel lacks it)."""
+    try:
+        with open(MIGRATE_REQ) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def retire_risk(cfg: Config) -> str | None:
+    """Return a warning if closing a slot socket of `cfg` can reset queued connections."""
+    if not any(spec.mode == "reuseport" for spec in cfg.listeners) or migrate_req() == 1:
+        return None
+    return ("net.ipv4.tcp_migrate_req is not 1, so connections still queued on a retired "
+            "slot's SO_REUSEPORT socket when it closes are reset; set `kernel.tcp_migrate_req: set` "
+            "or run `sysctl -w net.ipv4.tcp_migrate_req=1`")
+
+
 def slots_for(spec: ListenerSpec, count: int) -> int:
     """Return how many sockets a listener needs for `count` worker slots."""
     return count if spec.mode == "reuseport" else 1
@@ -46,11 +68,10 @@ def key_for(spec: ListenerSpec, slot: int) -> SocketKey:
     return (spec.host, spec.port, spec.mode, slot if spec.mode == "reuseport" else 0)
 
 
-def keys_for(cfg: Config, count: int | None = None) -> set[SocketKey]:
-    """Return every socket key a generation of `cfg` with `count` slots uses."""
-    n = cfg.workers.count if count is None else count
+def keys_for(cfg: Config, slots: Iterable[int]) -> set[SocketKey]:
+    """Return every socket key that worker slots `slots` of a `cfg` generation use."""
     return {key_for(spec, slot) for spec in cfg.listeners if spec.mode != "worker-bind"
-            for slot in range(slots_for(spec, n))}
+            for slot in slots}
 
 
 def bind(spec: ListenerSpec) -> socket.socket:

@@ -341,3 +341,43 @@ def test_stop_fast_signals_every_live_worker_and_kills_after_grace() -> None:
     assert gen.next_deadline() == 3.0
     gen.tick(3.0)
     assert launcher.signals[2:] == [(100, signal.SIGKILL), (102, signal.SIGKILL)]
+
+
+def test_add_slot_spawns_a_new_slot_that_readies_within_the_active_generation() -> None:
+    gen, launcher = make_active(count=2)
+    assert gen.add_slot(1.0) == 2
+    assert launcher.spawned[-1] == (1, 2, 102)
+    assert gen.state is G.ACTIVE and gen.workers[2].state is W.STARTING
+    assert gen.serving_slots() == [0, 1, 2]
+    assert gen.on_ready(102, 1.5)
+    assert gen.workers[2].state is W.READY
+
+
+def test_remove_slot_drains_the_highest_slot_then_forgets_it() -> None:
+    gen, launcher = make_active(count=3, drain={"timeout": "5s"})
+    assert gen.remove_slot(1.0) == 2
+    assert launcher.signals == [(102, signal.SIGTERM)]
+    assert gen.serving_slots() == [0, 1]           # its socket may close at once
+    assert gen.next_deadline() == 6.0
+    gen.tick(6.0)
+    assert launcher.signals[-1] == (102, signal.SIGKILL)
+    assert gen.on_exit(102, Exit(102, signal=9), 6.1)
+    assert sorted(gen.workers) == [0, 1] and gen.state is G.ACTIVE
+    assert gen.remove_slot(7.0) == 1
+    assert gen.remove_slot(7.0) is None            # never below one worker
+
+
+def test_remove_slot_in_backoff_is_forgotten_at_once() -> None:
+    gen, launcher = make_active(count=2)
+    gen.on_exit(101, Exit(101, code=1), 1.0)
+    assert gen.remove_slot(1.0) == 1
+    assert sorted(gen.workers) == [0] and launcher.signals == []
+    gen.tick(10.0)
+    assert len(launcher.spawned) == 2              # the back-off respawn never happens
+
+
+def test_fatal_slot_no_longer_serves_its_socket() -> None:
+    gen, _ = make_active(count=2, restart={"crash_loop": 1})
+    gen.on_exit(101, Exit(101, code=1), 1.0)
+    assert gen.workers[1].state is W.FATAL
+    assert gen.serving_slots() == [0]

@@ -137,17 +137,18 @@ class Server:
             if mask & selectors.EVENT_WRITE and conn.sock.fileno() >= 0:
                 self._flush(conn)
 
-    def _accept(self, lsock: socket.socket, name: str) -> None:
+    def _accept(self, lsock: socket.socket, name: str) -> bool:
+        """Accept up to a batch; return True once the queue is empty."""
         for _ in range(ACCEPT_BATCH):
             try:
                 sock, _addr = lsock.accept()
             except (BlockingIOError, InterruptedError):
-                return
+                return True
             except OSError as e:
                 if e.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    return  # leave the rest queued; the kernel keeps them
+                    return True  # leave the rest queued; the kernel keeps them
                 raise
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -156,6 +157,7 @@ class Server:
                 conn.proto.drain()
             self.conns[sock.fileno()] = conn
             self.sel.register(sock, selectors.EVENT_READ, conn)
+        return False
 
     def _read(self, conn: Conn) -> None:
         try:
@@ -207,8 +209,12 @@ class Server:
 
     def _start_drain(self) -> None:
         self.draining_since = time.monotonic()
-        for lsock in self.listeners.values():
+        for name, lsock in self.listeners.items():
             self.sel.unregister(lsock)
+            # Take what is queued before closing: if ours is the last reference to a
+            # SO_REUSEPORT socket (a retired slot), the kernel resets whatever is left.
+            while not self._accept(lsock, name):
+                pass
             lsock.close()
         for conn in self.conns.values():
             conn.proto.drain()

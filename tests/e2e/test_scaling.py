@@ -1,0 +1,49 @@
+"""TTIN / TTOU: one worker more or fewer in the ACTIVE generation, under load."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from daemon import ROOT, Daemon, echo_config, free_port
+from scenarios import scaling
+from upgraderd.sockets import migrate_req
+
+pytestmark = pytest.mark.e2e
+
+
+def test_ttin_ttou_shared_mode_drops_nothing(tmp_path):
+    out = scaling.run(tmp_path, "shared")
+    assert out["failures"] == {}
+    assert out["warned"] is False  # a shared socket is never closed by TTOU
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="needs root and unshare(1) to create a network namespace")
+def test_ttin_ttou_reuseport_with_tcp_migrate_req_drops_nothing(tmp_path):
+    # Retiring a SO_REUSEPORT slot closes its socket; only with tcp_migrate_req=1 does the
+    # kernel move what is queued there to the other slots. The setting is per network
+    # namespace, so the scenario runs in a fresh one and the host's value is never touched.
+    script = (f"ip link set lo up && sysctl -q -w net.ipv4.tcp_migrate_req=1 && "
+              f"exec {sys.executable} {ROOT / 'tests/scenarios/scaling.py'} reuseport {tmp_path}")
+    proc = subprocess.run(["unshare", "-n", "sh", "-c", script], capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["failures"] == {}
+    assert out["ok"] > 500
+    assert out["warned"] is False
+
+
+def test_ttou_in_reuseport_mode_warns_when_queued_connections_are_at_risk(tmp_path):
+    with Daemon(tmp_path, echo_config(free_port(), mode="reuseport", count=2)).start() as d:
+        d.send(signal.SIGTTOU)
+        d.wait_log(r"generation 1 slot 1: retired")
+        warned = "retiring slot 1: net.ipv4.tcp_migrate_req is not 1" in d.log()
+        assert warned is (migrate_req() != 1)
