@@ -153,6 +153,13 @@ class Daemon:
         self.seen_workers |= pids
         return pids
 
+    def wait_workers(self, count: int, none_of: set[int] = frozenset(), timeout: float = 15) -> set[int]:
+        """Wait until the master has exactly `count` children and none of `none_of`; return them."""
+        def ready() -> set[int] | None:
+            pids = self.workers()
+            return pids if len(pids) == count and not pids & none_of else None
+        return wait_until(ready, timeout, f"{count} workers, none of {sorted(none_of)}")  # type: ignore[return-value]
+
     def hup(self) -> None:
         """Send SIGHUP and wait until the master has logged receiving it."""
         n = self.log().count("received SIGHUP")

@@ -64,8 +64,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from upgraderd.master import Master
     _setup_logging(args.log_level)
     log = logging.getLogger("upgraderd")
+    from upgraderd import reexec
+    inherited = reexec.inherited()
+    argv = ["run", "-c", args.config, "--log-level", args.log_level]
     try:
-        return Master(args.config).run()
+        return Master(args.config, argv=argv, inherited=inherited).run()
     except ConfigError as e:
         log.error("invalid config:\n%s", e)
         return EXIT_CONFIG

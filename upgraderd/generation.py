@@ -21,11 +21,12 @@ drive it with a fake clock and a fake launcher.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import signal
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from upgraderd.config import Config
 from upgraderd.errors import SpawnError
@@ -98,6 +99,28 @@ class Generation:
     active_at: float | None = None
     drain_started_at: float | None = None
     reason: str = ""
+
+    def export(self) -> dict[str, object]:
+        """Return this generation's runtime state as plain data, for a master re-exec."""
+        workers = []
+        for w in self.workers.values():
+            d = dataclasses.asdict(w)
+            d["state"], d["last_exit"] = w.state.name, None
+            workers.append(d)
+        return {"number": self.number, "state": self.state.name, "created_at": self.created_at,
+                "changed_at": self.changed_at, "active_at": self.active_at,
+                "drain_started_at": self.drain_started_at, "reason": self.reason, "workers": workers}
+
+    @classmethod
+    def adopt(cls, data: dict[str, Any], config: Config, launcher: Launcher) -> Generation:
+        """Rebuild a generation that an old master exported."""
+        gen = cls(int(data["number"]), config, launcher, created_at=float(data["created_at"]),
+                  state=GenerationState[data["state"]], changed_at=float(data["changed_at"]),
+                  active_at=data["active_at"], drain_started_at=data["drain_started_at"],
+                  reason=str(data["reason"]))
+        for w in data["workers"]:
+            gen.workers[int(w["slot"])] = Worker(**{**w, "state": WorkerState[w["state"]]})
+        return gen
 
     def start(self, now: float) -> None:
         """Spawn every slot; a spawn error fails the generation at once."""

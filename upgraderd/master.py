@@ -18,17 +18,19 @@ Invariants:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import selectors
 import signal
+import socket
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from upgraderd import config as configmod
 from upgraderd import plan as planmod
-from upgraderd import sockets
+from upgraderd import reexec, sockets
 from upgraderd.config import Config
 from upgraderd.errors import ConfigError, FatalError
 from upgraderd.generation import Generation, GenerationState
@@ -64,11 +66,16 @@ class Master:
 
     def __init__(self, config_path: str, procs: ProcessAPI | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 notify_server: NotifyServer | None = None) -> None:
+                 notify_server: NotifyServer | None = None,
+                 argv: list[str] | None = None, inherited: dict[str, Any] | None = None) -> None:
         self.config_path = config_path
+        self.argv = argv if argv is not None else ["run", "-c", config_path]
+        self.inherited = inherited
         self.procs = procs or PosixProcessAPI()
         self.clock = clock
         self.listeners = sockets.ListenerSet()
+        if notify_server is None and inherited is not None:
+            notify_server = NotifyServer(socket.socket(fileno=int(inherited["notify_fd"])))
         self.notify = notify_server or NotifyServer()
         self.generations: list[Generation] = []
         self.config: Config | None = None
@@ -79,11 +86,13 @@ class Master:
         self._reload_pending_since: float | None = None
         self._watching: tuple[Generation, float] | None = None
         self._stopping: str | None = None
+        self._usr2_pending = False
         self.exit_code = 0
         self._handlers = {
             signal.SIGHUP: self._on_hup, signal.SIGTERM: self._on_term,
             signal.SIGQUIT: self._on_term, signal.SIGINT: self._on_int,
             signal.SIGTTIN: self._on_ttin, signal.SIGTTOU: self._on_ttou,
+            signal.SIGUSR2: self._on_usr2,
         }
 
     # -- queries --
@@ -128,6 +137,9 @@ class Master:
 
     def start(self) -> None:
         """Load the config, bind its listeners and start generation 1."""
+        if self.inherited is not None:
+            self._adopt(self.inherited)
+            return
         cfg = configmod.load(self.config_path)
         try:
             self.listeners.ensure(cfg)
@@ -137,6 +149,55 @@ class Master:
         self.config = cfg
         now = self.clock()
         self._watching = (self._start_generation(cfg, now), now)
+
+    def _adopt(self, state: dict[str, Any]) -> None:
+        """Take over what the master we were exec'd from handed us, then reload."""
+        self.listeners.adopt(state["listeners"])
+        self.stats = Stats(**state["stats"])
+        self._next_number = int(state["next_number"])
+        self.started_at, self.wall_started_at = state["started_at"], state["wall_started_at"]
+        for data in state["generations"]:
+            cfg = reexec.config_from_dict(data["config"])
+            self.generations.append(Generation.adopt(data, cfg, self))
+        active = self.active
+        self.config = active.config if active else None
+        pids = [p for g in self.generations for p in g.pids()]
+        log.info("upgraderd %s: upgraded the master in place (pid %d); adopted %d workers of "
+                 "generations %s; rolling a new generation", _version(), os.getpid(), len(pids),
+                 ", ".join(str(g.number) for g in self.generations) or "none")
+        self._reload_pending_since = self.clock()
+
+    def _on_usr2(self, now: float) -> None:
+        if self._stopping:
+            log.info("received SIGUSR2 while stopping: ignored")
+            return
+        log.info("received SIGUSR2: upgrading the master in place")
+        self._usr2_pending = True
+
+    def _reexec(self, now: float) -> None:
+        """Exec the upgraderd now on disk in this process; on failure, carry on."""
+        self._usr2_pending = False
+        try:
+            configmod.load(self.config_path)
+        except ConfigError as e:
+            self._reload_failed(f"master upgrade refused, the config is invalid:\n{e}", "rejected")
+            return
+        state = {
+            "listeners": self.listeners.export(), "notify_fd": self.notify.fileno(),
+            "next_number": self._next_number, "stats": dataclasses.asdict(self.stats),
+            "started_at": self.started_at, "wall_started_at": self.wall_started_at,
+            "generations": [{**g.export(), "config": reexec.config_to_dict(g.config)}
+                            for g in self.generations],
+        }
+        fds = [int(e["fd"]) for e in self.listeners.export()] + [self.notify.fileno()]
+        notify_systemd(f"RELOADING=1\nMONOTONIC_USEC={int(time.monotonic() * 1e6)}")
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        err = reexec.exec_master(state, fds, self.argv)
+        log.error("master upgrade failed, carrying on as before: cannot exec %s: %s",
+                  " ".join(self.argv), err)
+        self.stats.reloads["failed"] += 1
+        notify_systemd("READY=1\nSTATUS=master upgrade failed")
 
     def _start_generation(self, cfg: Config, now: float) -> Generation:
         gen = Generation(self._next_number, cfg, self, created_at=now)
@@ -307,6 +368,8 @@ class Master:
         self._settle_reload(now)
         self._forget_retired(now)
         self._close_unused()
+        if self._stopping is None and self.starting is None and self._usr2_pending:
+            self._reexec(now)
         if self._stopping is None and self.starting is None and self._reload_pending_since is not None:
             since, self._reload_pending_since = self._reload_pending_since, None
             self.reload(now, since)

@@ -38,6 +38,9 @@ class SignalInbox:
         self._old_wakeup = signal.set_wakeup_fd(self._wsock.fileno(), warn_on_full_buffer=False)
         for sig in self.signals:
             self._old_handlers[sig] = signal.signal(sig, _record)
+        # A master exec'd by SIGUSR2 starts with these blocked (see reexec.py): what
+        # arrived during the exec is delivered now, to the handlers just installed.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signals)
         return self
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None,

@@ -18,9 +18,10 @@ it: a reload that keeps an address never closes or re-binds its sockets.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable
 
 from upgraderd.config import Config, ListenerSpec
 
@@ -152,6 +153,21 @@ class ListenerSet:
         self._backlog.pop(key, None)
         if sock is not None:
             sock.close()
+
+    def export(self) -> list[dict[str, Any]]:
+        """Return every socket as {key, fd, backlog}, for a master re-exec."""
+        return [{"key": list(k), "fd": s.fileno(), "backlog": self._backlog[k]}
+                for k, s in self._socks.items()]
+
+    def adopt(self, entries: list[dict[str, Any]]) -> None:
+        """Take over the sockets an old master exported."""
+        for e in entries:
+            k = e["key"]
+            key: SocketKey = (str(k[0]), int(k[1]), str(k[2]), int(k[3]))
+            sock = socket.socket(fileno=int(e["fd"]))
+            os.set_inheritable(sock.fileno(), False)
+            self._socks[key] = sock
+            self._backlog[key] = int(e["backlog"])
 
     def keys(self) -> set[SocketKey]:
         """Return the keys of every open socket."""

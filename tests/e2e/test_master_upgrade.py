@@ -1,0 +1,69 @@
+"""SIGUSR2: the master execs the upgraderd now on disk in place, and nothing is dropped."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+
+import pytest
+
+from daemon import Daemon, alive, echo_config, free_port, wait_until
+from loadgen import Load
+
+pytestmark = pytest.mark.e2e
+
+
+def test_usr2_reexecs_the_master_in_place_under_load(tmp_path):
+    port = free_port()
+    with Daemon(tmp_path, echo_config(port)).start() as d:
+        gen1 = d.workers()
+        load = Load("127.0.0.1", port, threads=6, max_seconds=90).start("echo")
+        assert load.wait_for_ok(200)
+        d.hup()
+        d.wait_log(r"reload done: generation 2 ACTIVE")
+        gen2 = d.wait_workers(4, none_of=gen1)
+        for upgrade in (1, 2, 3):
+            d.send(signal.SIGUSR2)
+            d.wait_log(r"upgraded the master in place", count=upgrade)
+            d.wait_log(rf"reload done: generation {2 + upgrade} ACTIVE")
+        assert d.proc.poll() is None  # the same process, so the same pid, still runs
+        # The workers the first exec'd master inherited were drained and reaped by it.
+        wait_until(lambda: not any(alive(p) for p in gen2), 15, "generation 2 to exit")
+        d.wait_workers(4, none_of=gen2)
+        assert load.wait_for_ok(load.result.ok + 300)
+        # A HUP still works after the upgrades, and generation numbers carry on.
+        d.hup()
+        d.wait_log(r"reload done: generation 6 ACTIVE")
+        result = load.stop()
+        assert result.failures == {}, (result.failures, result.examples)
+        log = d.log()
+        assert re.findall(r"adopted (\d+) workers of generations (\d+)", log)[0] == ("4", "2")
+        assert "FAILED" not in log and "Traceback" not in log
+    assert d.proc.returncode == 0
+
+
+def test_usr2_with_an_invalid_config_keeps_the_running_master(tmp_path):
+    port = free_port()
+    with Daemon(tmp_path, echo_config(port)).start() as d:
+        workers = d.workers()
+        d.write_config("listeners: [\n")
+        d.send(signal.SIGUSR2)
+        d.wait_log(r"master upgrade refused, the config is invalid")
+        assert re.search(r"upgraderd\.yaml:2:1: YAML syntax error", d.log())
+        assert d.workers() == workers
+        assert "upgraded the master in place" not in d.log()
+
+
+def test_exec_failure_leaves_the_old_master_running():
+    from upgraderd import reexec
+    r, w = os.pipe()
+    try:
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        err = reexec.exec_master({"x": 1}, [r, w], ["run"], executable="/nonexistent/python")
+        assert isinstance(err, FileNotFoundError)
+        assert not os.get_inheritable(r) and not os.get_inheritable(w)
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+    finally:
+        os.close(r)
+        os.close(w)
