@@ -25,13 +25,16 @@ from daemon import Daemon, echo_config, free_port  # noqa: E402
 from loadgen import Load  # noqa: E402
 
 
+INTERVAL = 0.1
+
+
 def phase(port: int, seconds: float, daemon: Daemon | None) -> tuple[float, dict[str, int]]:
     load = Load("127.0.0.1", port, threads=6, max_seconds=seconds + 30).start("echo")
     t0 = time.monotonic()
     while time.monotonic() - t0 < seconds:
         if daemon is not None:
             daemon.hup()
-        time.sleep(0.1)  # the HUP interval being benchmarked
+        time.sleep(INTERVAL)  # the HUP interval being benchmarked
     result = load.stop()
     return result.ok / (time.monotonic() - t0), result.failures
 
@@ -40,6 +43,7 @@ def run_once(mode: str, seconds: float) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
         with Daemon(Path(tmp), echo_config(port, mode=mode)).start() as d:
+            phase(port, 1.0, None)  # warm-up, not measured
             quiet_rate, quiet_fail = phase(port, seconds, None)
             busy_rate, busy_fail = phase(port, seconds, d)
             d.settled()
@@ -58,11 +62,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--interval", type=float, default=0.1, help="seconds between HUPs")
     args = ap.parse_args()
+    global INTERVAL
+    INTERVAL = args.interval
     cols = ["reloads", "failures", "quiet_rps", "reload_rps", "ratio", "hup_p50", "hup_max",
             "start_p50", "start_max"]
     print(f"median of {args.repeats} runs, {args.seconds:g}s per phase, 6 client threads, "
-          "new TCP connection per echo round trip, HUP every 100 ms")
+          f"new TCP connection per echo round trip, HUP every {args.interval * 1000:g} ms")
     print(f"{'mode':<10}" + "".join(f"{c:>11}" for c in cols))
     for mode in ("reuseport", "shared"):
         runs = [run_once(mode, args.seconds) for _ in range(args.repeats)]

@@ -213,6 +213,10 @@ class Server:
             self.sel.unregister(lsock)
             # Take what is queued before closing: if ours is the last reference to a
             # SO_REUSEPORT socket (a retired slot), the kernel resets whatever is left.
+            # O_NONBLOCK belongs to the open file description, which every generation
+            # shares; re-assert it so that another program's setting can never turn
+            # this loop into a blocking accept() on an empty queue.
+            lsock.setblocking(False)
             while not self._accept(lsock, name):
                 pass
             lsock.close()
