@@ -499,6 +499,8 @@ def _missing(fields: Mapping[str, Any], items: Mapping[str, Any]) -> bool:
 
 
 def _join(prefix: str, key: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", key):
+        return f"{prefix}[{_show(key)}]"  # a key path a terminal can show unambiguously
     return f"{prefix}.{key}" if prefix else key
 
 
