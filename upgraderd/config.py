@@ -217,6 +217,8 @@ def listen_address(v: Any) -> str | None:
     """host:port (IPv6 as [::1]:port), or null to disable"""
     if v is None:
         return None
+    if isinstance(v, int) and not isinstance(v, bool):
+        raise Invalid(f"{v} is not host:port; write e.g. 127.0.0.1:{v}")
     s = string(v)
     m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([0-9.]+|localhost):(\d+)", s)
     if not m:
@@ -415,6 +417,9 @@ class _Loader:
             if got is not _BAD:
                 self.fail(node, key, f"expected a mapping, got {_show(got)}")
             return None
+        if node.tag != "tag:yaml.org,2002:map":
+            self.fail(node, key, f"unsupported YAML tag {node.tag!r}; write a plain mapping")
+            return None
         out: dict[str, tuple[yaml.Node, yaml.Node]] = {}
         for knode, vnode in node.value:
             k = self.value(knode, key)
@@ -468,6 +473,9 @@ class _Loader:
     def listeners(self, node: yaml.Node, key: str) -> Any:
         if not isinstance(node, yaml.SequenceNode) or not node.value:
             self.fail(node, key, "expected a non-empty list of listeners")
+            return _BAD
+        if node.tag != "tag:yaml.org,2002:seq":
+            self.fail(node, key, f"unsupported YAML tag {node.tag!r}; write a plain list")
             return _BAD
         out = [self.section(ListenerSpec, n, f"{key}[{i}]") for i, n in enumerate(node.value)]
         if any(x is None for x in out):
