@@ -284,7 +284,7 @@ class WorkerSpec:
     app: str | None = opt(None, one_of(*BUILTIN_APPS), "Built-in app to run: echo or http.")
     command: tuple[str, ...] | None = opt(None, argv, "argv of the worker program (instead of app).")
     env: dict[str, str] = opt({}, env_map, "Extra environment variables for the workers.")
-    cwd: str | None = opt(None, directory, "Working directory of the workers (default: the master's).")
+    cwd: str | None = opt(None, directory, "Working directory of the workers (default: the master's; / in daemon mode).")
     user: str | None = opt(None, user_name, "Run the workers as this user (the master must be root).")
     group: str | None = opt(None, group_name, "Run the workers with this group (default: the user's).")
     threads: int = opt(1, integer(1, 256), "Threads per worker of a built-in app (app only).")
