@@ -7,6 +7,7 @@ its pid: the master, and any worker it leaves behind.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import yaml
 
@@ -56,6 +57,16 @@ def alive(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] != "Z"
 
 
+def _signal_pending(pid: int, sig: int) -> bool:
+    """Return True if `sig` was sent to `pid` but not yet delivered."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            masks = [int(ln.split()[1], 16) for ln in f if ln.startswith(("SigPnd:", "ShdPnd:"))]
+    except OSError:
+        return False
+    return any(m & (1 << (sig - 1)) for m in masks)
+
+
 def wait_until(cond: Callable[[], object], timeout: float, what: str, interval: float = 0.02) -> object:
     """Poll `cond` until it returns something truthy; fail the test after `timeout`."""
     end = time.monotonic() + timeout
@@ -87,6 +98,8 @@ class Daemon:
         self.workdir = workdir
         self.config_path = workdir / "upgraderd.yaml"
         self.log_path = workdir / "upgraderd.log"
+        # Never the default pidfile: tests run in parallel, and /run/upgraderd.pid is the host's.
+        self.pidfile = workdir / "upgraderd.pid"
         self.write_config(config)
         self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
@@ -108,7 +121,8 @@ class Daemon:
         self.log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "upgraderd", "run", "-c", str(self.config_path), *self.args],
+                [sys.executable, "-m", "upgraderd", "run", "-c", str(self.config_path),
+                 *(() if "--pidfile" in self.args else ("--pidfile", str(self.pidfile))), *self.args],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=ROOT,
                 start_new_session=True)
         if wait:
@@ -150,16 +164,31 @@ class Daemon:
         self.seen_workers |= pids
         return pids
 
-    def settled(self) -> int:
-        """Wait until no generation is STARTING; return the newest ACTIVE generation number."""
-        def done() -> int | None:
-            log = self.log()
-            started = [int(n) for n in re.findall(r"generation (\d+) STARTING:", log)]
-            settled = {int(n) for n in re.findall(r"generation (\d+) STARTING -> (?:ACTIVE|FAILED)", log)}
-            if started and all(n in settled for n in started) and "reload queued" not in log[-300:]:
-                active = [int(n) for n in re.findall(r"generation (\d+) STARTING -> ACTIVE", log)]
-                return max(active) if active else None
+    def status(self) -> dict[str, Any] | None:
+        """Return the master's status document (see upgraderd/status.py), if written yet."""
+        try:
+            return json.loads(Path(f"{self.pidfile}.status.json").read_text())  # type: ignore[no-any-return]
+        except (OSError, ValueError):
             return None
+
+    def settled(self) -> int:
+        """Wait until every HUP sent so far is acted on and no generation is STARTING.
+
+        Return the newest ACTIVE generation number. Read from the status file,
+        which the master replaces atomically after a loop pass: the log can be
+        caught between two lines of one pass (a generation ACTIVE, the queued
+        reload not yet logged).
+        """
+        def done() -> int | None:
+            st = self.status()
+            if st is None or st["pid"] != self.pid or _signal_pending(self.pid, signal.SIGHUP):
+                return None
+            if any(g["state"] == "STARTING" for g in st["generations"]):
+                return None
+            if st["last_reload"]["covers"] != st["hups"]:
+                return None  # a HUP came in after the last reload started: another is due
+            active = [g["number"] for g in st["generations"] if g["state"] == "ACTIVE"]
+            return max(active) if active else None
         return wait_until(done, 30, "every generation to settle")  # type: ignore[return-value]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:

@@ -132,6 +132,10 @@ class ListenerSet:
         if sock is not None:
             sock.close()
 
+    def filenos(self) -> list[int]:
+        """Return the fd of every open socket."""
+        return [s.fileno() for s in self._socks.values()]
+
     def keys(self) -> set[SocketKey]:
         """Return the keys of every open socket."""
         return set(self._socks)
