@@ -22,5 +22,8 @@ class Hooks:
     def on_serving(self, master: Master) -> None:
         """Run once, when generation 1 has become ACTIVE."""
 
+    def on_start_failed(self, reason: str) -> None:
+        """Run once, when generation 1 has failed (the master is about to stop)."""
+
     def on_reopen_logs(self) -> None:
         """Run when SIGUSR1 asks for the log file to be reopened."""

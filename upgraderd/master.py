@@ -147,7 +147,7 @@ class Master:
         try:
             self.listeners.ensure(cfg)
         except OSError as e:
-            raise FatalError(str(e)) from None
+            raise FatalError(e.strerror or str(e)) from None
         self._prepared = cfg
         return cfg
 
@@ -339,6 +339,7 @@ class Master:
             self.hooks.on_serving(self)
             return
         log.error("the first generation failed (%s); stopping", gen.reason)
+        self.hooks.on_start_failed(gen.reason)
         self.exit_code = 1
         self._stopping = "failed"
 

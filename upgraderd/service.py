@@ -14,7 +14,6 @@ import os
 
 from upgraderd import status
 from upgraderd.config import LogSpec
-from upgraderd.generation import GenerationState
 from upgraderd.hooks import Hooks
 from upgraderd.logsetup import LogSetup
 from upgraderd.master import Master
@@ -71,9 +70,6 @@ class Service(Hooks):
         """Apply a reloaded `log` section, note a failed start, write the status file if it changed."""
         if master.config is not None:
             self._apply_logs(master.config.log)
-        first = next((g for g in master.generations if g.number == 1), None)
-        if first is not None and first.state is GenerationState.FAILED:
-            self.first_failure = f"the first generation failed: {first.reason}"
         data = status.snapshot(master, master.wall_started_at - master.started_at)
         if data != self._last:
             self._write_status(data)
@@ -86,6 +82,10 @@ class Service(Hooks):
             log.error("cannot write pidfile %s: %s", self.pidfile.path, e.strerror)
         if self.report is not None:
             self.report.ok()
+
+    def on_start_failed(self, reason: str) -> None:
+        """Remember why generation 1 failed, for the start-up report."""
+        self.first_failure = f"the first generation failed: {reason}"
 
     def on_reopen_logs(self) -> None:
         """Reopen the log file (SIGUSR1)."""
