@@ -57,7 +57,14 @@ def is_upgraderd(pid: int) -> bool:
             stat = f.read()
     except OSError:
         return False
-    return b"upgraderd" in cmdline and stat[stat.rindex(b")") + 2:][:1] != b"Z"
+    if stat[stat.rindex(b")") + 2:][:1] == b"Z":
+        return False
+    # `upgraderd ...` (a script: python /path/bin/upgraderd) or `python -m upgraderd ...`;
+    # not merely a command line that mentions the word, such as a checkout's path.
+    args = cmdline.split(b"\0")
+    if any(os.path.basename(a) == b"upgraderd" for a in args[:2]):
+        return True
+    return any(a == b"-m" and b == b"upgraderd" for a, b in zip(args[:3], args[1:4]))
 
 
 def find_master(path: str) -> int:
