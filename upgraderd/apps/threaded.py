@@ -41,8 +41,11 @@ class _Helper(Server):
 
     def __init__(self, listeners: dict[str, socket.socket],
                  factory: Callable[[str], ConnectionProtocol], idle_grace: float) -> None:
-        super().__init__({n: s.dup() for n, s in listeners.items()}, factory, idle_grace,
-                         announce=False)
+        # os.dup, not socket.dup: socket.dup() calls settimeout() on the copy, which
+        # clears O_NONBLOCK on the open file description that every generation's
+        # workers share, and a thread of an older worker would then block in accept().
+        super().__init__({n: socket.socket(fileno=os.dup(s.fileno())) for n, s in listeners.items()},
+                         factory, idle_grace, announce=False)
         self.drain_asked = threading.Event()
         self.stop_asked = threading.Event()
 
