@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -144,3 +145,30 @@ def test_invalid_config_for_reload_sends_nothing(tmp_path):
         assert r.stderr.splitlines()[0] == f"{d.config_path}:3:11: listeners[0].port: -1 is out of range; allowed: 1..65535"
         assert "nothing was sent to the master" in r.stderr
         assert "reload" not in d.log().split("serving: generation 1 ACTIVE")[1]
+
+
+def test_fast_stop_command(tmp_path):
+    port = free_port()
+    d = Daemon(tmp_path, echo_config(port, count=2)).start()
+    try:
+        workers = d.workers()
+        r = upgraderd("stop", "--fast", "--pidfile", str(d.pidfile))
+        assert (r.returncode, r.stdout) == (0, f"stopped (pid {d.pid})\n"), r
+        assert d.proc.wait(5) == 0
+        assert "fast stop: SIGKILL in 1s" in d.log()
+        wait_until(lambda: not any(os.path.exists(f"/proc/{p}/status") and "State:\tZ" not in
+                                   open(f"/proc/{p}/status").read() for p in workers), 10, "the workers to exit")
+        assert not d.pidfile.exists()
+    finally:
+        d.stop()
+
+
+def test_workers_run_in_the_configured_directory(tmp_path):
+    port = free_port()
+    (tmp_path / "wd").mkdir()
+    cfg = echo_config(port, count=2)
+    cfg["workers"] = {"count": 2, "app": "echo", "cwd": "wd", "env": {"GREETING": "hi"}}
+    with Daemon(tmp_path, cfg).start() as d:
+        for pid in d.workers():
+            assert os.readlink(f"/proc/{pid}/cwd") == str(tmp_path / "wd")  # relative to the config file
+            assert b"GREETING=hi" in open(f"/proc/{pid}/environ", "rb").read().split(b"\0")

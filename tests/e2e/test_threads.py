@@ -37,7 +37,9 @@ def test_threaded_workers_reload_under_load_drop_nothing(tmp_path, target):
         result = load.stop()
         assert result.failures == {}, (result.failures, result.examples)
         # Draining threaded workers exit by themselves once their clients are gone.
-        wait_until(lambda: not any(alive(p) for p in first), 15, "generation 1 to exit")
+        wait_until(lambda: all(f"generation {n} DRAINING -> RETIRED" in d.log() for n in range(1, final)),
+                   15, "every old generation to retire")
+        assert not any(alive(p) for p in first)
         now = d.workers()
         assert len(now) == 2 and [threads_of(p) for p in now] == [4, 4]
         assert "SIGKILL" not in d.log() and "FAILED" not in d.log()
