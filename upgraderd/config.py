@@ -31,7 +31,8 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
-from upgraderd.errors import ConfigError
+from upgraderd.errors import ConfigError, SpawnError
+from upgraderd.process import privilege_argv
 
 REQUIRED: Any = object()
 DEFAULT_PATH = "config/upgraderd.yaml"
@@ -593,24 +594,14 @@ def _check_workers(loader: _Loader, root: yaml.Node, cfg: Config) -> None:
 def _check_identity(loader: _Loader, node: yaml.Node, w: WorkerSpec) -> None:
     key = "user" if w.user else "group"
     where = _node_at(node, key) or node
-    uid = _uid(w.user) if w.user else os.geteuid()
-    gid = _gid(w.group) if w.group else (pwd.getpwuid(uid).pw_gid if w.user else os.getegid())
-    if (uid, gid) == (os.geteuid(), os.getegid()):
+    try:
+        switch = privilege_argv(w.user, w.group)
+    except SpawnError as e:
+        loader.fail(where, f"workers.{key}", str(e))
         return
-    if os.geteuid() != 0:
+    if switch and os.geteuid() != 0:
         loader.fail(where, f"workers.{key}", f"{getattr(w, key)!r}: running workers as another "
                     "user or group needs a master started as root")
-    elif shutil.which("setpriv") is None:
-        loader.fail(where, f"workers.{key}", "switching user needs the setpriv program "
-                    "(util-linux), which is not on PATH")
-
-
-def _uid(user: str) -> int:
-    return int(user) if user.isdigit() else pwd.getpwnam(user).pw_uid
-
-
-def _gid(group: str) -> int:
-    return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
 
 
 def _command_problem(prog: str, env_path: str, cwd: str | None) -> str | None:

@@ -121,7 +121,10 @@ def test_daemon_reports_a_failed_start(tmp_path):
     assert "exited at start-up: exit code 3" in r.stderr
     assert not (tmp_path / "upgraderd.pid").exists()
     lock_owner = int((tmp_path / "upgraderd.pid.lock").read_text())
-    wait_until(lambda: not alive(lock_owner), 15, "the failed daemon to exit")
+    try:
+        wait_until(lambda: not alive(lock_owner), 15, "the failed daemon to exit")
+    finally:
+        kill_tree(lock_owner)
 
 
 def test_daemon_reports_a_bind_error_before_detaching(tmp_path):
