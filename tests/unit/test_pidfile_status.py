@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from daemon import wait_until
 from upgraderd import status
 from upgraderd.config import LogSpec
 from upgraderd.logsetup import JsonFormatter, LogSetup
@@ -66,6 +67,9 @@ def test_is_upgraderd_looks_at_the_command_not_the_path(tmp_path):
     procs = [subprocess.Popen([sys.executable, str(fake), "upgraderd"]),
              subprocess.Popen([sys.executable, str(real), "run"])]
     try:
+        for p, script in zip(procs, (fake, real)):  # until exec has replaced pytest's command line
+            wait_until(lambda: str(script).encode() in open(f"/proc/{p.pid}/cmdline", "rb").read(), 10,
+                       f"{script} to start")
         assert [is_upgraderd(p.pid) for p in procs] == [False, True]
     finally:
         for p in procs:
