@@ -7,6 +7,7 @@ its pid: the master, and any worker it leaves behind.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import yaml
 
@@ -56,6 +57,16 @@ def alive(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] != "Z"
 
 
+def _signal_pending(pid: int, sig: int) -> bool:
+    """Return True if `sig` was sent to `pid` but not yet delivered."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            masks = [int(ln.split()[1], 16) for ln in f if ln.startswith(("SigPnd:", "ShdPnd:"))]
+    except OSError:
+        return False
+    return any(m & (1 << (sig - 1)) for m in masks)
+
+
 def wait_until(cond: Callable[[], object], timeout: float, what: str, interval: float = 0.02) -> object:
     """Poll `cond` until it returns something truthy; fail the test after `timeout`."""
     end = time.monotonic() + timeout
@@ -89,6 +100,8 @@ class Daemon:
         self.workdir = workdir
         self.config_path = workdir / "upgraderd.yaml"
         self.log_path = workdir / "upgraderd.log"
+        # Never the default pidfile: tests run in parallel, and /run/upgraderd.pid is the host's.
+        self.pidfile = workdir / "upgraderd.pid"
         self.write_config(config)
         self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
@@ -111,7 +124,8 @@ class Daemon:
         self.log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "upgraderd", "run", "-c", str(self.config_path), *self.args],
+                [sys.executable, "-m", "upgraderd", "run", "-c", str(self.config_path),
+                 *(() if "--pidfile" in self.args else ("--pidfile", str(self.pidfile))), *self.args],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=ROOT,
                 start_new_session=True)
         if wait:
@@ -166,21 +180,30 @@ class Daemon:
         self.send(signal.SIGHUP)
         wait_until(lambda: self.log().count("received SIGHUP") > n, 20, "the master to receive SIGHUP")
 
-    def settled(self) -> int:
-        """Wait until no generation is STARTING and no reload is queued; return the ACTIVE number.
+    def status(self) -> dict[str, Any] | None:
+        """Return the master's status document (see upgraderd/status.py), if written yet."""
+        try:
+            return json.loads(Path(f"{self.pidfile}.status.json").read_text())  # type: ignore[no-any-return]
+        except (OSError, ValueError):
+            return None
 
-        Only valid once every HUP sent has been received (send them with `hup()`).
+    def settled(self) -> int:
+        """Wait until every HUP sent so far is acted on and no generation is STARTING.
+
+        Return the newest ACTIVE generation number. Read from the status file,
+        which the master replaces atomically after a loop pass: the log can be
+        caught between two lines of one pass (a generation ACTIVE, the queued
+        reload not yet logged).
         """
         def done() -> int | None:
-            log = self.log()
-            started = [int(n) for n in re.findall(r"generation (\d+) STARTING:", log)]
-            settled = {int(n) for n in re.findall(r"generation (\d+) STARTING -> (?:ACTIVE|FAILED)", log)}
-            outcomes = re.findall(r"(?:reload done|reload failed|serving: generation 1).*", log)
-            if not started or not all(n in settled for n in started):
+            st = self.status()
+            if st is None or st["pid"] != self.pid or _signal_pending(self.pid, signal.SIGHUP):
                 return None
-            if outcomes and "another reload is queued" in outcomes[-1]:
+            if any(g["state"] == "STARTING" for g in st["generations"]):
                 return None
-            active = [int(n) for n in re.findall(r"generation (\d+) STARTING -> ACTIVE", log)]
+            if st["last_reload"]["covers"] != st["hups"]:
+                return None  # a HUP came in after the last reload started: another is due
+            active = [g["number"] for g in st["generations"] if g["state"] == "ACTIVE"]
             return max(active) if active else None
         return wait_until(done, 30, "every generation to settle")  # type: ignore[return-value]
 

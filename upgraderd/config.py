@@ -17,18 +17,22 @@ import dataclasses
 import difflib
 import grp
 import ipaddress
+import math
 import os
 import pwd
 import re
+import reprlib
 import shutil
 import signal
+import stat
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import yaml
 
-from upgraderd.errors import ConfigError
+from upgraderd.errors import ConfigError, SpawnError
+from upgraderd.process import privilege_argv
 
 REQUIRED: Any = object()
 DEFAULT_PATH = "config/upgraderd.yaml"
@@ -120,8 +124,8 @@ def duration(v: Any) -> float:
         if not m:
             raise Invalid(f"{_show(v)} is not a duration; write e.g. 500ms, 30s or 2m")
         secs = float(m.group(1)) * _UNITS[m.group(2)]
-    if secs < 0:
-        raise Invalid(f"{_show(v)} is negative")
+    if secs < 0 or not math.isfinite(secs):
+        raise Invalid(f"{_show(v)} is not a duration >= 0; write e.g. 500ms, 30s or 2m")
     return secs
 
 
@@ -130,7 +134,8 @@ def signal_name(v: Any) -> str:
     s = string(v).upper()
     s = s[3:] if s.startswith("SIG") else s
     if s not in _SIGNALS:
-        raise Invalid(f"{_show(v)} is not a signal name; allowed: {', '.join(_SIGNALS)}")
+        hint = _did_you_mean(s, _SIGNALS)
+        raise Invalid(f"{_show(v)} is not a signal name{hint}; allowed: {', '.join(_SIGNALS)}")
     return s
 
 
@@ -172,6 +177,23 @@ def directory(v: Any) -> str:
     return s
 
 
+def file_path(v: Any) -> str:
+    """path of a file in an existing directory"""
+    s = string(v)
+    parent = os.path.dirname(s) or "."
+    if not os.path.isdir(parent):
+        raise Invalid(f"{_show(v)}: directory {parent!r} does not exist")
+    if os.path.isdir(s):
+        raise Invalid(f"{_show(v)} is a directory; name a file")
+    return s
+
+
+# Validators whose value is a path: a relative one is taken relative to the
+# config file's directory, so the meaning of a config does not depend on the
+# master's working directory (which is / in daemon mode).
+PATH_CHECKS: tuple[Check, ...] = (directory, file_path)
+
+
 def user_name(v: Any) -> str:
     """name (or uid) of an existing user"""
     s = str(v) if isinstance(v, int) and not isinstance(v, bool) else string(v)
@@ -196,6 +218,8 @@ def listen_address(v: Any) -> str | None:
     """host:port (IPv6 as [::1]:port), or null to disable"""
     if v is None:
         return None
+    if isinstance(v, int) and not isinstance(v, bool):
+        raise Invalid(f"{v} is not host:port; write e.g. 127.0.0.1:{v}")
     s = string(v)
     m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([0-9.]+|localhost):(\d+)", s)
     if not m:
@@ -217,14 +241,21 @@ def default_pidfile() -> str:
     return os.path.join(runtime, "upgraderd.pid") if runtime else f"/tmp/upgraderd-{os.geteuid()}.pid"
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+
+
 def _show(v: Any) -> str:
-    text = repr(v)
+    # reprlib bounds the work too: a YAML alias bomb builds a structure whose
+    # full repr would be exponentially long.
+    text = _REPR.repr(v)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _did_you_mean(word: str, choices: Any) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    lowered = {str(c).lower(): str(c) for c in choices}
+    close = difflib.get_close_matches(word.lower(), list(lowered), n=1, cutoff=0.6)
+    return f" (did you mean {lowered[close[0]]!r}?)" if close else ""
 
 
 # -- the schema --
@@ -254,7 +285,7 @@ class WorkerSpec:
     app: str | None = opt(None, one_of(*BUILTIN_APPS), "Built-in app to run: echo or http.")
     command: tuple[str, ...] | None = opt(None, argv, "argv of the worker program (instead of app).")
     env: dict[str, str] = opt({}, env_map, "Extra environment variables for the workers.")
-    cwd: str | None = opt(None, directory, "Working directory of the workers (default: the master's).")
+    cwd: str | None = opt(None, directory, "Working directory of the workers (default: the master's; / in daemon mode).")
     user: str | None = opt(None, user_name, "Run the workers as this user (the master must be root).")
     group: str | None = opt(None, group_name, "Run the workers with this group (default: the user's).")
     threads: int = opt(1, integer(1, 256), "Threads per worker of a built-in app (app only).")
@@ -302,7 +333,7 @@ class LogSpec:
 
     format: str = opt("text", one_of("text", "json"), "One line per event: text or json.")
     level: str = opt("info", one_of("debug", "info", "warning", "error"), "Lowest level logged.")
-    file: str | None = opt(None, string, "Log file (reopened on SIGUSR1); default: stderr.")
+    file: str | None = opt(None, file_path, "Log file (reopened on SIGUSR1); default: stderr.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -325,7 +356,7 @@ class Config:
     metrics: MetricsSpec = opt(MetricsSpec(), lambda v: v, "Prometheus endpoint.")
     log: LogSpec = opt(LogSpec(), lambda v: v, "Logging.")
     kernel: KernelSpec = opt(KernelSpec(), lambda v: v, "Kernel settings.")
-    pidfile: str | None = opt(None, string, "Pidfile, written once the master serves "
+    pidfile: str | None = opt(None, file_path, "Pidfile, written once the master serves "
                               "(default: /run/upgraderd.pid as root, else a per-user runtime path).")
     path: str = field(default="<string>", compare=False, metadata={"internal": True})
 
@@ -360,7 +391,8 @@ class _Loader:
     def __init__(self, path: str) -> None:
         self.path = path
         self.problems: list[str] = []
-        self.constructor = yaml.SafeLoader("")
+        real = os.path.exists(path) and not path.startswith("<")
+        self.base = os.path.dirname(os.path.abspath(path)) if real else os.getcwd()
 
     def fail(self, node: yaml.Node | None, key: str, msg: str) -> None:
         where = self.path
@@ -368,16 +400,32 @@ class _Loader:
             where += f":{node.start_mark.line + 1}:{node.start_mark.column + 1}"
         self.problems.append(f"{where}: {key}: {msg}" if key else f"{where}: {msg}")
 
-    def value(self, node: yaml.Node) -> Any:
-        return self.constructor.construct_object(node, deep=True)
+    def value(self, node: yaml.Node, key: str) -> Any:
+        """Construct the Python value of `node`; on failure record a problem, return _BAD."""
+        # A fresh constructor each time: one that raised midway keeps stale state.
+        try:
+            return yaml.constructor.SafeConstructor().construct_object(node, deep=True)
+        except (yaml.YAMLError, ValueError, TypeError, KeyError, OverflowError) as e:
+            what = e.problem if isinstance(e, yaml.MarkedYAMLError) and e.problem else str(e)
+            self.fail(node, key, f"cannot read this value: {what}")
+        except RecursionError:
+            self.fail(node, key, "cannot read this value: nested too deeply")
+        return _BAD
 
     def mapping(self, node: yaml.Node, key: str) -> dict[str, tuple[yaml.Node, yaml.Node]] | None:
         if not isinstance(node, yaml.MappingNode):
-            self.fail(node, key, f"expected a mapping, got {_show(self.value(node))}")
+            got = self.value(node, key)
+            if got is not _BAD:
+                self.fail(node, key, f"expected a mapping, got {_show(got)}")
+            return None
+        if node.tag != "tag:yaml.org,2002:map":
+            self.fail(node, key, f"unsupported YAML tag {node.tag!r}; write a plain mapping")
             return None
         out: dict[str, tuple[yaml.Node, yaml.Node]] = {}
         for knode, vnode in node.value:
-            k = self.value(knode)
+            k = self.value(knode, key)
+            if k is _BAD:
+                continue
             if not isinstance(k, str):
                 self.fail(knode, key, f"keys must be strings, got {_show(k)}")
             elif k in out:
@@ -412,7 +460,11 @@ class _Loader:
             sub = self.section(SECTIONS[k], vnode, key)
             return _BAD if sub is None else sub
         check = next(f for f in dataclasses.fields(cls) if f.name == k).metadata["check"]
-        raw = self.value(vnode)
+        raw = self.value(vnode, key)
+        if raw is _BAD:
+            return _BAD
+        if check in PATH_CHECKS and isinstance(raw, str) and raw:
+            raw = os.path.join(self.base, raw)
         try:
             return check(raw)
         except Invalid as e:
@@ -422,6 +474,9 @@ class _Loader:
     def listeners(self, node: yaml.Node, key: str) -> Any:
         if not isinstance(node, yaml.SequenceNode) or not node.value:
             self.fail(node, key, "expected a non-empty list of listeners")
+            return _BAD
+        if node.tag != "tag:yaml.org,2002:seq":
+            self.fail(node, key, f"unsupported YAML tag {node.tag!r}; write a plain list")
             return _BAD
         out = [self.section(ListenerSpec, n, f"{key}[{i}]") for i, n in enumerate(node.value)]
         if any(x is None for x in out):
@@ -453,20 +508,15 @@ def _missing(fields: Mapping[str, Any], items: Mapping[str, Any]) -> bool:
 
 
 def _join(prefix: str, key: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", key):
+        return f"{prefix}[{_show(key)}]"  # a key path a terminal can show unambiguously
     return f"{prefix}.{key}" if prefix else key
 
 
 def parse(text: str, path: str = "<string>") -> Config:
     """Parse and validate config text; raise ConfigError listing every problem."""
     loader = _Loader(path)
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
-        raise ConfigError([f"{where}: YAML syntax error: {e.problem or e.context}"]) from None
-    except yaml.YAMLError as e:
-        raise ConfigError([f"{path}: YAML error: {e}"]) from None
+    root = _compose(text, path)
     if root is None:
         raise ConfigError([f"{path}: the file is empty; it needs at least `listeners:`"])
     cfg: Config | None = loader.section(Config, root, "")
@@ -478,40 +528,121 @@ def parse(text: str, path: str = "<string>") -> Config:
     return dataclasses.replace(cfg, path=path)
 
 
+def _compose(text: str, path: str) -> yaml.Node | None:
+    """Return the YAML node tree of `text`; raise a located ConfigError if it is not YAML."""
+    try:
+        return yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+        msg = e.problem or e.context or "invalid YAML"
+        if e.context and e.problem and e.context_mark:
+            msg += f" ({e.context} at {e.context_mark.line + 1}:{e.context_mark.column + 1})"
+        raise ConfigError([f"{where}: YAML syntax error: {msg}"]) from None
+    except yaml.reader.ReaderError as e:
+        line, col = _line_col(text, e.position)
+        raise ConfigError([f"{path}:{line}:{col}: YAML syntax error: character "
+                           f"{_show(chr(e.character) if isinstance(e.character, int) else e.character)} "
+                           f"is not allowed: {e.reason}"]) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{path}: YAML syntax error: {e}"]) from None
+    except RecursionError:
+        raise ConfigError([f"{path}: YAML syntax error: nested too deeply"]) from None
+
+
+def _line_col(text: str | bytes, offset: int) -> tuple[int, int]:
+    nl = "\n" if isinstance(text, str) else b"\n"
+    line = text.count(nl, 0, offset) + 1  # type: ignore[arg-type]
+    return line, offset - (text.rfind(nl, 0, offset) + 1) + 1  # type: ignore[arg-type]
+
+
+def _node_at(node: yaml.Node, *path: str | int) -> yaml.Node | None:
+    """Return the node at `path` (mapping keys and list indexes) below `node`, if any."""
+    cur: yaml.Node | None = node
+    for step in path:
+        if isinstance(step, str) and isinstance(cur, yaml.MappingNode):
+            cur = next((v for k, v in cur.value if isinstance(k, yaml.ScalarNode) and k.value == step), None)
+        elif isinstance(step, int) and isinstance(cur, yaml.SequenceNode) and step < len(cur.value):
+            cur = cur.value[step]
+        else:
+            return None
+    return cur
+
+
 def _check_workers(loader: _Loader, root: yaml.Node, cfg: Config) -> None:
-    items = loader.mapping(root, "") or {}
-    node = items.get("workers", (root, root))[1]
+    node = _node_at(root, "workers") or root
     w = cfg.workers
     if (w.app is None) == (w.command is None):
         loader.fail(node, "workers", "set exactly one of `app` (echo, http) or `command`")
         return
     if w.threads > 1 and w.app is None:
-        loader.fail(node, "workers.threads", "only the built-in apps take `threads`; "
-                    "a command manages its own threads")
-    if (w.user or w.group) and os.geteuid() != 0:
-        loader.fail(node, "workers.user" if w.user else "workers.group",
-                    "running workers as another user needs a master started as root")
+        loader.fail(_node_at(node, "threads") or node, "workers.threads",
+                    "only the built-in apps take `threads`; a command manages its own threads")
+    if w.user or w.group:
+        _check_identity(loader, node, w)
     if cfg.ready.mode == "http" and not cfg.ready.url:
-        rnode = items.get("ready", (root, root))[1]
+        rnode = _node_at(root, "ready") or root
         loader.fail(rnode, "ready.url", "ready.mode http needs a `url`")
     if w.command is not None:
-        prog = w.command[0]
-        env_path = w.env.get("PATH", os.environ.get("PATH", os.defpath))
-        found = shutil.which(prog, path=env_path) if "/" not in prog else (
-            prog if os.access(prog, os.X_OK) and os.path.isfile(prog) else None)
-        if found is None:
-            loader.fail(node, "workers.command[0]", f"{prog!r} is not an executable file or not on PATH")
+        problem = _command_problem(w.command[0], w.env.get("PATH", os.environ.get("PATH", os.defpath)),
+                                   w.cwd)
+        if problem:
+            where = _node_at(node, "command", 0) or _node_at(node, "command") or node
+            loader.fail(where, "workers.command[0]", problem)
+
+
+def _check_identity(loader: _Loader, node: yaml.Node, w: WorkerSpec) -> None:
+    key = "user" if w.user else "group"
+    where = _node_at(node, key) or node
+    try:
+        switch = privilege_argv(w.user, w.group)
+    except SpawnError as e:
+        loader.fail(where, f"workers.{key}", str(e))
+        return
+    if switch and os.geteuid() != 0:
+        loader.fail(where, f"workers.{key}", f"{getattr(w, key)!r}: running workers as another "
+                    "user or group needs a master started as root")
+
+
+def _command_problem(prog: str, env_path: str, cwd: str | None) -> str | None:
+    """Say why `prog` cannot be executed, or return None if it can."""
+    if "/" in prog:
+        full = os.path.join(cwd or os.getcwd(), prog)
+        if not os.path.exists(full):
+            return f"{prog!r}: no such file"
+        if os.path.isdir(full):
+            return f"{prog!r} is a directory, not a program"
+        if not os.access(full, os.X_OK):
+            return f"{prog!r} is not executable (no x permission)"
+        return None
+    if shutil.which(prog, path=env_path):
+        return None
+    dirs = [d for d in env_path.split(os.pathsep) if d]
+    present = [os.path.join(d, prog) for d in dirs if os.path.isfile(os.path.join(d, prog))]
+    if present:
+        return f"{prog!r} is on PATH at {present[0]} but is not executable"
+    return f"{prog!r} is not on PATH ({env_path})"
 
 
 def load(path: str) -> Config:
     """Read and validate the config file at `path`."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            raise ConfigError([f"{path}: is a directory, not a config file"])
+        if not stat.S_ISREG(st.st_mode):
+            # Opening a FIFO would block `check` forever.
+            raise ConfigError([f"{path}: is not a regular file"])
+        with open(path, "rb") as f:
+            raw = f.read()
     except FileNotFoundError:
         raise ConfigError([f"{path}: no such file"]) from None
-    except IsADirectoryError:
-        raise ConfigError([f"{path}: is a directory, not a config file"]) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError([f"{path}: cannot read: {e}"]) from None
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line, col = _line_col(raw, e.start)
+        raise ConfigError([f"{path}:{line}:{col}: cannot read: not UTF-8 text "
+                           f"(byte {raw[e.start]:#04x})"]) from None
     return parse(text, path)

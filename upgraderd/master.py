@@ -34,8 +34,9 @@ from upgraderd import reexec, sockets
 from upgraderd.config import Config
 from upgraderd.errors import ConfigError, FatalError
 from upgraderd.generation import Generation, GenerationState
+from upgraderd.hooks import Hooks
 from upgraderd.notify import NotifyServer, notify, parse_fields
-from upgraderd.process import Exit, ProcessAPI, PosixProcessAPI
+from upgraderd.process import Exit, ProcessAPI, PosixProcessAPI, user_env
 from upgraderd.signals import SignalInbox
 
 log = logging.getLogger("upgraderd")
@@ -59,6 +60,11 @@ class Stats:
     last_reload_error: str = ""
     reload_durations: list[float] = field(default_factory=list)
     drain_durations: list[float] = field(default_factory=list)
+    # For `upgraderd reload`: HUPs seen, and how many of them the last settled reload covered.
+    hups: int = 0
+    last_reload_covers: int = 0
+    last_reload_result: str = ""
+    last_reload_generation: int = 0
 
 
 class Master:
@@ -66,9 +72,10 @@ class Master:
 
     def __init__(self, config_path: str, procs: ProcessAPI | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 notify_server: NotifyServer | None = None,
+                 notify_server: NotifyServer | None = None, hooks: Hooks | None = None,
                  argv: list[str] | None = None, inherited: dict[str, Any] | None = None) -> None:
         self.config_path = config_path
+        self.hooks = hooks or Hooks()
         self.argv = argv if argv is not None else ["run", "-c", config_path]
         self.inherited = inherited
         self.procs = procs or PosixProcessAPI()
@@ -87,12 +94,14 @@ class Master:
         self._watching: tuple[Generation, float] | None = None
         self._stopping: str | None = None
         self._usr2_pending = False
+        self._prepared: Config | None = None
+        self._covers = 0
         self.exit_code = 0
         self._handlers = {
             signal.SIGHUP: self._on_hup, signal.SIGTERM: self._on_term,
             signal.SIGQUIT: self._on_term, signal.SIGINT: self._on_int,
             signal.SIGTTIN: self._on_ttin, signal.SIGTTOU: self._on_ttou,
-            signal.SIGUSR2: self._on_usr2,
+            signal.SIGUSR1: self._on_usr1, signal.SIGUSR2: self._on_usr2,
         }
 
     # -- queries --
@@ -117,17 +126,20 @@ class Master:
     def spawn_worker(self, gen: Generation, slot: int) -> int:
         """Start worker `slot` of `gen` with its sockets; return the pid."""
         fds = self.listeners.child_fds(gen.config, slot)
+        w = gen.config.workers
         env = {k: v for k, v in os.environ.items() if k not in PRIVATE_ENV}
-        env.update(gen.config.workers.env)
+        env.update(user_env(w.user))
+        env.update(w.env)
         env.update({
             "LISTEN_FDS": str(len(fds.fds)), "LISTEN_FDNAMES": ":".join(fds.names),
             "NOTIFY_SOCKET": self.notify.address,
             "UPGRADERD_GENERATION": str(gen.number), "UPGRADERD_SLOT": str(slot),
             "UPGRADERD_DRAIN_SIGNAL": gen.config.drain.signal,
+            "UPGRADERD_THREADS": str(w.threads),
         })
         if gen.state is GenerationState.ACTIVE:
             self.stats.worker_restarts += 1
-        return self.procs.spawn(gen.config.worker_argv, env, fds.fds)
+        return self.procs.spawn(gen.config.worker_argv, env, fds.fds, cwd=w.cwd, user=w.user, group=w.group)
 
     def signal_worker(self, pid: int, sig: int) -> None:
         """Send `sig` to worker `pid`."""
@@ -135,24 +147,42 @@ class Master:
 
     # -- start, reload, stop --
 
-    def start(self) -> None:
-        """Load the config, bind its listeners and start generation 1."""
-        if self.inherited is not None:
-            self._adopt(self.inherited)
-            return
+    def prepare(self) -> Config:
+        """Load the config and bind its listeners; raise ConfigError or FatalError.
+
+        The CLI calls this before daemonizing, so that a bind error still reaches
+        the operator's terminal, and the bound fds can be preserved. A master
+        exec'd by SIGUSR2 adopts the old master's sockets instead of binding.
+        """
         cfg = configmod.load(self.config_path)
+        if self.inherited is not None:
+            self.listeners.adopt(self.inherited["listeners"])
+            self._prepared = cfg
+            return cfg
         try:
             self.listeners.ensure(cfg)
         except OSError as e:
-            raise FatalError(str(e)) from None
+            raise FatalError(e.strerror or str(e)) from None
+        self._prepared = cfg
+        return cfg
+
+    def fds(self) -> list[int]:
+        """Return every fd the master needs to keep: its listeners and notify socket."""
+        return [*self.listeners.filenos(), self.notify.fileno()]
+
+    def start(self) -> None:
+        """Load the config (unless prepared), bind its listeners and start generation 1."""
+        cfg = self._prepared or self.prepare()
+        if self.inherited is not None:
+            self._adopt(self.inherited)
+            return
         log.info("upgraderd %s starting: %s", _version(), planmod.diff(None, cfg).describe())
         self.config = cfg
         now = self.clock()
         self._watching = (self._start_generation(cfg, now), now)
 
     def _adopt(self, state: dict[str, Any]) -> None:
-        """Take over what the master we were exec'd from handed us, then reload."""
-        self.listeners.adopt(state["listeners"])
+        """Take over the workers the master we were exec'd from handed us, then reload."""
         self.stats = Stats(**state["stats"])
         self._next_number = int(state["next_number"])
         self.started_at, self.wall_started_at = state["started_at"], state["wall_started_at"]
@@ -209,6 +239,7 @@ class Master:
         return gen
 
     def _on_hup(self, now: float) -> None:
+        self.stats.hups += 1
         if self._stopping:
             log.info("received SIGHUP while stopping: ignored")
             return
@@ -226,6 +257,7 @@ class Master:
     def reload(self, now: float, since: float) -> None:
         """Re-read the config and start a new generation; on any error keep serving."""
         notify_systemd(f"RELOADING=1\nMONOTONIC_USEC={int(time.monotonic() * 1e6)}")
+        self._covers = self.stats.hups
         try:
             cfg = configmod.load(self.config_path)
             self.listeners.ensure(cfg)
@@ -239,7 +271,8 @@ class Master:
                 log.warning("the reload retires worker slots: %s", risk)
         self._watching = (self._start_generation(cfg, now), since)
 
-    def _reload_failed(self, why: str, result: str) -> None:
+    def _reload_failed(self, why: str, result: str, generation: int = 0) -> None:
+        self._reload_settled(result, generation)
         self.stats.reloads[result] += 1
         self.stats.last_reload_ok = False
         self.stats.last_reload_error = why
@@ -277,6 +310,15 @@ class Master:
         if (risk := sockets.retire_risk(gen.config)) is not None:
             self.stats.slot_retire_risks += 1
             log.warning("retiring slot %d: %s", slot, risk)
+
+    def _reload_settled(self, result: str, generation: int) -> None:
+        self.stats.last_reload_result = result
+        self.stats.last_reload_generation = generation
+        self.stats.last_reload_covers = self._covers
+
+    def _on_usr1(self, now: float) -> None:
+        self.hooks.on_reopen_logs()
+        log.info("reopened the log file (SIGUSR1)")
 
     def _on_term(self, now: float) -> None:
         if self._stopping:
@@ -325,6 +367,7 @@ class Master:
         for g in list(self.generations):
             g.tick(now)
         self._settle(now)
+        self.hooks.on_step(self)
 
     def _timeout(self, now: float) -> float:
         deadlines = [d for g in self.generations if (d := g.next_deadline()) is not None]
@@ -389,6 +432,7 @@ class Master:
             self._settle_first(gen, now)
         elif gen.state is GenerationState.ACTIVE:
             self.config = gen.config
+            self._reload_settled("success", gen.number)
             self.stats.reloads["success"] += 1
             self.stats.last_reload_ok = True
             self.stats.last_reload_success_at = time.time()
@@ -397,14 +441,16 @@ class Master:
                      self._queued())
             notify_systemd(f"READY=1\nSTATUS=generation {gen.number} active")
         else:
-            self._reload_failed(f"generation {gen.number}: {gen.reason}", "failed")
+            self._reload_failed(f"generation {gen.number}: {gen.reason}", "failed", gen.number)
 
     def _settle_first(self, gen: Generation, now: float) -> None:
         if gen.state is GenerationState.ACTIVE:
             log.info("serving: generation 1 ACTIVE %.3fs after start", now - gen.created_at)
             notify_systemd("READY=1\nSTATUS=generation 1 active")
+            self.hooks.on_serving(self)
             return
         log.error("the first generation failed (%s); stopping", gen.reason)
+        self.hooks.on_start_failed(gen.reason)
         self.exit_code = 1
         self._stopping = "failed"
 

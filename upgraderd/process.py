@@ -10,12 +10,21 @@ from disk). systemd's protocol wants `LISTEN_PID` to equal the worker's own
 pid, which is unknown before the spawn, so argv goes through a one-line shell
 shim that exports `$$` and execs the real program; the pid does not change
 across exec.
+
+Privilege drop: posix_spawn cannot change the user, so a worker that runs as
+`workers.user`/`group` is started through util-linux's `setpriv`, which sets
+the real and effective ids and the supplementary groups, then execs the
+shim (same pid again). The master itself stays root, so it can still bind
+low ports on a reload.
 """
 
 from __future__ import annotations
 
 import errno
+import grp
 import os
+import pwd
+import shutil
 import signal
 from dataclasses import dataclass
 from typing import Mapping, Protocol, Sequence
@@ -55,8 +64,8 @@ class ProcessAPI(Protocol):
     """What the master needs from the OS to run workers."""
 
     def spawn(self, argv: Sequence[str], env: Mapping[str, str], fds: Sequence[int],
-              cwd: str | None = None) -> int:
-        """Start argv with `fds` at 3, 4, ...; return the pid or raise SpawnError."""
+              cwd: str | None = None, user: str | None = None, group: str | None = None) -> int:
+        """Start argv with `fds` at 3, 4, ... as `user`/`group`; return the pid or raise SpawnError."""
 
     def kill(self, pid: int, sig: int) -> None:
         """Send `sig` to `pid`; a process that is already gone is not an error."""
@@ -69,12 +78,13 @@ class PosixProcessAPI:
     """The real implementation, on posix_spawn and waitpid."""
 
     def spawn(self, argv: Sequence[str], env: Mapping[str, str], fds: Sequence[int],
-              cwd: str | None = None) -> int:
-        """Start argv with `fds` at 3, 4, ...; return the pid or raise SpawnError."""
+              cwd: str | None = None, user: str | None = None, group: str | None = None) -> int:
+        """Start argv with `fds` at 3, 4, ... as `user`/`group`; return the pid or raise SpawnError."""
         actions = _fd_actions(fds)
         args = [*SHIM, *argv]
         if cwd is not None:
-            args = ["/bin/sh", "-c", 'cd "$0" || exit 127; shift; exec "$@"', cwd, *args]
+            args = ["/bin/sh", "-c", 'cd "$0" || exit 127; exec "$@"', cwd, *args]
+        args = [*privilege_argv(user, group), *args]
         try:
             return os.posix_spawn(args[0], args, dict(env), file_actions=actions)
         except OSError as e:
@@ -105,6 +115,44 @@ class PosixProcessAPI:
                 out.append(Exit(pid, signal=os.WTERMSIG(status)))
             elif os.WIFEXITED(status):
                 out.append(Exit(pid, code=os.WEXITSTATUS(status)))
+
+
+def privilege_argv(user: str | None, group: str | None) -> list[str]:
+    """Return the setpriv prefix that runs a program as `user`/`group` ([] if nothing changes)."""
+    if user is None and group is None:
+        return []
+    try:
+        uid = _uid(user) if user is not None else os.geteuid()
+        gid = _gid(group) if group is not None else (
+            pwd.getpwuid(uid).pw_gid if user is not None else os.getegid())
+    except KeyError as e:
+        raise SpawnError(f"no such user or group: {e}") from None
+    if (uid, gid) == (os.geteuid(), os.getegid()):
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        raise SpawnError("running workers as another user needs setpriv (util-linux)")
+    groups = "--init-groups" if user is not None else "--clear-groups"
+    return [setpriv, f"--reuid={uid}", f"--regid={gid}", groups, "--"]
+
+
+def user_env(user: str | None) -> dict[str, str]:
+    """Return HOME, USER and LOGNAME for a worker run as `user` ({} for the master's own)."""
+    if user is None:
+        return {}
+    try:
+        pw = pwd.getpwuid(_uid(user))
+    except KeyError:
+        return {}
+    return {"HOME": pw.pw_dir, "USER": pw.pw_name, "LOGNAME": pw.pw_name}
+
+
+def _uid(user: str) -> int:
+    return int(user) if user.isdigit() else pwd.getpwnam(user).pw_uid
+
+
+def _gid(group: str) -> int:
+    return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
 
 
 def _fd_actions(fds: Sequence[int]) -> list[tuple[int, ...]]:

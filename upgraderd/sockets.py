@@ -168,6 +168,9 @@ class ListenerSet:
             os.set_inheritable(sock.fileno(), False)
             self._socks[key] = sock
             self._backlog[key] = int(e["backlog"])
+    def filenos(self) -> list[int]:
+        """Return the fd of every open socket."""
+        return [s.fileno() for s in self._socks.values()]
 
     def keys(self) -> set[SocketKey]:
         """Return the keys of every open socket."""

@@ -91,7 +91,7 @@ class FakeProcessAPI:
     # -- ProcessAPI --
 
     def spawn(self, argv: Sequence[str], env: Mapping[str, str], fds: Sequence[int],
-              cwd: str | None = None) -> int:
+              cwd: str | None = None, user: str | None = None, group: str | None = None) -> int:
         for f in self._failures:
             if f.times > 0 and f.generation in (None, _int(env.get("UPGRADERD_GENERATION"))) \
                     and f.slot in (None, _int(env.get("UPGRADERD_SLOT"))):

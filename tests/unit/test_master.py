@@ -388,7 +388,7 @@ def test_unparseable_config_on_hup_is_rejected(rig: Rig) -> None:
     assert rig.states() == [(1, G.ACTIVE)]
     assert m.stats.reloads["rejected"] == 1
     assert m.stats.last_reload_error == f"{rig.path}:2:1: YAML syntax error: expected the node content, " \
-                                        "but found '<stream end>'"
+                                        "but found '<stream end>' (while parsing a flow node at 2:1)"
 
 
 # -- ACTIVE: crashes --

@@ -240,4 +240,8 @@ def main(factory: Callable[[str], ConnectionProtocol], idle_grace: float = 1.0,
         print("error: no listening sockets (LISTEN_FDS/LISTEN_PID not set for this process); "
               "run me under upgraderd", file=sys.stderr)
         return 2
+    threads = int(os.environ.get("UPGRADERD_THREADS", "1") or "1")
+    if threads > 1:
+        from upgraderd.apps import threaded
+        return threaded.serve(socks, factory, threads, idle_grace, announce)
     return Server(socks, factory, idle_grace, announce).serve()

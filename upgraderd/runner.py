@@ -1,0 +1,67 @@
+"""`upgraderd run`: take the pidfile lock, bind, then serve in the foreground or detached.
+
+The order makes every start-up failure reach the operator's terminal with a
+non-zero exit, also with --daemon: the lock ("already running (pid N)"), the
+config, and every bind happen before anything detaches.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from upgraderd import reexec
+from upgraderd.config import Config
+from upgraderd.errors import FatalError
+from upgraderd.logsetup import LogSetup
+from upgraderd.master import Master
+from upgraderd.pidfile import PidFile
+from upgraderd.service import Service
+
+log = logging.getLogger("upgraderd")
+
+
+def run(config_path: str, cfg: Config, pidfile_path: str, daemon: bool = False,
+        log_level: str | None = None) -> int:
+    """Serve `config_path` until stopped; return the exit code.
+
+    Raises AlreadyRunning, ConfigError or FatalError when the master cannot start.
+    """
+    pidfile = PidFile(pidfile_path)
+    try:
+        stale = pidfile.acquire()
+    except OSError as e:
+        raise FatalError(f"cannot lock {pidfile.lock_path}: {e.strerror}") from None
+    logs = LogSetup(daemon=daemon, level=log_level)
+    inherited = reexec.inherited()
+    if inherited is not None:
+        stale = None  # the pidfile names this very process: it was exec'd in place by SIGUSR2
+    # What a SIGUSR2 re-exec runs: the same command, in the foreground (an exec'd
+    # daemon is already detached and keeps its log file as stdout and stderr).
+    argv = ["run", "-c", config_path, "--pidfile", pidfile_path]
+    argv += ["--log-level", log_level] if log_level else []
+    try:
+        master = Master(config_path, argv=argv, inherited=inherited)
+        cfg = master.prepare()
+        if not daemon:
+            _open_log(logs, cfg)
+    except BaseException:
+        pidfile.remove()
+        raise
+    if daemon:
+        from upgraderd.daemonize import run_detached
+        return run_detached(master, cfg, pidfile, logs, stale)
+    if stale:
+        log.warning("%s", stale)
+    service = Service(pidfile, logs)
+    master.hooks = service
+    try:
+        return master.run()
+    finally:
+        service.close()
+
+
+def _open_log(logs: LogSetup, cfg: Config) -> None:
+    try:
+        logs.apply(cfg.log)
+    except OSError as e:
+        raise FatalError(f"cannot open log file {cfg.log.file}: {e.strerror}") from None

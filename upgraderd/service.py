@@ -1,0 +1,122 @@
+"""A master run as a service: pidfile, status file, log settings, start-up report.
+
+`Service` implements the master's hooks. Everything here runs inside the
+master's loop, so nothing may raise into it: a pidfile or status file that
+cannot be written, or a log file that cannot be opened, is logged and the
+master carries on serving.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from upgraderd import status
+from upgraderd.config import LogSpec
+from upgraderd.hooks import Hooks
+from upgraderd.logsetup import LogSetup
+from upgraderd.master import Master
+from upgraderd.pidfile import PidFile
+
+log = logging.getLogger("upgraderd")
+
+
+class StartupReport:
+    """One JSON line from a detached master to the command that started it."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd: int | None = fd
+
+    @property
+    def done(self) -> bool:
+        """Return True once the report has been sent."""
+        return self.fd is None
+
+    def ok(self) -> None:
+        """Report that the master serves."""
+        self._send({"ok": True, "pid": os.getpid()})
+
+    def fail(self, code: int, error: str) -> None:
+        """Report that the master will not serve, and why."""
+        self._send({"ok": False, "code": code, "error": error})
+
+    def _send(self, doc: dict[str, object]) -> None:
+        if self.fd is None:
+            return
+        fd, self.fd = self.fd, None
+        try:
+            os.write(fd, json.dumps(doc).encode() + b"\n")
+        except OSError:
+            pass  # the starting command is gone; the log has the story
+        finally:
+            os.close(fd)
+
+
+class Service(Hooks):
+    """The master's hooks for `upgraderd run`."""
+
+    def __init__(self, pidfile: PidFile, logs: LogSetup, report: StartupReport | None = None) -> None:
+        self.pidfile = pidfile
+        self.status_path = status.path_for(pidfile.path)
+        self.logs = logs
+        self.report = report
+        self.first_failure = ""
+        self._last: dict[str, object] | None = None
+        self._status_ok = True
+        self._log_spec: LogSpec | None = None
+
+    def on_step(self, master: Master) -> None:
+        """Apply a reloaded `log` section, note a failed start, write the status file if it changed."""
+        if master.config is not None:
+            self._apply_logs(master.config.log)
+        data = status.snapshot(master, master.wall_started_at - master.started_at)
+        if data != self._last:
+            self._write_status(data)
+
+    def on_serving(self, master: Master) -> None:
+        """Write the pidfile and tell the starting command that we serve."""
+        try:
+            self.pidfile.write()
+        except OSError as e:
+            log.error("cannot write pidfile %s: %s", self.pidfile.path, e.strerror)
+        if self.report is not None:
+            self.report.ok()
+
+    def on_start_failed(self, reason: str) -> None:
+        """Remember why generation 1 failed, for the start-up report."""
+        self.first_failure = f"the first generation failed: {reason}"
+
+    def on_reopen_logs(self) -> None:
+        """Reopen the log file (SIGUSR1)."""
+        try:
+            self.logs.reopen()
+        except OSError as e:
+            log.error("cannot reopen the log file: %s", e)
+
+    def _apply_logs(self, spec: LogSpec) -> None:
+        if spec is self._log_spec:
+            return  # tried already: a file that cannot be opened is reported once
+        self._log_spec = spec
+        try:
+            self.logs.apply(spec)
+        except OSError as e:
+            log.error("cannot open log file %s: %s; logging where it did before", spec.file, e.strerror)
+
+    def _write_status(self, data: dict[str, object]) -> None:
+        try:
+            status.write(self.status_path, data)
+        except OSError as e:
+            if self._status_ok:
+                log.error("cannot write status file %s: %s", self.status_path, e.strerror)
+            self._status_ok = False
+            return
+        self._last, self._status_ok = data, True
+
+    def close(self) -> None:
+        """Remove the status file and the pidfile, and release the lock (a clean stop)."""
+        try:
+            os.unlink(self.status_path)
+        except OSError:
+            pass
+        self.pidfile.remove()

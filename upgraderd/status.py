@@ -1,0 +1,116 @@
+"""The status file: the master's state, readable by `upgraderd status` and `reload`.
+
+Design note: another process must see the master's generations and the
+outcome of the last reload. The master writes a small JSON document next to
+its pidfile (`PIDFILE.status.json`) whenever that state changes, atomically
+(temporary file, then rename), so a reader sees a whole document or the
+previous one. The alternative, a control socket served from the master's
+selector, would add a protocol and a client/server pair to the master for
+what one file write per change gives. Times in the file are wall-clock
+seconds, so a reader computes ages itself and the file does not change while
+nothing happens.
+
+`upgraderd reload` uses two counters: `hups` (SIGHUPs the master has handled)
+and `last_reload.covers` (the value of `hups` when the last settled reload
+started reading its config). Once `covers` reaches the `hups` value seen
+before sending SIGHUP plus one, the settled reload is the one that read the
+config after our signal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from upgraderd import __version__
+from upgraderd.pidfile import write_atomic
+
+if TYPE_CHECKING:
+    from upgraderd.master import Master
+
+
+def path_for(pidfile: str) -> str:
+    """Return the status file that goes with `pidfile`."""
+    return pidfile + ".status.json"
+
+
+def snapshot(master: Master, wall_offset: float) -> dict[str, Any]:
+    """Return the master's state as JSON-ready data; monotonic times + offset = wall times."""
+    s = master.stats
+    gens = [{
+        "number": g.number, "state": g.state.name, "since": g.changed_at + wall_offset,
+        "created_at": g.created_at + wall_offset, "reason": g.reason,
+        "workers": [{"slot": w.slot, "pid": w.pid, "state": w.state.name,
+                     "started_at": w.started_at + wall_offset} for w in g.workers.values()],
+    } for g in master.generations]
+    cfg = master.config
+    return {
+        "pid": os.getpid(), "version": __version__, "config": os.path.abspath(master.config_path),
+        "started_at": master.wall_started_at,
+        "listeners": [{"name": x.name, "address": x.address, "mode": x.mode}
+                      for x in (cfg.listeners if cfg else ())],
+        "generations": gens,
+        "reloads": dict(s.reloads), "hups": s.hups,
+        "last_reload": {"result": s.last_reload_result, "generation": s.last_reload_generation,
+                        "covers": s.last_reload_covers,
+                        "error": "" if s.last_reload_ok else s.last_reload_error},
+    }
+
+
+def write(path: str, data: dict[str, Any]) -> None:
+    """Write `data` to the status file atomically."""
+    write_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+def read(path: str) -> dict[str, Any] | None:
+    """Return the status document at `path`, or None if there is none."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def age(seconds: float) -> str:
+    """Return a duration as 45s, 3m05s or 2h03m."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def render(data: dict[str, Any], now: float | None = None) -> str:
+    """Return the status document as the text `upgraderd status` prints."""
+    now = time.time() if now is None else now
+    lines = [f"master pid {data['pid']}, up {age(now - data['started_at'])} "
+             f"(upgraderd {data['version']})", f"config {data['config']}"]
+    lines += [f"listener {x['name']} {x['address']} ({x['mode']})" for x in data["listeners"]]
+    for g in data["generations"]:
+        live = [w for w in g["workers"] if w["pid"] is not None]
+        lines.append(f"generation {g['number']} {g['state']} for {age(now - g['since'])}, "
+                     f"age {age(now - g['created_at'])}, {len(live)} worker(s)"
+                     + (f": {g['reason']}" if g["reason"] else ""))
+        for w in g["workers"]:
+            pid = w["pid"] if w["pid"] is not None else "-"
+            lines.append(f"  slot {w['slot']}  pid {pid}  {w['state']}  age {age(now - w['started_at'])}")
+    lines.append(f"last reload: {describe_reload(data)}")
+    r = data["reloads"]
+    lines.append(f"reloads: {r['success']} succeeded, {r['failed']} failed, {r['rejected']} rejected")
+    return "\n".join(lines) + "\n"
+
+
+def describe_reload(data: dict[str, Any]) -> str:
+    """Return the last reload's outcome in one line (its error may span more)."""
+    last = data["last_reload"]
+    if not last["result"]:
+        return "none yet"
+    if last["result"] == "success":
+        return f"success: generation {last['generation']} ACTIVE"
+    what = "rejected (the old generation keeps serving)" if last["result"] == "rejected" else \
+        f"failed: generation {last['generation']} did not become ACTIVE (the old one keeps serving)"
+    return f"{what}\n{last['error']}"
