@@ -261,8 +261,11 @@ class Master:
         try:
             cfg = configmod.load(self.config_path)
             self.listeners.ensure(cfg)
-        except (ConfigError, OSError) as e:
-            self._reload_failed(f"{e}", "rejected")
+        except ConfigError as e:
+            self._reload_failed(str(e), "rejected")
+            return
+        except OSError as e:
+            self._reload_failed(e.strerror or str(e), "rejected")
             return
         log.info("reload: %s", planmod.diff(self.config, cfg).describe())
         if self.active is not None and cfg.workers.count < len(self.active.workers):
