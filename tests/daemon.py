@@ -75,6 +75,8 @@ def echo_config(port: int, mode: str = "reuseport", count: int = 4, **sections: 
         "workers": {"count": count, "app": "echo"},
         "ready": {"timeout": "10s"},
         "drain": {"timeout": "10s"},
+        # The metrics endpoint is on by default; parallel tests must not share its port.
+        "metrics": {"listen": f"127.0.0.1:{free_port()}"},
     }
     cfg.update(sections)
     return cfg

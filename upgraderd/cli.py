@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from upgraderd import __version__
@@ -61,9 +62,14 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Serve in the foreground."""
-    from upgraderd.master import Master
     _setup_logging(args.log_level)
     log = logging.getLogger("upgraderd")
+    # prometheus-client picks multiprocess mode when it is imported, from this
+    # variable; the master must never be in that mode (its metrics are its own).
+    for var in ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir"):
+        if os.environ.pop(var, None) is not None:
+            log.warning("ignoring %s from the environment: upgraderd sets it for its workers", var)
+    from upgraderd.master import Master
     try:
         return Master(args.config).run()
     except ConfigError as e:

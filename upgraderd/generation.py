@@ -95,6 +95,7 @@ class Generation:
     workers: dict[int, Worker] = field(default_factory=dict)
     changed_at: float = 0.0
     active_at: float | None = None
+    draining_at: float | None = None
     reason: str = ""
 
     def start(self, now: float) -> None:
@@ -188,6 +189,7 @@ class Generation:
         """Ask every worker to stop: ACTIVE (or STARTING, at shutdown) -> DRAINING."""
         # ACTIVE -> DRAINING, STARTING -> DRAINING (only when the master stops)
         self._transition(GenerationState.DRAINING, now, GenerationState.ACTIVE, GenerationState.STARTING)
+        self.draining_at = now
         self._signal_all(now)
         self._retire_if_empty(now)
 

@@ -28,19 +28,23 @@ from typing import Callable
 
 from upgraderd import config as configmod
 from upgraderd import plan as planmod
+from upgraderd import snapshot as snapshotmod
 from upgraderd import sockets
 from upgraderd.config import Config
+from upgraderd.durations import DRAIN_BUCKETS, RELOAD_BUCKETS, Durations
 from upgraderd.errors import ConfigError, FatalError
 from upgraderd.generation import Generation, GenerationState
+from upgraderd.metrics import Telemetry
 from upgraderd.notify import NotifyServer, notify, parse_fields
 from upgraderd.process import Exit, ProcessAPI, PosixProcessAPI
 from upgraderd.signals import SignalInbox
+from upgraderd.snapshot import Snapshot
 
 log = logging.getLogger("upgraderd")
 
 FAST_STOP_GRACE = 1.0
 # Variables of the master's own environment that must not leak to workers.
-PRIVATE_ENV = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET")
+PRIVATE_ENV = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "PROMETHEUS_MULTIPROC_DIR")
 
 
 @dataclass
@@ -51,11 +55,12 @@ class Stats:
     worker_exits: dict[str, int] = field(default_factory=lambda: {"clean": 0, "error": 0, "signal": 0})
     worker_restarts: int = 0
     notify_rejected: int = 0
+    drain_timeouts: int = 0
     last_reload_ok: bool = True
     last_reload_success_at: float = 0.0
     last_reload_error: str = ""
-    reload_durations: list[float] = field(default_factory=list)
-    drain_durations: list[float] = field(default_factory=list)
+    reload_durations: Durations = field(default_factory=lambda: Durations(RELOAD_BUCKETS))
+    drain_durations: Durations = field(default_factory=lambda: Durations(DRAIN_BUCKETS))
 
 
 class Master:
@@ -79,6 +84,9 @@ class Master:
         self._watching: tuple[Generation, float] | None = None
         self._stopping: str | None = None
         self.exit_code = 0
+        self.telemetry: Telemetry | None = None
+        # Rebound (never mutated) by the loop thread; read by the metrics threads.
+        self.published: Snapshot | None = None
         self._handlers = {
             signal.SIGHUP: self._on_hup, signal.SIGTERM: self._on_term,
             signal.SIGQUIT: self._on_term, signal.SIGINT: self._on_int,
@@ -101,6 +109,15 @@ class Master:
         """Return the STARTING generation."""
         return self.generation(GenerationState.STARTING)
 
+    @property
+    def stopping(self) -> bool:
+        """Return True once the master has begun to stop."""
+        return self._stopping is not None
+
+    def snapshot(self) -> Snapshot:
+        """Return a frozen copy of what the metrics report (call it in the loop thread)."""
+        return snapshotmod.take(self)
+
     # -- Launcher, used by generations --
 
     def spawn_worker(self, gen: Generation, slot: int) -> int:
@@ -114,12 +131,16 @@ class Master:
             "UPGRADERD_GENERATION": str(gen.number), "UPGRADERD_SLOT": str(slot),
             "UPGRADERD_DRAIN_SIGNAL": gen.config.drain.signal,
         })
+        if self.telemetry is not None:
+            env.update(self.telemetry.worker_env(gen.config))
         if gen.state is GenerationState.ACTIVE:
             self.stats.worker_restarts += 1
         return self.procs.spawn(gen.config.worker_argv, env, fds.fds)
 
     def signal_worker(self, pid: int, sig: int) -> None:
         """Send `sig` to worker `pid`."""
+        if sig == signal.SIGKILL and self._stopping != "fast":
+            self.stats.drain_timeouts += 1
         self.procs.kill(pid, sig)
 
     # -- start, reload, stop --
@@ -133,6 +154,7 @@ class Master:
             raise FatalError(str(e)) from None
         log.info("upgraderd %s starting: %s", _version(), planmod.diff(None, cfg).describe())
         self.config = cfg
+        self.telemetry = Telemetry.start(cfg.metrics, lambda: self.published, self.clock)
         now = self.clock()
         self._watching = (self._start_generation(cfg, now), now)
 
@@ -163,6 +185,8 @@ class Master:
             self._reload_failed(f"{e}", "rejected")
             return
         log.info("reload: %s", planmod.diff(self.config, cfg).describe())
+        if self.telemetry is not None:
+            self.telemetry.check_reload(cfg)
         self._watching = (self._start_generation(cfg, now), since)
 
     def _reload_failed(self, why: str, result: str) -> None:
@@ -200,13 +224,18 @@ class Master:
 
     def run(self) -> int:
         """Serve until stopped; return the exit code."""
-        with SignalInbox() as inbox, selectors.DefaultSelector() as sel:
-            sel.register(inbox.fileno(), selectors.EVENT_READ, "signal")
-            sel.register(self.notify.fileno(), selectors.EVENT_READ, "notify")
-            self.start()
-            while self.generations:
-                sel.select(self._timeout(self.clock()))
-                self.step(inbox.drain())
+        try:
+            with SignalInbox() as inbox, selectors.DefaultSelector() as sel:
+                sel.register(inbox.fileno(), selectors.EVENT_READ, "signal")
+                sel.register(self.notify.fileno(), selectors.EVENT_READ, "notify")
+                self.start()
+                self.published = self.snapshot()
+                while self.generations:
+                    sel.select(self._timeout(self.clock()))
+                    self.step(inbox.drain())
+        finally:
+            if self.telemetry is not None:
+                self.telemetry.close()
         self.listeners.close_all()
         self.notify.close()
         log.info("upgraderd stopped")
@@ -224,6 +253,7 @@ class Master:
         for g in list(self.generations):
             g.tick(now)
         self._settle(now)
+        self.published = self.snapshot()
 
     def _timeout(self, now: float) -> float:
         deadlines = [d for g in self.generations if (d := g.next_deadline()) is not None]
@@ -253,6 +283,8 @@ class Master:
         """Collect exited children and hand each to its generation."""
         for ex in self.procs.reap():
             self.stats.worker_exits[ex.reason] += 1
+            if self.telemetry is not None:
+                self.telemetry.on_reaped(ex.pid)
             for g in self.generations:
                 if g.on_exit(ex.pid, ex, now):
                     break
@@ -285,7 +317,7 @@ class Master:
             self.stats.reloads["success"] += 1
             self.stats.last_reload_ok = True
             self.stats.last_reload_success_at = time.time()
-            self.stats.reload_durations.append(now - since)
+            self.stats.reload_durations.observe(now - since)
             log.info("reload done: generation %d ACTIVE %.3fs after HUP", gen.number, now - since)
             notify_systemd(f"READY=1\nSTATUS=generation {gen.number} active")
         else:
@@ -305,8 +337,8 @@ class Master:
         for g in self.generations:
             if g.state is not GenerationState.RETIRED:
                 keep.append(g)
-            elif g.active_at is not None:
-                self.stats.drain_durations.append(now - g.changed_at)
+            elif g.active_at is not None and g.draining_at is not None:
+                self.stats.drain_durations.observe(now - g.draining_at)
         if len(keep) == len(self.generations):
             return
         self.generations = keep
