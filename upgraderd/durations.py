@@ -42,10 +42,13 @@ class Durations:
     total: float = 0.0
 
     def __post_init__(self) -> None:
+        self.bounds = tuple(self.bounds)
         if list(self.bounds) != sorted(set(self.bounds)):
             raise ValueError(f"bucket bounds must be strictly increasing: {self.bounds}")
         if not self.counts:
             self.counts = [0] * (len(self.bounds) + 1)
+        if len(self.counts) != len(self.bounds) + 1:
+            raise ValueError(f"{len(self.counts)} counts for {len(self.bounds)} bounds")
 
     def observe(self, seconds: float) -> None:
         """Count one duration (negative clock noise counts as 0)."""

@@ -62,6 +62,13 @@ class Stats:
     reload_durations: Durations = field(default_factory=lambda: Durations(RELOAD_BUCKETS))
     drain_durations: Durations = field(default_factory=lambda: Durations(DRAIN_BUCKETS))
 
+    def __post_init__(self) -> None:
+        # Stats(**dataclasses.asdict(stats)) (a state hand-over) passes the histograms as dicts.
+        for name in ("reload_durations", "drain_durations"):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, Durations(**value))
+
 
 class Master:
     """Run generations of workers for one config file."""

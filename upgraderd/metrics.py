@@ -137,12 +137,15 @@ class Telemetry:
 
     @classmethod
     def start(cls, spec: MetricsSpec, source: Callable[[], Snapshot | None],
-              clock: Callable[[], float]) -> Telemetry | None:
-        """Serve /metrics on `spec.listen`; raise FatalError naming the address if it cannot."""
+              clock: Callable[[], float], inherited: dict[str, object] | None = None) -> Telemetry | None:
+        """Serve /metrics on `spec.listen`; raise FatalError naming the address if it cannot.
+
+        `inherited` is the `export()` of the master this one was exec'd from.
+        """
         if spec.listen is None:
             log.info("metrics disabled (metrics.listen is null)")
             return None
-        files = WorkerFiles(spec.dir)
+        files = WorkerFiles.adopt(inherited) if inherited else WorkerFiles(spec.dir)
         registry = CollectorRegistry(auto_describe=False)
         registry.register(UpgraderdCollector(source))
         registry.register(WorkerCollector(files))
@@ -171,6 +174,10 @@ class Telemetry:
         log.info("metrics on http://%s/metrics (worker files in %s)", server.address, files.path)
         return cls(spec, files, registry, server)
 
+    def export(self) -> dict[str, object]:
+        """Return what a re-exec'd master passes to `start(inherited=...)`."""
+        return self.files.export()
+
     def worker_env(self, cfg: Config) -> dict[str, str]:
         """Return the environment a worker of `cfg` needs to report its metrics."""
         # Only the built-in apps: a user's command keeps its own metrics setup.
@@ -178,7 +185,10 @@ class Telemetry:
 
     def on_reaped(self, pid: int) -> None:
         """Fold the files of a reaped worker into the archive."""
-        self.files.fold(pid)
+        try:
+            self.files.fold(pid)
+        except Exception:  # metrics must never take the master down
+            log.exception("could not fold the metric files of pid %d", pid)
 
     def check_reload(self, cfg: Config) -> None:
         """Warn about metrics settings that only a restart applies."""

@@ -30,6 +30,7 @@ import glob
 import logging
 import os
 import shutil
+import struct
 import tempfile
 import threading
 from collections.abc import Iterable
@@ -50,16 +51,29 @@ ADDITIVE = ("counter", "histogram", "summary", "gauge_sum")
 class WorkerFiles:
     """One multiprocess directory, owned by one master."""
 
-    def __init__(self, path: str | None = None) -> None:
-        """Use `path` (created if missing, wiped), or a fresh private directory."""
-        self.private = path is None
+    def __init__(self, path: str | None = None, adopt: bool = False, private: bool | None = None) -> None:
+        """Use `path` (created if missing, wiped), or a fresh private directory.
+
+        With `adopt`, take over the directory of the master this process was
+        exec'd from (SIGUSR2): its live workers and archive carry on, nothing is wiped.
+        """
+        self.private = path is None if private is None else private
         self.path = tempfile.mkdtemp(prefix="upgraderd-metrics-") if path is None else path
-        if not self.private:
+        if not adopt and path is not None:
             os.makedirs(self.path, mode=0o755, exist_ok=True)
             self.wipe()
         self._lock = threading.Lock()
         self._archives: dict[str, MmapedDict] = {}
         self.folded = 0
+
+    def export(self) -> dict[str, object]:
+        """Return what a re-exec'd master needs to adopt this directory."""
+        return {"path": self.path, "private": self.private}
+
+    @classmethod
+    def adopt(cls, data: dict[str, object]) -> WorkerFiles:
+        """Take over a directory described by `export()`."""
+        return cls(str(data["path"]), adopt=True, private=bool(data["private"]))
 
     def wipe(self) -> int:
         """Delete every metric file left by an earlier master; return how many."""
@@ -91,8 +105,9 @@ class WorkerFiles:
             archive = MmapedDict(os.path.join(self.path, f"{prefix}_{ARCHIVE}.db"))
             self._archives[prefix] = archive
         try:
-            values = list(MmapedDict.read_all_values_from_file(path))
-        except (OSError, RuntimeError) as e:
+            # A worker killed while it created its file leaves it empty: nothing to add.
+            values = list(MmapedDict.read_all_values_from_file(path)) if os.path.getsize(path) else []
+        except (OSError, RuntimeError, struct.error) as e:
             # A torn file cannot be summed; dropping it costs a visible counter
             # reset, keeping it would keep the directory growing.
             log.warning("metric file %s is unreadable (%s); dropping it", path, e)
@@ -105,7 +120,20 @@ class WorkerFiles:
     def collect(self) -> Iterable[Metric]:
         """Return the workers' metrics summed over live files and archives."""
         with self._lock:
-            return list(MultiProcessCollector.merge(self.files(), accumulate=True))
+            return list(MultiProcessCollector.merge(self._readable(), accumulate=True))
+
+    def _readable(self) -> list[str]:
+        # A starting worker creates its file empty and only then sizes it; a
+        # scrape in between would fail to read the header. Such a file holds
+        # no value yet, so it is skipped. (A file cannot shrink back to empty.)
+        out = []
+        for f in self.files():
+            try:
+                if os.path.getsize(f) > 0:
+                    out.append(f)
+            except FileNotFoundError:
+                continue
+        return out
 
     def close(self) -> None:
         """Close the archives; remove the directory if it was private."""
