@@ -63,11 +63,17 @@ class Stats:
     drain_durations: Durations = field(default_factory=lambda: Durations(DRAIN_BUCKETS))
 
     def __post_init__(self) -> None:
-        # Stats(**dataclasses.asdict(stats)) (a state hand-over) passes the histograms as dicts.
-        for name in ("reload_durations", "drain_durations"):
+        # A state hand-over, Stats(**dataclasses.asdict(stats)), passes the histograms as
+        # dicts; one from an older master passes the samples as a list.
+        for name, bounds in (("reload_durations", RELOAD_BUCKETS), ("drain_durations", DRAIN_BUCKETS)):
             value = getattr(self, name)
             if isinstance(value, dict):
                 setattr(self, name, Durations(**value))
+            elif isinstance(value, list):
+                durations = Durations(bounds)
+                for v in value:
+                    durations.observe(float(v))
+                setattr(self, name, durations)
 
 
 class Master:

@@ -233,3 +233,16 @@ def test_metrics_disabled(tmp_path):
         with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
             c.sendall(b"still serves")
             assert c.recv(32) == b"still serves"
+
+
+def test_a_reload_keeps_the_endpoint_where_it_is(tmp_path):
+    port = free_port()
+    cfg = echo_config(port, count=1)
+    moved = echo_config(port, count=1)  # another free metrics port
+    with Daemon(tmp_path, cfg).start() as d:
+        d.write_config(moved)
+        reload(d, 2)
+        d.wait_log(r"metrics settings changed .* take effect when the master restarts")
+        assert value(scrape(cfg), "upgraderd_generation") == 2
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(tuple(moved["metrics"]["listen"].split(":")), timeout=5)  # type: ignore[index]

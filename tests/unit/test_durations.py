@@ -42,3 +42,9 @@ def test_stats_survive_a_json_hand_over():
     assert copy.drain_durations.data() == stats.drain_durations.data()
     copy.reload_durations.observe(0.3)
     assert copy.reload_durations.count == 2
+
+
+def test_stats_from_an_older_master_keep_their_samples():
+    copy = Stats(reload_durations=[0.3, 4.0], drain_durations=[])  # type: ignore[arg-type]
+    assert copy.reload_durations.data().buckets[3:6] == ((0.5, 1), (1.0, 1), (2.5, 1))
+    assert copy.reload_durations.count == 2 and copy.drain_durations.count == 0
