@@ -70,8 +70,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if os.environ.pop(var, None) is not None:
             log.warning("ignoring %s from the environment: upgraderd sets it for its workers", var)
     from upgraderd.master import Master
+    from upgraderd.metrics import Telemetry
     try:
-        return Master(args.config).run()
+        return Master(args.config, telemetry=Telemetry.start).run()
     except ConfigError as e:
         log.error("invalid config:\n%s", e)
         return EXIT_CONFIG

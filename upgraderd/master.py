@@ -34,7 +34,7 @@ from upgraderd.config import Config
 from upgraderd.durations import DRAIN_BUCKETS, RELOAD_BUCKETS, Durations
 from upgraderd.errors import ConfigError, FatalError
 from upgraderd.generation import Generation, GenerationState
-from upgraderd.metrics import Telemetry
+from upgraderd.metrics import Telemetry, TelemetryStarter
 from upgraderd.notify import NotifyServer, notify, parse_fields
 from upgraderd.process import Exit, ProcessAPI, PosixProcessAPI
 from upgraderd.signals import SignalInbox
@@ -81,8 +81,12 @@ class Master:
 
     def __init__(self, config_path: str, procs: ProcessAPI | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 notify_server: NotifyServer | None = None) -> None:
+                 notify_server: NotifyServer | None = None,
+                 telemetry: TelemetryStarter | None = None) -> None:
         self.config_path = config_path
+        # The metrics endpoint starts only when asked for (the CLI does): a
+        # Master driven by fakes in unit tests binds no port.
+        self._start_telemetry = telemetry
         self.procs = procs or PosixProcessAPI()
         self.clock = clock
         self.listeners = sockets.ListenerSet()
@@ -167,7 +171,8 @@ class Master:
             raise FatalError(str(e)) from None
         log.info("upgraderd %s starting: %s", _version(), planmod.diff(None, cfg).describe())
         self.config = cfg
-        self.telemetry = Telemetry.start(cfg.metrics, lambda: self.published, self.clock)
+        if self._start_telemetry is not None:
+            self.telemetry = self._start_telemetry(cfg.metrics, lambda: self.published, self.clock)
         now = self.clock()
         self._watching = (self._start_generation(cfg, now), now)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import platform
 from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.metrics_core import (
@@ -123,6 +124,14 @@ class WorkerCollector:
     def collect(self) -> Iterable[Metric]:
         """Return the metrics summed over every worker, dead or alive."""
         return self.files.collect()
+
+
+class TelemetryStarter(Protocol):
+    """What the master calls to start its metrics (`Telemetry.start`)."""
+
+    def __call__(self, spec: MetricsSpec, source: Callable[[], Snapshot | None], clock: Callable[[], float],
+                 inherited: dict[str, object] | None = None) -> Telemetry | None:
+        """Start serving metrics for `spec`, or return None if they are disabled."""
 
 
 class Telemetry:
