@@ -115,6 +115,19 @@ def _le(bound: float) -> str:
     return "+Inf" if bound == float("inf") else repr(float(bound))
 
 
+def health(snap: Snapshot | None, now: float) -> tuple[bool, bool, str]:
+    """Return (alive, ready, reason) for /healthz and /readyz from the latest snapshot."""
+    if snap is None:
+        return False, False, "starting"
+    stalled = now - snap.taken_at
+    alive = stalled < STALL_AFTER
+    ready = alive and snap.active_generation > 0 and not snap.stopping
+    why = (f"generation {snap.active_generation} active" if ready else
+           f"master loop stalled for {stalled:.0f}s" if not alive else
+           "stopping" if snap.stopping else "no ACTIVE generation")
+    return alive, ready, why
+
+
 class WorkerCollector:
     """Expose the workers' multiprocess files (connection metrics)."""
 
@@ -161,20 +174,8 @@ class Telemetry:
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
         GCCollector(registry=registry)
-
-        def health() -> tuple[bool, bool, str]:
-            snap = source()
-            if snap is None:
-                return False, False, "starting"
-            stalled = clock() - snap.taken_at
-            alive = stalled < STALL_AFTER
-            ready = alive and snap.active_generation > 0 and not snap.stopping
-            why = (f"generation {snap.active_generation} active" if ready else
-                   f"master loop stalled for {stalled:.0f}s" if not alive else
-                   "stopping" if snap.stopping else "no ACTIVE generation")
-            return alive, ready, why
         try:
-            server = MetricsServer(spec.listen, registry, health)
+            server = MetricsServer(spec.listen, registry, lambda: health(source(), clock()))
         except OSError as e:
             files.close()
             raise FatalError(f"cannot serve metrics on {spec.listen} (metrics.listen): "

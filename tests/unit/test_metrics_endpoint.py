@@ -7,6 +7,7 @@ import socket
 import urllib.request
 
 import pytest
+from prometheus_client import REGISTRY, generate_latest
 
 from scrape import fetch, parse, value
 from upgraderd.config import MetricsSpec, parse as parse_config
@@ -76,6 +77,7 @@ def test_metrics_are_computed_from_the_snapshot(endpoint):
     assert ("process_cpu_seconds_total", ()) in s
     assert any(k[0] == "upgraderd_build_info" for k in s)
     assert not any("pid" in dict(k[1]) for k in s)
+    assert b"upgraderd_" not in generate_latest(REGISTRY)  # nothing on the global registry
     # Gauges follow the state: a new snapshot, new values, no drift.
     state["snap"] = snapshot(active=0)
     assert value(parse(fetch(url + "/metrics")[1]), "upgraderd_generation") == 0

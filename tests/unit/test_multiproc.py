@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -120,3 +122,27 @@ def test_a_reexeced_master_adopts_the_archive_and_live_files(tmp_path, factory):
         assert not os.path.exists(files.path)
     finally:
         f2.close()
+
+
+THREADS_SCRIPT = """
+from upgraderd.apps.connmetrics import ConnectionMetrics
+a, b = ConnectionMetrics(["web"]), ConnectionMetrics(["web"])   # two Servers of one worker
+for _ in range(3):
+    a.accepted("web")
+for _ in range(4):
+    b.accepted("web")
+b.closed("web")
+a.flush(); b.flush(); a.flush()
+b.draining(); b.flush()
+"""
+
+
+def test_servers_of_one_threaded_worker_add_up_instead_of_overwriting(tmp_path):
+    files = WorkerFiles(str(tmp_path / "mp"))
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": files.path}
+    subprocess.run([sys.executable, "-c", THREADS_SCRIPT], env=env, check=True, timeout=60)
+    s = sums(files)
+    assert s[ACCEPTED] == 7
+    assert s[("upgraderd_connections_closed_total", (("listener", "web"),))] == 1
+    assert s[OPEN] == 3
+    assert s[("upgraderd_connections_active", (("listener", "web"), ("state", "draining")))] == 3

@@ -14,11 +14,19 @@ at most one loop pass of counts if the worker is SIGKILLed.
 `upgraderd_connections_active` is labelled by the state of the generation as
 this worker sees it: `active` until it is asked to drain, `draining` after.
 It is a `livesum` gauge: a worker's share disappears when it is reaped.
+
+A worker with `threads: N` runs N `Server`s, each with its own
+`ConnectionMetrics`. They share one set of prometheus-client metric objects
+(`_shared_sink`): each metric object caches its value and writes it whole to
+the process's file, so two objects for the same series would overwrite each
+other. For the same reason every `ConnectionMetrics` reports changes
+(`inc`), never absolute values (`set`), also for the gauge.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -34,7 +42,8 @@ class ConnectionMetrics:
         self._counts = {name: [0, 0, 0, 0] for name in self.listeners}  # accepted, closed, rx, tx
         self._flushed = {name: [0, 0, 0, 0] for name in self.listeners}
         self._dirty = True
-        self._sink: _Sink | None = _Sink(self.listeners) if self.enabled else None
+        self._reported = {name: {"active": 0, "draining": 0} for name in self.listeners}
+        self._sink: _Sink | None = _shared_sink(tuple(self.listeners)) if self.enabled else None
 
     def accepted(self, listener: str) -> None:
         """Count a new connection on `listener`."""
@@ -75,7 +84,23 @@ class ConnectionMetrics:
             now, before = self._counts[name], self._flushed[name]
             deltas = [a - b for a, b in zip(now, before)]
             self._flushed[name] = list(now)
-            self._sink.write(name, deltas, self.active(name), self.is_draining)
+            open_now = self.active(name)
+            want = {"active": 0 if self.is_draining else open_now, "draining": open_now if self.is_draining else 0}
+            gauge = {state: want[state] - self._reported[name][state] for state in want}
+            self._reported[name] = want
+            self._sink.write(name, deltas, gauge)
+
+
+_SINKS: dict[tuple[str, ...], _Sink] = {}
+_SINKS_LOCK = threading.Lock()
+
+
+def _shared_sink(listeners: tuple[str, ...]) -> _Sink:
+    """Return this process's metric objects (one set per process: see the module docstring)."""
+    with _SINKS_LOCK:
+        if listeners not in _SINKS:
+            _SINKS[listeners] = _Sink(list(listeners))
+        return _SINKS[listeners]
 
 
 class _Sink:
@@ -106,9 +131,10 @@ class _Sink:
             self.active.labels(name, "active").set(0)
             self.active.labels(name, "draining").set(0)
 
-    def write(self, listener: str, deltas: list[int], active: int, draining: bool) -> None:
+    def write(self, listener: str, deltas: list[int], gauge: dict[str, int]) -> None:
         for counter, delta in zip(self.counters, deltas):
             if delta:
                 counter.labels(listener).inc(delta)
-        self.active.labels(listener, "draining" if draining else "active").set(active)
-        self.active.labels(listener, "active" if draining else "draining").set(0)
+        for state, delta in gauge.items():
+            if delta:
+                self.active.labels(listener, state).inc(delta)
