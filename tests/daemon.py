@@ -104,7 +104,9 @@ class Daemon:
 
     def start(self, wait: bool = True) -> Daemon:
         """Start the master; with `wait`, return once generation 1 is ACTIVE."""
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # TMPDIR: the master's private metrics directory lands in the test's workdir,
+        # so even a master killed with SIGKILL leaves nothing behind in /tmp.
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(self.workdir)}
         for var in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
             env.pop(var, None)
         self.log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
