@@ -86,6 +86,8 @@ def echo_config(port: int, mode: str = "reuseport", count: int = 4, **sections: 
         "workers": {"count": count, "app": "echo"},
         "ready": {"timeout": "10s"},
         "drain": {"timeout": "10s"},
+        # The metrics endpoint is on by default; parallel tests must not share its port.
+        "metrics": {"listen": f"127.0.0.1:{free_port()}"},
     }
     cfg.update(sections)
     return cfg
@@ -117,7 +119,9 @@ class Daemon:
 
     def start(self, wait: bool = True) -> Daemon:
         """Start the master; with `wait`, return once generation 1 is ACTIVE."""
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # TMPDIR: the master's private metrics directory lands in the test's workdir,
+        # so even a master killed with SIGKILL leaves nothing behind in /tmp.
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(self.workdir)}
         for var in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
             env.pop(var, None)
         env.update(self.extra_env)

@@ -113,6 +113,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Serve, in the foreground or detached."""
+    # prometheus-client picks multiprocess mode from this variable when it is first
+    # imported (below, with the runner); the master must never be in that mode.
+    for var in ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir"):
+        if os.environ.pop(var, None) is not None:
+            print(f"upgraderd: ignoring {var} from the environment: upgraderd sets it for its "
+                  "workers", file=sys.stderr)
     from upgraderd.runner import run
     try:
         cfg = configmod.load(args.config)

@@ -325,6 +325,8 @@ class MetricsSpec:
 
     listen: str | None = opt("127.0.0.1:9108", listen_address,
                              "host:port of /metrics, /healthz and /readyz; null disables it.")
+    dir: str | None = opt(None, string, "Directory of the workers' metric files, wiped at start "
+                          "(default: a private temporary directory, removed at exit).")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -31,19 +31,23 @@ from typing import Any, Callable
 from upgraderd import config as configmod
 from upgraderd import plan as planmod
 from upgraderd import reexec, sockets
+from upgraderd import snapshot as snapshotmod
 from upgraderd.config import Config
+from upgraderd.durations import DRAIN_BUCKETS, RELOAD_BUCKETS, Durations
 from upgraderd.errors import ConfigError, FatalError
 from upgraderd.generation import Generation, GenerationState
 from upgraderd.hooks import Hooks
+from upgraderd.metrics import Telemetry, TelemetryStarter
 from upgraderd.notify import NotifyServer, notify, parse_fields
 from upgraderd.process import Exit, ProcessAPI, PosixProcessAPI, user_env
 from upgraderd.signals import SignalInbox
+from upgraderd.snapshot import Snapshot
 
 log = logging.getLogger("upgraderd")
 
 FAST_STOP_GRACE = 1.0
 # Variables of the master's own environment that must not leak to workers.
-PRIVATE_ENV = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET")
+PRIVATE_ENV = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "PROMETHEUS_MULTIPROC_DIR")
 
 
 @dataclass
@@ -55,16 +59,30 @@ class Stats:
     worker_restarts: int = 0
     notify_rejected: int = 0
     slot_retire_risks: int = 0
+    drain_timeouts: int = 0
     last_reload_ok: bool = True
     last_reload_success_at: float = 0.0
     last_reload_error: str = ""
-    reload_durations: list[float] = field(default_factory=list)
-    drain_durations: list[float] = field(default_factory=list)
+    reload_durations: Durations = field(default_factory=lambda: Durations(RELOAD_BUCKETS))
+    drain_durations: Durations = field(default_factory=lambda: Durations(DRAIN_BUCKETS))
     # For `upgraderd reload`: HUPs seen, and how many of them the last settled reload covered.
     hups: int = 0
     last_reload_covers: int = 0
     last_reload_result: str = ""
     last_reload_generation: int = 0
+
+    def __post_init__(self) -> None:
+        # A state hand-over, Stats(**dataclasses.asdict(stats)), passes the histograms as
+        # dicts; one from an older master passes the samples as a list.
+        for name, bounds in (("reload_durations", RELOAD_BUCKETS), ("drain_durations", DRAIN_BUCKETS)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, Durations(**value))
+            elif isinstance(value, list):
+                durations = Durations(bounds)
+                for v in value:
+                    durations.observe(float(v))
+                setattr(self, name, durations)
 
 
 class Master:
@@ -73,11 +91,15 @@ class Master:
     def __init__(self, config_path: str, procs: ProcessAPI | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  notify_server: NotifyServer | None = None, hooks: Hooks | None = None,
-                 argv: list[str] | None = None, inherited: dict[str, Any] | None = None) -> None:
+                 argv: list[str] | None = None, inherited: dict[str, Any] | None = None,
+                 telemetry: TelemetryStarter | None = None) -> None:
         self.config_path = config_path
         self.hooks = hooks or Hooks()
         self.argv = argv if argv is not None else ["run", "-c", config_path]
         self.inherited = inherited
+        # The metrics endpoint starts only when asked for (the CLI does): a
+        # Master driven by fakes in unit tests binds no port.
+        self._start_telemetry = telemetry
         self.procs = procs or PosixProcessAPI()
         self.clock = clock
         self.listeners = sockets.ListenerSet()
@@ -97,6 +119,9 @@ class Master:
         self._prepared: Config | None = None
         self._covers = 0
         self.exit_code = 0
+        self.telemetry: Telemetry | None = None
+        # Rebound (never mutated) by the loop thread; read by the metrics threads.
+        self.published: Snapshot | None = None
         self._handlers = {
             signal.SIGHUP: self._on_hup, signal.SIGTERM: self._on_term,
             signal.SIGQUIT: self._on_term, signal.SIGINT: self._on_int,
@@ -121,6 +146,15 @@ class Master:
         """Return the STARTING generation."""
         return self.generation(GenerationState.STARTING)
 
+    @property
+    def stopping(self) -> bool:
+        """Return True once the master has begun to stop."""
+        return self._stopping is not None
+
+    def snapshot(self) -> Snapshot:
+        """Return a frozen copy of what the metrics report (call it in the loop thread)."""
+        return snapshotmod.take(self)
+
     # -- Launcher, used by generations --
 
     def spawn_worker(self, gen: Generation, slot: int) -> int:
@@ -137,12 +171,16 @@ class Master:
             "UPGRADERD_DRAIN_SIGNAL": gen.config.drain.signal,
             "UPGRADERD_THREADS": str(w.threads),
         })
+        if self.telemetry is not None:
+            env.update(self.telemetry.worker_env(gen.config))
         if gen.state is GenerationState.ACTIVE:
             self.stats.worker_restarts += 1
         return self.procs.spawn(gen.config.worker_argv, env, fds.fds, cwd=w.cwd, user=w.user, group=w.group)
 
     def signal_worker(self, pid: int, sig: int) -> None:
         """Send `sig` to worker `pid`."""
+        if sig == signal.SIGKILL and self._stopping != "fast":
+            self.stats.drain_timeouts += 1
         self.procs.kill(pid, sig)
 
     # -- start, reload, stop --
@@ -173,6 +211,10 @@ class Master:
     def start(self) -> None:
         """Load the config (unless prepared), bind its listeners and start generation 1."""
         cfg = self._prepared or self.prepare()
+        if self._start_telemetry is not None:
+            inherited = self.inherited.get("metrics") if self.inherited else None
+            self.telemetry = self._start_telemetry(cfg.metrics, lambda: self.published, self.clock,
+                                                   inherited=inherited)
         if self.inherited is not None:
             self._adopt(self.inherited)
             return
@@ -218,6 +260,7 @@ class Master:
             "started_at": self.started_at, "wall_started_at": self.wall_started_at,
             "generations": [{**g.export(), "config": reexec.config_to_dict(g.config)}
                             for g in self.generations],
+            "metrics": self.telemetry.export() if self.telemetry is not None else None,
         }
         fds = [int(e["fd"]) for e in self.listeners.export()] + [self.notify.fileno()]
         notify_systemd(f"RELOADING=1\nMONOTONIC_USEC={int(time.monotonic() * 1e6)}")
@@ -272,6 +315,8 @@ class Master:
             if (risk := sockets.retire_risk(cfg)) is not None:
                 self.stats.slot_retire_risks += 1
                 log.warning("the reload retires worker slots: %s", risk)
+        if self.telemetry is not None:
+            self.telemetry.check_reload(cfg)
         self._watching = (self._start_generation(cfg, now), since)
 
     def _reload_failed(self, why: str, result: str, generation: int = 0) -> None:
@@ -346,13 +391,18 @@ class Master:
 
     def run(self) -> int:
         """Serve until stopped; return the exit code."""
-        with SignalInbox() as inbox, selectors.DefaultSelector() as sel:
-            sel.register(inbox.fileno(), selectors.EVENT_READ, "signal")
-            sel.register(self.notify.fileno(), selectors.EVENT_READ, "notify")
-            self.start()
-            while self.generations:
-                sel.select(self._timeout(self.clock()))
-                self.step(inbox.drain())
+        try:
+            with SignalInbox() as inbox, selectors.DefaultSelector() as sel:
+                sel.register(inbox.fileno(), selectors.EVENT_READ, "signal")
+                sel.register(self.notify.fileno(), selectors.EVENT_READ, "notify")
+                self.start()
+                self.published = self.snapshot()
+                while self.generations:
+                    sel.select(self._timeout(self.clock()))
+                    self.step(inbox.drain())
+        finally:
+            if self.telemetry is not None:
+                self.telemetry.close()
         self.listeners.close_all()
         self.notify.close()
         log.info("upgraderd stopped")
@@ -370,6 +420,7 @@ class Master:
         for g in list(self.generations):
             g.tick(now)
         self._settle(now)
+        self.published = self.snapshot()
         self.hooks.on_step(self)
 
     def _timeout(self, now: float) -> float:
@@ -400,6 +451,8 @@ class Master:
         """Collect exited children and hand each to its generation."""
         for ex in self.procs.reap():
             self.stats.worker_exits[ex.reason] += 1
+            if self.telemetry is not None:
+                self.telemetry.on_reaped(ex.pid)
             for g in self.generations:
                 if g.on_exit(ex.pid, ex, now):
                     break
@@ -439,7 +492,7 @@ class Master:
             self.stats.reloads["success"] += 1
             self.stats.last_reload_ok = True
             self.stats.last_reload_success_at = time.time()
-            self.stats.reload_durations.append(now - since)
+            self.stats.reload_durations.observe(now - since)
             log.info("reload done: generation %d ACTIVE %.3fs after HUP%s", gen.number, now - since,
                      self._queued())
             notify_systemd(f"READY=1\nSTATUS=generation {gen.number} active")
@@ -463,7 +516,7 @@ class Master:
             if g.state is not GenerationState.RETIRED:
                 keep.append(g)
             elif g.active_at is not None and g.drain_started_at is not None:
-                self.stats.drain_durations.append(now - g.drain_started_at)
+                self.stats.drain_durations.observe(now - g.drain_started_at)
         self.generations = keep
 
     def _close_unused(self) -> None:

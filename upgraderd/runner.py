@@ -14,6 +14,7 @@ from upgraderd.config import Config
 from upgraderd.errors import FatalError
 from upgraderd.logsetup import LogSetup
 from upgraderd.master import Master
+from upgraderd.metrics import Telemetry
 from upgraderd.pidfile import PidFile
 from upgraderd.service import Service
 
@@ -40,7 +41,7 @@ def run(config_path: str, cfg: Config, pidfile_path: str, daemon: bool = False,
     argv = ["run", "-c", config_path, "--pidfile", pidfile_path]
     argv += ["--log-level", log_level] if log_level else []
     try:
-        master = Master(config_path, argv=argv, inherited=inherited)
+        master = Master(config_path, argv=argv, inherited=inherited, telemetry=Telemetry.start)
         cfg = master.prepare()
         if not daemon:
             _open_log(logs, cfg)

@@ -31,6 +31,7 @@ from types import FrameType
 from typing import Callable, Protocol
 
 from upgraderd import worker
+from upgraderd.apps.connmetrics import ConnectionMetrics
 
 READ_SIZE = 65536
 HIGH_WATER = 1 << 20
@@ -56,10 +57,11 @@ class ConnectionProtocol(Protocol):
 class Conn:
     """One accepted connection and its pending output."""
 
-    __slots__ = ("sock", "proto", "out", "eof", "events", "last_io")
+    __slots__ = ("sock", "proto", "out", "eof", "events", "last_io", "listener")
 
-    def __init__(self, sock: socket.socket, proto: ConnectionProtocol) -> None:
+    def __init__(self, sock: socket.socket, proto: ConnectionProtocol, listener: str = "") -> None:
         self.sock = sock
+        self.listener = listener
         self.proto = proto
         self.out = bytearray()
         self.eof = False
@@ -83,6 +85,7 @@ class Server:
         self.stop_now = False
         self.parent = os.getppid()
         self._wake_r, self._wake_w = socket.socketpair()
+        self.metrics = ConnectionMetrics(list(listeners))
 
     def _install_signals(self) -> None:
         for s in (self._wake_r, self._wake_w):
@@ -116,10 +119,12 @@ class Server:
                 break
             for key, mask in self.sel.select(timeout=0.5):
                 self._dispatch(key, mask)
+            self.metrics.flush()
             if os.getppid() != self.parent and self.draining_since is None:
                 self.draining_since = -1.0
         for conn in list(self.conns.values()):
             self._close(conn)
+        self.metrics.flush()
         return 0
 
     def _dispatch(self, key: selectors.SelectorKey, mask: int) -> None:
@@ -152,7 +157,8 @@ class Server:
                 raise
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = Conn(sock, self.factory(name))
+            conn = Conn(sock, self.factory(name), name)
+            self.metrics.accepted(name)
             if self.draining_since is not None:
                 conn.proto.drain()
             self.conns[sock.fileno()] = conn
@@ -171,6 +177,7 @@ class Server:
         if not data:
             conn.eof = True
         else:
+            self.metrics.received(conn.listener, len(data))
             conn.out += conn.proto.received(data)
         self._flush(conn)
 
@@ -184,6 +191,7 @@ class Server:
                 self._close(conn)
                 return
             del conn.out[:n]
+            self.metrics.sent(conn.listener, n)
             conn.last_io = time.monotonic()
         if not conn.out and (conn.eof or conn.proto.closing()):
             self._close(conn)
@@ -206,9 +214,11 @@ class Server:
             self.sel.unregister(conn.sock)
         self.conns.pop(fd, None)
         conn.sock.close()
+        self.metrics.closed(conn.listener)
 
     def _start_drain(self) -> None:
         self.draining_since = time.monotonic()
+        self.metrics.draining()
         for name, lsock in self.listeners.items():
             self.sel.unregister(lsock)
             # Take what is queued before closing: if ours is the last reference to a

@@ -1,0 +1,140 @@
+"""Connection metrics of a built-in worker, in prometheus-client's multiprocess mode.
+
+The master sets `PROMETHEUS_MULTIPROC_DIR` in a built-in worker's environment
+(and nowhere else); the worker then writes its counts into mmap'ed files in
+that directory, which the master sums at scrape time and folds into an
+archive when the worker exits (see upgraderd/multiproc.py). Without the
+variable (a worker run by hand, or under systemd) nothing is recorded.
+
+Design note: the event loop only bumps plain integers; `flush()` writes the
+changes to the metric files once per loop pass. That keeps the per-read cost
+at a dict update instead of a lock and an mmap write, at the price of losing
+at most one loop pass of counts if the worker is SIGKILLed.
+
+`upgraderd_connections_active` is labelled by the state of the generation as
+this worker sees it: `active` until it is asked to drain, `draining` after.
+It is a `livesum` gauge: a worker's share disappears when it is reaped.
+
+A worker with `threads: N` runs N `Server`s, each with its own
+`ConnectionMetrics`. They share one set of prometheus-client metric objects
+(`_shared_sink`): each metric object caches its value and writes it whole to
+the process's file, so two objects for the same series would overwrite each
+other. For the same reason every `ConnectionMetrics` reports changes
+(`inc`), never absolute values (`set`), also for the gauge.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+class ConnectionMetrics:
+    """Per-listener connection and byte counts of this worker."""
+
+    def __init__(self, listeners: list[str], enabled: bool | None = None) -> None:
+        self.listeners = list(listeners)
+        self.enabled = bool(os.environ.get(ENV)) if enabled is None else enabled
+        self.is_draining = False
+        self._counts = {name: [0, 0, 0, 0] for name in self.listeners}  # accepted, closed, rx, tx
+        self._flushed = {name: [0, 0, 0, 0] for name in self.listeners}
+        self._dirty = True
+        self._reported = {name: {"active": 0, "draining": 0} for name in self.listeners}
+        self._sink: _Sink | None = _shared_sink(tuple(self.listeners)) if self.enabled else None
+
+    def accepted(self, listener: str) -> None:
+        """Count a new connection on `listener`."""
+        self._counts[listener][0] += 1
+        self._dirty = True
+
+    def closed(self, listener: str) -> None:
+        """Count a connection of `listener` that this worker closed."""
+        self._counts[listener][1] += 1
+        self._dirty = True
+
+    def received(self, listener: str, n: int) -> None:
+        """Count `n` bytes read from a connection of `listener`."""
+        self._counts[listener][2] += n
+        self._dirty = True
+
+    def sent(self, listener: str, n: int) -> None:
+        """Count `n` bytes written to a connection of `listener`."""
+        self._counts[listener][3] += n
+        self._dirty = True
+
+    def draining(self) -> None:
+        """This worker was asked to drain: its open connections now count as draining."""
+        self.is_draining = True
+        self._dirty = True
+
+    def active(self, listener: str) -> int:
+        """Return the connections of `listener` open right now."""
+        c = self._counts[listener]
+        return c[0] - c[1]
+
+    def flush(self) -> None:
+        """Write what changed since the last flush to the metric files."""
+        if not self._dirty or self._sink is None:
+            return
+        self._dirty = False
+        for name in self.listeners:
+            now, before = self._counts[name], self._flushed[name]
+            deltas = [a - b for a, b in zip(now, before)]
+            self._flushed[name] = list(now)
+            open_now = self.active(name)
+            want = {"active": 0 if self.is_draining else open_now, "draining": open_now if self.is_draining else 0}
+            gauge = {state: want[state] - self._reported[name][state] for state in want}
+            self._reported[name] = want
+            self._sink.write(name, deltas, gauge)
+
+
+_SINKS: dict[tuple[str, ...], _Sink] = {}
+_SINKS_LOCK = threading.Lock()
+
+
+def _shared_sink(listeners: tuple[str, ...]) -> _Sink:
+    """Return this process's metric objects (one set per process: see the module docstring)."""
+    with _SINKS_LOCK:
+        if listeners not in _SINKS:
+            _SINKS[listeners] = _Sink(list(listeners))
+        return _SINKS[listeners]
+
+
+class _Sink:
+    """The prometheus-client metrics, created only in a worker that reports."""
+
+    def __init__(self, listeners: list[str]) -> None:
+        # Imported here: prometheus-client chooses multiprocess mode at import
+        # time, from the environment, and only a reporting worker has ENV set.
+        from prometheus_client import Counter, Gauge
+        labels = ["listener"]
+        self.counters: list[Any] = [
+            Counter("upgraderd_connections_accepted_total", "Connections accepted by the built-in workers.",
+                    labels, registry=None),
+            Counter("upgraderd_connections_closed_total", "Connections of the built-in workers that ended.",
+                    labels, registry=None),
+            Counter("upgraderd_bytes_received_total", "Bytes the built-in workers read from clients.",
+                    labels, registry=None),
+            Counter("upgraderd_bytes_sent_total", "Bytes the built-in workers wrote to clients.",
+                    labels, registry=None),
+        ]
+        self.active = Gauge("upgraderd_connections_active", "Open connections of the built-in workers, by "
+                            "the state of their generation (active or draining).", ["listener", "state"],
+                            registry=None, multiprocess_mode="livesum")
+        for name in listeners:
+            # Create every series at 0 so that rate() and increase() see its start.
+            for c in self.counters:
+                c.labels(name)
+            self.active.labels(name, "active").set(0)
+            self.active.labels(name, "draining").set(0)
+
+    def write(self, listener: str, deltas: list[int], gauge: dict[str, int]) -> None:
+        for counter, delta in zip(self.counters, deltas):
+            if delta:
+                counter.labels(listener).inc(delta)
+        for state, delta in gauge.items():
+            if delta:
+                self.active.labels(listener, state).inc(delta)

@@ -1,0 +1,212 @@
+"""upgraderd's Prometheus metrics: what the master reports and how they reach /metrics.
+
+Design note: nothing here holds a metric value of its own. Gauges and the
+master's counters are computed at scrape time from the latest `Snapshot` the
+loop published (client_python's custom-collector pattern), so they cannot
+drift from the state they describe and need no lock. The workers' connection
+counters come from their multiprocess files (see multiproc.py). Everything is
+registered on a private `CollectorRegistry` built by `Telemetry.start()`;
+nothing touches prometheus-client's global registry, and importing this
+module configures nothing.
+
+The names are an interface (dashboards and alerts query them); docs/metrics.md
+documents each one. No label takes a pid or any other unbounded value.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+from prometheus_client.metrics_core import (
+    CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily, Metric,
+)
+
+from upgraderd import __version__
+from upgraderd.config import Config, MetricsSpec
+from upgraderd.durations import HistogramData
+from upgraderd.endpoint import MetricsServer
+from upgraderd.errors import FatalError
+from upgraderd.multiproc import ENV, WorkerFiles
+from upgraderd.snapshot import Snapshot
+
+log = logging.getLogger("upgraderd")
+
+# The master's loop passes at least once a second; a snapshot this old means
+# the loop is stuck, and /healthz says so.
+STALL_AFTER = 10.0
+
+
+class UpgraderdCollector:
+    """Compute the master's metrics from the latest snapshot, at scrape time."""
+
+    def __init__(self, source: Callable[[], Snapshot | None]) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield every metric family of the master."""
+        build = InfoMetricFamily("upgraderd_build", "Version of upgraderd and of the Python running the master.")
+        build.add_metric([], {"version": __version__, "python": platform.python_version()})
+        yield build
+        snap = self.source()
+        if snap is None:
+            return
+        yield from self._state(snap)
+        yield from self._events(snap)
+        yield _histogram("upgraderd_reload_duration_seconds",
+                         "Time from the HUP to the new generation being ACTIVE, for successful reloads.",
+                         snap.reload_durations)
+        yield _histogram("upgraderd_drain_duration_seconds",
+                         "Time from ACTIVE -> DRAINING to the generation's last worker exiting.",
+                         snap.drain_durations)
+
+    def _state(self, snap: Snapshot) -> Iterator[Metric]:
+        yield GaugeMetricFamily("upgraderd_generation", "Number of the ACTIVE generation (0 while there is none).",
+                                value=snap.active_generation)
+        yield _by_label("upgraderd_generations", "Generations by state.", "state", snap.generations, gauge=True)
+        yield _by_label("upgraderd_workers", "Worker slots by state, over every generation the master tracks.",
+                        "state", snap.workers, gauge=True)
+        yield GaugeMetricFamily("upgraderd_draining_workers",
+                                "Worker processes asked to drain that have not exited yet.",
+                                value=snap.draining_workers)
+        info = InfoMetricFamily("upgraderd_listener", "One series per listener of the current config.",
+                                labels=["name", "address", "mode"])
+        for li in snap.listeners:
+            info.add_metric([li.name, li.address, li.mode], {})
+        yield info
+        yield GaugeMetricFamily("upgraderd_config_last_reload_successful",
+                                "1 if the last reload (or the start) brought its config into service, else 0.",
+                                value=1 if snap.last_reload_ok else 0)
+        yield GaugeMetricFamily("upgraderd_config_last_reload_success_timestamp_seconds",
+                                "Unix time the config in service was loaded (start or successful reload).",
+                                value=snap.last_reload_success_at)
+
+    def _events(self, snap: Snapshot) -> Iterator[Metric]:
+        yield _by_label("upgraderd_reloads", "Reloads by result: success, failed (the new generation did not "
+                        "become ACTIVE) or rejected (invalid config or bind error).", "result", snap.reloads)
+        yield _by_label("upgraderd_worker_exits", "Worker processes reaped, by how they ended.",
+                        "reason", snap.worker_exits)
+        yield CounterMetricFamily("upgraderd_worker_restarts", "Workers respawned into the slot of a dead worker "
+                                  "of an ACTIVE generation.", value=snap.worker_restarts)
+        yield CounterMetricFamily("upgraderd_notify_rejected", "Notify messages ignored because they came from "
+                                  "a process that is not a worker, or were malformed.", value=snap.notify_rejected)
+        yield CounterMetricFamily("upgraderd_drain_timeouts", "Workers SIGKILLed because they still ran at their "
+                                  "drain deadline.", value=snap.drain_timeouts)
+
+
+def _by_label(name: str, doc: str, label: str, values: dict[str, int], gauge: bool = False) -> Metric:
+    family: GaugeMetricFamily | CounterMetricFamily
+    family = GaugeMetricFamily(name, doc, labels=[label]) if gauge else CounterMetricFamily(name, doc, labels=[label])
+    for key, value in sorted(values.items()):
+        family.add_metric([key], value)
+    return family
+
+
+def _histogram(name: str, doc: str, data: HistogramData) -> Metric:
+    family = HistogramMetricFamily(name, doc)
+    family.add_metric([], [(_le(bound), float(n)) for bound, n in data.buckets], sum_value=data.total)
+    return family
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(float(bound))
+
+
+def health(snap: Snapshot | None, now: float) -> tuple[bool, bool, str]:
+    """Return (alive, ready, reason) for /healthz and /readyz from the latest snapshot."""
+    if snap is None:
+        return False, False, "starting"
+    stalled = now - snap.taken_at
+    alive = stalled < STALL_AFTER
+    ready = alive and snap.active_generation > 0 and not snap.stopping
+    why = (f"generation {snap.active_generation} active" if ready else
+           f"master loop stalled for {stalled:.0f}s" if not alive else
+           "stopping" if snap.stopping else "no ACTIVE generation")
+    return alive, ready, why
+
+
+class WorkerCollector:
+    """Expose the workers' multiprocess files (connection metrics)."""
+
+    def __init__(self, files: WorkerFiles) -> None:
+        self.files = files
+
+    def collect(self) -> Iterable[Metric]:
+        """Return the metrics summed over every worker, dead or alive."""
+        return self.files.collect()
+
+
+class TelemetryStarter(Protocol):
+    """What the master calls to start its metrics (`Telemetry.start`)."""
+
+    def __call__(self, spec: MetricsSpec, source: Callable[[], Snapshot | None], clock: Callable[[], float],
+                 inherited: dict[str, object] | None = None) -> Telemetry | None:
+        """Start serving metrics for `spec`, or return None if they are disabled."""
+
+
+class Telemetry:
+    """The master's metrics: registry, worker files and HTTP endpoint, started and stopped together."""
+
+    def __init__(self, spec: MetricsSpec, files: WorkerFiles, registry: CollectorRegistry,
+                 server: MetricsServer) -> None:
+        self.spec = spec
+        self.files = files
+        self.registry = registry
+        self.server = server
+
+    @classmethod
+    def start(cls, spec: MetricsSpec, source: Callable[[], Snapshot | None],
+              clock: Callable[[], float], inherited: dict[str, object] | None = None) -> Telemetry | None:
+        """Serve /metrics on `spec.listen`; raise FatalError naming the address if it cannot.
+
+        `inherited` is the `export()` of the master this one was exec'd from.
+        """
+        if spec.listen is None:
+            log.info("metrics disabled (metrics.listen is null)")
+            return None
+        files = WorkerFiles.adopt(inherited) if inherited else WorkerFiles(spec.dir)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(UpgraderdCollector(source))
+        registry.register(WorkerCollector(files))
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+        try:
+            server = MetricsServer(spec.listen, registry, lambda: health(source(), clock()))
+        except OSError as e:
+            files.close()
+            raise FatalError(f"cannot serve metrics on {spec.listen} (metrics.listen): "
+                             f"{e.strerror or e}") from None
+        server.start()
+        log.info("metrics on http://%s/metrics (worker files in %s)", server.address, files.path)
+        return cls(spec, files, registry, server)
+
+    def export(self) -> dict[str, object]:
+        """Return what a re-exec'd master passes to `start(inherited=...)`."""
+        return self.files.export()
+
+    def worker_env(self, cfg: Config) -> dict[str, str]:
+        """Return the environment a worker of `cfg` needs to report its metrics."""
+        # Only the built-in apps: a user's command keeps its own metrics setup.
+        return {ENV: self.files.path} if cfg.workers.app is not None else {}
+
+    def on_reaped(self, pid: int) -> None:
+        """Fold the files of a reaped worker into the archive."""
+        try:
+            self.files.fold(pid)
+        except Exception:  # metrics must never take the master down
+            log.exception("could not fold the metric files of pid %d", pid)
+
+    def check_reload(self, cfg: Config) -> None:
+        """Warn about metrics settings that only a restart applies."""
+        if cfg.metrics != self.spec:
+            log.warning("metrics settings changed (%s -> %s); they take effect when the master restarts",
+                        self.spec, cfg.metrics)
+
+    def close(self) -> None:
+        """Stop the endpoint and release the worker files."""
+        self.server.stop()
+        self.files.close()
