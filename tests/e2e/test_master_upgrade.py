@@ -67,3 +67,33 @@ def test_exec_failure_leaves_the_old_master_running():
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_counters_carry_on_across_usr2(tmp_path):
+    from scrape import scrape, value
+
+    port = free_port()
+    cfg = echo_config(port, count=2)
+    with Daemon(tmp_path, cfg).start() as d:
+        load = Load("127.0.0.1", port, threads=3, max_seconds=60).start("echo")
+        assert load.wait_for_ok(300)
+        d.hup()
+        d.wait_log(r"reload done: generation 2 ACTIVE")
+        load.stop()
+        ok_before = load.result.ok
+        before = scrape(cfg)
+        assert value(before, "upgraderd_reloads_total", result="success") == 1
+        accepted = value(before, "upgraderd_connections_accepted_total", listener="echo")
+        assert accepted == ok_before
+        d.send(signal.SIGUSR2)
+        d.wait_log(r"reload done: generation 3 ACTIVE")
+        load = Load("127.0.0.1", port, threads=3, max_seconds=60).start("echo")
+        assert load.wait_for_ok(100)
+        result = load.stop()
+        assert result.failures == {}
+        # Wait for the workers to write out their counts, then compare: nothing was reset.
+        wait_until(lambda: value(scrape(cfg), "upgraderd_connections_accepted_total", listener="echo")
+                   == ok_before + result.ok, 15, "the new connections to be counted")
+        after = scrape(cfg)
+        assert value(after, "upgraderd_reloads_total", result="success") == 2
+        assert value(after, "upgraderd_generation") == 3
