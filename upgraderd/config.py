@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
+from upgraderd import placeholders, probe
 from upgraderd.errors import ConfigError
 
 REQUIRED: Any = object()
@@ -268,7 +269,8 @@ class ReadySpec:
                     "notify: READY=1 via NOTIFY_SOCKET; delay: alive after `after`; http: `url` answers 2xx.")
     after: float = opt(1.0, duration, "With mode delay: how long a worker must stay alive.")
     timeout: float = opt(30.0, duration, "A generation not ready by then fails; the old one keeps serving.")
-    url: str | None = opt(None, string, "With mode http: per-worker health URL, e.g. http://{addr:web}/healthz.")
+    url: str | None = opt(None, string, "With mode http: the per-worker health URL, "
+                          "e.g. http://127.0.0.1:{probe_port}/healthz.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -472,6 +474,7 @@ def parse(text: str, path: str = "<string>") -> Config:
     cfg: Config | None = loader.section(Config, root, "")
     if cfg is not None:
         _check_workers(loader, root, cfg)
+        _check_templates(loader, root, cfg)
     if loader.problems:
         raise ConfigError(loader.problems)
     assert cfg is not None
@@ -501,6 +504,39 @@ def _check_workers(loader: _Loader, root: yaml.Node, cfg: Config) -> None:
             prog if os.access(prog, os.X_OK) and os.path.isfile(prog) else None)
         if found is None:
             loader.fail(node, "workers.command[0]", f"{prog!r} is not an executable file or not on PATH")
+
+
+def _check_templates(loader: _Loader, root: yaml.Node, cfg: Config) -> None:
+    """Check the placeholders of workers.command and ready.url, at their own lines."""
+    items = loader.mapping(root, "") or {}
+    if cfg.workers.command is not None:
+        wnode = items.get("workers", (root, root))[1]
+        cnode = (loader.mapping(wnode, "workers") or {}).get("command", (wnode, wnode))[1]
+        for i, arg in enumerate(cfg.workers.command):
+            node = cnode.value[i] if isinstance(cnode, yaml.SequenceNode) else cnode
+            for problem in placeholders.problems(arg, cfg):
+                loader.fail(node, f"workers.command[{i}]", problem)
+    if cfg.ready.url is not None:
+        rnode = items.get("ready", (root, root))[1]
+        unode = (loader.mapping(rnode, "ready") or {}).get("url", (rnode, rnode))[1]
+        found = placeholders.problems(cfg.ready.url, cfg)
+        if not found:
+            sample = placeholders.values(cfg, 0, 1, probe_port=1)
+            try:
+                probe.parse_url(placeholders.expand(cfg.ready.url, sample))
+            except ValueError as e:
+                found = [str(e)]
+        for problem in found:
+            loader.fail(unode, "ready.url", problem)
+    lnode = items.get("listeners", (root, root))[1]
+    seen: dict[str, str] = {}
+    for i, spec in enumerate(cfg.listeners):
+        var = placeholders.addr_env_name(spec.name)
+        if var in seen:
+            node = lnode.value[i] if isinstance(lnode, yaml.SequenceNode) else lnode
+            loader.fail(node, f"listeners[{i}].name", f"{spec.name!r} and {seen[var]!r} would both "
+                        f"set {var} in the workers' environment; rename one")
+        seen.setdefault(var, spec.name)
 
 
 def load(path: str) -> Config:

@@ -27,12 +27,13 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from upgraderd import config as configmod
+from upgraderd import kernel, placeholders, sockets
 from upgraderd import plan as planmod
-from upgraderd import sockets
 from upgraderd.config import Config
-from upgraderd.errors import ConfigError, FatalError
-from upgraderd.generation import Generation, GenerationState
+from upgraderd.errors import ConfigError, FatalError, SpawnError
+from upgraderd.generation import Generation, GenerationState, WorkerState
 from upgraderd.notify import NotifyServer, notify, parse_fields
+from upgraderd.probe import Prober, reserve_port
 from upgraderd.process import Exit, ProcessAPI, PosixProcessAPI
 from upgraderd.signals import SignalInbox
 
@@ -69,6 +70,9 @@ class Master:
         self.clock = clock
         self.listeners = sockets.ListenerSet()
         self.notify = notify_server or NotifyServer()
+        self.probes = Prober()
+        # net.ipv4.tcp_migrate_req as last read (None: unavailable); see kernel.py.
+        self.tcp_migrate_req: int | None = None
         self.generations: list[Generation] = []
         self.config: Config | None = None
         self.stats = Stats()
@@ -101,13 +105,26 @@ class Master:
         """Return the STARTING generation."""
         return self.generation(GenerationState.STARTING)
 
+    @property
+    def worker_bind_reset_risk(self) -> bool:
+        """Return True if draining a worker-bind listener can reset queued connections now."""
+        cfgs = [g.config for g in self.generations] + ([self.config] if self.config else [])
+        bound = any(s.mode == "worker-bind" for c in cfgs for s in c.listeners)
+        return bound and self.tcp_migrate_req != 1
+
     # -- Launcher, used by generations --
 
     def spawn_worker(self, gen: Generation, slot: int) -> int:
         """Start worker `slot` of `gen` with its sockets; return the pid."""
         fds = self.listeners.child_fds(gen.config, slot)
+        try:
+            probe_port = reserve_port() if gen.config.ready.mode == "http" else None
+        except OSError as e:
+            raise SpawnError(f"no port for the readiness probe: {e.strerror}") from None
+        values = placeholders.values(gen.config, slot, gen.number, probe_port)
         env = {k: v for k, v in os.environ.items() if k not in PRIVATE_ENV}
         env.update(gen.config.workers.env)
+        env.update(placeholders.environment(gen.config, values))
         env.update({
             "LISTEN_FDS": str(len(fds.fds)), "LISTEN_FDNAMES": ":".join(fds.names),
             "NOTIFY_SOCKET": self.notify.address,
@@ -116,7 +133,11 @@ class Master:
         })
         if gen.state is GenerationState.ACTIVE:
             self.stats.worker_restarts += 1
-        return self.procs.spawn(gen.config.worker_argv, env, fds.fds)
+        argv = [placeholders.expand(arg, values) for arg in gen.config.worker_argv]
+        pid = self.procs.spawn(argv, env, fds.fds, cwd=gen.config.workers.cwd)
+        if gen.config.ready.url is not None and gen.config.ready.mode == "http":
+            self.probes.add(pid, placeholders.expand(gen.config.ready.url, values), self.clock())
+        return pid
 
     def signal_worker(self, pid: int, sig: int) -> None:
         """Send `sig` to worker `pid`."""
@@ -132,6 +153,7 @@ class Master:
         except OSError as e:
             raise FatalError(str(e)) from None
         log.info("upgraderd %s starting: %s", _version(), planmod.diff(None, cfg).describe())
+        self.check_kernel(cfg)
         self.config = cfg
         now = self.clock()
         self._watching = (self._start_generation(cfg, now), now)
@@ -163,6 +185,7 @@ class Master:
             self._reload_failed(f"{e}", "rejected")
             return
         log.info("reload: %s", planmod.diff(self.config, cfg).describe())
+        self.check_kernel(cfg)
         self._watching = (self._start_generation(cfg, now), since)
 
     def _reload_failed(self, why: str, result: str) -> None:
@@ -203,12 +226,14 @@ class Master:
         with SignalInbox() as inbox, selectors.DefaultSelector() as sel:
             sel.register(inbox.fileno(), selectors.EVENT_READ, "signal")
             sel.register(self.notify.fileno(), selectors.EVENT_READ, "notify")
+            sel.register(self.probes.fileno(), selectors.EVENT_READ, "probe")
             self.start()
             while self.generations:
                 sel.select(self._timeout(self.clock()))
                 self.step(inbox.drain())
         self.listeners.close_all()
         self.notify.close()
+        self.probes.close()
         log.info("upgraderd stopped")
         return self.exit_code
 
@@ -221,12 +246,15 @@ class Master:
                 handler(now)
         self.read_notify(now)
         self.reap(now)
+        self.poll_probes(now)
         for g in list(self.generations):
             g.tick(now)
         self._settle(now)
 
     def _timeout(self, now: float) -> float:
         deadlines = [d for g in self.generations if (d := g.next_deadline()) is not None]
+        if (probe_due := self.probes.next_deadline()) is not None:
+            deadlines.append(probe_due)
         if not deadlines:
             return 1.0
         return max(0.0, min(1.0, min(deadlines) - now))
@@ -248,6 +276,27 @@ class Master:
                 continue
             if fields.get("READY") == "1":
                 gen.on_ready(pid, now)
+
+    def poll_probes(self, now: float) -> None:
+        """Advance the HTTP readiness probes; mark workers that answered 2xx ready."""
+        starting = {pid: g for g in self.generations for pid, w in g.pids().items()
+                    if w.state is WorkerState.STARTING}
+        for pid in self.probes.pids() - set(starting):
+            url, why = self.probes.remove(pid) or ("", "")
+            log.info("stopped probing pid %d at %s (it is no longer starting); last attempt: %s",
+                     pid, url, why)
+        for pid in self.probes.poll(now):
+            starting[pid].on_ready(pid, now)
+
+    def check_kernel(self, cfg: Config) -> None:
+        """Read (and with `kernel.tcp_migrate_req: set`, set) net.ipv4.tcp_migrate_req."""
+        bound = [s.name for s in cfg.listeners if s.mode == "worker-bind"]
+        state = kernel.ensure_migrate_req(cfg.kernel.tcp_migrate_req, bound)
+        self.tcp_migrate_req = state.value
+        for line in state.info:
+            log.info("%s", line)
+        for line in state.warnings:
+            log.warning("%s", line)
 
     def reap(self, now: float) -> None:
         """Collect exited children and hand each to its generation."""

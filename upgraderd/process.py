@@ -74,7 +74,7 @@ class PosixProcessAPI:
         actions = _fd_actions(fds)
         args = [*SHIM, *argv]
         if cwd is not None:
-            args = ["/bin/sh", "-c", 'cd "$0" || exit 127; shift; exec "$@"', cwd, *args]
+            args = ["/bin/sh", "-c", 'cd "$0" || exit 127; exec "$@"', cwd, *args]
         try:
             return os.posix_spawn(args[0], args, dict(env), file_actions=actions)
         except OSError as e:
