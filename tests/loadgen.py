@@ -104,6 +104,11 @@ class Load:
             t.join(self.timeout * 3)
         return self.result
 
+    def bodies(self) -> Counter[str]:
+        """Return a copy of the response bodies counted so far."""
+        with self._lock:
+            return Counter(self.result.bodies)
+
     def wait_for_ok(self, n: int, timeout: float = 10.0) -> bool:
         """Wait until at least `n` round trips succeeded in total."""
         end = time.monotonic() + timeout

@@ -123,8 +123,9 @@ def addr_env_name(listener: str) -> str:
 
 
 def environment(cfg: Config, vals: Mapping[str, str]) -> dict[str, str]:
-    """Return the UPGRADERD_ADDR_<NAME> (and UPGRADERD_PROBE_PORT) variables of a worker."""
+    """Return the UPGRADERD_ADDR_<NAME>, UPGRADERD_WORKER_BIND and UPGRADERD_PROBE_PORT variables."""
     env = {addr_env_name(spec.name): spec.address for spec in cfg.listeners}
+    env["UPGRADERD_WORKER_BIND"] = ":".join(s.name for s in cfg.listeners if s.mode == "worker-bind")
     if "probe_port" in vals:
         env["UPGRADERD_PROBE_PORT"] = vals["probe_port"]
     return env
