@@ -503,7 +503,14 @@ def _check_workers(loader: _Loader, root: yaml.Node, cfg: Config) -> None:
         found = shutil.which(prog, path=env_path) if "/" not in prog else (
             prog if os.access(prog, os.X_OK) and os.path.isfile(prog) else None)
         if found is None:
-            loader.fail(node, "workers.command[0]", f"{prog!r} is not an executable file or not on PATH")
+            loader.fail(_command_node(loader, node, 0), "workers.command[0]",
+                        f"{prog!r} is not an executable file or not on PATH")
+
+
+def _command_node(loader: _Loader, wnode: yaml.Node, i: int) -> yaml.Node:
+    """Return the node of workers.command[i] (the whole string if command is one string)."""
+    cnode = (loader.mapping(wnode, "workers") or {}).get("command", (wnode, wnode))[1]
+    return cnode.value[i] if isinstance(cnode, yaml.SequenceNode) else cnode
 
 
 def _check_templates(loader: _Loader, root: yaml.Node, cfg: Config) -> None:
@@ -511,11 +518,9 @@ def _check_templates(loader: _Loader, root: yaml.Node, cfg: Config) -> None:
     items = loader.mapping(root, "") or {}
     if cfg.workers.command is not None:
         wnode = items.get("workers", (root, root))[1]
-        cnode = (loader.mapping(wnode, "workers") or {}).get("command", (wnode, wnode))[1]
         for i, arg in enumerate(cfg.workers.command):
-            node = cnode.value[i] if isinstance(cnode, yaml.SequenceNode) else cnode
             for problem in placeholders.problems(arg, cfg):
-                loader.fail(node, f"workers.command[{i}]", problem)
+                loader.fail(_command_node(loader, wnode, i), f"workers.command[{i}]", problem)
     if cfg.ready.url is not None:
         rnode = items.get("ready", (root, root))[1]
         unode = (loader.mapping(rnode, "ready") or {}).get("url", (rnode, rnode))[1]

@@ -274,7 +274,9 @@ class Master:
                 self.stats.notify_rejected += 1
                 log.warning("ignored bad notify message from pid %d: %s", pid, e)
                 continue
-            if fields.get("READY") == "1":
+            # Only `ready.mode: notify` trusts READY=1: gunicorn, for one, sends it
+            # before its workers have loaded the app, which is why a config says delay.
+            if fields.get("READY") == "1" and gen.config.ready.mode == "notify":
                 gen.on_ready(pid, now)
 
     def poll_probes(self, now: float) -> None:
