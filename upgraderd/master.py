@@ -1,7 +1,8 @@
 """The master: the one owner of upgraderd's mutable runtime state.
 
-The loop blocks only in `select`, on two fds: the signal wakeup socket and the
-notify socket. Each pass reads signals and notify messages, reaps children,
+The loop blocks only in `select`, on three fds: the signal wakeup socket, the
+notify socket and the HTTP readiness probes' epoll (probe.py). Each pass reads
+signals and notify messages, reaps children, advances the probes,
 ticks every generation with `now`, then `_settle()`s: a level-triggered step
 that recomputes what to do from the generations' states (promote a new ACTIVE
 generation and drain its predecessor, record a failed reload, forget retired

@@ -24,7 +24,7 @@ def test_worker_gets_fds_names_addresses_and_expanded_argv(tmp_path):
             {"name": "pub-1", "port": pub, "mode": "worker-bind"},
             {"name": "api", "port": api, "mode": "shared"},
         ],
-        "workers": {"count": 2, "env": {"OUT_DIR": str(out)},
+        "workers": {"count": 2, "env": {"OUT_DIR": str(out)}, "cwd": str(out),
                     "command": [sys.executable, FIXTURE, "--web={fd:web}", "--api={fd:api}",
                                 "--pub={addr:pub-1}", "{host:api}:{port:api}", "slot={slot}",
                                 "gen={generation}", "{{literal}}"]},
@@ -53,6 +53,7 @@ def test_worker_gets_fds_names_addresses_and_expanded_argv(tmp_path):
             assert env["UPGRADERD_ADDR_PUB_1"] == f"127.0.0.1:{pub}"
             assert env["UPGRADERD_WORKER_BIND"] == "pub-1"
             assert "UPGRADERD_PROBE_PORT" not in env
+            assert info["cwd"] == str(out)
             assert info["argv"] == ["--web=3", "--api=4", f"--pub=127.0.0.1:{pub}",
                                     f"127.0.0.1:{api}", f"slot={slot}", "gen=1", "{literal}"]
         assert sorted(info["env"]["UPGRADERD_SLOT"] for info in seen.values()) == ["0", "1"]
