@@ -27,6 +27,8 @@ class Result:
     latencies: list[float] = field(default_factory=list)
     examples: dict[str, str] = field(default_factory=dict)
     bodies: Counter[str] = field(default_factory=Counter)
+    # (monotonic time the round trip started, body) of every answer with a body
+    answers: list[tuple[float, str]] = field(default_factory=list)
 
     @property
     def ok(self) -> int:
@@ -74,13 +76,15 @@ class Load:
         self.result = Result()
         self._workers: list[threading.Thread] = []
 
-    def _record(self, outcome: str, latency: float, detail: str = "", body: str = "") -> None:
+    def _record(self, outcome: str, latency: float, detail: str = "", body: str = "",
+                started: float = 0.0) -> None:
         with self._lock:
             self.result.outcomes[outcome] += 1
             if outcome == OK:
                 self.result.latencies.append(latency)
                 if body:
                     self.result.bodies[body] += 1
+                    self.result.answers.append((started, body))
             elif outcome not in self.result.examples:
                 self.result.examples[outcome] = detail
 
@@ -104,10 +108,10 @@ class Load:
             t.join(self.timeout * 3)
         return self.result
 
-    def bodies(self) -> Counter[str]:
-        """Return a copy of the response bodies counted so far."""
+    def answers_since(self, t: float) -> Counter[str]:
+        """Return the bodies of the answers to round trips that started at or after `t`."""
         with self._lock:
-            return Counter(self.result.bodies)
+            return Counter(body for started, body in self.result.answers if started >= t)
 
     def wait_for_ok(self, n: int, timeout: float = 10.0) -> bool:
         """Wait until at least `n` round trips succeeded in total."""
@@ -180,6 +184,7 @@ class Load:
                 continue
             head, _, body = bytes(data).partition(b"\r\n\r\n")
             if head.startswith(b"HTTP/1.1 200") or head.startswith(b"HTTP/1.0 200"):
-                self._record(OK, time.monotonic() - t0, body=body.decode(errors="replace").strip())
+                self._record(OK, time.monotonic() - t0, body=body.decode(errors="replace").strip(),
+                             started=t0)
             else:
                 self._record("bad-status" if head else "short", 0.0, head[:80].decode(errors="replace"))
