@@ -108,10 +108,18 @@ class Load:
             t.join(self.timeout * 3)
         return self.result
 
-    def answers_since(self, t: float) -> Counter[str]:
-        """Return the bodies of the answers to round trips that started at or after `t`."""
+    def mark(self) -> tuple[float, int]:
+        """Return a point in time for `answers_since` (the time and the answers so far)."""
         with self._lock:
-            return Counter(body for started, body in self.result.answers if started >= t)
+            return time.monotonic(), len(self.result.answers)
+
+    def answers_since(self, mark: tuple[float, int]) -> Counter[str]:
+        """Return the bodies of the answers to round trips that started after `mark`."""
+        t, seen = mark
+        with self._lock:
+            # A round trip that started after the mark ended after it, so it is not
+            # among the answers recorded before the mark: scan only the newer ones.
+            return Counter(body for started, body in self.result.answers[seen:] if started >= t)
 
     def wait_for_ok(self, n: int, timeout: float = 10.0) -> bool:
         """Wait until at least `n` round trips succeeded in total."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 import signal
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +59,7 @@ def reload_under_load(d: Daemon, port: int, reloads: int = 20, threads: int = 4,
             d.wait_log(rf"generation {gen - 1} DRAINING -> RETIRED", timeout=timeout)
             # Requests that start from now on can only reach generation `gen`; answers
             # still in flight from before may come from the old one, and do not count.
-            mark = time.monotonic()
+            mark = load.mark()
             wait_until(lambda: sum(load.answers_since(mark).values()) >= answers_after,
                        timeout, f"{answers_after} answers after reload to generation {gen}")
             new = load.answers_since(mark)
