@@ -156,7 +156,11 @@ class Daemon:
             log = self.log()
             started = [int(n) for n in re.findall(r"generation (\d+) STARTING:", log)]
             settled = {int(n) for n in re.findall(r"generation (\d+) STARTING -> (?:ACTIVE|FAILED)", log)}
-            if started and all(n in settled for n in started) and "reload queued" not in log[-300:]:
+            # A queued HUP is acted on once the STARTING generation settles, in the same
+            # pass but in a later log line: it is settled only once that line is there.
+            queued = log.rfind("reload queued")
+            acted = max(log.rfind(" STARTING: "), log.rfind("reload failed"))
+            if started and all(n in settled for n in started) and queued < acted:
                 active = [int(n) for n in re.findall(r"generation (\d+) STARTING -> ACTIVE", log)]
                 return max(active) if active else None
             return None
