@@ -93,6 +93,15 @@ def echo_config(port: int, mode: str = "reuseport", count: int = 4, **sections: 
     return cfg
 
 
+def _is_config_without_metrics(text: str) -> bool:
+    """Return True for a well-formed config mapping with no `metrics` key (not a broken one)."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return False
+    return isinstance(doc, dict) and "listeners" in doc and "metrics" not in doc
+
+
 class Daemon:
     """One upgraderd master run with a config written to `workdir`."""
 
@@ -111,7 +120,15 @@ class Daemon:
         self.log_offset = 0
 
     def write_config(self, config: dict[str, object] | str) -> None:
-        """Write (or rewrite) the config file atomically."""
+        """Write (or rewrite) the config file atomically.
+
+        A config that says nothing of `metrics` gets a free port for it: the default,
+        127.0.0.1:9108, would be shared by tests running at the same time.
+        """
+        if isinstance(config, dict) and "metrics" not in config:
+            config = {**config, "metrics": {"listen": f"127.0.0.1:{free_port()}"}}
+        if isinstance(config, str) and _is_config_without_metrics(config):
+            config += f"\nmetrics: {{listen: '127.0.0.1:{free_port()}'}}\n"
         text = config if isinstance(config, str) else yaml.safe_dump(config, sort_keys=False)
         tmp = self.config_path.with_suffix(".tmp")
         tmp.write_text(text)

@@ -27,6 +27,8 @@ class Result:
     latencies: list[float] = field(default_factory=list)
     examples: dict[str, str] = field(default_factory=dict)
     bodies: Counter[str] = field(default_factory=Counter)
+    # (monotonic time the round trip started, body) of every answer with a body
+    answers: list[tuple[float, str]] = field(default_factory=list)
 
     @property
     def ok(self) -> int:
@@ -74,13 +76,15 @@ class Load:
         self.result = Result()
         self._workers: list[threading.Thread] = []
 
-    def _record(self, outcome: str, latency: float, detail: str = "", body: str = "") -> None:
+    def _record(self, outcome: str, latency: float, detail: str = "", body: str = "",
+                started: float = 0.0) -> None:
         with self._lock:
             self.result.outcomes[outcome] += 1
             if outcome == OK:
                 self.result.latencies.append(latency)
                 if body:
                     self.result.bodies[body] += 1
+                    self.result.answers.append((started, body))
             elif outcome not in self.result.examples:
                 self.result.examples[outcome] = detail
 
@@ -103,6 +107,19 @@ class Load:
         for t in self._workers:
             t.join(self.timeout * 3)
         return self.result
+
+    def mark(self) -> tuple[float, int]:
+        """Return a point in time for `answers_since` (the time and the answers so far)."""
+        with self._lock:
+            return time.monotonic(), len(self.result.answers)
+
+    def answers_since(self, mark: tuple[float, int]) -> Counter[str]:
+        """Return the bodies of the answers to round trips that started after `mark`."""
+        t, seen = mark
+        with self._lock:
+            # A round trip that started after the mark ended after it, so it is not
+            # among the answers recorded before the mark: scan only the newer ones.
+            return Counter(body for started, body in self.result.answers[seen:] if started >= t)
 
     def wait_for_ok(self, n: int, timeout: float = 10.0) -> bool:
         """Wait until at least `n` round trips succeeded in total."""
@@ -175,6 +192,7 @@ class Load:
                 continue
             head, _, body = bytes(data).partition(b"\r\n\r\n")
             if head.startswith(b"HTTP/1.1 200") or head.startswith(b"HTTP/1.0 200"):
-                self._record(OK, time.monotonic() - t0, body=body.decode(errors="replace").strip())
+                self._record(OK, time.monotonic() - t0, body=body.decode(errors="replace").strip(),
+                             started=t0)
             else:
                 self._record("bad-status" if head else "short", 0.0, head[:80].decode(errors="replace"))

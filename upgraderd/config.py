@@ -31,6 +31,7 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
+from upgraderd import placeholders, probe
 from upgraderd.errors import ConfigError, SpawnError
 from upgraderd.process import privilege_argv
 
@@ -299,7 +300,8 @@ class ReadySpec:
                     "notify: READY=1 via NOTIFY_SOCKET; delay: alive after `after`; http: `url` answers 2xx.")
     after: float = opt(1.0, duration, "With mode delay: how long a worker must stay alive.")
     timeout: float = opt(30.0, duration, "A generation not ready by then fails; the old one keeps serving.")
-    url: str | None = opt(None, string, "With mode http: per-worker health URL, e.g. http://{addr:web}/healthz.")
+    url: str | None = opt(None, string, "With mode http: the per-worker health URL, "
+                          "e.g. http://127.0.0.1:{probe_port}/healthz.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -524,6 +526,7 @@ def parse(text: str, path: str = "<string>") -> Config:
     cfg: Config | None = loader.section(Config, root, "")
     if cfg is not None:
         _check_workers(loader, root, cfg)
+        _check_templates(loader, root, cfg)
     if loader.problems:
         raise ConfigError(loader.problems)
     assert cfg is not None
@@ -589,8 +592,7 @@ def _check_workers(loader: _Loader, root: yaml.Node, cfg: Config) -> None:
         problem = _command_problem(w.command[0], w.env.get("PATH", os.environ.get("PATH", os.defpath)),
                                    w.cwd)
         if problem:
-            where = _node_at(node, "command", 0) or _node_at(node, "command") or node
-            loader.fail(where, "workers.command[0]", problem)
+            loader.fail(_command_node(node, 0), "workers.command[0]", problem)
 
 
 def _check_identity(loader: _Loader, node: yaml.Node, w: WorkerSpec) -> None:
@@ -624,6 +626,40 @@ def _command_problem(prog: str, env_path: str, cwd: str | None) -> str | None:
     if present:
         return f"{prog!r} is on PATH at {present[0]} but is not executable"
     return f"{prog!r} is not on PATH ({env_path})"
+
+
+def _command_node(wnode: yaml.Node, i: int) -> yaml.Node:
+    """Return the node of workers.command[i] (the whole string if command is one string)."""
+    return _node_at(wnode, "command", i) or _node_at(wnode, "command") or wnode
+
+
+def _check_templates(loader: _Loader, root: yaml.Node, cfg: Config) -> None:
+    """Check the placeholders of workers.command and ready.url, at their own lines."""
+    if cfg.workers.command is not None:
+        wnode = _node_at(root, "workers") or root
+        for i, arg in enumerate(cfg.workers.command):
+            for problem in placeholders.problems(arg, cfg):
+                loader.fail(_command_node(wnode, i), f"workers.command[{i}]", problem)
+    if cfg.ready.url is not None:
+        unode = _node_at(root, "ready", "url") or _node_at(root, "ready") or root
+        found = placeholders.problems(cfg.ready.url, cfg)
+        if not found:
+            sample = placeholders.values(cfg, 0, 1, probe_port=1)
+            try:
+                probe.parse_url(placeholders.expand(cfg.ready.url, sample))
+            except ValueError as e:
+                found = [str(e)]
+        for problem in found:
+            loader.fail(unode, "ready.url", problem)
+    lnode = _node_at(root, "listeners") or root
+    seen: dict[str, str] = {}
+    for i, spec in enumerate(cfg.listeners):
+        var = placeholders.addr_env_name(spec.name)
+        if var in seen:
+            node = lnode.value[i] if isinstance(lnode, yaml.SequenceNode) else lnode
+            loader.fail(node, f"listeners[{i}].name", f"{spec.name!r} and {seen[var]!r} would both "
+                        f"set {var} in the workers' environment; rename one")
+        seen.setdefault(var, spec.name)
 
 
 def load(path: str) -> Config:

@@ -56,6 +56,8 @@ class WorkerState(enum.Enum):
 
 
 LIVE_WORKER = (WorkerState.STARTING, WorkerState.READY, WorkerState.DRAINING)
+_NOT_READY = {"notify": "never sent READY=1", "http": "never answered 2xx at ready.url",
+              "delay": "did not stay up for ready.after"}
 
 
 @dataclass
@@ -297,7 +299,7 @@ class Generation:
             late = sorted(w.slot for w in self.workers.values() if w.state is not WorkerState.READY)
             # STARTING -> FAILED
             self._fail(now, f"not ready within {self.config.ready.timeout:g}s "
-                            f"(slots {', '.join(map(str, late))} never sent READY=1)")
+                            f"(slots {', '.join(map(str, late))} {_NOT_READY[self.config.ready.mode]})")
 
     def _ready_by_delay(self, now: float) -> None:
         if self.config.ready.mode != "delay":

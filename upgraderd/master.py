@@ -1,7 +1,8 @@
 """The master: the one owner of upgraderd's mutable runtime state.
 
-The loop blocks only in `select`, on two fds: the signal wakeup socket and the
-notify socket. Each pass reads signals and notify messages, reaps children,
+The loop blocks only in `select`, on three fds: the signal wakeup socket, the
+notify socket and the HTTP readiness probes' epoll (probe.py). Each pass reads
+signals and notify messages, reaps children, advances the probes,
 ticks every generation with `now`, then `_settle()`s: a level-triggered step
 that recomputes what to do from the generations' states (promote a new ACTIVE
 generation and drain its predecessor, record a failed reload, forget retired
@@ -29,16 +30,18 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from upgraderd import config as configmod
+from upgraderd import kernel, placeholders, sockets
 from upgraderd import plan as planmod
-from upgraderd import reexec, sockets
+from upgraderd import reexec
 from upgraderd import snapshot as snapshotmod
 from upgraderd.config import Config
 from upgraderd.durations import DRAIN_BUCKETS, RELOAD_BUCKETS, Durations
-from upgraderd.errors import ConfigError, FatalError
-from upgraderd.generation import Generation, GenerationState
+from upgraderd.errors import ConfigError, FatalError, SpawnError
+from upgraderd.generation import Generation, GenerationState, WorkerState
 from upgraderd.hooks import Hooks
 from upgraderd.metrics import Telemetry, TelemetryStarter
 from upgraderd.notify import NotifyServer, notify, parse_fields
+from upgraderd.probe import Prober, reserve_port
 from upgraderd.process import Exit, ProcessAPI, PosixProcessAPI, user_env
 from upgraderd.signals import SignalInbox
 from upgraderd.snapshot import Snapshot
@@ -106,6 +109,9 @@ class Master:
         if notify_server is None and inherited is not None:
             notify_server = NotifyServer(socket.socket(fileno=int(inherited["notify_fd"])))
         self.notify = notify_server or NotifyServer()
+        self.probes = Prober()
+        # net.ipv4.tcp_migrate_req as last read (None: unavailable); see kernel.py.
+        self.tcp_migrate_req: int | None = None
         self.generations: list[Generation] = []
         self.config: Config | None = None
         self.stats = Stats()
@@ -155,15 +161,28 @@ class Master:
         """Return a frozen copy of what the metrics report (call it in the loop thread)."""
         return snapshotmod.take(self)
 
+    @property
+    def worker_bind_reset_risk(self) -> bool:
+        """Return True if draining a worker-bind listener can reset queued connections now."""
+        cfgs = [g.config for g in self.generations] + ([self.config] if self.config else [])
+        bound = any(s.mode == "worker-bind" for c in cfgs for s in c.listeners)
+        return bound and self.tcp_migrate_req != 1
+
     # -- Launcher, used by generations --
 
     def spawn_worker(self, gen: Generation, slot: int) -> int:
         """Start worker `slot` of `gen` with its sockets; return the pid."""
         fds = self.listeners.child_fds(gen.config, slot)
         w = gen.config.workers
+        try:
+            probe_port = reserve_port() if gen.config.ready.mode == "http" else None
+        except OSError as e:
+            raise SpawnError(f"no port for the readiness probe: {e.strerror}") from None
+        values = placeholders.values(gen.config, slot, gen.number, probe_port)
         env = {k: v for k, v in os.environ.items() if k not in PRIVATE_ENV}
         env.update(user_env(w.user))
         env.update(w.env)
+        env.update(placeholders.environment(gen.config, values))
         env.update({
             "LISTEN_FDS": str(len(fds.fds)), "LISTEN_FDNAMES": ":".join(fds.names),
             "NOTIFY_SOCKET": self.notify.address,
@@ -175,7 +194,11 @@ class Master:
             env.update(self.telemetry.worker_env(gen.config))
         if gen.state is GenerationState.ACTIVE:
             self.stats.worker_restarts += 1
-        return self.procs.spawn(gen.config.worker_argv, env, fds.fds, cwd=w.cwd, user=w.user, group=w.group)
+        argv = [placeholders.expand(arg, values) for arg in gen.config.worker_argv]
+        pid = self.procs.spawn(argv, env, fds.fds, cwd=w.cwd, user=w.user, group=w.group)
+        if gen.config.ready.url is not None and gen.config.ready.mode == "http":
+            self.probes.add(pid, placeholders.expand(gen.config.ready.url, values), self.clock())
+        return pid
 
     def signal_worker(self, pid: int, sig: int) -> None:
         """Send `sig` to worker `pid`."""
@@ -205,8 +228,8 @@ class Master:
         return cfg
 
     def fds(self) -> list[int]:
-        """Return every fd the master needs to keep: its listeners and notify socket."""
-        return [*self.listeners.filenos(), self.notify.fileno()]
+        """Return every fd the master must keep across daemonizing: listeners, notify, probes."""
+        return [*self.listeners.filenos(), self.notify.fileno(), self.probes.fileno()]
 
     def start(self) -> None:
         """Load the config (unless prepared), bind its listeners and start generation 1."""
@@ -219,6 +242,7 @@ class Master:
             self._adopt(self.inherited)
             return
         log.info("upgraderd %s starting: %s", _version(), planmod.diff(None, cfg).describe())
+        self.check_kernel(cfg)
         self.config = cfg
         now = self.clock()
         self._watching = (self._start_generation(cfg, now), now)
@@ -317,6 +341,7 @@ class Master:
                 log.warning("the reload retires worker slots: %s", risk)
         if self.telemetry is not None:
             self.telemetry.check_reload(cfg)
+        self.check_kernel(cfg)
         self._watching = (self._start_generation(cfg, now), since)
 
     def _reload_failed(self, why: str, result: str, generation: int = 0) -> None:
@@ -395,6 +420,7 @@ class Master:
             with SignalInbox() as inbox, selectors.DefaultSelector() as sel:
                 sel.register(inbox.fileno(), selectors.EVENT_READ, "signal")
                 sel.register(self.notify.fileno(), selectors.EVENT_READ, "notify")
+                sel.register(self.probes.fileno(), selectors.EVENT_READ, "probe")
                 self.start()
                 self.published = self.snapshot()
                 while self.generations:
@@ -405,6 +431,7 @@ class Master:
                 self.telemetry.close()
         self.listeners.close_all()
         self.notify.close()
+        self.probes.close()
         log.info("upgraderd stopped")
         return self.exit_code
 
@@ -417,6 +444,7 @@ class Master:
                 handler(now)
         self.read_notify(now)
         self.reap(now)
+        self.poll_probes(now)
         for g in list(self.generations):
             g.tick(now)
         self._settle(now)
@@ -425,6 +453,8 @@ class Master:
 
     def _timeout(self, now: float) -> float:
         deadlines = [d for g in self.generations if (d := g.next_deadline()) is not None]
+        if (probe_due := self.probes.next_deadline()) is not None:
+            deadlines.append(probe_due)
         if not deadlines:
             return 1.0
         return max(0.0, min(1.0, min(deadlines) - now))
@@ -444,8 +474,31 @@ class Master:
                 self.stats.notify_rejected += 1
                 log.warning("ignored bad notify message from pid %d: %s", pid, e)
                 continue
-            if fields.get("READY") == "1":
+            # Only `ready.mode: notify` trusts READY=1: gunicorn, for one, sends it
+            # before its workers have loaded the app, which is why a config says delay.
+            if fields.get("READY") == "1" and gen.config.ready.mode == "notify":
                 gen.on_ready(pid, now)
+
+    def poll_probes(self, now: float) -> None:
+        """Advance the HTTP readiness probes; mark workers that answered 2xx ready."""
+        starting = {pid: g for g in self.generations for pid, w in g.pids().items()
+                    if w.state is WorkerState.STARTING}
+        for pid in self.probes.pids() - set(starting):
+            url, why = self.probes.remove(pid) or ("", "")
+            log.info("stopped probing pid %d at %s (it is no longer starting); last attempt: %s",
+                     pid, url, why)
+        for pid in self.probes.poll(now):
+            starting[pid].on_ready(pid, now)
+
+    def check_kernel(self, cfg: Config) -> None:
+        """Read (and with `kernel.tcp_migrate_req: set`, set) net.ipv4.tcp_migrate_req."""
+        bound = [s.name for s in cfg.listeners if s.mode == "worker-bind"]
+        state = kernel.ensure_migrate_req(cfg.kernel.tcp_migrate_req, bound)
+        self.tcp_migrate_req = state.value
+        for line in state.info:
+            log.info("%s", line)
+        for line in state.warnings:
+            log.warning("%s", line)
 
     def reap(self, now: float) -> None:
         """Collect exited children and hand each to its generation."""

@@ -57,7 +57,9 @@ class Exit:
             except ValueError:
                 name = str(self.signal)
             return f"killed by {name}"
-        return f"exit code {self.code}"
+        # The exec shim is /bin/sh, which exits 127/126 when it cannot exec the program.
+        hint = {127: " (command or its interpreter not found?)", 126: " (not executable?)"}
+        return f"exit code {self.code}{hint.get(self.code or 0, '')}"
 
 
 class ProcessAPI(Protocol):

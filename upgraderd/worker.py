@@ -3,13 +3,20 @@
 A worker started by upgraderd (or by systemd socket activation) gets its
 listening sockets as fds 3, 4, ... with `LISTEN_FDS`, `LISTEN_PID` and
 `LISTEN_FDNAMES`, and a datagram socket to report readiness on in
-`NOTIFY_SOCKET`. This module gives a Python server those abilities:
+`NOTIFY_SOCKET`. Listeners in `worker-bind` mode are not passed: their names
+are in `UPGRADERD_WORKER_BIND` and their addresses in `UPGRADERD_ADDR_<NAME>`,
+and `listeners()` binds them itself with SO_REUSEPORT. This module gives a
+Python server those abilities (docs/workers.md is the full contract):
 
     from upgraderd import worker
     socks = worker.listeners()            # {"web": <socket>, ...}
-    worker.on_drain(lambda: server.stop_accepting())
-    ... start serving ...
-    worker.ready()                        # only after the drain handler is installed
+    drain = worker.on_drain()             # install the handler first ...
+    ... start serving in threads ...
+    worker.ready()                        # ... then say ready
+    drain.wait()                          # main thread: until the drain signal
+    ... stop accepting, finish requests, exit ...
+
+config/examples/python_worker.py is a complete example.
 
 Order matters: install the drain handler *before* calling `ready()`. The
 master may drain this worker as soon as a successor is ready, and the drain
@@ -22,22 +29,54 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import time
 from types import FrameType
 from typing import Callable
 
 from upgraderd.notify import notify
+from upgraderd.placeholders import addr_env_name
 
 SD_LISTEN_FDS_START = 3
 
 
-def listeners(unset_env: bool = True) -> dict[str, socket.socket]:
-    """Return the inherited listening sockets by name (the systemd protocol).
+def listeners(unset_env: bool = True, bind: bool = True) -> dict[str, socket.socket]:
+    """Return the listening sockets by name: inherited ones, then worker-bind ones.
 
-    Sockets whose name is missing are called `fd3`, `fd4`, ... Returns an
-    empty dict when `LISTEN_PID` names another process (the variables were
-    meant for a parent). With `unset_env`, the variables are removed so that
-    child processes do not mistake them for their own.
+    Inherited sockets follow the systemd protocol; those whose name is
+    missing are called `fd3`, `fd4`, ... They are skipped when `LISTEN_PID`
+    names another process (the variables were meant for a parent). With
+    `unset_env`, the LISTEN_* variables are removed so that child processes
+    do not mistake them for their own. With `bind`, every listener named in
+    `UPGRADERD_WORKER_BIND` is bound here (see `bind_reuseport`).
     """
+    out = _inherited(unset_env)
+    if bind:
+        for name in filter(None, os.environ.get("UPGRADERD_WORKER_BIND", "").split(":")):
+            out[name] = bind_reuseport(os.environ[addr_env_name(name)])
+    return out
+
+
+def bind_reuseport(address: str, backlog: int = socket.SOMAXCONN) -> socket.socket:
+    """Bind and listen on `address` (host:port, IPv6 as [::1]:port) with SO_REUSEPORT.
+
+    Every worker of every generation binds the same address; the kernel
+    spreads new connections over all of them.
+    """
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, int(port)))
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _inherited(unset_env: bool) -> dict[str, socket.socket]:
     try:
         count = int(os.environ.get("LISTEN_FDS", "0"))
         pid = int(os.environ.get("LISTEN_PID", "0"))
@@ -78,8 +117,44 @@ def drain_signal() -> signal.Signals:
         return signal.SIGTERM
 
 
-def on_drain(callback: Callable[[], None]) -> None:
-    """Call `callback` (in the main thread) when the master asks this worker to drain."""
-    def handler(signum: int, frame: FrameType | None) -> None:
-        callback()
-    signal.signal(drain_signal(), handler)
+class Drain:
+    """A drain request: `requested` turns True when the drain signal arrives."""
+
+    def __init__(self, callback: Callable[[], None] | None = None) -> None:
+        self.requested = False
+        self._callback = callback
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+        if self._callback is not None:
+            self._callback()
+
+    def wait(self, timeout: float | None = None, poll: float = 0.1) -> bool:
+        """Block until the drain signal arrived, or `timeout` passed; return `requested`.
+
+        Call it from the main thread. It polls instead of blocking on a lock:
+        Python runs signal handlers only in the main thread, between bytecodes,
+        and a signal the kernel delivered to another thread does not wake a main
+        thread blocked in `Event.wait()` or `join()`, which could then sleep
+        through the drain until the master's SIGKILL.
+        """
+        end = None if timeout is None else time.monotonic() + timeout
+        while not self.requested and (end is None or time.monotonic() < end):
+            time.sleep(poll)
+        return self.requested
+
+
+def on_drain(callback: Callable[[], None] | None = None) -> Drain:
+    """Install the drain-signal handler now; return the `Drain` it sets.
+
+    `callback`, if given, runs in the main thread as a signal handler: keep it
+    to setting flags or writing to a pipe. Taking a lock there (even
+    `threading.Event.set()`) can deadlock against the main thread. After the
+    drain signal the master waits `drain.timeout`, then sends SIGKILL. If the
+    drain signal is not SIGTERM, SIGTERM drains too.
+    """
+    drain = Drain(callback)
+    signal.signal(drain_signal(), drain._on_signal)
+    if drain_signal() != signal.SIGTERM:
+        signal.signal(signal.SIGTERM, drain._on_signal)
+    return drain

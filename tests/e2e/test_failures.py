@@ -11,6 +11,7 @@ import time
 import pytest
 
 from daemon import ROOT, Daemon, alive, echo_config, free_port, wait_until
+from upgraderd import notify
 from loadgen import Load
 
 pytestmark = pytest.mark.e2e
@@ -143,3 +144,101 @@ def test_master_killed_with_sigkill_restarts_at_once(tmp_path):
         assert load.stop().failures == {}
     finally:
         d2.stop()
+
+
+def _notify_socket_of(pid: int) -> str:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+    return env[b"NOTIFY_SOCKET"].decode()
+
+
+def test_notify_from_a_stranger_is_ignored_and_counted(tmp_path):
+    port = free_port()
+    with Daemon(tmp_path, echo_config(port)).start() as d:
+        address = _notify_socket_of(min(d.workers()))
+        load = Load("127.0.0.1", port, threads=4, max_seconds=60).start("echo")
+        assert load.wait_for_ok(100)
+        # Generation 2's workers never say READY=1; a stranger saying it for them must not count.
+        d.write_config(fixture_config(port, "--no-ready", ready={"timeout": "3s"}))
+        d.send(signal.SIGHUP)
+        d.wait_log(r"generation 2 STARTING:")
+        for _ in range(3):
+            assert notify.notify("READY=1", address)
+        d.wait_log(rf"ignored notify message from pid {os.getpid()}: not a worker", count=3)
+        d.wait_log(r"reload failed, still serving generation 1")
+        d.wait_log(r"generation 2: not ready within 3s \(slots 0, 1, 2, 3 never sent READY=1\)")
+        assert "generation 2 STARTING -> ACTIVE" not in d.log()
+        assert load.wait_for_ok(load.result.ok + 200)
+        result = load.stop()
+        assert result.failures == {}, (result.failures, result.examples)
+
+
+COMMAND_CONFIG = """\
+listeners:
+  - {{name: echo, host: 127.0.0.1, port: {port}}}
+workers:
+  count: 2
+  command: [{program}]
+ready: {{timeout: 5s}}
+drain: {{timeout: 10s}}
+"""
+
+
+@pytest.mark.parametrize("breakage", ["removed", "not executable"])
+def test_command_that_becomes_unusable_fails_the_reload_at_its_line(tmp_path, breakage):
+    port = free_port()
+    program = tmp_path / "my-server"
+    program.write_text(f"#!{sys.executable}\nimport sys\nfrom upgraderd.apps import echo\n"
+                       "sys.exit(echo.main())\n")
+    program.chmod(0o755)
+    with Daemon(tmp_path, COMMAND_CONFIG.format(port=port, program=program)).start() as d:
+        gen1 = d.workers()
+        load = Load("127.0.0.1", port, threads=4, max_seconds=60).start("echo")
+        assert load.wait_for_ok(100)
+        if breakage == "removed":
+            program.unlink()
+        else:
+            program.chmod(0o644)
+        d.send(signal.SIGHUP)
+        d.wait_log(r"reload failed, still serving generation 1")
+        why = "': no such file" if breakage == "removed" else "' is not executable \\(no x permission\\)"
+        d.wait_log(rf"{d.config_path}:5:13: workers.command\[0\]: '{program}{why}")
+        assert load.wait_for_ok(load.result.ok + 200)
+        result = load.stop()
+        assert result.failures == {}, (result.failures, result.examples)
+        assert d.workers() == gen1
+        assert "generation 2" not in d.log()
+
+
+def test_command_whose_interpreter_is_missing_fails_the_generation(tmp_path):
+    port = free_port()
+    program = tmp_path / "my-server"
+    program.write_text("#!/nonexistent/python3\n")
+    program.chmod(0o755)
+    with Daemon(tmp_path, echo_config(port)).start() as d:
+        d.write_config(COMMAND_CONFIG.format(port=port, program=program))
+        d.send(signal.SIGHUP)
+        d.wait_log(r"reload failed, still serving generation 1")
+        d.wait_log(r"exited at start-up: exit code 127 \(command or its interpreter not found\?\)")
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"still here")
+            assert s.recv(16) == b"still here"
+
+
+def test_http_readiness_that_never_answers_fails_the_generation(tmp_path):
+    port = free_port()
+    with Daemon(tmp_path, echo_config(port)).start() as d:
+        load = Load("127.0.0.1", port, threads=4, max_seconds=60).start("echo")
+        assert load.wait_for_ok(100)
+        # The echo app serves no health endpoint: every probe is refused.
+        d.write_config(echo_config(port, ready={"mode": "http", "timeout": "2s",
+                                                "url": "http://127.0.0.1:{probe_port}/healthz"}))
+        d.send(signal.SIGHUP)
+        d.wait_log(r"not ready within 2s \(slots 0, 1, 2, 3 never answered 2xx at ready.url\)")
+        d.wait_log(r"reload failed, still serving generation 1")
+        d.wait_log(r"stopped probing pid \d+ at http://127\.0\.0\.1:\d+/healthz .*; "
+                   r"last attempt: Connection refused", count=4)
+        # The master's loop was never blocked by the probes: generation 1 served throughout.
+        assert load.wait_for_ok(load.result.ok + 200)
+        result = load.stop()
+        assert result.failures == {}, (result.failures, result.examples)

@@ -1,0 +1,26 @@
+"""A small ASGI app for the uvicorn example (config/examples/uvicorn.yaml).
+
+Every answer names the generation, slot and pid that served it, so a client
+can see a reload take effect.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Awaitable, Callable
+
+VERSION = os.environ.get("APP_VERSION", "1")
+
+
+async def app(scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]],
+              send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+    """Answer every HTTP request with 200 and who served it."""
+    if scope["type"] != "http":
+        return
+    body = (f"generation={os.environ.get('UPGRADERD_GENERATION', '?')} "
+            f"slot={os.environ.get('UPGRADERD_SLOT', '?')} pid={os.getpid()} "
+            f"server=uvicorn version={VERSION}\n").encode()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/plain"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

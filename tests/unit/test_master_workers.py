@@ -1,0 +1,132 @@
+"""Master.spawn_worker and readiness with fake processes: argv, env, probes, stranger notify."""
+
+from __future__ import annotations
+
+import socket
+
+from upgraderd import kernel
+from upgraderd.generation import GenerationState, WorkerState
+from upgraderd.master import Master
+
+
+class FakeProcs:
+    """Record spawns and kills; never start anything."""
+
+    def __init__(self) -> None:
+        self.spawned: dict[int, tuple[list[str], dict[str, str], tuple[int, ...], str | None]] = {}
+        self.killed: list[tuple[int, int]] = []
+
+    def spawn(self, argv, env, fds, cwd=None, user=None, group=None) -> int:
+        pid = 1000 + len(self.spawned)
+        self.spawned[pid] = (list(argv), dict(env), tuple(fds), cwd)
+        return pid
+
+    def kill(self, pid: int, sig: int) -> None:
+        self.killed.append((pid, sig))
+
+    def reap(self):
+        return []
+
+
+class FakeNotify:
+    """A NOTIFY_SOCKET whose messages the test queues."""
+
+    address = "@fake-notify"
+
+    def __init__(self) -> None:
+        self.queued: list[tuple[int, bytes]] = []
+
+    def fileno(self) -> int:
+        return -1
+
+    def receive(self):
+        out, self.queued = self.queued, []
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _master(tmp_path, ready: str):
+    port = _free_port()
+    path = tmp_path / "u.yaml"
+    path.write_text(f"""\
+listeners:
+  - {{name: web, port: {port}}}
+  - {{name: pub, port: {port + 1 if port < 65535 else port - 1}, mode: worker-bind}}
+workers:
+  count: 2
+  command: [/bin/true, "--fd={{fd:web}}", "--bind={{addr:pub}}", "s{{slot}}g{{generation}}"]
+ready: {ready}
+kernel: {{tcp_migrate_req: ignore}}
+""")
+    procs, note = FakeProcs(), FakeNotify()
+    clock = [100.0]
+    m = Master(str(path), procs=procs, clock=lambda: clock[0], notify_server=note)
+    m.start()
+    return m, procs, note
+
+
+def test_spawn_expands_argv_and_sets_the_worker_env(tmp_path):
+    m, procs, _ = _master(tmp_path, "{mode: notify}")
+    try:
+        assert sorted(procs.spawned) == [1000, 1001]
+        for pid, (argv, env, fds, cwd) in procs.spawned.items():
+            slot = env["UPGRADERD_SLOT"]
+            pub = m.config.listeners[1].address
+            assert argv == ["/bin/true", "--fd=3", f"--bind={pub}", f"s{slot}g1"]
+            assert env["LISTEN_FDS"] == "1" and env["LISTEN_FDNAMES"] == "web"
+            assert env["UPGRADERD_WORKER_BIND"] == "pub" and env["UPGRADERD_ADDR_PUB"] == pub
+            assert env["NOTIFY_SOCKET"] == "@fake-notify"
+            assert len(fds) == 1 and cwd is None
+        assert m.probes.pids() == set()
+        # `ignore` still reads the setting (for the metric), and the config has a worker-bind listener.
+        host_value = kernel.read_int(kernel.MIGRATE_REQ)
+        assert m.tcp_migrate_req == host_value
+        assert m.worker_bind_reset_risk is (host_value != 1)
+    finally:
+        m.listeners.close_all()
+        m.probes.close()
+
+
+def test_stranger_and_garbage_notify_are_counted_and_ignored(tmp_path):
+    m, procs, note = _master(tmp_path, "{mode: notify}")
+    try:
+        gen = m.starting
+        note.queued = [(4242, b"READY=1"), (1000, b"\x00garbage"), (1000, b"READY=1")]
+        m.read_notify(101.0)
+        assert m.stats.notify_rejected == 2
+        assert gen.workers[0].state is WorkerState.READY
+        assert gen.workers[1].state is WorkerState.STARTING
+        note.queued = [(4242, b"READY=1")]
+        m.read_notify(101.0)
+        assert m.stats.notify_rejected == 3
+        assert gen.state is GenerationState.STARTING
+    finally:
+        m.listeners.close_all()
+        m.probes.close()
+
+
+def test_http_mode_probes_each_worker_and_ignores_ready_1(tmp_path):
+    m, procs, note = _master(tmp_path, "{mode: http, url: 'http://127.0.0.1:{probe_port}/h'}")
+    try:
+        assert m.probes.pids() == {1000, 1001}
+        ports = {procs.spawned[pid][1]["UPGRADERD_PROBE_PORT"] for pid in (1000, 1001)}
+        assert len(ports) == 2
+        note.queued = [(1000, b"READY=1"), (1001, b"READY=1")]
+        m.read_notify(101.0)
+        assert m.stats.notify_rejected == 0
+        assert m.starting is not None and m.starting.workers[0].state is WorkerState.STARTING
+        # A worker that is no longer starting is no longer probed.
+        m.starting.workers[0].state = WorkerState.DRAINING
+        m.poll_probes(101.0)
+        assert m.probes.pids() == {1001}
+    finally:
+        m.listeners.close_all()
+        m.probes.close()
