@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from daemon import Daemon, free_port  # noqa: E402
 from reloads import example_config, reload_under_load  # noqa: E402
+from scrape import scrape, value  # noqa: E402
 
 MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
 
@@ -36,9 +37,11 @@ def main(workdir: str, initial: str, policy: str, reloads: str) -> int:
     port = free_port()
     cfg = example_config("worker_bind", port)
     cfg["kernel"] = {"tcp_migrate_req": policy}
+    cfg["metrics"] = {"listen": f"127.0.0.1:{free_port()}"}
     with Daemon(Path(workdir), cfg).start() as d:
         report = reload_under_load(d, port, int(reloads))
         log = d.log()
+        samples = scrape(cfg)
     result = report.result
     print(json.dumps({
         "initial": int(initial),
@@ -52,6 +55,8 @@ def main(workdir: str, initial: str, policy: str, reloads: str) -> int:
         "servers": sorted({b.split("server=")[1].split()[0] for b in result.bodies}),
         "warned": "draining the worker-bind listener(s) web can reset connections" in log,
         "set_logged": "set net.ipv4.tcp_migrate_req=1 (was 0)" in log,
+        "risk_metric": value(samples, "upgraderd_worker_bind_reset_risk"),
+        "migrate_req_metric": value(samples, "upgraderd_kernel_tcp_migrate_req"),
     }))
     return 0
 

@@ -83,6 +83,13 @@ class UpgraderdCollector:
         yield GaugeMetricFamily("upgraderd_config_last_reload_success_timestamp_seconds",
                                 "Unix time the config in service was loaded (start or successful reload).",
                                 value=snap.last_reload_success_at)
+        yield GaugeMetricFamily("upgraderd_kernel_tcp_migrate_req",
+                                "net.ipv4.tcp_migrate_req as last read by the master (-1: not available).",
+                                value=snap.tcp_migrate_req)
+        yield GaugeMetricFamily("upgraderd_worker_bind_reset_risk",
+                                "1 while a worker-bind listener is configured and tcp_migrate_req is not 1: "
+                                "a draining worker's queued connections can be reset.",
+                                value=1 if snap.worker_bind_reset_risk else 0)
 
     def _events(self, snap: Snapshot) -> Iterator[Metric]:
         yield _by_label("upgraderd_reloads", "Reloads by result: success, failed (the new generation did not "
@@ -95,6 +102,9 @@ class UpgraderdCollector:
                                   "a process that is not a worker, or were malformed.", value=snap.notify_rejected)
         yield CounterMetricFamily("upgraderd_drain_timeouts", "Workers SIGKILLed because they still ran at their "
                                   "drain deadline.", value=snap.drain_timeouts)
+        yield CounterMetricFamily("upgraderd_slot_retire_risks", "reuseport slots retired (TTOU, or a reload "
+                                  "to fewer workers) while tcp_migrate_req was not 1, so connections queued "
+                                  "on the closing socket could be reset.", value=snap.slot_retire_risks)
 
 
 def _by_label(name: str, doc: str, label: str, values: dict[str, int], gauge: bool = False) -> Metric:

@@ -56,6 +56,9 @@ class Snapshot:
     reload_durations: HistogramData
     drain_durations: HistogramData
     stopping: bool
+    tcp_migrate_req: int                 # -1 where the kernel has no such setting
+    worker_bind_reset_risk: bool
+    slot_retire_risks: int
 
     @property
     def draining_workers(self) -> int:
@@ -87,6 +90,9 @@ def take(master: Master) -> Snapshot:
         last_reload_success_at=st.last_reload_success_at or master.wall_started_at,
         reload_durations=st.reload_durations.data(), drain_durations=st.drain_durations.data(),
         stopping=master.stopping,
+        tcp_migrate_req=-1 if master.tcp_migrate_req is None else master.tcp_migrate_req,
+        worker_bind_reset_risk=master.worker_bind_reset_risk,
+        slot_retire_risks=st.slot_retire_risks,
     )
 
 

@@ -46,6 +46,7 @@ def test_worker_bind_zero_drop_when_master_sets_tcp_migrate_req(tmp_path):
     seen = run_in_netns(tmp_path, initial=0, policy="set")
     assert seen["set_logged"] and seen["final"] == 1
     assert not seen["warned"]
+    assert seen["risk_metric"] == 0 and seen["migrate_req_metric"] == 1
     assert seen["failures"] == {}, seen
     assert seen["reloads"] == RELOADS
     assert seen["stale"] == 0 and seen["fresh_min"] > 0
@@ -57,6 +58,7 @@ def test_tcp_migrate_req_0_resets_queued_connections_and_is_warned(tmp_path):
     seen = run_in_netns(tmp_path, initial=0, policy="check")
     assert seen["final"] == 0 and not seen["set_logged"]
     assert seen["warned"]
+    assert seen["risk_metric"] == 1 and seen["migrate_req_metric"] == 0
     # The hazard the warning names: old workers close their listeners, and the
     # connections queued on them are reset. Nothing else goes wrong.
     assert set(seen["failures"]) == {"reset"}, seen

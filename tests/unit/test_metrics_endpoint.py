@@ -29,7 +29,8 @@ def snapshot(taken_at: float = 100.0, active: int = 3, stopping: bool = False) -
         reloads={"success": 2, "failed": 1, "rejected": 4}, worker_exits={"clean": 9, "error": 1, "signal": 2},
         worker_restarts=5, notify_rejected=6, drain_timeouts=7, last_reload_ok=False,
         last_reload_success_at=1.7e9, reload_durations=reloads.data(),
-        drain_durations=Durations(DRAIN_BUCKETS).data(), stopping=stopping)
+        drain_durations=Durations(DRAIN_BUCKETS).data(), stopping=stopping,
+        tcp_migrate_req=0, worker_bind_reset_risk=True, slot_retire_risks=8)
 
 
 class Clock:
