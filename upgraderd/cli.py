@@ -17,6 +17,7 @@ import sys
 
 from upgraderd import __version__
 from upgraderd import config as configmod
+from upgraderd import validators
 from upgraderd.errors import ConfigError, FatalError, UpgraderdError
 
 EXIT_OK, EXIT_CONFIG, EXIT_USAGE, EXIT_START, EXIT_NOT_RUNNING = 0, 1, 2, 3, 4
@@ -148,7 +149,7 @@ def _client_pidfile(args: argparse.Namespace) -> str:
         return str(args.pidfile)
     if args.config:
         return configmod.load(args.config).pidfile_path
-    return configmod.default_pidfile()
+    return validators.default_pidfile()
 
 
 def cmd_client(args: argparse.Namespace) -> int:

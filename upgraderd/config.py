@@ -14,14 +14,9 @@ against the old (see plan.py); nothing ever mutates a loaded config.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import grp
 import ipaddress
-import math
 import os
-import pwd
 import re
-import reprlib
 import shutil
 import signal
 import stat
@@ -34,229 +29,15 @@ import yaml
 from upgraderd import placeholders, probe
 from upgraderd.errors import ConfigError, SpawnError
 from upgraderd.process import privilege_argv
+from upgraderd.validators import (
+    REQUIRED, Invalid, Check, opt, integer, string, name, one_of,
+    host, duration, signal_name, argv, env_map, directory, file_path, PATH_CHECKS,
+    user_name, group_name, listen_address, default_pidfile, _show, _did_you_mean,
+)
 
-REQUIRED: Any = object()
 DEFAULT_PATH = "config/upgraderd.yaml"
 BUILTIN_APPS = ("echo", "http")
 MODES = ("reuseport", "shared", "worker-bind")
-
-
-class Invalid(Exception):
-    """Raised by a validator; the loader adds the location and key path."""
-
-
-Check = Callable[[Any], Any]
-
-
-def opt(default: Any, check: Check, doc: str) -> Any:
-    """Declare one config option: its default, its validator and its doc line."""
-    meta = {"check": check, "doc": doc}
-    if default is REQUIRED:
-        return field(metadata={**meta, "required": True})
-    if isinstance(default, (list, dict)):
-        frozen = default
-        return field(default_factory=lambda: type(frozen)(frozen), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-# -- validators: each takes the constructed YAML value and returns the typed one --
-
-def integer(lo: int | None = None, hi: int | None = None) -> Check:
-    def check(v: Any) -> int:
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise Invalid(f"expected an integer, got {_show(v)}")
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
-            raise Invalid(f"{v} is out of range; allowed: {_range(lo, hi)}")
-        return v
-    check.__doc__ = f"integer {_range(lo, hi)}"
-    return check
-
-
-def _range(lo: int | None, hi: int | None) -> str:
-    if hi is None:
-        return f">= {lo}"
-    return f"{lo}..{hi}"
-
-
-def string(v: Any) -> str:
-    """string"""
-    if not isinstance(v, str) or not v:
-        raise Invalid(f"expected a non-empty string, got {_show(v)}")
-    return v
-
-
-def name(v: Any) -> str:
-    """name: letters, digits, '.', '_' or '-'"""
-    s = string(v)
-    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", s):
-        raise Invalid(f"{_show(v)} is not a valid name; use letters, digits, '.', '_', '-'")
-    return s
-
-
-def one_of(*choices: str) -> Check:
-    def check(v: Any) -> str:
-        if v not in choices:
-            hint = _did_you_mean(str(v), choices)
-            raise Invalid(f"{_show(v)} is not one of {', '.join(choices)}{hint}")
-        return str(v)
-    check.__doc__ = " | ".join(choices)
-    return check
-
-
-def host(v: Any) -> str:
-    """IPv4 or IPv6 address"""
-    s = string(v)
-    try:
-        ipaddress.ip_address(s)
-    except ValueError:
-        raise Invalid(f"{_show(v)} is not an IPv4 or IPv6 address") from None
-    return s
-
-
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def duration(v: Any) -> float:
-    """duration: 500ms, 30s, 2m, 1h (a bare number means seconds)"""
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        secs = float(v)
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*", str(v))
-        if not m:
-            raise Invalid(f"{_show(v)} is not a duration; write e.g. 500ms, 30s or 2m")
-        secs = float(m.group(1)) * _UNITS[m.group(2)]
-    if secs < 0 or not math.isfinite(secs):
-        raise Invalid(f"{_show(v)} is not a duration >= 0; write e.g. 500ms, 30s or 2m")
-    return secs
-
-
-def signal_name(v: Any) -> str:
-    """signal name: TERM, QUIT, INT, HUP, USR1, USR2, WINCH"""
-    s = string(v).upper()
-    s = s[3:] if s.startswith("SIG") else s
-    if s not in _SIGNALS:
-        hint = _did_you_mean(s, _SIGNALS)
-        raise Invalid(f"{_show(v)} is not a signal name{hint}; allowed: {', '.join(_SIGNALS)}")
-    return s
-
-
-_SIGNALS = ("TERM", "QUIT", "INT", "HUP", "USR1", "USR2", "WINCH")
-
-
-def argv(v: Any) -> tuple[str, ...]:
-    """command: a list of strings (argv), or one string split on spaces"""
-    if isinstance(v, str):
-        parts = v.split()
-    elif isinstance(v, list) and all(isinstance(p, (str, int, float)) for p in v):
-        parts = [str(p) for p in v]
-    else:
-        raise Invalid(f"expected a list of strings, got {_show(v)}")
-    if not parts:
-        raise Invalid("the command is empty")
-    return tuple(parts)
-
-
-def env_map(v: Any) -> dict[str, str]:
-    """mapping of environment variable names to strings"""
-    if not isinstance(v, dict):
-        raise Invalid(f"expected a mapping of NAME: value, got {_show(v)}")
-    out = {}
-    for k, val in v.items():
-        if not isinstance(k, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
-            raise Invalid(f"{_show(k)} is not a valid environment variable name")
-        if isinstance(val, (dict, list)) or val is None:
-            raise Invalid(f"the value of {k} must be a string, got {_show(val)}")
-        out[k] = str(val).lower() if isinstance(val, bool) else str(val)
-    return out
-
-
-def directory(v: Any) -> str:
-    """path of an existing directory"""
-    s = string(v)
-    if not os.path.isdir(s):
-        raise Invalid(f"{_show(v)} is not an existing directory")
-    return s
-
-
-def file_path(v: Any) -> str:
-    """path of a file in an existing directory"""
-    s = string(v)
-    parent = os.path.dirname(s) or "."
-    if not os.path.isdir(parent):
-        raise Invalid(f"{_show(v)}: directory {parent!r} does not exist")
-    if os.path.isdir(s):
-        raise Invalid(f"{_show(v)} is a directory; name a file")
-    return s
-
-
-# Validators whose value is a path: a relative one is taken relative to the
-# config file's directory, so the meaning of a config does not depend on the
-# master's working directory (which is / in daemon mode).
-PATH_CHECKS: tuple[Check, ...] = (directory, file_path)
-
-
-def user_name(v: Any) -> str:
-    """name (or uid) of an existing user"""
-    s = str(v) if isinstance(v, int) and not isinstance(v, bool) else string(v)
-    try:
-        pwd.getpwuid(int(s)) if s.isdigit() else pwd.getpwnam(s)
-    except KeyError:
-        raise Invalid(f"no such user: {_show(v)}") from None
-    return s
-
-
-def group_name(v: Any) -> str:
-    """name (or gid) of an existing group"""
-    s = str(v) if isinstance(v, int) and not isinstance(v, bool) else string(v)
-    try:
-        grp.getgrgid(int(s)) if s.isdigit() else grp.getgrnam(s)
-    except KeyError:
-        raise Invalid(f"no such group: {_show(v)}") from None
-    return s
-
-
-def listen_address(v: Any) -> str | None:
-    """host:port (IPv6 as [::1]:port), or null to disable"""
-    if v is None:
-        return None
-    if isinstance(v, int) and not isinstance(v, bool):
-        raise Invalid(f"{v} is not host:port; write e.g. 127.0.0.1:{v}")
-    s = string(v)
-    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([0-9.]+|localhost):(\d+)", s)
-    if not m:
-        raise Invalid(f"{_show(v)} is not host:port (write IPv6 as [::1]:9108)")
-    hostpart = m.group(1) or m.group(3)
-    port = int(m.group(2) or m.group(4))
-    if hostpart != "localhost":
-        host(hostpart)
-    if not 1 <= port <= 65535:
-        raise Invalid(f"port {port} is out of range; allowed: 1..65535")
-    return s
-
-
-def default_pidfile() -> str:
-    """Return /run/upgraderd.pid for root, else a per-user runtime path."""
-    if os.geteuid() == 0:
-        return "/run/upgraderd.pid"
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    return os.path.join(runtime, "upgraderd.pid") if runtime else f"/tmp/upgraderd-{os.geteuid()}.pid"
-
-
-_REPR = reprlib.Repr()
-_REPR.maxstring = _REPR.maxother = 60
-
-
-def _show(v: Any) -> str:
-    # reprlib bounds the work too: a YAML alias bomb builds a structure whose
-    # full repr would be exponentially long.
-    text = _REPR.repr(v)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _did_you_mean(word: str, choices: Any) -> str:
-    lowered = {str(c).lower(): str(c) for c in choices}
-    close = difflib.get_close_matches(word.lower(), list(lowered), n=1, cutoff=0.6)
-    return f" (did you mean {lowered[close[0]]!r}?)" if close else ""
 
 
 # -- the schema --

@@ -15,7 +15,7 @@ import dataclasses
 import sys
 from typing import Any
 
-from upgraderd import config
+from upgraderd import config, validators
 
 INTRO = """\
 # Configuration reference
@@ -83,7 +83,7 @@ def _default(f: dataclasses.Field[Any]) -> str:
     value: Any = f.default_factory() if callable(f.default_factory) else f.default
     if value is None:
         return "`null`"
-    if f.metadata["check"] is config.duration:
+    if f.metadata["check"] is validators.duration:
         return f"`{format_duration(value)}`"
     if isinstance(value, dict):
         return "`{}`"

@@ -26,7 +26,6 @@ import selectors
 import signal
 import socket
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from upgraderd import config as configmod
@@ -35,7 +34,6 @@ from upgraderd import plan as planmod
 from upgraderd import reexec
 from upgraderd import snapshot as snapshotmod
 from upgraderd.config import Config
-from upgraderd.durations import DRAIN_BUCKETS, RELOAD_BUCKETS, Durations
 from upgraderd.errors import ConfigError, FatalError, SpawnError
 from upgraderd.generation import Generation, GenerationState, WorkerState
 from upgraderd.hooks import Hooks
@@ -44,6 +42,7 @@ from upgraderd.notify import NotifyServer, notify, parse_fields
 from upgraderd.probe import Prober, reserve_port
 from upgraderd.process import Exit, ProcessAPI, PosixProcessAPI, user_env
 from upgraderd.signals import SignalInbox
+from upgraderd.stats import Stats
 from upgraderd.snapshot import Snapshot
 
 log = logging.getLogger("upgraderd")
@@ -51,41 +50,6 @@ log = logging.getLogger("upgraderd")
 FAST_STOP_GRACE = 1.0
 # Variables of the master's own environment that must not leak to workers.
 PRIVATE_ENV = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "PROMETHEUS_MULTIPROC_DIR")
-
-
-@dataclass
-class Stats:
-    """Event counts and timings; they only ever grow while the master lives."""
-
-    reloads: dict[str, int] = field(default_factory=lambda: {"success": 0, "failed": 0, "rejected": 0})
-    worker_exits: dict[str, int] = field(default_factory=lambda: {"clean": 0, "error": 0, "signal": 0})
-    worker_restarts: int = 0
-    notify_rejected: int = 0
-    slot_retire_risks: int = 0
-    drain_timeouts: int = 0
-    last_reload_ok: bool = True
-    last_reload_success_at: float = 0.0
-    last_reload_error: str = ""
-    reload_durations: Durations = field(default_factory=lambda: Durations(RELOAD_BUCKETS))
-    drain_durations: Durations = field(default_factory=lambda: Durations(DRAIN_BUCKETS))
-    # For `upgraderd reload`: HUPs seen, and how many of them the last settled reload covered.
-    hups: int = 0
-    last_reload_covers: int = 0
-    last_reload_result: str = ""
-    last_reload_generation: int = 0
-
-    def __post_init__(self) -> None:
-        # A state hand-over, Stats(**dataclasses.asdict(stats)), passes the histograms as
-        # dicts; one from an older master passes the samples as a list.
-        for name, bounds in (("reload_durations", RELOAD_BUCKETS), ("drain_durations", DRAIN_BUCKETS)):
-            value = getattr(self, name)
-            if isinstance(value, dict):
-                setattr(self, name, Durations(**value))
-            elif isinstance(value, list):
-                durations = Durations(bounds)
-                for v in value:
-                    durations.observe(float(v))
-                setattr(self, name, durations)
 
 
 class Master:
