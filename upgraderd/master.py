@@ -41,7 +41,7 @@ from upgraderd.metrics import Telemetry, TelemetryStarter
 from upgraderd.notify import NotifyServer, notify, parse_fields
 from upgraderd.probe import Prober, reserve_port
 from upgraderd.process import Exit, ProcessAPI, PosixProcessAPI, user_env
-from upgraderd.signals import SignalInbox
+from upgraderd.signals import HANDLED, SignalInbox
 from upgraderd.stats import Stats
 from upgraderd.snapshot import Snapshot
 
@@ -71,7 +71,9 @@ class Master:
         self.clock = clock
         self.listeners = sockets.ListenerSet()
         if notify_server is None and inherited is not None:
-            notify_server = NotifyServer(socket.socket(fileno=int(inherited["notify_fd"])))
+            notify_fd = int(inherited["notify_fd"])
+            os.set_inheritable(notify_fd, False)  # it was made inheritable only for the exec
+            notify_server = NotifyServer(socket.socket(fileno=notify_fd))
         self.notify = notify_server or NotifyServer()
         self.probes = Prober()
         # net.ipv4.tcp_migrate_req as last read (None: unavailable); see kernel.py.
@@ -86,6 +88,7 @@ class Master:
         self._watching: tuple[Generation, float] | None = None
         self._stopping: str | None = None
         self._usr2_pending = False
+        self._inbox: SignalInbox | None = None
         self._prepared: Config | None = None
         self._covers = 0
         self.exit_code = 0
@@ -156,10 +159,11 @@ class Master:
         })
         if self.telemetry is not None:
             env.update(self.telemetry.worker_env(gen.config))
-        if gen.state is GenerationState.ACTIVE:
-            self.stats.worker_restarts += 1
+        respawn = gen.state is GenerationState.ACTIVE and gen.workers[slot].state is WorkerState.BACKOFF
         argv = [placeholders.expand(arg, values) for arg in gen.config.worker_argv]
         pid = self.procs.spawn(argv, env, fds.fds, cwd=w.cwd, user=w.user, group=w.group)
+        if respawn:
+            self.stats.worker_restarts += 1
         if gen.config.ready.url is not None and gen.config.ready.mode == "http":
             self.probes.add(pid, placeholders.expand(gen.config.ready.url, values), self.clock())
         return pid
@@ -200,8 +204,14 @@ class Master:
         cfg = self._prepared or self.prepare()
         if self._start_telemetry is not None:
             inherited = self.inherited.get("metrics") if self.inherited else None
-            self.telemetry = self._start_telemetry(cfg.metrics, lambda: self.published, self.clock,
-                                                   inherited=inherited)
+            # Threads inherit the mask: with these blocked, only the main thread ever
+            # takes the master's signals (see _reexec for why that matters).
+            old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+            try:
+                self.telemetry = self._start_telemetry(cfg.metrics, lambda: self.published, self.clock,
+                                                       inherited=inherited)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         if self.inherited is not None:
             self._adopt(self.inherited)
             return
@@ -254,7 +264,16 @@ class Master:
         notify_systemd(f"RELOADING=1\nMONOTONIC_USEC={int(time.monotonic() * 1e6)}")
         for handler in logging.getLogger().handlers:
             handler.flush()
+        # A signal that arrived after this pass read the wakeup socket is only a byte
+        # on it, and the socket dies with the exec. Block the signals, then turn each
+        # such byte back into a pending signal: pending signals survive exec, and the
+        # new master receives them once its handlers are in place.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+        if self._inbox is not None:
+            for sig in self._inbox.drain():
+                os.kill(os.getpid(), sig)
         err = reexec.exec_master(state, fds, self.argv)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         log.error("master upgrade failed, carrying on as before: cannot exec %s: %s",
                   " ".join(self.argv), err)
         self.stats.reloads["failed"] += 1
@@ -299,10 +318,13 @@ class Master:
             self._reload_failed(e.strerror or str(e), "rejected")
             return
         log.info("reload: %s", planmod.diff(self.config, cfg).describe())
-        if self.active is not None and cfg.workers.count < len(self.active.workers):
-            if (risk := sockets.retire_risk(cfg)) is not None:
-                self.stats.slot_retire_risks += 1
-                log.warning("the reload retires worker slots: %s", risk)
+        if self.active is not None and cfg.workers.count > len(self.active.workers) \
+                and any(s.mode == "reuseport" for s in cfg.listeners) and sockets.retire_risk():
+            # The new slots' sockets join the port group now, before the generation is
+            # ready; should it fail, they close with whatever the kernel queued on them.
+            log.warning("the reload adds worker slots whose sockets take connections before "
+                        "generation %d is ready: if it fails, those connections are reset "
+                        "(net.ipv4.tcp_migrate_req is not 1)", self._next_number)
         if self.telemetry is not None:
             self.telemetry.check_reload(cfg)
         self.check_kernel(cfg)
@@ -323,7 +345,9 @@ class Master:
             log.warning("received SIGTTIN: ignored, no ACTIVE generation")
             return
         try:
-            self.listeners.ensure(gen.config, max(gen.workers, default=-1) + 2)
+            # Only the new slot: a retiring slot's socket is closed on purpose, and
+            # binding it again would let connections queue where nobody accepts.
+            self.listeners.ensure(gen.config, slots=[max(gen.workers, default=-1) + 1])
         except OSError as e:
             log.error("received SIGTTIN: cannot add a worker: %s", e)
             return
@@ -344,9 +368,6 @@ class Master:
         log.info("received SIGTTOU: generation %d slot %d retiring, %d workers left "
                  "(a reload goes back to workers.count=%d)", gen.number, slot,
                  len([w for w in gen.workers.values() if not w.retiring]), gen.config.workers.count)
-        if (risk := sockets.retire_risk(gen.config)) is not None:
-            self.stats.slot_retire_risks += 1
-            log.warning("retiring slot %d: %s", slot, risk)
 
     def _reload_settled(self, result: str, generation: int) -> None:
         self.stats.last_reload_result = result
@@ -382,6 +403,7 @@ class Master:
         """Serve until stopped; return the exit code."""
         try:
             with SignalInbox() as inbox, selectors.DefaultSelector() as sel:
+                self._inbox = inbox
                 sel.register(inbox.fileno(), selectors.EVENT_READ, "signal")
                 sel.register(self.notify.fileno(), selectors.EVENT_READ, "notify")
                 sel.register(self.probes.fileno(), selectors.EVENT_READ, "probe")
@@ -545,9 +567,15 @@ class Master:
         wanted: set[sockets.SocketKey] = set()
         for g in self.generations:
             wanted |= sockets.keys_for(g.config, g.serving_slots())
-        for key in self.listeners.keep_only(wanted):
-            if not self._stopping:
-                log.info("closed listener %s:%d (%s, slot %d): no slot serves it any more", *key)
+        closed = self.listeners.keep_only(wanted)
+        if self._stopping:
+            return
+        for key in closed:
+            log.info("closed listener %s:%d (%s, slot %d): no slot serves it any more", *key)
+        retired = [key for key in closed if key[2] == "reuseport"]
+        if retired and (risk := sockets.retire_risk()) is not None:
+            self.stats.slot_retire_risks += len(retired)
+            log.warning("closed %d reuseport slot socket(s): %s", len(retired), risk)
 
 
 def notify_systemd(message: str) -> None:

@@ -23,6 +23,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from upgraderd import kernel
 from upgraderd.config import Config, ListenerSpec
 
 log = logging.getLogger("upgraderd")
@@ -38,25 +39,17 @@ class ChildFds:
     names: tuple[str, ...]
 
 
-MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
-
-
 def migrate_req() -> int | None:
     """Return net.ipv4.tcp_migrate_req of this network namespace (None if the kernel lacks it)."""
-    try:
-        with open(MIGRATE_REQ) as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):
-        return None
+    return kernel.read_int(kernel.MIGRATE_REQ)
 
 
-def retire_risk(cfg: Config) -> str | None:
-    """Return a warning if closing a slot socket of `cfg` can reset queued connections."""
-    if not any(spec.mode == "reuseport" for spec in cfg.listeners) or migrate_req() == 1:
+def retire_risk() -> str | None:
+    """Return a warning if closing a reuseport slot socket now can reset queued connections."""
+    if migrate_req() == 1:
         return None
-    return ("net.ipv4.tcp_migrate_req is not 1, so connections still queued on a retired "
-            "slot's SO_REUSEPORT socket when it closes are reset; set `kernel.tcp_migrate_req: set` "
-            "or run `sysctl -w net.ipv4.tcp_migrate_req=1`")
+    return ("net.ipv4.tcp_migrate_req is not 1, so connections still queued on a closing "
+            "SO_REUSEPORT slot socket are reset; " + kernel.FIX)
 
 
 def slots_for(spec: ListenerSpec, count: int) -> int:
@@ -99,19 +92,21 @@ class ListenerSet:
         self._socks: dict[SocketKey, socket.socket] = {}
         self._backlog: dict[SocketKey, int] = {}
 
-    def ensure(self, cfg: Config, count: int | None = None) -> list[SocketKey]:
-        """Bind every socket `cfg` needs that is not bound yet; return the new keys.
+    def ensure(self, cfg: Config, count: int | None = None,
+               slots: Iterable[int] | None = None) -> list[SocketKey]:
+        """Bind every socket `cfg` needs (for `slots`, default all) not bound yet; return the new keys.
 
         Raises OSError (with the address) if a bind fails; sockets bound by this
         call are closed again, so a failed reload leaves nothing behind.
         """
         n = cfg.workers.count if count is None else count
+        wanted = list(range(n)) if slots is None else list(slots)
         opened: list[SocketKey] = []
         try:
             for spec in cfg.listeners:
                 if spec.mode == "worker-bind":
                     continue
-                for slot in range(slots_for(spec, n)):
+                for slot in sorted({key_for(spec, s)[3] for s in wanted}):
                     key = key_for(spec, slot)
                     if key in self._socks:
                         self._relisten(key, spec.backlog)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 
 import pytest
 
@@ -97,3 +98,42 @@ def test_counters_carry_on_across_usr2(tmp_path):
         after = scrape(cfg)
         assert value(after, "upgraderd_reloads_total", result="success") == 2
         assert value(after, "upgraderd_generation") == 3
+
+
+def _socket_inodes(pid: int, skip: set[int] = frozenset()) -> set[str]:
+    """Return the socket inodes `pid` holds open, leaving out the fd numbers in `skip`."""
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        if int(fd) in skip:
+            continue
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:"):
+            out.add(target)
+    return out
+
+
+def test_after_usr2_workers_inherit_only_their_listeners(tmp_path):
+    with Daemon(tmp_path, echo_config(free_port(), count=2)).start() as d:
+        d.send(signal.SIGUSR2)
+        d.wait_log(r"reload done: generation 2 ACTIVE")
+        workers = d.wait_workers(2)
+        master_sockets = _socket_inodes(d.pid)
+        for pid in workers:
+            # fd 3 is the worker's one listener; no other master socket may leak in.
+            assert not _socket_inodes(pid, skip={3}) & master_sockets, pid
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.001, 0.002, 0.005])
+def test_term_right_after_usr2_is_not_lost(tmp_path, delay):
+    d = Daemon(tmp_path, echo_config(free_port(), count=2)).start()
+    try:
+        d.send(signal.SIGUSR2)
+        time.sleep(delay)  # the gap under test: TERM lands around the exec
+        d.send(signal.SIGTERM)
+        assert d.proc.wait(30) == 0
+        assert "graceful stop" in d.log()
+    finally:
+        d.stop()

@@ -45,5 +45,5 @@ def test_ttou_in_reuseport_mode_warns_when_queued_connections_are_at_risk(tmp_pa
     with Daemon(tmp_path, echo_config(free_port(), mode="reuseport", count=2)).start() as d:
         d.send(signal.SIGTTOU)
         d.wait_log(r"generation 1 slot 1: retired")
-        warned = "retiring slot 1: net.ipv4.tcp_migrate_req is not 1" in d.log()
+        warned = "closed 1 reuseport slot socket(s): net.ipv4.tcp_migrate_req is not 1" in d.log()
         assert warned is (migrate_req() != 1)

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from fakes import FakeClock, FakeNotify, FakeProcessAPI
+from upgraderd import sockets
 from upgraderd.generation import GenerationState as G, WorkerState as W
 from upgraderd.durations import Durations
 from upgraderd.master import FAST_STOP_GRACE, Master
@@ -610,3 +611,29 @@ def test_int_with_every_slot_in_backoff_still_stops(rig: Rig) -> None:
     rig.step(INT, at=T0 + 2)
     rig.step(at=T0 + 10)
     assert m.generations == []
+
+
+# -- TTIN / TTOU and the sockets they open and close --
+
+def test_ttin_is_not_a_restart_and_opens_only_the_new_slot_socket(rig: Rig) -> None:
+    m = rig.serving(count=3)
+    rig.step(signal.SIGTTOU, at=T0 + 1)            # slot 2 retires, its worker still draining
+    assert {k[3] for k in m.listeners.keys()} == {0, 1}
+    rig.step(signal.SIGTTIN, at=T0 + 2)            # a new slot 3; slot 2 must stay closed
+    assert {k[3] for k in m.listeners.keys()} == {0, 1, 3}
+    assert rig.procs.spawns[-1].slot == 3
+    assert m.stats.worker_restarts == 0
+    assert m.stats.slot_retire_risks == (0 if sockets.migrate_req() == 1 else 1)
+
+
+def test_failed_growing_reload_closes_its_new_slot_sockets_and_counts_the_risk(rig: Rig) -> None:
+    m = rig.serving(count=2)
+    rig.write(count=4)
+    rig.step(signal.SIGHUP, at=T0 + 1)
+    assert {k[3] for k in m.listeners.keys()} == {0, 1, 2, 3}
+    rig.procs.exit(rig.procs.pids(2)[0], code=3)
+    rig.step(at=T0 + 2)
+    assert m.stats.reloads["failed"] == 1
+    # The failed generation's extra slots are closed at once: nobody will accept on them.
+    assert {k[3] for k in m.listeners.keys()} == {0, 1}
+    assert m.stats.slot_retire_risks == (0 if sockets.migrate_req() == 1 else 2)
