@@ -85,9 +85,13 @@ class Server:
         self.stop_now = False
         self.parent = os.getppid()
         self._wake_r, self._wake_w = socket.socketpair()
+        self._signals_installed = False
         self.metrics = ConnectionMetrics(list(listeners))
 
     def _install_signals(self) -> None:
+        if self._signals_installed:
+            return
+        self._signals_installed = True
         for s in (self._wake_r, self._wake_w):
             s.setblocking(False)
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)

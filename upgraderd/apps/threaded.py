@@ -98,10 +98,13 @@ def serve(listeners: dict[str, socket.socket], factory: Callable[[str], Connecti
           threads: int, idle_grace: float = 1.0, announce: bool = True) -> int:
     """Serve `listeners` from `threads` threads until drained; return the exit code."""
     helpers = [_Helper(listeners, factory, idle_grace) for _ in range(threads - 1)]
+    leader = _Leader(helpers, listeners, factory, idle_grace, announce)
+    # Handlers first: a helper accepts as soon as it starts, and the drain signal's
+    # default action would kill the process with those connections in hand.
+    leader._install_signals()
     running = [threading.Thread(target=h.run, name=f"server-{i + 1}") for i, h in enumerate(helpers)]
     for t in running:
         t.start()
-    leader = _Leader(helpers, listeners, factory, idle_grace, announce)
     code = leader.serve()
     if leader.stop_now:
         for h in helpers:
