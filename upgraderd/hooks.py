@@ -27,3 +27,7 @@ class Hooks:
 
     def on_reopen_logs(self) -> None:
         """Run when SIGUSR1 asks for the log file to be reopened."""
+
+    def handover_fds(self) -> dict[str, int]:
+        """Return the fds a USR2 re-exec must pass on to the new master, by name."""
+        return {}

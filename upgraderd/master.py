@@ -259,8 +259,10 @@ class Master:
             "generations": [{**g.export(), "config": reexec.config_to_dict(g.config)}
                             for g in self.generations],
             "metrics": self.telemetry.export() if self.telemetry is not None else None,
+            "handover": self.hooks.handover_fds(),
         }
         fds = [int(e["fd"]) for e in self.listeners.export()] + [self.notify.fileno()]
+        fds += list(self.hooks.handover_fds().values())
         notify_systemd(f"RELOADING=1\nMONOTONIC_USEC={int(time.monotonic() * 1e6)}")
         for handler in logging.getLogger().handlers:
             handler.flush()

@@ -103,6 +103,11 @@ class PidFile:
         return (f"stale pidfile {self.path} (pid {read_pid(self.path) or '?'} is not running); "
                 "it will be replaced once this master serves")
 
+    def adopt(self, fd: int) -> None:
+        """Keep the lock an old master held and passed on across its USR2 exec."""
+        os.set_inheritable(fd, False)
+        self._lock_fd = fd
+
     def claim(self) -> None:
         """Write our pid into the lock file (again after daemonizing changed it)."""
         assert self._lock_fd is not None

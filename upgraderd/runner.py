@@ -28,14 +28,19 @@ def run(config_path: str, cfg: Config, pidfile_path: str, daemon: bool = False,
     Raises AlreadyRunning, ConfigError or FatalError when the master cannot start.
     """
     pidfile = PidFile(pidfile_path)
-    try:
-        stale = pidfile.acquire()
-    except OSError as e:
-        raise FatalError(f"cannot lock {pidfile.lock_path}: {e.strerror}") from None
-    logs = LogSetup(daemon=daemon, level=log_level)
     inherited = reexec.inherited()
-    if inherited is not None:
-        stale = None  # the pidfile names this very process: it was exec'd in place by SIGUSR2
+    lock_fd = (inherited or {}).get("handover", {}).get("pidfile_lock")
+    if lock_fd is not None:
+        # Exec'd in place by SIGUSR2: the lock is already ours, and the pidfile
+        # names this very process.
+        pidfile.adopt(int(lock_fd))
+        stale = None
+    else:
+        try:
+            stale = pidfile.acquire()
+        except OSError as e:
+            raise FatalError(f"cannot lock {pidfile.lock_path}: {e.strerror}") from None
+    logs = LogSetup(daemon=daemon, level=log_level)
     # What a SIGUSR2 re-exec runs: the same command, in the foreground (an exec'd
     # daemon is already detached and keeps its log file as stdout and stderr).
     argv = ["run", "-c", config_path, "--pidfile", pidfile_path]

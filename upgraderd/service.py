@@ -87,6 +87,10 @@ class Service(Hooks):
         """Remember why generation 1 failed, for the start-up report."""
         self.first_failure = f"the first generation failed: {reason}"
 
+    def handover_fds(self) -> dict[str, int]:
+        """Pass the pidfile lock on: released at exec, another master could take it."""
+        return {"pidfile_lock": self.pidfile.fileno()}
+
     def on_reopen_logs(self) -> None:
         """Reopen the log file (SIGUSR1)."""
         try:

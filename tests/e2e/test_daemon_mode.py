@@ -176,3 +176,20 @@ def test_live_master_blocks_a_second_one_even_while_starting(tmp_path):
         assert r.stderr == f"upgraderd: already running (pid {first.pid}); pidfile {first.pidfile}\n"
     finally:
         first.stop()
+
+
+def test_usr2_keeps_the_pidfile_lock_across_the_exec(tmp_path):
+    with Daemon(tmp_path, echo_config(free_port(), count=1)).start() as first:
+        first.send(signal.SIGUSR2)
+        first.wait_log(r"reload done: generation 2 ACTIVE")
+        assert "stale pidfile" not in first.log()
+        assert first.pidfile.read_text().strip() == str(first.pid)
+        d2 = tmp_path / "second"
+        d2.mkdir()
+        (d2 / "c.yaml").write_text(yaml.safe_dump(echo_config(free_port())))
+        r = upgraderd("run", "-c", str(d2 / "c.yaml"), "--pidfile", str(first.pidfile))
+        assert r.returncode == 3
+        assert r.stderr == f"upgraderd: already running (pid {first.pid}); pidfile {first.pidfile}\n"
+        # Exactly one descriptor of the lock file: the one handed over, not a second one.
+        held = [os.readlink(f"/proc/{first.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{first.pid}/fd")]
+        assert held.count(f"{first.pidfile}.lock") == 1
