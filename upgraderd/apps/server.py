@@ -241,9 +241,24 @@ class Server:
         assert self.draining_since is not None
         now = time.monotonic()
         for conn in list(self.conns.values()):
-            if conn.proto.idle() and not conn.out and now - max(conn.last_io, self.draining_since) >= self.idle_grace:
+            if conn.proto.idle() and not conn.out and now - max(conn.last_io, self.draining_since) >= self.idle_grace \
+                    and not _has_unread(conn.sock):
                 self._close(conn)
         return not self.conns
+
+
+def _has_unread(sock: socket.socket) -> bool:
+    """Return True if a request has arrived that the loop has not read yet.
+
+    Closing a socket with unread data sends RST, and the request is lost: such a
+    connection is left for the next pass to read and answer (with Connection: close).
+    """
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return False
 
 
 def main(factory: Callable[[str], ConnectionProtocol], idle_grace: float = 1.0,
