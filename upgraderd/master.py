@@ -15,6 +15,12 @@ Invariants:
 - The predecessor is drained only once its successor is ACTIVE.
 - A failed reload (bad config, bind error, worker crash, ready timeout) leaves
   the ACTIVE generation and its sockets untouched.
+
+Known hazard: in `reuseport` mode a reload that raises `workers.count` binds
+the new slots' sockets at once, and the kernel sends them connections before
+the new generation is ready. If it then fails, closing those sockets resets
+what queued there unless net.ipv4.tcp_migrate_req=1. `reload()` warns, and
+`_close_unused()` counts it (upgraderd_slot_retire_risks_total).
 """
 
 from __future__ import annotations
