@@ -258,17 +258,17 @@ class Master:
         except ConfigError as e:
             self._reload_failed(f"master upgrade refused, the config is invalid:\n{e}", "rejected")
             return
+        listeners, handover = self.listeners.export(), self.hooks.handover_fds()
         state = {
-            "listeners": self.listeners.export(), "notify_fd": self.notify.fileno(),
+            "listeners": listeners, "notify_fd": self.notify.fileno(),
             "next_number": self._next_number, "stats": dataclasses.asdict(self.stats),
             "started_at": self.started_at, "wall_started_at": self.wall_started_at,
             "generations": [{**g.export(), "config": reexec.config_to_dict(g.config)}
                             for g in self.generations],
             "metrics": self.telemetry.export() if self.telemetry is not None else None,
-            "handover": self.hooks.handover_fds(),
+            "handover": handover,
         }
-        fds = [int(e["fd"]) for e in self.listeners.export()] + [self.notify.fileno()]
-        fds += list(self.hooks.handover_fds().values())
+        fds = [int(e["fd"]) for e in listeners] + [self.notify.fileno(), *handover.values()]
         notify_systemd(f"RELOADING=1\nMONOTONIC_USEC={int(time.monotonic() * 1e6)}")
         for handler in logging.getLogger().handlers:
             handler.flush()

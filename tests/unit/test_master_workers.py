@@ -4,47 +4,10 @@ from __future__ import annotations
 
 import socket
 
+from fakes import FakeNotify, FakeProcessAPI
 from upgraderd import kernel
 from upgraderd.generation import GenerationState, WorkerState
 from upgraderd.master import Master
-
-
-class FakeProcs:
-    """Record spawns and kills; never start anything."""
-
-    def __init__(self) -> None:
-        self.spawned: dict[int, tuple[list[str], dict[str, str], tuple[int, ...], str | None]] = {}
-        self.killed: list[tuple[int, int]] = []
-
-    def spawn(self, argv, env, fds, cwd=None, user=None, group=None) -> int:
-        pid = 1000 + len(self.spawned)
-        self.spawned[pid] = (list(argv), dict(env), tuple(fds), cwd)
-        return pid
-
-    def kill(self, pid: int, sig: int) -> None:
-        self.killed.append((pid, sig))
-
-    def reap(self):
-        return []
-
-
-class FakeNotify:
-    """A NOTIFY_SOCKET whose messages the test queues."""
-
-    address = "@fake-notify"
-
-    def __init__(self) -> None:
-        self.queued: list[tuple[int, bytes]] = []
-
-    def fileno(self) -> int:
-        return -1
-
-    def receive(self):
-        out, self.queued = self.queued, []
-        return out
-
-    def close(self) -> None:
-        pass
 
 
 def _free_port() -> int:
@@ -66,7 +29,7 @@ workers:
 ready: {ready}
 kernel: {{tcp_migrate_req: ignore}}
 """)
-    procs, note = FakeProcs(), FakeNotify()
+    procs, note = FakeProcessAPI(), FakeNotify()
     clock = [100.0]
     m = Master(str(path), procs=procs, clock=lambda: clock[0], notify_server=note)
     m.start()
@@ -76,14 +39,15 @@ kernel: {{tcp_migrate_req: ignore}}
 def test_spawn_expands_argv_and_sets_the_worker_env(tmp_path):
     m, procs, _ = _master(tmp_path, "{mode: notify}")
     try:
-        assert sorted(procs.spawned) == [1000, 1001]
-        for pid, (argv, env, fds, cwd) in procs.spawned.items():
+        assert procs.pids() == [1000, 1001]
+        for sp in procs.spawns:
+            argv, env, fds, cwd = list(sp.argv), sp.env, sp.fds, sp.cwd
             slot = env["UPGRADERD_SLOT"]
             pub = m.config.listeners[1].address
             assert argv == ["/bin/true", "--fd=3", f"--bind={pub}", f"s{slot}g1"]
             assert env["LISTEN_FDS"] == "1" and env["LISTEN_FDNAMES"] == "web"
             assert env["UPGRADERD_WORKER_BIND"] == "pub" and env["UPGRADERD_ADDR_PUB"] == pub
-            assert env["NOTIFY_SOCKET"] == "@fake-notify"
+            assert env["NOTIFY_SOCKET"] == FakeNotify.address
             assert len(fds) == 1 and cwd is None
         assert m.probes.pids() == set()
         # `ignore` still reads the setting (for the metric), and the config has a worker-bind listener.
@@ -99,12 +63,14 @@ def test_stranger_and_garbage_notify_are_counted_and_ignored(tmp_path):
     m, procs, note = _master(tmp_path, "{mode: notify}")
     try:
         gen = m.starting
-        note.queued = [(4242, b"READY=1"), (1000, b"\x00garbage"), (1000, b"READY=1")]
+        note.send(4242)
+        note.send(1000, b"\x00garbage")
+        note.send(1000)
         m.read_notify(101.0)
         assert m.stats.notify_rejected == 2
         assert gen.workers[0].state is WorkerState.READY
         assert gen.workers[1].state is WorkerState.STARTING
-        note.queued = [(4242, b"READY=1")]
+        note.send(4242)
         m.read_notify(101.0)
         assert m.stats.notify_rejected == 3
         assert gen.state is GenerationState.STARTING
@@ -117,9 +83,9 @@ def test_http_mode_probes_each_worker_and_ignores_ready_1(tmp_path):
     m, procs, note = _master(tmp_path, "{mode: http, url: 'http://127.0.0.1:{probe_port}/h'}")
     try:
         assert m.probes.pids() == {1000, 1001}
-        ports = {procs.spawned[pid][1]["UPGRADERD_PROBE_PORT"] for pid in (1000, 1001)}
+        ports = {procs.spawn_of(pid).env["UPGRADERD_PROBE_PORT"] for pid in (1000, 1001)}
         assert len(ports) == 2
-        note.queued = [(1000, b"READY=1"), (1001, b"READY=1")]
+        note.ready(1000, 1001)
         m.read_notify(101.0)
         assert m.stats.notify_rejected == 0
         assert m.starting is not None and m.starting.workers[0].state is WorkerState.STARTING
