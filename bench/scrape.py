@@ -36,8 +36,8 @@ from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
 from prometheus_client.multiprocess import mark_process_dead  # noqa: E402
 
 from mpworkers import WorkerFactory  # noqa: E402
-from upgraderd.metrics import WorkerCollector  # noqa: E402
-from upgraderd.multiproc import WorkerFiles  # noqa: E402
+from upgraderd.metrics.telemetry import WorkerCollector  # noqa: E402
+from upgraderd.metrics.multiproc import WorkerFiles  # noqa: E402
 
 LIVE_WORKERS = 4
 EARLY = 10

@@ -1,5 +1,5 @@
 """`python -m upgraderd` is the same as the `upgraderd` command."""
 
-from upgraderd.cli import main
+from upgraderd.service.cli import main
 
 raise SystemExit(main())

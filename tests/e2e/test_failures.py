@@ -11,7 +11,7 @@ import time
 import pytest
 
 from daemon import ROOT, Daemon, alive, echo_config, free_port, wait_until
-from upgraderd import notify
+from upgraderd.system import notify
 from loadgen import Load
 
 pytestmark = pytest.mark.e2e

@@ -57,7 +57,7 @@ def test_usr2_with_an_invalid_config_keeps_the_running_master(tmp_path):
 
 
 def test_exec_failure_leaves_the_old_master_running():
-    from upgraderd import reexec
+    from upgraderd.system import reexec
     r, w = os.pipe()
     try:
         before = signal.pthread_sigmask(signal.SIG_BLOCK, [])

@@ -14,7 +14,7 @@ import pytest
 
 from daemon import ROOT, Daemon, echo_config, wait_until
 from loadgen import Load
-from upgraderd.process import SHIM, privilege_argv
+from upgraderd.system.process import SHIM, privilege_argv
 
 PLAIN_ECHO = str(ROOT / "tests" / "fixtures" / "plain_echo.py")
 

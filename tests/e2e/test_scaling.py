@@ -13,7 +13,7 @@ import pytest
 
 from daemon import ROOT, Daemon, echo_config, free_port
 from scenarios import scaling
-from upgraderd.sockets import migrate_req
+from upgraderd.system.sockets import migrate_req
 
 pytestmark = pytest.mark.e2e
 

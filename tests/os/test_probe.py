@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from upgraderd import probe
-from upgraderd.probe import Prober
+from upgraderd.system import probe
+from upgraderd.system.probe import Prober
 
 
 class TinyServer:

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from upgraderd.errors import SpawnError
-from upgraderd.generation import Generation
-from upgraderd.process import Exit
+from upgraderd.core.generation import Generation
+from upgraderd.system.process import Exit
 
 
 def _sig(sig: int) -> int:

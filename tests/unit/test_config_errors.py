@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from daemon import ROOT
-from upgraderd import cli, config
+from upgraderd.service import cli
+from upgraderd.config import schema as config
 from upgraderd.errors import ConfigError
 
 L = "listeners:\n  - {name: web, port: 8080}\n"  # a valid first line pair for cases that need one

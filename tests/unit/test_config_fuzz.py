@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from daemon import ROOT
-from upgraderd import config
+from upgraderd.config import schema as config
 from upgraderd.errors import ConfigError
 
 PATH = "fuzz.yaml"

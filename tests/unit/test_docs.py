@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 from daemon import ROOT
-from upgraderd import config, docgen
+from upgraderd.config import schema as config
+from upgraderd.config import docgen
 
 CHECKED_IN = ROOT / "docs" / "configuration.md"
 

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from upgraderd.durations import DRAIN_BUCKETS, RELOAD_BUCKETS, Durations
-from upgraderd.stats import Stats
+from upgraderd.core.durations import DRAIN_BUCKETS, RELOAD_BUCKETS, Durations
+from upgraderd.core.stats import Stats
 
 
 def test_a_value_on_a_bound_counts_in_that_bucket():

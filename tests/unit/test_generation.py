@@ -10,10 +10,10 @@ import pytest
 import yaml
 
 from fakes import FakeLauncher
-from upgraderd import config as configmod
-from upgraderd.config import Config
-from upgraderd.generation import STABLE_AFTER, Generation, GenerationState as G, WorkerState as W
-from upgraderd.process import Exit
+from upgraderd.config import schema as configmod
+from upgraderd.config.schema import Config
+from upgraderd.core.generation import STABLE_AFTER, Generation, GenerationState as G, WorkerState as W
+from upgraderd.system.process import Exit
 
 TERM, KILL, QUIT = signal.SIGTERM, signal.SIGKILL, signal.SIGQUIT
 

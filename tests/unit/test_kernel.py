@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from upgraderd import kernel
+from upgraderd.system import kernel
 
 
 def _file(tmp_path, text: str):

@@ -18,10 +18,10 @@ import pytest
 import yaml
 
 from fakes import FakeClock, FakeNotify, FakeProcessAPI
-from upgraderd import sockets
-from upgraderd.generation import GenerationState as G, WorkerState as W
-from upgraderd.durations import Durations
-from upgraderd.master import FAST_STOP_GRACE, Master
+from upgraderd.system import sockets
+from upgraderd.core.generation import GenerationState as G, WorkerState as W
+from upgraderd.core.durations import Durations
+from upgraderd.core.master import FAST_STOP_GRACE, Master
 
 HUP, TERM, INT, KILL, QUIT = signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGKILL, signal.SIGQUIT
 T0 = 100.0

@@ -5,9 +5,9 @@ from __future__ import annotations
 import socket
 
 from fakes import FakeNotify, FakeProcessAPI
-from upgraderd import kernel
-from upgraderd.generation import GenerationState, WorkerState
-from upgraderd.master import Master
+from upgraderd.system import kernel
+from upgraderd.core.generation import GenerationState, WorkerState
+from upgraderd.core.master import Master
 
 
 def _free_port() -> int:

@@ -10,11 +10,11 @@ import pytest
 from prometheus_client import REGISTRY, generate_latest
 
 from scrape import fetch, parse, value
-from upgraderd.config import MetricsSpec, parse as parse_config
-from upgraderd.durations import RELOAD_BUCKETS, DRAIN_BUCKETS, Durations
+from upgraderd.config.schema import MetricsSpec, parse as parse_config
+from upgraderd.core.durations import RELOAD_BUCKETS, DRAIN_BUCKETS, Durations
 from upgraderd.errors import FatalError
-from upgraderd.metrics import STALL_AFTER, Telemetry
-from upgraderd.snapshot import ListenerInfo, Snapshot
+from upgraderd.metrics.telemetry import STALL_AFTER, Telemetry
+from upgraderd.core.snapshot import ListenerInfo, Snapshot
 
 
 def snapshot(taken_at: float = 100.0, active: int = 3, stopping: bool = False) -> Snapshot:

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from mpworkers import WorkerFactory
-from upgraderd.multiproc import WorkerFiles
+from upgraderd.metrics.multiproc import WorkerFiles
 
 
 def sums(files: WorkerFiles) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -11,11 +11,11 @@ import sys
 import pytest
 
 from daemon import wait_until
-from upgraderd import status
-from upgraderd.config import LogSpec
-from upgraderd.logsetup import JsonFormatter, LogSetup
-from upgraderd.pidfile import AlreadyRunning, NotRunning, PidFile, find_master, is_upgraderd, read_pid
-from upgraderd.service import StartupReport
+from upgraderd.service import status
+from upgraderd.config.schema import LogSpec
+from upgraderd.service.logsetup import JsonFormatter, LogSetup
+from upgraderd.service.pidfile import AlreadyRunning, NotRunning, PidFile, find_master, is_upgraderd, read_pid
+from upgraderd.service.hooks import StartupReport
 
 
 def test_lock_refuses_a_second_master_and_names_the_first(tmp_path):

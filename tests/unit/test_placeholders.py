@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from upgraderd import config, placeholders
+from upgraderd.config import schema as config
+from upgraderd.config import placeholders
 from upgraderd.errors import ConfigError
-from upgraderd.placeholders import TemplateError
+from upgraderd.config.placeholders import TemplateError
 
 CFG = config.parse("""\
 listeners:

@@ -16,8 +16,8 @@ import os
 import sys
 
 from upgraderd import __version__
-from upgraderd import config as configmod
-from upgraderd import validators
+from upgraderd.config import schema as configmod
+from upgraderd.config import validators
 from upgraderd.errors import ConfigError, FatalError, UpgraderdError
 
 EXIT_OK, EXIT_CONFIG, EXIT_USAGE, EXIT_START, EXIT_NOT_RUNNING = 0, 1, 2, 3, 4
@@ -120,7 +120,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if os.environ.pop(var, None) is not None:
             print(f"upgraderd: ignoring {var} from the environment: upgraderd sets it for its "
                   "workers", file=sys.stderr)
-    from upgraderd.runner import run
+    from upgraderd.service.runner import run
     try:
         cfg = configmod.load(args.config)
     except ConfigError as e:
@@ -154,8 +154,8 @@ def _client_pidfile(args: argparse.Namespace) -> str:
 
 def cmd_client(args: argparse.Namespace) -> int:
     """Run `reload`, `stop` or `status` against the master named by the pidfile."""
-    from upgraderd import control
-    from upgraderd.pidfile import NotRunning
+    from upgraderd.service import control
+    from upgraderd.service.pidfile import NotRunning
     try:
         pidfile = _client_pidfile(args)
     except ConfigError as e:
@@ -179,7 +179,7 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 def cmd_docs(args: argparse.Namespace) -> int:
     """Print or write the configuration reference."""
-    from upgraderd import docgen
+    from upgraderd.config import docgen
     return docgen.main([args.output] if args.output else [])
 
 

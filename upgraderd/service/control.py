@@ -17,8 +17,8 @@ import sys
 import time
 from typing import Any
 
-from upgraderd import status
-from upgraderd.pidfile import NotRunning, find_master, is_upgraderd
+from upgraderd.service import status
+from upgraderd.service.pidfile import NotRunning, find_master, is_upgraderd
 
 EXIT_OK, EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_TIMEOUT = 0, 1, 4, 5
 POLL = 0.05

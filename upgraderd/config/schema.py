@@ -26,10 +26,11 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
-from upgraderd import placeholders, probe
+from upgraderd.config import placeholders
+from upgraderd.system import probe
 from upgraderd.errors import ConfigError, SpawnError
-from upgraderd.process import privilege_argv
-from upgraderd.validators import (
+from upgraderd.system.process import privilege_argv
+from upgraderd.config.validators import (
     REQUIRED, Invalid, Check, opt, integer, string, name, one_of,
     host, duration, signal_name, argv, env_map, directory, file_path, PATH_CHECKS,
     user_name, group_name, listen_address, default_pidfile, _show, _did_you_mean,

@@ -12,12 +12,12 @@ import json
 import logging
 import os
 
-from upgraderd import status
-from upgraderd.config import LogSpec
-from upgraderd.hooks import Hooks
-from upgraderd.logsetup import LogSetup
-from upgraderd.master import Master
-from upgraderd.pidfile import PidFile
+from upgraderd.service import status
+from upgraderd.config.schema import LogSpec
+from upgraderd.core.hooks import Hooks
+from upgraderd.service.logsetup import LogSetup
+from upgraderd.core.master import Master
+from upgraderd.service.pidfile import PidFile
 
 log = logging.getLogger("upgraderd")
 

@@ -15,7 +15,8 @@ import dataclasses
 import sys
 from typing import Any
 
-from upgraderd import config, validators
+from upgraderd.config import schema as config
+from upgraderd.config import validators
 
 INTRO = """\
 # Configuration reference

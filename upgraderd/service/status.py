@@ -25,10 +25,10 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from upgraderd import __version__
-from upgraderd.pidfile import write_atomic
+from upgraderd.service.pidfile import write_atomic
 
 if TYPE_CHECKING:
-    from upgraderd.master import Master
+    from upgraderd.core.master import Master
 
 
 def path_for(pidfile: str) -> str:

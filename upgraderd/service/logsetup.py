@@ -23,7 +23,7 @@ import sys
 import time
 from typing import IO, Any
 
-from upgraderd.config import LogSpec
+from upgraderd.config.schema import LogSpec
 
 TEXT_FORMAT = "%(asctime)s upgraderd[%(process)d] %(levelname)s %(message)s"
 

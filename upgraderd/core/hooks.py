@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from upgraderd.master import Master
+    from upgraderd.core.master import Master
 
 
 class Hooks:

@@ -23,8 +23,8 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from upgraderd import kernel
-from upgraderd.config import Config, ListenerSpec
+from upgraderd.system import kernel
+from upgraderd.config.schema import Config, ListenerSpec
 
 log = logging.getLogger("upgraderd")
 

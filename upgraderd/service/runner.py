@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import logging
 
-from upgraderd import reexec
-from upgraderd.config import Config
+from upgraderd.system import reexec
+from upgraderd.config.schema import Config
 from upgraderd.errors import FatalError
-from upgraderd.logsetup import LogSetup
-from upgraderd.master import Master
-from upgraderd.metrics import Telemetry
-from upgraderd.pidfile import PidFile
-from upgraderd.service import Service
+from upgraderd.service.logsetup import LogSetup
+from upgraderd.core.master import Master
+from upgraderd.metrics.telemetry import Telemetry
+from upgraderd.service.pidfile import PidFile
+from upgraderd.service.hooks import Service
 
 log = logging.getLogger("upgraderd")
 
@@ -54,7 +54,7 @@ def run(config_path: str, cfg: Config, pidfile_path: str, daemon: bool = False,
         pidfile.remove()
         raise
     if daemon:
-        from upgraderd.daemonize import run_detached
+        from upgraderd.service.daemonize import run_detached
         return run_detached(master, cfg, pidfile, logs, stale)
     if stale:
         log.warning("%s", stale)

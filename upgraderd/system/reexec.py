@@ -28,8 +28,8 @@ import signal
 import sys
 from typing import Any
 
-from upgraderd.config import SECTIONS, Config, ListenerSpec
-from upgraderd.signals import HANDLED
+from upgraderd.config.schema import SECTIONS, Config, ListenerSpec
+from upgraderd.system.signals import HANDLED
 
 ENV = "UPGRADERD_REEXEC_FD"
 VERSION = 1

@@ -33,8 +33,8 @@ import time
 from types import FrameType
 from typing import Callable
 
-from upgraderd.notify import notify
-from upgraderd.placeholders import addr_env_name
+from upgraderd.system.notify import notify
+from upgraderd.config.placeholders import addr_env_name
 
 SD_LISTEN_FDS_START = 3
 

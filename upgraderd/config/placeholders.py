@@ -27,7 +27,7 @@ import re
 from typing import TYPE_CHECKING, Mapping
 
 if TYPE_CHECKING:
-    from upgraderd.config import Config
+    from upgraderd.config.schema import Config
 
 _TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 KNOWN = "{fd:NAME}, {addr:NAME}, {host:NAME}, {port:NAME}, {slot}, {generation}, {probe_port}"

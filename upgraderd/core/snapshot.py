@@ -17,11 +17,11 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from upgraderd.durations import HistogramData
-from upgraderd.generation import GenerationState, WorkerState
+from upgraderd.core.durations import HistogramData
+from upgraderd.core.generation import GenerationState, WorkerState
 
 if TYPE_CHECKING:
-    from upgraderd.master import Master
+    from upgraderd.core.master import Master
 
 # Generations are forgotten in the same loop pass in which they retire, so a
 # RETIRED count would always read 0: it is not reported.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from upgraderd.config import Config, ListenerSpec
+from upgraderd.config.schema import Config, ListenerSpec
 
 
 @dataclass(frozen=True)

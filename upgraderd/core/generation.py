@@ -28,9 +28,9 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from upgraderd.config import Config
+from upgraderd.config.schema import Config
 from upgraderd.errors import SpawnError
-from upgraderd.process import Exit
+from upgraderd.system.process import Exit
 
 log = logging.getLogger("upgraderd")
 

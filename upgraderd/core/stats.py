@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from upgraderd.durations import DRAIN_BUCKETS, RELOAD_BUCKETS, Durations
+from upgraderd.core.durations import DRAIN_BUCKETS, RELOAD_BUCKETS, Durations
 
 
 @dataclass

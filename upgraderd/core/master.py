@@ -34,22 +34,24 @@ import socket
 import time
 from typing import Any, Callable
 
-from upgraderd import config as configmod
-from upgraderd import kernel, placeholders, sockets
-from upgraderd import plan as planmod
-from upgraderd import reexec
-from upgraderd import snapshot as snapshotmod
-from upgraderd.config import Config
+from upgraderd.config import schema as configmod
+from upgraderd.system import kernel
+from upgraderd.config import placeholders
+from upgraderd.system import sockets
+from upgraderd.config import plan as planmod
+from upgraderd.system import reexec
+from upgraderd.core import snapshot as snapshotmod
+from upgraderd.config.schema import Config
 from upgraderd.errors import ConfigError, FatalError, SpawnError
-from upgraderd.generation import Generation, GenerationState, WorkerState
-from upgraderd.hooks import Hooks
-from upgraderd.metrics import Telemetry, TelemetryStarter
-from upgraderd.notify import NotifyServer, notify, parse_fields
-from upgraderd.probe import Prober, reserve_port
-from upgraderd.process import Exit, ProcessAPI, PosixProcessAPI, user_env
-from upgraderd.signals import HANDLED, SignalInbox
-from upgraderd.stats import Stats
-from upgraderd.snapshot import Snapshot
+from upgraderd.core.generation import Generation, GenerationState, WorkerState
+from upgraderd.core.hooks import Hooks
+from upgraderd.metrics.telemetry import Telemetry, TelemetryStarter
+from upgraderd.system.notify import NotifyServer, notify, parse_fields
+from upgraderd.system.probe import Prober, reserve_port
+from upgraderd.system.process import Exit, ProcessAPI, PosixProcessAPI, user_env
+from upgraderd.system.signals import HANDLED, SignalInbox
+from upgraderd.core.stats import Stats
+from upgraderd.core.snapshot import Snapshot
 
 log = logging.getLogger("upgraderd")
 

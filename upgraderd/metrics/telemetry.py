@@ -26,12 +26,12 @@ from prometheus_client.metrics_core import (
 )
 
 from upgraderd import __version__
-from upgraderd.config import Config, MetricsSpec
-from upgraderd.durations import HistogramData
-from upgraderd.endpoint import MetricsServer
+from upgraderd.config.schema import Config, MetricsSpec
+from upgraderd.core.durations import HistogramData
+from upgraderd.metrics.endpoint import MetricsServer
 from upgraderd.errors import FatalError
-from upgraderd.multiproc import ENV, WorkerFiles
-from upgraderd.snapshot import Snapshot
+from upgraderd.metrics.multiproc import ENV, WorkerFiles
+from upgraderd.core.snapshot import Snapshot
 
 log = logging.getLogger("upgraderd")
 

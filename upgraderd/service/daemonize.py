@@ -28,11 +28,11 @@ import sys
 
 import daemon  # type: ignore[import-untyped]  # python-daemon ships no type hints
 
-from upgraderd.config import Config
-from upgraderd.logsetup import LogSetup
-from upgraderd.master import Master
-from upgraderd.pidfile import PidFile
-from upgraderd.service import Service, StartupReport
+from upgraderd.config.schema import Config
+from upgraderd.service.logsetup import LogSetup
+from upgraderd.core.master import Master
+from upgraderd.service.pidfile import PidFile
+from upgraderd.service.hooks import Service, StartupReport
 
 log = logging.getLogger("upgraderd")
 
