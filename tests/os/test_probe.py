@@ -10,6 +10,7 @@ import time
 import pytest
 
 from upgraderd.system import probe
+from upgraderd.config.validators import parse_url
 from upgraderd.system.probe import Prober
 
 
@@ -135,4 +136,4 @@ def test_reserved_ports_lie_below_the_ephemeral_range_and_are_free():
     ("http://[::1]:9000?full", ("::1", 9000, "/?full")),
 ])
 def test_parse_url(url, target):
-    assert probe.parse_url(url) == target
+    assert parse_url(url) == target

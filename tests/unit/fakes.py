@@ -6,17 +6,24 @@
 - `FakeNotify`: what the Master uses of `NotifyServer`; `receive()` returns
   scripted (pid, payload) pairs.
 - `FakeLauncher`: the `Launcher` a `Generation` is given, for testing it alone.
+- `fake_system()`: a `System` with fake processes and notify socket, and the
+  real listeners, probes and kernel settings (the master unit tests bind real
+  sockets on 127.0.0.1 and read the real net.ipv4.tcp_migrate_req).
 """
 
 from __future__ import annotations
 
 import signal as signal_mod
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from upgraderd.errors import SpawnError
 from upgraderd.core.generation import Generation
-from upgraderd.system.process import Exit
+from upgraderd.config import schema
+from upgraderd.core.seams import Exit, System
+from upgraderd.system import posix, sockets
+from upgraderd.system.probe import Prober, reserve_port
+from upgraderd.system.process import user_env
 
 
 def _sig(sig: int) -> int:
@@ -207,3 +214,14 @@ class FakeLauncher:
 
     def pids(self) -> list[int]:
         return [p for _, _, p in self.spawned]
+
+
+def fake_system(procs: FakeProcessAPI, notify: FakeNotify) -> System:
+    """Return a `System` of `procs` and `notify` plus the real sockets, probes and kernel."""
+    def no_exec(record: Any, pending: Sequence[int]) -> OSError:
+        return OSError(2, "exec is not available in unit tests")
+
+    return System(procs=procs, notify=notify, listeners=sockets.ListenerSet(), probes=Prober(),
+                  kernel=posix.PosixKernel(), environ={"PATH": "/usr/bin:/bin"}, load_config=schema.load,
+                  user_env=user_env, reserve_port=reserve_port, tell_systemd=lambda message: None,
+                  exec_master=no_exec)

@@ -13,7 +13,7 @@ from fakes import FakeLauncher
 from upgraderd.config import schema as configmod
 from upgraderd.config.schema import Config
 from upgraderd.core.generation import STABLE_AFTER, Generation, GenerationState as G, WorkerState as W
-from upgraderd.system.process import Exit
+from upgraderd.core.seams import Exit
 
 TERM, KILL, QUIT = signal.SIGTERM, signal.SIGKILL, signal.SIGQUIT
 

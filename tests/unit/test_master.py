@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from fakes import FakeClock, FakeNotify, FakeProcessAPI
+from fakes import FakeClock, FakeNotify, FakeProcessAPI, fake_system
 from upgraderd.system import sockets
 from upgraderd.core.generation import GenerationState as G, WorkerState as W
 from upgraderd.core.durations import Durations
@@ -50,8 +50,7 @@ class Rig:
         self.clock = FakeClock(T0)
         self.procs = FakeProcessAPI()
         self.notify = FakeNotify()
-        self.master = Master(str(self.path), procs=self.procs, clock=self.clock,
-                             notify_server=self.notify)  # type: ignore[arg-type]
+        self.master = Master(str(self.path), fake_system(self.procs, self.notify), clock=self.clock)
 
     def write(self, count: int = 2, **sections: Any) -> None:
         doc: dict[str, Any] = {
@@ -94,7 +93,7 @@ def rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptu
     try:
         yield r
     finally:
-        r.master.listeners.close_all()
+        r.master.system.listeners.close_all()
 
 
 def messages(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -119,7 +118,7 @@ def test_start_spawns_generation_1_with_the_socket_activation_env(rig: Rig) -> N
         fds.append(s.fds[0])
         assert s.cwd is None
     assert len(set(fds)) == 3                          # reuseport: one socket per slot
-    assert len(m.listeners.keys()) == 3
+    assert len(m.system.listeners.keys()) == 3
     assert rig.procs.kills == []
 
 
@@ -156,7 +155,7 @@ def test_first_generation_failing_sets_exit_code_1(rig: Rig, caplog: pytest.LogC
     rig.step(at=T0 + 0.3)
     assert m.generations == []
     assert m.exit_code == 1
-    assert m.listeners.keys() == set()
+    assert m.system.listeners.keys() == set()
 
 
 def test_first_generation_spawn_error_sets_exit_code_1(rig: Rig) -> None:
@@ -210,7 +209,7 @@ def test_draining_generation_retires_when_all_exited(rig: Rig, caplog: pytest.Lo
     assert "generation 1 DRAINING -> RETIRED after 2.000s" in messages(caplog)
     assert m.stats.worker_exits == {"clean": 2, "error": 0, "signal": 0}
     assert rig.procs.kills == [(old[0], TERM), (old[1], TERM)]
-    assert len(m.listeners.keys()) == 2                # the sockets outlive the generations
+    assert len(m.system.listeners.keys()) == 2                # the sockets outlive the generations
 
 
 def test_drain_duration_is_measured_from_the_start_of_the_drain(rig: Rig) -> None:
@@ -310,7 +309,7 @@ def test_worker_exit_during_starting_fails_reload(rig: Rig, caplog: pytest.LogCa
     assert m.stats.reloads == {"success": 0, "failed": 1, "rejected": 0}
     assert m.stats.last_reload_ok is False
     assert m.stats.last_reload_error == "generation 2: slot 1 (pid 1003) exited at start-up: exit code 1"
-    assert ("reload failed, still serving generation 1:\n"
+    assert ("reload failed, still serving generation 1: "
             "generation 2: slot 1 (pid 1003) exited at start-up: exit code 1") in messages(caplog)
     rig.step(at=T0 + 5.999)
     assert rig.procs.kills == [(a, TERM)]
@@ -379,7 +378,7 @@ def test_invalid_config_on_hup_is_rejected(rig: Rig, caplog: pytest.LogCaptureFi
     assert m.stats.last_reload_error == (
         f"{rig.path}:4:3: listeners[0].mood: unknown key (did you mean 'mode'?); "
         "allowed: name, host, port, mode, backlog")
-    assert f"reload failed, still serving generation 1:\n{m.stats.last_reload_error}" in messages(caplog)
+    assert f"reload failed, still serving generation 1: {m.stats.last_reload_error}" in messages(caplog)
     assert m.config is config
     # Fixed: the next HUP works.
     rig.path.write_text(good)
@@ -482,11 +481,11 @@ def test_notify_from_strangers_and_garbage_is_counted(rig: Rig, caplog: pytest.L
     assert m.stats.notify_rejected == 5
     assert m.generations[0].workers[0].state is W.READY
     assert m.generations[0].workers[1].state is W.STARTING
-    msgs = messages(caplog)
-    assert "ignored notify message from pid 4242: not a worker" in msgs
-    assert "ignored notify message from pid 0: not a worker" in msgs
-    assert "ignored bad notify message from pid 1000: not a KEY=VALUE line: 'hello'" in msgs
-    assert "ignored bad notify message from pid 1000: empty message" in msgs
+    # One warning for the burst (the first datagram); the rest are only counted,
+    # and summarised once the rate-limit interval has passed.
+    warnings = [r.getMessage() for r in caplog.records if "notify message" in r.getMessage()]
+    assert warnings == ["ignored notify message from pid 4242: not a worker (further ones are counted "
+                        "in upgraderd_notify_rejected_total, and summarised every 10s)"]
     rig.ready(b, at=T0 + 2)
     assert rig.states() == [(1, G.ACTIVE)]
     # A worker that has exited (and been reaped) is a stranger too.
@@ -494,8 +493,24 @@ def test_notify_from_strangers_and_garbage_is_counted(rig: Rig, caplog: pytest.L
     rig.step(at=T0 + 3)
     rig.notify.send(b, b"READY=1")
     rig.step(at=T0 + 3.5)
-    assert "ignored notify message from pid 1001: not a worker" in messages(caplog)
     assert m.stats.notify_rejected == 5 + 1
+    rig.step(at=T0 + 11)
+    assert "ignored 5 more notify message(s) in the last 10s" in messages(caplog)
+    rig.notify.send(a, b"hello")
+    rig.step(at=T0 + 21.5)
+    assert "ignored bad notify message from pid 1000: not a KEY=VALUE line: 'hello' (further ones are " \
+        "counted in upgraderd_notify_rejected_total, and summarised every 10s)" in messages(caplog)
+
+
+def test_a_notify_flood_writes_a_bounded_number_of_log_lines(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    m = rig.start(count=1)
+    for second in range(60):
+        for i in range(1000):
+            rig.notify.send(5000 + i, b"READY=1")
+        rig.step(at=T0 + 1 + second)
+    assert m.stats.notify_rejected == 60_000
+    lines = [r for r in caplog.records if "notify message" in r.getMessage()]
+    assert 1 <= len(lines) <= 7          # one warning, then a summary every 10 s
 
 
 def test_ready_mode_delay(rig: Rig) -> None:
@@ -538,7 +553,7 @@ def test_term_drains_everything_and_generations_empty(rig: Rig, caplog: pytest.L
     rig.procs.exit(new[1], signal=9)
     rig.step(at=T0 + 8.5)
     assert m.generations == []
-    assert m.listeners.keys() == set()
+    assert m.system.listeners.keys() == set()
     assert m.exit_code == 0
 
 
@@ -618,9 +633,9 @@ def test_int_with_every_slot_in_backoff_still_stops(rig: Rig) -> None:
 def test_ttin_is_not_a_restart_and_opens_only_the_new_slot_socket(rig: Rig) -> None:
     m = rig.serving(count=3)
     rig.step(signal.SIGTTOU, at=T0 + 1)            # slot 2 retires, its worker still draining
-    assert {k[3] for k in m.listeners.keys()} == {0, 1}
+    assert {k[3] for k in m.system.listeners.keys()} == {0, 1}
     rig.step(signal.SIGTTIN, at=T0 + 2)            # a new slot 3; slot 2 must stay closed
-    assert {k[3] for k in m.listeners.keys()} == {0, 1, 3}
+    assert {k[3] for k in m.system.listeners.keys()} == {0, 1, 3}
     assert rig.procs.spawns[-1].slot == 3
     assert m.stats.worker_restarts == 0
     assert m.stats.slot_retire_risks == (0 if sockets.migrate_req() == 1 else 1)
@@ -630,10 +645,10 @@ def test_failed_growing_reload_closes_its_new_slot_sockets_and_counts_the_risk(r
     m = rig.serving(count=2)
     rig.write(count=4)
     rig.step(signal.SIGHUP, at=T0 + 1)
-    assert {k[3] for k in m.listeners.keys()} == {0, 1, 2, 3}
+    assert {k[3] for k in m.system.listeners.keys()} == {0, 1, 2, 3}
     rig.procs.exit(rig.procs.pids(2)[0], code=3)
     rig.step(at=T0 + 2)
     assert m.stats.reloads["failed"] == 1
     # The failed generation's extra slots are closed at once: nobody will accept on them.
-    assert {k[3] for k in m.listeners.keys()} == {0, 1}
+    assert {k[3] for k in m.system.listeners.keys()} == {0, 1}
     assert m.stats.slot_retire_risks == (0 if sockets.migrate_req() == 1 else 2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from fakes import FakeNotify, FakeProcessAPI
+from fakes import FakeNotify, FakeProcessAPI, fake_system
 from upgraderd.system import kernel
 from upgraderd.core.generation import GenerationState, WorkerState
 from upgraderd.core.master import Master
@@ -31,7 +31,7 @@ kernel: {{tcp_migrate_req: ignore}}
 """)
     procs, note = FakeProcessAPI(), FakeNotify()
     clock = [100.0]
-    m = Master(str(path), procs=procs, clock=lambda: clock[0], notify_server=note)
+    m = Master(str(path), fake_system(procs, note), clock=lambda: clock[0])
     m.start()
     return m, procs, note
 
@@ -49,14 +49,14 @@ def test_spawn_expands_argv_and_sets_the_worker_env(tmp_path):
             assert env["UPGRADERD_WORKER_BIND"] == "pub" and env["UPGRADERD_ADDR_PUB"] == pub
             assert env["NOTIFY_SOCKET"] == FakeNotify.address
             assert len(fds) == 1 and cwd is None
-        assert m.probes.pids() == set()
+        assert m.system.probes.pids() == set()
         # `ignore` still reads the setting (for the metric), and the config has a worker-bind listener.
         host_value = kernel.read_int(kernel.MIGRATE_REQ)
         assert m.tcp_migrate_req == host_value
         assert m.worker_bind_reset_risk is (host_value != 1)
     finally:
-        m.listeners.close_all()
-        m.probes.close()
+        m.system.listeners.close_all()
+        m.system.probes.close()
 
 
 def test_stranger_and_garbage_notify_are_counted_and_ignored(tmp_path):
@@ -75,14 +75,14 @@ def test_stranger_and_garbage_notify_are_counted_and_ignored(tmp_path):
         assert m.stats.notify_rejected == 3
         assert gen.state is GenerationState.STARTING
     finally:
-        m.listeners.close_all()
-        m.probes.close()
+        m.system.listeners.close_all()
+        m.system.probes.close()
 
 
 def test_http_mode_probes_each_worker_and_ignores_ready_1(tmp_path):
     m, procs, note = _master(tmp_path, "{mode: http, url: 'http://127.0.0.1:{probe_port}/h'}")
     try:
-        assert m.probes.pids() == {1000, 1001}
+        assert m.system.probes.pids() == {1000, 1001}
         ports = {procs.spawn_of(pid).env["UPGRADERD_PROBE_PORT"] for pid in (1000, 1001)}
         assert len(ports) == 2
         note.ready(1000, 1001)
@@ -92,7 +92,7 @@ def test_http_mode_probes_each_worker_and_ignores_ready_1(tmp_path):
         # A worker that is no longer starting is no longer probed.
         m.starting.workers[0].state = WorkerState.DRAINING
         m.poll_probes(101.0)
-        assert m.probes.pids() == {1001}
+        assert m.system.probes.pids() == {1001}
     finally:
-        m.listeners.close_all()
-        m.probes.close()
+        m.system.listeners.close_all()
+        m.system.probes.close()

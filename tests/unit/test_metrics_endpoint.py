@@ -14,23 +14,30 @@ from upgraderd.config.schema import MetricsSpec, parse as parse_config
 from upgraderd.core.durations import RELOAD_BUCKETS, DRAIN_BUCKETS, Durations
 from upgraderd.errors import FatalError
 from upgraderd.metrics.telemetry import STALL_AFTER, Telemetry
-from upgraderd.core.snapshot import ListenerInfo, Snapshot
+from upgraderd.core.generation import GenerationState as G, WorkerState as W
+from upgraderd.core.snapshot import GenerationInfo, ListenerInfo, Snapshot, WorkerInfo
+from upgraderd.core.stats import Stats
 
 
 def snapshot(taken_at: float = 100.0, active: int = 3, stopping: bool = False) -> Snapshot:
-    reloads = Durations(RELOAD_BUCKETS)
+    stats = Stats(reloads={"success": 2, "failed": 1, "rejected": 4},
+                  worker_exits={"clean": 9, "error": 1, "signal": 2}, worker_restarts=5,
+                  notify_rejected=6, drain_timeouts=7, last_reload_ok=False,
+                  last_reload_success_at=1.7e9, slot_retire_risks=8)
     for v in (0.2, 0.3, 7.0):
-        reloads.observe(v)
-    return Snapshot(
-        taken_at=taken_at, active_generation=active,
-        generations={"starting": 0, "active": 1 if active else 0, "draining": 2, "failed": 0},
-        workers={"starting": 0, "ready": 4, "backoff": 0, "draining": 3, "exited": 1, "fatal": 0},
-        listeners=(ListenerInfo("web", "[::1]:8080", "shared"),),
-        reloads={"success": 2, "failed": 1, "rejected": 4}, worker_exits={"clean": 9, "error": 1, "signal": 2},
-        worker_restarts=5, notify_rejected=6, drain_timeouts=7, last_reload_ok=False,
-        last_reload_success_at=1.7e9, reload_durations=reloads.data(),
-        drain_durations=Durations(DRAIN_BUCKETS).data(), stopping=stopping,
-        tcp_migrate_req=0, worker_bind_reset_risk=True, slot_retire_risks=8)
+        stats.reload_durations.observe(v)
+
+    def workers(state: W, n: int, first: int) -> tuple[WorkerInfo, ...]:
+        return tuple(WorkerInfo(first + i, 100 + first + i, state, 0.0) for i in range(n))
+
+    gens = (
+        GenerationInfo(active - 2, G.DRAINING, 0.0, 0.0, "", workers(W.DRAINING, 2, 0)),
+        GenerationInfo(active - 1, G.DRAINING, 0.0, 0.0, "", workers(W.DRAINING, 1, 2) + workers(W.EXITED, 1, 3)),
+        GenerationInfo(active, G.ACTIVE if active else G.FAILED, 0.0, 0.0, "", workers(W.READY, 4, 4)),
+    )
+    return Snapshot(taken_at=taken_at, wall_offset=0.0, config_path="/etc/u.yaml", started_at=1.6e9,
+                    generation_list=gens if active else gens[:2], listeners=(ListenerInfo("web", "[::1]:8080", "shared"),),
+                    stats=stats, stopping=stopping, tcp_migrate_req=0, worker_bind_reset_risk=True)
 
 
 class Clock:

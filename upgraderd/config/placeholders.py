@@ -71,14 +71,12 @@ def values(cfg: Config, slot: int, generation: int, probe_port: int | None = Non
     out = {"slot": str(slot), "generation": str(generation)}
     if probe_port is not None:
         out["probe_port"] = str(probe_port)
-    fd = 3
     for spec in cfg.listeners:
         out[f"addr:{spec.name}"] = spec.address
         out[f"host:{spec.name}"] = spec.host
         out[f"port:{spec.name}"] = str(spec.port)
-        if spec.mode != "worker-bind":
-            out[f"fd:{spec.name}"] = str(fd)
-            fd += 1
+    for fd, spec in enumerate(cfg.fd_listeners, start=3):
+        out[f"fd:{spec.name}"] = str(fd)
     return out
 
 

@@ -27,13 +27,11 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from upgraderd.config import placeholders
-from upgraderd.system import probe
-from upgraderd.errors import ConfigError, SpawnError
-from upgraderd.system.process import privilege_argv
+from upgraderd.errors import ConfigError
 from upgraderd.config.validators import (
     REQUIRED, Invalid, Check, opt, integer, string, name, one_of,
     host, duration, signal_name, argv, env_map, directory, file_path, PATH_CHECKS,
-    user_name, group_name, listen_address, default_pidfile, _show, _did_you_mean,
+    user_name, group_name, listen_address, default_pidfile, _show, _did_you_mean, parse_url, worker_ids,
 )
 
 DEFAULT_PATH = "config/upgraderd.yaml"
@@ -152,6 +150,14 @@ class Config:
         if self.workers.command is not None:
             return self.workers.command
         return (sys.executable, "-m", f"upgraderd.apps.{self.workers.app}")
+
+    @property
+    def fd_listeners(self) -> tuple[ListenerSpec, ...]:
+        """Return the listeners the master passes to workers, in LISTEN_FDS order (fd 3, 4, ...).
+
+        The one definition of that order: `{fd:NAME}` and the fds a worker inherits both use it.
+        """
+        return tuple(s for s in self.listeners if s.mode != "worker-bind")
 
     @property
     def pidfile_path(self) -> str:
@@ -381,13 +387,17 @@ def _check_identity(loader: _Loader, node: yaml.Node, w: WorkerSpec) -> None:
     key = "user" if w.user else "group"
     where = _node_at(node, key) or node
     try:
-        switch = privilege_argv(w.user, w.group)
-    except SpawnError as e:
-        loader.fail(where, f"workers.{key}", str(e))
+        ids = worker_ids(w.user, w.group)
+    except KeyError as e:
+        loader.fail(where, f"workers.{key}", f"no such user or group: {e}")
         return
-    if switch and os.geteuid() != 0:
+    if ids == (os.geteuid(), os.getegid()):
+        return
+    if os.geteuid() != 0:
         loader.fail(where, f"workers.{key}", f"{getattr(w, key)!r}: running workers as another "
                     "user or group needs a master started as root")
+    elif shutil.which("setpriv") is None:
+        loader.fail(where, f"workers.{key}", "running workers as another user needs setpriv (util-linux)")
 
 
 def _command_problem(prog: str, env_path: str, cwd: str | None) -> str | None:
@@ -428,7 +438,7 @@ def _check_templates(loader: _Loader, root: yaml.Node, cfg: Config) -> None:
         if not found:
             sample = placeholders.values(cfg, 0, 1, probe_port=1)
             try:
-                probe.parse_url(placeholders.expand(cfg.ready.url, sample))
+                parse_url(placeholders.expand(cfg.ready.url, sample))
             except ValueError as e:
                 found = [str(e)]
         for problem in found:

@@ -239,3 +239,48 @@ def _did_you_mean(word: str, choices: Any) -> str:
     lowered = {str(c).lower(): str(c) for c in choices}
     close = difflib.get_close_matches(word.lower(), list(lowered), n=1, cutoff=0.6)
     return f" (did you mean {lowered[close[0]]!r}?)" if close else ""
+
+
+def parse_url(url: str) -> tuple[str, int, str]:
+    """Split an http:// readiness URL into (host, port, path); raise ValueError.
+
+    The host must be an IP address or `localhost`: the master never resolves
+    names, because a DNS lookup would block its loop.
+    """
+    m = re.fullmatch(r"http://(\[[0-9A-Fa-f:.]+\]|[^/:?#\[\]]+)(?::(\d+))?([/?][^#]*)?", url)
+    if not m:
+        raise ValueError(f"{url!r} is not an http://HOST[:PORT]/PATH URL (https is not supported)")
+    host = m.group(1).strip("[]")
+    host = "127.0.0.1" if host == "localhost" else host
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{url!r}: the host must be an IP address or localhost, "
+                         f"not {host!r} (the master does not resolve names)") from None
+    port = int(m.group(2) or 80)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"{url!r}: port {port} is out of range")
+    path = m.group(3) or "/"
+    return host, port, path if path.startswith("/") else "/" + path
+
+
+def worker_ids(user: str | None, group: str | None) -> tuple[int, int]:
+    """Return the (uid, gid) workers of `user`/`group` run with (the master's own where None).
+
+    Raises KeyError if the user or group does not exist. Numeric ids are
+    ASCII digits only: '٣' is a name, not the number 3.
+    """
+    uid = _uid(user) if user is not None else os.geteuid()
+    if group is not None:
+        gid = int(group) if _ascii_digits(group) else grp.getgrnam(group).gr_gid
+    else:
+        gid = pwd.getpwuid(uid).pw_gid if user is not None else os.getegid()
+    return uid, gid
+
+
+def _uid(user: str) -> int:
+    return int(user) if _ascii_digits(user) else pwd.getpwnam(user).pw_uid
+
+
+def _ascii_digits(s: str) -> bool:
+    return s.isascii() and s.isdigit()

@@ -30,7 +30,9 @@ from typing import Any, Protocol
 
 from upgraderd.config.schema import Config
 from upgraderd.errors import SpawnError
-from upgraderd.system.process import Exit
+from upgraderd.core import readiness as readinessmod
+from upgraderd.core.readiness import Readiness
+from upgraderd.core.seams import Exit
 
 log = logging.getLogger("upgraderd")
 
@@ -56,8 +58,6 @@ class WorkerState(enum.Enum):
 
 
 LIVE_WORKER = (WorkerState.STARTING, WorkerState.READY, WorkerState.DRAINING)
-_NOT_READY = {"notify": "never sent READY=1", "http": "never answered 2xx at ready.url",
-              "delay": "did not stay up for ready.after"}
 
 
 @dataclass
@@ -101,6 +101,17 @@ class Generation:
     active_at: float | None = None
     drain_started_at: float | None = None
     reason: str = ""
+    readiness: Readiness | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.readiness is None:
+            self.readiness = readinessmod.for_spec(self.config.ready)
+
+    @property
+    def ready_rule(self) -> Readiness:
+        """Return this generation's readiness strategy."""
+        assert self.readiness is not None
+        return self.readiness
 
     def export(self) -> dict[str, object]:
         """Return this generation's runtime state as plain data, for a master re-exec."""
@@ -114,12 +125,13 @@ class Generation:
                 "drain_started_at": self.drain_started_at, "reason": self.reason, "workers": workers}
 
     @classmethod
-    def adopt(cls, data: dict[str, Any], config: Config, launcher: Launcher) -> Generation:
+    def adopt(cls, data: dict[str, Any], config: Config, launcher: Launcher,
+              readiness: Readiness) -> Generation:
         """Rebuild a generation that an old master exported."""
         gen = cls(int(data["number"]), config, launcher, created_at=float(data["created_at"]),
                   state=GenerationState[data["state"]], changed_at=float(data["changed_at"]),
                   active_at=data["active_at"], drain_started_at=data["drain_started_at"],
-                  reason=str(data["reason"]))
+                  reason=str(data["reason"]), readiness=readiness)
         for w in data["workers"]:
             gen.workers[int(w["slot"])] = Worker(**{**w, "state": WorkerState[w["state"]]})
         return gen
@@ -299,13 +311,12 @@ class Generation:
             late = sorted(w.slot for w in self.workers.values() if w.state is not WorkerState.READY)
             # STARTING -> FAILED
             self._fail(now, f"not ready within {self.config.ready.timeout:g}s "
-                            f"(slots {', '.join(map(str, late))} {_NOT_READY[self.config.ready.mode]})")
+                            f"(slots {', '.join(map(str, late))} {self.ready_rule.failure})")
 
     def _ready_by_delay(self, now: float) -> None:
-        if self.config.ready.mode != "delay":
-            return
         for pid, w in list(self.pids().items()):
-            if w.state is WorkerState.STARTING and now >= w.started_at + self.config.ready.after:
+            due = self.ready_rule.ready_at(w.started_at)
+            if w.state is WorkerState.STARTING and due is not None and now >= due:
                 self.on_ready(pid, now)
 
     def _tick_active(self, now: float) -> None:
@@ -329,9 +340,8 @@ class Generation:
         times: list[float] = []
         if self.state is GenerationState.STARTING:
             times.append(self.created_at + self.config.ready.timeout)
-        if self.config.ready.mode == "delay":
-            times += [w.started_at + self.config.ready.after for w in self.workers.values()
-                      if w.state is WorkerState.STARTING]
+        times += [due for w in self.workers.values()
+                  if w.state is WorkerState.STARTING and (due := self.ready_rule.ready_at(w.started_at)) is not None]
         times += [w.respawn_at for w in self.workers.values() if w.state is WorkerState.BACKOFF]
         times += [w.kill_at for w in self.workers.values()
                   if w.kill_at is not None and not w.killed and w.state is WorkerState.DRAINING]

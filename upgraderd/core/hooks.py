@@ -10,16 +10,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from upgraderd.core.master import Master
+    from upgraderd.config.schema import Config
+    from upgraderd.core.snapshot import Snapshot
 
 
 class Hooks:
     """No-op hooks; service.Service is the real implementation."""
 
-    def on_step(self, master: Master) -> None:
-        """Run after every pass of the loop (the master's state may have changed)."""
+    def on_step(self, snap: Snapshot, config: Config | None) -> None:
+        """Run after every pass of the loop with its snapshot and the config in service."""
 
-    def on_serving(self, master: Master) -> None:
+    def on_serving(self) -> None:
         """Run once, when generation 1 has become ACTIVE."""
 
     def on_start_failed(self, reason: str) -> None:

@@ -1,11 +1,13 @@
-"""A frozen, plain-valued picture of the master's state, for the metrics thread.
+"""The one projection of the master's state: what /metrics, the status file and
+`upgraderd status` report.
 
 Design note: the master's state is owned and mutated by the loop thread only.
 Rather than lock it, the loop builds a `Snapshot` at the end of every pass and
-publishes it by rebinding one attribute (atomic in CPython); the HTTP thread
-only ever reads the latest reference. A snapshot therefore lags the master by
-at most one loop pass, and the loop passes at least once a second (its select
-timeout), which is also how /healthz tells that the loop still runs.
+publishes it by rebinding one attribute (atomic in CPython); the metrics
+thread only ever reads the latest reference, and the status file is written
+from the same object. A snapshot therefore lags the master by at most one
+loop pass, and the loop passes at least once a second (its select timeout),
+which is also how /healthz tells that the loop still runs.
 
 Everything in a snapshot is a copy: the master may go on mutating its own
 dicts and lists while a scrape reads this one.
@@ -13,12 +15,11 @@ dicts and lists while a scrape reads this one.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from upgraderd.core.durations import HistogramData
 from upgraderd.core.generation import GenerationState, WorkerState
+from upgraderd.core.stats import Stats
 
 if TYPE_CHECKING:
     from upgraderd.core.master import Master
@@ -38,64 +39,96 @@ class ListenerInfo:
 
 
 @dataclass(frozen=True)
+class WorkerInfo:
+    """One worker slot; times are the master's monotonic clock."""
+
+    slot: int
+    pid: int | None
+    state: WorkerState
+    started_at: float
+
+
+@dataclass(frozen=True)
+class GenerationInfo:
+    """One generation; times are the master's monotonic clock."""
+
+    number: int
+    state: GenerationState
+    changed_at: float
+    created_at: float
+    reason: str
+    workers: tuple[WorkerInfo, ...]
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """The master's state at the end of one loop pass."""
 
     taken_at: float                      # the master's clock (monotonic)
-    active_generation: int               # 0 while no generation is ACTIVE
-    generations: dict[str, int]          # GenerationState value -> count
-    workers: dict[str, int]              # WorkerState value -> count
+    wall_offset: float                   # add to a monotonic time to get wall-clock time
+    config_path: str
+    started_at: float                    # wall clock
+    generation_list: tuple[GenerationInfo, ...]
     listeners: tuple[ListenerInfo, ...]
-    reloads: dict[str, int]
-    worker_exits: dict[str, int]
-    worker_restarts: int
-    notify_rejected: int
-    drain_timeouts: int
-    last_reload_ok: bool
-    last_reload_success_at: float        # wall clock (time.time)
-    reload_durations: HistogramData
-    drain_durations: HistogramData
+    stats: Stats                         # a private copy
     stopping: bool
     tcp_migrate_req: int                 # -1 where the kernel has no such setting
     worker_bind_reset_risk: bool
-    slot_retire_risks: int
+
+    @property
+    def active_generation(self) -> int:
+        """Return the number of the ACTIVE generation, 0 while there is none."""
+        active = [g.number for g in self.generation_list if g.state is GenerationState.ACTIVE]
+        return active[-1] if active else 0
+
+    @property
+    def generations(self) -> dict[str, int]:
+        """Return the count of generations by state value."""
+        out = {s.value: 0 for s in REPORTED_GENERATION_STATES}
+        for g in self.generation_list:
+            if g.state.value in out:
+                out[g.state.value] += 1
+        return out
+
+    @property
+    def workers(self) -> dict[str, int]:
+        """Return the count of worker slots by state value."""
+        out = {s.value: 0 for s in WorkerState}
+        for g in self.generation_list:
+            for w in g.workers:
+                out[w.state.value] += 1
+        return out
+
+    @property
+    def ready_workers(self) -> int:
+        """Return the READY workers of the ACTIVE generation (0: nothing serves)."""
+        return sum(1 for g in self.generation_list if g.state is GenerationState.ACTIVE
+                   for w in g.workers if w.state is WorkerState.READY)
 
     @property
     def draining_workers(self) -> int:
         """Return the number of worker processes that are draining."""
         return self.workers[WorkerState.DRAINING.value]
 
+    @property
+    def last_reload_success_at(self) -> float:
+        """Return when the config in service was loaded (wall clock): the start counts."""
+        return self.stats.last_reload_success_at or self.started_at
+
 
 def take(master: Master) -> Snapshot:
-    """Copy what the metrics report out of `master` (call it in the loop thread)."""
-    gens = {s.value: 0 for s in REPORTED_GENERATION_STATES}
-    workers = {s.value: 0 for s in WorkerState}
-    for g in master.generations:
-        if g.state.value in gens:
-            gens[g.state.value] += 1
-        for w in g.workers.values():
-            workers[w.state.value] += 1
-    active = master.active
+    """Copy the reported state out of `master` (call it in the loop thread)."""
+    gens = tuple(GenerationInfo(
+        g.number, g.state, g.changed_at, g.created_at, g.reason,
+        tuple(WorkerInfo(w.slot, w.pid, w.state, w.started_at) for w in g.workers.values()),
+    ) for g in master.generations)
     cfg = master.config
     listeners = tuple(ListenerInfo(s.name, s.address, s.mode) for s in cfg.listeners) if cfg else ()
-    st = master.stats
     return Snapshot(
-        taken_at=master.clock(),
-        active_generation=active.number if active is not None else 0,
-        generations=gens, workers=workers, listeners=listeners,
-        reloads=dict(st.reloads), worker_exits=dict(st.worker_exits),
-        worker_restarts=st.worker_restarts, notify_rejected=st.notify_rejected,
-        drain_timeouts=st.drain_timeouts, last_reload_ok=st.last_reload_ok,
-        # The config that started the master is the first one that loaded.
-        last_reload_success_at=st.last_reload_success_at or master.wall_started_at,
-        reload_durations=st.reload_durations.data(), drain_durations=st.drain_durations.data(),
+        taken_at=master.clock(), wall_offset=master.wall_started_at - master.started_at,
+        config_path=master.config_path, started_at=master.wall_started_at,
+        generation_list=gens, listeners=listeners, stats=master.stats.copy(),
         stopping=master.stopping,
         tcp_migrate_req=-1 if master.tcp_migrate_req is None else master.tcp_migrate_req,
         worker_bind_reset_risk=master.worker_bind_reset_risk,
-        slot_retire_risks=st.slot_retire_risks,
     )
-
-
-def age(snap: Snapshot, now: float | None = None) -> float:
-    """Return how many seconds ago (monotonic) `snap` was taken."""
-    return (time.monotonic() if now is None else now) - snap.taken_at

@@ -1,27 +1,66 @@
-"""The master's event counts and timings.
+"""The master's event counts and timings, each declared once with its metric.
 
 Invariant: every count only grows while the master lives, and a USR2 re-exec
-hands them to the new master (`Stats(**dataclasses.asdict(stats))`), so the
+hands them to the new master (`Stats.restore(stats.export())`), so the
 Prometheus counters built from them never reset.
+
+A counter is one field here, declared with `counter()`: its metric name, help
+text and label. The metrics collector (metrics/telemetry.py) walks these
+declarations, so a new counter touches this file, the line that increments it,
+and docs/metrics.md.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any, Iterator
 
 from upgraderd.core.durations import DRAIN_BUCKETS, RELOAD_BUCKETS, Durations
+
+
+def counter(name: str, doc: str, label: str | None = None, values: tuple[str, ...] = ()) -> Any:
+    """Declare a counter field: an int, or a dict label value -> int when `label` is given."""
+    meta = {"metric": name, "doc": doc, "label": label}
+    if label is None:
+        return field(default=0, metadata=meta)
+    return field(default_factory=lambda: dict.fromkeys(values, 0), metadata=meta)
+
+
+@dataclass(frozen=True)
+class CounterSpec:
+    """One declared counter."""
+
+    attr: str
+    metric: str
+    doc: str
+    label: str | None
 
 
 @dataclass
 class Stats:
     """Event counts and timings; they only ever grow while the master lives."""
 
-    reloads: dict[str, int] = field(default_factory=lambda: {"success": 0, "failed": 0, "rejected": 0})
-    worker_exits: dict[str, int] = field(default_factory=lambda: {"clean": 0, "error": 0, "signal": 0})
-    worker_restarts: int = 0
-    notify_rejected: int = 0
-    slot_retire_risks: int = 0
-    drain_timeouts: int = 0
+    reloads: dict[str, int] = counter(
+        "upgraderd_reloads", "Reloads by result: success, failed (the new generation did not become "
+        "ACTIVE) or rejected (invalid config or bind error).", "result", ("success", "failed", "rejected"))
+    worker_exits: dict[str, int] = counter(
+        "upgraderd_worker_exits", "Worker processes reaped, by how they ended.", "reason",
+        ("clean", "error", "signal"))
+    worker_restarts: int = counter(
+        "upgraderd_worker_restarts", "Workers respawned into the slot of a dead worker of an ACTIVE generation.")
+    notify_rejected: int = counter(
+        "upgraderd_notify_rejected", "Notify messages ignored because they came from a process that is not "
+        "a worker, or were malformed.")
+    drain_timeouts: int = counter(
+        "upgraderd_drain_timeouts", "Workers SIGKILLed because they still ran at their drain deadline.")
+    slot_retire_risks: int = counter(
+        "upgraderd_slot_retire_risks", "reuseport slots retired (TTOU, or a reload to fewer workers) while "
+        "tcp_migrate_req was not 1, so connections queued on the closing socket could be reset.")
+    internal_errors: int = counter(
+        "upgraderd_internal_errors", "Exceptions inside one pass of the master's loop that the master "
+        "logged and survived (a bug: please report it with the log line).")
     last_reload_ok: bool = True
     last_reload_success_at: float = 0.0
     last_reload_error: str = ""
@@ -33,9 +72,17 @@ class Stats:
     last_reload_result: str = ""
     last_reload_generation: int = 0
 
+    def copy(self) -> Stats:
+        """Return a deep copy the master will not mutate (for the metrics thread)."""
+        return copy.deepcopy(self)
+
+    def export(self) -> dict[str, Any]:
+        """Return every field as plain data, for a USR2 hand-over."""
+        return dataclasses.asdict(self)
+
     def __post_init__(self) -> None:
-        # A state hand-over, Stats(**dataclasses.asdict(stats)), passes the histograms as
-        # dicts; one from an older master passes the samples as a list.
+        # `Stats(**stats.export())` passes the histograms as dicts; an older master
+        # passed the samples as a list.
         for name, bounds in (("reload_durations", RELOAD_BUCKETS), ("drain_durations", DRAIN_BUCKETS)):
             value = getattr(self, name)
             if isinstance(value, dict):
@@ -45,3 +92,15 @@ class Stats:
                 for v in value:
                     durations.observe(float(v))
                 setattr(self, name, durations)
+
+    @classmethod
+    def restore(cls, data: dict[str, Any]) -> Stats:
+        """Rebuild Stats from `export()`, ignoring fields this master does not know."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+def counters() -> Iterator[CounterSpec]:
+    """Yield every declared counter of `Stats`."""
+    for f in dataclasses.fields(Stats):
+        if "metric" in f.metadata:
+            yield CounterSpec(f.name, f.metadata["metric"], f.metadata["doc"], f.metadata["label"])

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import logging
 import platform
+import signal
 from collections.abc import Callable, Iterable, Iterator
-from typing import Protocol
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.metrics_core import (
@@ -28,9 +28,11 @@ from prometheus_client.metrics_core import (
 from upgraderd import __version__
 from upgraderd.config.schema import Config, MetricsSpec
 from upgraderd.core.durations import HistogramData
+from upgraderd.core.stats import counters
 from upgraderd.metrics.endpoint import MetricsServer
 from upgraderd.errors import FatalError
 from upgraderd.metrics.multiproc import ENV, WorkerFiles
+from upgraderd.system.signals import HANDLED
 from upgraderd.core.snapshot import Snapshot
 
 log = logging.getLogger("upgraderd")
@@ -58,10 +60,10 @@ class UpgraderdCollector:
         yield from self._events(snap)
         yield _histogram("upgraderd_reload_duration_seconds",
                          "Time from the HUP to the new generation being ACTIVE, for successful reloads.",
-                         snap.reload_durations)
+                         snap.stats.reload_durations.data())
         yield _histogram("upgraderd_drain_duration_seconds",
                          "Time from ACTIVE -> DRAINING to the generation's last worker exiting.",
-                         snap.drain_durations)
+                         snap.stats.drain_durations.data())
 
     def _state(self, snap: Snapshot) -> Iterator[Metric]:
         yield GaugeMetricFamily("upgraderd_generation", "Number of the ACTIVE generation (0 while there is none).",
@@ -79,7 +81,7 @@ class UpgraderdCollector:
         yield info
         yield GaugeMetricFamily("upgraderd_config_last_reload_successful",
                                 "1 if the last reload (or the start) brought its config into service, else 0.",
-                                value=1 if snap.last_reload_ok else 0)
+                                value=1 if snap.stats.last_reload_ok else 0)
         yield GaugeMetricFamily("upgraderd_config_last_reload_success_timestamp_seconds",
                                 "Unix time the config in service was loaded (start or successful reload).",
                                 value=snap.last_reload_success_at)
@@ -92,19 +94,12 @@ class UpgraderdCollector:
                                 value=1 if snap.worker_bind_reset_risk else 0)
 
     def _events(self, snap: Snapshot) -> Iterator[Metric]:
-        yield _by_label("upgraderd_reloads", "Reloads by result: success, failed (the new generation did not "
-                        "become ACTIVE) or rejected (invalid config or bind error).", "result", snap.reloads)
-        yield _by_label("upgraderd_worker_exits", "Worker processes reaped, by how they ended.",
-                        "reason", snap.worker_exits)
-        yield CounterMetricFamily("upgraderd_worker_restarts", "Workers respawned into the slot of a dead worker "
-                                  "of an ACTIVE generation.", value=snap.worker_restarts)
-        yield CounterMetricFamily("upgraderd_notify_rejected", "Notify messages ignored because they came from "
-                                  "a process that is not a worker, or were malformed.", value=snap.notify_rejected)
-        yield CounterMetricFamily("upgraderd_drain_timeouts", "Workers SIGKILLed because they still ran at their "
-                                  "drain deadline.", value=snap.drain_timeouts)
-        yield CounterMetricFamily("upgraderd_slot_retire_risks", "reuseport slots retired (TTOU, or a reload "
-                                  "to fewer workers) while tcp_migrate_req was not 1, so connections queued "
-                                  "on the closing socket could be reset.", value=snap.slot_retire_risks)
+        for spec in counters():
+            value = getattr(snap.stats, spec.attr)
+            if spec.label is None:
+                yield CounterMetricFamily(spec.metric, spec.doc, value=value)
+            else:
+                yield _by_label(spec.metric, spec.doc, spec.label, value)
 
 
 def _by_label(name: str, doc: str, label: str, values: dict[str, int], gauge: bool = False) -> Metric:
@@ -131,10 +126,11 @@ def health(snap: Snapshot | None, now: float) -> tuple[bool, bool, str]:
         return False, False, "starting"
     stalled = now - snap.taken_at
     alive = stalled < STALL_AFTER
-    ready = alive and snap.active_generation > 0 and not snap.stopping
+    ready = alive and snap.ready_workers > 0 and not snap.stopping
     why = (f"generation {snap.active_generation} active" if ready else
            f"master loop stalled for {stalled:.0f}s" if not alive else
-           "stopping" if snap.stopping else "no ACTIVE generation")
+           "stopping" if snap.stopping else "no ACTIVE generation" if not snap.active_generation
+           else f"no READY worker in generation {snap.active_generation}")
     return alive, ready, why
 
 
@@ -147,14 +143,6 @@ class WorkerCollector:
     def collect(self) -> Iterable[Metric]:
         """Return the metrics summed over every worker, dead or alive."""
         return self.files.collect()
-
-
-class TelemetryStarter(Protocol):
-    """What the master calls to start its metrics (`Telemetry.start`)."""
-
-    def __call__(self, spec: MetricsSpec, source: Callable[[], Snapshot | None], clock: Callable[[], float],
-                 inherited: dict[str, object] | None = None) -> Telemetry | None:
-        """Start serving metrics for `spec`, or return None if they are disabled."""
 
 
 class Telemetry:
@@ -190,7 +178,13 @@ class Telemetry:
             files.close()
             raise FatalError(f"cannot serve metrics on {spec.listen} (metrics.listen): "
                              f"{e.strerror or e}") from None
-        server.start()
+        # Threads inherit the signal mask: with these blocked, only the master's
+        # main thread ever takes its signals (a USR2 exec relies on that).
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+        try:
+            server.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         log.info("metrics on http://%s/metrics (worker files in %s)", server.address, files.path)
         return cls(spec, files, registry, server)
 

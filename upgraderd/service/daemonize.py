@@ -31,6 +31,7 @@ import daemon  # type: ignore[import-untyped]  # python-daemon ships no type hin
 from upgraderd.config.schema import Config
 from upgraderd.service.logsetup import LogSetup
 from upgraderd.core.master import Master
+from upgraderd.system import posix
 from upgraderd.service.pidfile import PidFile
 from upgraderd.service.hooks import Service, StartupReport
 
@@ -72,7 +73,7 @@ def _serve(master: Master, cfg: Config, pidfile: PidFile, logs: LogSetup,
     with open(log_file, "a", encoding="utf-8") as out:
         ctx = daemon.DaemonContext(
             working_directory="/", umask=0o022, detach_process=True, signal_map={},
-            files_preserve=[report.fd, pidfile.fileno(), *master.fds()],
+            files_preserve=[report.fd, pidfile.fileno(), *posix.fds_to_keep(master)],
             stdin=None, stdout=out, stderr=out)
         ctx.open()
     # DaemonContext closes fd 0 before opening /dev/null for stdin, so it gets
@@ -87,7 +88,7 @@ def _serve(master: Master, cfg: Config, pidfile: PidFile, logs: LogSetup,
     service = Service(pidfile, logs, report)
     master.hooks = service
     try:
-        code = master.run()
+        code = posix.run(master)
     finally:
         service.close()
     report.fail(code, service.first_failure or f"the master exited with code {code} before "

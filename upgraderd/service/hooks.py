@@ -13,10 +13,10 @@ import logging
 import os
 
 from upgraderd.service import status
-from upgraderd.config.schema import LogSpec
+from upgraderd.config.schema import Config, LogSpec
 from upgraderd.core.hooks import Hooks
 from upgraderd.service.logsetup import LogSetup
-from upgraderd.core.master import Master
+from upgraderd.core.snapshot import Snapshot
 from upgraderd.service.pidfile import PidFile
 
 log = logging.getLogger("upgraderd")
@@ -66,15 +66,15 @@ class Service(Hooks):
         self._status_ok = True
         self._log_spec: LogSpec | None = None
 
-    def on_step(self, master: Master) -> None:
-        """Apply a reloaded `log` section, note a failed start, write the status file if it changed."""
-        if master.config is not None:
-            self._apply_logs(master.config.log)
-        data = status.snapshot(master, master.wall_started_at - master.started_at)
+    def on_step(self, snap: Snapshot, config: Config | None) -> None:
+        """Apply a reloaded `log` section, write the status file if it changed."""
+        if config is not None:
+            self._apply_logs(config.log)
+        data = status.document(snap)
         if data != self._last:
             self._write_status(data)
 
-    def on_serving(self, master: Master) -> None:
+    def on_serving(self) -> None:
         """Write the pidfile and tell the starting command that we serve."""
         try:
             self.pidfile.write()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from upgraderd.system import reexec
+from upgraderd.system import posix
 from upgraderd.config.schema import Config
 from upgraderd.errors import FatalError
 from upgraderd.service.logsetup import LogSetup
@@ -28,8 +28,8 @@ def run(config_path: str, cfg: Config, pidfile_path: str, daemon: bool = False,
     Raises AlreadyRunning, ConfigError or FatalError when the master cannot start.
     """
     pidfile = PidFile(pidfile_path)
-    inherited = reexec.inherited()
-    lock_fd = (inherited or {}).get("handover", {}).get("pidfile_lock")
+    handover = posix.inherited_handover()
+    lock_fd = handover.fds.get("pidfile_lock") if handover is not None else None
     if lock_fd is not None:
         # Exec'd in place by SIGUSR2: the lock is already ours, and the pidfile
         # names this very process.
@@ -46,8 +46,12 @@ def run(config_path: str, cfg: Config, pidfile_path: str, daemon: bool = False,
     argv = ["run", "-c", config_path, "--pidfile", pidfile_path]
     argv += ["--log-level", log_level] if log_level else []
     try:
-        master = Master(config_path, argv=argv, inherited=inherited, telemetry=Telemetry.start)
-        cfg = master.prepare()
+        master = Master(config_path, posix.posix_system(handover, argv), argv=argv, handover=handover,
+                        metrics=Telemetry.start)
+        try:
+            master.prepare(cfg)
+        except OSError as e:
+            raise FatalError(e.strerror or str(e)) from None
         if not daemon:
             _open_log(logs, cfg)
     except BaseException:
@@ -61,7 +65,7 @@ def run(config_path: str, cfg: Config, pidfile_path: str, daemon: bool = False,
     service = Service(pidfile, logs)
     master.hooks = service
     try:
-        return master.run()
+        return posix.run(master)
     finally:
         service.close()
 

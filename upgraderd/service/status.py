@@ -28,7 +28,7 @@ from upgraderd import __version__
 from upgraderd.service.pidfile import write_atomic
 
 if TYPE_CHECKING:
-    from upgraderd.core.master import Master
+    from upgraderd.core.snapshot import Snapshot
 
 
 def path_for(pidfile: str) -> str:
@@ -36,21 +36,19 @@ def path_for(pidfile: str) -> str:
     return pidfile + ".status.json"
 
 
-def snapshot(master: Master, wall_offset: float) -> dict[str, Any]:
-    """Return the master's state as JSON-ready data; monotonic times + offset = wall times."""
-    s = master.stats
+def document(snap: Snapshot) -> dict[str, Any]:
+    """Return the snapshot as the JSON-ready status document (times as wall clock)."""
+    s, off = snap.stats, snap.wall_offset
     gens = [{
-        "number": g.number, "state": g.state.name, "since": g.changed_at + wall_offset,
-        "created_at": g.created_at + wall_offset, "reason": g.reason,
+        "number": g.number, "state": g.state.name, "since": g.changed_at + off,
+        "created_at": g.created_at + off, "reason": g.reason,
         "workers": [{"slot": w.slot, "pid": w.pid, "state": w.state.name,
-                     "started_at": w.started_at + wall_offset} for w in g.workers.values()],
-    } for g in master.generations]
-    cfg = master.config
+                     "started_at": w.started_at + off} for w in g.workers],
+    } for g in snap.generation_list]
     return {
-        "pid": os.getpid(), "version": __version__, "config": os.path.abspath(master.config_path),
-        "started_at": master.wall_started_at,
-        "listeners": [{"name": x.name, "address": x.address, "mode": x.mode}
-                      for x in (cfg.listeners if cfg else ())],
+        "pid": os.getpid(), "version": __version__, "config": os.path.abspath(snap.config_path),
+        "started_at": snap.started_at,
+        "listeners": [{"name": x.name, "address": x.address, "mode": x.mode} for x in snap.listeners],
         "generations": gens,
         "reloads": dict(s.reloads), "hups": s.hups,
         "last_reload": {"result": s.last_reload_result, "generation": s.last_reload_generation,

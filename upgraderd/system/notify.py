@@ -14,33 +14,8 @@ from __future__ import annotations
 import os
 import socket
 import struct
-from dataclasses import dataclass
 
 _UCRED = struct.Struct("iII")
-
-
-@dataclass(frozen=True)
-class Message:
-    """One notify datagram: the sender's pid and its KEY=VALUE fields."""
-
-    pid: int
-    fields: dict[str, str]
-
-
-def parse_fields(data: bytes) -> dict[str, str]:
-    """Parse newline-separated KEY=VALUE lines; raise ValueError on garbage."""
-    text = data.decode("utf-8")
-    out: dict[str, str] = {}
-    for line in text.split("\n"):
-        if not line:
-            continue
-        key, sep, value = line.partition("=")
-        if not sep or not key or not key.replace("_", "").isalnum():
-            raise ValueError(f"not a KEY=VALUE line: {line[:40]!r}")
-        out[key] = value
-    if not out:
-        raise ValueError("empty message")
-    return out
 
 
 class NotifyServer:

@@ -30,32 +30,11 @@ import select
 import socket
 from dataclasses import dataclass, field
 
+from upgraderd.config.validators import parse_url
+
 INTERVAL = 0.1
 ATTEMPT_TIMEOUT = 2.0
 MAX_STATUS_LINE = 4096
-
-
-def parse_url(url: str) -> tuple[str, int, str]:
-    """Split an http:// readiness URL into (host, port, path); raise ValueError.
-
-    The host must be an IP address or `localhost`: the master never resolves
-    names, because a DNS lookup would block its loop.
-    """
-    m = re.fullmatch(r"http://(\[[0-9A-Fa-f:.]+\]|[^/:?#\[\]]+)(?::(\d+))?([/?][^#]*)?", url)
-    if not m:
-        raise ValueError(f"{url!r} is not an http://HOST[:PORT]/PATH URL (https is not supported)")
-    host = m.group(1).strip("[]")
-    host = "127.0.0.1" if host == "localhost" else host
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"{url!r}: the host must be an IP address or localhost, "
-                         f"not {host!r} (the master does not resolve names)") from None
-    port = int(m.group(2) or 80)
-    if not 1 <= port <= 65535:
-        raise ValueError(f"{url!r}: port {port} is out of range")
-    path = m.group(3) or "/"
-    return host, port, path if path.startswith("/") else "/" + path
 
 
 def reserve_port(host: str = "127.0.0.1", tries: int = 64) -> int:

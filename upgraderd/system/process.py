@@ -21,59 +21,17 @@ low ports on a reload.
 from __future__ import annotations
 
 import errno
-import grp
 import os
 import pwd
 import shutil
 import signal
-from dataclasses import dataclass
-from typing import Mapping, Protocol, Sequence
+from typing import Mapping, Sequence
 
+from upgraderd.config.validators import worker_ids
+from upgraderd.core.seams import Exit
 from upgraderd.errors import SpawnError
 
 SHIM = ("/bin/sh", "-c", 'LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@"')
-
-
-@dataclass(frozen=True)
-class Exit:
-    """How a reaped process ended."""
-
-    pid: int
-    code: int | None = None
-    signal: int | None = None
-
-    @property
-    def reason(self) -> str:
-        """Return 'clean', 'error' or 'signal' (the metric label)."""
-        if self.signal is not None:
-            return "signal"
-        return "clean" if self.code == 0 else "error"
-
-    def describe(self) -> str:
-        """Return a human-readable account, e.g. 'exit code 3' or 'killed by SIGKILL'."""
-        if self.signal is not None:
-            try:
-                name = signal.Signals(self.signal).name
-            except ValueError:
-                name = str(self.signal)
-            return f"killed by {name}"
-        # The exec shim is /bin/sh, which exits 127/126 when it cannot exec the program.
-        hint = {127: " (command or its interpreter not found?)", 126: " (not executable?)"}
-        return f"exit code {self.code}{hint.get(self.code or 0, '')}"
-
-
-class ProcessAPI(Protocol):
-    """What the master needs from the OS to run workers."""
-
-    def spawn(self, argv: Sequence[str], env: Mapping[str, str], fds: Sequence[int],
-              cwd: str | None = None, user: str | None = None, group: str | None = None) -> int:
-        """Start argv with `fds` at 3, 4, ... as `user`/`group`; return the pid or raise SpawnError."""
-
-    def kill(self, pid: int, sig: int) -> None:
-        """Send `sig` to `pid`; a process that is already gone is not an error."""
-
-    def reap(self) -> list[Exit]:
-        """Collect every child that has exited, without blocking."""
 
 
 class PosixProcessAPI:
@@ -91,6 +49,8 @@ class PosixProcessAPI:
             return os.posix_spawn(args[0], args, dict(env), file_actions=actions)
         except OSError as e:
             raise SpawnError(f"cannot start {argv[0]!r}: {e.strerror}") from None
+        except ValueError as e:  # an embedded NUL byte in argv or env
+            raise SpawnError(f"cannot start {argv[0]!r}: {e}") from None
 
     def kill(self, pid: int, sig: int) -> None:
         """Send `sig` to `pid`; a process that is already gone is not an error."""
@@ -124,9 +84,7 @@ def privilege_argv(user: str | None, group: str | None) -> list[str]:
     if user is None and group is None:
         return []
     try:
-        uid = _uid(user) if user is not None else os.geteuid()
-        gid = _gid(group) if group is not None else (
-            pwd.getpwuid(uid).pw_gid if user is not None else os.getegid())
+        uid, gid = worker_ids(user, group)
     except KeyError as e:
         raise SpawnError(f"no such user or group: {e}") from None
     if (uid, gid) == (os.geteuid(), os.getegid()):
@@ -143,18 +101,10 @@ def user_env(user: str | None) -> dict[str, str]:
     if user is None:
         return {}
     try:
-        pw = pwd.getpwuid(_uid(user))
+        pw = pwd.getpwuid(worker_ids(user, None)[0])
     except KeyError:
         return {}
     return {"HOME": pw.pw_dir, "USER": pw.pw_name, "LOGNAME": pw.pw_name}
-
-
-def _uid(user: str) -> int:
-    return int(user) if user.isdigit() else pwd.getpwnam(user).pw_uid
-
-
-def _gid(group: str) -> int:
-    return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
 
 
 def _fd_actions(fds: Sequence[int]) -> list[tuple[int, ...]]:

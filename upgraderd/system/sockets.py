@@ -20,23 +20,13 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from dataclasses import dataclass
 from typing import Any, Iterable
 
-from upgraderd.system import kernel
 from upgraderd.config.schema import Config, ListenerSpec
+from upgraderd.core.seams import SocketKey, key_for
+from upgraderd.system import kernel
 
 log = logging.getLogger("upgraderd")
-
-SocketKey = tuple[str, int, str, int]
-
-
-@dataclass(frozen=True)
-class ChildFds:
-    """The fds one worker inherits, in LISTEN_FDS order, and their names."""
-
-    fds: tuple[int, ...]
-    names: tuple[str, ...]
 
 
 def migrate_req() -> int | None:
@@ -50,22 +40,6 @@ def retire_risk() -> str | None:
         return None
     return ("net.ipv4.tcp_migrate_req is not 1, so connections still queued on a closing "
             "SO_REUSEPORT slot socket are reset; " + kernel.FIX)
-
-
-def slots_for(spec: ListenerSpec, count: int) -> int:
-    """Return how many sockets a listener needs for `count` worker slots."""
-    return count if spec.mode == "reuseport" else 1
-
-
-def key_for(spec: ListenerSpec, slot: int) -> SocketKey:
-    """Return the socket key that worker slot `slot` uses for `spec`."""
-    return (spec.host, spec.port, spec.mode, slot if spec.mode == "reuseport" else 0)
-
-
-def keys_for(cfg: Config, slots: Iterable[int]) -> set[SocketKey]:
-    """Return every socket key that worker slots `slots` of a `cfg` generation use."""
-    return {key_for(spec, slot) for spec in cfg.listeners if spec.mode != "worker-bind"
-            for slot in slots}
 
 
 def bind(spec: ListenerSpec) -> socket.socket:
@@ -125,16 +99,9 @@ class ListenerSet:
             self._socks[key].listen(backlog)
             self._backlog[key] = backlog
 
-    def child_fds(self, cfg: Config, slot: int) -> ChildFds:
-        """Return the fds and names worker `slot` of a `cfg` generation inherits."""
-        fds: list[int] = []
-        names: list[str] = []
-        for spec in cfg.listeners:
-            if spec.mode == "worker-bind":
-                continue
-            fds.append(self._socks[key_for(spec, slot)].fileno())
-            names.append(spec.name)
-        return ChildFds(tuple(fds), tuple(names))
+    def child_fds(self, cfg: Config, slot: int) -> tuple[int, ...]:
+        """Return the fds worker `slot` of a `cfg` generation inherits, in `cfg.fd_listeners` order."""
+        return tuple(self._socks[key_for(spec, slot)].fileno() for spec in cfg.fd_listeners)
 
     def keep_only(self, wanted: set[SocketKey]) -> list[SocketKey]:
         """Close every socket whose key is not in `wanted`; return the closed keys."""
@@ -163,6 +130,7 @@ class ListenerSet:
             os.set_inheritable(sock.fileno(), False)
             self._socks[key] = sock
             self._backlog[key] = int(e["backlog"])
+
     def filenos(self) -> list[int]:
         """Return the fd of every open socket."""
         return [s.fileno() for s in self._socks.values()]

@@ -1,0 +1,84 @@
+"""Track reloads: queued HUPs, which HUPs a reload covers, and its outcome.
+
+Invariants:
+- At most one reload is under way (its generation is STARTING); HUPs that
+  arrive meanwhile coalesce into one queued reload.
+- A settled reload records which HUPs it covers: `upgraderd reload` sends a
+  HUP, then waits until a settled reload covers it (see service/status.py).
+- Every outcome is counted exactly once: success, failed (the generation did
+  not become ACTIVE) or rejected (nothing was started).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+from upgraderd.core.generation import Generation, GenerationState
+from upgraderd.core.stats import Stats
+
+log = logging.getLogger("upgraderd")
+
+
+@dataclass
+class ReloadTracker:
+    """The reload under way, the one queued behind it, and their outcomes in `stats`."""
+
+    stats: Stats
+    wall: Callable[[], float]
+    pending_since: float | None = None
+    watching: Generation | None = None
+    since: float = 0.0
+    covers: int = 0
+
+    def hup(self, now: float) -> None:
+        """Queue a reload (HUPs coalesce); `now` is kept as the oldest unserved request."""
+        if self.pending_since is None:
+            self.pending_since = now
+
+    def take(self) -> float | None:
+        """Return when the queued reload was asked for, and unqueue it (None: nothing queued)."""
+        since, self.pending_since = self.pending_since, None
+        return since
+
+    def queued(self) -> str:
+        """Return a log suffix saying whether another reload is queued."""
+        return "; another reload is queued" if self.pending_since is not None else ""
+
+    def begin(self) -> None:
+        """Note that a reload now reads its config: it covers every HUP seen so far."""
+        self.covers = self.stats.hups
+
+    def watch(self, gen: Generation, since: float) -> None:
+        """Follow `gen` until it settles; `since` is when the reload was asked for."""
+        self.watching, self.since = gen, since
+
+    def settled(self) -> Generation | None:
+        """Return the watched generation once it is no longer STARTING, and stop watching it."""
+        gen = self.watching
+        if gen is None or gen.state is GenerationState.STARTING:
+            return None
+        self.watching = None
+        return gen
+
+    def succeeded(self, gen: Generation, now: float) -> float:
+        """Count a successful reload to `gen`; return its duration since the HUP."""
+        took = now - self.since
+        self._record("success", gen.number)
+        self.stats.last_reload_ok = True
+        self.stats.last_reload_success_at = self.wall()
+        self.stats.reload_durations.observe(took)
+        return took
+
+    def failed(self, why: str, result: str, generation: int = 0) -> None:
+        """Count a reload that was rejected or whose generation failed."""
+        self._record(result, generation)
+        self.stats.last_reload_ok = False
+        self.stats.last_reload_error = why
+
+    def _record(self, result: str, generation: int) -> None:
+        self.stats.reloads[result] += 1
+        self.stats.last_reload_result = result
+        self.stats.last_reload_generation = generation
+        self.stats.last_reload_covers = self.covers

@@ -1,0 +1,66 @@
+"""TTIN and TTOU: one worker more or fewer in the ACTIVE generation.
+
+A change of scale lasts until the next reload, which goes back to
+`workers.count`. In `reuseport` mode a slot has its own socket:
+- a new slot's socket is bound before its worker starts;
+- a retiring slot's socket is closed once nothing serves it, and the kernel
+  resets what is still queued on it unless net.ipv4.tcp_migrate_req=1.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from upgraderd.config.schema import Config
+
+if TYPE_CHECKING:
+    from upgraderd.core.master import Master
+
+log = logging.getLogger("upgraderd")
+
+
+def add_worker(master: Master, now: float) -> None:
+    """Start one more worker, in a new slot of the ACTIVE generation (SIGTTIN)."""
+    gen = master.active
+    if gen is None or master.stopping:
+        log.warning("received SIGTTIN: ignored, no ACTIVE generation")
+        return
+    try:
+        # Only the new slot: a retiring slot's socket is closed on purpose, and
+        # binding it again would let connections queue where nobody accepts.
+        master.system.listeners.ensure(gen.config, slots=[max(gen.workers, default=-1) + 1])
+    except OSError as e:
+        log.error("received SIGTTIN: cannot add a worker: %s", e)
+        return
+    slot = gen.add_slot(now)
+    log.info("received SIGTTIN: generation %d slot %d added, %d workers (a reload goes back to "
+             "workers.count=%d)", gen.number, slot, len(gen.workers), gen.config.workers.count)
+
+
+def remove_worker(master: Master, now: float) -> None:
+    """Drain the highest slot of the ACTIVE generation (SIGTTOU)."""
+    gen = master.active
+    if gen is None or master.stopping:
+        log.warning("received SIGTTOU: ignored, no ACTIVE generation")
+        return
+    slot = gen.remove_slot(now)
+    if slot is None:
+        log.warning("received SIGTTOU: ignored, generation %d is down to one worker", gen.number)
+        return
+    left = len([w for w in gen.workers.values() if not w.retiring])
+    log.info("received SIGTTOU: generation %d slot %d retiring, %d workers left (a reload goes back "
+             "to workers.count=%d)", gen.number, slot, left, gen.config.workers.count)
+
+
+def warn_growth(master: Master, cfg: Config) -> None:
+    """Warn when a reload adds reuseport slots whose sockets take connections before they are ready."""
+    active = master.active
+    if active is None or cfg.workers.count <= len(active.workers):
+        return
+    if any(s.mode == "reuseport" for s in cfg.listeners) and master.system.kernel.retire_risk():
+        # The new slots' sockets join the port group now, before the generation is
+        # ready; should it fail, they close with whatever the kernel queued on them.
+        log.warning("the reload adds worker slots whose sockets take connections before generation %d "
+                    "is ready: if it fails, those connections are reset (net.ipv4.tcp_migrate_req is "
+                    "not 1)", master.next_number)

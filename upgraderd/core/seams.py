@@ -1,0 +1,217 @@
+"""The seams between the core and the OS: what the master needs, as Protocols.
+
+The core decides; `upgraderd.system` acts. Every syscall the master's
+decisions lead to goes through one of these interfaces, so unit tests drive
+the master with fakes (tests/support/fakes.py) and the real implementations
+are assembled in one place, `system.posix.posix_system()`.
+
+Invariant: nothing in this module, or in any core module, opens a file,
+a socket or a process itself.
+"""
+
+from __future__ import annotations
+
+import signal as signal_mod
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
+
+from upgraderd.config.schema import Config, ListenerSpec, MetricsSpec
+
+# (host, port, mode, slot): a socket's identity, whatever listener name it has.
+SocketKey = tuple[str, int, str, int]
+
+
+def key_for(spec: ListenerSpec, slot: int) -> SocketKey:
+    """Return the socket key that worker slot `slot` uses for `spec`."""
+    return (spec.host, spec.port, spec.mode, slot if spec.mode == "reuseport" else 0)
+
+
+def keys_for(cfg: Config, slots: Iterable[int]) -> set[SocketKey]:
+    """Return every socket key that worker slots `slots` of a `cfg` generation use."""
+    return {key_for(spec, slot) for spec in cfg.listeners if spec.mode != "worker-bind"
+            for slot in slots}
+
+
+@dataclass(frozen=True)
+class Exit:
+    """How a reaped process ended."""
+
+    pid: int
+    code: int | None = None
+    signal: int | None = None
+
+    @property
+    def reason(self) -> str:
+        """Return 'clean', 'error' or 'signal' (the metric label)."""
+        if self.signal is not None:
+            return "signal"
+        return "clean" if self.code == 0 else "error"
+
+    def describe(self) -> str:
+        """Return a human-readable account, e.g. 'exit code 3' or 'killed by SIGKILL'."""
+        if self.signal is not None:
+            try:
+                name = signal_mod.Signals(self.signal).name
+            except ValueError:
+                name = str(self.signal)
+            return f"killed by {name}"
+        # The exec shim is /bin/sh, which exits 127/126 when it cannot exec the program.
+        hint = {127: " (command or its interpreter not found?)", 126: " (not executable?)"}
+        return f"exit code {self.code}{hint.get(self.code or 0, '')}"
+
+
+class ProcessAPI(Protocol):
+    """Start, signal and reap worker processes."""
+
+    def spawn(self, argv: Sequence[str], env: Mapping[str, str], fds: Sequence[int],
+              cwd: str | None = None, user: str | None = None, group: str | None = None) -> int:
+        """Start argv with `fds` at 3, 4, ... as `user`/`group`; return the pid or raise SpawnError."""
+
+    def kill(self, pid: int, sig: int) -> None:
+        """Send `sig` to `pid`; a process that is already gone is not an error."""
+
+    def reap(self) -> list[Exit]:
+        """Collect every child that has exited, without blocking."""
+
+
+class NotifyAPI(Protocol):
+    """The master's NOTIFY_SOCKET: datagrams from workers, with the sender's pid."""
+
+    @property
+    def address(self) -> str:
+        """Return the NOTIFY_SOCKET value workers use."""
+
+    def fileno(self) -> int:
+        """Return the fd to select on."""
+
+    def receive(self) -> list[tuple[int, bytes]]:
+        """Read every pending datagram; return (sender pid, payload) pairs."""
+
+    def close(self) -> None:
+        """Close the socket."""
+
+
+class ListenerAPI(Protocol):
+    """The master's listening sockets, by key (see system/sockets.py)."""
+
+    def ensure(self, cfg: Config, count: int | None = None,
+               slots: Iterable[int] | None = None) -> list[SocketKey]:
+        """Bind what `cfg` needs for `slots` and is not bound yet; raise OSError naming the address."""
+
+    def child_fds(self, cfg: Config, slot: int) -> tuple[int, ...]:
+        """Return the fds worker `slot` of a `cfg` generation inherits, in LISTEN_FDS order."""
+
+    def keep_only(self, wanted: set[SocketKey]) -> list[SocketKey]:
+        """Close every socket whose key is not in `wanted`; return the closed keys."""
+
+    def export(self) -> list[dict[str, Any]]:
+        """Return every socket as plain data, for a master re-exec."""
+
+    def adopt(self, entries: list[dict[str, Any]]) -> None:
+        """Take over the sockets an old master exported."""
+
+    def filenos(self) -> list[int]:
+        """Return the fd of every open socket."""
+
+    def close_all(self) -> None:
+        """Close every socket."""
+
+
+class ProbeAPI(Protocol):
+    """HTTP readiness probes driven without blocking (see system/probe.py)."""
+
+    def fileno(self) -> int:
+        """Return the fd to select on."""
+
+    def add(self, pid: int, url: str, now: float) -> None:
+        """Start probing worker `pid` at `url`."""
+
+    def pids(self) -> set[int]:
+        """Return the pids being probed."""
+
+    def remove(self, pid: int) -> tuple[str, str] | None:
+        """Stop probing `pid`; return its (url, last error)."""
+
+    def next_deadline(self) -> float | None:
+        """Return when `poll` next has work without an fd event."""
+
+    def poll(self, now: float) -> list[int]:
+        """Advance every probe; return the pids that just answered 2xx."""
+
+    def close(self) -> None:
+        """Stop every probe."""
+
+
+@dataclass(frozen=True)
+class KernelState:
+    """net.ipv4.tcp_migrate_req as read (None: unavailable) and what to log about it."""
+
+    value: int | None
+    info: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+
+class KernelAPI(Protocol):
+    """The kernel settings the master depends on."""
+
+    def ensure_migrate_req(self, policy: str, worker_bind: list[str]) -> KernelState:
+        """Apply `policy` (check, set, ignore) to net.ipv4.tcp_migrate_req."""
+
+    def retire_risk(self) -> str | None:
+        """Return a warning if closing a reuseport slot socket now can reset queued connections."""
+
+
+class MetricsAPI(Protocol):
+    """What the master asks of its metrics (metrics/telemetry.py implements it)."""
+
+    def worker_env(self, cfg: Config) -> dict[str, str]:
+        """Return the environment a worker of `cfg` needs to report its metrics."""
+
+    def on_reaped(self, pid: int) -> None:
+        """Fold the files of a reaped worker."""
+
+    def check_reload(self, cfg: Config) -> None:
+        """Warn about metrics settings only a restart applies."""
+
+    def export(self) -> dict[str, object]:
+        """Return what a re-exec'd master needs to carry the metrics on."""
+
+    def close(self) -> None:
+        """Stop the endpoint and release the worker files."""
+
+
+# Start the metrics endpoint: (spec, source of the latest view, clock, inherited export).
+MetricsStarter = Callable[[MetricsSpec, Callable[[], Any], Callable[[], float], "dict[str, object] | None"],
+                          "MetricsAPI | None"]
+
+
+@dataclass
+class System:
+    """Every OS service the master uses, passed in whole."""
+
+    procs: ProcessAPI
+    notify: NotifyAPI
+    listeners: ListenerAPI
+    probes: ProbeAPI
+    kernel: KernelAPI
+    environ: Mapping[str, str]
+    # Load and validate a config file; raise ConfigError with every problem located.
+    load_config: Callable[[str], Config]
+    # HOME, USER and LOGNAME for a worker run as this user ({} for the master's own).
+    user_env: Callable[[str | None], dict[str, str]]
+    reserve_port: Callable[[], int]
+    # Send a message to the service manager ($NOTIFY_SOCKET of the master itself).
+    tell_systemd: Callable[[str], None]
+    # Exec the master again with the hand-over; returns only if the exec failed.
+    exec_master: Callable[[Any, Sequence[int]], OSError]
+
+    def watched_fds(self) -> list[int]:
+        """Return the fds the loop selects on besides the signal inbox."""
+        return [self.notify.fileno(), self.probes.fileno()]
+
+    def close(self) -> None:
+        """Close every socket the master holds (only at exit)."""
+        self.listeners.close_all()
+        self.notify.close()
+        self.probes.close()
+
