@@ -61,7 +61,7 @@ def test_exec_failure_leaves_the_old_master_running():
     r, w = os.pipe()
     try:
         before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
-        err = reexec.exec_master({"x": 1}, [r, w], ["run"], executable="/nonexistent/python")
+        err = reexec.exec_master(b"{}", [r, w], ["run"], executable="/nonexistent/python")
         assert isinstance(err, FileNotFoundError)
         assert not os.get_inheritable(r) and not os.get_inheritable(w)
         assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before

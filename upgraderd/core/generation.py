@@ -163,6 +163,10 @@ class Generation:
         """Return the live workers by pid."""
         return {w.pid: w for w in self.workers.values() if w.pid is not None and w.state in LIVE_WORKER}
 
+    def starting_pids(self) -> list[int]:
+        """Return the pids of the workers that are not ready yet."""
+        return [pid for pid, w in self.pids().items() if w.state is WorkerState.STARTING]
+
     def _transition(self, to: GenerationState, now: float, *allowed: GenerationState) -> None:
         if self.state not in allowed:
             raise RuntimeError(f"generation {self.number}: illegal {self.state.name} -> {to.name}")

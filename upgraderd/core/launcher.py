@@ -11,12 +11,18 @@ disagree. Nothing here touches the OS: the sockets' fd numbers come from the
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from upgraderd.config import placeholders
 from upgraderd.config.schema import Config
+from upgraderd.core.generation import Generation, GenerationState, WorkerState
 from upgraderd.core.readiness import Readiness
+from upgraderd.errors import SpawnError
+
+if TYPE_CHECKING:
+    from upgraderd.core.master import Master
 
 # Variables of the master's own environment that must not leak to workers.
 PRIVATE_ENV = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "PROMETHEUS_MULTIPROC_DIR")
@@ -67,3 +73,33 @@ def describe(cfg: Config, generation: int, slot: int, fds: tuple[int, ...],
     argv = tuple(placeholders.expand(arg, values) for arg in cfg.worker_argv)
     url = placeholders.expand(cfg.ready.url, values) if cfg.ready.url is not None else None
     return Launch(argv, env, fds, w.cwd, w.user, w.group, url)
+
+
+class Spawner:
+    """The `Launcher` generations start and signal their workers through."""
+
+    def __init__(self, master: Master) -> None:
+        self.master = master
+
+    def spawn_worker(self, gen: Generation, slot: int) -> int:
+        """Start worker `slot` of `gen` with its sockets; return the pid or raise SpawnError."""
+        m, sys_ = self.master, self.master.system
+        ctx = Context(sys_.environ, sys_.notify.address, sys_.user_env(gen.config.workers.user),
+                      m.metrics.worker_env(gen.config) if m.metrics else {})
+        try:
+            spec = describe(gen.config, gen.number, slot, sys_.listeners.child_fds(gen.config, slot),
+                            gen.ready_rule, ctx)
+        except (OSError, ValueError) as e:
+            raise SpawnError(f"cannot prepare the worker: {getattr(e, 'strerror', None) or e}") from None
+        respawn = gen.state is GenerationState.ACTIVE and gen.workers[slot].state is WorkerState.BACKOFF
+        pid = sys_.procs.spawn(spec.argv, spec.env, spec.fds, cwd=spec.cwd, user=spec.user, group=spec.group)
+        if respawn:
+            m.stats.worker_restarts += 1
+        gen.ready_rule.started(pid, spec.ready_url, m.clock())
+        return pid
+
+    def signal_worker(self, pid: int, sig: int) -> None:
+        """Send `sig` to worker `pid`; a SIGKILL outside a fast stop is a drain timeout."""
+        if sig == signal.SIGKILL and self.master.stopping_mode != "fast":
+            self.master.stats.drain_timeouts += 1
+        self.master.system.procs.kill(pid, sig)

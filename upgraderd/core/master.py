@@ -1,6 +1,6 @@
 """The master: the one owner of upgraderd's mutable runtime state. It only decides.
 
-Each pass of the loop (system/loop.py blocks in `select`, then calls `step`)
+Each pass of the loop (system/posix.py blocks in `select`, then calls `step`)
 applies signals, reads notify messages, reaps children, advances readiness
 probes, ticks every generation with `now`, then `_settle()`s: a
 level-triggered step that recomputes what to do from the generations' states
@@ -31,21 +31,19 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
-from upgraderd import __version__
-from upgraderd.config import plan
-from upgraderd.config.schema import Config
-from upgraderd.core import launcher, readiness, scaling, upgrade
+from upgraderd.core import launcher, readiness, reloads, slots, upgrade
 from upgraderd.core import snapshot as snapshotmod
-from upgraderd.core.generation import Generation, GenerationState, WorkerState
-from upgraderd.core.handover import Handover
+from upgraderd.core.generation import Generation, GenerationState
 from upgraderd.core.hooks import Hooks
 from upgraderd.core.notices import NotifyJudge
-from upgraderd.core.reloads import ReloadTracker
-from upgraderd.core.seams import MetricsAPI, MetricsStarter, System, keys_for
-from upgraderd.core.stats import Stats
-from upgraderd.errors import ConfigError, SpawnError
+from upgraderd.errors import ConfigError
+
+if TYPE_CHECKING:
+    from upgraderd.config.schema import Config
+    from upgraderd.core.handover import Handover
+    from upgraderd.core.seams import MetricsAPI, MetricsStarter, System
 
 log = logging.getLogger("upgraderd")
 
@@ -69,8 +67,8 @@ class Master:
         self.metrics: MetricsAPI | None = None
         self.generations: list[Generation] = []
         self.config: Config | None = None
-        self.stats = Stats()
-        self.reloads = ReloadTracker(self.stats, wall)
+        self.reloads = reloads.ReloadTracker(wall)
+        self.stats = self.reloads.stats
         self.judge = NotifyJudge(self.stats)
         self.started_at, self.wall_started_at = clock(), wall()
         self.tcp_migrate_req: int | None = None   # as last read; None: unavailable
@@ -81,11 +79,12 @@ class Master:
         self.published: snapshotmod.Snapshot | None = None  # rebound by the loop, read by metrics
         self.pending_signals: Callable[[], Iterable[int]] = lambda: ()  # set by the loop
         self._prepared: Config | None = None
+        self.spawner = launcher.Spawner(self)
         self._handlers = {
             signal.SIGHUP: self._on_hup, signal.SIGTERM: self._on_term, signal.SIGQUIT: self._on_term,
             signal.SIGINT: self._on_int, signal.SIGUSR1: self._on_usr1, signal.SIGUSR2: self._on_usr2,
-            signal.SIGTTIN: lambda now: scaling.add_worker(self, now),
-            signal.SIGTTOU: lambda now: scaling.remove_worker(self, now),
+            signal.SIGTTIN: lambda now: slots.add_worker(self, now),
+            signal.SIGTTOU: lambda now: slots.remove_worker(self, now),
         }
 
     # -- queries --
@@ -117,31 +116,6 @@ class Master:
         bound = any(s.mode == "worker-bind" for c in cfgs for s in c.listeners)
         return bound and self.tcp_migrate_req != 1
 
-    # -- the Launcher that generations use --
-
-    def spawn_worker(self, gen: Generation, slot: int) -> int:
-        """Start worker `slot` of `gen` with its sockets; return the pid."""
-        sys_ = self.system
-        ctx = launcher.Context(sys_.environ, sys_.notify.address, sys_.user_env(gen.config.workers.user),
-                               self.metrics.worker_env(gen.config) if self.metrics else {})
-        try:
-            spec = launcher.describe(gen.config, gen.number, slot, sys_.listeners.child_fds(gen.config, slot),
-                                     gen.ready_rule, ctx)
-        except (OSError, ValueError) as e:
-            raise SpawnError(f"cannot prepare the worker: {getattr(e, 'strerror', None) or e}") from None
-        respawn = gen.state is GenerationState.ACTIVE and gen.workers[slot].state is WorkerState.BACKOFF
-        pid = sys_.procs.spawn(spec.argv, spec.env, spec.fds, cwd=spec.cwd, user=spec.user, group=spec.group)
-        if respawn:
-            self.stats.worker_restarts += 1
-        gen.ready_rule.started(pid, spec.ready_url, self.clock())
-        return pid
-
-    def signal_worker(self, pid: int, sig: int) -> None:
-        """Send `sig` to worker `pid`."""
-        if sig == signal.SIGKILL and self.stopping_mode != "fast":
-            self.stats.drain_timeouts += 1
-        self.system.procs.kill(pid, sig)
-
     # -- start, reload, stop --
 
     def prepare(self, cfg: Config) -> None:
@@ -168,8 +142,8 @@ class Master:
         if self.handover is not None:
             upgrade.adopt(self, self.handover)
             return
-        log.info("upgraderd %s starting: %s", __version__, _one_line(plan.diff(None, cfg).describe()))
-        self.check_kernel(cfg)
+        log.info("upgraderd %s starting: %s", reloads.VERSION, reloads.plan_line(None, cfg))
+        slots.check_kernel(self, cfg)
         self.config = cfg
         now = self.clock()
         self.reloads.watch(self.start_generation(cfg, now), now)
@@ -180,7 +154,7 @@ class Master:
 
     def start_generation(self, cfg: Config, now: float) -> Generation:
         """Create generation N+1 from `cfg` and spawn its workers."""
-        gen = Generation(self.next_number, cfg, self, created_at=now, readiness=self.new_readiness(cfg))
+        gen = Generation(self.next_number, cfg, self.spawner, created_at=now, readiness=self.new_readiness(cfg))
         self.next_number += 1
         self.generations.append(gen)
         log.info("generation %d STARTING: %d x %s", gen.number, cfg.workers.count, " ".join(cfg.worker_argv))
@@ -205,27 +179,20 @@ class Master:
         try:
             cfg = self.system.load_config(self.config_path)
             self.system.listeners.ensure(cfg)
-            log.info("reload: %s", _one_line(plan.diff(self.config, cfg).describe()))
-            scaling.warn_growth(self, cfg)
+            log.info("reload: %s", reloads.plan_line(self.config, cfg))
+            slots.warn_growth(self, cfg)
             if self.metrics is not None:
                 self.metrics.check_reload(cfg)
-            self.check_kernel(cfg)
+            slots.check_kernel(self, cfg)
+            self.reloads.watch(self.start_generation(cfg, now), since)
         except ConfigError as e:
-            return self.reload_failed(str(e), "rejected")
+            reloads.failed(self, str(e), "rejected")
         except OSError as e:
-            return self.reload_failed(e.strerror or str(e), "rejected")
+            reloads.failed(self, e.strerror or str(e), "rejected")
         except Exception as e:  # a bug: never let it take the serving generation down
             self.stats.internal_errors += 1
             log.exception("internal error while reloading")
-            return self.reload_failed(f"internal error: {e!r}", "rejected")
-        self.reloads.watch(self.start_generation(cfg, now), since)
-
-    def reload_failed(self, why: str, result: str, generation: int = 0) -> None:
-        """Count a rejected or failed reload and log it; the serving generation is untouched."""
-        self.reloads.failed(why, result, generation)
-        log.error("reload failed, still serving generation %s%s: %s",
-                  self.active.number if self.active else "-", self.reloads.queued(), _one_line(why))
-        self.system.tell_systemd("READY=1\nSTATUS=reload failed")
+            reloads.failed(self, f"internal error: {e!r}", "rejected")
 
     def _on_usr1(self, now: float) -> None:
         self.hooks.on_reopen_logs()
@@ -297,24 +264,7 @@ class Master:
 
     def poll_probes(self, now: float) -> None:
         """Advance the HTTP readiness probes; mark workers that answered 2xx ready."""
-        starting = {pid: g for g in self.generations for pid, w in g.pids().items()
-                    if w.state is WorkerState.STARTING}
-        probes = self.system.probes
-        for pid in probes.pids() - set(starting):
-            url, why = probes.remove(pid) or ("", "")
-            log.info("stopped probing pid %d at %s (it is no longer starting); last attempt: %s", pid, url, why)
-        for pid in probes.poll(now):
-            starting[pid].on_ready(pid, now)
-
-    def check_kernel(self, cfg: Config) -> None:
-        """Read (and with `kernel.tcp_migrate_req: set`, set) net.ipv4.tcp_migrate_req."""
-        bound = [s.name for s in cfg.listeners if s.mode == "worker-bind"]
-        state = self.system.kernel.ensure_migrate_req(cfg.kernel.tcp_migrate_req, bound)
-        self.tcp_migrate_req = state.value
-        for line in state.info:
-            log.info("%s", line)
-        for line in state.warnings:
-            log.warning("%s", line)
+        readiness.poll_probes(self.system.probes, self.generations, now)
 
     def reap(self, now: float) -> None:
         """Collect exited children and hand each to its generation."""
@@ -329,9 +279,9 @@ class Master:
         active = [g for g in self.generations if g.state is GenerationState.ACTIVE]
         for old in active[:-1]:
             old.drain(now)  # ACTIVE -> DRAINING: only ever once a successor is ACTIVE
-        self._settle_reload(now)
+        reloads.settle(self, now)
         self._forget_retired(now)
-        self._close_unused()
+        slots.close_unused(self)
         self.judge.flush(now)
         if self.stopping or self.starting is not None:
             return
@@ -340,66 +290,11 @@ class Master:
             upgrade.reexec(self)
         elif (since := self.reloads.take()) is not None:
             self.reload(now, since)
-            self._settle_reload(now)
-
-    def _settle_reload(self, now: float) -> None:
-        gen = self.reloads.settled()
-        if gen is None:
-            return
-        if self.stopping and gen.state is not GenerationState.ACTIVE:
-            log.info("generation %d stopped before it became ready: the master is stopping", gen.number)
-        elif gen.number == 1:
-            self._settle_first(gen, now)
-        elif gen.state is GenerationState.ACTIVE:
-            self.config = gen.config
-            took = self.reloads.succeeded(gen, now)
-            log.info("reload done: generation %d ACTIVE %.3fs after HUP%s", gen.number, took,
-                     self.reloads.queued())
-            self.system.tell_systemd(f"READY=1\nSTATUS=generation {gen.number} active")
-        else:
-            self.reload_failed(f"generation {gen.number}: {gen.reason}", "failed", gen.number)
-
-    def _settle_first(self, gen: Generation, now: float) -> None:
-        if gen.state is GenerationState.ACTIVE:
-            log.info("serving: generation 1 ACTIVE %.3fs after start", now - gen.created_at)
-            self.system.tell_systemd("READY=1\nSTATUS=generation 1 active")
-            self.hooks.on_serving()
-            return
-        log.error("the first generation failed (%s); stopping", gen.reason)
-        self.hooks.on_start_failed(gen.reason)
-        self.exit_code = 1
-        self.stopping_mode = "failed"
+            reloads.settle(self, now)
 
     def _forget_retired(self, now: float) -> None:
         for g in self.generations:
             if g.state is GenerationState.RETIRED and g.active_at is not None and g.drain_started_at is not None:
                 self.stats.drain_durations.observe(now - g.drain_started_at)
         self.generations = [g for g in self.generations if g.state is not GenerationState.RETIRED]
-
-    def _close_unused(self) -> None:
-        """Close every socket no STARTING or ACTIVE slot will accept on again.
-
-        Draining workers no longer accept, so they do not keep a socket open; a
-        socket kept for them would queue connections that nobody serves.
-        """
-        wanted = set().union(*(keys_for(g.config, g.serving_slots()) for g in self.generations))
-        closed = self.system.listeners.keep_only(wanted)
-        if self.stopping:
-            return
-        for key in closed:
-            log.info("closed listener %s:%d (%s, slot %d): no slot serves it any more", *key)
-        retired = [key for key in closed if key[2] == "reuseport"]
-        if retired and (risk := self.system.kernel.retire_risk()) is not None:
-            self.stats.slot_retire_risks += len(retired)
-            log.warning("closed %d reuseport slot socket(s): %s", len(retired), risk)
-
-    def close(self) -> None:
-        """Release the metrics and every socket (the loop calls this once, at exit)."""
-        if self.metrics is not None:
-            self.metrics.close()
-        self.system.close()
-
-
-def _one_line(text: str) -> str:
-    return " | ".join(line.strip() for line in text.splitlines() if line.strip())
 

@@ -12,21 +12,28 @@ Invariants:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
 
+from upgraderd import __version__
+from upgraderd.config import plan
+from upgraderd.config.schema import Config
 from upgraderd.core.generation import Generation, GenerationState
 from upgraderd.core.stats import Stats
 
+if TYPE_CHECKING:
+    from upgraderd.core.master import Master
+
 log = logging.getLogger("upgraderd")
+VERSION = __version__
 
 
 @dataclass
 class ReloadTracker:
     """The reload under way, the one queued behind it, and their outcomes in `stats`."""
 
-    stats: Stats
     wall: Callable[[], float]
+    stats: Stats = field(default_factory=Stats)
     pending_since: float | None = None
     watching: Generation | None = None
     since: float = 0.0
@@ -82,3 +89,53 @@ class ReloadTracker:
         self.stats.last_reload_result = result
         self.stats.last_reload_generation = generation
         self.stats.last_reload_covers = self.covers
+
+
+def failed(master: Master, why: str, result: str, generation: int = 0) -> None:
+    """Count a rejected or failed reload and log it; the serving generation is untouched."""
+    master.reloads.failed(why, result, generation)
+    active = master.active
+    log.error("reload failed, still serving generation %s%s: %s", active.number if active else "-",
+              master.reloads.queued(), one_line(why))
+    master.system.tell_systemd("READY=1\nSTATUS=reload failed")
+
+
+def settle(master: Master, now: float) -> None:
+    """Record the outcome of the reload (or start) under way once its generation has settled."""
+    gen = master.reloads.settled()
+    if gen is None:
+        return
+    if master.stopping and gen.state is not GenerationState.ACTIVE:
+        log.info("generation %d stopped before it became ready: the master is stopping", gen.number)
+    elif gen.number == 1:
+        _settle_first(master, gen, now)
+    elif gen.state is GenerationState.ACTIVE:
+        master.config = gen.config
+        took = master.reloads.succeeded(gen, now)
+        log.info("reload done: generation %d ACTIVE %.3fs after HUP%s", gen.number, took,
+                 master.reloads.queued())
+        master.system.tell_systemd(f"READY=1\nSTATUS=generation {gen.number} active")
+    else:
+        failed(master, f"generation {gen.number}: {gen.reason}", "failed", gen.number)
+
+
+def _settle_first(master: Master, gen: Generation, now: float) -> None:
+    if gen.state is GenerationState.ACTIVE:
+        log.info("serving: generation 1 ACTIVE %.3fs after start", now - gen.created_at)
+        master.system.tell_systemd("READY=1\nSTATUS=generation 1 active")
+        master.hooks.on_serving()
+        return
+    log.error("the first generation failed (%s); stopping", gen.reason)
+    master.hooks.on_start_failed(gen.reason)
+    master.exit_code = 1
+    master.stopping_mode = "failed"
+
+
+def one_line(text: str) -> str:
+    """Return a multi-line message as one log line."""
+    return " | ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def plan_line(old: Config | None, new: Config) -> str:
+    """Return what applying `new` over `old` changes, as one log line."""
+    return one_line(plan.diff(old, new).describe())

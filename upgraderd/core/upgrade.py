@@ -19,6 +19,7 @@ import os
 from typing import TYPE_CHECKING
 
 from upgraderd import __version__
+from upgraderd.core import reloads
 from upgraderd.core.generation import Generation
 from upgraderd.core.handover import Handover, config_from_dict, config_to_dict
 from upgraderd.core.stats import Stats
@@ -35,7 +36,7 @@ def reexec(master: Master) -> None:
     try:
         master.system.load_config(master.config_path)
     except ConfigError as e:
-        master.reload_failed(f"master upgrade refused, the config is invalid: {e}", "rejected")
+        reloads.failed(master, f"master upgrade refused, the config is invalid: {e}", "rejected")
         return
     record = Handover(
         listeners=master.system.listeners.export(), notify_fd=master.system.notify.fileno(),
@@ -62,7 +63,7 @@ def adopt(master: Master, record: Handover) -> None:
     master.started_at, master.wall_started_at = record.started_at, record.wall_started_at
     for data in record.generations:
         cfg = config_from_dict(data["config"])
-        master.generations.append(Generation.adopt(data, cfg, master, master.new_readiness(cfg)))
+        master.generations.append(Generation.adopt(data, cfg, master.spawner, master.new_readiness(cfg)))
     active = master.active
     master.config = active.config if active else None
     pids = [p for g in master.generations for p in g.pids()]

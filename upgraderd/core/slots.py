@@ -1,10 +1,11 @@
-"""TTIN and TTOU: one worker more or fewer in the ACTIVE generation.
+"""Worker slots and their sockets: TTIN and TTOU, closing what nothing serves, the kernel setting.
 
-A change of scale lasts until the next reload, which goes back to
+A change of scale (TTIN/TTOU) lasts until the next reload, which goes back to
 `workers.count`. In `reuseport` mode a slot has its own socket:
 - a new slot's socket is bound before its worker starts;
 - a retiring slot's socket is closed once nothing serves it, and the kernel
-  resets what is still queued on it unless net.ipv4.tcp_migrate_req=1.
+  resets what is still queued on it unless net.ipv4.tcp_migrate_req=1
+  (counted in upgraderd_slot_retire_risks_total).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from upgraderd.config.schema import Config
+from upgraderd.core.seams import keys_for
 
 if TYPE_CHECKING:
     from upgraderd.core.master import Master
@@ -64,3 +66,32 @@ def warn_growth(master: Master, cfg: Config) -> None:
         log.warning("the reload adds worker slots whose sockets take connections before generation %d "
                     "is ready: if it fails, those connections are reset (net.ipv4.tcp_migrate_req is "
                     "not 1)", master.next_number)
+
+
+def check_kernel(master: Master, cfg: Config) -> None:
+    """Read (and with `kernel.tcp_migrate_req: set`, set) net.ipv4.tcp_migrate_req."""
+    bound = [s.name for s in cfg.listeners if s.mode == "worker-bind"]
+    state = master.system.kernel.ensure_migrate_req(cfg.kernel.tcp_migrate_req, bound)
+    master.tcp_migrate_req = state.value
+    for line in state.info:
+        log.info("%s", line)
+    for line in state.warnings:
+        log.warning("%s", line)
+
+
+def close_unused(master: Master) -> None:
+    """Close every socket no STARTING or ACTIVE slot will accept on again.
+
+    Draining workers no longer accept, so they do not keep a socket open; a
+    socket kept for them would queue connections that nobody serves.
+    """
+    wanted = set().union(*(keys_for(g.config, g.serving_slots()) for g in master.generations))
+    closed = master.system.listeners.keep_only(wanted)
+    if master.stopping:
+        return
+    for key in closed:
+        log.info("closed listener %s:%d (%s, slot %d): no slot serves it any more", *key)
+    retired = [key for key in closed if key[2] == "reuseport"]
+    if retired and (risk := master.system.kernel.retire_risk()) is not None:
+        master.stats.slot_retire_risks += len(retired)
+        log.warning("closed %d reuseport slot socket(s): %s", len(retired), risk)
