@@ -10,9 +10,10 @@ import time
 
 import pytest
 
-from daemon import ROOT, Daemon, alive, echo_config, free_port, wait_until
+from tests.support import ROOT
+from tests.support.loadgen import Load
+from tests.support.upgraderd_proc import Daemon, alive, echo_config, free_port, wait_until
 from upgraderd.system import notify
-from loadgen import Load
 
 pytestmark = pytest.mark.e2e
 

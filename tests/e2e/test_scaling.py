@@ -11,8 +11,9 @@ import sys
 
 import pytest
 
-from daemon import ROOT, Daemon, echo_config, free_port
-from scenarios import scaling
+from tests.support import ROOT
+from tests.support.scenarios import scaling
+from tests.support.upgraderd_proc import Daemon, echo_config, free_port
 from upgraderd.system.sockets import migrate_req
 
 pytestmark = pytest.mark.e2e
@@ -31,9 +32,9 @@ def test_ttin_ttou_reuseport_with_tcp_migrate_req_drops_nothing(tmp_path):
     # kernel move what is queued there to the other slots. The setting is per network
     # namespace, so the scenario runs in a fresh one and the host's value is never touched.
     script = (f"ip link set lo up && sysctl -q -w net.ipv4.tcp_migrate_req=1 && "
-              f"exec {sys.executable} {ROOT / 'tests/scenarios/scaling.py'} reuseport {tmp_path}")
+              f"exec {sys.executable} -m tests.support.scenarios.scaling reuseport {tmp_path}")
     proc = subprocess.run(["unshare", "-n", "sh", "-c", script], capture_output=True, text=True,
-                          timeout=240)
+                          timeout=240, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["failures"] == {}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import socket
 import sys
 from pathlib import Path
 from typing import Any, Iterator
@@ -17,7 +16,8 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from fakes import FakeClock, FakeNotify, FakeProcessAPI
+from tests.support.fakes import FakeClock, FakeNotify, FakeProcessAPI
+from tests.support.upgraderd_proc import free_port
 from upgraderd.system import sockets
 from upgraderd.core.generation import GenerationState as G, WorkerState as W
 from upgraderd.core.durations import Durations
@@ -30,15 +30,6 @@ T0 = 100.0
 def observed(d: Durations) -> tuple[int, float]:
     """Return (count, sum) of a duration histogram: each test's samples are exact."""
     return d.count, d.total
-
-
-def free_port() -> int:
-    # The config rejects port 0, so take one the kernel hands out and let it go:
-    # the master binds with SO_REUSEADDR and SO_REUSEPORT.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class Rig:

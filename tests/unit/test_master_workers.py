@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import socket
-
-from fakes import FakeNotify, FakeProcessAPI
+from tests.support.fakes import FakeNotify, FakeProcessAPI
+from tests.support.upgraderd_proc import free_port as _free_port
 from upgraderd.system import kernel
 from upgraderd.core.generation import GenerationState, WorkerState
 from upgraderd.core.master import Master
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _master(tmp_path, ready: str):
