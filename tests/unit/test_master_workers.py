@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from tests.support.fakes import FakeNotify, FakeProcessAPI
 from tests.support.upgraderd_proc import free_port as _free_port
-from upgraderd.system import kernel
 from upgraderd.core.generation import GenerationState, WorkerState
 from upgraderd.core.master import Master
 
@@ -44,7 +45,7 @@ def test_spawn_expands_argv_and_sets_the_worker_env(tmp_path):
             assert len(fds) == 1 and cwd is None
         assert m.probes.pids() == set()
         # `ignore` still reads the setting (for the metric), and the config has a worker-bind listener.
-        host_value = kernel.read_int(kernel.MIGRATE_REQ)
+        host_value = int(Path("/proc/sys/net/ipv4/tcp_migrate_req").read_text())  # not via kernel.read_int
         assert m.tcp_migrate_req == host_value
         assert m.worker_bind_reset_risk is (host_value != 1)
     finally:
