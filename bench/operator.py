@@ -11,7 +11,9 @@
 
 Each figure is the median over `--repeats` runs.
 
-    .venv/bin/python bench/operator.py [--repeats 5] [--seconds 4]
+Run it from the repository root:
+
+    .venv/bin/python -m bench.operator [--repeats 5] [--seconds 4]
 """
 
 from __future__ import annotations
@@ -26,10 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from daemon import ROOT, Daemon, echo_config, free_port  # noqa: E402
-from loadgen import Load  # noqa: E402
+from tests.support import ROOT
+from tests.support.loadgen import Load
+from tests.support.upgraderd_proc import Daemon, echo_config, free_port
 
 
 def timed(*args: str) -> float:
@@ -78,7 +79,8 @@ def throughput(count: int, threads: int, seconds: float) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m bench.operator", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=4.0)
     args = ap.parse_args()

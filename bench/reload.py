@@ -6,7 +6,9 @@ of equal length. It reports failures, round trips per second, the ratio of
 the two phases (taken in the same run, so machine noise mostly cancels), and
 HUP -> ACTIVE latency. Tables show the median over repeats.
 
-    .venv/bin/python bench/reload.py [--repeats 3] [--seconds 5]
+Run it from the repository root:
+
+    .venv/bin/python -m bench.reload [--repeats 3] [--seconds 5]
 """
 
 from __future__ import annotations
@@ -14,15 +16,12 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from daemon import Daemon, echo_config, free_port  # noqa: E402
-from loadgen import Load  # noqa: E402
+from tests.support.loadgen import Load
+from tests.support.upgraderd_proc import Daemon, echo_config, free_port
 
 
 INTERVAL = 0.1
@@ -59,7 +58,7 @@ def run_once(mode: str, seconds: float) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.reload", description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--interval", type=float, default=0.1, help="seconds between HUPs")

@@ -2,7 +2,7 @@
 
 Each replacement is a real process that writes real multiprocess metric files
 with the built-in workers' own `ConnectionMetrics` code (forked from one
-factory process, see tests/mpworkers.py, so 2,000 of them take seconds), then
+factory process, see tests/support/mpworkers.py, so 2,000 of them take seconds), then
 exits and is handled as the master handles a reaped worker:
 
 - `fold` (upgraderd): `WorkerFiles.fold(pid)`, which archives the dead
@@ -17,7 +17,9 @@ timed `--scrapes` times; the table shows the median over `--repeats` runs of
 the median scrape, the ratio 2,000 / 10 taken within each run, and the
 median time the master spends on one reaped worker's files.
 
-    .venv/bin/python bench/scrape.py [--repeats 3] [--scrapes 15] [--replacements 2000]
+Run it from the repository root:
+
+    .venv/bin/python -m bench.scrape [--repeats 3] [--scrapes 15] [--replacements 2000]
 """
 
 from __future__ import annotations
@@ -25,19 +27,15 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import mark_process_dead
 
-from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
-from prometheus_client.multiprocess import mark_process_dead  # noqa: E402
-
-from mpworkers import WorkerFactory  # noqa: E402
-from upgraderd.metrics.telemetry import WorkerCollector  # noqa: E402
-from upgraderd.metrics.multiproc import WorkerFiles  # noqa: E402
+from tests.support.mpworkers import WorkerFactory
+from upgraderd.metrics.multiproc import WorkerFiles
+from upgraderd.metrics.telemetry import WorkerCollector
 
 LIVE_WORKERS = 4
 EARLY = 10
@@ -84,7 +82,7 @@ def run_once(strategy: str, replacements: int, scrapes: int) -> dict[str, float]
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.scrape", description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--scrapes", type=int, default=15)
     p.add_argument("--replacements", type=int, default=2000)

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from daemon import ROOT, Daemon, echo_config, free_port, wait_until
+from tests.support import ROOT
+from tests.support.upgraderd_proc import Daemon, echo_config, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from daemon import ROOT, Daemon, alive, children, echo_config, free_port, wait_until
+from tests.support import ROOT
+from tests.support.upgraderd_proc import Daemon, alive, children, echo_config, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 

@@ -10,9 +10,11 @@ import time
 
 import pytest
 
-from daemon import ROOT, Daemon, alive, echo_config, free_port, wait_until
+from tests.support import ROOT
+from tests.support.loadgen import Load
+from tests.support.scrape import scrape, value
+from tests.support.upgraderd_proc import Daemon, alive, echo_config, free_port, wait_until
 from upgraderd.system import notify
-from loadgen import Load
 
 pytestmark = pytest.mark.e2e
 
@@ -51,13 +53,31 @@ def test_failed_generation_leaves_old_one_serving(tmp_path, args, why):
         d.wait_log(r"reload done: generation 3 ACTIVE")
 
 
+REJECTED = "upgraderd_notify_rejected_total"
+
+
 def test_garbage_notify_is_counted_and_generation_fails(tmp_path):
     port = free_port()
-    with Daemon(tmp_path, echo_config(port)).start() as d:
-        d.write_config(fixture_config(port, "--garbage", ready={"timeout": "2s"}))
+    cfg = echo_config(port)
+    with Daemon(tmp_path, cfg).start() as d:
+        gen1 = d.workers()
+        assert value(scrape(cfg), REJECTED) == 0
+        load = Load("127.0.0.1", port, threads=4, max_seconds=60).start("echo")
+        assert load.wait_for_ok(100)
+        # The same metrics address in the new config: the endpoint scraped below stays put.
+        d.write_config(fixture_config(port, "--garbage", ready={"timeout": "3s"}, metrics=cfg["metrics"]))
         d.send(signal.SIGHUP)
-        d.wait_log(r"ignored bad notify message from pid \d+", count=4)
+        bad = d.wait_log(r"ignored bad notify message from pid (\d+)", count=4)
         d.wait_log(r"reload failed, still serving generation 1")
+        wait_until(lambda: d.workers() == gen1, 15, "only generation 1's workers to remain")
+        # Each of generation 2's four workers sent one malformed datagram, and nothing else did.
+        assert len({m.group(1) for m in bad}) == 4
+        assert value(scrape(cfg), REJECTED) == 4
+        assert d.settled() == 1
+        assert load.wait_for_ok(load.result.ok + 200)
+        result = load.stop()
+        assert result.failures == {}, (result.failures, result.examples)
+        assert d.proc.poll() is None
 
 
 def test_crashed_worker_is_respawned_into_its_slot(tmp_path):
@@ -154,12 +174,13 @@ def _notify_socket_of(pid: int) -> str:
 
 def test_notify_from_a_stranger_is_ignored_and_counted(tmp_path):
     port = free_port()
-    with Daemon(tmp_path, echo_config(port)).start() as d:
+    cfg = echo_config(port)
+    with Daemon(tmp_path, cfg).start() as d:
         address = _notify_socket_of(min(d.workers()))
         load = Load("127.0.0.1", port, threads=4, max_seconds=60).start("echo")
         assert load.wait_for_ok(100)
         # Generation 2's workers never say READY=1; a stranger saying it for them must not count.
-        d.write_config(fixture_config(port, "--no-ready", ready={"timeout": "3s"}))
+        d.write_config(fixture_config(port, "--no-ready", ready={"timeout": "3s"}, metrics=cfg["metrics"]))
         d.send(signal.SIGHUP)
         d.wait_log(r"generation 2 STARTING:")
         for _ in range(3):
@@ -168,6 +189,7 @@ def test_notify_from_a_stranger_is_ignored_and_counted(tmp_path):
         d.wait_log(r"reload failed, still serving generation 1")
         d.wait_log(r"generation 2: not ready within 3s \(slots 0, 1, 2, 3 never sent READY=1\)")
         assert "generation 2 STARTING -> ACTIVE" not in d.log()
+        assert value(scrape(cfg), REJECTED) == 3
         assert load.wait_for_ok(load.result.ok + 200)
         result = load.stop()
         assert result.failures == {}, (result.failures, result.examples)

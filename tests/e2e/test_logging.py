@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from daemon import Daemon, echo_config, free_port, wait_until
+from tests.support.upgraderd_proc import Daemon, echo_config, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 

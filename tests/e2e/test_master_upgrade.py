@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from daemon import Daemon, alive, echo_config, free_port, wait_until
-from loadgen import Load
+from tests.support.loadgen import Load
+from tests.support.upgraderd_proc import Daemon, alive, echo_config, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -71,7 +71,7 @@ def test_exec_failure_leaves_the_old_master_running():
 
 
 def test_counters_carry_on_across_usr2(tmp_path):
-    from scrape import scrape, value
+    from tests.support.scrape import scrape, value
 
     port = free_port()
     cfg = echo_config(port, count=2)

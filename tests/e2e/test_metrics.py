@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from daemon import ROOT, Daemon, echo_config, free_port, wait_until
-from loadgen import Load
-from scrape import fetch, metrics_url, scrape, value
+from tests.support import ROOT
+from tests.support.loadgen import Load
+from tests.support.scrape import fetch, metrics_url, scrape, value
+from tests.support.upgraderd_proc import Daemon, echo_config, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 

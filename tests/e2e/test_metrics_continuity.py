@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from daemon import Daemon, echo_config, free_port, wait_until
-from loadgen import Load
-from scrape import Key, scrape, value
+from tests.support.loadgen import Load
+from tests.support.scrape import Key, scrape, value
+from tests.support.upgraderd_proc import Daemon, echo_config, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 

@@ -13,10 +13,11 @@ import yaml
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon import ROOT, Daemon, echo_config, free_port, wait_until
-from promql import for_promtool, grafana_queries, metric_names
-from promtools import tool
-from scrape import fetch, metrics_url, parse, value
+from tests.support import ROOT
+from tests.support.promql import for_promtool, grafana_queries, metric_names
+from tests.support.promtools import tool
+from tests.support.scrape import fetch, metrics_url, parse, value
+from tests.support.upgraderd_proc import Daemon, echo_config, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 

@@ -10,8 +10,9 @@ import sys
 
 import pytest
 
-from daemon import ROOT, Daemon, echo_config, free_port, wait_until
-from loadgen import Load
+from tests.support import ROOT
+from tests.support.loadgen import Load
+from tests.support.upgraderd_proc import Daemon, echo_config, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 

@@ -12,8 +12,9 @@ import sys
 
 import pytest
 
-from daemon import ROOT, Daemon, echo_config, wait_until
-from loadgen import Load
+from tests.support import ROOT
+from tests.support.loadgen import Load
+from tests.support.upgraderd_proc import Daemon, echo_config, wait_until
 from upgraderd.system.process import SHIM, privilege_argv
 
 PLAIN_ECHO = str(ROOT / "tests" / "fixtures" / "plain_echo.py")

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from daemon import Daemon, echo_config, free_port, wait_until
-from loadgen import Load
-from promtools import tool
+from tests.support.loadgen import Load
+from tests.support.promtools import tool
+from tests.support.upgraderd_proc import Daemon, echo_config, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 

@@ -8,14 +8,18 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from daemon import ROOT, Daemon, echo_config, free_port
-from scenarios import scaling
-from upgraderd.system.sockets import migrate_req
+from tests.support import ROOT
+from tests.support.scenarios import scaling
+from tests.support.upgraderd_proc import Daemon, echo_config, free_port
 
 pytestmark = pytest.mark.e2e
+
+# Read here, not through upgraderd's own reader: that reader is part of what is tested.
+MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
 
 
 def test_ttin_ttou_shared_mode_drops_nothing(tmp_path):
@@ -31,9 +35,9 @@ def test_ttin_ttou_reuseport_with_tcp_migrate_req_drops_nothing(tmp_path):
     # kernel move what is queued there to the other slots. The setting is per network
     # namespace, so the scenario runs in a fresh one and the host's value is never touched.
     script = (f"ip link set lo up && sysctl -q -w net.ipv4.tcp_migrate_req=1 && "
-              f"exec {sys.executable} {ROOT / 'tests/scenarios/scaling.py'} reuseport {tmp_path}")
+              f"exec {sys.executable} -m tests.support.scenarios.scaling reuseport {tmp_path}")
     proc = subprocess.run(["unshare", "-n", "sh", "-c", script], capture_output=True, text=True,
-                          timeout=240)
+                          timeout=240, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["failures"] == {}
@@ -46,4 +50,4 @@ def test_ttou_in_reuseport_mode_warns_when_queued_connections_are_at_risk(tmp_pa
         d.send(signal.SIGTTOU)
         d.wait_log(r"generation 1 slot 1: retired")
         warned = "closed 1 reuseport slot socket(s): net.ipv4.tcp_migrate_req is not 1" in d.log()
-        assert warned is (migrate_req() != 1)
+        assert warned is (int(MIGRATE_REQ.read_text()) != 1)

@@ -13,8 +13,8 @@ import shutil
 
 import pytest
 
-from daemon import free_port
-from reloads import Report, reload_under_load, start_example
+from tests.support.reloads import Report, reload_under_load, start_example
+from tests.support.upgraderd_proc import free_port
 
 pytestmark = pytest.mark.e2e
 

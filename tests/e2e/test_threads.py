@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from daemon import Daemon, alive, echo_config, free_port, wait_until
-from loadgen import Load
+from tests.support.loadgen import Load
+from tests.support.upgraderd_proc import Daemon, alive, echo_config, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 

@@ -2,7 +2,7 @@
 
 Whether a reload drops anything depends on net.ipv4.tcp_migrate_req, which is
 per network namespace. Each test therefore runs the scenario
-(tests/netns_scenario.py: the worker-bind example, 20 HUPs under
+(tests/support/netns_scenario.py: the worker-bind example, 20 HUPs under
 connection-per-request load) in a network namespace it creates with
 `unshare -n`, and checks that the host's own setting did not change.
 """
@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from daemon import ROOT
+from tests.support import ROOT
 
 pytestmark = [
     pytest.mark.e2e,
@@ -34,7 +34,7 @@ def run_in_netns(workdir, initial: int, policy: str) -> dict[str, object]:
     host_before = open(MIGRATE_REQ).read()
     env = {**os.environ, "HOST_NETNS": os.readlink("/proc/self/ns/net")}
     proc = subprocess.run(
-        ["unshare", "-n", sys.executable, str(ROOT / "tests" / "netns_scenario.py"),
+        ["unshare", "-n", sys.executable, "-m", "tests.support.netns_scenario",
          str(workdir), str(initial), policy, str(RELOADS)],
         capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
     assert open(MIGRATE_REQ).read() == host_before, "the host's tcp_migrate_req changed"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import ROOT
+from tests.support import ROOT
 from upgraderd.service import cli
 from upgraderd.config import schema as config
 from upgraderd.errors import ConfigError

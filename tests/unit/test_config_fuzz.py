@@ -9,7 +9,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon import ROOT
+from tests.support import ROOT
 from upgraderd.config import schema as config
 from upgraderd.errors import ConfigError
 

@@ -6,7 +6,7 @@ import dataclasses
 import subprocess
 import sys
 
-from daemon import ROOT
+from tests.support import ROOT
 from upgraderd.config import schema as config
 from upgraderd.config import docgen
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from fakes import FakeLauncher
+from tests.support.fakes import FakeLauncher
 from upgraderd.config import schema as configmod
 from upgraderd.config.schema import Config
 from upgraderd.core.generation import STABLE_AFTER, Generation, GenerationState as G, WorkerState as W

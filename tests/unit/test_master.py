@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import socket
 import sys
 from pathlib import Path
 from typing import Any, Iterator
@@ -17,8 +16,8 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from fakes import FakeClock, FakeNotify, FakeProcessAPI, fake_system
-from upgraderd.system import sockets
+from tests.support.fakes import FakeClock, FakeNotify, FakeProcessAPI, fake_system
+from tests.support.upgraderd_proc import free_port
 from upgraderd.core.generation import GenerationState as G, WorkerState as W
 from upgraderd.core.durations import Durations
 from upgraderd.core.master import FAST_STOP_GRACE, Master
@@ -30,15 +29,6 @@ T0 = 100.0
 def observed(d: Durations) -> tuple[int, float]:
     """Return (count, sum) of a duration histogram: each test's samples are exact."""
     return d.count, d.total
-
-
-def free_port() -> int:
-    # The config rejects port 0, so take one the kernel hands out and let it go:
-    # the master binds with SO_REUSEADDR and SO_REUSEPORT.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class Rig:
@@ -638,7 +628,7 @@ def test_ttin_is_not_a_restart_and_opens_only_the_new_slot_socket(rig: Rig) -> N
     assert {k[3] for k in m.system.listeners.keys()} == {0, 1, 3}
     assert rig.procs.spawns[-1].slot == 3
     assert m.stats.worker_restarts == 0
-    assert m.stats.slot_retire_risks == (0 if sockets.migrate_req() == 1 else 1)
+    assert m.stats.slot_retire_risks == (0 if _migrate_req_on_host() == 1 else 1)
 
 
 def test_failed_growing_reload_closes_its_new_slot_sockets_and_counts_the_risk(rig: Rig) -> None:
@@ -651,4 +641,9 @@ def test_failed_growing_reload_closes_its_new_slot_sockets_and_counts_the_risk(r
     assert m.stats.reloads["failed"] == 1
     # The failed generation's extra slots are closed at once: nobody will accept on them.
     assert {k[3] for k in m.system.listeners.keys()} == {0, 1}
-    assert m.stats.slot_retire_risks == (0 if sockets.migrate_req() == 1 else 2)
+    assert m.stats.slot_retire_risks == (0 if _migrate_req_on_host() == 1 else 2)
+
+
+def _migrate_req_on_host() -> int:
+    """Read net.ipv4.tcp_migrate_req straight from /proc (not through the code under test)."""
+    return int(Path("/proc/sys/net/ipv4/tcp_migrate_req").read_text())

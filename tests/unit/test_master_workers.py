@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import socket
+from pathlib import Path
 
-from fakes import FakeNotify, FakeProcessAPI, fake_system
-from upgraderd.system import kernel
+from tests.support.fakes import FakeNotify, FakeProcessAPI, fake_system
+from tests.support.upgraderd_proc import free_port as _free_port
 from upgraderd.core.generation import GenerationState, WorkerState
 from upgraderd.core.master import Master
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _master(tmp_path, ready: str):
@@ -51,7 +45,7 @@ def test_spawn_expands_argv_and_sets_the_worker_env(tmp_path):
             assert len(fds) == 1 and cwd is None
         assert m.system.probes.pids() == set()
         # `ignore` still reads the setting (for the metric), and the config has a worker-bind listener.
-        host_value = kernel.read_int(kernel.MIGRATE_REQ)
+        host_value = int(Path("/proc/sys/net/ipv4/tcp_migrate_req").read_text())  # not via kernel.read_int
         assert m.tcp_migrate_req == host_value
         assert m.worker_bind_reset_risk is (host_value != 1)
     finally:

@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 from prometheus_client import REGISTRY, generate_latest
 
-from scrape import fetch, parse, value
+from tests.support.scrape import fetch, parse, value
 from upgraderd.config.schema import MetricsSpec, parse as parse_config
 from upgraderd.core.durations import RELOAD_BUCKETS, DRAIN_BUCKETS, Durations
 from upgraderd.errors import FatalError

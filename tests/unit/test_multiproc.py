@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from mpworkers import WorkerFactory
+from tests.support.mpworkers import WorkerFactory
 from upgraderd.metrics.multiproc import WorkerFiles
 
 

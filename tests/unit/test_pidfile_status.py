@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from daemon import wait_until
+from tests.support.upgraderd_proc import wait_until
 from upgraderd.service import status
 from upgraderd.config.schema import LogSpec
 from upgraderd.service.logsetup import JsonFormatter, LogSetup

@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from daemon import ROOT
+from tests.support import ROOT
 
 
 def tool(name: str) -> str:

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import yaml
 
-from daemon import ROOT, Daemon, wait_until
-from loadgen import Load, Result
+from tests.support import ROOT
+from tests.support.loadgen import Load, Result
+from tests.support.upgraderd_proc import Daemon, wait_until
 
 EXAMPLES = ROOT / "config" / "examples"
 

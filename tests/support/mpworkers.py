@@ -7,7 +7,7 @@ millisecond. The forked child runs the built-in workers' own
 and exits; the factory reaps it and reports its pid, which the caller then
 folds as the master would.
 
-    python tests/mpworkers.py      (with PROMETHEUS_MULTIPROC_DIR set)
+    python -m tests.support.mpworkers      (from the repository root, with PROMETHEUS_MULTIPROC_DIR set)
     stdin:  "<connections> <bytes> <open>\\n" per worker; stdout: its pid
 """
 
@@ -16,9 +16,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import ROOT
 
 
 def _serve() -> int:
@@ -43,11 +42,11 @@ def _serve() -> int:
 
 
 class WorkerFactory:
-    """Drive a `tests/mpworkers.py` process writing into `directory`."""
+    """Drive a `python -m tests.support.mpworkers` process writing into `directory`."""
 
     def __init__(self, directory: str) -> None:
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": directory}
-        self.proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.support.mpworkers"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, env=env, cwd=ROOT, text=True)
 
     def run(self, connections: int, nbytes: int = 0, still_open: int = 0) -> int:
@@ -67,5 +66,4 @@ class WorkerFactory:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     raise SystemExit(_serve())

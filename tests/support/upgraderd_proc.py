@@ -20,11 +20,13 @@ from typing import Any, Callable
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import ROOT
 
 
 def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that is free right now."""
+    # The config rejects port 0, so take one the kernel hands out and let it go:
+    # the master binds with SO_REUSEADDR and SO_REUSEPORT.
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -202,7 +204,7 @@ class Daemon:
         wait_until(lambda: self.log().count("received SIGHUP") > n, 20, "the master to receive SIGHUP")
 
     def status(self) -> dict[str, Any] | None:
-        """Return the master's status document (see upgraderd/status.py), if written yet."""
+        """Return the master's status document (see upgraderd/service/status.py), if written yet."""
         try:
             return json.loads(Path(f"{self.pidfile}.status.json").read_text())  # type: ignore[no-any-return]
         except (OSError, ValueError):

@@ -1,6 +1,6 @@
 """Run the worker-bind example under reloads, inside the network namespace this process is in.
 
-    HOST_NETNS=$(readlink /proc/self/ns/net) unshare -n python tests/netns_scenario.py \
+    HOST_NETNS=$(readlink /proc/self/ns/net) unshare -n python -m tests.support.netns_scenario \
         WORKDIR INITIAL POLICY RELOADS
 
 tests/e2e/test_worker_bind.py starts it under `unshare -n`, in a network
@@ -19,11 +19,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from daemon import Daemon, free_port  # noqa: E402
-from reloads import example_config, reload_under_load  # noqa: E402
-from scrape import scrape, value  # noqa: E402
+from tests.support.reloads import example_config, reload_under_load
+from tests.support.scrape import scrape, value
+from tests.support.upgraderd_proc import Daemon, free_port
 
 MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
 

@@ -1,7 +1,8 @@
 """TTIN twice then TTOU down to one worker, under load; print the load outcome as JSON.
 
-Runnable as `python tests/scenarios/scaling.py MODE WORKDIR`, so a test can run it
-inside a network namespace it creates (where it may set net.ipv4.tcp_migrate_req).
+Runnable as `python -m tests.support.scenarios.scaling MODE WORKDIR` from the
+repository root, so a test can run it inside a network namespace it creates
+(where it may set net.ipv4.tcp_migrate_req).
 """
 
 from __future__ import annotations
@@ -11,10 +12,8 @@ import signal
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from daemon import Daemon, echo_config, free_port, wait_until  # noqa: E402
-from loadgen import Load  # noqa: E402
+from tests.support.loadgen import Load
+from tests.support.upgraderd_proc import Daemon, echo_config, free_port, wait_until
 
 
 def listening_sockets(port: int) -> int:

@@ -1,0 +1,1 @@
+"""OS-level tests: real sockets and processes, no daemon."""

@@ -1,0 +1,1 @@
+"""Unit tests: fake clock, fake processes, no daemon."""
