@@ -159,8 +159,8 @@ def test_failed_reloads_rejections_and_crashes_are_counted(tmp_path):
         s = scrape(good)
         assert value(s, "upgraderd_reloads_total", result="failed") == 2
         assert value(s, "upgraderd_worker_exits_total", reason="error") >= 1
-        assert value(s, "upgraderd_notify_rejected_total") == d.log().count("ignored bad notify message")
         assert value(s, "upgraderd_notify_rejected_total") >= 1
+        assert d.log().count("ignored bad notify message") == 1   # rate-limited: one line per burst
         assert value(s, "upgraderd_generation") == 1
         assert fetch(metrics_url(good, "/readyz"))[0] == 200
 

@@ -1,1 +1,5 @@
-"""Built-in worker programs: `python -m upgraderd.apps.echo` and `upgraderd.apps.http`."""
+"""Built-in worker programs: `python -m upgraderd.apps.echo` and `upgraderd.apps.http`.
+
+These run as workers, never in the master. May import: `upgraderd.worker`
+(the worker-side library) and prometheus-client (their connection metrics).
+"""

@@ -15,7 +15,6 @@ in place.
 from __future__ import annotations
 
 import logging
-import os
 from typing import TYPE_CHECKING
 
 from upgraderd import __version__
@@ -67,7 +66,7 @@ def adopt(master: Master, record: Handover) -> None:
     active = master.active
     master.config = active.config if active else None
     pids = [p for g in master.generations for p in g.pids()]
-    log.info("upgraderd %s: upgraded the master in place (pid %d); adopted %d workers of generations %s; "
-             "rolling a new generation", __version__, os.getpid(), len(pids),
+    log.info("upgraderd %s: upgraded the master in place (same pid); adopted %d workers of generations %s; "
+             "rolling a new generation", __version__, len(pids),
              ", ".join(str(g.number) for g in master.generations) or "none")
     master.reloads.hup(master.clock())

@@ -1,0 +1,11 @@
+"""The OS side: the only code that makes syscalls on the master's behalf.
+
+Owns: processes (process.py: posix_spawn, kill, waitpid), listening sockets
+(sockets.py), the notify socket (notify.py), signal delivery (signals.py),
+HTTP readiness probes (probe.py), kernel settings (kernel.py), the USR2 exec
+(reexec.py), and posix.py, which assembles them into the core's `System` and
+runs the select loop.
+
+May import: `upgraderd.core` (for the seams' types), `upgraderd.config`,
+`upgraderd.errors`. Never `upgraderd.service` or `upgraderd.metrics`.
+"""

@@ -1,4 +1,9 @@
-"""Helpers for a worker program: its listeners, readiness, status and drain.
+"""The worker side: a library for a worker program's listeners, readiness, status and drain.
+
+This package runs inside workers, never in the master, and imports nothing of
+the master's (only `upgraderd.system.notify` for the sd_notify client and
+`upgraderd.config.placeholders` for a variable name). Its public API is
+`upgraderd.worker`, typed; the built-in apps in `upgraderd.apps` use it too.
 
 A worker started by upgraderd (or by systemd socket activation) gets its
 listening sockets as fds 3, 4, ... with `LISTEN_FDS`, `LISTEN_PID` and
