@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from upgraderd.config import plan
 from upgraderd.config.schema import parse
+from upgraderd.config.validators import duration
 
 BASE = """
 listeners:
@@ -50,4 +51,4 @@ def test_an_unchanged_reload_says_so():
 
 def test_values_read_as_written():
     assert [plan.show(v) for v in (None, ("a", "b c"), "x", "", 3)] == ["null", "[a, b c]", "x", "''", "3"]
-    assert [plan.seconds(v) for v in (0.1, 1.0, 2.5, 120.0)] == ["100ms", "1s", "2.5s", "120s"]
+    assert [plan.show(v, duration) for v in (0.1, 1.0, 2.5, 120.0)] == ["100ms", "1s", "2.5s", "2m"]

@@ -15,6 +15,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from upgraderd.config.docgen import format_duration
 from upgraderd.config.schema import Config, ListenerSpec
 from upgraderd.config.validators import duration
 
@@ -118,16 +119,10 @@ def show(value: Any, check: Any = None) -> str:
     if value is None:
         return "null"
     if check is duration and isinstance(value, float):
-        return seconds(value)
+        return format_duration(value)
     if isinstance(value, (tuple, list)):
         return "[" + ", ".join(show(v) for v in value) + "]"
     if isinstance(value, str) and (value == "" or value != value.strip() or "," in value):
         return repr(value)
     return str(value)
 
-
-def seconds(value: float) -> str:
-    """Return a duration the way the config writes it: 100ms, 30s, 2.5s."""
-    if value < 1:
-        return f"{value * 1000:g}ms"
-    return f"{value:g}s"
