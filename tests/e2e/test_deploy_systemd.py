@@ -10,8 +10,11 @@ from __future__ import annotations
 import re
 import shlex
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -128,3 +131,29 @@ def test_socket_unit_names_a_listener_of_the_shipped_config():
     assert sock["ListenStream"] == [f"{listener['host']}:{listener['port']}"]
     assert sock["Service"] == ["upgraderd.service"]
     assert sock["Backlog"] == [str(listener["backlog"])]
+
+
+def _notify(sock: socket.socket) -> dict[str, str]:
+    data, _ = sock.recvfrom(4096)
+    return dict(line.split("=", 1) for line in data.decode().splitlines() if line)
+
+
+def test_what_type_notify_reload_sees_for_a_good_and_a_failed_reload(tmp_path):
+    """RELOADING=1 with a current MONOTONIC_USEC, then READY=1, also when the reload failed."""
+    path = str(tmp_path / "notify.sock")
+    port = free_port()
+    cfg = echo_config(port, count=1)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
+        systemd.bind(path)
+        systemd.settimeout(20)
+        with Daemon(tmp_path, cfg, env={"NOTIFY_SOCKET": path}).start() as d:
+            assert _notify(systemd)["READY"] == "1"
+            for config, status in ((cfg, "generation 2 active"), ("listeners: [", "reload failed")):
+                d.write_config(config)
+                before = time.monotonic()
+                d.send(signal.SIGHUP)
+                reloading = _notify(systemd)
+                assert reloading["RELOADING"] == "1"
+                # systemd (253+) ignores a RELOADING=1 whose MONOTONIC_USEC is not current.
+                assert before * 1e6 <= int(reloading["MONOTONIC_USEC"]) <= time.monotonic() * 1e6
+                assert _notify(systemd) == {"READY": "1", "STATUS": status}
