@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import logging
 import os
 import re
+import sys
 
 import pytest
 
@@ -37,7 +39,7 @@ def test_a_traceback_stays_on_the_record_line():
         raise ValueError("boom")
     except ValueError:
         rec = logging.getLogger("x").makeRecord("x", logging.ERROR, __file__, 1, "crashed", (),
-                                                 __import__("sys").exc_info())
+                                                 sys.exc_info())
     line = logsetup.TextFormatter().format(rec)
     assert "\n" not in line and line.endswith("ValueError: boom") and "Traceback" in line
 
@@ -62,7 +64,7 @@ def test_json_records_carry_the_structured_fields():
     doc = json.loads(fmt.format(_record("worker exited", logging.WARNING,
                                         **logsetup.fields("worker.exit", generation=3, slot=1,
                                                           worker_pid=4242))))
-    assert re.fullmatch(ISO, doc.pop("time"))
+    assert re.fullmatch(ISO[:-len("[+-]\\d\\d:\\d\\d")] + "Z", doc.pop("time"))
     assert doc == {"level": "warning", "pid": os.getpid(), "message": "worker exited",
                    "event": "worker.exit", "generation": 3, "slot": 1, "worker_pid": 4242}
     plain = json.loads(fmt.format(_record("no fields", logging.INFO)))
@@ -83,3 +85,12 @@ def test_logsetup_applies_the_journal_format_to_stderr_only(monkeypatch):
         assert stream.getvalue() == f"<3>upgraderd[{os.getpid()}] ERROR a | b\n"
     finally:
         logs.close()
+
+
+def test_local_time_carries_its_offset():
+    rec = _record("x")
+    rec.created, rec.msecs = 1_700_000_000.0, 42.0
+    stamp = logsetup.iso_time(rec)
+    assert re.fullmatch(ISO, stamp) and stamp[19:23] == ".042"
+    assert datetime.datetime.fromisoformat(stamp).timestamp() == 1_700_000_000.042
+    assert logsetup.iso_time(rec, utc=True) == "2023-11-14T22:13:20.042Z"

@@ -60,11 +60,12 @@ def fields(event: str, generation: int | None = None, slot: int | None = None,
     return {k: v for k, v in given.items() if v is not None}
 
 
-def iso_time(created: float, utc: bool = False) -> str:
-    """Return a record's time as ISO 8601 with milliseconds and the UTC offset."""
+def iso_time(record: logging.LogRecord, utc: bool = False) -> str:
+    """Return a record's time as ISO 8601 with milliseconds and its offset (`Z` in UTC)."""
     tz = datetime.timezone.utc if utc else None
-    return datetime.datetime.fromtimestamp(created, tz).astimezone(tz).isoformat(
-        timespec="milliseconds")
+    dt = datetime.datetime.fromtimestamp(int(record.created), tz).astimezone(tz)
+    offset = "Z" if utc else dt.isoformat()[19:]
+    return f"{dt:%Y-%m-%dT%H:%M:%S}.{int(record.msecs):03d}{offset}"
 
 
 def journal_is_stderr(environ: dict[str, str] | None = None) -> bool:
@@ -87,7 +88,7 @@ class TextFormatter(logging.Formatter):
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         """Return ISO 8601 local time with its offset."""
-        return iso_time(record.created)
+        return iso_time(record)
 
     def format(self, record: logging.LogRecord) -> str:
         """Return the record as one line."""
@@ -103,7 +104,7 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         """Return the record as one line of JSON."""
         doc: dict[str, Any] = {
-            "time": iso_time(record.created, utc=True),
+            "time": iso_time(record, utc=True),
             "level": record.levelname.lower(), "pid": record.process, "message": record.getMessage(),
         }
         for name in FIELDS:
