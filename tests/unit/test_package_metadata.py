@@ -39,3 +39,16 @@ def test_a_checkout_finds_its_own_config_first_and_env_wins():
     assert found.looked == (str(ROOT / "config" / "upgraderd.yaml"), defaults.SYSTEM_PATH)
     assert defaults.find_config({"UPGRADERD_CONFIG": "/nonexistent.yaml"}).looked[0] == "/nonexistent.yaml"
     assert defaults.shipped_dir() == ROOT / "config"
+
+
+def test_an_installed_package_finds_the_system_config(tmp_path, monkeypatch):
+    # As installed: the package sits in site-packages, with no pyproject.toml beside it.
+    site = tmp_path / "site-packages" / "upgraderd"
+    (site / "defaults").mkdir(parents=True)
+    monkeypatch.setattr(defaults, "_PACKAGE", site)
+    etc = tmp_path / "etc-upgraderd.yaml"
+    monkeypatch.setattr(defaults, "SYSTEM_PATH", str(etc))
+    assert defaults.find_config({}) == defaults.Lookup(None, (str(etc),))
+    etc.write_text("listeners: []\n")
+    assert defaults.find_config({}) == defaults.Lookup(str(etc), (str(etc),))
+    assert defaults.shipped_dir() == site / "defaults"

@@ -32,7 +32,6 @@ class Plan:
     close: tuple[ListenerSpec, ...]
     workers_before: int | None
     workers_after: int
-    command_changed: bool
     changes: tuple[str, ...] = ()
 
     def describe(self) -> str:
@@ -67,7 +66,6 @@ def diff(current: Config | None, new: Config) -> Plan:
         close=tuple(s for k, s in old.items() if k not in ids),
         workers_before=current.workers.count if current else None,
         workers_after=new.workers.count,
-        command_changed=current is not None and current.worker_argv != new.worker_argv,
         changes=tuple(changes(current, new)) if current is not None else (),
     )
 
