@@ -43,6 +43,12 @@ def exposition(tmp_path_factory):
     return text, om
 
 
+def markdown_anchors(markdown: str) -> set[str]:
+    """Return the anchors a Markdown renderer gives the headings (GitHub's rule)."""
+    heads = re.findall(r"^#{1,6} +(.+?) *$", markdown, flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in heads}
+
+
 def exposed_samples(text: str) -> set[str]:
     return {s.name for f in text_string_to_metric_families(text) for s in f.samples}
 
@@ -95,7 +101,11 @@ def test_the_dashboard_queries_only_exposed_metrics(exposition):
         assert required in names, required
     assert {p["title"] for p in dashboard["panels"]} >= {
         "Generation timeline", "Reloads", "Workers by state", "Open connections by generation state",
-        "Reload duration (HUP to ACTIVE), last hour", "Drain duration, last hour"}
+        "Reload duration (HUP to ACTIVE), last hour", "Drain duration, last hour",
+        "Slot sockets closed without tcp_migrate_req", "worker-bind reset risk", "net.ipv4.tcp_migrate_req"}
+    for risk in ("upgraderd_slot_retire_risks_total", "upgraderd_worker_bind_reset_risk",
+                 "upgraderd_kernel_tcp_migrate_req"):
+        assert risk in names, risk
 
 
 def test_the_dashboard_queries_are_valid_promql(tmp_path):
@@ -120,9 +130,19 @@ def test_the_alerts_pass_their_unit_tests_and_name_exposed_metrics(exposition):
     assert out.returncode == 0, out.stdout + out.stderr
     rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())["groups"][0]["rules"]
     assert {r["alert"] for r in rules} == {"UpgraderdReloadFailed", "UpgraderdConfigNotLoaded", "UpgraderdCrashLoop",
-                                           "UpgraderdDrainTimeout", "UpgraderdNoActiveGeneration"}
+                                           "UpgraderdDrainTimeout", "UpgraderdNoActiveGeneration",
+                                           "UpgraderdSlotRetireRisk", "UpgraderdWorkerBindResetRisk",
+                                           "UpgraderdTcpMigrateReqOff", "UpgraderdDown"}
     names = set().union(*(metric_names(r["expr"]) for r in rules))
-    assert names - exposed_samples(text) == set()
+    assert names - exposed_samples(text) == {"up"}  # `up` is Prometheus's own, for the target-down alert
+    for risk in ("upgraderd_slot_retire_risks_total", "upgraderd_worker_bind_reset_risk",
+                 "upgraderd_kernel_tcp_migrate_req"):
+        assert risk in names, risk
+    # Every alert links to the section of docs/operations.md that says what to do.
+    anchors = markdown_anchors((ROOT / "docs" / "operations.md").read_text())
+    for r in rules:
+        url = r["annotations"]["runbook_url"]
+        assert url.startswith("docs/operations.md#") and url.split("#", 1)[1] in anchors, (r["alert"], url)
     tests = yaml.safe_load((DEPLOY / "prometheus" / "alerts_test.yml").read_text())["tests"]
     tested = {t["alertname"] for case in tests for t in case["alert_rule_test"] if t["exp_alerts"]}
     assert tested == {r["alert"] for r in rules}  # every alert is shown to fire

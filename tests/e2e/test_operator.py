@@ -54,7 +54,7 @@ def test_bad_config_on_hup_under_load_changes_nothing(tmp_path):
         ]:
             d.write_config(bad)
             d.send(signal.SIGHUP)
-            d.wait_log(r"reload failed, still serving generation 1:\n" + r"\S*" + re.escape(located))
+            d.wait_log(r"reload failed, still serving generation 1: " + r"\S*" + re.escape(located))
             assert load.wait_for_ok(load.result.ok + 200)
         assert d.workers() == gen1
         assert "STARTING" not in d.log().split("serving: generation 1 ACTIVE")[1]
@@ -121,16 +121,21 @@ def test_reload_command_reports_the_outcome(tmp_path):
 
 def test_client_commands_without_a_master(tmp_path):
     pidfile = str(tmp_path / "none.pid")
-    for cmd in ("reload", "stop", "status"):
-        r = upgraderd(cmd, "--pidfile", pidfile)
-        assert r.returncode == 4, r
-        assert r.stderr == f"upgraderd: no master is running: pidfile {pidfile} does not exist\n"
+    gone = f"no master is running: pidfile {pidfile} does not exist"
+    # LSB: `stop` of a stopped service succeeds, `status` says 3, other actions 7.
+    for cmd, code in (("reload", 7), ("upgrade", 7), ("scale", 7), ("reopen", 7), ("status", 3)):
+        r = upgraderd(cmd, *(("+1",) if cmd == "scale" else ()), "--pidfile", pidfile)
+        assert (r.returncode, r.stdout, r.stderr) == (code, "", f"upgraderd: {gone}\n"), r
+    r = upgraderd("stop", "--pidfile", pidfile)
+    assert (r.returncode, r.stdout, r.stderr) == (0, f"upgraderd: already stopped ({gone})\n", ""), r
     # A pidfile naming a live process that is not upgraderd is never signalled.
     sleeper = subprocess.Popen(["sleep", "60"])
     try:
         (tmp_path / "none.pid").write_text(f"{sleeper.pid}\n")
         r = upgraderd("stop", "--pidfile", pidfile)
-        assert r.returncode == 4 and "is not a live upgraderd (stale pidfile)" in r.stderr
+        assert r.returncode == 0 and "is not a live upgraderd (stale pidfile)" in r.stdout
+        r = upgraderd("reload", "--pidfile", pidfile)
+        assert r.returncode == 7 and "is not a live upgraderd (stale pidfile)" in r.stderr
         assert sleeper.poll() is None
     finally:
         sleeper.kill()

@@ -1,12 +1,7 @@
 """The `upgraderd` command line.
 
-Exit codes:
-  0  success
-  1  the config is invalid, the first generation failed, or a reload failed
-  2  usage error
-  3  the master could not start (a listener could not be bound, already running)
-  4  no master is running (reload, stop, status)
-  5  timed out waiting for the outcome (reload, stop)
+Exit codes are `upgraderd.errors.ExitCode`, documented in the README
+(Commands and exit codes) and in every command's --help epilog.
 """
 
 from __future__ import annotations
@@ -18,14 +13,18 @@ import sys
 from upgraderd import __version__
 from upgraderd.config import schema as configmod
 from upgraderd.config import validators
-from upgraderd.errors import ConfigError, FatalError, UpgraderdError
+from upgraderd.errors import STATUS_NOT_RUNNING, ConfigError, ExitCode, FatalError, UpgraderdError
+from upgraderd.service import defaults
 
-EXIT_OK, EXIT_CONFIG, EXIT_USAGE, EXIT_START, EXIT_NOT_RUNNING = 0, 1, 2, 3, 4
-
-EPILOG = ("exit codes: 0 ok; 1 invalid config, first generation failed or reload failed; "
-          "2 usage; 3 could not start; 4 no master running; 5 timed out")
+EPILOG = ("exit codes: 0 ok (also `stop` with no master); 1 invalid config, or a reload, upgrade or "
+          "scale failed, or -c names a file the master does not read; 2 usage; 3 could not start "
+          "(`status`: no master running); 4 no permission to signal the master; 5 timed out; "
+          "6 no config file found; 7 no master running")
 PIDFILE_HELP = ("pidfile of the master (default: the config's `pidfile`, else /run/upgraderd.pid "
                 "as root and $XDG_RUNTIME_DIR/upgraderd.pid or /tmp/upgraderd-UID.pid otherwise)")
+CONFIG_HELP = (f"config file (default: ${defaults.ENV_VAR}, else config/upgraderd.yaml when run "
+               f"from a source checkout, else {defaults.SYSTEM_PATH})")
+CLIENTS = ("reload", "upgrade", "scale", "reopen", "stop", "status")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     run = _sub(sub, "run", "serve (in the foreground unless --daemon)",
                "Serve until TERM/QUIT (graceful stop) or INT (fast stop). HUP reloads the config, "
                "USR1 reopens the log file. The pidfile is written once generation 1 is ACTIVE.")
-    _config_arg(run, configmod.DEFAULT_PATH)
+    _config_arg(run, CONFIG_HELP)
     run.add_argument("--daemon", action="store_true",
                      help="detach into the background once serving (needs log.file in the config); "
                           "exits 0 when generation 1 is ACTIVE, non-zero with the reason otherwise")
@@ -50,26 +49,38 @@ def _parser() -> argparse.ArgumentParser:
     check = _sub(sub, "check", "validate a config file and exit 0 or 1",
                  "Validate FILE without touching a running master, like nginx -t, and print "
                  "every problem as file:line:column: key.path: message.")
-    _config_arg(check, configmod.DEFAULT_PATH)
+    _config_arg(check, CONFIG_HELP)
 
-    reload = _sub(sub, "reload", "reload the running master and wait for the outcome",
+    init = _sub(sub, "init", "write the shipped default config to PATH",
+                f"Write the default config shipped with upgraderd (the echo service on "
+                f"127.0.0.1:8090) to PATH (default: {defaults.SYSTEM_PATH}), as a starting point.")
+    init.add_argument("path", nargs="?", default=defaults.SYSTEM_PATH, metavar="PATH")
+    init.add_argument("--force", action="store_true", help="overwrite PATH if it exists")
+
+    _waiting(_sub(sub, "reload", "reload the running master and wait for the outcome",
                   "Send SIGHUP to the master named by the pidfile, then wait: exit 0 once the new "
                   "generation is ACTIVE; exit 1 with the reason if the config was rejected or the "
-                  "new generation failed (the old one keeps serving either way).")
-    _client_args(reload)
-    reload.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
-                        help="give up waiting after this long (default: 120)")
+                  "new generation failed (the old one keeps serving either way). With -c, FILE "
+                  "must be the file the master reads."))
+    _waiting(_sub(sub, "upgrade", "upgrade the master in place (USR2) and wait for the outcome",
+                  "Send SIGUSR2: the master execs the upgraderd now on disk in place (same pid, "
+                  "listeners and workers), then rolls a new generation. Exit 0 once that "
+                  "generation is ACTIVE, 1 if the upgrade was refused or failed."))
+    scale = _waiting(_sub(sub, "scale", "add (+N) or remove (-N) workers of the ACTIVE generation",
+                          "Send N x SIGTTIN (+N) or SIGTTOU (-N), one at a time, each once the "
+                          "previous one took effect. The next reload goes back to workers.count."))
+    scale.add_argument("delta", type=_delta, metavar="+N|-N")
+    _client_args(_sub(sub, "reopen", "make the master reopen its log file (USR1)",
+                      "Send SIGUSR1, for logrotate's postrotate."))
 
-    stop = _sub(sub, "stop", "stop the running master and wait until it has exited",
-                "Send SIGTERM (drain every generation, then exit) or, with --fast, SIGINT.")
-    _client_args(stop)
+    stop = _waiting(_sub(sub, "stop", "stop the running master and wait until it has exited",
+                         "Send SIGTERM (drain every generation, then exit) or, with --fast, "
+                         "SIGINT. A master that is not running counts as stopped (exit 0)."))
     stop.add_argument("--fast", action="store_true", help="fast stop: SIGKILL the workers after 1s")
-    stop.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
-                      help="give up waiting after this long (default: 120)")
 
     status = _sub(sub, "status", "show the running master's generations and last reload",
                   "Print the master's pid and uptime, each generation with its state, workers, "
-                  "pids and ages, and the last reload's result.")
+                  "pids and ages, and the last reload's result. Exit 3 if no master runs.")
     _client_args(status)
     status.add_argument("--json", action="store_true", help="print the raw status document")
 
@@ -84,15 +95,29 @@ def _sub(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, he
     return sub.add_parser(name, help=help, description=description, epilog=EPILOG)
 
 
-def _config_arg(p: argparse.ArgumentParser, default: str | None) -> None:
-    p.add_argument("-c", "--config", default=default, metavar="FILE",
-                   help=f"config file (default: {default})" if default else
-                   "config file whose `pidfile` names the master")
+def _delta(text: str) -> int:
+    """Parse `+N` or `-N` (N >= 1) for `scale`."""
+    if len(text) < 2 or text[0] not in "+-" or not text[1:].isdigit() or int(text[1:]) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected +N or -N, e.g. +2 or -1")
+    return int(text)
 
 
-def _client_args(p: argparse.ArgumentParser) -> None:
-    _config_arg(p, None)
+def _config_arg(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("-c", "--config", metavar="FILE", help=help)
+
+
+def _client_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    _config_arg(p, "config file: its `pidfile` names the master, and it must be the file "
+                   "the master reads")
     p.add_argument("--pidfile", metavar="PATH", help=PIDFILE_HELP)
+    return p
+
+
+def _waiting(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    _client_args(p)
+    p.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="give up waiting after this long (default: 120)")
+    return p
 
 
 def _print_problems(path: str, e: ConfigError) -> None:
@@ -101,15 +126,45 @@ def _print_problems(path: str, e: ConfigError) -> None:
     print(f"{path}: {len(e.problems)} error(s)", file=sys.stderr)
 
 
+def _default_config(args: argparse.Namespace) -> bool:
+    """Fill in args.config when -c was not given; False (and a message) if none exists."""
+    if args.config:
+        return True
+    found = defaults.find_config()
+    if found.path is None:
+        print(f"upgraderd: {found.missing_message()}", file=sys.stderr)
+        return False
+    args.config = found.path
+    return True
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate the config; print every problem."""
+    if not _default_config(args):
+        return ExitCode.NOT_CONFIGURED
     try:
         cfg = configmod.load(args.config)
     except ConfigError as e:
         _print_problems(args.config, e)
-        return EXIT_CONFIG
+        return ExitCode.FAILED
     print(f"{args.config}: ok ({len(cfg.listeners)} listener(s), {cfg.workers.count} worker(s))")
-    return EXIT_OK
+    return ExitCode.OK
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Write the shipped default config."""
+    try:
+        defaults.write_starter(args.path, force=args.force)
+    except FileExistsError:
+        print(f"upgraderd: {args.path} exists; nothing written (--force overwrites it)",
+              file=sys.stderr)
+        return ExitCode.FAILED
+    except OSError as e:
+        print(f"upgraderd: cannot write {args.path}: {e.strerror or e}", file=sys.stderr)
+        return ExitCode.FAILED
+    print(f"wrote {args.path}: the echo service on 127.0.0.1:8090; edit it, then "
+          f"`upgraderd check -c {args.path}`")
+    return ExitCode.OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -120,28 +175,30 @@ def cmd_run(args: argparse.Namespace) -> int:
         if os.environ.pop(var, None) is not None:
             print(f"upgraderd: ignoring {var} from the environment: upgraderd sets it for its "
                   "workers", file=sys.stderr)
+    if not _default_config(args):
+        return ExitCode.NOT_CONFIGURED
     from upgraderd.service.runner import run
     try:
         cfg = configmod.load(args.config)
     except ConfigError as e:
         _print_problems(args.config, e)
-        return EXIT_CONFIG
+        return ExitCode.FAILED
     if args.daemon and not cfg.log.file:
         print(f"{args.config}: log.file: must be set for --daemon (a daemon has no terminal "
               "to log to)", file=sys.stderr)
-        return EXIT_CONFIG
+        return ExitCode.FAILED
     try:
         return run(os.path.abspath(args.config), cfg, args.pidfile or cfg.pidfile_path,
                    daemon=args.daemon, log_level=args.log_level)
     except ConfigError as e:
         _print_problems(args.config, e)
-        return EXIT_CONFIG
+        return ExitCode.FAILED
     except FatalError as e:
         print(f"upgraderd: cannot start: {e}", file=sys.stderr)
-        return EXIT_START
+        return ExitCode.CANNOT_START
     except UpgraderdError as e:
         print(f"upgraderd: {e}", file=sys.stderr)
-        return EXIT_START
+        return ExitCode.CANNOT_START
 
 
 def _client_pidfile(args: argparse.Namespace) -> str:
@@ -153,8 +210,7 @@ def _client_pidfile(args: argparse.Namespace) -> str:
 
 
 def cmd_client(args: argparse.Namespace) -> int:
-    """Run `reload`, `stop` or `status` against the master named by the pidfile."""
-    from upgraderd.service import control
+    """Run a client command against the master named by the pidfile."""
     from upgraderd.service.pidfile import NotRunning
     try:
         pidfile = _client_pidfile(args)
@@ -162,19 +218,33 @@ def cmd_client(args: argparse.Namespace) -> int:
         _print_problems(args.config, e)
         print(f"upgraderd: {args.config} is invalid, so nothing was sent to the master "
               "(give --pidfile to reach it anyway)", file=sys.stderr)
-        return EXIT_CONFIG
+        return ExitCode.FAILED
     try:
-        if args.command == "reload":
-            return control.reload(pidfile, args.timeout)
-        if args.command == "stop":
-            return control.stop(pidfile, args.fast, args.timeout)
-        return control.show_status(pidfile, args.json)
+        return _dispatch(args, pidfile)
     except NotRunning as e:
+        if args.command == "stop":
+            print(f"upgraderd: already stopped ({e})")
+            return ExitCode.OK
         print(f"upgraderd: {e}", file=sys.stderr)
-        return EXIT_NOT_RUNNING
+        return STATUS_NOT_RUNNING if args.command == "status" else ExitCode.NOT_RUNNING
     except PermissionError as e:
         print(f"upgraderd: cannot signal the master: {e.strerror}", file=sys.stderr)
-        return EXIT_NOT_RUNNING
+        return ExitCode.NO_PERMISSION
+
+
+def _dispatch(args: argparse.Namespace, pidfile: str) -> int:
+    from upgraderd.service import control as c
+    if args.command == "reload":
+        return c.reload(pidfile, args.timeout, args.config)
+    if args.command == "upgrade":
+        return c.upgrade(pidfile, args.timeout, args.config)
+    if args.command == "scale":
+        return c.scale(pidfile, args.delta, args.timeout)
+    if args.command == "reopen":
+        return c.reopen(pidfile)
+    if args.command == "stop":
+        return c.stop(pidfile, args.fast, args.timeout)
+    return c.show_status(pidfile, args.json)
 
 
 def cmd_docs(args: argparse.Namespace) -> int:
@@ -186,7 +256,5 @@ def cmd_docs(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit code."""
     args = _parser().parse_args(argv)
-    commands = {"run": cmd_run, "check": cmd_check, "reload": cmd_client, "stop": cmd_client,
-                "status": cmd_client, "docs": cmd_docs}
-    return commands[args.command](args)
-
+    commands = {"run": cmd_run, "check": cmd_check, "init": cmd_init, "docs": cmd_docs}
+    return int(commands.get(args.command, cmd_client)(args))

@@ -1,4 +1,4 @@
-"""Talk to a running master from another process: reload, stop, status.
+"""Talk to a running master from another process: reload, upgrade, scale, reopen, stop, status.
 
 The master is found through its pidfile (pidfile.find_master checks that the
 pid is a live upgraderd before anything is sent to it) and observed through
@@ -17,34 +17,138 @@ import sys
 import time
 from typing import Any
 
+from upgraderd.errors import ExitCode
 from upgraderd.service import status
 from upgraderd.service.pidfile import NotRunning, find_master, is_upgraderd
 
-EXIT_OK, EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_TIMEOUT = 0, 1, 4, 5
 POLL = 0.05
 
 
-def reload(pidfile: str, timeout: float) -> int:
-    """Send SIGHUP and wait for the outcome: 0 if the new generation is ACTIVE, 1 if not."""
+def _observe(pidfile: str) -> tuple[int, str, dict[str, Any]]:
+    """Return the master's pid, its status file and the document in it."""
     pid = find_master(pidfile)
     path = status.path_for(pidfile)
-    before = status.read(path)
-    if before is None or before.get("pid") != pid:
+    doc = status.read(path)
+    if doc is None or doc.get("pid") != pid:
         raise NotRunning(f"master pid {pid} has not written its status file {path} yet")
+    return pid, path, doc
+
+
+def foreign_config(doc: dict[str, Any], config: str | None) -> str | None:
+    """Return why `config` is not the file the master reads, or None if it is (or is None)."""
+    theirs = doc.get("config")
+    if config is None or not isinstance(theirs, str):
+        return None
+    try:
+        if os.path.samefile(config, theirs):
+            return None
+    except OSError:
+        if os.path.abspath(config) == theirs:
+            return None
+    return (f"the master reads {theirs}, not {config}; nothing was sent. Edit {theirs} "
+            f"(or point it at the new file) and reload, or restart the master with -c {config}")
+
+
+def reload(pidfile: str, timeout: float, config: str | None = None) -> int:
+    """Send SIGHUP and wait for the outcome: 0 if the new generation is ACTIVE, 1 if not."""
+    pid, path, before = _observe(pidfile)
+    foreign = foreign_config(before, config)
+    if foreign:
+        print(f"upgraderd: {foreign}", file=sys.stderr)
+        return ExitCode.FAILED
     os.kill(pid, signal.SIGHUP)
     doc = _wait(pid, timeout, lambda d: d["last_reload"]["covers"] > before["hups"], path)
     if doc is None:
-        if not is_upgraderd(pid):
-            print(f"upgraderd: the master (pid {pid}) exited during the reload", file=sys.stderr)
-            return EXIT_FAILED
-        print(f"upgraderd: no reload outcome within {timeout:g}s; `upgraderd status` shows "
-              "where it is", file=sys.stderr)
-        return EXIT_TIMEOUT
+        return _no_outcome(pid, timeout, "reload")
     if doc["last_reload"]["result"] == "success":
         print(f"reload done: generation {doc['last_reload']['generation']} ACTIVE")
-        return EXIT_OK
+        return ExitCode.OK
     print(f"upgraderd: reload {status.describe_reload(doc)}", file=sys.stderr)
-    return EXIT_FAILED
+    return ExitCode.FAILED
+
+
+def upgrade(pidfile: str, timeout: float, config: str | None = None) -> int:
+    """Send SIGUSR2 and wait until the re-exec'd master's reload settles: 0 if it succeeded."""
+    pid, path, before = _observe(pidfile)
+    foreign = foreign_config(before, config)
+    if foreign:
+        print(f"upgraderd: {foreign}", file=sys.stderr)
+        return ExitCode.FAILED
+    # USR2 does not count as a HUP, so the outcome is the next settled reload
+    # of any kind: success or failure after the exec, a refusal, a failed exec.
+    settled = sum(before["reloads"].values())
+    os.kill(pid, signal.SIGUSR2)
+    doc = _wait(pid, timeout, lambda d: sum(d["reloads"].values()) > settled, path)
+    if doc is None:
+        return _no_outcome(pid, timeout, "upgrade")
+    last = doc["last_reload"]
+    newest = max((g["number"] for g in before["generations"]), default=0)
+    if last["result"] == "success" and last["generation"] > newest:
+        print(f"upgrade done: master pid {pid} runs upgraderd {doc['version']} "
+              f"(was {before['version']}); generation {last['generation']} ACTIVE")
+        return ExitCode.OK
+    if doc["reloads"]["failed"] > before["reloads"]["failed"] and last == before["last_reload"]:
+        print(f"upgraderd: upgrade failed: the master (pid {pid}) could not exec itself and "
+              "carries on as before; its log says why", file=sys.stderr)
+        return ExitCode.FAILED
+    print(f"upgraderd: upgrade {status.describe_reload(doc)}", file=sys.stderr)
+    return ExitCode.FAILED
+
+
+def _serving_slots(doc: dict[str, Any]) -> tuple[int, int] | None:
+    """Return (ACTIVE generation number, its slots that are not draining), or None."""
+    for g in doc["generations"]:
+        if g["state"] == "ACTIVE":
+            slots = [w for w in g["workers"] if w["state"] not in ("DRAINING", "EXITED")]
+            return g["number"], len(slots)
+    return None
+
+
+def scale(pidfile: str, delta: int, timeout: float) -> int:
+    """Send |delta| x TTIN or TTOU, each after the previous one took effect."""
+    pid, path, doc = _observe(pidfile)
+    serving = _serving_slots(doc)
+    if serving is None:
+        print("upgraderd: no ACTIVE generation to scale", file=sys.stderr)
+        return ExitCode.FAILED
+    number, count = serving
+    if count + delta < 1:
+        print(f"upgraderd: generation {number} has {count} worker(s); it cannot go below one",
+              file=sys.stderr)
+        return ExitCode.FAILED
+    sig, step = (signal.SIGTTIN, 1) if delta > 0 else (signal.SIGTTOU, -1)
+    end = time.monotonic() + timeout
+    for want in range(count + step, count + delta + step, step):
+        # One signal at a time: the kernel merges a pending signal with a second
+        # one of the same number, so a burst of TTINs could add a single worker.
+        os.kill(pid, sig)
+        done = _wait(pid, max(0.0, end - time.monotonic()),
+                     lambda d: _serving_slots(d) == (number, want), path)
+        if done is None:
+            print(f"upgraderd: generation {number} did not reach {want} worker(s) within "
+                  f"{timeout:g}s (a reload since? `upgraderd status` shows where it is)",
+                  file=sys.stderr)
+            return ExitCode.TIMEOUT if is_upgraderd(pid) else ExitCode.FAILED
+    print(f"scaled generation {number}: {count} -> {count + delta} workers "
+          "(the next reload goes back to workers.count)")
+    return ExitCode.OK
+
+
+def reopen(pidfile: str) -> int:
+    """Send SIGUSR1: the master reopens its log file."""
+    pid = find_master(pidfile)
+    os.kill(pid, signal.SIGUSR1)
+    print(f"sent SIGUSR1 to master pid {pid}: it reopens its log file")
+    return ExitCode.OK
+
+
+def _no_outcome(pid: int, timeout: float, what: str) -> int:
+    if not is_upgraderd(pid):
+        print(f"upgraderd: the master (pid {pid}) exited during the {what}", file=sys.stderr)
+        return ExitCode.FAILED
+    print(f"upgraderd: no {what} outcome within {timeout:g}s; `upgraderd status` shows "
+          "where it is", file=sys.stderr)
+    return ExitCode.TIMEOUT
 
 
 def stop(pidfile: str, fast: bool, timeout: float) -> int:
@@ -56,10 +160,10 @@ def stop(pidfile: str, fast: bool, timeout: float) -> int:
         while is_upgraderd(pid):
             if time.monotonic() >= end:
                 print(f"upgraderd: pid {pid} is still draining after {timeout:g}s", file=sys.stderr)
-                return EXIT_TIMEOUT
+                return ExitCode.TIMEOUT
             watch.wait(min(1.0, end - time.monotonic()))
     print(f"stopped (pid {pid})")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def show_status(pidfile: str, as_json: bool) -> int:
@@ -68,12 +172,12 @@ def show_status(pidfile: str, as_json: bool) -> int:
     doc = status.read(status.path_for(pidfile))
     if doc is None or doc.get("pid") != pid:
         print(f"master pid {pid}: starting (no status file yet)")
-        return EXIT_OK
+        return ExitCode.OK
     if as_json:
         print(json.dumps(doc, indent=1, sort_keys=True))
     else:
         sys.stdout.write(status.render(doc))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _wait(pid: int, timeout: float, done: Any, path: str) -> dict[str, Any] | None:

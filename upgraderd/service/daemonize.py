@@ -29,6 +29,7 @@ import sys
 import daemon  # type: ignore[import-untyped]  # python-daemon ships no type hints
 
 from upgraderd.config.schema import Config
+from upgraderd.errors import ExitCode
 from upgraderd.service.logsetup import LogSetup
 from upgraderd.core.master import Master
 from upgraderd.system import posix
@@ -36,8 +37,6 @@ from upgraderd.service.pidfile import PidFile
 from upgraderd.service.hooks import Service, StartupReport
 
 log = logging.getLogger("upgraderd")
-
-EXIT_CRASH = 70
 
 
 def run_detached(master: Master, cfg: Config, pidfile: PidFile, logs: LogSetup,
@@ -56,12 +55,12 @@ def run_detached(master: Master, cfg: Config, pidfile: PidFile, logs: LogSetup,
         return _wait_for_report(r, child, log_file)
     os.close(r)
     report = StartupReport(w)
-    code = EXIT_CRASH
+    code: int = ExitCode.CRASHED
     try:
         code = _serve(master, cfg, pidfile, logs, stale, report)
     except BaseException as e:  # the daemon has no caller to raise to: log and report it
         log.exception("upgraderd crashed")
-        report.fail(EXIT_CRASH, f"crashed: {e!r}; see {log_file}")
+        report.fail(ExitCode.CRASHED, f"crashed: {e!r}; see {log_file}")
     finally:
         logging.shutdown()
         os._exit(code)
@@ -106,9 +105,9 @@ def _wait_for_report(fd: int, child: int, log_file: str) -> int:
         doc = json.loads(b"".join(chunks).decode())
     except ValueError:
         print(f"upgraderd: the daemon exited before it was serving; see {log_file}", file=sys.stderr)
-        return 3
+        return ExitCode.CANNOT_START
     if doc.get("ok"):
         print(f"upgraderd: serving in the background (pid {doc['pid']}); log {log_file}")
-        return 0
+        return ExitCode.OK
     print(f"upgraderd: {doc.get('error')}", file=sys.stderr)
-    return int(doc.get("code") or 1)
+    return int(doc.get("code") or ExitCode.FAILED)

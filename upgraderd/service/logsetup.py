@@ -12,32 +12,105 @@ Two layouts:
 
 `apply()` is called again after every successful reload with the new `log`
 section, so a changed level, format or file takes effect without a restart.
+
+Every record is one line, whatever its message holds: text lines carry an
+ISO 8601 timestamp with its UTC offset, and a message or traceback that spans
+several lines is joined by `one_line()`. When stderr is the journal (systemd
+sets JOURNAL_STREAM to stderr's device:inode), text lines start with a `<N>`
+syslog priority instead of a timestamp, so `journalctl -p err` filters them.
+JSON records carry the structured fields of `FIELDS` when a call passes them
+with `extra=` (see `fields()`).
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
 import sys
-import time
 from typing import IO, Any
 
 from upgraderd.config.schema import LogSpec
 
 TEXT_FORMAT = "%(asctime)s upgraderd[%(process)d] %(levelname)s %(message)s"
+JOURNAL_FORMAT = "upgraderd[%(process)d] %(levelname)s %(message)s"
+#: Structured fields a log call may pass with `extra=`; JSON records carry them.
+#: `pid` stays the logging process (the master); a worker's pid is `worker_pid`.
+FIELDS = ("event", "generation", "slot", "worker_pid")
+#: syslog priorities (sd-daemon(3)) by logging level.
+PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6,
+            logging.DEBUG: 7}
+
+
+def one_line(text: str) -> str:
+    """Join a multi-line text into one line: ` | ` between lines, a space after a colon."""
+    out = ""
+    for part in (ln.strip() for ln in text.splitlines()):
+        if not part:
+            continue
+        out += part if not out else (" " if out.endswith(":") else " | ") + part
+    return out
+
+
+def fields(event: str, generation: int | None = None, slot: int | None = None,
+           worker_pid: int | None = None) -> dict[str, Any]:
+    """Return the `extra=` mapping of a log call's structured fields."""
+    given = {"event": event, "generation": generation, "slot": slot, "worker_pid": worker_pid}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def iso_time(record: logging.LogRecord, utc: bool = False) -> str:
+    """Return a record's time as ISO 8601 with milliseconds and its offset (`Z` in UTC)."""
+    tz = datetime.timezone.utc if utc else None
+    dt = datetime.datetime.fromtimestamp(int(record.created), tz).astimezone(tz)
+    offset = "Z" if utc else dt.isoformat()[19:]
+    return f"{dt:%Y-%m-%dT%H:%M:%S}.{int(record.msecs):03d}{offset}"
+
+
+def journal_is_stderr(environ: dict[str, str] | None = None) -> bool:
+    """Return True if fd 2 is the stream JOURNAL_STREAM names (stderr goes to journald)."""
+    value = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
+    dev, _, ino = value.partition(":")
+    try:
+        st = os.fstat(2)
+    except OSError:
+        return False
+    return dev.isdigit() and ino.isdigit() and (st.st_dev, st.st_ino) == (int(dev), int(ino))
+
+
+class TextFormatter(logging.Formatter):
+    """`TIME upgraderd[PID] LEVEL message` on one line; `<N>` priority first for the journal."""
+
+    def __init__(self, journal: bool = False) -> None:
+        super().__init__(JOURNAL_FORMAT if journal else TEXT_FORMAT)
+        self.journal = journal
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        """Return ISO 8601 local time with its offset."""
+        return iso_time(record)
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Return the record as one line."""
+        line = one_line(super().format(record))
+        if self.journal:
+            return f"<{PRIORITY.get(record.levelno, 6)}>{line}"
+        return line
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per record: time, level, pid, message (and the traceback, if any)."""
+    """One JSON object per record: time, level, pid, message, FIELDS given, traceback if any."""
 
     def format(self, record: logging.LogRecord) -> str:
         """Return the record as one line of JSON."""
         doc: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "time": iso_time(record, utc=True),
             "level": record.levelname.lower(), "pid": record.process, "message": record.getMessage(),
         }
+        for name in FIELDS:
+            value = getattr(record, name, None)
+            if value is not None:
+                doc[name] = value
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
         return json.dumps(doc, ensure_ascii=False)
@@ -64,9 +137,15 @@ class LogSetup:
         if self.spec is None or spec.file != self.spec.file:
             self._point_at(spec.file)  # may raise OSError: then nothing changed
         self.spec = spec
-        fmt = JsonFormatter() if spec.format == "json" else logging.Formatter(TEXT_FORMAT)
-        self.handler.setFormatter(fmt)
+        self.handler.setFormatter(self._formatter(spec))
         root.setLevel(getattr(logging, (self.level_override or spec.level).upper()))
+
+    def _formatter(self, spec: LogSpec) -> logging.Formatter:
+        if spec.format == "json":
+            return JsonFormatter()
+        # Only stderr can be the journal; in daemon mode fd 2 is the log file, whose
+        # inode never matches JOURNAL_STREAM, so the check holds there as well.
+        return TextFormatter(journal=not spec.file and journal_is_stderr())
 
     def reopen(self) -> None:
         """Reopen the log file (SIGUSR1); a no-op when logging to stderr."""
