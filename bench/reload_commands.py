@@ -9,7 +9,7 @@ For each, the median wall time until the command (or systemd) returns for a good
 release, and what it reports for a release whose workers exit at start-up. No
 client load: this measures what the caller waits for, not the data path.
 
-    .venv/bin/python bench/reload_commands.py [--repeats 5]
+    .venv/bin/python -m bench.reload_commands [--repeats 5]
 """
 
 from __future__ import annotations
@@ -24,9 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from daemon import ROOT, Daemon, echo_config, free_port  # noqa: E402
+from tests.support.upgraderd_proc import ROOT, Daemon, echo_config, free_port  # noqa: E402
 
 FIXTURE = str(ROOT / "tests" / "fixtures" / "echo_worker.py")
 

@@ -9,8 +9,8 @@ import sys
 import pytest
 import yaml
 
-from daemon import ROOT, Daemon, echo_config, free_port, wait_until
-from loadgen import Load
+from tests.support.upgraderd_proc import ROOT, Daemon, echo_config, free_port, wait_until
+from tests.support.loadgen import Load
 
 pytestmark = pytest.mark.e2e
 

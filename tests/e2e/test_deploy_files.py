@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import ROOT, Daemon, echo_config, free_port, wait_until
+from tests.support.upgraderd_proc import ROOT, Daemon, echo_config, free_port, wait_until
 from upgraderd.service import cli
 
 pytestmark = pytest.mark.e2e

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from daemon import ROOT, Daemon, echo_config, free_port
+from tests.support.upgraderd_proc import ROOT, Daemon, echo_config, free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from daemon import Daemon, echo_config, free_port
+from tests.support.upgraderd_proc import Daemon, echo_config, free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -40,7 +40,7 @@ def test_log_file_reopen_and_reload_to_json(tmp_path):
         records = [json.loads(line) for line in after]
         # Level warning: the info lines of the drain are gone; the error is one JSON line.
         assert [r["level"] for r in records] == ["error"]
-        assert records[0]["message"].startswith("reload failed, still serving generation 2:\n")
+        assert records[0]["message"].startswith("reload failed, still serving generation 2: ")
         assert records[0]["message"].endswith("upgraderd.yaml:1:13: YAML syntax error: expected the "
                                               "node content, but found '<stream end>' (while parsing "
                                               "a flow node at 1:13)")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import ROOT
+from tests.support.upgraderd_proc import ROOT
 
 pytestmark = pytest.mark.e2e
 

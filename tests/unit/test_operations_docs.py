@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from daemon import ROOT
+from tests.support.upgraderd_proc import ROOT
 from upgraderd.errors import ExitCode
 
 README = (ROOT / "README.md").read_text()

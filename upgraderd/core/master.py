@@ -38,7 +38,7 @@ from upgraderd.core import snapshot as snapshotmod
 from upgraderd.core.generation import Generation, GenerationState
 from upgraderd.core.hooks import Hooks
 from upgraderd.core.notices import NotifyJudge
-from upgraderd.errors import ConfigError
+from upgraderd.errors import ConfigError, ExitCode
 
 if TYPE_CHECKING:
     from upgraderd.config.schema import Config
@@ -75,7 +75,7 @@ class Master:
         self.next_number = 1
         self.stopping_mode: str | None = None
         self.usr2_pending = False
-        self.exit_code = 0
+        self.exit_code: int = ExitCode.OK
         self.published: snapshotmod.Snapshot | None = None  # rebound by the loop, read by metrics
         self.pending_signals: Callable[[], Iterable[int]] = lambda: ()  # set by the loop
         self._prepared: Config | None = None

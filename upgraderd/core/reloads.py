@@ -20,6 +20,7 @@ from upgraderd.config import plan
 from upgraderd.config.schema import Config
 from upgraderd.core.generation import Generation, GenerationState
 from upgraderd.core.stats import Stats
+from upgraderd.errors import ExitCode
 
 if TYPE_CHECKING:
     from upgraderd.core.master import Master
@@ -127,7 +128,7 @@ def _settle_first(master: Master, gen: Generation, now: float) -> None:
         return
     log.error("the first generation failed (%s); stopping", gen.reason)
     master.hooks.on_start_failed(gen.reason)
-    master.exit_code = 1
+    master.exit_code = ExitCode.FAILED
     master.stopping_mode = "failed"
 
 
