@@ -295,3 +295,23 @@ def test_a_group_shared_with_the_other_mode_steers_only_the_ready_mode(group):
     old.close_all()
     slots.close_all()
     assert landed(counts) == {0, 1, 2}
+
+
+def test_the_kernel_hashes_over_every_socket_when_the_index_is_out_of_range(group):
+    # Why the builder never returns an index past the group, and why a close
+    # is bracketed by leave_plan(): the kernel does not drop, it spreads.
+    ls, cfg = group
+    via = socket.socket(fileno=os.dup(ls.child_fds(cfg, 0).fds[0]))
+    try:
+        steering.attach(via, ((steering.BPF_RET_K, 0, 0, 3),))
+        slots = Slots(ls, cfg, range(3))
+        counts = slots.connect()
+        slots.close_all()
+        assert landed(counts) == {0, 1, 2}
+        steering.attach(via, ((steering.BPF_RET_K, 0, 0, 2),))
+        slots = Slots(ls, cfg, range(3))
+        counts = slots.connect()
+        slots.close_all()
+        assert counts == {0: 0, 1: 0, 2: CONNECTIONS}
+    finally:
+        via.close()
