@@ -12,12 +12,16 @@ never touched. Two scenarios, each with and without steering, in one run:
 - ttou: 3 serving slots; slot 2 retires (its worker accepts until EAGAIN,
   then exits and the socket closes), then comes back as a fresh worker.
   With steering the slot is steered away and parked first.
+- crash: 3 serving slots; slot 2's worker is SIGKILLed and respawned after a
+  `--backoff` (the master's crash back-off). With steering the slot is
+  steered away while it has no worker, and back once the new one is ready.
 
-    .venv/bin/python bench/steering.py [--repeats 3] [--rounds 5] [--hold 0.5]
+    .venv/bin/python bench/steering.py [--repeats 3] [--rounds 5] [--hold 0.5] [--backoff 1]
 
 It prints, per scenario and mode, the median over repeats of: resets and
-other failed round trips per run, round trips per second, and the slowest
-successful round trip (a connection that waited in a queue nobody served).
+other failed round trips per run, round trips per second, the round trips
+that took over STALL seconds (they waited in a queue nobody served), and the
+slowest successful round trip.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from upgraderd.system import sockets  # noqa: E402
 from upgraderd.system.sockets import ListenerSet  # noqa: E402
 
 MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
+STALL = 0.5
 PAYLOAD = 56  # what loadgen's echo client sends per round trip
 
 
@@ -122,6 +127,12 @@ class Rig:
             note = self.ls.steer(self.cfg, slots)
             assert note is None, note
 
+    def kill(self, slot: int) -> None:
+        """SIGKILL the acceptor of `slot`, as a crash."""
+        p = self.workers.pop(slot)
+        p.kill()
+        p.wait(10)
+
     def stop(self, slot: int) -> None:
         """SIGTERM the acceptor of `slot` and wait for it (it drains first)."""
         p = self.workers.pop(slot)
@@ -176,22 +187,46 @@ def ttou(steer: bool, rounds: int) -> dict[str, float]:
     return summary(result, took)
 
 
+def crash(steer: bool, rounds: int, backoff: float) -> dict[str, float]:
+    rig = Rig(3, steer)
+    load = Load("127.0.0.1", rig.port, threads=4, max_seconds=rounds * (backoff + 2) + 30).start("echo")
+    t0 = time.monotonic()
+    try:
+        load.wait_for_ok(100)
+        for _ in range(rounds):
+            time.sleep(0.2)
+            rig.kill(2)
+            rig.steer([0, 1])                     # the master reaps it: slot 2 is in back-off
+            time.sleep(backoff)                   # the scenario: the back-off delay
+            rig.spawn(2)
+            rig.steer([0, 1, 2])
+    finally:
+        took = time.monotonic() - t0
+        result = load.stop()
+        rig.close()
+    return summary(result, took)
+
+
 def summary(result: Result, took: float) -> dict[str, float]:
     """Return the outcome counts, round trips per second and the slowest round trip (ms)."""
     slowest = max(result.latencies, default=0.0)
-    return {"ok": result.ok, "rate": result.ok / took, "max_ms": slowest * 1000, **result.failures}
+    stalled = sum(1 for t in result.latencies if t > STALL)
+    return {"ok": result.ok, "rate": result.ok / took, "max_ms": slowest * 1000, "stalled": stalled,
+            **result.failures}
 
 
 def table(runs: dict[tuple[str, bool], list[dict[str, float]]]) -> str:
-    cols = f"{'scenario':<8} {'steering':<8} {'resets':>6} {'other':>5} {'trips/s':>8} {'slowest ms':>10}"
+    cols = (f"{'scenario':<8} {'steering':<8} {'resets':>6} {'other':>5} {'trips/s':>8} "
+            f"{'stalled':>7} {'slowest ms':>10}")
     lines = [cols, "-" * len(cols)]
     for (name, steer), results in runs.items():
         def med(f: Callable[[dict[str, float]], float]) -> float:
             return statistics.median(f(r) for r in results)
         resets = med(lambda r: r.get("reset", 0))
-        other = med(lambda r: sum(v for k, v in r.items() if k not in ("ok", "rate", "max_ms", "reset")))
+        other = med(lambda r: sum(v for k, v in r.items() if k not in ("ok", "rate", "max_ms", "stalled", "reset")))
         lines.append(f"{name:<8} {'on' if steer else 'off':<8} {resets:>6g} {other:>5g} "
-                     f"{med(lambda r: r['rate']):>8.0f} {med(lambda r: r['max_ms']):>10.0f}")
+                     f"{med(lambda r: r['rate']):>8.0f} {med(lambda r: r['stalled']):>7g} "
+                     f"{med(lambda r: r['max_ms']):>10.0f}")
     return "\n".join(lines)
 
 
@@ -207,9 +242,10 @@ def inner(args: argparse.Namespace) -> int:
         for steer in ((False, True) if rep % 2 == 0 else (True, False)):
             runs.setdefault(("grow", steer), []).append(failing_grow(steer, args.rounds, args.hold))
             runs.setdefault(("ttou", steer), []).append(ttou(steer, args.rounds))
-    ordered = {k: runs[k] for k in sorted(runs, key=lambda k: (k[0], k[1]))}
+            runs.setdefault(("crash", steer), []).append(crash(steer, args.rounds, args.backoff))
+    ordered = {k: runs[k] for k in sorted(runs, key=lambda k: (["grow", "ttou", "crash"].index(k[0]), k[1]))}
     print(f"tcp_migrate_req=0 in a private network namespace; {args.repeats} repeats x "
-          f"{args.rounds} rounds; median per run; hold {args.hold}s")
+          f"{args.rounds} rounds; median per run; hold {args.hold}s, back-off {args.backoff}s")
     print(table(ordered))
     return 0
 
@@ -219,6 +255,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--hold", type=float, default=0.5)
+    ap.add_argument("--backoff", type=float, default=1.0)
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--acceptor", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -232,7 +269,7 @@ def main() -> int:
         return 2
     env = {**os.environ, "HOST_NETNS": os.readlink("/proc/self/ns/net")}
     cmd = ["unshare", "-n", sys.executable, __file__, "--inner", "--repeats", str(args.repeats),
-           "--rounds", str(args.rounds), "--hold", str(args.hold)]
+           "--rounds", str(args.rounds), "--hold", str(args.hold), "--backoff", str(args.backoff)]
     return subprocess.run(cmd, env=env).returncode
 
 
