@@ -208,7 +208,9 @@ class ListenerSet:
 
     def _exclude(self, key: SocketKey) -> None:
         group = self._groups[self._group_of[key]]
-        if group.allowed is not None and key in group.allowed:
+        # The last allowed socket keeps its program, as steering to nothing does:
+        # detaching would spread new connections over every socket instead.
+        if group.allowed is not None and key in group.allowed and len(group.allowed) > 1:
             group.allowed = group.allowed - {key}
             self._load(group, group.want())
 
