@@ -49,6 +49,7 @@ from upgraderd.system.sockets import ListenerSet  # noqa: E402
 
 MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
 STALL = 0.5
+NOT_FAILURES = ("ok", "rate", "max_ms", "stalled", "reset")
 PAYLOAD = 56  # what loadgen's echo client sends per round trip
 
 
@@ -223,7 +224,7 @@ def table(runs: dict[tuple[str, bool], list[dict[str, float]]]) -> str:
         def med(f: Callable[[dict[str, float]], float]) -> float:
             return statistics.median(f(r) for r in results)
         resets = med(lambda r: r.get("reset", 0))
-        other = med(lambda r: sum(v for k, v in r.items() if k not in ("ok", "rate", "max_ms", "stalled", "reset")))
+        other = med(lambda r: sum(v for k, v in r.items() if k not in NOT_FAILURES))
         lines.append(f"{name:<8} {'on' if steer else 'off':<8} {resets:>6g} {other:>5g} "
                      f"{med(lambda r: r['rate']):>8.0f} {med(lambda r: r['stalled']):>7g} "
                      f"{med(lambda r: r['max_ms']):>10.0f}")

@@ -27,7 +27,8 @@ pytestmark = [
 ]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="steer() is not yet called by the master (core/master.py)")
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="steer() is not yet called by the master (core/master.py)")
 def test_failing_grows_at_migrate_req_0_reset_nothing(tmp_path):
     env = {**os.environ, "HOST_NETNS": os.readlink("/proc/self/ns/net")}
     proc = subprocess.run(["unshare", "-n", sys.executable, str(ROOT / "tests/scenarios/failing_grow.py"),

@@ -111,8 +111,9 @@ class Group(Generic[K]):
 
     `allowed` is the set of members new connections may go to (None: not
     steered); `attached` the program now in the kernel (None: none).
-    `known` is False when the order could not be learnt (sockets adopted
-    from a master that did not record it): such a group is never steered.
+    `known` is False when the order is not certain (sockets adopted from a
+    master that did not record it, or a socket closed unsteered while a
+    worker still held it, so that it left later): such a group is not steered.
     """
 
     members: list[K] = field(default_factory=list)
@@ -137,7 +138,7 @@ class Group(Generic[K]):
             self.allowed = self.allowed - {key}
 
     def want(self, keys: Iterable[K] | None = None) -> Program | None:
-        """Return the program for `keys` (default: `allowed`) at today's indices; None if none is a member."""
+        """Return the program for `keys` (default: `allowed`) at today's indices; None if none is left."""
         chosen = self.allowed if keys is None else frozenset(keys)
         positions = [self.members.index(k) for k in chosen or () if k in self.members]
         return program(positions) if positions else None
