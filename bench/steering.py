@@ -35,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
+import timeit
 from pathlib import Path
 from typing import Callable
 
@@ -231,6 +232,29 @@ def table(runs: dict[tuple[str, bool], list[dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
+def cost(slots: int = 16, n: int = 2000) -> str:
+    """Return the median time of a steer() that changes nothing, and of one that re-attaches."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = schema.parse(f"listeners:\n  - {{name: web, host: 127.0.0.1, port: {port}}}\n"
+                       f"workers: {{count: {slots}, app: echo}}\n")
+    ls = ListenerSet()
+    ls.ensure(cfg)
+
+    def flip() -> None:
+        ls.steer(cfg, range(slots - 1))
+        ls.steer(cfg, range(slots))
+
+    try:
+        same = statistics.median(timeit.repeat(lambda: ls.steer(cfg, range(slots)), number=n, repeat=5))
+        both = statistics.median(timeit.repeat(flip, number=n, repeat=5))
+    finally:
+        ls.close_all()
+    return (f"steer() with {slots} slots: {same / n * 1e6:.1f} us when nothing changed, "
+            f"{both / (2 * n) * 1e6:.1f} us when it re-attaches")
+
+
 def inner(args: argparse.Namespace) -> int:
     if os.readlink("/proc/self/ns/net") == os.environ.get("HOST_NETNS", ""):
         print("refusing to run in the caller's network namespace", file=sys.stderr)
@@ -248,6 +272,7 @@ def inner(args: argparse.Namespace) -> int:
     print(f"tcp_migrate_req=0 in a private network namespace; {args.repeats} repeats x "
           f"{args.rounds} rounds; median per run; hold {args.hold}s, back-off {args.backoff}s")
     print(table(ordered))
+    print(cost())
     return 0
 
 

@@ -276,9 +276,12 @@ class ListenerSet:
                                 f"older master, or a socket left while a worker held it): not steered")
         if not keys:
             return _once(group, f"{where}: no ready slot; new connections go where they went before")
-        group.allowed = keys
-        group.note = None
-        return self._load(group, group.want())
+        if keys == group.allowed and group.attached is not None and group.order == group.members:
+            return None  # the usual pass: nothing changed, so nothing to build
+        group.allowed, group.note = keys, None
+        note = self._load(group, group.want())
+        group.order = list(group.members)
+        return note
 
     def _load(self, group: steering.Group[SocketKey], prog: steering.Program | None) -> str | None:
         """Make `prog` the group's program (None: none); on refusal, unsteer the group."""

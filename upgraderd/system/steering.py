@@ -123,6 +123,8 @@ class Group(Generic[K]):
     refused: bool = False
     # The last warning given about this group, so that it is given once.
     note: str | None = None
+    # `members` as of the last steer, to skip building an unchanged program.
+    order: list[K] = field(default_factory=list)
 
     def join(self, key: K) -> None:
         """Record that `key` started listening: the kernel appends it."""
