@@ -112,7 +112,9 @@ def test_without_steering_the_kernel_spreads_over_every_socket(group):
 @pytest.mark.parametrize("ready", [{0, 1}, {1, 2}, {0, 2}, {1}])
 def test_new_connections_land_only_on_the_ready_slots(group, ready):
     ls, cfg = group
+    assert not ls.is_steered(cfg)
     assert ls.steer(cfg, ready) is None
+    assert ls.is_steered(cfg)
     slots = Slots(ls, cfg, range(3))
     counts = slots.connect()
     slots.close_all()
@@ -264,6 +266,7 @@ def test_a_refused_program_falls_back_to_the_kernel_hash(group, monkeypatch, cap
     assert note is not None and "refused the steering program" in note and "EPERM" not in note
     assert ls.steer_refused == 1
     assert ls.steer(cfg, {1}) is None and ls.steer_refused == 1   # not retried on every pass
+    assert not ls.is_steered(cfg)
     assert "refused the steering program" in caplog.text
     slots = Slots(ls, cfg, range(3))
     counts = slots.connect()

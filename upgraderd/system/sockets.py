@@ -266,6 +266,12 @@ class ListenerSet:
                  if (note := self._steer_group(gid, frozenset(keys))) is not None]
         return "; ".join(notes) or None
 
+    def is_steered(self, cfg: Config) -> bool:
+        """Return True if every socket group of `cfg`'s listeners is steered now."""
+        gids = {self._group_of[k] for k in self._socks for spec in cfg.listeners
+                if spec.mode != "worker-bind" and k[:3] == (spec.host, spec.port, spec.mode)}
+        return bool(gids) and all(self._groups[g].attached is not None for g in gids)
+
     def _steer_group(self, gid: GroupId, keys: frozenset[SocketKey]) -> str | None:
         group = self._groups[gid]
         where = f"{gid[1]}:{gid[2]}"
