@@ -318,3 +318,13 @@ def test_the_kernel_hashes_over_every_socket_when_the_index_is_out_of_range(grou
         assert counts == {0: 0, 1: 0, 2: CONNECTIONS}
     finally:
         via.close()
+
+
+def test_the_kernel_takes_the_largest_table_the_builder_makes():
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        prog = steering.program(range(0, 2 * steering.MAX_ALLOWED + 10, 2))
+        assert len(prog) == 4 + 2 * (steering.MAX_ALLOWED - 1) + 1
+        steering.attach(s, prog)

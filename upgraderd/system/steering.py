@@ -46,7 +46,7 @@ SKF_AD_RXHASH = 32
 SKF_AD_RANDOM = 56
 
 # A jump table costs two instructions per allowed socket; the kernel takes
-# at most 4096 (BPF_MAXINSNS). No config comes near this many slots.
+# at most 4096 (BPF_MAXINSNS). workers.count stops at 1024, but TTIN does not.
 MAX_ALLOWED = 1024
 
 Insn = tuple[int, int, int, int]
@@ -61,10 +61,12 @@ def _ins(code: int, k: int = 0, jt: int = 0, jf: int = 0) -> Insn:
 def program(positions: Iterable[int]) -> Program:
     """Return a program that sends each new connection to one of `positions` (group indices)."""
     allowed = sorted(set(positions))
-    if not allowed:
-        raise ValueError("a steering program needs at least one allowed socket")
-    if allowed[0] < 0 or len(allowed) > MAX_ALLOWED:
-        raise ValueError(f"allowed group positions out of range: {allowed}")
+    if not allowed or allowed[0] < 0:
+        raise ValueError(f"a steering program needs allowed group positions >= 0, not {allowed}")
+    if allowed != list(range(allowed[0], allowed[0] + len(allowed))):
+        # Only a table costs instructions: past its limit, use some of the
+        # allowed sockets rather than none (each one is still an allowed one).
+        allowed = allowed[:MAX_ALLOWED]
     n = len(allowed)
     head = [
         _ins(BPF_LD_W_ABS, SKF_AD_OFF + SKF_AD_RXHASH),
