@@ -87,8 +87,6 @@ class Master:
             signal.SIGTTOU: lambda now: slots.remove_worker(self, now),
         }
 
-    # -- queries --
-
     def generation(self, state: GenerationState) -> Generation | None:
         """Return the newest generation in `state`, if any."""
         found = [g for g in self.generations if g.state is state]
@@ -115,8 +113,6 @@ class Master:
         cfgs = [g.config for g in self.generations] + ([self.config] if self.config else [])
         bound = any(s.mode == "worker-bind" for c in cfgs for s in c.listeners)
         return bound and self.tcp_migrate_req != 1
-
-    # -- start, reload, stop --
 
     def prepare(self, cfg: Config) -> None:
         """Bind `cfg`'s listeners (or adopt a USR2 predecessor's); raise OSError naming the address.
@@ -224,8 +220,6 @@ class Master:
         for g in self.generations:
             g.stop_fast(now, signal.SIGINT, FAST_STOP_GRACE)
 
-    # -- one pass of the loop --
-
     def step(self, signals: set[signal.Signals]) -> None:
         """Run one pass of the loop after `select` returned."""
         now = self.clock()
@@ -239,6 +233,7 @@ class Master:
         for g in list(self.generations):
             self._guarded(f"ticking generation {g.number}", g.tick, now)
         self._guarded("settling", self._settle, now)
+        self._guarded("steering", lambda _: slots.steer(self), now)
         self.published = snapshotmod.take(self)
         self.hooks.on_step(self.published, self.config)
 
@@ -276,6 +271,7 @@ class Master:
                 log.debug("reaped pid %d that is not a worker", ex.pid)
 
     def _settle(self, now: float) -> None:
+        slots.steer(self)   # a predecessor's extra slots get nothing new before it drains
         active = [g for g in self.generations if g.state is GenerationState.ACTIVE]
         for old in active[:-1]:
             old.drain(now)  # ACTIVE -> DRAINING: only ever once a successor is ACTIVE

@@ -74,6 +74,17 @@ class ProcessAPI(Protocol):
         """Collect every child that has exited, without blocking."""
 
 
+@dataclass(frozen=True)
+class Retired:
+    """What `retire()` did: sockets closed, parked (held by a live worker), closed unsteered."""
+
+    closed: list[SocketKey]
+    parked: list[SocketKey]
+    # Closed while new connections could still reach them (no steering, or
+    # steered away only now): what was queued there may be reset.
+    unsafe: list[SocketKey]
+
+
 class NotifyAPI(Protocol):
     """The master's NOTIFY_SOCKET: datagrams from workers, with the sender's pid."""
 
@@ -101,8 +112,17 @@ class ListenerAPI(Protocol):
     def child_fds(self, cfg: Config, slot: int) -> tuple[int, ...]:
         """Return the fds worker `slot` of a `cfg` generation inherits, in LISTEN_FDS order."""
 
-    def keep_only(self, wanted: set[SocketKey]) -> list[SocketKey]:
-        """Close every socket whose key is not in `wanted`; return the closed keys."""
+    # Steering programs the kernel refused, since this set was created.
+    steer_refused: int
+
+    def retire(self, wanted: set[SocketKey], held: set[SocketKey]) -> Retired:
+        """Close every socket not in `wanted`; park steered ones a live worker still holds."""
+
+    def steer(self, cfg: Config, ready_slots: Iterable[int]) -> str | None:
+        """Send new connections of `cfg`'s port groups only to `ready_slots`; return a warning or None."""
+
+    def is_steered(self, cfg: Config) -> bool:
+        """Return True if every socket group of `cfg` is steered now."""
 
     def export(self) -> list[dict[str, Any]]:
         """Return every socket as plain data, for a master re-exec."""

@@ -14,7 +14,8 @@ import logging
 from typing import TYPE_CHECKING
 
 from upgraderd.config.schema import Config
-from upgraderd.core.seams import keys_for
+from upgraderd.core.generation import WorkerState
+from upgraderd.core.seams import SocketKey, keys_for
 
 if TYPE_CHECKING:
     from upgraderd.core.master import Master
@@ -46,6 +47,9 @@ def remove_worker(master: Master, now: float) -> None:
     if gen is None or master.stopping:
         log.warning("received SIGTTOU: ignored, no ACTIVE generation")
         return
+    serving = [s for s, w in gen.workers.items() if not w.retiring]
+    if len(serving) > 1:
+        steer(master, without=max(serving))   # away from the slot before its worker drains
     slot = gen.remove_slot(now)
     if slot is None:
         log.warning("received SIGTTOU: ignored, generation %d is down to one worker", gen.number)
@@ -60,7 +64,8 @@ def warn_growth(master: Master, cfg: Config) -> None:
     active = master.active
     if active is None or cfg.workers.count <= len(active.workers):
         return
-    if any(s.mode == "reuseport" for s in cfg.listeners) and master.system.kernel.retire_risk():
+    if any(s.mode == "reuseport" for s in cfg.listeners) and master.system.kernel.retire_risk() \
+            and not master.system.listeners.is_steered(cfg):
         # The new slots' sockets join the port group now, before the generation is
         # ready; should it fail, they close with whatever the kernel queued on them.
         log.warning("the reload adds worker slots whose sockets take connections before generation %d "
@@ -83,15 +88,36 @@ def close_unused(master: Master) -> None:
     """Close every socket no STARTING or ACTIVE slot will accept on again.
 
     Draining workers no longer accept, so they do not keep a socket open; a
-    socket kept for them would queue connections that nobody serves.
+    socket kept for them would queue connections that nobody serves. A
+    steered socket that a live worker still holds is parked instead: it gets
+    no new connection, and closes once its worker is gone, so nothing queued
+    on it is reset.
     """
-    wanted = set().union(*(keys_for(g.config, g.serving_slots()) for g in master.generations))
-    closed = master.system.listeners.keep_only(wanted)
+    wanted: set[SocketKey] = set()
+    held: set[SocketKey] = set()
+    for g in master.generations:
+        wanted |= keys_for(g.config, g.serving_slots())
+        held |= keys_for(g.config, [w.slot for w in g.pids().values()])
+    done = master.system.listeners.retire(wanted, held)
     if master.stopping:
         return
-    for key in closed:
+    for key in done.closed:
         log.info("closed listener %s:%d (%s, slot %d): no slot serves it any more", *key)
-    retired = [key for key in closed if key[2] == "reuseport"]
-    if retired and (risk := master.system.kernel.retire_risk()) is not None:
-        master.stats.slot_retire_risks += len(retired)
-        log.warning("closed %d reuseport slot socket(s): %s", len(retired), risk)
+    unsafe = [key for key in done.unsafe if key[2] == "reuseport"]
+    if unsafe and (risk := master.system.kernel.retire_risk()) is not None:
+        master.stats.slot_retire_risks += len(unsafe)
+        log.warning("closed %d reuseport slot socket(s): %s", len(unsafe), risk)
+
+
+def steer(master: Master, without: int | None = None) -> None:
+    """Confine new connections to the ACTIVE generation's READY slots (reuseport steering)."""
+    gen = master.active
+    if gen is None or master.stopping:
+        return
+    ready = [s for s, w in gen.workers.items() if w.state is WorkerState.READY and not w.retiring and s != without]
+    listeners = master.system.listeners
+    before = listeners.steer_refused
+    note = listeners.steer(gen.config, ready)
+    master.stats.steering_refused += listeners.steer_refused - before
+    if note is not None:
+        log.warning("steering: %s", note)

@@ -58,6 +58,9 @@ class Stats:
     slot_retire_risks: int = counter(
         "upgraderd_slot_retire_risks", "reuseport slots retired (TTOU, or a reload to fewer workers) while "
         "tcp_migrate_req was not 1, so connections queued on the closing socket could be reset.")
+    steering_refused: int = counter(
+        "upgraderd_steering_refused", "Reuseport steering programs the kernel refused; the group then spreads "
+        "new connections over every socket, ready or not, as without steering.")
     internal_errors: int = counter(
         "upgraderd_internal_errors", "Exceptions inside one pass of the master's loop that the master "
         "logged and survived (a bug: please report it with the log line).")

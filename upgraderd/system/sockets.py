@@ -13,6 +13,17 @@ Hazard: closing a SO_REUSEPORT socket makes the kernel reset the connections
 still queued on it, unless net.ipv4.tcp_migrate_req=1 (Linux 5.14+). So a
 socket is closed only when no live generation and not the current config use
 it: a reload that keeps an address never closes or re-binds its sockets.
+
+Steering (steering.py): `steer()` attaches to each port group a classic BPF
+program that sends new connections only to the ready slots' sockets, so a
+socket nobody accepts on (a new slot whose worker is not ready, a slot in
+back-off, a retiring slot) queues nothing, and closing it later resets
+nothing. The program names sockets by their index in the kernel's group
+array, so the set tracks that order through every bind and close. For the
+order to stay exact a socket must leave the group when the master says so:
+a steered socket that a live worker still holds is parked (kept open,
+steered away) by `retire()` until that worker is gone, and is then shut down
+(which unhashes it even if a stray process still holds an fd) and closed.
 """
 
 from __future__ import annotations
@@ -23,10 +34,14 @@ import socket
 from typing import Any, Iterable
 
 from upgraderd.config.schema import Config, ListenerSpec
-from upgraderd.core.seams import SocketKey, key_for
-from upgraderd.system import kernel
+from upgraderd.core.seams import Retired, SocketKey, key_for
+from upgraderd.system import kernel, steering
 
 log = logging.getLogger("upgraderd")
+
+# A kernel SO_REUSEPORT group: family and bound address, as getsockname() says.
+GroupId = tuple[int, str, int]
+
 
 
 def migrate_req() -> int | None:
@@ -65,6 +80,11 @@ class ListenerSet:
     def __init__(self) -> None:
         self._socks: dict[SocketKey, socket.socket] = {}
         self._backlog: dict[SocketKey, int] = {}
+        self._group_of: dict[SocketKey, GroupId] = {}
+        self._groups: dict[GroupId, steering.Group[SocketKey]] = {}
+        self._parked: set[SocketKey] = set()
+        # Steering programs the kernel refused; each such group is left unsteered.
+        self.steer_refused = 0
 
     def ensure(self, cfg: Config, count: int | None = None,
                slots: Iterable[int] | None = None) -> list[SocketKey]:
@@ -83,16 +103,25 @@ class ListenerSet:
                 for slot in sorted({key_for(spec, s)[3] for s in wanted}):
                     key = key_for(spec, slot)
                     if key in self._socks:
+                        self._parked.discard(key)
                         self._relisten(key, spec.backlog)
                         continue
-                    self._socks[key] = bind(spec)
-                    self._backlog[key] = spec.backlog
+                    self._add(key, bind(spec), spec.backlog)
                     opened.append(key)
         except OSError as e:
-            for key in opened:
-                self._close(key)
+            for key in reversed(opened):
+                self._release(key)
             raise OSError(e.errno, f"cannot listen on {spec.address}: {e.strerror}") from None
         return opened
+
+    def _add(self, key: SocketKey, sock: socket.socket, backlog: int) -> None:
+        self._socks[key] = sock
+        self._backlog[key] = backlog
+        name = sock.getsockname()
+        gid: GroupId = (sock.family, str(name[0]), int(name[1]))
+        self._group_of[key] = gid
+        # A listening socket joins its group at the end of the kernel's array.
+        self._groups.setdefault(gid, steering.Group()).join(key)
 
     def _relisten(self, key: SocketKey, backlog: int) -> None:
         if self._backlog.get(key) != backlog:
@@ -105,31 +134,166 @@ class ListenerSet:
 
     def keep_only(self, wanted: set[SocketKey]) -> list[SocketKey]:
         """Close every socket whose key is not in `wanted`; return the closed keys."""
-        gone = [k for k in self._socks if k not in wanted]
-        for key in gone:
-            self._close(key)
-        return gone
+        return self.retire(wanted).closed
 
-    def _close(self, key: SocketKey) -> None:
-        sock = self._socks.pop(key, None)
+    def retire(self, wanted: set[SocketKey], held: set[SocketKey] | frozenset[SocketKey] = frozenset()
+               ) -> Retired:
+        """Close every socket not in `wanted`; park the steered ones a live worker still `held`s.
+
+        A parked socket stays open and gets no new connection, so its worker
+        can accept what is queued; a later call closes it once it is not held.
+        """
+        gone = [k for k in self._socks if k not in wanted]
+        park = [k for k in gone if k in held and self._steered(k)]
+        for key in park:
+            if key not in self._parked:
+                self._parked.add(key)
+                self._exclude(key)
+        closing = [k for k in gone if k not in park]
+        unsafe = [k for k in closing if not self._steered_away(k)]
+        for gid in {self._group_of[k] for k in closing}:
+            group = self._groups[gid]
+            for key in group.order_of([k for k in closing if self._group_of[k] == gid]):
+                self._release(key, shut=key not in held)
+        return Retired(closing, park, unsafe)
+
+    def _steered(self, key: SocketKey) -> bool:
+        return self._groups[self._group_of[key]].attached is not None
+
+    def _steered_away(self, key: SocketKey) -> bool:
+        group = self._groups[self._group_of[key]]
+        return group.attached is not None and group.allowed is not None and key not in group.allowed
+
+    def _exclude(self, key: SocketKey) -> None:
+        group = self._groups[self._group_of[key]]
+        # The last allowed socket keeps its program, as steering to nothing does:
+        # detaching would spread new connections over every socket instead.
+        if group.allowed is not None and key in group.allowed and len(group.allowed) > 1:
+            group.allowed = group.allowed - {key}
+            self._load(group, group.want())
+
+    def _release(self, key: SocketKey, shut: bool = True) -> None:
+        """Close `key`, keeping its group's program right on both sides of the close."""
+        gid = self._group_of[key]
+        group = self._groups[gid]
+        steered = group.attached is not None
+        if steered:
+            self._load(group, group.leave_plan(key))
+        del self._group_of[key]
+        sock = self._socks.pop(key)
         self._backlog.pop(key, None)
-        if sock is not None:
-            sock.close()
+        self._parked.discard(key)
+        if steered:
+            if shut:
+                # Unhash now even if a stray process holds an fd: the group's
+                # order then changes here, where it is tracked, and not later.
+                try:
+                    sock.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
+        elif shut is False:
+            # It leaves the group only when its last holder closes it: from
+            # then on this group's order is a guess, and it is never steered.
+            group.known = False
+        sock.close()
+        group.leave(key)
+        if group.members:
+            self._load(group, group.want())
+        else:
+            del self._groups[gid]
+
+    def steer(self, cfg: Config, ready_slots: Iterable[int]) -> str | None:
+        """Send new connections of `cfg`'s port groups only to `ready_slots`' sockets.
+
+        Returns what to log when something changed for the worse (nothing
+        ready on a group, a program refused), else None. With no ready slot a
+        group keeps its program. Cheap when nothing changed: no system call.
+        """
+        slots = list(ready_slots)
+        wanted: dict[GroupId, set[SocketKey]] = {}
+        for spec in cfg.listeners:
+            if spec.mode == "worker-bind":
+                continue
+            ready = {key_for(spec, s) for s in slots} - self._parked
+            for key in self._socks:
+                if key[:3] == (spec.host, spec.port, spec.mode):
+                    keys = wanted.setdefault(self._group_of[key], set())
+                    if key in ready:
+                        keys.add(key)
+        notes = [note for gid, keys in wanted.items()
+                 if (note := self._steer_group(gid, frozenset(keys))) is not None]
+        return "; ".join(notes) or None
+
+    def is_steered(self, cfg: Config) -> bool:
+        """Return True if every socket group of `cfg`'s listeners is steered now."""
+        gids = {self._group_of[k] for k in self._socks for spec in cfg.listeners
+                if spec.mode != "worker-bind" and k[:3] == (spec.host, spec.port, spec.mode)}
+        return bool(gids) and all(self._groups[g].attached is not None for g in gids)
+
+    def _steer_group(self, gid: GroupId, keys: frozenset[SocketKey]) -> str | None:
+        group = self._groups[gid]
+        where = f"{gid[1]}:{gid[2]}"
+        if group.refused:
+            return None
+        if not group.known:
+            return _once(group, f"{where}: the order of its sockets is not known (adopted from an "
+                                f"older master, or a socket left while a worker held it): not steered")
+        if not keys:
+            return _once(group, f"{where}: no ready slot; new connections go where they went before")
+        if keys == group.allowed and group.attached is not None and group.order == group.members:
+            return None  # the usual pass: nothing changed, so nothing to build
+        group.allowed, group.note = keys, None
+        note = self._load(group, group.want())
+        group.order = list(group.members)
+        return note
+
+    def _load(self, group: steering.Group[SocketKey], prog: steering.Program | None) -> str | None:
+        """Make `prog` the group's program (None: none); on refusal, unsteer the group."""
+        if prog == group.attached:
+            return None
+        via = self._socks[group.members[0]]
+        try:
+            if prog is None:
+                steering.detach(via)
+            else:
+                steering.attach(via, prog)
+        except OSError as e:
+            if prog is None:
+                group.attached = None  # ENOENT: nothing was attached
+                return None
+            self.steer_refused += 1
+            group.refused, group.allowed, group.attached = True, None, None
+            try:
+                steering.detach(via)
+            except OSError:
+                pass
+            name = via.getsockname()
+            why = (f"the kernel refused the steering program on {name[0]}:{name[1]} "
+                   f"({e.strerror or e}): new connections go to every socket of the group")
+            log.warning("%s", why)
+            return why
+        group.attached = prog
+        return None
 
     def export(self) -> list[dict[str, Any]]:
-        """Return every socket as {key, fd, backlog}, for a master re-exec."""
-        return [{"key": list(k), "fd": s.fileno(), "backlog": self._backlog[k]}
+        """Return every socket as {key, fd, backlog, pos, parked}, for a master re-exec."""
+        return [{"key": list(k), "fd": s.fileno(), "backlog": self._backlog[k],
+                 "pos": self._groups[self._group_of[k]].members.index(k), "parked": k in self._parked}
                 for k, s in self._socks.items()]
 
     def adopt(self, entries: list[dict[str, Any]]) -> None:
-        """Take over the sockets an old master exported."""
-        for e in entries:
-            k = e["key"]
-            key: SocketKey = (str(k[0]), int(k[1]), str(k[2]), int(k[3]))
+        """Take over the sockets an old master exported, in their groups' order."""
+        # An entry without "pos" comes from a master that did not track order.
+        for e in sorted(entries, key=lambda e: int(e.get("pos", 0))):
+            key = _tuple(e["key"])
             sock = socket.socket(fileno=int(e["fd"]))
             os.set_inheritable(sock.fileno(), False)
-            self._socks[key] = sock
-            self._backlog[key] = int(e["backlog"])
+            self._add(key, sock, int(e["backlog"]))
+            if e.get("parked"):
+                self._parked.add(key)
+        for group in self._groups.values():
+            pos = {int(e.get("pos", -1)) for e in entries if _tuple(e["key"]) in group.members}
+            group.known = pos == set(range(len(group.members)))
 
     def filenos(self) -> list[int]:
         """Return the fd of every open socket."""
@@ -141,5 +305,22 @@ class ListenerSet:
 
     def close_all(self) -> None:
         """Close every socket (only at master exit)."""
-        for key in list(self._socks):
-            self._close(key)
+        for sock in self._socks.values():
+            sock.close()
+        self._socks.clear()
+        self._backlog.clear()
+        self._group_of.clear()
+        self._groups.clear()
+        self._parked.clear()
+
+
+def _tuple(k: list[Any]) -> SocketKey:
+    return (str(k[0]), int(k[1]), str(k[2]), int(k[3]))
+
+
+def _once(group: steering.Group[SocketKey], note: str) -> str | None:
+    """Return `note` unless it is what this group said last."""
+    if group.note == note:
+        return None
+    group.note = note
+    return note
