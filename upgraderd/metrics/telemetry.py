@@ -166,6 +166,24 @@ class WorkerCollector:
         return metrics
 
 
+class EndpointCollector:
+    """Expose what the endpoint did to protect the master from its clients."""
+
+    def __init__(self, server: MetricsServer) -> None:
+        self.server = server
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the endpoint's own counters."""
+        counts = self.server.counts()
+        yield CounterMetricFamily("upgraderd_metrics_connections_refused", "Connections to this endpoint "
+                                  "closed at once because it already served its maximum.", value=counts["refused"])
+        yield CounterMetricFamily("upgraderd_metrics_connections_expired", "Connections to this endpoint shut "
+                                  "down because a request took longer than its deadline.", value=counts["expired"])
+        yield CounterMetricFamily("upgraderd_metrics_accept_errors", "Failed accepts on this endpoint for lack "
+                                  "of fds or memory; each sheds one connection and backs off.",
+                                  value=counts["accept_errors"])
+
+
 class TelemetryStarter(Protocol):
     """What the master calls to start its metrics (`Telemetry.start`)."""
 
@@ -207,6 +225,7 @@ class Telemetry:
             files.close()
             raise FatalError(f"cannot serve metrics on {spec.listen} (metrics.listen): "
                              f"{e.strerror or e}") from None
+        registry.register(EndpointCollector(server))
         server.start()
         log.info("metrics on http://%s/metrics (worker files in %s)", server.address, files.path)
         return cls(spec, files, registry, server)
