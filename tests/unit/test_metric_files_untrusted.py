@@ -124,6 +124,12 @@ def wrong_key_shape(p: Path) -> None:
                  (json.dumps(["h", "h_bucket", {"le": "lots"}, "x"]), 1.0)])
 
 
+def nested_key(p: Path) -> None:
+    # Valid JSON nested deeper than Python's recursion limit: json.loads raises RecursionError.
+    p.unlink()
+    write_db(p, [(KEY, 1.0), ("[" * 2000 + "]" * 2000, 1.0)])
+
+
 def fifo(p: Path) -> None:
     p.unlink()
     os.mkfifo(p)  # an open() without O_NONBLOCK would wait for a writer forever
@@ -137,6 +143,7 @@ CASES = [
     ("counter", truncated, "size"),
     ("counter", planted_symlink, "unreadable"),
     ("histogram", wrong_key_shape, "key"),
+    ("counter", nested_key, "key"),
     ("gauge_livesum", fifo, "unreadable"),
 ]
 

@@ -42,7 +42,7 @@ import time
 from dataclasses import dataclass
 
 MAX_BYTES = 1 << 20
-MAX_ENTRIES = 4096
+MAX_ENTRIES = 1024  # a built-in worker writes six per listener
 MAX_KEY = 4096
 # A file that a well-formed worker wrote parses in well under a millisecond per
 # hundred entries; past this budget the file is set aside instead of stalling the loop.
@@ -185,8 +185,8 @@ def _key(raw: bytes, kind: str, pos: int) -> Key:
     """Return a key checked to have the shape prometheus-client writes for `kind`."""
     try:
         doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise BadFile("key", f"key at offset {pos} is not UTF-8 JSON") from None
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise BadFile("key", f"key at offset {pos} is not UTF-8 JSON of a sane depth") from None
     if not (isinstance(doc, list) and len(doc) == 4 and all(isinstance(x, str) for x in (doc[0], doc[1], doc[3]))
             and isinstance(doc[2], dict)):
         raise BadFile("key", f"key at offset {pos} is not [metric, sample, labels, help]")

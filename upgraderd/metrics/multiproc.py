@@ -39,6 +39,7 @@ import logging
 import math
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Iterable
 from typing import Any
@@ -59,6 +60,8 @@ REASONS = ("unreadable", "size", "entry", "key", "value", "slow")
 KEEP_REJECTED = 32
 MAX_ARCHIVE_KEYS = 20000
 MAX_FILES = 4096
+# What one reaped worker's files may cost the master's loop, all files together.
+FOLD_BUDGET = 0.05
 
 Reading = list[tuple[FileName, list[tuple[Key, float]]]]
 
@@ -187,10 +190,13 @@ class WorkerFiles:
             for mode in dbfile.GAUGE_MODES:
                 if mode.startswith("live"):
                     self._drop(f"gauge_{mode}_{pid}.db")
+        deadline = time.monotonic() + FOLD_BUDGET
         for prefix in ADDITIVE:
             name = f"{prefix}_{pid}.db"
+            budget = max(0.005, deadline - time.monotonic())
             try:
-                entries = dbfile.read_file(os.path.join(self.path, name), prefix.partition("_")[0], self._cache)
+                entries = dbfile.read_file(os.path.join(self.path, name), prefix.partition("_")[0], self._cache,
+                                           budget)
             except FileNotFoundError:
                 continue
             except BadFile as e:
