@@ -238,3 +238,19 @@ def test_two_thousand_idle_metrics_connections_do_not_starve_the_master(tmp_path
         s = scrape(cfg)
         assert value(s, "upgraderd_metrics_connections_refused_total") >= 2000 - 64
         assert "Too many open files" not in d.log()
+
+
+def test_a_restarted_master_removes_the_metrics_dir_of_a_killed_one(tmp_path):
+    port = free_port()
+    cfg = echo_config(port, count=1)
+    cfg["workers"] = {"count": 1, "app": "http"}
+    first = Daemon(tmp_path, cfg).start()
+    killed = first.pid
+    stale = [p.name for p in tmp_path.iterdir() if p.name.startswith(f"upgraderd-metrics-{killed}-")]
+    assert len(stale) == 1
+    first.stop(signal.SIGKILL)
+    assert (tmp_path / stale[0]).is_dir()  # a SIGKILLed master cannot clean up
+    with Daemon(tmp_path, cfg).start() as second:
+        second.wait_log(r"removed 1 metrics directory of masters that are gone")
+        mine = [p.name for p in tmp_path.iterdir() if p.name.startswith("upgraderd-metrics-")]
+        assert len(mine) == 1 and mine[0].startswith(f"upgraderd-metrics-{second.pid}-")
