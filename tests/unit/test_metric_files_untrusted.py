@@ -284,3 +284,25 @@ def test_any_damage_to_a_real_file_reads_or_raises_badfile(edits, cut):
     except BadFile:
         return
     assert all(math.isfinite(v) and v >= 0 for _, v in entries)
+
+
+def test_concurrent_scrapes_set_a_bad_file_aside_and_count_it_once(setup):
+    files, _, d, _ = setup
+    for i in range(20):
+        bad = d / f"counter_{BAD_PID + i}.db"
+        write_db(bad, [(KEY, 7.0), (KEY.replace("web", "other"), 1.0)])
+        non_json_key(bad)
+    barrier = threading.Barrier(8)
+    seen: list[float] = []
+
+    def scrape() -> None:
+        barrier.wait(10)
+        seen.append(sums(files)[ACCEPTED])
+    threads = [threading.Thread(target=scrape) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert seen == [5.0] * 8
+    assert files.rejected["key"] == 20
+    assert len([p for p in d.iterdir() if p.name.endswith(".rejected")]) == 20

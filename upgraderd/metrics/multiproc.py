@@ -232,16 +232,18 @@ class WorkerFiles:
 
     def _reject(self, name: str, e: BadFile) -> None:
         """Count a bad file and move it out of the scrape set."""
+        src = os.path.join(self.path, name)
         with self._lock:
             if name in self._ignored:
                 return
-            self.rejected[e.reason] += 1
-            src = os.path.join(self.path, name)
             try:
                 os.rename(src, src + REJECTED)
                 self._set_aside.append(name + REJECTED)
+            except FileNotFoundError:
+                return  # a concurrent scrape set it aside first, or it was folded: counted there
             except OSError:
-                self._ignore(name)
+                self._ignore(name)  # a read-only directory: at least never read it again
+            self.rejected[e.reason] += 1
             while len(self._set_aside) > KEEP_REJECTED:
                 _remove(os.path.join(self.path, self._set_aside.popleft()))
         log.warning("metric file %s rejected (%s); set aside as %s%s", name, e, name, REJECTED)
