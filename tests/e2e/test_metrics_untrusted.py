@@ -106,6 +106,8 @@ def test_corrupt_files_of_live_workers_are_set_aside_and_metrics_keep_answering(
              "counter_999999001.db.rejected", "counter_999999002.db.rejected"])
 
         reload(d, 2)  # the old workers are reaped and folded: their files are already set aside
+        # Until they exit, old workers may still take a connection and count it in a set-aside file.
+        d.wait_log(r"generation 1 DRAINING -> RETIRED")
         load = Load("127.0.0.1", port, threads=2, max_seconds=60).start("http")
         assert load.wait_for_ok(200)
         result = load.stop()
@@ -236,7 +238,9 @@ def test_two_thousand_idle_metrics_connections_do_not_starve_the_master(tmp_path
             for s in held:
                 s.close()
         s = scrape(cfg)
-        assert value(s, "upgraderd_metrics_connections_refused_total") >= 2000 - 64
+        # 64 are served at a time; a served idle one times out after 10 s and frees a slot, so
+        # a slow machine opening the 2,000 serves more than 64 of them in all.
+        assert 1000 < value(s, "upgraderd_metrics_connections_refused_total") <= 2000 - 64
         assert "Too many open files" not in d.log()
 
 
