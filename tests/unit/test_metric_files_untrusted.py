@@ -306,3 +306,17 @@ def test_concurrent_scrapes_set_a_bad_file_aside_and_count_it_once(setup):
     assert seen == [5.0] * 8
     assert files.rejected["key"] == 20
     assert len([p for p in d.iterdir() if p.name.endswith(".rejected")]) == 20
+
+
+def test_the_archive_is_bounded_however_many_series_dead_workers_invent(setup, monkeypatch):
+    from upgraderd.metrics import multiproc
+    monkeypatch.setattr(multiproc, "MAX_ARCHIVE_KEYS", 50)
+    files, _, d, good = setup
+    files.fold(good)  # its series are archived first, and keep counting
+    for pid in range(6000, 6003):
+        write_db(d / f"counter_{pid}.db", [(KEY.replace("web", f"x{pid}-{i}"), 1.0) for i in range(40)])
+        files.fold(pid)
+    series = [s for m in files.collect() for s in m.samples]
+    assert len(series) <= 50
+    assert files.dropped_keys == 3 * 40 - (50 - 4)  # 4: the good worker's own counter series
+    assert sums(files)[ACCEPTED] == 5

@@ -214,6 +214,9 @@ class WorkerFiles:
             total = archive.get(key, 0.0) + value
             if key not in archive and sum(map(len, self._archive.values())) >= MAX_ARCHIVE_KEYS:
                 self.dropped_keys += 1
+                if self.dropped_keys == 1:
+                    log.warning("metric archive full (%d series); counts of new series from dead "
+                                "workers are dropped", MAX_ARCHIVE_KEYS)
                 continue
             if math.isfinite(total):
                 archive[key] = total
