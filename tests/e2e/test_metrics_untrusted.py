@@ -148,6 +148,7 @@ def test_a_full_metrics_tmpfs_leaves_workers_serving_without_metrics(tmp_path):
         assert serve_through_a_reload(d, port) > 200
         said = re.findall(r"upgraderd worker (\d+): connection metrics disabled, .*No space left on device", d.log())
         assert len(said) == 4 and len(set(said)) == 4  # each of the 4 workers said so, once
+        d.wait_log(r"generation 1 DRAINING -> RETIRED")
         s = scrape(cfg)
         assert value(s, "upgraderd_worker_exits_total", reason="signal") == 0  # no SIGBUS
         assert value(s, "upgraderd_worker_exits_total", reason="clean") == 2  # generation 1, drained
