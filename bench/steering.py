@@ -16,7 +16,7 @@ never touched. Two scenarios, each with and without steering, in one run:
   `--backoff` (the master's crash back-off). With steering the slot is
   steered away while it has no worker, and back once the new one is ready.
 
-    .venv/bin/python bench/steering.py [--repeats 3] [--rounds 5] [--hold 0.5] [--backoff 1]
+    .venv/bin/python -m bench.steering [--repeats 3] [--rounds 5] [--hold 0.5] [--backoff 1]
 
 It prints, per scenario and mode, the median over repeats of: resets and
 other failed round trips per run, round trips per second, the round trips
@@ -39,10 +39,7 @@ import timeit
 from pathlib import Path
 from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from loadgen import Load, Result  # noqa: E402
+from tests.support.loadgen import Load, Result  # noqa: E402
 from upgraderd.config import schema  # noqa: E402
 from upgraderd.config.schema import Config  # noqa: E402
 from upgraderd.system import sockets  # noqa: E402

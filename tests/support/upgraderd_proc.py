@@ -108,8 +108,10 @@ class Daemon:
     """One upgraderd master run with a config written to `workdir`."""
 
     def __init__(self, workdir: Path, config: dict[str, object] | str, args: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, wrap: tuple[str, ...] = ()) -> None:
+        """`wrap` prefixes the command (e.g. `prlimit`, `unshare`); it must exec the master in place."""
         self.extra_env = env or {}
+        self.wrap = wrap
         self.workdir = workdir
         self.config_path = workdir / "upgraderd.yaml"
         self.log_path = workdir / "upgraderd.log"
@@ -147,7 +149,7 @@ class Daemon:
         self.log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "upgraderd", "run", "-c", str(self.config_path),
+                [*self.wrap, sys.executable, "-m", "upgraderd", "run", "-c", str(self.config_path),
                  *(() if "--pidfile" in self.args else ("--pidfile", str(self.pidfile))), *self.args],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=ROOT,
                 start_new_session=True)

@@ -15,6 +15,13 @@ at most one loop pass of counts if the worker is SIGKILLed.
 this worker sees it: `active` until it is asked to drain, `draining` after.
 It is a `livesum` gauge: a worker's share disappears when it is reaped.
 
+A worker that cannot write its metrics keeps serving without them and says
+so once on stderr. prometheus-client sizes its files with `truncate`, which
+on a full tmpfs leaves pages that raise SIGBUS when first written; so before
+the library opens them, `_reserve` allocates each file whole with
+`posix_fallocate`, large enough for every series this worker writes (twice
+over). A full or read-only directory then fails that call, not a later write.
+
 A worker with `threads: N` runs N `Server`s, each with its own
 `ConnectionMetrics`. They share one set of prometheus-client metric objects
 (`_shared_sink`): each metric object caches its value and writes it whole to
@@ -25,7 +32,9 @@ other. For the same reason every `ConnectionMetrics` reports changes
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 import threading
 from typing import Any
 
@@ -37,13 +46,14 @@ class ConnectionMetrics:
 
     def __init__(self, listeners: list[str], enabled: bool | None = None) -> None:
         self.listeners = list(listeners)
-        self.enabled = bool(os.environ.get(ENV)) if enabled is None else enabled
+        enabled = bool(os.environ.get(ENV)) if enabled is None else enabled
+        self._sink: _Sink | None = _shared_sink(tuple(self.listeners)) if enabled else None
+        self.enabled = self._sink is not None
         self.is_draining = False
         self._counts = {name: [0, 0, 0, 0] for name in self.listeners}  # accepted, closed, rx, tx
         self._flushed = {name: [0, 0, 0, 0] for name in self.listeners}
         self._dirty = True
         self._reported = {name: {"active": 0, "draining": 0} for name in self.listeners}
-        self._sink: _Sink | None = _shared_sink(tuple(self.listeners)) if self.enabled else None
 
     def accepted(self, listener: str) -> None:
         """Count a new connection on `listener`."""
@@ -91,16 +101,49 @@ class ConnectionMetrics:
             self._sink.write(name, deltas, gauge)
 
 
-_SINKS: dict[tuple[str, ...], _Sink] = {}
+_SINKS: dict[tuple[str, ...], _Sink | None] = {}
 _SINKS_LOCK = threading.Lock()
+_FILE_SIZE = 1 << 16  # prometheus-client's initial size; it doubles from there
 
 
-def _shared_sink(listeners: tuple[str, ...]) -> _Sink:
-    """Return this process's metric objects (one set per process: see the module docstring)."""
+def _shared_sink(listeners: tuple[str, ...]) -> _Sink | None:
+    """Return this process's metric objects (one set per process), or None if it cannot report."""
     with _SINKS_LOCK:
         if listeners not in _SINKS:
-            _SINKS[listeners] = _Sink(list(listeners))
+            try:
+                _reserve(listeners)
+                _SINKS[listeners] = _Sink(list(listeners))
+            except OSError as e:
+                _SINKS[listeners] = None
+                print(f"upgraderd worker {os.getpid()}: connection metrics disabled, cannot write "
+                      f"{os.environ.get(ENV)}: {e.strerror or e}; serving without them",
+                      file=sys.stderr, flush=True)
         return _SINKS[listeners]
+
+
+def _reserve(listeners: tuple[str, ...]) -> None:
+    """Allocate this process's metric files whole, so that no later write can fault."""
+    directory = os.environ.get(ENV, "")
+    # Six series per listener (four counters, two gauge states), each bounded from above.
+    need = 8 + 6 * sum(_entry_size(name) for name in listeners)
+    size = _FILE_SIZE
+    while size < 2 * need:
+        size *= 2
+    for prefix in ("counter", "gauge_livesum"):
+        path = os.path.join(directory, f"{prefix}_{os.getpid()}.db")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            if os.fstat(fd).st_size < size:
+                os.posix_fallocate(fd, 0, size)
+        finally:
+            os.close(fd)
+
+
+def _entry_size(listener: str) -> int:
+    """Return an upper bound of the bytes one series of `listener` takes in a file."""
+    metric, help_text = "upgraderd_connections_accepted_draining", "h" * 200
+    key = json.dumps([metric, metric + "_total", {"listener": listener, "state": "draining"}, help_text])
+    return 4 + len(key.encode()) + 8 + 16
 
 
 class _Sink:

@@ -10,14 +10,34 @@ snapshot) and a health callback; they never touch the master's state.
   Accept header asks for it; gzip when Accept-Encoding allows it.
 - /healthz: 200 while the master loop runs (its snapshot is fresh).
 - /readyz: 200 only while an ACTIVE generation exists.
+
+Any local user can connect, so the endpoint is bounded and can never starve
+the master of fds, threads or CPU:
+- at most `MAX_CONNECTIONS` connections are served at once (one thread
+  each); a connection beyond that is accepted and closed at once, and counted;
+- each socket operation times out after `IO_TIMEOUT` (so an idle keep-alive
+  connection ends then), and a connection whose request is not answered
+  `MAX_LIFETIME` after it was accepted (or after its previous answer) is
+  shut down, however it trickles;
+- the listen backlog is `BACKLOG`;
+- when accept() fails for lack of fds (EMFILE, ENFILE) or memory, the server
+  sheds the pending connection with a spare fd (nginx's and libuv's trick),
+  then backs off (up to `MAX_BACKOFF`) instead of spinning on a socket that
+  stays readable;
+- at most `MAX_COLLECTING` scrapes collect at once, so a scrape storm cannot
+  hold the GIL away from the master's loop.
+The master's loop runs in the main thread and never waits on any of this.
 """
 
 from __future__ import annotations
 
+import errno
 import gzip
 import logging
+import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -29,6 +49,14 @@ log = logging.getLogger("upgraderd")
 
 Health = Callable[[], tuple[bool, bool, str]]  # (alive, ready, reason)
 
+MAX_CONNECTIONS = 64
+BACKLOG = 128
+IO_TIMEOUT = 10.0
+MAX_LIFETIME = 30.0
+MAX_BACKOFF = 0.5
+MAX_COLLECTING = 4
+_SHORT_OF = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
 
 def split_address(address: str) -> tuple[str, int]:
     """Split 'host:port' or '[v6]:port' (already validated by the config)."""
@@ -39,14 +67,100 @@ def split_address(address: str) -> tuple[str, int]:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    block_on_close = False  # stop() must not wait for slow clients
     allow_reuse_address = True
+    request_queue_size = BACKLOG
     registry: CollectorRegistry
     health: Health
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        """Bind and listen; keep one spare fd for shedding connections when out of fds."""
+        self.counts = {"refused": 0, "expired": 0, "accept_errors": 0}
+        self.collecting = threading.BoundedSemaphore(MAX_COLLECTING)
+        self._conns: dict[socket.socket, float] = {}
+        self._conns_lock = threading.Lock()
+        self._backoff = 0.0
+        self._spare: int | None = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        super().__init__(address, handler)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept one connection; on a shortage of fds or memory, shed it and back off."""
+        try:
+            conn, addr = self.socket.accept()
+        except OSError as e:
+            if e.errno in _SHORT_OF:
+                self._short_of_fds(e)
+            raise  # socketserver drops the failed accept and goes back to select()
+        self._backoff = 0.0
+        return conn, addr
+
+    def _short_of_fds(self, e: OSError) -> None:
+        self.counts["accept_errors"] += 1
+        if self._backoff == 0.0:
+            log.warning("metrics endpoint: accept failed (%s); shedding connections and backing off", e.strerror)
+        if self._spare is not None:
+            os.close(self._spare)
+            self._spare = None
+            try:
+                self.socket.accept()[0].close()
+            except OSError:
+                pass
+            try:
+                self._spare = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                pass
+        self._backoff = min(MAX_BACKOFF, max(0.01, self._backoff * 2))
+        time.sleep(self._backoff)  # this thread only: the master's loop is elsewhere
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Refuse (close at once) a connection beyond the cap."""
+        with self._conns_lock:
+            if len(self._conns) >= MAX_CONNECTIONS:
+                self.counts["refused"] += 1
+                return False
+            self._conns[request] = time.monotonic() + MAX_LIFETIME
+            return True
+
+    def renew(self, request: Any) -> None:
+        """Give a keep-alive connection a fresh deadline for its next request."""
+        with self._conns_lock:
+            if request in self._conns:
+                self._conns[request] = time.monotonic() + MAX_LIFETIME
+
+    def shutdown_request(self, request: Any) -> None:
+        """Close a connection and forget it."""
+        with self._conns_lock:
+            self._conns.pop(request, None)
+        super().shutdown_request(request)
+
+    def service_actions(self) -> None:
+        """Shut down connections that outlived MAX_LIFETIME (their thread then ends)."""
+        now = time.monotonic()
+        with self._conns_lock:
+            expired = [c for c, deadline in self._conns.items() if deadline < now]
+        for conn in expired:
+            self.counts["expired"] += 1
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Log a failed connection at debug level: clients that vanish or time out are routine."""
+        log.debug("metrics endpoint: connection from %s failed", client_address, exc_info=True)
+
+    def server_close(self) -> None:
+        """Close the listening socket and the spare fd."""
+        super().server_close()
+        if self._spare is not None:
+            os.close(self._spare)
+            self._spare = None
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
+    timeout = IO_TIMEOUT
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
@@ -61,12 +175,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _metrics(self) -> None:
         encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+        if not self.server.collecting.acquire(timeout=IO_TIMEOUT):
+            self._send(503, b"too many scrapes at once\n")
+            return
         try:
             body = encoder(self.server.registry)
         except Exception as e:  # a broken collector must not take the endpoint down
             log.exception("metrics collection failed")
             self._send(500, f"metrics collection failed: {e}\n".encode())
             return
+        finally:
+            self.server.collecting.release()
         extra = {}
         if "gzip" in self.headers.get("Accept-Encoding", ""):
             body = gzip.compress(body, compresslevel=1)
@@ -82,6 +201,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.end_headers()
         self.wfile.write(body)
+        self.server.renew(self.connection)
 
     def log_message(self, format: str, *args: Any) -> None:
         """Log requests at debug level only: a scrape a second would flood the log."""
@@ -107,6 +227,10 @@ class MetricsServer:
         """Return the bound host:port (IPv6 in brackets)."""
         host, port = self.httpd.socket.getsockname()[:2]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def counts(self) -> dict[str, int]:
+        """Return the endpoint's own event counts (refused, expired, accept_errors)."""
+        return dict(self.httpd.counts)
 
     def start(self) -> None:
         """Serve in a daemon thread."""

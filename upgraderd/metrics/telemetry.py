@@ -135,14 +135,49 @@ def health(snap: Snapshot | None, now: float) -> tuple[bool, bool, str]:
 
 
 class WorkerCollector:
-    """Expose the workers' multiprocess files (connection metrics)."""
+    """Expose the workers' multiprocess files (connection metrics), and what reading them cost."""
 
     def __init__(self, files: WorkerFiles) -> None:
         self.files = files
+        self.errors = 0
 
     def collect(self) -> Iterable[Metric]:
-        """Return the metrics summed over every worker, dead or alive."""
-        return self.files.collect()
+        """Return the metrics summed over every worker, dead or alive; never raise."""
+        try:
+            metrics = list(self.files.collect())
+        except Exception:  # worker-written input must never cost the master's own metrics
+            self.errors += 1
+            if self.errors == 1 or self.errors % 100 == 0:
+                log.exception("collecting the workers' metrics failed (%d time(s))", self.errors)
+            metrics = []
+        rejected = CounterMetricFamily("upgraderd_metric_files_rejected",
+                                       "Worker metric files set aside as untrusted, by the check they failed.",
+                                       labels=["reason"])
+        for reason, n in sorted(self.files.rejected.items()):
+            rejected.add_metric([reason], n)
+        metrics.append(rejected)
+        metrics.append(GaugeMetricFamily("upgraderd_worker_metrics_enabled", "1 if the workers' metrics "
+                                         "directory is usable, 0 if it could not be written at start.",
+                                         value=1 if self.files.enabled else 0))
+        return metrics
+
+
+class EndpointCollector:
+    """Expose what the endpoint did to protect the master from its clients."""
+
+    def __init__(self, server: MetricsServer) -> None:
+        self.server = server
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the endpoint's own counters."""
+        counts = self.server.counts()
+        yield CounterMetricFamily("upgraderd_metrics_connections_refused", "Connections to this endpoint "
+                                  "closed at once because it already served its maximum.", value=counts["refused"])
+        yield CounterMetricFamily("upgraderd_metrics_connections_expired", "Connections to this endpoint shut "
+                                  "down because a request took longer than its deadline.", value=counts["expired"])
+        yield CounterMetricFamily("upgraderd_metrics_accept_errors", "Failed accepts on this endpoint for lack "
+                                  "of fds or memory; each sheds one connection and backs off.",
+                                  value=counts["accept_errors"])
 
 
 class Telemetry:
@@ -178,6 +213,7 @@ class Telemetry:
             files.close()
             raise FatalError(f"cannot serve metrics on {spec.listen} (metrics.listen): "
                              f"{e.strerror or e}") from None
+        registry.register(EndpointCollector(server))
         # Threads inherit the signal mask: with these blocked, only the master's
         # main thread ever takes its signals (a USR2 exec relies on that).
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
@@ -195,7 +231,7 @@ class Telemetry:
     def worker_env(self, cfg: Config) -> dict[str, str]:
         """Return the environment a worker of `cfg` needs to report its metrics."""
         # Only the built-in apps: a user's command keeps its own metrics setup.
-        return {ENV: self.files.path} if cfg.workers.app is not None else {}
+        return {ENV: self.files.path} if cfg.workers.app is not None and self.files.enabled else {}
 
     def on_reaped(self, pid: int) -> None:
         """Fold the files of a reaped worker into the archive."""

@@ -1,0 +1,212 @@
+"""A bounded, validating reader of prometheus-client's multiprocess `.db` files.
+
+Workers run application code and can write anything into these files, so the
+master treats them as untrusted input. prometheus-client's own reader trusts
+them: a negative length field moves its offset backwards forever, a huge
+`used` header makes it read that many bytes, a key that is not JSON raises
+at every scrape, and a NaN sticks in a counter. This reader instead:
+
+- opens with O_NOFOLLOW and O_NONBLOCK (a symlink or a FIFO planted under a
+  metric file's name is refused, never followed or waited on) and reads only
+  regular files, with `read()`, never `mmap` (a file truncated under an mmap
+  kills the reader with SIGBUS);
+- reads at most `MAX_BYTES`, and refuses a `used` header beyond the file
+  size or that cap;
+- walks entries with offsets that must move forward and stay inside `used`,
+  at most `MAX_ENTRIES` of them, and gives up past a time budget;
+- accepts only keys of the shape prometheus-client writes,
+  `[metric, sample, {label: value}, help]` with valid Prometheus names, whose
+  sample name fits the file's metric type, and only finite values
+  (non-negative in counter files).
+
+The layout (prometheus_client/mmap_dict.py, 0.2x): bytes 0-3 hold `used` as a
+native int32, 4-7 are padding; then entries until `used`, each an int32 key
+length, the UTF-8 JSON key padded with spaces so that length field plus key
+plus padding is a multiple of 8 (always at least one byte of padding), then
+two doubles: the value and a timestamp.
+
+Any violation raises `BadFile` with a short, bounded `reason` (a metric label)
+and a detail for the log. Nothing else escapes `read_file`.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import re
+import stat
+import struct
+import time
+from dataclasses import dataclass
+
+MAX_BYTES = 1 << 20
+MAX_ENTRIES = 1024  # a built-in worker writes six per listener
+MAX_KEY = 4096
+# A file that a well-formed worker wrote parses in well under a millisecond per
+# hundred entries; past this budget the file is set aside instead of stalling the loop.
+TIME_BUDGET = 0.05
+
+_INT = struct.Struct("i")
+_TWO_DOUBLES = struct.Struct("dd")
+_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
+_LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
+GAUGE_MODES = ("all", "liveall", "min", "livemin", "max", "livemax", "sum", "livesum",
+               "mostrecent", "livemostrecent")
+# The sample-name suffixes each metric type may carry (prometheus-client's own).
+_SUFFIXES = {
+    "counter": ("_total", "_created"),
+    "gauge": ("",),
+    "histogram": ("_bucket", "_count", "_sum", "_created", "_gcount", "_gsum"),
+    "summary": ("", "_count", "_sum", "_created"),
+}
+# `<type>_<pid>.db` or `gauge_<mode>_<pid>.db`.
+FILE_NAME = re.compile(r"(counter|histogram|summary|gauge_(?:%s))_([0-9]{1,10})\.db\Z" % "|".join(GAUGE_MODES))
+
+Key = tuple[str, str, tuple[tuple[str, str], ...], str]  # metric, sample, sorted labels, help
+
+
+class BadFile(Exception):
+    """A metric file that must not be trusted; `reason` is a bounded label value."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class FileName:
+    """What a metric file's name says: its metric type, gauge mode and writer's pid."""
+
+    prefix: str  # "counter", "gauge_livesum", ...
+    kind: str    # "counter", "gauge", "histogram", "summary"
+    mode: str    # the gauge's multiprocess mode, "" for other types
+    pid: int
+
+
+def parse_name(name: str) -> FileName | None:
+    """Return what the base name of a worker's metric file says, or None if it is not one."""
+    m = FILE_NAME.match(name)
+    if m is None:
+        return None
+    prefix = m.group(1)
+    kind, _, mode = prefix.partition("_")
+    return FileName(prefix, kind, mode, int(m.group(2)))
+
+
+def read_file(path: str, kind: str, cache: dict[bytes, Key] | None = None,
+              budget: float = TIME_BUDGET) -> list[tuple[Key, float]]:
+    """Return the validated (key, value) entries of the metric file at `path`; raise BadFile."""
+    data = _read_bounded(path)
+    if len(data) == 0:
+        return []  # created but not sized yet: holds nothing
+    return parse(data, kind, cache, budget)
+
+
+def _read_bounded(path: str) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            raise
+        raise BadFile("unreadable", f"cannot open: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise BadFile("unreadable", "not a regular file")
+        chunks, want = [], min(st.st_size, MAX_BYTES)
+        while want > 0:
+            chunk = os.read(fd, want)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            want -= len(chunk)
+        return b"".join(chunks)
+    except OSError as e:
+        raise BadFile("unreadable", f"cannot read: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def parse(data: bytes, kind: str, cache: dict[bytes, Key] | None = None,
+          budget: float = TIME_BUDGET) -> list[tuple[Key, float]]:
+    """Return the validated entries of a metric file's bytes; raise BadFile."""
+    if len(data) < 8:
+        raise BadFile("size", f"{len(data)} bytes, shorter than the 8-byte header")
+    used = _INT.unpack_from(data, 0)[0]
+    if used == 0:
+        return []  # sized, header not written yet
+    if used < 8 or used > len(data):
+        raise BadFile("size", f"header says {used} bytes used, the file holds {len(data)}"
+                      f"{' (read cap)' if len(data) == MAX_BYTES else ''}")
+    cache = {} if cache is None else cache
+    deadline = time.monotonic() + budget
+    out: list[tuple[Key, float]] = []
+    pos = 8
+    while pos < used:
+        if len(out) >= MAX_ENTRIES:
+            raise BadFile("entry", f"more than {MAX_ENTRIES} entries")
+        if len(out) % 64 == 63 and time.monotonic() > deadline:
+            raise BadFile("slow", f"not parsed within {budget * 1000:.0f} ms")
+        key, value, pos = _entry(data, pos, used, kind, cache)
+        out.append((key, value))
+    return out
+
+
+def _entry(data: bytes, pos: int, used: int, kind: str, cache: dict[bytes, Key]) -> tuple[Key, float, int]:
+    """Return the entry at `pos` and the offset of the next one."""
+    if pos + 4 > used:
+        raise BadFile("entry", f"truncated length field at offset {pos}")
+    n = _INT.unpack_from(data, pos)[0]
+    if n <= 0 or n > MAX_KEY:
+        raise BadFile("entry", f"key length {n} at offset {pos}")
+    value_at = pos + 4 + n + (8 - (n + 4) % 8)
+    end = value_at + 16
+    if end > used:
+        raise BadFile("entry", f"entry at offset {pos} ends at {end}, past the {used} bytes used")
+    raw = data[pos + 4:pos + 4 + n]
+    key = cache.get(raw)
+    if key is None:
+        key = _key(raw, kind, pos)
+        if len(cache) > 8 * MAX_ENTRIES:
+            cache.clear()  # a churn of distinct keys must not grow the master
+        cache[raw] = key
+    value = _TWO_DOUBLES.unpack_from(data, value_at)[0]
+    if not math.isfinite(value):
+        raise BadFile("value", f"{value} for {key[1]} at offset {pos}")
+    if kind == "counter" and value < 0:
+        raise BadFile("value", f"negative counter {value} for {key[1]} at offset {pos}")
+    return key, value, end
+
+
+def _key(raw: bytes, kind: str, pos: int) -> Key:
+    """Return a key checked to have the shape prometheus-client writes for `kind`."""
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise BadFile("key", f"key at offset {pos} is not UTF-8 JSON of a sane depth") from None
+    if not (isinstance(doc, list) and len(doc) == 4 and all(isinstance(x, str) for x in (doc[0], doc[1], doc[3]))
+            and isinstance(doc[2], dict)):
+        raise BadFile("key", f"key at offset {pos} is not [metric, sample, labels, help]")
+    metric, sample, labels, help_text = doc
+    if not _NAME.match(metric) or not _NAME.match(sample):
+        raise BadFile("key", f"invalid metric name {metric[:80]!r} / {sample[:80]!r} at offset {pos}")
+    if not any(sample == metric + s for s in _SUFFIXES.get(kind, ())):
+        raise BadFile("key", f"sample {sample[:80]!r} does not belong to {kind} {metric[:80]!r}")
+    for k, v in labels.items():
+        if not (isinstance(v, str) and _LABEL.match(k) and not k.startswith("__") and k != "pid"):
+            raise BadFile("key", f"invalid label {str(k)[:80]!r} at offset {pos}")
+    if kind == "histogram" and sample == metric + "_bucket":
+        _check_le(labels.get("le"), pos)
+    return metric, sample, tuple(sorted(labels.items())), help_text
+
+
+def _check_le(le: object, pos: int) -> None:
+    try:
+        ok = isinstance(le, str) and not math.isnan(float(le))
+    except ValueError:
+        ok = False
+    if not ok:
+        raise BadFile("key", f"histogram bucket without a numeric le at offset {pos}")
