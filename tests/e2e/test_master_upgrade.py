@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import time
 
 import pytest
 
+from tests.support import ROOT
 from tests.support.loadgen import Load
 from tests.support.upgraderd_proc import Daemon, alive, echo_config, free_port, wait_until
 
@@ -54,6 +56,32 @@ def test_usr2_with_an_invalid_config_keeps_the_running_master(tmp_path):
         assert re.search(r"upgraderd\.yaml:2:1: YAML syntax error", d.log())
         assert d.workers() == workers
         assert "upgraded the master in place" not in d.log()
+
+
+def test_usr2_refuses_new_code_that_cannot_import_and_keeps_serving(tmp_path):
+    # The master runs from a copy of the package; the "deploy" then breaks one module
+    # of that copy. The preflight imports every module, fails, and nothing is exec'd.
+    code = tmp_path / "code"
+    shutil.copytree(ROOT / "upgraderd", code / "upgraderd", ignore=shutil.ignore_patterns("__pycache__"))
+    port = free_port()
+    with Daemon(tmp_path, echo_config(port), cwd=code).start() as d:
+        workers = d.workers()
+        load = Load("127.0.0.1", port, threads=2, max_seconds=60).start("echo")
+        assert load.wait_for_ok(100)
+        (code / "upgraderd" / "apps" / "http.py").write_text("def broken(:\n")
+        d.send(signal.SIGUSR2)
+        d.wait_log(r"master upgrade refused: the preflight of the new code failed \(exit code 1\)")
+        assert re.search(r"upgraderd preflight: cannot import upgraderd\.apps\.http", d.log())
+        assert "upgraded the master in place" not in d.log()
+        assert d.workers() == workers
+        assert load.wait_for_ok(load.result.ok + 100)
+        result = load.stop()
+        assert result.failures == {}, (result.failures, result.examples)
+        # Fixed on disk: the next USR2 goes through.
+        shutil.copy2(ROOT / "upgraderd" / "apps" / "http.py", code / "upgraderd" / "apps" / "http.py")
+        d.send(signal.SIGUSR2)
+        d.wait_log(r"upgraded the master in place")
+        d.wait_log(r"reload done: generation 2 ACTIVE")
 
 
 def test_exec_failure_leaves_the_old_master_running():

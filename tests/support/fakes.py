@@ -223,5 +223,6 @@ def fake_system(procs: FakeProcessAPI, notify: FakeNotify) -> System:
 
     return System(procs=procs, notify=notify, listeners=sockets.ListenerSet(), probes=Prober(),
                   kernel=posix.PosixKernel(), environ={"PATH": "/usr/bin:/bin"}, load_config=schema.load,
-                  user_env=user_env, reserve_port=reserve_port, tell_systemd=lambda message: None,
+                  user_env=user_env, reserve_port=reserve_port, self_command=("/usr/bin/python3", "-m", "upgraderd"),
+                  tell_systemd=lambda message: None,
                   exec_master=no_exec)

@@ -108,9 +108,13 @@ class Daemon:
     """One upgraderd master run with a config written to `workdir`."""
 
     def __init__(self, workdir: Path, config: dict[str, object] | str, args: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None, wrap: tuple[str, ...] = ()) -> None:
-        """`wrap` prefixes the command (e.g. `prlimit`, `unshare`); it must exec the master in place."""
+                 env: dict[str, str] | None = None, wrap: tuple[str, ...] = (), cwd: Path = ROOT) -> None:
+        """`wrap` prefixes the command (e.g. `prlimit`, `unshare`); it must exec the master in place.
+
+        `cwd` is the master's working directory, which `python -m upgraderd` puts first on sys.path.
+        """
         self.extra_env = env or {}
+        self.cwd = cwd
         self.wrap = wrap
         self.workdir = workdir
         self.config_path = workdir / "upgraderd.yaml"
@@ -151,7 +155,7 @@ class Daemon:
             self.proc = subprocess.Popen(
                 [*self.wrap, sys.executable, "-m", "upgraderd", "run", "-c", str(self.config_path),
                  *(() if "--pidfile" in self.args else ("--pidfile", str(self.pidfile))), *self.args],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=ROOT,
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=self.cwd,
                 start_new_session=True)
         if wait:
             self.wait_log(r"serving: generation 1 ACTIVE", timeout=20)

@@ -74,7 +74,7 @@ class Master:
         self.tcp_migrate_req: int | None = None   # as last read; None: unavailable
         self.next_number = 1
         self.stopping_mode: str | None = None
-        self.usr2_pending = False
+        self.upgrade = upgrade.Upgrade()
         self.exit_code: int = ExitCode.OK
         self.published: snapshotmod.Snapshot | None = None  # rebound by the loop, read by metrics
         self.pending_signals: Callable[[], Iterable[int]] = lambda: ()  # set by the loop
@@ -199,7 +199,7 @@ class Master:
             log.info("received SIGUSR2 while stopping: ignored")
             return
         log.info("received SIGUSR2: upgrading the master in place")
-        self.usr2_pending = True
+        self.upgrade.requested = True
 
     def _on_term(self, now: float) -> None:
         if self.stopping:
@@ -247,8 +247,8 @@ class Master:
     def timeout(self, now: float) -> float:
         """Return how long the loop may block in select."""
         deadlines = [d for g in self.generations if (d := g.next_deadline()) is not None]
-        if (probe_due := self.system.probes.next_deadline()) is not None:
-            deadlines.append(probe_due)
+        deadlines += [d for d in (self.system.probes.next_deadline(), self.upgrade.next_deadline())
+                      if d is not None]
         return max(0.0, min(1.0, min(deadlines, default=now + 1.0) - now))
 
     def read_notify(self, now: float) -> None:
@@ -264,6 +264,8 @@ class Master:
     def reap(self, now: float) -> None:
         """Collect exited children and hand each to its generation."""
         for ex in self.system.procs.reap():
+            if upgrade.on_exit(self, ex):
+                continue
             self.stats.worker_exits[ex.reason] += 1
             if self.metrics is not None:
                 self.metrics.on_reaped(ex.pid)
@@ -281,10 +283,8 @@ class Master:
         self.judge.flush(now)
         if self.stopping or self.starting is not None:
             return
-        if self.usr2_pending:
-            self.usr2_pending = False
-            upgrade.reexec(self)
-        elif (since := self.reloads.take()) is not None:
+        upgrade.settle(self, now)
+        if (since := self.reloads.take()) is not None:
             self.reload(now, since)
             reloads.settle(self, now)
 

@@ -220,6 +220,8 @@ class System:
     # HOME, USER and LOGNAME for a worker run as this user ({} for the master's own).
     user_env: Callable[[str | None], dict[str, str]]
     reserve_port: Callable[[], int]
+    # The command that runs this upgraderd (what a USR2 exec runs): [python, -m, upgraderd].
+    self_command: Sequence[str]
     # Send a message to the service manager ($NOTIFY_SOCKET of the master itself).
     tell_systemd: Callable[[str], None]
     # Exec the master again with the hand-over; returns only if the exec failed.

@@ -1,9 +1,13 @@
 """USR2: upgrade the master itself in place, keeping its pid, sockets and workers.
 
-The old master builds a `Handover` (core/handover.py) and execs the code now
-on disk through the `exec_master` seam (system/reexec.py). The new master
-adopts everything and rolls a new generation, as on SIGHUP. If the exec
-fails, the old master carries on as before.
+First a preflight: the master runs `upgraderd preflight -c CONFIG` with the
+interpreter and package the exec would run (service/preflight.py imports
+every module and loads the config), as a child with a deadline, without
+blocking its loop. Only if it exits 0 does the master build a `Handover`
+(core/handover.py) and exec the code now on disk through the `exec_master`
+seam (system/reexec.py). The new master adopts everything and rolls a new
+generation, as on SIGHUP. If the preflight or the exec fails, the old master
+carries on as before and the upgrade counts as a failed reload.
 
 Hazard: a signal that arrived after this pass read the wakeup socket is only
 a byte on it, and the socket dies with the exec. So the pending signals are
@@ -15,19 +19,90 @@ in place.
 from __future__ import annotations
 
 import logging
+import signal
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from upgraderd import __version__
 from upgraderd.core import reloads
 from upgraderd.core.generation import Generation
 from upgraderd.core.handover import Handover, config_from_dict, config_to_dict
+from upgraderd.core.seams import Exit
 from upgraderd.core.stats import Stats
-from upgraderd.errors import ConfigError
+from upgraderd.errors import ConfigError, SpawnError
 
 if TYPE_CHECKING:
     from upgraderd.core.master import Master
 
 log = logging.getLogger("upgraderd")
+
+# How long the new code may take to import everything and load the config.
+PREFLIGHT_TIMEOUT = 30.0
+
+
+@dataclass
+class Upgrade:
+    """A requested USR2 upgrade: pending, in preflight (a child pid and deadline), or cleared."""
+
+    requested: bool = False
+    pid: int | None = None
+    deadline: float = 0.0
+    passed: bool = False
+    killed: bool = False
+
+    def next_deadline(self) -> float | None:
+        """Return when the running preflight times out, or None."""
+        return self.deadline if self.pid is not None and not self.killed else None
+
+
+def settle(master: Master, now: float) -> bool:
+    """Advance a requested upgrade while no generation starts; return True if it acted."""
+    up = master.upgrade
+    if up.passed:
+        up.passed = False
+        reexec(master)
+        return True
+    if up.pid is not None and not up.killed and now >= up.deadline:
+        log.error("master upgrade: the preflight (pid %d) did not finish within %gs; killing it",
+                  up.pid, PREFLIGHT_TIMEOUT)
+        master.system.procs.kill(up.pid, signal.SIGKILL)
+        up.killed = True
+    if not up.requested or up.pid is not None:
+        return False
+    up.requested = False
+    try:
+        master.system.load_config(master.config_path)
+    except ConfigError as e:
+        reloads.failed(master, f"master upgrade refused, the config is invalid: {e}", "rejected")
+        return True
+    argv = [*master.system.self_command, "preflight", "-c", master.config_path]
+    try:
+        up.pid = master.system.procs.spawn(argv, dict(master.system.environ), [])
+    except SpawnError as e:
+        _refused(master, f"cannot run the preflight: {e}")
+        return True
+    up.deadline, up.killed = now + PREFLIGHT_TIMEOUT, False
+    log.info("master upgrade: preflight of the code on disk started (pid %d)", up.pid)
+    return True
+
+
+def on_exit(master: Master, ex: Exit) -> bool:
+    """Take the exit of the preflight child; return False if `ex` is not it."""
+    up = master.upgrade
+    if ex.pid != up.pid:
+        return False
+    up.pid = None
+    if ex.code == 0 and not up.killed:
+        log.info("master upgrade: preflight passed")
+        up.passed = True
+    else:
+        why = "timed out" if up.killed else ex.describe()
+        _refused(master, f"the preflight of the new code failed ({why}); see its output above")
+    return True
+
+
+def _refused(master: Master, why: str) -> None:
+    reloads.failed(master, f"master upgrade refused: {why}", "failed")
 
 
 def reexec(master: Master) -> None:

@@ -51,6 +51,11 @@ def _parser() -> argparse.ArgumentParser:
                  "every problem as file:line:column: key.path: message.")
     _config_arg(check, CONFIG_HELP)
 
+    preflight = _sub(sub, "preflight", "check that this upgraderd can run a master for FILE (USR2 runs it)",
+                     "Import every module of this upgraderd and load FILE; exit 0 if both work. A "
+                     "master runs this before it upgrades itself in place (SIGUSR2).")
+    preflight.add_argument("-c", "--config", required=True, metavar="FILE", help="the config file")
+
     init = _sub(sub, "init", "write the shipped default config to PATH",
                 f"Write the default config shipped with upgraderd (the echo service on "
                 f"127.0.0.1:8090) to PATH (default: {defaults.SYSTEM_PATH}), as a starting point.")
@@ -149,6 +154,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         return ExitCode.FAILED
     print(f"{args.config}: ok ({len(cfg.listeners)} listener(s), {cfg.workers.count} worker(s))")
     return ExitCode.OK
+
+
+def cmd_preflight(args: argparse.Namespace) -> int:
+    """Check that this code can import and load the config (run by a master before USR2)."""
+    from upgraderd.service import preflight
+    return preflight.run(args.config)
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -256,5 +267,6 @@ def cmd_docs(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit code."""
     args = _parser().parse_args(argv)
-    commands = {"run": cmd_run, "check": cmd_check, "init": cmd_init, "docs": cmd_docs}
+    commands = {"run": cmd_run, "check": cmd_check, "init": cmd_init, "docs": cmd_docs,
+                "preflight": cmd_preflight}
     return int(commands.get(args.command, cmd_client)(args))

@@ -11,6 +11,7 @@ import logging
 import os
 import selectors
 import socket
+import sys
 from typing import Any, Sequence
 
 from upgraderd.config import schema
@@ -60,7 +61,8 @@ def posix_system(handover: Handover | None, argv: Sequence[str]) -> System:
     return System(
         procs=PosixProcessAPI(), notify=notify_server or NotifyServer(), listeners=sockets.ListenerSet(),
         probes=Prober(), kernel=PosixKernel(), environ=os.environ, load_config=schema.load,
-        user_env=user_env, reserve_port=reserve_port, tell_systemd=tell_systemd, exec_master=exec_master)
+        user_env=user_env, reserve_port=reserve_port, self_command=(sys.executable, "-m", "upgraderd"),
+        tell_systemd=tell_systemd, exec_master=exec_master)
 
 
 def inherited_handover() -> Handover | None:
