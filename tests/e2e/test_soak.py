@@ -1,0 +1,17 @@
+"""A small sample of bench/soak.py: reloads under load lose nothing and leak nothing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.support import ROOT
+
+
+def test_twenty_reloads_under_load_lose_nothing_and_leak_no_fd_or_thread():
+    proc = subprocess.run([sys.executable, "-m", "bench.soak", "--reloads", "20", "--every", "5"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "failures: 0" in proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [int(r.split("|")[1]) for r in rows] == [1, 5, 10, 15, 20]
