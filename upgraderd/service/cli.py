@@ -13,6 +13,7 @@ import sys
 from upgraderd import __version__
 from upgraderd.config import schema as configmod
 from upgraderd.config import validators
+from upgraderd.config.schema import Config
 from upgraderd.errors import STATUS_NOT_RUNNING, ConfigError, ExitCode, FatalError, UpgraderdError
 from upgraderd.service import defaults
 
@@ -143,15 +144,22 @@ def _default_config(args: argparse.Namespace) -> bool:
     return True
 
 
-def cmd_check(args: argparse.Namespace) -> int:
-    """Validate the config; print every problem."""
+def _load(args: argparse.Namespace) -> Config | ExitCode:
+    """Find and load the config of `args`; print why and return the exit code if it cannot."""
     if not _default_config(args):
         return ExitCode.NOT_CONFIGURED
     try:
-        cfg = configmod.load(args.config)
+        return configmod.load(args.config)
     except ConfigError as e:
         _print_problems(args.config, e)
         return ExitCode.FAILED
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validate the config; print every problem."""
+    cfg = _load(args)
+    if isinstance(cfg, ExitCode):
+        return cfg
     print(f"{args.config}: ok ({len(cfg.listeners)} listener(s), {cfg.workers.count} worker(s))")
     return ExitCode.OK
 
@@ -186,14 +194,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         if os.environ.pop(var, None) is not None:
             print(f"upgraderd: ignoring {var} from the environment: upgraderd sets it for its "
                   "workers", file=sys.stderr)
-    if not _default_config(args):
-        return ExitCode.NOT_CONFIGURED
     from upgraderd.service.runner import run
-    try:
-        cfg = configmod.load(args.config)
-    except ConfigError as e:
-        _print_problems(args.config, e)
-        return ExitCode.FAILED
+    cfg = _load(args)
+    if isinstance(cfg, ExitCode):
+        return cfg
     if args.daemon and not cfg.log.file:
         print(f"{args.config}: log.file: must be set for --daemon (a daemon has no terminal "
               "to log to)", file=sys.stderr)
