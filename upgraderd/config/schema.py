@@ -32,7 +32,7 @@ from upgraderd.errors import ConfigError, SpawnError
 from upgraderd.system.process import privilege_argv
 from upgraderd.config.validators import (
     REQUIRED, Invalid, Check, opt, integer, string, name, one_of,
-    host, duration, signal_name, argv, env_map, directory, file_path, PATH_CHECKS,
+    host, duration, signal_name, argv, env_map, directory, dir_path, file_path, PATH_CHECKS,
     user_name, group_name, listen_address, default_pidfile, _show, _did_you_mean,
 )
 
@@ -109,7 +109,7 @@ class MetricsSpec:
 
     listen: str | None = opt("127.0.0.1:9108", listen_address,
                              "host:port of /metrics, /healthz and /readyz; null disables it.")
-    dir: str | None = opt(None, string, "Directory of the workers' metric files, wiped at start "
+    dir: str | None = opt(None, dir_path, "Directory of the workers' metric files, wiped at start "
                           "(default: a private temporary directory, removed at exit).")
 
 
@@ -255,7 +255,10 @@ class _Loader:
             return check(raw)
         except Invalid as e:
             self.fail(vnode, key, str(e))
-            return _BAD
+        except (ValueError, TypeError, OverflowError) as e:
+            # A validator that missed a case must still give a located error, not a traceback.
+            self.fail(vnode, key, f"{_show(raw)} is not allowed here ({type(e).__name__}: {e})")
+        return _BAD
 
     def listeners(self, node: yaml.Node, key: str) -> Any:
         if not isinstance(node, yaml.SequenceNode) or not node.value:
@@ -299,12 +302,23 @@ def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
 
 
+# A real config is a few kilobytes. Parsing is quadratic-ish in PyYAML and runs
+# in the master's loop on every reload, so a huge file must fail before parsing.
+MAX_BYTES = 1024 * 1024
+# Values in the document once every alias is expanded. A few hundred is usual;
+# aliases nested a few levels deep (a "billion laughs") reach billions.
+MAX_VALUES = 100_000
+
+
 def parse(text: str, path: str = "<string>") -> Config:
     """Parse and validate config text; raise ConfigError listing every problem."""
+    if len(text) > MAX_BYTES:
+        raise ConfigError([_too_big(path, len(text), "characters")])
     loader = _Loader(path)
     root = _compose(text, path)
     if root is None:
         raise ConfigError([f"{path}: the file is empty; it needs at least `listeners:`"])
+    _check_expansion(root, path)
     cfg: Config | None = loader.section(Config, root, "")
     if cfg is not None:
         _check_workers(loader, root, cfg)
@@ -335,6 +349,53 @@ def _compose(text: str, path: str) -> yaml.Node | None:
         raise ConfigError([f"{path}: YAML syntax error: {e}"]) from None
     except RecursionError:
         raise ConfigError([f"{path}: YAML syntax error: nested too deeply"]) from None
+
+
+def _too_big(path: str, size: int, unit: str) -> str:
+    return (f"{path}: the config is {size} {unit}; at most {MAX_BYTES} ({MAX_BYTES // 1024} KiB) "
+            "are read")
+
+
+def _check_expansion(root: yaml.Node, path: str) -> None:
+    """Raise a located ConfigError if aliases expand the document past MAX_VALUES or into a cycle."""
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in on_path:
+            raise _Located(node, "a YAML alias refers to a value that contains it")
+        on_path.add(key)
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > MAX_VALUES:
+                raise _Located(node, f"YAML aliases expand this value past {MAX_VALUES} values "
+                                     "(an alias bomb?); write the values out")
+        on_path.discard(key)
+        sizes[key] = total
+        return total
+
+    try:
+        size(root)
+    except _Located as e:
+        mark = e.node.start_mark
+        raise ConfigError([f"{path}:{mark.line + 1}:{mark.column + 1}: {e.message}"]) from None
+    except RecursionError:
+        raise ConfigError([f"{path}: YAML syntax error: nested too deeply"]) from None
+
+
+class _Located(Exception):
+    def __init__(self, node: yaml.Node, message: str) -> None:
+        super().__init__(message)
+        self.node, self.message = node, message
 
 
 def _line_col(text: str | bytes, offset: int) -> tuple[int, int]:
@@ -425,6 +486,9 @@ def _check_templates(loader: _Loader, root: yaml.Node, cfg: Config) -> None:
     if cfg.ready.url is not None:
         unode = _node_at(root, "ready", "url") or _node_at(root, "ready") or root
         found = placeholders.problems(cfg.ready.url, cfg)
+        if any(c.isspace() or not c.isprintable() for c in cfg.ready.url):
+            found.append(f"{_show(cfg.ready.url)} contains whitespace or a control character; "
+                         "percent-encode it")
         if not found:
             sample = placeholders.values(cfg, 0, 1, probe_port=1)
             try:
@@ -453,8 +517,12 @@ def load(path: str) -> Config:
         if not stat.S_ISREG(st.st_mode):
             # Opening a FIFO would block `check` forever.
             raise ConfigError([f"{path}: is not a regular file"])
+        if st.st_size > MAX_BYTES:
+            raise ConfigError([_too_big(path, st.st_size, "bytes")])
         with open(path, "rb") as f:
-            raw = f.read()
+            raw = f.read(MAX_BYTES + 1)  # it may have grown since the stat
+        if len(raw) > MAX_BYTES:
+            raise ConfigError([_too_big(path, len(raw), "bytes or more")])
     except FileNotFoundError:
         raise ConfigError([f"{path}: no such file"]) from None
     except OSError as e:
