@@ -1,7 +1,8 @@
 """Talk to a running master from another process: reload, stop, status.
 
 The master is found through its pidfile (pidfile.find_master checks that the
-pid is a live upgraderd before anything is sent to it) and observed through
+pid holds the pidfile's lock, and pidfile.send_signal checks it again through
+a pidfd, so nothing is ever sent to a process that is not that master) and observed through
 its status file (status.py). These are short-lived client commands, so they
 may wait: they watch the master's pid with a pidfd, which becomes readable
 the moment the master exits, and re-read the status file between waits.
@@ -18,7 +19,7 @@ import time
 from typing import Any
 
 from upgraderd.service import status
-from upgraderd.service.pidfile import NotRunning, find_master, is_upgraderd
+from upgraderd.service.pidfile import NotRunning, alive, find_master, send_signal
 
 EXIT_OK, EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_TIMEOUT = 0, 1, 4, 5
 POLL = 0.05
@@ -31,10 +32,10 @@ def reload(pidfile: str, timeout: float) -> int:
     before = status.read(path)
     if before is None or before.get("pid") != pid:
         raise NotRunning(f"master pid {pid} has not written its status file {path} yet")
-    os.kill(pid, signal.SIGHUP)
+    send_signal(pidfile, pid, signal.SIGHUP)
     doc = _wait(pid, timeout, lambda d: d["last_reload"]["covers"] > before["hups"], path)
     if doc is None:
-        if not is_upgraderd(pid):
+        if not alive(pid):
             print(f"upgraderd: the master (pid {pid}) exited during the reload", file=sys.stderr)
             return EXIT_FAILED
         print(f"upgraderd: no reload outcome within {timeout:g}s; `upgraderd status` shows "
@@ -50,10 +51,10 @@ def reload(pidfile: str, timeout: float) -> int:
 def stop(pidfile: str, fast: bool, timeout: float) -> int:
     """Send SIGTERM (graceful) or SIGINT (fast) and wait until the master has exited."""
     pid = find_master(pidfile)
-    os.kill(pid, signal.SIGINT if fast else signal.SIGTERM)
+    send_signal(pidfile, pid, signal.SIGINT if fast else signal.SIGTERM)
     end = time.monotonic() + timeout
     with _PidWatch(pid) as watch:
-        while is_upgraderd(pid):
+        while alive(pid):
             if time.monotonic() >= end:
                 print(f"upgraderd: pid {pid} is still draining after {timeout:g}s", file=sys.stderr)
                 return EXIT_TIMEOUT
@@ -84,7 +85,7 @@ def _wait(pid: int, timeout: float, done: Any, path: str) -> dict[str, Any] | No
             doc = status.read(path)
             if doc is not None and doc.get("pid") == pid and done(doc):
                 return doc
-            if not is_upgraderd(pid) or time.monotonic() >= end:
+            if not alive(pid) or time.monotonic() >= end:
                 return None
             watch.wait(POLL)
 
