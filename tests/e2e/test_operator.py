@@ -129,7 +129,7 @@ def test_client_commands_without_a_master(tmp_path):
     try:
         (tmp_path / "none.pid").write_text(f"{sleeper.pid}\n")
         r = upgraderd("stop", "--pidfile", pidfile)
-        assert r.returncode == 4 and "is not a live upgraderd (stale pidfile)" in r.stderr
+        assert r.returncode == 4 and f"does not hold {pidfile}.lock (stale pidfile)" in r.stderr
         assert sleeper.poll() is None
     finally:
         sleeper.kill()

@@ -1,0 +1,153 @@
+"""The real daemon and CLI against planted symlinks and pidfiles that name the wrong process.
+
+Each planted symlink points at a file the test made; the test checks that its
+content and mode are exactly as before. A process that must not be signalled
+records every signal it gets in a file, which must stay absent.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from daemon import ROOT, Daemon, echo_config, free_port, wait_until
+
+pytestmark = pytest.mark.e2e
+
+PRECIOUS = "precious: do not touch\n"
+
+IMPOSTOR = r"""
+import signal, sys, time
+mark = sys.argv[1]
+for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+    signal.signal(sig, lambda s, f: open(mark, "a").write(f"{s}\n"))
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+def upgraderd(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run the real command line."""
+    return subprocess.run([sys.executable, "-m", "upgraderd", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60, stdin=subprocess.DEVNULL)
+
+
+def plant_target(tmp_path: Path) -> tuple[Path, os.stat_result]:
+    t = tmp_path / "victim.txt"
+    t.write_text(PRECIOUS)
+    t.chmod(0o600)
+    return t, t.stat()
+
+
+def assert_untouched(t: Path, before: os.stat_result) -> None:
+    after = t.stat()
+    assert t.read_text() == PRECIOUS
+    assert stat.S_IMODE(after.st_mode) == 0o600
+    assert (after.st_mtime_ns, after.st_size) == (before.st_mtime_ns, before.st_size)
+
+
+def test_symlink_at_the_lock_refuses_the_start(tmp_path: Path) -> None:
+    target, before = plant_target(tmp_path)
+    d = Daemon(tmp_path, echo_config(free_port(), count=1))
+    Path(f"{d.pidfile}.lock").symlink_to(target)
+    d.start(wait=False)
+    assert d.proc is not None
+    assert d.proc.wait(30) == 3
+    assert f"upgraderd: {d.pidfile}.lock is a symbolic link: refusing to follow it" in d.log()
+    assert_untouched(target, before)
+    assert not d.pidfile.exists()
+
+
+def test_symlinks_at_the_pidfile_and_status_file_are_replaced_not_followed(tmp_path: Path) -> None:
+    target, before = plant_target(tmp_path)
+    d = Daemon(tmp_path, echo_config(free_port(), count=1))
+    status_path = Path(f"{d.pidfile}.status.json")
+    d.pidfile.symlink_to(target)
+    status_path.symlink_to(target)
+    with d.start():
+        d.hup()
+        assert d.settled() == 2
+        for p in (d.pidfile, status_path):
+            assert not p.is_symlink() and stat.S_IMODE(p.stat().st_mode) == 0o644
+        assert d.pidfile.read_text() == f"{d.pid}\n"
+        assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+        assert upgraderd("status", "--pidfile", str(d.pidfile)).returncode == 0
+    assert_untouched(target, before)
+
+
+@pytest.fixture
+def impostor(tmp_path: Path):
+    """A live process whose argv[0] ends in /upgraderd and that records any signal it gets."""
+    script = tmp_path / "bin" / "upgraderd"
+    script.parent.mkdir()
+    script.write_text(IMPOSTOR)
+    mark = tmp_path / "signalled"
+    proc = subprocess.Popen([sys.executable, str(script), str(mark)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    yield proc.pid, mark
+    assert proc.poll() is None, "the impostor died"
+    proc.kill()
+    proc.wait()
+
+
+def test_stale_pidfile_naming_a_process_called_upgraderd_is_not_signalled(tmp_path: Path, impostor) -> None:
+    pid, mark = impostor
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        assert f.read().split(b"\0")[1].endswith(b"/upgraderd")
+    with Daemon(tmp_path, echo_config(free_port(), count=1)).start() as d:
+        d.pidfile.write_text(f"{pid}\n")  # stale: the lock is held, by the real master
+        for cmd in (["reload"], ["stop"], ["stop", "--fast"], ["status"]):
+            r = upgraderd(*cmd, "--pidfile", str(d.pidfile))
+            assert r.returncode == 4, r
+            assert r.stderr == (f"upgraderd: no master is running: pid {pid} in {d.pidfile} does not "
+                                f"hold {d.pidfile}.lock (stale pidfile)\n")
+        assert not mark.exists()
+        assert d.status()["hups"] == 0 and "graceful stop" not in d.log()
+
+
+def test_pidfile_naming_another_instances_master_is_not_signalled(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with Daemon(tmp_path / "a", echo_config(free_port(), count=1)).start() as a, \
+            Daemon(tmp_path / "b", echo_config(free_port(), count=1)).start() as b:
+        a.pidfile.write_text(f"{b.pid}\n")
+        for cmd in (["reload"], ["stop"], ["status"]):
+            r = upgraderd(*cmd, "--pidfile", str(a.pidfile))
+            assert r.returncode == 4, r
+            assert f"pid {b.pid} in {a.pidfile} does not hold {a.pidfile}.lock" in r.stderr
+        assert b.status()["hups"] == 0 and "graceful stop" not in b.log()
+        assert a.status()["hups"] == 0
+        # B's own pidfile still reaches B: the check refuses strangers, not masters.
+        r = upgraderd("reload", "--pidfile", str(b.pidfile))
+        assert r.returncode == 0, r
+        assert r.stdout == "reload done: generation 2 ACTIVE\n"
+        r = upgraderd("stop", "--pidfile", str(b.pidfile))
+        assert r.returncode == 0 and r.stdout == f"stopped (pid {b.pid})\n", r
+        assert b.proc is not None and b.proc.wait(10) == 0
+        assert a.proc is not None and a.proc.poll() is None
+
+
+def test_hostile_config_on_reload_is_rejected_with_its_location(tmp_path: Path) -> None:
+    port = free_port()
+    cfg = echo_config(port, count=1)
+    with Daemon(tmp_path, cfg).start() as d:
+        text = d.config_path.read_text()
+        d.write_config(text.replace("app: echo", 'app: echo\n  env: {A: "x\\0y"}'))
+        r = upgraderd("check", "-c", str(d.config_path))
+        assert r.returncode == 1
+        located = r.stderr.splitlines()[0]
+        assert located.startswith(f"{d.config_path}:") and "workers.env" in located and "NUL" in located
+        r = upgraderd("reload", "--pidfile", str(d.pidfile))
+        assert r.returncode == 1
+        assert located in r.stderr
+        d.write_config(text)
+        assert upgraderd("reload", "--pidfile", str(d.pidfile)).returncode == 0
+        wait_until(lambda: d.status()["reloads"] == {"success": 1, "failed": 0, "rejected": 1}, 10,
+                   "the status file to count both reloads")
+        assert d.proc is not None and d.proc.poll() is None
+    assert d.proc.returncode == 0
