@@ -49,9 +49,9 @@ CASES = [
     ("non-ascii-host-scope", 'listeners:\n  - {name: w, port: 1, host: "fe80::1%\u0663"}\n' + W,
      "2:30: listeners[0].host", "is not an interface name"),
     ("surrogate-in-argv", L + 'workers: {command: ["/bin/true", "\\ud800"]}\n',
-     "3:20: workers.command", "has no byte encoding"),
+     "3:20: workers.command", "no UTF-8 encoding"),
     ("surrogate-in-env", L + 'workers: {app: echo, env: {A: "\\udfff"}}\n',
-     "3:27: workers.env", "has no byte encoding"),
+     "3:27: workers.env", "no UTF-8 encoding"),
     ("arabic-digit-user", L + "workers: {app: echo, user: \u0663}\n",
      "3:28: workers.user", "is not a user name or an ASCII number"),
     ("superscript-digit-group", L + "workers: {app: echo, group: \u00b2}\n",
@@ -163,8 +163,14 @@ def test_duration_bounds(value: object, seconds: float) -> None:
 
 
 def test_accepted_strings_survive_exec_encoding() -> None:
-    # Non-ASCII text and a surrogate-escaped byte (how Python spells a non-UTF-8 byte) are fine.
-    for s in ("caf\u00e9", "\udc80x", "\u0663"):
-        assert os.fsencode(validators.text(s))
+    for s in ("caf\u00e9", "\u0663", "\U0001f600"):
+        assert os.fsencode(validators.text(s)).decode("utf-8") == s
     argv = validators.argv([sys.executable, "caf\u00e9", 3, 1.5])
     assert argv == (sys.executable, "caf\u00e9", "3", "1.5")
+
+
+@pytest.mark.parametrize("s", ["\udc80x", "\ud800", "a\udfffb"])
+def test_every_surrogate_is_refused(s: str) -> None:
+    # '\udc80' is how Python spells a non-UTF-8 byte: exec takes it, a UTF-8 log file does not.
+    with pytest.raises(validators.Invalid, match="no UTF-8 encoding"):
+        validators.text(s)

@@ -77,10 +77,13 @@ def text(s: str) -> str:
         raise Invalid(f"{_show(s)} contains a NUL byte (\\0), which no path, argument, "
                       "variable or name can hold")
     try:
-        os.fsencode(s)
+        # Strict UTF-8, not os.fsencode: a surrogate-escaped byte ('\\udc80') would
+        # reach exec, but not a UTF-8 log file or terminal.
+        s.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise Invalid(f"{_show(s)} contains {s[e.start]!r} (character {e.start + 1}), which has "
-                      "no byte encoding; write the character itself, not a surrogate escape") from None
+        raise Invalid(f"{_show(s)} contains {s[e.start]!r} (character {e.start + 1}), a lone "
+                      "surrogate with no UTF-8 encoding; write the character itself, not a \\u "
+                      "escape of half of it") from None
     return s
 
 
