@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 from fakes import FakeClock, FakeNotify, FakeProcessAPI
 from upgraderd.config import schema as configmod
-from upgraderd.core.generation import GenerationState as G
+from upgraderd.core.generation import GenerationState as G, WorkerState as W
 from upgraderd.core.master import Master
 from upgraderd.errors import ConfigError
 
@@ -202,6 +202,8 @@ def settle(master: Master, procs: FakeProcessAPI, notify: FakeNotify, clock: Fak
             if mode == "http":
                 clock.advance(starting.config.ready.timeout)  # nothing answers a fake worker's probe
         for g in master.generations:
+            if g.state is G.ACTIVE and g.config.ready.mode == "notify":  # respawned workers
+                notify.ready(*[p for p, w in g.pids().items() if w.state is W.STARTING])
             if g.state in (G.DRAINING, G.FAILED):
                 for pid in g.pids():
                     if pid in procs.live():
@@ -209,6 +211,21 @@ def settle(master: Master, procs: FakeProcessAPI, notify: FakeNotify, clock: Fak
         master.step(set())
         if master.starting is None and all(g.state is G.ACTIVE for g in master.generations):
             return
+
+
+def crash_one(master: Master, procs: FakeProcessAPI, notify: FakeNotify, clock: FakeClock) -> None:
+    """Crash one worker of the ACTIVE generation and let the respawn back-off run its course."""
+    gen = master.active
+    if gen is None or not gen.pids():
+        return
+    restarts = master.stats.worker_restarts
+    procs.exit(next(iter(gen.pids())), code=1)
+    master.step(set())  # reaped: the slot backs off by restart.backoff (crash_loop 1 gives it up)
+    clock.advance(gen.config.restart.max_backoff + 0.001)
+    master.step(set())
+    expected = restarts + (1 if gen.config.restart.crash_loop > 1 else 0)
+    assert master.stats.worker_restarts == expected, (master.stats.worker_restarts, expected)
+    settle(master, procs, notify, clock)
 
 
 def run_sequence(workdir: Path, texts: list[str], tally: Tally) -> None:
@@ -230,6 +247,7 @@ def run_sequence(workdir: Path, texts: list[str], tally: Tally) -> None:
         tally.accepted += 1
         master.start()
         settle(master, procs, notify, clock)
+        crash_one(master, procs, notify, clock)
         for text in texts[1:]:
             if master.stopping:
                 return  # generation 1 failed (e.g. ready.timeout 0): the master stops, as it should
