@@ -329,10 +329,27 @@ def parse(text: str, path: str = "<string>") -> Config:
     return dataclasses.replace(cfg, path=path)
 
 
+# PyYAML's pure-Python parser takes seconds on a dense file near MAX_BYTES, in the
+# master's loop; libyaml takes a fifth of that. libyaml's error messages say less
+# ("did not find expected ','" without what it found), so a small file that fails
+# is parsed again in Python for the message.
+_FAST = yaml.CSafeLoader if getattr(yaml, "__with_libyaml__", False) else yaml.SafeLoader
+_RETRY_BELOW = 64 * 1024
+
+
 def _compose(text: str, path: str) -> yaml.Node | None:
     """Return the YAML node tree of `text`; raise a located ConfigError if it is not YAML."""
     try:
-        return yaml.compose(text, Loader=yaml.SafeLoader)
+        return _compose_with(text, path, _FAST)
+    except ConfigError:
+        if _FAST is yaml.SafeLoader or len(text) > _RETRY_BELOW:
+            raise
+    return _compose_with(text, path, yaml.SafeLoader)
+
+
+def _compose_with(text: str, path: str, loader: Any) -> yaml.Node | None:
+    try:
+        return yaml.compose(text, Loader=loader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
