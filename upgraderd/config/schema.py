@@ -19,14 +19,14 @@ import os
 import re
 import shutil
 import signal
-import stat
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import yaml
 
-from upgraderd.config import placeholders
+from upgraderd.config import placeholders, source
+from upgraderd.config.source import MAX_BYTES, MAX_VALUES  # noqa: F401 (part of this module's API)
 from upgraderd.system import probe
 from upgraderd.errors import ConfigError, SpawnError
 from upgraderd.system.process import privilege_argv
@@ -302,23 +302,15 @@ def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
 
 
-# A real config is a few kilobytes. Parsing is quadratic-ish in PyYAML and runs
-# in the master's loop on every reload, so a huge file must fail before parsing.
-MAX_BYTES = 1024 * 1024
-# Values in the document once every alias is expanded. A few hundred is usual;
-# aliases nested a few levels deep (a "billion laughs") reach billions.
-MAX_VALUES = 100_000
-
-
 def parse(text: str, path: str = "<string>") -> Config:
     """Parse and validate config text; raise ConfigError listing every problem."""
     if len(text) > MAX_BYTES:
-        raise ConfigError([_too_big(path, len(text), "characters")])
+        raise ConfigError([source.too_big(path, len(text), "characters")])
     loader = _Loader(path)
-    root = _compose(text, path)
+    root = source.compose(text, path)
     if root is None:
         raise ConfigError([f"{path}: the file is empty; it needs at least `listeners:`"])
-    _check_expansion(root, path)
+    source.check_expansion(root, path)
     cfg: Config | None = loader.section(Config, root, "")
     if cfg is not None:
         _check_workers(loader, root, cfg)
@@ -327,98 +319,6 @@ def parse(text: str, path: str = "<string>") -> Config:
         raise ConfigError(loader.problems)
     assert cfg is not None
     return dataclasses.replace(cfg, path=path)
-
-
-# PyYAML's pure-Python parser takes seconds on a dense file near MAX_BYTES, in the
-# master's loop; libyaml takes a fifth of that. libyaml's error messages say less
-# ("did not find expected ','" without what it found), so a small file that fails
-# is parsed again in Python for the message.
-_FAST = yaml.CSafeLoader if getattr(yaml, "__with_libyaml__", False) else yaml.SafeLoader
-_RETRY_BELOW = 64 * 1024
-
-
-def _compose(text: str, path: str) -> yaml.Node | None:
-    """Return the YAML node tree of `text`; raise a located ConfigError if it is not YAML."""
-    try:
-        return _compose_with(text, path, _FAST)
-    except ConfigError:
-        if _FAST is yaml.SafeLoader or len(text) > _RETRY_BELOW:
-            raise
-    return _compose_with(text, path, yaml.SafeLoader)
-
-
-def _compose_with(text: str, path: str, loader: Any) -> yaml.Node | None:
-    try:
-        return yaml.compose(text, Loader=loader)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
-        msg = e.problem or e.context or "invalid YAML"
-        if e.context and e.problem and e.context_mark:
-            msg += f" ({e.context} at {e.context_mark.line + 1}:{e.context_mark.column + 1})"
-        raise ConfigError([f"{where}: YAML syntax error: {msg}"]) from None
-    except yaml.reader.ReaderError as e:
-        line, col = _line_col(text, e.position)
-        raise ConfigError([f"{path}:{line}:{col}: YAML syntax error: character "
-                           f"{_show(chr(e.character) if isinstance(e.character, int) else e.character)} "
-                           f"is not allowed: {e.reason}"]) from None
-    except yaml.YAMLError as e:
-        raise ConfigError([f"{path}: YAML syntax error: {e}"]) from None
-    except RecursionError:
-        raise ConfigError([f"{path}: YAML syntax error: nested too deeply"]) from None
-
-
-def _too_big(path: str, size: int, unit: str) -> str:
-    return (f"{path}: the config is {size} {unit}; at most {MAX_BYTES} ({MAX_BYTES // 1024} KiB) "
-            "are read")
-
-
-def _check_expansion(root: yaml.Node, path: str) -> None:
-    """Raise a located ConfigError if aliases expand the document past MAX_VALUES or into a cycle."""
-    sizes: dict[int, int] = {}
-    on_path: set[int] = set()
-
-    def size(node: yaml.Node) -> int:
-        key = id(node)
-        if key in sizes:
-            return sizes[key]
-        if key in on_path:
-            raise _Located(node, "a YAML alias refers to a value that contains it")
-        on_path.add(key)
-        children: list[yaml.Node] = []
-        if isinstance(node, yaml.SequenceNode):
-            children = list(node.value)
-        elif isinstance(node, yaml.MappingNode):
-            children = [n for pair in node.value for n in pair]
-        total = 1
-        for child in children:
-            total += size(child)
-            if total > MAX_VALUES:
-                raise _Located(node, f"YAML aliases expand this value past {MAX_VALUES} values "
-                                     "(an alias bomb?); write the values out")
-        on_path.discard(key)
-        sizes[key] = total
-        return total
-
-    try:
-        size(root)
-    except _Located as e:
-        mark = e.node.start_mark
-        raise ConfigError([f"{path}:{mark.line + 1}:{mark.column + 1}: {e.message}"]) from None
-    except RecursionError:
-        raise ConfigError([f"{path}: YAML syntax error: nested too deeply"]) from None
-
-
-class _Located(Exception):
-    def __init__(self, node: yaml.Node, message: str) -> None:
-        super().__init__(message)
-        self.node, self.message = node, message
-
-
-def _line_col(text: str | bytes, offset: int) -> tuple[int, int]:
-    nl = "\n" if isinstance(text, str) else b"\n"
-    line = text.count(nl, 0, offset) + 1  # type: ignore[arg-type]
-    return line, offset - (text.rfind(nl, 0, offset) + 1) + 1  # type: ignore[arg-type]
 
 
 def _node_at(node: yaml.Node, *path: str | int) -> yaml.Node | None:
@@ -527,27 +427,4 @@ def _check_templates(loader: _Loader, root: yaml.Node, cfg: Config) -> None:
 
 def load(path: str) -> Config:
     """Read and validate the config file at `path`."""
-    try:
-        st = os.stat(path)
-        if stat.S_ISDIR(st.st_mode):
-            raise ConfigError([f"{path}: is a directory, not a config file"])
-        if not stat.S_ISREG(st.st_mode):
-            # Opening a FIFO would block `check` forever.
-            raise ConfigError([f"{path}: is not a regular file"])
-        if st.st_size > MAX_BYTES:
-            raise ConfigError([_too_big(path, st.st_size, "bytes")])
-        with open(path, "rb") as f:
-            raw = f.read(MAX_BYTES + 1)  # it may have grown since the stat
-        if len(raw) > MAX_BYTES:
-            raise ConfigError([_too_big(path, len(raw), "bytes or more")])
-    except FileNotFoundError:
-        raise ConfigError([f"{path}: no such file"]) from None
-    except OSError as e:
-        raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line, col = _line_col(raw, e.start)
-        raise ConfigError([f"{path}:{line}:{col}: cannot read: not UTF-8 text "
-                           f"(byte {raw[e.start]:#04x})"]) from None
-    return parse(text, path)
+    return parse(source.read_text(path), path)
