@@ -7,10 +7,12 @@ that the file's content and mode are exactly as before.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -197,3 +199,34 @@ def test_a_process_named_upgraderd_that_holds_no_lock_is_never_signalled(tmp_pat
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_an_unprivileged_client_proves_a_root_master_through_proc_locks() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the master's fds must be hidden from the client")
+    d = Path(tempfile.mkdtemp(prefix="upgraderd-identity-"))
+    try:
+        d.chmod(0o755)  # nobody may read the pidfile, not our fds
+        pidfile = d / "u.pid"
+        holder = PidFile(str(pidfile))
+        holder.acquire()
+        holder.write()
+        code = ("import sys; from upgraderd.service.pidfile import find_master, NotRunning\n"
+                "try: print(find_master(sys.argv[1]))\nexcept NotRunning as e: print(e)")
+        argv = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                sys.executable, "-c", code, str(pidfile)]
+        r = subprocess.run(argv, capture_output=True, text=True, cwd=Path(__file__).parents[2])
+        if r.returncode != 0:
+            pytest.skip(f"nobody cannot run {sys.executable}: {r.stderr[-200:]}")
+        assert r.stdout == f"{os.getpid()}\n"  # not through our fds: nobody cannot list them
+        sleeper = subprocess.Popen(["sleep", "60"])
+        try:
+            pidfile.write_text(f"{sleeper.pid}\n")  # a stale pidfile naming another root process
+            r = subprocess.run(argv, capture_output=True, text=True, cwd=Path(__file__).parents[2])
+            assert r.stdout.startswith(f"no master is running: pid {sleeper.pid} in {pidfile} does not hold")
+        finally:
+            sleeper.kill()
+            sleeper.wait()
+        holder.remove()
+    finally:
+        shutil.rmtree(d)
