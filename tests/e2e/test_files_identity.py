@@ -8,6 +8,7 @@ records every signal it gets in a file, which must stay absent.
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -140,22 +141,41 @@ def test_pidfile_naming_another_instances_master_is_not_signalled(tmp_path: Path
         assert a.proc is not None and a.proc.poll() is None
 
 
-def test_hostile_config_on_reload_is_rejected_with_its_location(tmp_path: Path) -> None:
+HOSTILE = [  # (edit of the working config, key path in the located error)
+    (("app: echo", 'app: echo\n  env: {A: "x\\0y"}'), "workers.env"),
+    (("app: echo", 'command: ["/bin/true", "a\\0b"]'), "workers.command"),
+    (("app: echo", 'app: echo\n  user: "\u0663"'), "workers.user"),
+    (("app: echo", 'app: echo\n  group: "\u00b2"'), "workers.group"),
+    (("timeout: 10s", "timeout: 1" + "0" * 400), "ready.timeout"),
+    (("timeout: 10s", "timeout: 99999999999999999999h"), "ready.timeout"),
+    (("host: 127.0.0.1", 'host: "::1%a\\0"'), "listeners[0].host"),
+]
+
+
+def echo_once(port: int) -> bytes:
+    """Send one line to the echo listener and return the reply."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        c.sendall(b"ping\n")
+        return c.recv(64)
+
+
+def test_hostile_configs_on_reload_are_rejected_with_checks_location(tmp_path: Path) -> None:
     port = free_port()
-    cfg = echo_config(port, count=1)
-    with Daemon(tmp_path, cfg).start() as d:
+    with Daemon(tmp_path, echo_config(port, count=1)).start() as d:
         text = d.config_path.read_text()
-        d.write_config(text.replace("app: echo", 'app: echo\n  env: {A: "x\\0y"}'))
-        r = upgraderd("check", "-c", str(d.config_path))
-        assert r.returncode == 1
-        located = r.stderr.splitlines()[0]
-        assert located.startswith(f"{d.config_path}:") and "workers.env" in located and "NUL" in located
-        r = upgraderd("reload", "--pidfile", str(d.pidfile))
-        assert r.returncode == 1
-        assert located in r.stderr
+        for (old, new), key in HOSTILE:
+            assert old in text
+            d.write_config(text.replace(old, new, 1))
+            r = upgraderd("check", "-c", str(d.config_path))
+            assert r.returncode == 1, (new, r)
+            located = r.stderr.splitlines()[0]
+            assert located.startswith(f"{d.config_path}:") and f": {key}: " in located, located
+            r = upgraderd("reload", "--pidfile", str(d.pidfile))
+            assert r.returncode == 1 and located in r.stderr, (new, r)
+            assert echo_once(port) == b"ping\n"
         d.write_config(text)
         assert upgraderd("reload", "--pidfile", str(d.pidfile)).returncode == 0
-        wait_until(lambda: d.status()["reloads"] == {"success": 1, "failed": 0, "rejected": 1}, 10,
-                   "the status file to count both reloads")
+        wait_until(lambda: d.status()["reloads"] == {"success": 1, "failed": 0, "rejected": len(HOSTILE)},
+                   10, "the status file to count every reload")
         assert d.proc is not None and d.proc.poll() is None
     assert d.proc.returncode == 0
