@@ -133,9 +133,9 @@ def test_client_commands_without_a_master(tmp_path):
     try:
         (tmp_path / "none.pid").write_text(f"{sleeper.pid}\n")
         r = upgraderd("stop", "--pidfile", pidfile)
-        assert r.returncode == 0 and "is not a live upgraderd (stale pidfile)" in r.stdout
+        assert r.returncode == 0 and f"does not hold {pidfile}.lock (stale pidfile)" in r.stdout
         r = upgraderd("reload", "--pidfile", pidfile)
-        assert r.returncode == 7 and "is not a live upgraderd (stale pidfile)" in r.stderr
+        assert r.returncode == 7 and f"does not hold {pidfile}.lock (stale pidfile)" in r.stderr
         assert sleeper.poll() is None
     finally:
         sleeper.kill()

@@ -31,7 +31,12 @@ that is invalid on reload changes nothing, and the running generation keeps serv
 prints every problem, each as `file:line:column: key.path: message`.
 
 - Unknown keys are errors, with a "did you mean" suggestion.
-- Durations are written `500ms`, `30s`, `2m` or `1h`; a bare number means seconds.
+- Durations are written `500ms`, `30s`, `2m` or `1h`; a bare number means seconds. The
+  longest is 8760h (a year).
+- Strings may not hold a NUL byte or a lone surrogate (`"\\0"`, `"\\ud800"`): no argv,
+  path or variable can carry them. A uid or gid is written in the ASCII digits 0-9.
+- The file may be at most 1 MiB, and YAML aliases may expand it to at most 100,000
+  values; both are checked before anything else.
 - Relative paths are taken relative to the directory of the config file.
 - Only `listeners` and one of `workers.app` / `workers.command` are required.
 

@@ -19,18 +19,18 @@ import os
 import re
 import shutil
 import signal
-import stat
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import yaml
 
-from upgraderd.config import placeholders
+from upgraderd.config import placeholders, source
+from upgraderd.config.source import MAX_BYTES, MAX_VALUES  # noqa: F401 (part of this module's API)
 from upgraderd.errors import ConfigError
 from upgraderd.config.validators import (
     REQUIRED, Invalid, Check, opt, integer, string, name, one_of,
-    host, duration, signal_name, argv, env_map, directory, file_path, PATH_CHECKS,
+    host, duration, signal_name, argv, env_map, directory, dir_path, file_path, PATH_CHECKS,
     user_name, group_name, listen_address, default_pidfile, _show, _did_you_mean, parse_url, worker_ids,
 )
 
@@ -107,7 +107,7 @@ class MetricsSpec:
 
     listen: str | None = opt("127.0.0.1:9108", listen_address,
                              "host:port of /metrics, /healthz and /readyz; null disables it.")
-    dir: str | None = opt(None, string, "Directory of the workers' metric files, wiped at start "
+    dir: str | None = opt(None, dir_path, "Directory of the workers' metric files, wiped at start "
                           "(default: a private temporary directory, removed at exit).")
 
 
@@ -261,7 +261,10 @@ class _Loader:
             return check(raw)
         except Invalid as e:
             self.fail(vnode, key, str(e))
-            return _BAD
+        except (ValueError, TypeError, OverflowError) as e:
+            # A validator that missed a case must still give a located error, not a traceback.
+            self.fail(vnode, key, f"{_show(raw)} is not allowed here ({type(e).__name__}: {e})")
+        return _BAD
 
     def listeners(self, node: yaml.Node, key: str) -> Any:
         if not isinstance(node, yaml.SequenceNode) or not node.value:
@@ -307,10 +310,13 @@ def _join(prefix: str, key: str) -> str:
 
 def parse(text: str, path: str = "<string>") -> Config:
     """Parse and validate config text; raise ConfigError listing every problem."""
+    if len(text) > MAX_BYTES:
+        raise ConfigError([source.too_big(path, len(text), "characters")])
     loader = _Loader(path)
-    root = _compose(text, path)
+    root = source.compose(text, path)
     if root is None:
         raise ConfigError([f"{path}: the file is empty; it needs at least `listeners:`"])
+    source.check_expansion(root, path)
     cfg: Config | None = loader.section(Config, root, "")
     if cfg is not None:
         _check_workers(loader, root, cfg)
@@ -319,34 +325,6 @@ def parse(text: str, path: str = "<string>") -> Config:
         raise ConfigError(loader.problems)
     assert cfg is not None
     return dataclasses.replace(cfg, path=path)
-
-
-def _compose(text: str, path: str) -> yaml.Node | None:
-    """Return the YAML node tree of `text`; raise a located ConfigError if it is not YAML."""
-    try:
-        return yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
-        msg = e.problem or e.context or "invalid YAML"
-        if e.context and e.problem and e.context_mark:
-            msg += f" ({e.context} at {e.context_mark.line + 1}:{e.context_mark.column + 1})"
-        raise ConfigError([f"{where}: YAML syntax error: {msg}"]) from None
-    except yaml.reader.ReaderError as e:
-        line, col = _line_col(text, e.position)
-        raise ConfigError([f"{path}:{line}:{col}: YAML syntax error: character "
-                           f"{_show(chr(e.character) if isinstance(e.character, int) else e.character)} "
-                           f"is not allowed: {e.reason}"]) from None
-    except yaml.YAMLError as e:
-        raise ConfigError([f"{path}: YAML syntax error: {e}"]) from None
-    except RecursionError:
-        raise ConfigError([f"{path}: YAML syntax error: nested too deeply"]) from None
-
-
-def _line_col(text: str | bytes, offset: int) -> tuple[int, int]:
-    nl = "\n" if isinstance(text, str) else b"\n"
-    line = text.count(nl, 0, offset) + 1  # type: ignore[arg-type]
-    return line, offset - (text.rfind(nl, 0, offset) + 1) + 1  # type: ignore[arg-type]
 
 
 def _node_at(node: yaml.Node, *path: str | int) -> yaml.Node | None:
@@ -435,6 +413,9 @@ def _check_templates(loader: _Loader, root: yaml.Node, cfg: Config) -> None:
     if cfg.ready.url is not None:
         unode = _node_at(root, "ready", "url") or _node_at(root, "ready") or root
         found = placeholders.problems(cfg.ready.url, cfg)
+        if any(c.isspace() or not c.isprintable() for c in cfg.ready.url):
+            found.append(f"{_show(cfg.ready.url)} contains whitespace or a control character; "
+                         "percent-encode it")
         if not found:
             sample = placeholders.values(cfg, 0, 1, probe_port=1)
             try:
@@ -456,23 +437,4 @@ def _check_templates(loader: _Loader, root: yaml.Node, cfg: Config) -> None:
 
 def load(path: str) -> Config:
     """Read and validate the config file at `path`."""
-    try:
-        st = os.stat(path)
-        if stat.S_ISDIR(st.st_mode):
-            raise ConfigError([f"{path}: is a directory, not a config file"])
-        if not stat.S_ISREG(st.st_mode):
-            # Opening a FIFO would block `check` forever.
-            raise ConfigError([f"{path}: is not a regular file"])
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise ConfigError([f"{path}: no such file"]) from None
-    except OSError as e:
-        raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line, col = _line_col(raw, e.start)
-        raise ConfigError([f"{path}:{line}:{col}: cannot read: not UTF-8 text "
-                           f"(byte {raw[e.start]:#04x})"]) from None
-    return parse(text, path)
+    return parse(source.read_text(path), path)

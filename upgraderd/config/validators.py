@@ -64,7 +64,27 @@ def string(v: Any) -> str:
     """string"""
     if not isinstance(v, str) or not v:
         raise Invalid(f"expected a non-empty string, got {_show(v)}")
-    return v
+    return text(v)
+
+
+def text(s: str) -> str:
+    """Return `s` if the OS can take it as a path, argument or variable; raise Invalid.
+
+    YAML's escapes can write a NUL or a lone surrogate. Both pass every other
+    check and then make exec, open or bind raise ValueError, far from here.
+    """
+    if "\0" in s:
+        raise Invalid(f"{_show(s)} contains a NUL byte (\\0), which no path, argument, "
+                      "variable or name can hold")
+    try:
+        # Strict UTF-8, not os.fsencode: a surrogate-escaped byte ('\\udc80') would
+        # reach exec, but not a UTF-8 log file or terminal.
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise Invalid(f"{_show(s)} contains {s[e.start]!r} (character {e.start + 1}), a lone "
+                      "surrogate with no UTF-8 encoding; write the character itself, not a \\u "
+                      "escape of half of it") from None
+    return s
 
 
 def name(v: Any) -> str:
@@ -92,23 +112,37 @@ def host(v: Any) -> str:
         ipaddress.ip_address(s)
     except ValueError:
         raise Invalid(f"{_show(v)} is not an IPv4 or IPv6 address") from None
+    # ipaddress takes any text after '%' as an IPv6 scope; bind() wants an interface name.
+    _, pct, scope = s.partition("%")
+    if pct and not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", scope):
+        raise Invalid(f"{_show(v)}: {_show(scope)} is not an interface name (IPv6 scope)")
     return s
 
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+# A year: longer than any drain, ready or back-off wait that makes sense, and
+# small enough that deadlines computed from it stay exact floats.
+MAX_DURATION = 365 * 24 * 3600.0
 
 
 def duration(v: Any) -> float:
-    """duration: 500ms, 30s, 2m, 1h (a bare number means seconds)"""
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
+    """duration: 500ms, 30s, 2m, 1h (a bare number means seconds), at most 8760h"""
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise Invalid(f"{_show(v)} is not a duration; write e.g. 500ms, 30s or 2m")
+    if isinstance(v, int) and abs(v) > MAX_DURATION:
+        # Decided on the int: float(v) raises OverflowError past 1e308.
+        secs = MAX_DURATION * 2 if v > 0 else -1.0
+    elif isinstance(v, (int, float)):
         secs = float(v)
     else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*", str(v))
+        m = re.fullmatch(r"\s*([0-9]{1,30}(?:\.[0-9]{1,30})?)\s*(ms|s|m|h)\s*", v)
         if not m:
             raise Invalid(f"{_show(v)} is not a duration; write e.g. 500ms, 30s or 2m")
         secs = float(m.group(1)) * _UNITS[m.group(2)]
     if secs < 0 or not math.isfinite(secs):
         raise Invalid(f"{_show(v)} is not a duration >= 0; write e.g. 500ms, 30s or 2m")
+    if secs > MAX_DURATION:
+        raise Invalid(f"{_show(v)} is too long; allowed: 0 .. {MAX_DURATION:g}s (8760h, a year)")
     return secs
 
 
@@ -135,6 +169,11 @@ def argv(v: Any) -> tuple[str, ...]:
         raise Invalid(f"expected a list of strings, got {_show(v)}")
     if not parts:
         raise Invalid("the command is empty")
+    for i, part in enumerate(parts):
+        try:
+            text(part)
+        except Invalid as e:
+            raise Invalid(f"argument {i}: {e}") from None
     return tuple(parts)
 
 
@@ -149,6 +188,10 @@ def env_map(v: Any) -> dict[str, str]:
         if isinstance(val, (dict, list)) or val is None:
             raise Invalid(f"the value of {k} must be a string, got {_show(val)}")
         out[k] = str(val).lower() if isinstance(val, bool) else str(val)
+        try:
+            text(out[k])
+        except Invalid as e:
+            raise Invalid(f"the value of {k}: {e}") from None
     return out
 
 
@@ -171,6 +214,14 @@ def file_path(v: Any) -> str:
     return s
 
 
+def dir_path(v: Any) -> str:
+    """path of a directory (created if missing)"""
+    s = string(v)
+    if os.path.lexists(s) and not os.path.isdir(s):
+        raise Invalid(f"{_show(v)} exists and is not a directory")
+    return s
+
+
 # Validators whose value is a path: a relative one is taken relative to the
 # config file's directory, so the meaning of a config does not depend on the
 # master's working directory (which is / in daemon mode).
@@ -179,21 +230,35 @@ PATH_CHECKS: tuple[Check, ...] = (directory, file_path)
 
 def user_name(v: Any) -> str:
     """name (or uid) of an existing user"""
-    s = str(v) if isinstance(v, int) and not isinstance(v, bool) else string(v)
+    s = _account(v, "user")
     try:
-        pwd.getpwuid(int(s)) if s.isdigit() else pwd.getpwnam(s)
-    except KeyError:
+        pwd.getpwuid(int(s)) if is_id(s) else pwd.getpwnam(s)
+    except (KeyError, OverflowError):
         raise Invalid(f"no such user: {_show(v)}") from None
     return s
 
 
 def group_name(v: Any) -> str:
     """name (or gid) of an existing group"""
-    s = str(v) if isinstance(v, int) and not isinstance(v, bool) else string(v)
+    s = _account(v, "group")
     try:
-        grp.getgrgid(int(s)) if s.isdigit() else grp.getgrnam(s)
-    except KeyError:
+        grp.getgrgid(int(s)) if is_id(s) else grp.getgrnam(s)
+    except (KeyError, OverflowError):
         raise Invalid(f"no such group: {_show(v)}") from None
+    return s
+
+
+def is_id(s: str) -> bool:
+    """Return True if `s` is a numeric uid or gid: ASCII digits only."""
+    # str.isdigit() is also true for '٣' and '²', which int() reads as 3 or rejects.
+    return s.isascii() and s.isdigit()
+
+
+def _account(v: Any, what: str) -> str:
+    s = str(v) if isinstance(v, int) and not isinstance(v, bool) else string(v)
+    if s.isdigit() and not is_id(s):
+        raise Invalid(f"{_show(v)} is not a {what} name or an ASCII number; write the "
+                      f"{'uid' if what == 'user' else 'gid'} in the digits 0-9")
     return s
 
 
@@ -204,7 +269,7 @@ def listen_address(v: Any) -> str | None:
     if isinstance(v, int) and not isinstance(v, bool):
         raise Invalid(f"{v} is not host:port; write e.g. 127.0.0.1:{v}")
     s = string(v)
-    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([0-9.]+|localhost):(\d+)", s)
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:([0-9]{1,5})|([0-9.]+|localhost):([0-9]{1,5})", s)
     if not m:
         raise Invalid(f"{_show(v)} is not host:port (write IPv6 as [::1]:9108)")
     hostpart = m.group(1) or m.group(3)

@@ -1,7 +1,8 @@
 """Talk to a running master from another process: reload, upgrade, scale, reopen, stop, status.
 
 The master is found through its pidfile (pidfile.find_master checks that the
-pid is a live upgraderd before anything is sent to it) and observed through
+pid holds the pidfile's lock, and pidfile.send_signal checks it again through
+a pidfd, so nothing is ever sent to a process that is not that master) and observed through
 its status file (status.py). These are short-lived client commands, so they
 may wait: they watch the master's pid with a pidfd, which becomes readable
 the moment the master exits, and re-read the status file between waits.
@@ -19,7 +20,7 @@ from typing import Any
 
 from upgraderd.errors import ExitCode
 from upgraderd.service import status
-from upgraderd.service.pidfile import NotRunning, find_master, is_upgraderd
+from upgraderd.service.pidfile import NotRunning, alive, find_master, send_signal
 
 POLL = 0.05
 
@@ -56,7 +57,7 @@ def reload(pidfile: str, timeout: float, config: str | None = None) -> int:
     if foreign:
         print(f"upgraderd: {foreign}", file=sys.stderr)
         return ExitCode.FAILED
-    os.kill(pid, signal.SIGHUP)
+    send_signal(pidfile, pid, signal.SIGHUP)
     doc = _wait(pid, timeout, lambda d: d["last_reload"]["covers"] > before["hups"], path)
     if doc is None:
         return _no_outcome(pid, timeout, "reload")
@@ -77,7 +78,7 @@ def upgrade(pidfile: str, timeout: float, config: str | None = None) -> int:
     # USR2 does not count as a HUP, so the outcome is the next settled reload
     # of any kind: success or failure after the exec, a refusal, a failed exec.
     settled = sum(before["reloads"].values())
-    os.kill(pid, signal.SIGUSR2)
+    send_signal(pidfile, pid, signal.SIGUSR2)
     doc = _wait(pid, timeout, lambda d: sum(d["reloads"].values()) > settled, path)
     if doc is None:
         return _no_outcome(pid, timeout, "upgrade")
@@ -121,14 +122,14 @@ def scale(pidfile: str, delta: int, timeout: float) -> int:
     for want in range(count + step, count + delta + step, step):
         # One signal at a time: the kernel merges a pending signal with a second
         # one of the same number, so a burst of TTINs could add a single worker.
-        os.kill(pid, sig)
+        send_signal(pidfile, pid, sig)
         done = _wait(pid, max(0.0, end - time.monotonic()),
                      lambda d: _serving_slots(d) == (number, want), path)
         if done is None:
             print(f"upgraderd: generation {number} did not reach {want} worker(s) within "
                   f"{timeout:g}s (a reload since? `upgraderd status` shows where it is)",
                   file=sys.stderr)
-            return ExitCode.TIMEOUT if is_upgraderd(pid) else ExitCode.FAILED
+            return ExitCode.TIMEOUT if alive(pid) else ExitCode.FAILED
     print(f"scaled generation {number}: {count} -> {count + delta} workers "
           "(the next reload goes back to workers.count)")
     return ExitCode.OK
@@ -137,13 +138,13 @@ def scale(pidfile: str, delta: int, timeout: float) -> int:
 def reopen(pidfile: str) -> int:
     """Send SIGUSR1: the master reopens its log file."""
     pid = find_master(pidfile)
-    os.kill(pid, signal.SIGUSR1)
+    send_signal(pidfile, pid, signal.SIGUSR1)
     print(f"sent SIGUSR1 to master pid {pid}: it reopens its log file")
     return ExitCode.OK
 
 
 def _no_outcome(pid: int, timeout: float, what: str) -> int:
-    if not is_upgraderd(pid):
+    if not alive(pid):
         print(f"upgraderd: the master (pid {pid}) exited during the {what}", file=sys.stderr)
         return ExitCode.FAILED
     print(f"upgraderd: no {what} outcome within {timeout:g}s; `upgraderd status` shows "
@@ -154,10 +155,10 @@ def _no_outcome(pid: int, timeout: float, what: str) -> int:
 def stop(pidfile: str, fast: bool, timeout: float) -> int:
     """Send SIGTERM (graceful) or SIGINT (fast) and wait until the master has exited."""
     pid = find_master(pidfile)
-    os.kill(pid, signal.SIGINT if fast else signal.SIGTERM)
+    send_signal(pidfile, pid, signal.SIGINT if fast else signal.SIGTERM)
     end = time.monotonic() + timeout
     with _PidWatch(pid) as watch:
-        while is_upgraderd(pid):
+        while alive(pid):
             if time.monotonic() >= end:
                 print(f"upgraderd: pid {pid} is still draining after {timeout:g}s", file=sys.stderr)
                 return ExitCode.TIMEOUT
@@ -188,7 +189,7 @@ def _wait(pid: int, timeout: float, done: Any, path: str) -> dict[str, Any] | No
             doc = status.read(path)
             if doc is not None and doc.get("pid") == pid and done(doc):
                 return doc
-            if not is_upgraderd(pid) or time.monotonic() >= end:
+            if not alive(pid) or time.monotonic() >= end:
                 return None
             watch.wait(POLL)
 

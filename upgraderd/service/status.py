@@ -4,7 +4,10 @@ Design note: another process must see the master's generations and the
 outcome of the last reload. The master writes a small JSON document next to
 its pidfile (`PIDFILE.status.json`) whenever that state changes, atomically
 (temporary file, then rename), so a reader sees a whole document or the
-previous one. The alternative, a control socket served from the master's
+previous one. The temporary file has a random name and is created with
+O_EXCL|O_NOFOLLOW (pidfile.write_atomic), so nothing planted next to it is
+followed; readers open it with O_NOFOLLOW and refuse anything but a regular
+file. The alternative, a control socket served from the master's
 selector, would add a protocol and a client/server pair to the master for
 what one file write per change gives. Times in the file are wall-clock
 seconds, so a reader computes ages itself and the file does not change while
@@ -25,7 +28,10 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from upgraderd import __version__
-from upgraderd.service.pidfile import write_atomic
+from upgraderd.service.pidfile import read_regular, write_atomic
+
+# Far above any real document (a few KB per generation): a bigger file is not ours.
+MAX_BYTES = 4 * 1024 * 1024
 
 if TYPE_CHECKING:
     from upgraderd.core.snapshot import Snapshot
@@ -64,10 +70,12 @@ def write(path: str, data: dict[str, Any]) -> None:
 
 def read(path: str) -> dict[str, Any] | None:
     """Return the status document at `path`, or None if there is none."""
+    raw = read_regular(path, MAX_BYTES)
+    if raw is None or len(raw) >= MAX_BYTES:
+        return None
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError):
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 
