@@ -163,6 +163,7 @@ class Master:
             "NOTIFY_SOCKET": self.notify.address,
             "UPGRADERD_GENERATION": str(gen.number), "UPGRADERD_SLOT": str(slot),
             "UPGRADERD_DRAIN_SIGNAL": gen.config.drain.signal,
+            "UPGRADERD_HANDOFF": gen.config.drain.handoff,
             "UPGRADERD_THREADS": str(w.threads),
         })
         if self.telemetry is not None:

@@ -1,0 +1,139 @@
+"""Hand-off for the built-in workers: take connections while serving, give them at drain.
+
+With `drain.handoff: auto` (UPGRADERD_HANDOFF=auto) a built-in worker opens
+its hand-off channel before READY=1 and adopts whatever connection an older
+worker (or a retiring sibling) commits to it. When it drains, it offers every
+connection it can move to the newest generation, round-robin over its
+workers, instead of waiting for the connection to end. A connection moves:
+- only between requests: the protocol says when (`Movable.handoff_state()`
+  returns None while a request is half read), and the move is retried on
+  every loop pass until then;
+- after the loop stopped reading it (it is unregistered first), with the
+  output not yet sent and the bytes read but not handled;
+- for good only once the taker acknowledged; if the taker refuses, stays
+  silent or dies, the connection is registered again and drained as before.
+When no taker is left, every remaining connection is drained as before.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from upgraderd.worker import handoff
+
+if TYPE_CHECKING:
+    from upgraderd.apps.server import Conn, Server
+
+
+@runtime_checkable
+class Movable(Protocol):
+    """A connection protocol whose connections can move to another worker."""
+
+    def handoff_state(self) -> tuple[bytes, bytes] | None:
+        """Return (state blob, bytes read but not handled), or None while it cannot move."""
+
+    def restore(self, state: bytes) -> None:
+        """Take over the state blob of a connection that moved here."""
+
+
+class Moves:
+    """The hand-off side of one `Server`."""
+
+    def __init__(self, server: Server, take: bool) -> None:
+        self.server = server
+        self.take = take
+        self.taker: handoff.Taker | None = None
+        self.giver: handoff.Giver | None = None
+
+    def open(self) -> None:
+        """Open this worker's channel (before READY=1); without it, we only give."""
+        if not self.take:
+            return
+        try:
+            self.taker = handoff.Taker(list(self.server.listeners))
+        except OSError as e:
+            # Another process holds our name (abstract names are global): take nothing.
+            print(f"upgraderd worker: hand-off channel unavailable, taking no connections: {e}",
+                  file=sys.stderr)
+            self.server.metrics.handoff_failed("channel_in_use")
+            return
+        self.server.register_taker(self.taker)
+
+    def poll(self) -> None:
+        """Adopt what the channel committed to us, and settle its timeouts."""
+        if self.taker is not None:
+            for moved in self.taker.poll():
+                self.server.adopt(moved)
+            self._count(self.taker.failures)
+
+    def start_giving(self) -> None:
+        """We drain: stop taking, find the takers and move every connection we can."""
+        if self.taker is not None:
+            self.server.unregister_taker(self.taker)
+            for moved in self.taker.close():
+                self.server.adopt(moved)
+            self._count(self.taker.failures)
+            self.taker = None
+        self.giver = handoff.Giver()
+        self.giver.find()
+        self.give_ready()
+
+    @property
+    def giving(self) -> bool:
+        """Return True while connections should wait to be given rather than drained."""
+        return self.giver is not None and self.giver.targets > 0
+
+    def give_ready(self) -> None:
+        """Give every connection that can move now; drain the rest once no taker is left."""
+        if self.giver is None:
+            return
+        for conn in list(self.server.conns.values()):
+            if not self.giving:
+                break
+            if not conn.stay:
+                self._give(conn)
+        self._count(self.giver.failures)
+        if not self.giving:
+            for conn in self.server.conns.values():
+                self._stay(conn)
+
+    def close(self) -> None:
+        """Release the channel sockets at exit."""
+        if self.giver is not None:
+            self.giver.close()
+        if self.taker is not None:
+            self.taker.close()
+
+    def _give(self, conn: Conn) -> None:
+        proto = conn.proto
+        if not isinstance(proto, Movable):
+            self._stay(conn)
+            return
+        if conn.sock.fileno() < 0 or conn.eof or proto.closing():
+            return
+        moving = proto.handoff_state()
+        if moving is None:
+            return  # a request is half read: try again on a later pass
+        assert self.giver is not None
+        server = self.server
+        if conn.events:
+            server.sel.unregister(conn.sock)  # stop reading before offering
+        if self.giver.give(handoff.Handed(conn.sock, conn.listener, moving[0], moving[1], bytes(conn.out))):
+            server.handed_off(conn)
+            return
+        if conn.events:
+            server.sel.register(conn.sock, conn.events, conn)
+        if not self.giving:
+            self._stay(conn)
+
+    def _stay(self, conn: Conn) -> None:
+        """Serve `conn` on here and drain it as a worker without hand-off would."""
+        if not conn.stay:
+            conn.stay = True
+            conn.proto.drain()
+
+    def _count(self, failures: dict[str, int]) -> None:
+        for reason, n in failures.items():
+            self.server.metrics.handoff_failed(reason, n)
+        failures.clear()
