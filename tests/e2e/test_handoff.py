@@ -1,0 +1,192 @@
+"""Hand-off of live connections: real daemon, real clients, real signals (issue 9, part 1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import sys
+
+import pytest
+
+from daemon import ROOT, Daemon, alive, echo_config, free_port, wait_until
+from persistent import Streams, worker_connections
+from scrape import scrape, value
+from upgraderd.worker import peers
+
+pytestmark = pytest.mark.e2e
+
+
+def generation_workers(d: Daemon, generation: int) -> dict[int, int]:
+    """Return {slot: pid} of the master's live workers of `generation`."""
+    out = {}
+    for pid in d.workers():
+        env = dict(e.split("=", 1) for e in _environ(pid) if "=" in e)
+        if env.get("UPGRADERD_GENERATION") == str(generation):
+            out[int(env["UPGRADERD_SLOT"])] = pid
+    return out
+
+
+def _environ(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def counter(cfg: dict[str, object], name: str, **labels: str) -> float:
+    """Return one sample of the daemon's metrics, 0 if the series does not exist yet."""
+    try:
+        return value(scrape(cfg), name, **labels)  # type: ignore[arg-type]
+    except KeyError:
+        return 0.0
+
+
+def retired_after(log: str) -> list[float]:
+    return [float(x) for x in re.findall(r"DRAINING -> RETIRED after ([0-9.]+)s", log)]
+
+
+def test_persistent_echo_connections_move_across_three_hups(tmp_path):
+    port = free_port()
+    cfg = echo_config(port)
+    with Daemon(tmp_path, cfg).start() as d:
+        streams = Streams(port, 16).start()
+        assert streams.wait_ok(200)
+        for n in (2, 3, 4):
+            d.hup()
+            d.wait_log(rf"reload done: generation {n} ACTIVE")
+            d.wait_log(rf"generation {n - 1} DRAINING -> RETIRED")
+            assert streams.wait_ok(streams.result.ok + 160)
+        result = streams.stop()
+        assert result.failures == {}, result.examples
+        assert result.ports_kept
+        # Every connection moved at every reload, and the old generation left at once.
+        wait_until(lambda: counter(cfg, "upgraderd_connections_taken_over_total", listener="echo") == 48,
+                   10, "48 connections taken over")
+        assert counter(cfg, "upgraderd_connections_handed_off_total", listener="echo") == 48
+        assert all(t < 2.0 for t in retired_after(d.log())), d.log()
+        assert "SIGKILL" not in d.log()
+
+
+def test_keepalive_http_connections_move_between_requests(tmp_path):
+    port = free_port()
+    cfg = echo_config(port, workers={"count": 2, "app": "http"})
+    with Daemon(tmp_path, cfg).start() as d:
+        streams = Streams(port, 8, kind="http").start()
+        assert streams.wait_ok(100)
+        for n in (2, 3):
+            d.hup()
+            d.wait_log(rf"reload done: generation {n} ACTIVE")
+            d.wait_log(rf"generation {n - 1} DRAINING -> RETIRED")
+        before = sum(v for k, v in streams.result.bodies.items() if k.startswith("generation=3 "))
+        assert streams.wait_ok(streams.result.ok + 80)
+        result = streams.stop()
+        assert result.failures == {}, result.examples
+        assert result.reconnects == 0  # moved, not closed with `Connection: close`
+        assert sum(v for k, v in result.bodies.items() if k.startswith("generation=3 ")) > before
+        assert counter(cfg, "upgraderd_connections_handed_off_total", listener="echo") == 16
+
+
+def test_a_receiver_killed_mid_handoff_loses_nothing(tmp_path):
+    port = free_port()
+    cfg = echo_config(port, count=2, ready={"mode": "delay", "after": "2s", "timeout": "10s"})
+    with Daemon(tmp_path, cfg).start() as d:
+        streams = Streams(port, 12).start()
+        assert streams.wait_ok(100)
+        d.hup()
+        # Gen 2 is alive with its channels open but not ACTIVE yet (ready after 2 s):
+        # stop slot 0 so that it accepts the channel connection and never answers.
+        wait_until(lambda: len([c for c in peers.listening_channels(d.pid) if c.generation == 2]) == 2,
+                   10, "both gen-2 channels")
+        victim = generation_workers(d, 2)[0]
+        os.kill(victim, signal.SIGSTOP)
+        d.wait_log(r"generation 1 ACTIVE -> DRAINING")
+        os.kill(victim, signal.SIGKILL)  # mid-hand-off: the givers are offering or waiting on it
+        d.wait_log(r"generation 1 DRAINING -> RETIRED")
+        assert streams.wait_ok(streams.result.ok + 120)
+        result = streams.stop()
+        assert result.failures == {}, result.examples
+        assert result.ports_kept
+        lost = counter(cfg, "upgraderd_handoff_failures_total", reason="timeout") + \
+            counter(cfg, "upgraderd_handoff_failures_total", reason="taker_gone")
+        assert lost >= 1
+        wait_until(lambda: counter(cfg, "upgraderd_connections_taken_over_total", listener="echo") == 12,
+                   10, "all 12 connections taken by the surviving worker")
+        assert not alive(victim)
+
+
+def test_a_stranger_and_garbage_on_the_channel_are_refused_and_counted(tmp_path):
+    port = free_port()
+    out = tmp_path / "garbage.json"
+    cmd = {"count": 2, "command": [sys.executable, str(ROOT / "tests/fixtures/handoff_garbage.py"), str(out)]}
+    cfg = echo_config(port, count=2, workers=cmd)
+    with Daemon(tmp_path, cfg).start() as d:
+        cfg = {**cfg, "workers": {"count": 2, "app": "echo"}}
+        d.write_config(cfg)
+        d.hup()
+        d.wait_log(r"reload done: generation 2 ACTIVE")
+        d.wait_log(r"generation 1 DRAINING -> RETIRED")
+        seen = json.loads(out.read_text())
+        assert len(seen) == 5 and all(seen.values()), seen
+        # A stranger (this test process: not a worker of the master) is refused at once.
+        takers = [c for c in peers.listening_channels(d.pid) if c.generation == 2]
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+            s.settimeout(5)
+            s.connect(peers.address(takers[0].name))
+            s.send(b"let me in")
+            try:
+                assert s.recv(100) == b""
+            except ConnectionResetError:
+                pass  # closed with our message unread: refused all the same
+        # Both gen-1 workers sent the same 5 malformed messages.
+        wait_until(lambda: counter(cfg, "upgraderd_handoff_failures_total", reason="malformed") == 10,
+                   10, "10 malformed messages counted")
+        wait_until(lambda: counter(cfg, "upgraderd_handoff_failures_total", reason="untrusted_giver") == 1,
+                   10, "the stranger counted")
+        # The takers survived and still serve.
+        assert set(generation_workers(d, 2)) == {0, 1}
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+            c.sendall(b"still here")
+            assert c.recv(100) == b"still here"
+
+
+def test_a_retiring_slot_hands_its_connections_to_its_siblings(tmp_path):
+    port = free_port()
+    cfg = echo_config(port, count=3)
+    with Daemon(tmp_path, cfg).start() as d:
+        streams = Streams(port, 24).start()
+        assert streams.wait_ok(200)
+        retiring = generation_workers(d, 1)[2]
+        held = worker_connections({retiring}, port)[retiring]
+        d.send(signal.SIGTTOU)
+        d.wait_log(r"generation 1 slot 2: retired")
+        assert streams.wait_ok(streams.result.ok + 200)
+        result = streams.stop()
+        assert result.failures == {}, result.examples
+        assert result.ports_kept
+        assert held > 0
+        assert counter(cfg, "upgraderd_connections_handed_off_total", listener="echo") == held
+        assert "exit code 0" in d.log().split("slot 2: retired")[1].splitlines()[0]
+
+
+def test_handoff_off_drains_as_before(tmp_path):
+    port = free_port()
+    cfg = echo_config(port, count=2, drain={"timeout": "10s", "handoff": "off"})
+    with Daemon(tmp_path, cfg).start() as d:
+        streams = Streams(port, 8).start()
+        assert streams.wait_ok(100)
+        old = set(generation_workers(d, 1).values())
+        d.hup()
+        d.wait_log(r"reload done: generation 2 ACTIVE")
+        assert peers.listening_channels(d.pid) == []
+        # An echo stream never goes idle: without hand-off the old workers keep their clients.
+        assert streams.wait_ok(streams.result.ok + 100)
+        assert all(alive(p) for p in old)
+        assert "generation 1 DRAINING -> RETIRED" not in d.log()
+        result = streams.stop()
+        d.wait_log(r"generation 1 DRAINING -> RETIRED")
+        assert result.failures == {}, result.examples
+        assert counter(cfg, "upgraderd_connections_handed_off_total", listener="echo") == 0
