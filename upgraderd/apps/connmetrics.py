@@ -30,6 +30,9 @@ import threading
 from typing import Any
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Every reason a hand-off can fail for (docs/metrics.md); each series starts at 0.
+HANDOFF_FAILURES = ("refused", "timeout", "taker_gone", "untrusted_taker", "malformed_reply", "too_large",
+                    "untrusted_giver", "malformed", "abandoned", "stalled_giver", "busy", "channel_in_use")
 
 
 class ConnectionMetrics:
@@ -158,6 +161,8 @@ class _Sink:
                 c.labels(name)
             self.active.labels(name, "active").set(0)
             self.active.labels(name, "draining").set(0)
+        for reason in HANDOFF_FAILURES:
+            self.failures.labels(reason)
 
     def write(self, listener: str, deltas: list[int], gauge: dict[str, int]) -> None:
         for counter, delta in zip(self.counters, deltas):

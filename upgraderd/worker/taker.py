@@ -123,8 +123,8 @@ class Taker:
             except OSError:
                 conn.close()
                 continue
-            if not self.accepting or not self.trust(peer):
-                self.failures["untrusted_giver" if self.accepting else "draining"] += 1
+            if not self.trust(peer):
+                self.failures["untrusted_giver"] += 1
                 conn.close()
                 continue
             conn.setblocking(False)

@@ -67,8 +67,9 @@ def encode_offer(listener: str, state: bytes, unhandled: bytes, unsent: bytes) -
     head = MAGIC + OFFER + _OFFER_HEAD.pack(len(name), len(state), len(unhandled), len(unsent)) + name
     first = max(0, CHUNK - len(head))
     msgs = [head + payload[:first]]
-    for i in range(first, len(payload), CHUNK):
-        msgs.append(MAGIC + DATA + payload[i:i + CHUNK])
+    step = CHUNK - len(MAGIC) - 1
+    for i in range(first, len(payload), step):
+        msgs.append(MAGIC + DATA + payload[i:i + step])
     return msgs
 
 
