@@ -190,3 +190,59 @@ def test_handoff_off_drains_as_before(tmp_path):
         d.wait_log(r"generation 1 DRAINING -> RETIRED")
         assert result.failures == {}, result.examples
         assert counter(cfg, "upgraderd_connections_handed_off_total", listener="echo") == 0
+
+
+def example_config(name: str, port: int) -> dict[str, object]:
+    """Return config/examples/<name>.yaml on a free port, run by this interpreter."""
+    import yaml
+    cfg = yaml.safe_load((ROOT / "config" / "examples" / f"{name}.yaml").read_text())
+    cfg["listeners"][0]["port"] = port
+    cfg["workers"]["command"] = [sys.executable, str(ROOT / "config" / "examples" / f"{name}.py")]
+    return cfg
+
+
+class Lines:
+    """A line client with a deadline on every read."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.port = self.sock.getsockname()[1]
+        self.buf = b""
+
+    def send(self, text: str) -> None:
+        self.sock.sendall(text.encode())
+
+    def line(self) -> str:
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(4096)
+            assert chunk, "connection closed"
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line.decode()
+
+    def ask(self, text: str) -> str:
+        self.send(text + "\n")
+        return self.line()
+
+
+def test_pubsub_example_subscriber_keeps_its_subscriptions_across_reloads(tmp_path):
+    port = free_port()
+    with Daemon(tmp_path, example_config("pubsub", port)).start() as d:
+        sub = Lines(port)
+        assert sub.ask("SUB news") == "OK sub news"
+        assert sub.ask("WHO").startswith("WHO generation=1 ")
+        sub.send("SUB spo")  # half a line: it moves as bytes read but not handled
+        for n in (2, 3):
+            d.hup()
+            d.wait_log(rf"generation {n - 1} DRAINING -> RETIRED")
+        sub.send("rts\n")
+        assert sub.line() == "OK sub sports"
+        assert sub.ask("WHO").startswith("WHO generation=3 ")
+        assert sub.ask("TOPICS") == "TOPICS news sports"
+        pub = Lines(port)
+        assert pub.ask("PUB news hello after two reloads") == "OK pub 1"
+        assert sub.line() == "MSG news hello after two reloads"
+        assert sub.sock.getsockname()[1] == sub.port  # the same connection all along
+        assert "SIGKILL" not in d.log()
+        sub.sock.close()
+        pub.sock.close()
