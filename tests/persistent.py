@@ -187,6 +187,20 @@ def worker_connections(pids: set[int], port: int) -> dict[int, int]:
     return out
 
 
+def generation_pids(pids: set[int], generation: int) -> dict[int, int]:
+    """Return {slot: pid} of the workers among `pids` that belong to `generation`."""
+    out = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(e.split("=", 1) for e in f.read().decode(errors="replace").split("\0") if "=" in e)
+        except OSError:
+            continue
+        if env.get("UPGRADERD_GENERATION") == str(generation) and env.get("UPGRADERD_SLOT", "").isdigit():
+            out[int(env["UPGRADERD_SLOT"])] = pid
+    return out
+
+
 def jain(values: list[int]) -> float:
     """Return Jain's fairness index of `values` (1.0: perfectly even)."""
     total = sum(values)

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from daemon import ROOT, Daemon, alive, echo_config, free_port, wait_until
-from persistent import Streams, worker_connections
+from persistent import Streams, generation_pids, worker_connections
 from scrape import scrape, value
 from upgraderd.worker import peers
 
@@ -21,20 +21,7 @@ pytestmark = pytest.mark.e2e
 
 def generation_workers(d: Daemon, generation: int) -> dict[int, int]:
     """Return {slot: pid} of the master's live workers of `generation`."""
-    out = {}
-    for pid in d.workers():
-        env = dict(e.split("=", 1) for e in _environ(pid) if "=" in e)
-        if env.get("UPGRADERD_GENERATION") == str(generation):
-            out[int(env["UPGRADERD_SLOT"])] = pid
-    return out
-
-
-def _environ(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            return f.read().decode(errors="replace").split("\0")
-    except OSError:
-        return []
+    return generation_pids(d.workers(), generation)
 
 
 def counter(cfg: dict[str, object], name: str, **labels: str) -> float:

@@ -3,7 +3,7 @@
 With `drain.handoff: auto` (UPGRADERD_HANDOFF=auto) a built-in worker opens
 its hand-off channel before READY=1 and adopts whatever connection an older
 worker (or a retiring sibling) commits to it. When it drains, it offers every
-connection it can move to the newest generation, round-robin over its
+connection it can move to the ACTIVE generation, round-robin over its
 workers, instead of waiting for the connection to end. A connection moves:
 - only between requests: the protocol says when (`Movable.handoff_state()`
   returns None while a request is half read), and the move is retried on
@@ -11,13 +11,15 @@ workers, instead of waiting for the connection to end. A connection moves:
 - after the loop stopped reading it (it is unregistered first), with the
   output not yet sent and the bytes read but not handled;
 - for good only once the taker acknowledged; if the taker refuses, stays
-  silent or dies, the connection is registered again and drained as before.
-When no taker is left, every remaining connection is drained as before.
+  silent or dies, the connection is registered again and served on.
+When no taker is left, the remaining connections are drained as before, and
+offered again every RETRY seconds to whatever takers exist then.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from upgraderd.worker import handoff
@@ -37,6 +39,9 @@ class Movable(Protocol):
         """Take over the state blob of a connection that moved here."""
 
 
+RETRY = 2.0  # seconds between two searches for takers while connections are left
+
+
 class Moves:
     """The hand-off side of one `Server`."""
 
@@ -45,6 +50,7 @@ class Moves:
         self.take = take
         self.taker: handoff.Taker | None = None
         self.giver: handoff.Giver | None = None
+        self.found_at = 0.0
 
     def open(self) -> None:
         """Open this worker's channel (before READY=1); without it, we only give."""
@@ -77,6 +83,7 @@ class Moves:
             self.taker = None
         self.giver = handoff.Giver()
         self.giver.find()
+        self.found_at = time.monotonic()
         self.give_ready()
 
     @property
@@ -85,14 +92,22 @@ class Moves:
         return self.giver is not None and self.giver.targets > 0
 
     def give_ready(self) -> None:
-        """Give every connection that can move now; drain the rest once no taker is left."""
+        """Give every connection that can move now; drain the rest once no taker is left.
+
+        A connection that could not be given is served on and drained as without
+        hand-off, and offered again after RETRY seconds to the takers found then:
+        a taker that was slow under load may answer next time, and an echo
+        stream that stays here would be cut at drain.timeout.
+        """
         if self.giver is None:
             return
+        if not self.giving and self.server.conns and time.monotonic() - self.found_at >= RETRY:
+            self.giver.find()
+            self.found_at = time.monotonic()
         for conn in list(self.server.conns.values()):
             if not self.giving:
                 break
-            if not conn.stay:
-                self._give(conn)
+            self._give(conn)
         self._count(self.giver.failures)
         if not self.giving:
             for conn in self.server.conns.values():

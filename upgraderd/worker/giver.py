@@ -1,6 +1,7 @@
 """The giving end of hand-offs: find the takers, offer one connection at a time.
 
-A draining worker gives to the newest generation newer than its own. When
+A draining worker gives to the oldest generation newer than its own that
+still has its channels open: the ACTIVE one. When
 there is none (its slot was retired by TTOU, or the master is stopping) it
 gives to its siblings of the same generation; siblings that are draining
 themselves have closed their channel or refuse. A taker that fails once (it
@@ -59,8 +60,11 @@ class Giver:
         channels = peers.listening_channels(self.master)
         newer = [c for c in channels if c.generation > self.generation]
         if newer:
-            newest = max(c.generation for c in newer)
-            chosen = [c for c in newer if c.generation == newest]
+            # The oldest newer generation whose channels are open: a generation closes
+            # them when it drains, and ours drains only once its successor is ACTIVE, so
+            # this is the ACTIVE one, never a STARTING one that may yet fail (see docs).
+            successor = min(c.generation for c in newer)
+            chosen = [c for c in newer if c.generation == successor]
         else:
             chosen = [c for c in channels if c.generation == self.generation and c.slot != self.slot]
         self._targets = [_Target(c) for c in chosen]

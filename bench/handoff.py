@@ -1,0 +1,109 @@
+"""Benchmark: persistent connections across reloads, with connection hand-off on and off.
+
+Each run starts one daemon (4 workers, reuseport, `drain.timeout: 10s`), opens
+N persistent connections (echo: sequence-numbered messages checked in order,
+never reconnected; http: keep-alive requests, reconnecting only after a
+`Connection: close`), measures a steady phase, then sends a HUP every
+`--interval` seconds. It reports, per app and `drain.handoff` setting:
+- lost: round trips that failed (echo: also wrong or out of order; a failed
+  echo connection stops, so at most one per connection), and reconnects;
+- ports: whether every echo connection kept its local port to the end;
+- retire p50/p95: from the successor turning ACTIVE to the old generation
+  RETIRED (the master's "DRAINING -> RETIRED after" log);
+- ratio: round trips per second during the reloads / during the steady phase,
+  in the same run;
+- jain: Jain's index of the connections held by the new generation's workers,
+  measured after each reload settled (median and minimum over the reloads).
+Tables show the median over repeats, and the worst `lost` of any repeat.
+
+    .venv/bin/python bench/handoff.py [--repeats 3] [--hups 20] [--conns 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from daemon import Daemon, echo_config, free_port  # noqa: E402
+from persistent import Streams, generation_pids, jain, worker_connections  # noqa: E402
+
+
+def settle_and_count(d: Daemon, generation: int, port: int, deadline: float, handoff: str) -> float | None:
+    """Wait (until `deadline`) for the reload to finish; return Jain's index over the new workers."""
+    pattern = re.compile(rf"generation {generation - 1} DRAINING -> RETIRED" if handoff == "auto"
+                         else rf"reload done: generation {generation} ACTIVE")
+    while time.monotonic() < deadline and not pattern.search(d.log()):
+        time.sleep(0.01)
+    pids = generation_pids(d.workers(), generation)
+    counts = worker_connections(set(pids.values()), port)
+    return jain(list(counts.values())) if sum(counts.values()) and len(counts) == 4 else None
+
+
+def run_once(app: str, handoff: str, conns: int, hups: int, interval: float, steady: float) -> dict[str, float]:
+    port = free_port()
+    cfg = echo_config(port, workers={"count": 4, "app": app}, drain={"timeout": "10s", "handoff": handoff})
+    with tempfile.TemporaryDirectory() as tmp, Daemon(Path(tmp), cfg).start() as d:
+        streams = Streams(port, conns, kind=app, pause=0.01, max_seconds=steady + hups * interval + 60).start()
+        streams.wait_ok(conns * 5)
+        ok0, t0 = streams.result.ok, time.monotonic()
+        time.sleep(steady)  # the steady phase being measured
+        steady_rate = (streams.result.ok - ok0) / (time.monotonic() - t0)
+        ok1, t1 = streams.result.ok, time.monotonic()
+        fairness = []
+        for n in range(2, hups + 2):
+            start = time.monotonic()
+            d.hup()
+            index = settle_and_count(d, n, port, start + interval, handoff)
+            if index is not None:
+                fairness.append(index)
+            time.sleep(max(0.0, start + interval - time.monotonic()))  # the HUP interval under test
+        reload_rate = (streams.result.ok - ok1) / (time.monotonic() - t1)
+        result = streams.stop()
+        log = d.log()
+    retire = sorted(float(x) for x in re.findall(r"DRAINING -> RETIRED after ([0-9.]+)s", log))
+    return {
+        "lost": sum(result.failures.values()), "reconnects": result.reconnects,
+        "ports": float(result.ports_kept), "retired": len(retire),
+        "retire_p50": statistics.median(retire) if retire else float("nan"),
+        "retire_p95": retire[min(len(retire) - 1, int(0.95 * len(retire)))] if retire else float("nan"),
+        "steady_rps": steady_rate, "ratio": reload_rate / steady_rate,
+        "jain_med": statistics.median(fairness) if fairness else float("nan"),
+        "jain_min": min(fairness) if fairness else float("nan"),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--hups", type=int, default=20)
+    ap.add_argument("--conns", type=int, default=64)
+    ap.add_argument("--interval", type=float, default=1.0, help="seconds between HUPs")
+    ap.add_argument("--steady", type=float, default=5.0, help="seconds of the steady phase")
+    ap.add_argument("--apps", default="echo,http")
+    args = ap.parse_args()
+    cols = ["lost", "reconnects", "ports", "retired", "retire_p50", "retire_p95", "steady_rps", "ratio",
+            "jain_med", "jain_min"]
+    print(f"median of {args.repeats} runs; {args.conns} persistent connections, 4 workers, "
+          f"{args.hups} HUPs {args.interval:g} s apart, drain.timeout 10s")
+    print(f"{'app':<6}{'handoff':<9}" + "".join(f"{c:>11}" for c in cols))
+    for app in args.apps.split(","):
+        for handoff in ("auto", "off"):
+            runs = [run_once(app, handoff, args.conns, args.hups, args.interval, args.steady)
+                    for _ in range(args.repeats)]
+            med = {c: statistics.median(r[c] for r in runs) for c in cols}
+            med["lost"] = max(r["lost"] for r in runs)  # the worst run, not the median
+            med["ports"] = min(r["ports"] for r in runs)
+            print(f"{app:<6}{handoff:<9}" + "".join(
+                f"{med[c]:>11.0f}" if c in ("lost", "reconnects", "ports", "retired", "steady_rps")
+                else f"{med[c]:>11.3f}" for c in cols), flush=True)
+
+
+if __name__ == "__main__":
+    main()
