@@ -233,3 +233,20 @@ def test_pubsub_example_subscriber_keeps_its_subscriptions_across_reloads(tmp_pa
         assert "SIGKILL" not in d.log()
         sub.sock.close()
         pub.sock.close()
+
+
+def test_threaded_workers_give_from_every_thread_and_take_in_the_main_one(tmp_path):
+    port = free_port()
+    cfg = echo_config(port, workers={"count": 2, "app": "echo", "threads": 3})
+    with Daemon(tmp_path, cfg).start() as d:
+        streams = Streams(port, 12).start()
+        assert streams.wait_ok(100)
+        for n in (2, 3):
+            d.hup()
+            d.wait_log(rf"generation {n - 1} DRAINING -> RETIRED")
+        assert streams.wait_ok(streams.result.ok + 120)
+        result = streams.stop()
+        assert result.failures == {}, result.examples
+        assert result.ports_kept
+        assert counter(cfg, "upgraderd_connections_handed_off_total", listener="echo") == 24
+        assert "SIGKILL" not in d.log()
