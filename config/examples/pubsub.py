@@ -129,13 +129,16 @@ class PubSub:
             self.adopt(client)
         giver = handoff.Giver()
         giver.find()
-        for client in list(self.clients.values()):
+        clients = list(self.clients.values())
+        for client in clients:
             self.sel.unregister(client.sock)  # stop reading before offering
-            if giver.give(handoff.Handed(client.sock, client.listener, client.state(),
-                                         bytes(client.inbuf), bytes(client.out))):
+        given = giver.give_many([handoff.Handed(c.sock, c.listener, c.state(), bytes(c.inbuf), bytes(c.out))
+                                 for c in clients])
+        for client, moved in zip(clients, given):
+            if moved:  # theirs now: close our copy, never touch it again
                 del self.clients[client.sock.fileno()]
                 client.sock.close()
-            else:
+            else:  # nobody took it: serve it on until it leaves
                 self.sel.register(client.sock, self.events(client), client)
         giver.close()
 

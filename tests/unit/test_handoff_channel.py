@@ -211,3 +211,69 @@ def test_every_failure_reason_in_the_code_is_a_documented_series():
     used = set(re.findall(r'failures\["([a-z_]+)"\]', src)) | set(re.findall(r'return "([a-z_]+)"', src))
     used |= set(re.findall(r'_drop\(inb, out, "([a-z_]+)"', src))
     assert used and used <= set(HANDOFF_FAILURES)
+
+
+def test_offers_to_one_taker_are_pipelined_and_committed_in_order(taker, monkeypatch):
+    t, _ = taker
+    monkeypatch.setenv("UPGRADERD_GENERATION", "1")
+    giver = handoff.Giver(master=MASTER, trust=lambda p, c: True)
+    giver.find()
+    with socket.create_server(("127.0.0.1", 0)) as ls:
+        pairs = []
+        for _ in range(3):
+            c = socket.create_connection(ls.getsockname())
+            pairs.append((c, ls.accept()[0]))
+    got: list[handoff.Handed] = []
+    done = threading.Event()
+
+    def take() -> None:
+        while not done.is_set():
+            got.extend(t.poll())
+    th = threading.Thread(target=take)
+    th.start()
+    try:
+        moving = [handoff.Handed(s, "web", str(i).encode()) for i, (_, s) in enumerate(pairs)]
+        assert giver.give_many(moving) == [True, True, True]
+    finally:
+        done.set()
+        th.join()
+    got.extend(t.poll())  # COMMITs sent after the thread's last poll
+    assert [h.state for h in got] == [b"0", b"1", b"2"]
+    for i, ((client, mine), h) in enumerate(zip(pairs, got)):
+        mine.close()
+        h.sock.sendall(b"%d" % i)
+        assert client.recv(10) == b"%d" % i
+        client.close()
+        h.sock.close()
+
+
+def test_a_refusal_in_a_batch_commits_the_acknowledged_ones_only(taker, tcp_pair, monkeypatch):
+    t, _ = taker
+    monkeypatch.setenv("UPGRADERD_GENERATION", "1")
+    giver = handoff.Giver(master=MASTER, trust=lambda p, c: True)
+    giver.find()
+    got: list[handoff.Handed] = []
+    done = threading.Event()
+
+    def take() -> None:
+        while not done.is_set():
+            got.extend(t.poll())
+    th = threading.Thread(target=take)
+    th.start()
+    with socket.create_server(("127.0.0.1", 0)) as ls:
+        other = socket.create_connection(ls.getsockname())
+        other_mine = ls.accept()[0]
+    try:
+        result = giver.give_many([handoff.Handed(tcp_pair[1], "web"), handoff.Handed(other_mine, "nope")])
+    finally:
+        done.set()
+        th.join()
+    got.extend(t.poll())
+    assert result == [True, False]
+    assert [h.listener for h in got] == ["web"]
+    assert giver.failures == {"refused": 1}
+    other_mine.sendall(b"kept")  # the refused one is still ours
+    assert other.recv(10) == b"kept"
+    other.close()
+    other_mine.close()
+    got[0].sock.close()

@@ -104,10 +104,8 @@ class Moves:
         if not self.giving and self.server.conns and time.monotonic() - self.found_at >= RETRY:
             self.giver.find()
             self.found_at = time.monotonic()
-        for conn in list(self.server.conns.values()):
-            if not self.giving:
-                break
-            self._give(conn)
+        if self.giving:
+            self._give([conn for conn in self.server.conns.values() if self._movable(conn)])
         self._count(self.giver.failures)
         if not self.giving:
             for conn in self.server.conns.values():
@@ -120,27 +118,32 @@ class Moves:
         if self.taker is not None:
             self.taker.close()
 
-    def _give(self, conn: Conn) -> None:
+    def _movable(self, conn: Conn) -> bool:
         proto = conn.proto
         if not isinstance(proto, Movable):
             self._stay(conn)
-            return
-        if conn.sock.fileno() < 0 or conn.eof or proto.closing():
-            return
-        moving = proto.handoff_state()
-        if moving is None:
-            return  # a request is half read: try again on a later pass
+            return False
+        # A half-read request (handoff_state() is None) moves on a later pass.
+        return conn.sock.fileno() >= 0 and not conn.eof and not proto.closing() \
+            and proto.handoff_state() is not None
+
+    def _give(self, conns: list[Conn]) -> None:
+        """Offer `conns` in one batch; serve on those no taker committed to."""
         assert self.giver is not None
         server = self.server
-        if conn.events:
-            server.sel.unregister(conn.sock)  # stop reading before offering
-        if self.giver.give(handoff.Handed(conn.sock, conn.listener, moving[0], moving[1], bytes(conn.out))):
-            server.handed_off(conn)
-            return
-        if conn.events:
-            server.sel.register(conn.sock, conn.events, conn)
-        if not self.giving:
-            self._stay(conn)
+        moving = []
+        for conn in conns:
+            assert isinstance(conn.proto, Movable)
+            state = conn.proto.handoff_state()
+            assert state is not None
+            if conn.events:
+                server.sel.unregister(conn.sock)  # stop reading before offering
+            moving.append(handoff.Handed(conn.sock, conn.listener, state[0], state[1], bytes(conn.out)))
+        for conn, given in zip(conns, self.giver.give_many(moving)):
+            if given:
+                server.handed_off(conn)
+            elif conn.events:
+                server.sel.register(conn.sock, conn.events, conn)
 
     def _stay(self, conn: Conn) -> None:
         """Serve `conn` on here and drain it as a worker without hand-off would."""

@@ -25,6 +25,8 @@ from upgraderd.worker import peers, wire
 from upgraderd.worker.moved import Handed, identity
 from upgraderd.worker.peers import Channel, Peer
 
+BATCH = 64  # offers in flight to one taker (it holds at most MAX_PENDING = 128)
+
 
 class _Target:
     """One taker's channel and, once connected and checked, our socket to it."""
@@ -78,62 +80,126 @@ class Giver:
         return len(self._targets)
 
     def give(self, moving: Handed) -> bool:
-        """Offer `moving` until a taker commits to it; return True if it is theirs now.
+        """Offer one connection; see `give_many`."""
+        return self.give_many([moving])[0]
 
-        Stop reading the connection before calling this. On True, close your
-        copy and never touch the connection again; on False, serve it on.
+    def give_many(self, moving: list[Handed]) -> list[bool]:
+        """Offer connections until a taker commits to each; return, per connection, if it is theirs now.
+
+        Stop reading the connections before calling this. Where True, close your
+        copy and never touch the connection again; where False, serve it on.
+        The offers to one taker are pipelined: all OFFERs, then all answers,
+        then the COMMITs, so a batch costs one round trip per taker.
         """
-        try:
-            msgs = wire.encode_offer(moving.listener, moving.state, moving.unhandled, moving.unsent)
-        except ValueError:
-            self.failures["too_large"] += 1
-            return False
-        while self._targets:
-            target = self._targets[self._next % len(self._targets)]
-            outcome = self._offer(target, moving.sock.fileno(), msgs)
-            if outcome == "":
-                self._next += 1
-                self.given += 1
-                return True
-            self.failures[outcome] += 1
-            target.close()
-            self._targets.remove(target)
-        return False
+        given = [False] * len(moving)
+        msgs: dict[int, list[bytes]] = {}
+        for i, m in enumerate(moving):
+            try:
+                msgs[i] = wire.encode_offer(m.listener, m.state, m.unhandled, m.unsent)
+            except ValueError:
+                self.failures["too_large"] += 1
+        pending = list(msgs)
+        while pending and self._targets:
+            plan = self._plan(pending)
+            failed = self._round(plan, [m.sock.fileno() for m in moving], msgs, given)
+            for target, reason in failed.items():
+                self.failures[reason] += 1
+                target.close()
+                self._targets.remove(target)
+            pending = [i for i in pending if not given[i]]
+        self.given += sum(given)
+        return given
 
     def close(self) -> None:
         """Close every channel socket (a taker that had not seen COMMIT drops its copy)."""
         for t in self._targets:
             t.close()
 
-    def _offer(self, target: _Target, fd: int, msgs: list[bytes]) -> str:
-        """Run one exchange; return "" on success, else the failure reason."""
+    def _plan(self, pending: list[int]) -> dict[_Target, list[int]]:
+        """Spread `pending` round-robin over the takers, at most BATCH each this round."""
+        plan: dict[_Target, list[int]] = {}
+        for i in pending:
+            target = self._targets[self._next % len(self._targets)]
+            if len(plan.get(target, ())) >= BATCH:
+                break
+            plan.setdefault(target, []).append(i)
+            self._next += 1
+        return plan
+
+    def _round(self, plan: dict[_Target, list[int]], fds: list[int], msgs: dict[int, list[bytes]],
+               given: list[bool]) -> dict[_Target, str]:
+        """Offer, collect the answers, commit; mark `given`; return the takers that failed, with why."""
         deadline = self.clock() + self.timeout
+        failed: dict[_Target, str] = {}
+        for target, idxs in plan.items():
+            reason = self._send_offers(target, [(fds[i], msgs[i]) for i in idxs], deadline)
+            if reason:
+                failed[target] = reason
+        for target, idxs in plan.items():
+            if target in failed:
+                continue
+            acks, reason = self._answers(target, len(idxs), deadline)
+            if reason and reason != "refused":
+                failed[target] = reason  # nothing committed: the taker drops its copies
+                continue
+            committed = self._commit(target, sum(acks))
+            for i in [i for i, ok in zip(idxs, acks) if ok][:committed]:
+                given[i] = True
+            if reason or committed < sum(acks):
+                failed[target] = reason or "taker_gone"
+        return failed
+
+    def _send_offers(self, target: _Target, offers: list[tuple[int, list[bytes]]], deadline: float) -> str:
+        """Send OFFER (and DATA) messages; return "" or the failure reason."""
         try:
             sock = target.sock or self._connect(target, deadline)
             if sock is None:
                 return "untrusted_taker"
-            _timeout(sock, deadline, self.clock)
-            sock.sendmsg([msgs[0]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
-            for msg in msgs[1:]:
+            for fd, msgs in offers:
                 _timeout(sock, deadline, self.clock)
-                sock.send(msg)
-            _timeout(sock, deadline, self.clock)
-            reply = sock.recv(wire.RECV_SIZE)
-            if not reply:
-                return "taker_gone"
-            kind = wire.kind_of(reply)
-            if kind == wire.REFUSE:
-                return "refused"
-            if kind != wire.ACK:
-                return "malformed_reply"
-            sock.send(wire.encode(wire.COMMIT))
-            return ""
+                sock.sendmsg([msgs[0]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+                for msg in msgs[1:]:
+                    _timeout(sock, deadline, self.clock)
+                    sock.send(msg)
         except (socket.timeout, TimeoutError):
             return "timeout"
-        except wire.Malformed:
-            return "malformed_reply"
         except OSError:
             return "taker_gone"
+        return ""
+
+    def _answers(self, target: _Target, n: int, deadline: float) -> tuple[list[bool], str]:
+        """Read `n` answers (True for ACK); return them and "", "refused" or the failure reason."""
+        assert target.sock is not None
+        acks: list[bool] = []
+        try:
+            while len(acks) < n:
+                _timeout(target.sock, deadline, self.clock)
+                reply = target.sock.recv(wire.RECV_SIZE)
+                if not reply:
+                    return acks, "taker_gone"
+                kind = wire.kind_of(reply)
+                if kind not in (wire.ACK, wire.REFUSE):
+                    return acks, "malformed_reply"
+                acks.append(kind == wire.ACK)
+        except (socket.timeout, TimeoutError):
+            return acks, "timeout"
+        except wire.Malformed:
+            return acks, "malformed_reply"
+        except OSError:
+            return acks, "taker_gone"
+        return acks, "" if all(acks) else "refused"
+
+    def _commit(self, target: _Target, n: int) -> int:
+        """Send `n` COMMITs; return how many the kernel took (a taker that stopped refuses them)."""
+        assert target.sock is not None
+        sent = 0
+        try:
+            for _ in range(n):
+                target.sock.send(wire.encode(wire.COMMIT))
+                sent += 1
+        except OSError:
+            pass
+        return sent
 
     def _connect(self, target: _Target, deadline: float) -> socket.socket | None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)

@@ -23,31 +23,41 @@ from upgraderd.worker.moved import Handed, identity
 from upgraderd.worker.peers import Peer
 
 MAX_FDS = 4
+MAX_PENDING = 128  # offers acknowledged on one channel connection and not committed yet
 
 
 @dataclass
 class _Inbound:
-    """A giver connected to our channel, and the offer it is in the middle of."""
+    """A giver connected to our channel: the offer it is sending, and those we acknowledged."""
 
     sock: socket.socket
     since: float
-    phase: str = "idle"  # idle -> data -> commit -> idle
-    head: wire.OfferHead | None = None
+    head: wire.OfferHead | None = None  # the offer being received, until its payload is complete
     conn: socket.socket | None = None
     payload: bytearray = field(default_factory=bytearray)
+    acked: list[Handed] = field(default_factory=list)  # ACK sent, COMMIT due, in offer order
 
-    def handed(self) -> Handed:
+    @property
+    def busy(self) -> bool:
+        """Return True while an offer is in progress or a COMMIT is due."""
+        return self.head is not None or bool(self.acked)
+
+    def complete(self) -> Handed:
+        """Return the offer just received in full, and start afresh."""
         assert self.head is not None and self.conn is not None
         h, p = self.head, bytes(self.payload)
         moved = Handed(self.conn, h.listener, p[:h.state_len],
                        p[h.state_len:h.state_len + h.unhandled_len], p[h.state_len + h.unhandled_len:])
-        self.reset()
+        self.head, self.conn, self.payload = None, None, bytearray()
         return moved
 
-    def reset(self, close: bool = False) -> None:
-        if close and self.conn is not None:
+    def discard(self) -> None:
+        """Close our copies of every connection not committed to us (the giver keeps them)."""
+        for moved in self.acked:
+            moved.sock.close()
+        if self.conn is not None:
             self.conn.close()
-        self.phase, self.head, self.conn, self.payload = "idle", None, None, bytearray()
+        self.head, self.conn, self.payload, self.acked = None, None, bytearray(), []
 
 
 class Taker:
@@ -90,7 +100,7 @@ class Taker:
                 self._serve_peer(key.data, out)
         now = self.clock()
         for inb in list(self._peers.values()):
-            if inb.phase != "idle" and now - inb.since > self.peer_timeout:
+            if inb.busy and now - inb.since > self.peer_timeout:
                 self._drop(inb, out, "stalled_giver")
         return out
 
@@ -142,11 +152,11 @@ class Taker:
                 self._drop(inb, out, "malformed")
                 return
             except OSError:
-                self._drop(inb, out, "abandoned" if inb.phase != "idle" else None)
+                self._drop(inb, out, "abandoned" if inb.busy else None)
                 return
             if not msg:
                 _close_fds(fds)
-                self._drop(inb, out, "abandoned" if inb.phase != "idle" else None)
+                self._drop(inb, out, "abandoned" if inb.busy else None)
                 return
             try:
                 self._on_message(inb, msg, fds, out)
@@ -158,18 +168,19 @@ class Taker:
 
     def _on_message(self, inb: _Inbound, msg: bytes, fds: list[int], out: list[Handed]) -> None:
         kind = wire.kind_of(msg)
-        if kind == wire.OFFER and inb.phase == "idle" and len(fds) == 1:
-            inb.head, first = wire.decode_offer(msg)
+        inb.since = self.clock()
+        if kind == wire.OFFER and inb.head is None and len(fds) == 1 and len(inb.acked) < MAX_PENDING:
+            head, first = wire.decode_offer(msg)
             inb.conn = _tcp_connection(fds.pop())
+            inb.head = head
             inb.payload += first
-            inb.phase, inb.since = "data", self.clock()
-        elif kind == wire.DATA and inb.phase == "data" and not fds:
+        elif kind == wire.DATA and inb.head is not None and not fds:
             inb.payload += wire.data_of(msg)
-        elif kind == wire.COMMIT and inb.phase == "commit" and not fds and len(msg) == len(wire.MAGIC) + 1:
-            out.append(inb.handed())
+        elif kind == wire.COMMIT and inb.acked and not fds and msg == wire.encode(wire.COMMIT):
+            out.append(inb.acked.pop(0))
             return
         else:
-            raise wire.Malformed(f"unexpected {kind!r} in phase {inb.phase}")
+            raise wire.Malformed(f"unexpected {kind!r}")
         assert inb.head is not None
         if len(inb.payload) > inb.head.total:
             raise wire.Malformed("more payload than announced")
@@ -181,23 +192,25 @@ class Taker:
         reason = ("draining" if not self.accepting else
                   "unknown_listener" if self.listeners is not None and inb.head.listener not in self.listeners
                   else "")
+        moved = inb.complete()
         try:
             inb.sock.send(wire.encode(wire.REFUSE if reason else wire.ACK, reason))
         except OSError:
-            inb.reset(close=True)  # the giver is gone: it still holds the connection
-            return
+            reason = "giver_gone"  # it still holds the connection; our copy goes
         if reason:
-            inb.reset(close=True)
+            moved.sock.close()
         else:
-            inb.phase, inb.since = "commit", self.clock()
+            inb.acked.append(moved)
 
     def _drop(self, inb: _Inbound, out: list[Handed], reason: str | None) -> None:
-        """Close one giver's channel; keep a connection whose COMMIT is already queued."""
-        if inb.phase == "commit" and _commit_queued(inb.sock):
-            out.append(inb.handed())
+        """Close one giver's channel; keep the connections whose COMMIT is already queued."""
+        if inb.acked:
+            for _ in range(_commits_queued(inb.sock)):
+                if inb.acked:
+                    out.append(inb.acked.pop(0))
         if reason is not None:
             self.failures[reason] += 1
-        inb.reset(close=True)
+        inb.discard()
         fd = inb.sock.fileno()
         if fd >= 0:
             self._sel.unregister(inb.sock)
@@ -220,27 +233,27 @@ def _receive(sock: socket.socket) -> tuple[bytes, list[int]]:
     return msg, fds
 
 
-def _commit_queued(sock: socket.socket) -> bool:
-    """Shut our reading side, then look for a COMMIT already queued.
+def _commits_queued(sock: socket.socket) -> int:
+    """Shut our reading side, then count the COMMITs already queued.
 
     After shutdown(SHUT_RD) the kernel refuses the giver's next send (EPIPE),
-    so a COMMIT is either in the queue now or was never accepted: the giver
-    then serves on. Reading the queue dry settles which.
+    so a COMMIT is either in the queue now or was never accepted, and the
+    giver then serves that connection on. Reading the queue dry settles which.
     """
     try:
         sock.shutdown(socket.SHUT_RD)
     except OSError:
         pass
+    commits = 0
     while True:
         try:
             msg, fds = _receive(sock)
         except (OSError, wire.Malformed):
-            return False
+            return commits
         _close_fds(fds)
         if not msg:
-            return False
-        if msg == wire.encode(wire.COMMIT):
-            return True
+            return commits
+        commits += msg == wire.encode(wire.COMMIT)
 
 
 def _tcp_connection(fd: int) -> socket.socket:
