@@ -134,8 +134,8 @@ class PubSub:
             self.sel.unregister(client.sock)  # stop reading before offering
         given = giver.give_many([handoff.Handed(c.sock, c.listener, c.state(), bytes(c.inbuf), bytes(c.out))
                                  for c in clients])
-        for client, moved in zip(clients, given):
-            if moved:  # theirs now: close our copy, never touch it again
+        for client, theirs in zip(clients, given):
+            if theirs:  # theirs now: close our copy, never touch it again
                 del self.clients[client.sock.fileno()]
                 client.sock.close()
             else:  # nobody took it: serve it on until it leaves
