@@ -10,6 +10,8 @@ never reconnected; http: keep-alive requests, reconnecting only after a
 - ports: whether every echo connection kept its local port to the end;
 - retire p50/p95: from the successor turning ACTIVE to the old generation
   RETIRED (the master's "DRAINING -> RETIRED after" log);
+- handoff p50/p95: how long one old worker took to hand all its connections
+  over, from its drain start (the worker's own log line), in seconds;
 - ratio: round trips per second during the reloads / during the steady phase,
   in the same run;
 - jain: Jain's index of the connections held by the new generation's workers,
@@ -35,15 +37,18 @@ from daemon import Daemon, echo_config, free_port  # noqa: E402
 from persistent import Streams, generation_pids, jain, worker_connections  # noqa: E402
 
 
-def settle_and_count(d: Daemon, generation: int, port: int, deadline: float, handoff: str) -> float | None:
-    """Wait (until `deadline`) for the reload to finish; return Jain's index over the new workers."""
-    pattern = re.compile(rf"generation {generation - 1} DRAINING -> RETIRED" if handoff == "auto"
-                         else rf"reload done: generation {generation} ACTIVE")
-    while time.monotonic() < deadline and not pattern.search(d.log()):
-        time.sleep(0.01)
+def fairness_now(d: Daemon, port: int, seen: set[int]) -> float | None:
+    """Return Jain's index over the newest generation whose predecessor retired, once per generation."""
+    retired = [int(n) for n in re.findall(r"generation (\d+) DRAINING -> RETIRED", d.log())]
+    if not retired or max(retired) + 1 in seen:
+        return None
+    generation = max(retired) + 1
     pids = generation_pids(d.workers(), generation)
     counts = worker_connections(set(pids.values()), port)
-    return jain(list(counts.values())) if sum(counts.values()) and len(counts) == 4 else None
+    if len(counts) != 4 or not sum(counts.values()):
+        return None
+    seen.add(generation)
+    return jain(list(counts.values()))
 
 
 def run_once(app: str, handoff: str, conns: int, hups: int, interval: float, steady: float) -> dict[str, float]:
@@ -56,23 +61,26 @@ def run_once(app: str, handoff: str, conns: int, hups: int, interval: float, ste
         time.sleep(steady)  # the steady phase being measured
         steady_rate = (streams.result.ok - ok0) / (time.monotonic() - t0)
         ok1, t1 = streams.result.ok, time.monotonic()
-        fairness = []
-        for n in range(2, hups + 2):
+        fairness: list[float] = []
+        seen: set[int] = set()
+        for _ in range(hups):
             start = time.monotonic()
             d.hup()
-            index = settle_and_count(d, n, port, start + interval, handoff)
-            if index is not None:
+            time.sleep(max(0.0, start + interval - 0.05 - time.monotonic()))  # the HUP interval under test
+            if handoff == "auto" and (index := fairness_now(d, port, seen)) is not None:
                 fairness.append(index)
-            time.sleep(max(0.0, start + interval - time.monotonic()))  # the HUP interval under test
         reload_rate = (streams.result.ok - ok1) / (time.monotonic() - t1)
         result = streams.stop()
         log = d.log()
     retire = sorted(float(x) for x in re.findall(r"DRAINING -> RETIRED after ([0-9.]+)s", log))
+    moves = sorted(int(x) for x in re.findall(r"connection\(s\) to \d+ worker\(s\) in (\d+) ms", log))
     return {
         "lost": sum(result.failures.values()), "reconnects": result.reconnects,
         "ports": float(result.ports_kept), "retired": len(retire),
         "retire_p50": statistics.median(retire) if retire else float("nan"),
         "retire_p95": retire[min(len(retire) - 1, int(0.95 * len(retire)))] if retire else float("nan"),
+        "handoff_p50": statistics.median(moves) / 1000 if moves else float("nan"),
+        "handoff_p95": moves[min(len(moves) - 1, int(0.95 * len(moves)))] / 1000 if moves else float("nan"),
         "steady_rps": steady_rate, "ratio": reload_rate / steady_rate,
         "jain_med": statistics.median(fairness) if fairness else float("nan"),
         "jain_min": min(fairness) if fairness else float("nan"),
@@ -88,11 +96,12 @@ def main() -> None:
     ap.add_argument("--steady", type=float, default=5.0, help="seconds of the steady phase")
     ap.add_argument("--apps", default="echo,http")
     args = ap.parse_args()
-    cols = ["lost", "reconnects", "ports", "retired", "retire_p50", "retire_p95", "steady_rps", "ratio",
+    cols = ["lost", "reconnects", "ports", "retired", "retire_p50", "retire_p95", "handoff_p50", "handoff_p95",
+            "steady_rps", "ratio",
             "jain_med", "jain_min"]
     print(f"median of {args.repeats} runs; {args.conns} persistent connections, 4 workers, "
           f"{args.hups} HUPs {args.interval:g} s apart, drain.timeout 10s")
-    print(f"{'app':<6}{'handoff':<9}" + "".join(f"{c:>11}" for c in cols))
+    print(f"{'app':<6}{'handoff':<9}" + "".join(f"{c:>12}" for c in cols))
     for app in args.apps.split(","):
         for handoff in ("auto", "off"):
             runs = [run_once(app, handoff, args.conns, args.hups, args.interval, args.steady)
@@ -101,8 +110,8 @@ def main() -> None:
             med["lost"] = max(r["lost"] for r in runs)  # the worst run, not the median
             med["ports"] = min(r["ports"] for r in runs)
             print(f"{app:<6}{handoff:<9}" + "".join(
-                f"{med[c]:>11.0f}" if c in ("lost", "reconnects", "ports", "retired", "steady_rps")
-                else f"{med[c]:>11.3f}" for c in cols), flush=True)
+                f"{med[c]:>12.0f}" if c in ("lost", "reconnects", "ports", "retired", "steady_rps")
+                else f"{med[c]:>12.3f}" for c in cols), flush=True)
 
 
 if __name__ == "__main__":

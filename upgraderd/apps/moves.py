@@ -81,10 +81,16 @@ class Moves:
                 self.server.adopt(moved)
             self._count(self.taker.failures)
             self.taker = None
+        started = time.monotonic()
         self.giver = handoff.Giver()
         self.giver.find()
-        self.found_at = time.monotonic()
+        self.found_at = started
+        held = len(self.server.conns)
         self.give_ready()
+        if held and self.take:  # one line per worker, not per thread
+            print(f"upgraderd worker generation {self.giver.generation} slot {self.giver.slot}: handed "
+                  f"{self.giver.given} of {held} connection(s) to {self.giver.targets} worker(s) in "
+                  f"{(time.monotonic() - started) * 1000:.0f} ms", file=sys.stderr, flush=True)
 
     @property
     def giving(self) -> bool:
