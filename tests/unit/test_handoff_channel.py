@@ -182,9 +182,24 @@ def test_after_the_taker_closes_a_late_commit_fails_so_the_giver_serves_on(taker
 def test_a_giver_does_not_trust_a_taker_that_is_not_a_worker_of_its_master(taker, tcp_pair, monkeypatch):
     monkeypatch.setenv("UPGRADERD_GENERATION", "1")
     giver = handoff.Giver(master=MASTER, timeout=2)  # the default check: this process is no worker
-    assert giver.find() == 1
+    assert giver.find() == 0
     assert not giver.give(handoff.Handed(tcp_pair[1], "web"))
     assert giver.failures == {"untrusted_taker": 1} and giver.targets == 0
+
+
+def test_a_squatted_older_name_does_not_hide_the_real_takers(taker, tcp_pair, monkeypatch):
+    squatter, _ = taker  # generation 2: pretend it is a stranger's
+    monkeypatch.setenv("UPGRADERD_GENERATION", "3")
+    real = handoff.Taker(["web"], master=MASTER, trust=lambda p: True)
+    monkeypatch.setenv("UPGRADERD_GENERATION", "1")
+    giver = handoff.Giver(master=MASTER, trust=lambda p, c: c.generation == 3)
+    try:
+        assert giver.find() == 1
+        assert giver.failures == {"untrusted_taker": 1}
+        assert giver._targets[0].channel.name == real.name
+    finally:
+        giver.close()
+        real.close()
 
 
 def test_a_silent_taker_times_out_and_the_giver_keeps_the_connection(taker, tcp_pair, monkeypatch):

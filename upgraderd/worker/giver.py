@@ -57,22 +57,46 @@ class Giver:
         self._next = 0
 
     def find(self) -> int:
-        """Look up the takers to give to now; return how many there are."""
+        """Connect to the takers to give to now, checking each; return how many there are.
+
+        The oldest newer generation with a trusted taker wins: a generation
+        closes its channels when it drains, and ours drains only once its
+        successor is ACTIVE, so that is the ACTIVE one, not a STARTING one that
+        may yet fail. Names bound by a stranger (abstract names are free for
+        all) fail the check and are skipped, so they cannot hide the real takers.
+        """
         self.close()
         channels = peers.listening_channels(self.master)
-        newer = [c for c in channels if c.generation > self.generation]
-        if newer:
-            # The oldest newer generation whose channels are open: a generation closes
-            # them when it drains, and ours drains only once its successor is ACTIVE, so
-            # this is the ACTIVE one, never a STARTING one that may yet fail (see docs).
-            successor = min(c.generation for c in newer)
-            chosen = [c for c in newer if c.generation == successor]
+        self._targets = []
+        for gen in sorted({c.generation for c in channels if c.generation > self.generation}):
+            self._targets = self._trusted([c for c in channels if c.generation == gen])
+            if self._targets:
+                break
         else:
-            chosen = [c for c in channels if c.generation == self.generation and c.slot != self.slot]
-        self._targets = [_Target(c) for c in chosen]
+            self._targets = self._trusted([c for c in channels
+                                           if c.generation == self.generation and c.slot != self.slot])
         # Start at our own slot: the givers of one generation then spread evenly.
         self._next = self.slot % len(self._targets) if self._targets else 0
         return len(self._targets)
+
+    def _trusted(self, channels: list[Channel]) -> list[_Target]:
+        """Return the channels we could connect to and whose owner passed the check."""
+        out = []
+        for channel in channels:
+            target = _Target(channel)
+            try:
+                ok = self._connect(target, self.clock() + self.timeout)
+            except OSError:
+                ok = False
+                self.failures["taker_gone"] += 1
+            else:
+                if not ok:
+                    self.failures["untrusted_taker"] += 1
+            if ok:
+                out.append(target)
+            else:
+                target.close()
+        return out
 
     @property
     def targets(self) -> int:
@@ -152,9 +176,9 @@ class Giver:
     def _send_offers(self, target: _Target, offers: list[tuple[int, list[bytes]]], deadline: float) -> str:
         """Send OFFER (and DATA) messages; return "" or the failure reason."""
         try:
-            sock = target.sock or self._connect(target, deadline)
+            sock = target.sock
             if sock is None:
-                return "untrusted_taker"
+                return "taker_gone"
             for fd, msgs in offers:
                 _timeout(sock, deadline, self.clock)
                 sock.sendmsg([msgs[0]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
@@ -201,14 +225,13 @@ class Giver:
             pass
         return sent
 
-    def _connect(self, target: _Target, deadline: float) -> socket.socket | None:
+    def _connect(self, target: _Target, deadline: float) -> bool:
+        """Connect to `target`; return True if its owner is who its name says."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         target.sock = sock
         _timeout(sock, deadline, self.clock)
         sock.connect(peers.address(target.channel.name))
-        if not self.trust(peers.peer_of(sock), target.channel):
-            return None
-        return sock
+        return self.trust(peers.peer_of(sock), target.channel)
 
 
 def _timeout(sock: socket.socket, deadline: float, clock: Callable[[], float]) -> None:
