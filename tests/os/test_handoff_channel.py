@@ -1,4 +1,4 @@
-"""The hand-off channel in one process: real Unix and TCP sockets, a fake clock, no workers."""
+"""The hand-off channel in one process: real Unix and TCP sockets, a fake clock, no daemon."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from fakes import FakeClock
+from unit.fakes import FakeClock
 from upgraderd.apps.connmetrics import HANDOFF_FAILURES
 from upgraderd.worker import handoff, peers, wire
 
