@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Callable, Protocol, runtime_checkable
 
 from upgraderd.worker import handoff
 
@@ -45,9 +45,12 @@ RETRY = 2.0  # seconds between two searches for takers while connections are lef
 class Moves:
     """The hand-off side of one `Server`."""
 
-    def __init__(self, server: Server, take: bool) -> None:
+    def __init__(self, server: Server, take: bool,
+                 giver: Callable[[], handoff.Giver] = handoff.Giver,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.server = server
         self.take = take
+        self.new_giver, self.clock = giver, clock
         self.taker: handoff.Taker | None = None
         self.giver: handoff.Giver | None = None
         self.found_at = 0.0
@@ -81,8 +84,8 @@ class Moves:
                 self.server.adopt(moved)
             self._count(self.taker.failures)
             self.taker = None
-        started = time.monotonic()
-        self.giver = handoff.Giver()
+        started = self.clock()
+        self.giver = self.new_giver()
         self.giver.find()
         self.found_at = started
         held = len(self.server.conns)
@@ -90,7 +93,7 @@ class Moves:
         if held and self.take:  # one line per worker, not per thread
             print(f"upgraderd worker generation {self.giver.generation} slot {self.giver.slot}: handed "
                   f"{self.giver.given} of {held} connection(s) to {self.giver.targets} worker(s) in "
-                  f"{(time.monotonic() - started) * 1000:.0f} ms", file=sys.stderr, flush=True)
+                  f"{(self.clock() - started) * 1000:.0f} ms", file=sys.stderr, flush=True)
 
     @property
     def giving(self) -> bool:
@@ -107,11 +110,12 @@ class Moves:
         """
         if self.giver is None:
             return
-        if not self.giving and self.server.conns and time.monotonic() - self.found_at >= RETRY:
+        if not self.giving and self.server.conns and self.clock() - self.found_at >= RETRY:
             self.giver.find()
-            self.found_at = time.monotonic()
-        if self.giving:
-            self._give([conn for conn in self.server.conns.values() if self._movable(conn)])
+            self.found_at = self.clock()
+        movable = [conn for conn in self.server.conns.values() if self._movable(conn)] if self.giving else []
+        if movable:
+            self._give(movable)
         self._count(self.giver.failures)
         if not self.giving:
             for conn in self.server.conns.values():
