@@ -36,9 +36,10 @@ def retired_after(log: str) -> list[float]:
     return [float(x) for x in re.findall(r"DRAINING -> RETIRED after ([0-9.]+)s", log)]
 
 
-def test_persistent_echo_connections_move_across_three_hups(tmp_path):
+@pytest.mark.parametrize("mode", ["reuseport", "shared"])
+def test_persistent_echo_connections_move_across_three_hups(tmp_path, mode):
     port = free_port()
-    cfg = echo_config(port)
+    cfg = echo_config(port, mode=mode)
     with Daemon(tmp_path, cfg).start() as d:
         streams = Streams(port, 16).start()
         assert streams.wait_ok(200)
