@@ -19,11 +19,13 @@ never reconnected; http: keep-alive requests, reconnecting only after a
 Tables show the median over repeats, and the worst `lost` of any repeat.
 
     .venv/bin/python bench/handoff.py [--repeats 3] [--hups 20] [--conns 64]
+    .venv/bin/python bench/handoff.py --soak 1000 --interval 0.5   # losses and fd counts
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import sys
@@ -87,6 +89,37 @@ def run_once(app: str, handoff: str, conns: int, hups: int, interval: float, ste
     }
 
 
+def fd_count(pid: int) -> int:
+    """Return how many fds `pid` has open (0 if it is gone)."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0
+
+
+def soak(reloads: int, conns: int, interval: float) -> None:
+    """Reload `reloads` times under persistent echo load; report losses and fd counts."""
+    port = free_port()
+    cfg = echo_config(port, drain={"timeout": "10s", "handoff": "auto"})
+    with tempfile.TemporaryDirectory() as tmp, Daemon(Path(tmp), cfg).start() as d:
+        streams = Streams(port, conns, pause=0.01, max_seconds=reloads * interval * 4 + 120).start()
+        streams.wait_ok(conns * 5)
+        before = (fd_count(d.pid), sorted(fd_count(p) for p in d.workers()))
+        for _ in range(reloads):
+            start = time.monotonic()
+            d.hup()
+            time.sleep(max(0.0, start + interval - time.monotonic()))  # the HUP interval under test
+        final = d.settled()
+        d.wait_log(rf"generation {final - 1} DRAINING -> RETIRED", timeout=30)
+        after = (fd_count(d.pid), sorted(fd_count(p) for p in d.workers()))
+        result = streams.stop()
+        handed = len(re.findall(r"handed \d+ of", d.log()))
+    print(f"soak: {reloads} HUPs {interval:g} s apart -> {final - 1} reloads, {conns} persistent echo "
+          f"connections, {result.ok} round trips, lost {sum(result.failures.values())} "
+          f"{dict(result.failures)}, ports kept {result.ports_kept}, {handed} worker hand-offs")
+    print(f"soak: fds master {before[0]} -> {after[0]}, workers {before[1]} -> {after[1]}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
@@ -95,7 +128,12 @@ def main() -> None:
     ap.add_argument("--interval", type=float, default=1.0, help="seconds between HUPs")
     ap.add_argument("--steady", type=float, default=5.0, help="seconds of the steady phase")
     ap.add_argument("--apps", default="echo,http")
+    ap.add_argument("--soak", type=int, default=0, metavar="N",
+                    help="instead: N reloads under persistent echo load; report losses and fd counts")
     args = ap.parse_args()
+    if args.soak:
+        soak(args.soak, args.conns, args.interval)
+        return
     cols = ["lost", "reconnects", "ports", "retired", "retire_p50", "retire_p95", "handoff_p50", "handoff_p95",
             "steady_rps", "ratio",
             "jain_med", "jain_min"]
