@@ -12,10 +12,15 @@ Order at start-up: signal handlers first, then listeners, then READY=1. A
 worker that said READY=1 before its drain handler existed could be killed by
 SIGTERM's default action with connections in hand.
 
-Drain (the drain signal, SIGTERM by default): stop accepting, tell every
-connection's protocol (HTTP answers the next request with `Connection:
-close`), let idle connections go after a grace period, exit when none is
-left. SIGINT: exit at once. If the master dies (our parent changes) we drain.
+Drain (the drain signal, SIGTERM by default): stop accepting; with
+`drain.handoff: auto`, hand every connection that can move to the ACTIVE
+generation (upgraderd/apps/moves.py); tell the protocol of every connection
+left (HTTP answers the next request with `Connection: close`), let idle
+connections go after a grace period, exit when none is left. SIGINT: exit
+at once. If the master dies (our parent changes) we drain.
+
+With hand-off on, the worker also opens its hand-off channel before READY=1
+and serves the connections older workers give it (`adopt`).
 """
 
 from __future__ import annotations
