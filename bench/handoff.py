@@ -53,11 +53,12 @@ def fairness_now(d: Daemon, port: int, seen: set[int]) -> float | None:
     return jain(list(counts.values()))
 
 
-def run_once(app: str, handoff: str, conns: int, hups: int, interval: float, steady: float) -> dict[str, float]:
+def run_once(app: str, handoff: str, conns: int, hups: int, interval: float, steady: float,
+             pause: float) -> dict[str, float]:
     port = free_port()
     cfg = echo_config(port, workers={"count": 4, "app": app}, drain={"timeout": "10s", "handoff": handoff})
     with tempfile.TemporaryDirectory() as tmp, Daemon(Path(tmp), cfg).start() as d:
-        streams = Streams(port, conns, kind=app, pause=0.01, max_seconds=steady + hups * interval + 60).start()
+        streams = Streams(port, conns, kind=app, pause=pause, max_seconds=steady + hups * interval + 60).start()
         streams.wait_ok(conns * 5)
         ok0, t0 = streams.result.ok, time.monotonic()
         time.sleep(steady)  # the steady phase being measured
@@ -128,6 +129,7 @@ def main() -> None:
     ap.add_argument("--interval", type=float, default=1.0, help="seconds between HUPs")
     ap.add_argument("--steady", type=float, default=5.0, help="seconds of the steady phase")
     ap.add_argument("--apps", default="echo,http")
+    ap.add_argument("--pause", type=float, default=0.01, help="seconds each client waits between round trips")
     ap.add_argument("--soak", type=int, default=0, metavar="N",
                     help="instead: N reloads under persistent echo load; report losses and fd counts")
     args = ap.parse_args()
@@ -137,12 +139,13 @@ def main() -> None:
     cols = ["lost", "reconnects", "ports", "retired", "retire_p50", "retire_p95", "handoff_p50", "handoff_p95",
             "steady_rps", "ratio",
             "jain_med", "jain_min"]
-    print(f"median of {args.repeats} runs; {args.conns} persistent connections, 4 workers, "
-          f"{args.hups} HUPs {args.interval:g} s apart, drain.timeout 10s")
+    print(f"median of {args.repeats} runs; {args.conns} persistent connections ({args.pause * 1000:g} ms "
+          f"between round trips), 4 workers, {args.hups} HUPs {args.interval:g} s apart, drain.timeout 10s; "
+          f"load average {os.getloadavg()[0]:.1f}")
     print(f"{'app':<6}{'handoff':<9}" + "".join(f"{c:>12}" for c in cols))
     for app in args.apps.split(","):
         for handoff in ("auto", "off"):
-            runs = [run_once(app, handoff, args.conns, args.hups, args.interval, args.steady)
+            runs = [run_once(app, handoff, args.conns, args.hups, args.interval, args.steady, args.pause)
                     for _ in range(args.repeats)]
             med = {c: statistics.median(r[c] for r in runs) for c in cols}
             med["lost"] = max(r["lost"] for r in runs)  # the worst run, not the median
