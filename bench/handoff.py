@@ -10,6 +10,8 @@ never reconnected; http: keep-alive requests, reconnecting only after a
 - ports: whether every echo connection kept its local port to the end;
 - retire p50/p95: from the successor turning ACTIVE to the old generation
   RETIRED (the master's "DRAINING -> RETIRED after" log);
+- drops: old workers that lost a taker on the way (it refused, timed out or
+  vanished; its connections went to the others), summed over the reloads;
 - handoff p50/p95: how long one old worker took to hand all its connections
   over, from its drain start (the worker's own log line), in seconds;
 - ratio: round trips per second during the reloads / during the steady phase,
@@ -77,11 +79,14 @@ def run_once(app: str, handoff: str, conns: int, hups: int, interval: float, ste
         log = d.log()
     retire = sorted(float(x) for x in re.findall(r"DRAINING -> RETIRED after ([0-9.]+)s", log))
     moves = sorted(int(x) for x in re.findall(r"connection\(s\) to \d+ worker\(s\) in (\d+) ms", log))
+    # A giver's line names the takers left at the end: fewer than 4 means one failed (slow, gone).
+    drops = sum(int(n) < 4 for n in re.findall(r"connection\(s\) to (\d+) worker\(s\)", log))
     return {
         "lost": sum(result.failures.values()), "reconnects": result.reconnects,
         "ports": float(result.ports_kept), "retired": len(retire),
         "retire_p50": statistics.median(retire) if retire else float("nan"),
         "retire_p95": retire[min(len(retire) - 1, int(0.95 * len(retire)))] if retire else float("nan"),
+        "drops": drops,
         "handoff_p50": statistics.median(moves) / 1000 if moves else float("nan"),
         "handoff_p95": moves[min(len(moves) - 1, int(0.95 * len(moves)))] / 1000 if moves else float("nan"),
         "steady_rps": steady_rate, "ratio": reload_rate / steady_rate,
@@ -136,7 +141,8 @@ def main() -> None:
     if args.soak:
         soak(args.soak, args.conns, args.interval)
         return
-    cols = ["lost", "reconnects", "ports", "retired", "retire_p50", "retire_p95", "handoff_p50", "handoff_p95",
+    cols = ["lost", "reconnects", "ports", "retired", "retire_p50", "retire_p95", "drops", "handoff_p50",
+            "handoff_p95",
             "steady_rps", "ratio",
             "jain_med", "jain_min"]
     print(f"median of {args.repeats} runs; {args.conns} persistent connections ({args.pause * 1000:g} ms "
@@ -151,7 +157,7 @@ def main() -> None:
             med["lost"] = max(r["lost"] for r in runs)  # the worst run, not the median
             med["ports"] = min(r["ports"] for r in runs)
             print(f"{app:<6}{handoff:<9}" + "".join(
-                f"{med[c]:>12.0f}" if c in ("lost", "reconnects", "ports", "retired", "steady_rps")
+                f"{med[c]:>12.0f}" if c in ("lost", "reconnects", "ports", "retired", "drops", "steady_rps")
                 else f"{med[c]:>12.3f}" for c in cols), flush=True)
 
 

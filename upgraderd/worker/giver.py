@@ -44,7 +44,7 @@ class _Target:
 class Giver:
     """Offers this worker's connections to other workers of the same master (blocking)."""
 
-    def __init__(self, *, master: int | None = None, timeout: float = 1.0,
+    def __init__(self, *, master: int | None = None, timeout: float = 2.0,
                  trust: Callable[[Peer, Channel], bool] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.generation, self.slot = identity()
