@@ -80,18 +80,19 @@ def test_keepalive_http_connections_move_between_requests(tmp_path):
 
 def test_a_receiver_killed_mid_handoff_loses_nothing(tmp_path):
     port = free_port()
-    cfg = echo_config(port, count=2, ready={"mode": "delay", "after": "2s", "timeout": "10s"})
+    cfg = echo_config(port, count=2, ready={"mode": "delay", "after": "5s", "timeout": "20s"})
     with Daemon(tmp_path, cfg).start() as d:
         streams = Streams(port, 12).start()
         assert streams.wait_ok(100)
         d.hup()
-        # Gen 2 is alive with its channels open but not ACTIVE yet (ready after 2 s):
+        # Gen 2 is alive with its channels open but not ACTIVE yet (ready after 5 s):
         # stop slot 0 so that it accepts the channel connection and never answers.
         wait_until(lambda: len([c for c in peers.listening_channels(d.pid) if c.generation == 2]) == 2,
                    10, "both gen-2 channels")
         victim = generation_workers(d, 2)[0]
         os.kill(victim, signal.SIGSTOP)
-        d.wait_log(r"generation 1 ACTIVE -> DRAINING")
+        assert "generation 1 ACTIVE -> DRAINING" not in d.log(), "too slow: gen 2 was ACTIVE before the stop"
+        d.wait_log(r"generation 1 ACTIVE -> DRAINING", timeout=30)
         os.kill(victim, signal.SIGKILL)  # mid-hand-off: the givers are offering or waiting on it
         d.wait_log(r"generation 1 DRAINING -> RETIRED")
         assert streams.wait_ok(streams.result.ok + 120)
