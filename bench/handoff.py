@@ -47,6 +47,8 @@ def fairness_now(d: Daemon, port: int, seen: set[int]) -> float | None:
     if not retired or max(retired) + 1 in seen:
         return None
     generation = max(retired) + 1
+    if f"generation {generation} ACTIVE -> DRAINING" in d.log():
+        return None  # it is giving its connections away already: not a settled spread
     pids = generation_pids(d.workers(), generation)
     counts = worker_connections(set(pids.values()), port)
     if len(counts) != 4 or not sum(counts.values()):
