@@ -94,7 +94,8 @@ def test_scrape_tracks_reloads_and_connections(tmp_path):
 
 def test_draining_connections_are_labelled_draining(tmp_path):
     port = free_port()
-    cfg = echo_config(port, count=2)
+    # Without hand-off, so that the old generation keeps the connections while it drains.
+    cfg = echo_config(port, count=2, drain={"timeout": "10s", "handoff": "off"})
     with Daemon(tmp_path, cfg).start() as d:
         held = []
         for i in range(4):

@@ -59,7 +59,7 @@ def test_fifty_hups_under_load_drop_nothing(tmp_path, mode):
 
 def test_keepalive_connections_survive_drain(tmp_path):
     port = free_port()
-    cfg = echo_config(port, drain={"timeout": "60s"})
+    cfg = echo_config(port, drain={"timeout": "60s", "handoff": "off"})  # the drain without hand-off
     with Daemon(tmp_path, cfg).start() as d:
         first = d.workers()
         load = Load("127.0.0.1", port, threads=8, max_seconds=60).start("echo-keepalive")

@@ -39,6 +39,9 @@ import threading
 from typing import Any
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Every reason a hand-off can fail for (docs/metrics.md); each series starts at 0.
+HANDOFF_FAILURES = ("refused", "timeout", "taker_gone", "untrusted_taker", "malformed_reply", "too_large",
+                    "untrusted_giver", "malformed", "abandoned", "stalled_giver", "busy", "channel_in_use")
 
 
 class ConnectionMetrics:
@@ -50,8 +53,10 @@ class ConnectionMetrics:
         self._sink: _Sink | None = _shared_sink(tuple(self.listeners)) if enabled else None
         self.enabled = self._sink is not None
         self.is_draining = False
-        self._counts = {name: [0, 0, 0, 0] for name in self.listeners}  # accepted, closed, rx, tx
-        self._flushed = {name: [0, 0, 0, 0] for name in self.listeners}
+        # accepted, closed, rx, tx, handed off, taken over
+        self._counts = {name: [0] * 6 for name in self.listeners}
+        self._flushed = {name: [0] * 6 for name in self.listeners}
+        self._failures: dict[str, int] = {}
         self._dirty = True
         self._reported = {name: {"active": 0, "draining": 0} for name in self.listeners}
 
@@ -75,6 +80,22 @@ class ConnectionMetrics:
         self._counts[listener][3] += n
         self._dirty = True
 
+    def handed_off(self, listener: str) -> None:
+        """Count a connection of `listener` that another worker serves from now on."""
+        self._counts[listener][4] += 1
+        self._dirty = True
+
+    def taken_over(self, listener: str) -> None:
+        """Count a connection of `listener` that another worker handed to this one."""
+        self._counts[listener][5] += 1
+        self._dirty = True
+
+    def handoff_failed(self, reason: str, n: int = 1) -> None:
+        """Count `n` hand-off failures of one kind (see docs/metrics.md for the reasons)."""
+        if n:
+            self._failures[reason] = self._failures.get(reason, 0) + n
+            self._dirty = True
+
     def draining(self) -> None:
         """This worker was asked to drain: its open connections now count as draining."""
         self.is_draining = True
@@ -83,7 +104,7 @@ class ConnectionMetrics:
     def active(self, listener: str) -> int:
         """Return the connections of `listener` open right now."""
         c = self._counts[listener]
-        return c[0] - c[1]
+        return c[0] + c[5] - c[1] - c[4]
 
     def flush(self) -> None:
         """Write what changed since the last flush to the metric files."""
@@ -99,6 +120,9 @@ class ConnectionMetrics:
             gauge = {state: want[state] - self._reported[name][state] for state in want}
             self._reported[name] = want
             self._sink.write(name, deltas, gauge)
+        for reason, n in self._failures.items():
+            self._sink.failures.labels(reason).inc(n)
+        self._failures.clear()
 
 
 _SINKS: dict[tuple[str, ...], _Sink | None] = {}
@@ -163,7 +187,14 @@ class _Sink:
                     labels, registry=None),
             Counter("upgraderd_bytes_sent_total", "Bytes the built-in workers wrote to clients.",
                     labels, registry=None),
+            Counter("upgraderd_connections_handed_off_total", "Connections a draining built-in worker "
+                    "handed to another worker.", labels, registry=None),
+            Counter("upgraderd_connections_taken_over_total", "Connections a built-in worker took over "
+                    "from another worker.", labels, registry=None),
         ]
+        self.failures = Counter("upgraderd_handoff_failures_total", "Connection hand-offs that did not "
+                                "happen, by reason; the connection stayed where it was.", ["reason"],
+                                registry=None)
         self.active = Gauge("upgraderd_connections_active", "Open connections of the built-in workers, by "
                             "the state of their generation (active or draining).", ["listener", "state"],
                             registry=None, multiprocess_mode="livesum")
@@ -173,6 +204,8 @@ class _Sink:
                 c.labels(name)
             self.active.labels(name, "active").set(0)
             self.active.labels(name, "draining").set(0)
+        for reason in HANDOFF_FAILURES:
+            self.failures.labels(reason)
 
     def write(self, listener: str, deltas: list[int], gauge: dict[str, int]) -> None:
         for counter, delta in zip(self.counters, deltas):

@@ -2,13 +2,15 @@
 
 A connection stays open until the client closes it, also while the worker
 drains: an echo stream has no request boundary at which closing would be
-safe, so a draining echo worker exits when its last client leaves (or when
-the master's drain timeout SIGKILLs it).
+safe. With `drain.handoff: auto` (the default) a draining echo worker hands
+every connection to the new generation and exits at once; otherwise (or if
+no worker takes them) it exits when its last client leaves, or when the
+master's drain timeout SIGKILLs it.
 """
 
 from __future__ import annotations
 
-from upgraderd.apps import server
+from upgraderd.apps import run
 
 
 class Echo:
@@ -29,10 +31,17 @@ class Echo:
     def drain(self) -> None:
         """Nothing to do: the client decides when the stream ends."""
 
+    def handoff_state(self) -> tuple[bytes, bytes] | None:
+        """An echo connection can move at any time, and carries no state."""
+        return b"", b""
+
+    def restore(self, state: bytes) -> None:
+        """Nothing to restore."""
+
 
 def main() -> int:
     """Serve echo on every inherited listener."""
-    return server.main(lambda name: Echo())
+    return run.main(lambda name: Echo())
 
 
 if __name__ == "__main__":

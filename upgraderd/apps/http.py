@@ -2,7 +2,9 @@
 
 Every request gets `200 OK` with a short text body naming the generation,
 slot and pid that answered (so a test can tell generations apart). Keep-alive
-is honoured. While draining, the next response carries `Connection: close`
+is honoured. With `drain.handoff: auto`, a draining worker hands each
+keep-alive connection to the new generation between two requests. Without
+it (or if no worker takes it), the next response carries `Connection: close`
 and idle connections are closed only after a grace period, so a client that
 is about to reuse a connection is never cut off mid-request.
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from upgraderd.apps import server
+from upgraderd.apps import run
 
 MAX_HEAD = 64 * 1024
 
@@ -75,10 +77,17 @@ class Http:
         """Answer the next request with `Connection: close`."""
         self.draining = True
 
+    def handoff_state(self) -> tuple[bytes, bytes] | None:
+        """Move only between requests: never while a request is half read."""
+        return None if self.buf or self.close else (b"", b"")
+
+    def restore(self, state: bytes) -> None:
+        """Nothing to restore: the new worker answers with its own generation."""
+
 
 def main() -> int:
     """Serve HTTP on every inherited listener."""
-    return server.main(Http)
+    return run.main(Http)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,15 @@ Order at start-up: signal handlers first, then listeners, then READY=1. A
 worker that said READY=1 before its drain handler existed could be killed by
 SIGTERM's default action with connections in hand.
 
-Drain (the drain signal, SIGTERM by default): stop accepting, tell every
-connection's protocol (HTTP answers the next request with `Connection:
-close`), let idle connections go after a grace period, exit when none is
-left. SIGINT: exit at once. If the master dies (our parent changes) we drain.
+Drain (the drain signal, SIGTERM by default): stop accepting; with
+`drain.handoff: auto`, hand every connection that can move to the ACTIVE
+generation (upgraderd/apps/moves.py); tell the protocol of every connection
+left (HTTP answers the next request with `Connection: close`), let idle
+connections go after a grace period, exit when none is left. SIGINT: exit
+at once. If the master dies (our parent changes) we drain.
+
+With hand-off on, the worker also opens its hand-off channel before READY=1
+and serves the connections older workers give it (`adopt`).
 """
 
 from __future__ import annotations
@@ -25,17 +30,19 @@ import os
 import selectors
 import signal
 import socket
-import sys
 import time
 from types import FrameType
 from typing import Callable, Protocol
 
 from upgraderd import worker
 from upgraderd.apps.connmetrics import ConnectionMetrics
+from upgraderd.apps.moves import Movable, Moves
+from upgraderd.worker import handoff
 
 READ_SIZE = 65536
 HIGH_WATER = 1 << 20
 ACCEPT_BATCH = 64
+_TAKER = object()  # selector data of the hand-off channel
 
 
 class ConnectionProtocol(Protocol):
@@ -57,7 +64,7 @@ class ConnectionProtocol(Protocol):
 class Conn:
     """One accepted connection and its pending output."""
 
-    __slots__ = ("sock", "proto", "out", "eof", "events", "last_io", "listener")
+    __slots__ = ("sock", "proto", "out", "eof", "events", "last_io", "listener", "stay")
 
     def __init__(self, sock: socket.socket, proto: ConnectionProtocol, listener: str = "") -> None:
         self.sock = sock
@@ -67,10 +74,13 @@ class Conn:
         self.eof = False
         self.events = selectors.EVENT_READ
         self.last_io = time.monotonic()
+        self.stay = False  # hand-off failed or impossible: drain it here
 
 
 class Server:
     """A single-threaded selectors loop over inherited listeners."""
+
+    takes_handoffs = True  # False for the helper threads of `threads: N`: one channel per worker
 
     def __init__(self, listeners: dict[str, socket.socket],
                  factory: Callable[[str], ConnectionProtocol], idle_grace: float = 1.0,
@@ -87,6 +97,7 @@ class Server:
         self._wake_r, self._wake_w = socket.socketpair()
         self._signals_installed = False
         self.metrics = ConnectionMetrics(list(listeners))
+        self.moves = Moves(self, self.takes_handoffs) if handoff.enabled() else None
 
     def _install_signals(self) -> None:
         if self._signals_installed:
@@ -114,6 +125,8 @@ class Server:
         for name, lsock in self.listeners.items():
             lsock.setblocking(False)
             self.sel.register(lsock, selectors.EVENT_READ, name)
+        if self.moves is not None:
+            self.moves.open()  # before READY=1: a successor may give to us as soon as we are ready
         if self.announce:
             worker.ready(f"serving {', '.join(self.listeners)}")
         while not self.stop_now:
@@ -123,11 +136,17 @@ class Server:
                 break
             for key, mask in self.sel.select(timeout=0.5):
                 self._dispatch(key, mask)
+            if self.moves is not None:
+                self.moves.poll()
+                if self.draining_since is not None:
+                    self.moves.give_ready()
             self.metrics.flush()
             if os.getppid() != self.parent and self.draining_since is None:
                 self.draining_since = -1.0
         for conn in list(self.conns.values()):
             self._close(conn)
+        if self.moves is not None:
+            self.moves.close()
         self.metrics.flush()
         return 0
 
@@ -137,6 +156,9 @@ class Server:
                 self._wake_r.recv(4096)
             except BlockingIOError:
                 pass
+        elif key.data is _TAKER:
+            assert self.moves is not None
+            self.moves.poll()
         elif isinstance(key.data, str):
             self._accept(key.fileobj, key.data)  # type: ignore[arg-type]
         else:
@@ -163,7 +185,7 @@ class Server:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = Conn(sock, self.factory(name), name)
             self.metrics.accepted(name)
-            if self.draining_since is not None:
+            if self.draining_since is not None and not self._giving():
                 conn.proto.drain()
             self.conns[sock.fileno()] = conn
             self.sel.register(sock, selectors.EVENT_READ, conn)
@@ -234,8 +256,50 @@ class Server:
             while not self._accept(lsock, name):
                 pass
             lsock.close()
-        for conn in self.conns.values():
-            conn.proto.drain()
+        if self.moves is not None:
+            self.moves.start_giving()
+        if not self._giving():
+            for conn in self.conns.values():
+                conn.proto.drain()
+
+    def _giving(self) -> bool:
+        return self.moves is not None and self.moves.giving
+
+    # -- hand-off (upgraderd/apps/moves.py) --
+
+    def register_taker(self, taker: handoff.Taker) -> None:
+        """Watch the hand-off channel in this loop."""
+        self.sel.register(taker.fileno(), selectors.EVENT_READ, _TAKER)
+
+    def unregister_taker(self, taker: handoff.Taker) -> None:
+        """Stop watching the hand-off channel."""
+        self.sel.unregister(taker.fileno())
+
+    def adopt(self, moved: handoff.Handed) -> None:
+        """Serve a connection another worker handed to us, from where it left off."""
+        sock = moved.sock
+        sock.setblocking(False)
+        proto = self.factory(moved.listener)
+        if isinstance(proto, Movable):
+            proto.restore(moved.state)
+        conn = Conn(sock, proto, moved.listener)
+        conn.out += moved.unsent
+        self.metrics.taken_over(moved.listener)
+        self.conns[sock.fileno()] = conn
+        self.sel.register(sock, selectors.EVENT_READ, conn)
+        if self.draining_since is not None and not self._giving():
+            proto.drain()
+        if moved.unhandled:
+            conn.out += proto.received(moved.unhandled)
+        self._flush(conn)
+
+    def handed_off(self, conn: Conn) -> None:
+        """Forget a connection that another worker now serves (it is already unregistered)."""
+        fd = conn.sock.fileno()
+        self.conns.pop(fd, None)
+        conn.sock.close()
+        conn.events = 0
+        self.metrics.handed_off(conn.listener)
 
     def _drained(self) -> bool:
         assert self.draining_since is not None
@@ -259,18 +323,3 @@ def _has_unread(sock: socket.socket) -> bool:
         return False
     except OSError:
         return False
-
-
-def main(factory: Callable[[str], ConnectionProtocol], idle_grace: float = 1.0,
-         announce: bool = True) -> int:
-    """Run a built-in app over the inherited listeners; return the exit code."""
-    socks = worker.listeners()
-    if not socks:
-        print("error: no listening sockets (LISTEN_FDS/LISTEN_PID not set for this process); "
-              "run me under upgraderd", file=sys.stderr)
-        return 2
-    threads = int(os.environ.get("UPGRADERD_THREADS", "1") or "1")
-    if threads > 1:
-        from upgraderd.apps import threaded
-        return threaded.serve(socks, factory, threads, idle_grace, announce)
-    return Server(socks, factory, idle_grace, announce).serve()

@@ -39,6 +39,8 @@ from upgraderd.apps.server import ConnectionProtocol, Server
 class _Helper(Server):
     """A Server for a non-main thread: no signal handlers, no READY=1, told what to do."""
 
+    takes_handoffs = False  # the leader's thread takes hand-offs for the whole worker
+
     def __init__(self, listeners: dict[str, socket.socket],
                  factory: Callable[[str], ConnectionProtocol], idle_grace: float) -> None:
         # os.dup, not socket.dup: socket.dup() calls settimeout() on the copy, which

@@ -90,6 +90,9 @@ class DrainSpec:
 
     signal: str = opt("TERM", signal_name, "Signal that asks a worker to stop accepting and finish.")
     timeout: float = opt(30.0, duration, "SIGKILL a draining worker after this long.")
+    handoff: str = opt("auto", one_of("auto", "off"),
+                       "Hand live connections to the new generation (built-in workers and "
+                       "workers that announce a hand-off channel), or off: wait for them to end.")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -16,7 +16,6 @@ import os
 import pwd
 import re
 import reprlib
-import stat
 from dataclasses import field
 from typing import Any, Callable
 

@@ -22,7 +22,6 @@ reason is kept, so a generation that never became ready can say why.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
 import random
 import re

@@ -24,7 +24,6 @@ import errno
 import os
 import pwd
 import shutil
-import signal
 from typing import Mapping, Sequence
 
 from upgraderd.config.validators import worker_ids

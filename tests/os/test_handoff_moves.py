@@ -1,0 +1,125 @@
+"""A built-in worker's side of the hand-off (apps/moves.py) with a scripted giver and a fake clock.
+
+The Server and its connections are real (socket pairs in a real selector); only
+the other workers are replaced by `ScriptedGiver`, which answers each batch
+from a script, so every path (all given, none given, retry, half-read HTTP
+request) runs exactly once, without timing.
+"""
+
+from __future__ import annotations
+
+import selectors
+import socket
+from collections import Counter
+
+import pytest
+
+from tests.support.fakes import FakeClock
+from upgraderd.apps import moves
+from upgraderd.apps.echo import Echo
+from upgraderd.apps.http import Http
+from upgraderd.apps.server import Conn, Server
+
+
+class ScriptedGiver:
+    """A Giver whose takers accept or refuse by script: one list of answers per batch."""
+
+    def __init__(self, script: list[bool | None], targets: int = 2) -> None:
+        self.script = script  # per offered connection: True taken, False refused, None no takers
+        self.targets = targets
+        self.generation, self.slot = 1, 0
+        self.failures: Counter[str] = Counter()
+        self.given = 0
+        self.batches: list[list[bytes]] = []
+        self.finds = 0
+
+    def find(self) -> int:
+        self.finds += 1
+        self.targets = 2
+        return self.targets
+
+    def give_many(self, moving: list) -> list[bool]:
+        self.batches.append([m.unsent for m in moving])
+        out = []
+        for _ in moving:
+            answer = self.script.pop(0)
+            if answer is None:
+                self.targets = 0
+                self.failures["timeout"] += 1
+            out.append(bool(answer) and self.targets > 0)
+        self.given += sum(out)
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def pairs():
+    made: list[socket.socket] = []
+
+    def make() -> tuple[socket.socket, socket.socket]:
+        a, b = socket.socketpair()
+        made.extend((a, b))
+        return a, b
+    yield make
+    for s in made:
+        s.close()
+
+
+def server_with(giver: ScriptedGiver, clock: FakeClock, protos: list, pairs) -> tuple[Server, list]:
+    listener = socket.create_server(("127.0.0.1", 0))  # named only: this Server never serves
+    server = Server({"echo": listener}, lambda name: Echo())
+    server.moves = moves.Moves(server, take=False, giver=lambda: giver, clock=clock)
+    clients = []
+    for proto in protos:
+        client, mine = pairs()
+        mine.setblocking(False)
+        conn = Conn(mine, proto, "echo")
+        conn.out += b"pending"
+        server.conns[mine.fileno()] = conn
+        server.sel.register(mine, selectors.EVENT_READ, conn)
+        clients.append((client, conn))
+    listener.close()
+    return server, clients
+
+
+def test_every_connection_given_is_forgotten_and_its_copy_closed(pairs):
+    giver, clock = ScriptedGiver([True, True]), FakeClock()
+    server, clients = server_with(giver, clock, [Echo(), Echo()], pairs)
+    server.moves.start_giving()
+    assert server.conns == {}
+    assert all(conn.sock.fileno() < 0 for _, conn in clients)
+    assert giver.batches == [[b"pending", b"pending"]]  # the unsent output moved with them
+    assert server.metrics.active("echo") == -2  # none accepted here, two handed off
+
+
+def test_a_connection_nobody_takes_is_served_on_drained_and_offered_again_later(pairs):
+    giver, clock = ScriptedGiver([True, None, True]), FakeClock()
+    server, clients = server_with(giver, clock, [Echo(), Http("echo")], pairs)
+    server.moves.start_giving()
+    (left,) = server.conns.values()
+    assert left.stay and left.proto.draining  # drained as without hand-off: Connection: close next
+    assert server.sel.get_key(left.sock).data is left  # back in the loop, reading
+    clock.advance(moves.RETRY - 0.1)
+    server.moves.give_ready()
+    assert giver.finds == 1 and len(giver.batches) == 1  # not yet
+    clock.advance(0.2)
+    server.moves.give_ready()
+    assert giver.finds == 2 and server.conns == {}
+
+
+def test_a_half_read_http_request_is_answered_before_the_connection_moves(pairs):
+    giver, clock = ScriptedGiver([True]), FakeClock()
+    http = Http("echo")
+    server, clients = server_with(giver, clock, [http], pairs)
+    (client, conn), = clients
+    conn.out.clear()
+    http.received(b"GET / HTTP/1.1\r\nHost: x\r\n")  # no blank line yet
+    server.moves.start_giving()
+    assert giver.batches == [] and server.conns  # not while the request is half read
+    assert not conn.stay
+    conn.out += http.received(b"\r\n")  # the request completes and is answered (keep-alive)
+    assert b"Connection: keep-alive" in conn.out
+    server.moves.give_ready()
+    assert giver.batches == [[bytes(conn.out)]] and server.conns == {}

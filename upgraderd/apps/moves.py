@@ -1,0 +1,167 @@
+"""Hand-off for the built-in workers: take connections while serving, give them at drain.
+
+With `drain.handoff: auto` (UPGRADERD_HANDOFF=auto) a built-in worker opens
+its hand-off channel before READY=1 and adopts whatever connection an older
+worker (or a retiring sibling) commits to it. When it drains, it offers every
+connection it can move to the ACTIVE generation, round-robin over its
+workers, instead of waiting for the connection to end. A connection moves:
+- only between requests: the protocol says when (`Movable.handoff_state()`
+  returns None while a request is half read), and the move is retried on
+  every loop pass until then;
+- after the loop stopped reading it (it is unregistered first), with the
+  output not yet sent and the bytes read but not handled;
+- for good only once the taker acknowledged; if the taker refuses, stays
+  silent or dies, the connection is registered again and served on.
+When no taker is left, the remaining connections are drained as before, and
+offered again every RETRY seconds to whatever takers exist then.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TYPE_CHECKING, Callable, Protocol, runtime_checkable
+
+from upgraderd.worker import handoff
+
+if TYPE_CHECKING:
+    from upgraderd.apps.server import Conn, Server
+
+
+@runtime_checkable
+class Movable(Protocol):
+    """A connection protocol whose connections can move to another worker."""
+
+    def handoff_state(self) -> tuple[bytes, bytes] | None:
+        """Return (state blob, bytes read but not handled), or None while it cannot move."""
+
+    def restore(self, state: bytes) -> None:
+        """Take over the state blob of a connection that moved here."""
+
+
+RETRY = 2.0  # seconds between two searches for takers while connections are left
+
+
+class Moves:
+    """The hand-off side of one `Server`."""
+
+    def __init__(self, server: Server, take: bool,
+                 giver: Callable[[], handoff.Giver] = handoff.Giver,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.server = server
+        self.take = take
+        self.new_giver, self.clock = giver, clock
+        self.taker: handoff.Taker | None = None
+        self.giver: handoff.Giver | None = None
+        self.found_at = 0.0
+
+    def open(self) -> None:
+        """Open this worker's channel (before READY=1); without it, we only give."""
+        if not self.take:
+            return
+        try:
+            self.taker = handoff.Taker(list(self.server.listeners))
+        except OSError as e:
+            # Another process holds our name (abstract names are global): take nothing.
+            print(f"upgraderd worker: hand-off channel unavailable, taking no connections: {e}",
+                  file=sys.stderr)
+            self.server.metrics.handoff_failed("channel_in_use")
+            return
+        self.server.register_taker(self.taker)
+
+    def poll(self) -> None:
+        """Adopt what the channel committed to us, and settle its timeouts."""
+        if self.taker is not None:
+            for moved in self.taker.poll():
+                self.server.adopt(moved)
+            self._count(self.taker.failures)
+
+    def start_giving(self) -> None:
+        """We drain: stop taking, find the takers and move every connection we can."""
+        if self.taker is not None:
+            self.server.unregister_taker(self.taker)
+            for moved in self.taker.close():
+                self.server.adopt(moved)
+            self._count(self.taker.failures)
+            self.taker = None
+        started = self.clock()
+        self.giver = self.new_giver()
+        self.giver.find()
+        self.found_at = started
+        held = len(self.server.conns)
+        self.give_ready()
+        if held and self.take:  # one line per worker, not per thread
+            print(f"upgraderd worker generation {self.giver.generation} slot {self.giver.slot}: handed "
+                  f"{self.giver.given} of {held} connection(s) to {self.giver.targets} worker(s) in "
+                  f"{(self.clock() - started) * 1000:.0f} ms", file=sys.stderr, flush=True)
+
+    @property
+    def giving(self) -> bool:
+        """Return True while connections should wait to be given rather than drained."""
+        return self.giver is not None and self.giver.targets > 0
+
+    def give_ready(self) -> None:
+        """Give every connection that can move now; drain the rest once no taker is left.
+
+        A connection that could not be given is served on and drained as without
+        hand-off, and offered again after RETRY seconds to the takers found then:
+        a taker that was slow under load may answer next time, and an echo
+        stream that stays here would be cut at drain.timeout.
+        """
+        if self.giver is None:
+            return
+        if not self.giving and self.server.conns and self.clock() - self.found_at >= RETRY:
+            self.giver.find()
+            self.found_at = self.clock()
+        movable = [conn for conn in self.server.conns.values() if self._movable(conn)] if self.giving else []
+        if movable:
+            self._give(movable)
+        self._count(self.giver.failures)
+        if not self.giving:
+            for conn in self.server.conns.values():
+                self._stay(conn)
+
+    def close(self) -> None:
+        """Release the channel sockets at exit."""
+        if self.giver is not None:
+            self.giver.close()
+        if self.taker is not None:
+            self.taker.close()
+
+    def _movable(self, conn: Conn) -> bool:
+        proto = conn.proto
+        if not isinstance(proto, Movable):
+            self._stay(conn)
+            return False
+        # A half-read request (handoff_state() is None) moves on a later pass.
+        return conn.sock.fileno() >= 0 and not conn.eof and not proto.closing() \
+            and proto.handoff_state() is not None
+
+    def _give(self, conns: list[Conn]) -> None:
+        """Offer `conns` in one batch; serve on those no taker committed to."""
+        assert self.giver is not None
+        server = self.server
+        moving = []
+        for conn in conns:
+            assert isinstance(conn.proto, Movable)
+            state = conn.proto.handoff_state()
+            assert state is not None
+            if conn.events:
+                server.sel.unregister(conn.sock)  # stop reading before offering
+            moving.append(handoff.Handed(conn.sock, conn.listener, state[0], state[1], bytes(conn.out)))
+        for conn, given in zip(conns, self.giver.give_many(moving)):
+            if given:
+                server.handed_off(conn)
+            elif conn.events:
+                server.sel.register(conn.sock, conn.events, conn)
+
+    def _stay(self, conn: Conn) -> None:
+        """Serve `conn` on here and drain it as a worker without hand-off would."""
+        if not conn.stay:
+            conn.stay = True
+            conn.proto.drain()
+
+    def _count(self, failures: dict[str, int]) -> None:
+        for reason, n in failures.items():
+            self.server.metrics.handoff_failed(reason, n)
+        failures.clear()

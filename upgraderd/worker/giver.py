@@ -1,0 +1,241 @@
+"""The giving end of hand-offs: find the takers, offer one connection at a time.
+
+A draining worker gives to the oldest generation newer than its own that
+still has its channels open: the ACTIVE one. When
+there is none (its slot was retired by TTOU, or the master is stopping) it
+gives to its siblings of the same generation; siblings that are draining
+themselves have closed their channel or refuse. A taker that fails once (it
+refused, fell silent past `timeout`, vanished, or is not who its name says)
+is dropped for the rest of this drain, and the connection is offered to the
+next one; when none is left, `give()` returns False and the caller serves the
+connection on. A connection is never lost here: its fd stays open in this
+process until the taker has answered ACK and our COMMIT went out.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+import time
+from collections import Counter
+from typing import Callable
+
+from upgraderd.worker import peers, wire
+from upgraderd.worker.moved import Handed, identity
+from upgraderd.worker.peers import Channel, Peer
+
+BATCH = 64  # offers in flight to one taker (it holds at most MAX_PENDING = 128)
+
+
+class _Target:
+    """One taker's channel and, once connected and checked, our socket to it."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.sock: socket.socket | None = None
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+class Giver:
+    """Offers this worker's connections to other workers of the same master (blocking)."""
+
+    def __init__(self, *, master: int | None = None, timeout: float = 2.0,
+                 trust: Callable[[Peer, Channel], bool] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.generation, self.slot = identity()
+        self.master = os.getppid() if master is None else master
+        self.timeout, self.clock = timeout, clock
+        self.trust = trust or (lambda p, c: peers.trusted(p, self.master, c.generation, c.generation))
+        self.failures: Counter[str] = Counter()
+        self.given = 0
+        self._targets: list[_Target] = []
+        self._next = 0
+
+    def find(self) -> int:
+        """Connect to the takers to give to now, checking each; return how many there are.
+
+        The oldest newer generation with a trusted taker wins: a generation
+        closes its channels when it drains, and ours drains only once its
+        successor is ACTIVE, so that is the ACTIVE one, not a STARTING one that
+        may yet fail. Names bound by a stranger (abstract names are free for
+        all) fail the check and are skipped, so they cannot hide the real takers.
+        """
+        self.close()
+        channels = peers.listening_channels(self.master)
+        self._targets = []
+        for gen in sorted({c.generation for c in channels if c.generation > self.generation}):
+            self._targets = self._trusted([c for c in channels if c.generation == gen])
+            if self._targets:
+                break
+        else:
+            self._targets = self._trusted([c for c in channels
+                                           if c.generation == self.generation and c.slot != self.slot])
+        # Start at our own slot: the givers of one generation then spread evenly.
+        self._next = self.slot % len(self._targets) if self._targets else 0
+        return len(self._targets)
+
+    def _trusted(self, channels: list[Channel]) -> list[_Target]:
+        """Return the channels we could connect to and whose owner passed the check."""
+        out = []
+        for channel in channels:
+            target = _Target(channel)
+            try:
+                ok = self._connect(target, self.clock() + self.timeout)
+            except OSError:
+                ok = False  # it closed its channel since we listed it (it drains): not a failure
+            else:
+                if not ok:
+                    self.failures["untrusted_taker"] += 1
+            if ok:
+                out.append(target)
+            else:
+                target.close()
+        return out
+
+    @property
+    def targets(self) -> int:
+        """Return how many takers are still in play."""
+        return len(self._targets)
+
+    def give(self, moving: Handed) -> bool:
+        """Offer one connection; see `give_many`."""
+        return self.give_many([moving])[0]
+
+    def give_many(self, moving: list[Handed]) -> list[bool]:
+        """Offer connections until a taker commits to each; return, per connection, if it is theirs now.
+
+        Stop reading the connections before calling this. Where True, close your
+        copy and never touch the connection again; where False, serve it on.
+        The offers to one taker are pipelined: all OFFERs, then all answers,
+        then the COMMITs, so a batch costs one round trip per taker.
+        """
+        given = [False] * len(moving)
+        msgs: dict[int, list[bytes]] = {}
+        for i, m in enumerate(moving):
+            try:
+                msgs[i] = wire.encode_offer(m.listener, m.state, m.unhandled, m.unsent)
+            except ValueError:
+                self.failures["too_large"] += 1
+        pending = list(msgs)
+        while pending and self._targets:
+            plan = self._plan(pending)
+            failed = self._round(plan, [m.sock.fileno() for m in moving], msgs, given)
+            for target, reason in failed.items():
+                self.failures[reason] += 1
+                target.close()
+                self._targets.remove(target)
+            pending = [i for i in pending if not given[i]]
+        self.given += sum(given)
+        return given
+
+    def close(self) -> None:
+        """Close every channel socket (a taker that had not seen COMMIT drops its copy)."""
+        for t in self._targets:
+            t.close()
+
+    def _plan(self, pending: list[int]) -> dict[_Target, list[int]]:
+        """Spread `pending` round-robin over the takers, at most BATCH each this round."""
+        plan: dict[_Target, list[int]] = {}
+        for i in pending:
+            target = self._targets[self._next % len(self._targets)]
+            if len(plan.get(target, ())) >= BATCH:
+                break
+            plan.setdefault(target, []).append(i)
+            self._next += 1
+        return plan
+
+    def _round(self, plan: dict[_Target, list[int]], fds: list[int], msgs: dict[int, list[bytes]],
+               given: list[bool]) -> dict[_Target, str]:
+        """Offer, collect the answers, commit; mark `given`; return the takers that failed, with why."""
+        deadline = self.clock() + self.timeout
+        failed: dict[_Target, str] = {}
+        for target, idxs in plan.items():
+            reason = self._send_offers(target, [(fds[i], msgs[i]) for i in idxs], deadline)
+            if reason:
+                failed[target] = reason
+        for target, idxs in plan.items():
+            if target in failed:
+                continue
+            acks, reason = self._answers(target, len(idxs), deadline)
+            if reason and reason != "refused":
+                failed[target] = reason  # nothing committed: the taker drops its copies
+                continue
+            committed = self._commit(target, sum(acks))
+            for i in [i for i, ok in zip(idxs, acks) if ok][:committed]:
+                given[i] = True
+            if reason or committed < sum(acks):
+                failed[target] = reason or "taker_gone"
+        return failed
+
+    def _send_offers(self, target: _Target, offers: list[tuple[int, list[bytes]]], deadline: float) -> str:
+        """Send OFFER (and DATA) messages; return "" or the failure reason."""
+        try:
+            sock = target.sock
+            if sock is None:
+                return "taker_gone"
+            for fd, msgs in offers:
+                _timeout(sock, deadline, self.clock)
+                sock.sendmsg([msgs[0]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+                for msg in msgs[1:]:
+                    _timeout(sock, deadline, self.clock)
+                    sock.send(msg)
+        except (socket.timeout, TimeoutError):
+            return "timeout"
+        except OSError:
+            return "taker_gone"
+        return ""
+
+    def _answers(self, target: _Target, n: int, deadline: float) -> tuple[list[bool], str]:
+        """Read `n` answers (True for ACK); return them and "", "refused" or the failure reason."""
+        assert target.sock is not None
+        acks: list[bool] = []
+        try:
+            while len(acks) < n:
+                _timeout(target.sock, deadline, self.clock)
+                reply = target.sock.recv(wire.RECV_SIZE)
+                if not reply:
+                    return acks, "taker_gone"
+                kind = wire.kind_of(reply)
+                if kind not in (wire.ACK, wire.REFUSE):
+                    return acks, "malformed_reply"
+                acks.append(kind == wire.ACK)
+        except (socket.timeout, TimeoutError):
+            return acks, "timeout"
+        except wire.Malformed:
+            return acks, "malformed_reply"
+        except OSError:
+            return acks, "taker_gone"
+        return acks, "" if all(acks) else "refused"
+
+    def _commit(self, target: _Target, n: int) -> int:
+        """Send `n` COMMITs; return how many the kernel took (a taker that stopped refuses them)."""
+        assert target.sock is not None
+        sent = 0
+        try:
+            for _ in range(n):
+                target.sock.send(wire.encode(wire.COMMIT))
+                sent += 1
+        except OSError:
+            pass
+        return sent
+
+    def _connect(self, target: _Target, deadline: float) -> bool:
+        """Connect to `target`; return True if its owner is who its name says."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        target.sock = sock
+        _timeout(sock, deadline, self.clock)
+        sock.connect(peers.address(target.channel.name))
+        return self.trust(peers.peer_of(sock), target.channel)
+
+
+def _timeout(sock: socket.socket, deadline: float, clock: Callable[[], float]) -> None:
+    """Give the next blocking call on `sock` what is left until `deadline`."""
+    left = deadline - clock()
+    if left <= 0:
+        raise TimeoutError("hand-off deadline passed")
+    sock.settimeout(left)

@@ -1,0 +1,31 @@
+"""What moves in a hand-off, and who this worker is (shared by the taker and the giver)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+
+def enabled() -> bool:
+    """Return True if the master asked for hand-off (UPGRADERD_HANDOFF=auto)."""
+    return os.environ.get("UPGRADERD_HANDOFF", "off") == "auto"
+
+
+def identity() -> tuple[int, int]:
+    """Return this worker's generation and slot from the environment (0 when unset)."""
+    def num(var: str) -> int:
+        value = os.environ.get(var, "0")
+        return int(value) if value.isdigit() and len(value) <= 9 else 0
+    return num("UPGRADERD_GENERATION"), num("UPGRADERD_SLOT")
+
+
+@dataclass
+class Handed:
+    """One connection as it moves between workers."""
+
+    sock: socket.socket
+    listener: str
+    state: bytes = b""
+    unhandled: bytes = b""
+    unsent: bytes = b""

@@ -1,0 +1,125 @@
+"""Who is on the other end of a hand-off channel: names, credentials, /proc lookups.
+
+A hand-off channel is an abstract-namespace Unix socket. Abstract names are
+global to the network namespace and carry no permissions, so any local
+process could bind one of our names first or connect to one. Neither side
+trusts a name: each reads its peer's credentials from the kernel
+(SO_PEERCRED) and checks that the peer runs as the same uid, is a child of
+the same master (its parent in /proc/PID/stat), and belongs to the right
+generation (UPGRADERD_GENERATION in /proc/PID/environ, which the kernel lets
+only the same uid read). Every /proc read is bounded and every parse error
+means "not trusted", never an exception.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from dataclasses import dataclass
+
+PREFIX = "upgraderd-"
+_UCRED = struct.Struct("3i")
+_ENVIRON_LIMIT = 1 << 20
+
+
+def channel_name(master: int, generation: int, slot: int) -> str:
+    """Return the channel name (without the leading NUL) of one worker slot."""
+    return f"{PREFIX}{master}-handoff-{generation}-{slot}"
+
+
+def address(name: str) -> bytes:
+    """Return the abstract socket address for `name`."""
+    return b"\0" + name.encode()
+
+
+@dataclass(frozen=True)
+class Channel:
+    """A receiver's channel as listed in /proc/net/unix."""
+
+    generation: int
+    slot: int
+    name: str
+
+
+def parse_name(name: str, master: int) -> Channel | None:
+    """Return the channel `name` stands for if it belongs to `master`, else None."""
+    prefix = f"{PREFIX}{master}-handoff-"
+    if not name.startswith(prefix):
+        return None
+    gen, sep, slot = name[len(prefix):].partition("-")
+    if not sep or not gen.isdigit() or not slot.isdigit() or len(gen) > 9 or len(slot) > 9:
+        return None
+    return Channel(int(gen), int(slot), name)
+
+
+def listening_channels(master: int, net_unix: str = "/proc/net/unix") -> list[Channel]:
+    """Return the hand-off channels of `master` that some process listens on now."""
+    found: dict[str, Channel] = {}
+    try:
+        with open(net_unix, encoding="utf-8", errors="replace") as f:
+            next(f, None)  # header line
+            for line in f:
+                fields = line.split()
+                # Num RefCount Protocol Flags Type St Inode [Path]; a listener has
+                # __SO_ACCEPTCON (0x10000) in Flags.
+                if len(fields) < 8 or not fields[7].startswith("@"):
+                    continue
+                try:
+                    listening = int(fields[3], 16) & 0x10000
+                except ValueError:
+                    continue
+                chan = parse_name(fields[7][1:], master)
+                if listening and chan is not None:
+                    found[chan.name] = chan
+    except OSError:
+        return []
+    return sorted(found.values(), key=lambda c: (c.generation, c.slot))
+
+
+@dataclass(frozen=True)
+class Peer:
+    """The process at the other end of a Unix socket, as the kernel reports it."""
+
+    pid: int
+    uid: int
+    parent: int | None
+    generation: int | None
+
+
+def peer_of(sock: socket.socket) -> Peer:
+    """Return the credentials and upgraderd identity of `sock`'s peer."""
+    pid, uid, _gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    return Peer(pid, uid, parent_of(pid), generation_of(pid))
+
+
+def parent_of(pid: int) -> int | None:
+    """Return the parent pid of `pid`, or None if it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read(4096)
+        # The command name may hold spaces and parentheses: parse after the last ')'.
+        return int(stat[stat.rindex(b")") + 2:].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def generation_of(pid: int) -> int | None:
+    """Return UPGRADERD_GENERATION from the environment `pid` was exec'd with, or None."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = f.read(_ENVIRON_LIMIT)
+    except OSError:
+        return None
+    for entry in env.split(b"\0"):
+        if entry.startswith(b"UPGRADERD_GENERATION="):
+            value = entry.split(b"=", 1)[1]
+            return int(value) if value.isdigit() and len(value) <= 9 else None
+    return None
+
+
+def trusted(peer: Peer, master: int, max_generation: int, min_generation: int = 0) -> bool:
+    """Return True if `peer` is a worker of `master` with a generation in the given range."""
+    return (peer.pid > 0 and peer.pid != os.getpid() and peer.uid == os.geteuid()
+            and peer.parent == master and peer.generation is not None
+            and min_generation <= peer.generation <= max_generation)

@@ -1,0 +1,283 @@
+"""The receiving end of hand-offs: a worker's channel, and the offers that arrive on it.
+
+See upgraderd/worker/handoff.py for the API and upgraderd/worker/wire.py for
+the exchange. Everything here is non-blocking: `Taker.poll()` does what the
+channel has for it and returns. A peer that is not a worker of our master,
+a malformed message, or a giver that stalls mid-offer is refused, counted in
+`Taker.failures` and closed; nothing raises.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import selectors
+import socket
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from upgraderd.worker import peers, wire
+from upgraderd.worker.moved import Handed, identity
+from upgraderd.worker.peers import Peer
+
+MAX_FDS = 4
+MAX_PENDING = 128  # offers acknowledged on one channel connection and not committed yet
+
+
+@dataclass
+class _Inbound:
+    """A giver connected to our channel: the offer it is sending, and those we acknowledged."""
+
+    sock: socket.socket
+    since: float
+    head: wire.OfferHead | None = None  # the offer being received, until its payload is complete
+    conn: socket.socket | None = None
+    payload: bytearray = field(default_factory=bytearray)
+    acked: list[Handed] = field(default_factory=list)  # ACK sent, COMMIT due, in offer order
+
+    @property
+    def busy(self) -> bool:
+        """Return True while an offer is in progress or a COMMIT is due."""
+        return self.head is not None or bool(self.acked)
+
+    def complete(self) -> Handed:
+        """Return the offer just received in full, and start afresh."""
+        assert self.head is not None and self.conn is not None
+        h, p = self.head, bytes(self.payload)
+        moved = Handed(self.conn, h.listener, p[:h.state_len],
+                       p[h.state_len:h.state_len + h.unhandled_len], p[h.state_len + h.unhandled_len:])
+        self.head, self.conn, self.payload = None, None, bytearray()
+        return moved
+
+    def discard(self) -> None:
+        """Close our copies of every connection not committed to us (the giver keeps them)."""
+        for moved in self.acked:
+            moved.sock.close()
+        if self.conn is not None:
+            self.conn.close()
+        self.head, self.conn, self.payload, self.acked = None, None, bytearray(), []
+
+
+class Taker:
+    """The receiving end of hand-offs for this worker (non-blocking, poll-driven)."""
+
+    def __init__(self, listeners: Iterable[str] | None = None, *, master: int | None = None,
+                 trust: Callable[[Peer], bool] | None = None, max_peers: int = 64,
+                 peer_timeout: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+        gen, slot = identity()
+        self.master = os.getppid() if master is None else master
+        self.listeners = None if listeners is None else set(listeners)
+        self.trust = trust or (lambda p: peers.trusted(p, self.master, max_generation=gen))
+        self.name = peers.channel_name(self.master, gen, slot)
+        self.max_peers, self.peer_timeout, self.clock = max_peers, peer_timeout, clock
+        self.accepting = True
+        self.failures: Counter[str] = Counter()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK
+                                  | socket.SOCK_CLOEXEC)
+        try:
+            self.sock.bind(peers.address(self.name))
+            self.sock.listen(64)
+        except OSError:
+            self.sock.close()
+            raise
+        self._sel = selectors.EpollSelector()
+        self._sel.register(self.sock, selectors.EVENT_READ, None)
+        self._peers: dict[int, _Inbound] = {}
+
+    def fileno(self) -> int:
+        """Return an fd that is readable whenever `poll()` has work."""
+        return self._sel.fileno()
+
+    def poll(self) -> list[Handed]:
+        """Do whatever the channel has for us without blocking; return the connections now ours."""
+        out: list[Handed] = []
+        for key, _ in self._sel.select(0):
+            if key.data is None:
+                self._accept_peers()
+            else:
+                self._serve_peer(key.data, out)
+        now = self.clock()
+        for inb in list(self._peers.values()):
+            if inb.busy and now - inb.since > self.peer_timeout:
+                self._drop(inb, out, "stalled_giver")
+        return out
+
+    def close(self) -> list[Handed]:
+        """Stop taking; return connections whose COMMIT was already on its way."""
+        out: list[Handed] = []
+        self.accepting = False
+        if self.sock.fileno() >= 0:
+            self._sel.unregister(self.sock)
+            self.sock.close()
+        for inb in list(self._peers.values()):
+            self._drop(inb, out, None)
+        self._sel.close()
+        return out
+
+    def _accept_peers(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return  # ECONNABORTED and friends: that giver is gone
+            if len(self._peers) >= self.max_peers:
+                self.failures["busy"] += 1
+                conn.close()
+                continue
+            try:
+                peer = peers.peer_of(conn)
+            except OSError:
+                conn.close()
+                continue
+            if not self.trust(peer):
+                self.failures["untrusted_giver"] += 1
+                conn.close()
+                continue
+            conn.setblocking(False)
+            inb = _Inbound(conn, self.clock())
+            self._peers[conn.fileno()] = inb
+            self._sel.register(conn, selectors.EVENT_READ, inb)
+
+    def _serve_peer(self, inb: _Inbound, out: list[Handed]) -> None:
+        while inb.sock.fileno() >= 0:
+            try:
+                msg, fds = _receive(inb.sock)
+            except (BlockingIOError, InterruptedError):
+                return
+            except wire.Malformed:
+                self._drop(inb, out, "malformed")
+                return
+            except OSError:
+                self._drop(inb, out, "abandoned" if inb.busy else None)
+                return
+            if not msg:
+                _close_fds(fds)
+                self._drop(inb, out, "abandoned" if inb.busy else None)
+                return
+            try:
+                self._on_message(inb, msg, fds, out)
+            except wire.Malformed:
+                self._drop(inb, out, "malformed")
+                return
+            finally:
+                _close_fds(fds)
+
+    def _on_message(self, inb: _Inbound, msg: bytes, fds: list[int], out: list[Handed]) -> None:
+        kind = wire.kind_of(msg)
+        inb.since = self.clock()
+        if kind == wire.OFFER and inb.head is None and len(fds) == 1 and len(inb.acked) < MAX_PENDING:
+            head, first = wire.decode_offer(msg)
+            inb.conn = _tcp_connection(fds.pop())
+            inb.head = head
+            inb.payload += first
+        elif kind == wire.DATA and inb.head is not None and not fds:
+            inb.payload += wire.data_of(msg)
+        elif kind == wire.COMMIT and inb.acked and not fds and msg == wire.encode(wire.COMMIT):
+            out.append(inb.acked.pop(0))
+            return
+        else:
+            raise wire.Malformed(f"unexpected {kind!r}")
+        assert inb.head is not None
+        if len(inb.payload) > inb.head.total:
+            raise wire.Malformed("more payload than announced")
+        if len(inb.payload) == inb.head.total:
+            self._decide(inb)
+
+    def _decide(self, inb: _Inbound) -> None:
+        assert inb.head is not None
+        reason = ("draining" if not self.accepting else
+                  "unknown_listener" if self.listeners is not None and inb.head.listener not in self.listeners
+                  else "")
+        moved = inb.complete()
+        try:
+            inb.sock.send(wire.encode(wire.REFUSE if reason else wire.ACK, reason))
+        except OSError:
+            reason = "giver_gone"  # it still holds the connection; our copy goes
+        if reason:
+            moved.sock.close()
+        else:
+            inb.acked.append(moved)
+
+    def _drop(self, inb: _Inbound, out: list[Handed], reason: str | None) -> None:
+        """Close one giver's channel; keep the connections whose COMMIT is already queued."""
+        if inb.acked:
+            for _ in range(_commits_queued(inb.sock)):
+                if inb.acked:
+                    out.append(inb.acked.pop(0))
+        if reason is not None:
+            self.failures[reason] += 1
+        inb.discard()
+        fd = inb.sock.fileno()
+        if fd >= 0:
+            self._sel.unregister(inb.sock)
+            self._peers.pop(fd, None)
+            inb.sock.close()
+
+
+def _receive(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """Read one message and the fds that came with it; raise Malformed if truncated."""
+    msg, anc, flags, _ = sock.recvmsg(wire.RECV_SIZE, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC)
+    fds: list[int] = []
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            got = array.array("i")
+            got.frombytes(data[:len(data) - len(data) % got.itemsize])
+            fds.extend(got)
+    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        _close_fds(fds)
+        raise wire.Malformed("truncated message")
+    return msg, fds
+
+
+def _commits_queued(sock: socket.socket) -> int:
+    """Shut our reading side, then count the COMMITs already queued.
+
+    After shutdown(SHUT_RD) the kernel refuses the giver's next send (EPIPE),
+    so a COMMIT is either in the queue now or was never accepted, and the
+    giver then serves that connection on. Reading the queue dry settles which.
+    """
+    try:
+        sock.shutdown(socket.SHUT_RD)
+    except OSError:
+        pass
+    commits = 0
+    while True:
+        try:
+            msg, fds = _receive(sock)
+        except (OSError, wire.Malformed):
+            return commits
+        _close_fds(fds)
+        if not msg:
+            return commits
+        commits += msg == wire.encode(wire.COMMIT)
+
+
+def _tcp_connection(fd: int) -> socket.socket:
+    """Wrap `fd` if it is a connected TCP socket; close it and raise Malformed otherwise."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        os.close(fd)
+        raise wire.Malformed("the fd is not a socket") from None
+    try:
+        ok = sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM
+        sock.getpeername()
+    except OSError:
+        ok = False
+    if not ok:
+        sock.close()
+        raise wire.Malformed("the fd is not a connected TCP socket")
+    return sock
+
+
+def _close_fds(fds: list[int]) -> None:
+    while fds:
+        try:
+            os.close(fds.pop())
+        except OSError:
+            pass
+

@@ -1,0 +1,121 @@
+"""The messages of the hand-off channel (a SOCK_SEQPACKET Unix socket).
+
+One connection moves in one exchange:
+
+    giver                                    taker
+    OFFER  (the fd in SCM_RIGHTS, header,
+            first part of the payload)  ->
+    DATA   (rest of the payload, if any) ->
+                                         <-  ACK, or REFUSE <reason>
+    COMMIT                               ->
+
+Every message starts with MAGIC and a one-byte kind. SEQPACKET keeps message
+boundaries, so a message is never split or merged; a long payload (the state
+blob, the bytes read but not handled, the output not sent) is cut into DATA
+messages of at most CHUNK bytes, which always fit in a socket buffer.
+
+The taker starts serving only on COMMIT, and the giver closes its copy of
+the connection only after sending it. If ACK comes late, or the taker
+vanishes, the giver closes the channel without COMMIT and serves on; the
+taker, on seeing the channel end without COMMIT, closes its copy. Closing a
+copy of a TCP socket's fd never affects the connection while another copy
+is open, so no path loses the connection.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+MAGIC = b"UPH1"
+OFFER, DATA, ACK, REFUSE, COMMIT = b"O", b"D", b"A", b"R", b"C"
+CHUNK = 32 * 1024
+MAX_LISTENER = 255
+MAX_STATE = 1 << 20
+MAX_PAYLOAD = 8 << 20
+MAX_REASON = 32
+RECV_SIZE = CHUNK + 1024
+_OFFER_HEAD = struct.Struct("!HIII")
+
+
+class Malformed(ValueError):
+    """A message that does not follow this protocol."""
+
+
+@dataclass
+class OfferHead:
+    """The fixed part of an OFFER: sizes of what follows."""
+
+    listener: str
+    state_len: int
+    unhandled_len: int
+    unsent_len: int
+
+    @property
+    def total(self) -> int:
+        return self.state_len + self.unhandled_len + self.unsent_len
+
+
+def encode_offer(listener: str, state: bytes, unhandled: bytes, unsent: bytes) -> list[bytes]:
+    """Return the OFFER message and its DATA messages for one connection."""
+    name = listener.encode()
+    if len(name) > MAX_LISTENER or len(state) > MAX_STATE:
+        raise ValueError("listener name or state blob too long to hand off")
+    payload = state + unhandled + unsent
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError("connection carries too many bytes to hand off")
+    head = MAGIC + OFFER + _OFFER_HEAD.pack(len(name), len(state), len(unhandled), len(unsent)) + name
+    first = max(0, CHUNK - len(head))
+    msgs = [head + payload[:first]]
+    step = CHUNK - len(MAGIC) - 1
+    for i in range(first, len(payload), step):
+        msgs.append(MAGIC + DATA + payload[i:i + step])
+    return msgs
+
+
+def encode(kind: bytes, reason: str = "") -> bytes:
+    """Return an ACK, REFUSE or COMMIT message."""
+    return MAGIC + kind + reason.encode("ascii", "replace")[:MAX_REASON]
+
+
+def kind_of(msg: bytes) -> bytes:
+    """Return the kind of `msg`; raise Malformed if it is not one of ours."""
+    if len(msg) < len(MAGIC) + 1 or not msg.startswith(MAGIC):
+        raise Malformed("not a hand-off message")
+    kind = msg[len(MAGIC):len(MAGIC) + 1]
+    if kind not in (OFFER, DATA, ACK, REFUSE, COMMIT):
+        raise Malformed(f"unknown message kind {kind!r}")
+    return kind
+
+
+def decode_offer(msg: bytes) -> tuple[OfferHead, bytes]:
+    """Return the header and the first payload bytes of an OFFER; raise Malformed."""
+    start = len(MAGIC) + 1
+    if len(msg) < start + _OFFER_HEAD.size:
+        raise Malformed("truncated offer")
+    name_len, state_len, unhandled_len, unsent_len = _OFFER_HEAD.unpack_from(msg, start)
+    body = start + _OFFER_HEAD.size
+    if name_len > MAX_LISTENER or len(msg) < body + name_len:
+        raise Malformed("bad listener name length")
+    try:
+        name = msg[body:body + name_len].decode()
+    except UnicodeDecodeError:
+        raise Malformed("listener name is not UTF-8") from None
+    head = OfferHead(name, state_len, unhandled_len, unsent_len)
+    if state_len > MAX_STATE or head.total > MAX_PAYLOAD:
+        raise Malformed("payload too large")
+    first = msg[body + name_len:]
+    if len(first) > head.total:
+        raise Malformed("more payload than announced")
+    return head, first
+
+
+def data_of(msg: bytes) -> bytes:
+    """Return the payload bytes of a DATA message."""
+    return msg[len(MAGIC) + 1:]
+
+
+def reason_of(msg: bytes) -> str:
+    """Return the reason of a REFUSE message, made printable."""
+    text = msg[len(MAGIC) + 1:len(MAGIC) + 1 + MAX_REASON].decode("ascii", "replace")
+    return "".join(c if c.isalnum() or c == "_" else "?" for c in text) or "unspecified"
