@@ -15,7 +15,8 @@ SIGTERM's default action with connections in hand.
 Drain (the drain signal, SIGTERM by default): stop accepting, tell every
 connection's protocol (HTTP answers the next request with `Connection:
 close`), let idle connections go after a grace period, exit when none is
-left. SIGINT: exit at once. If the master dies (our parent changes) we drain.
+left. SIGINT: exit at once. If the master dies (our parent changes) we serve on
+for `drain.orphan_grace`, then drain (upgraderd/worker/orphan.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from types import FrameType
 from typing import Callable, Protocol
 
 from upgraderd import worker
+from upgraderd.worker.orphan import OrphanWatch
 from upgraderd.apps.connmetrics import ConnectionMetrics
 
 READ_SIZE = 65536
@@ -83,7 +85,7 @@ class Server:
         self.conns: dict[int, Conn] = {}
         self.draining_since: float | None = None
         self.stop_now = False
-        self.parent = os.getppid()
+        self.orphan = OrphanWatch()
         self._wake_r, self._wake_w = socket.socketpair()
         self._signals_installed = False
         self.metrics = ConnectionMetrics(list(listeners))
@@ -124,7 +126,7 @@ class Server:
             for key, mask in self.sel.select(timeout=0.5):
                 self._dispatch(key, mask)
             self.metrics.flush()
-            if os.getppid() != self.parent and self.draining_since is None:
+            if self.draining_since is None and self.orphan.should_drain():
                 self.draining_since = -1.0
         for conn in list(self.conns.values()):
             self._close(conn)

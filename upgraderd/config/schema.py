@@ -30,7 +30,7 @@ from upgraderd.config import placeholders
 from upgraderd.errors import ConfigError
 from upgraderd.config.validators import (
     REQUIRED, Invalid, Check, opt, integer, string, name, one_of,
-    host, duration, signal_name, argv, env_map, directory, file_path, PATH_CHECKS,
+    host, duration, grace, signal_name, argv, env_map, directory, file_path, PATH_CHECKS,
     user_name, group_name, listen_address, default_pidfile, _show, _did_you_mean, parse_url, worker_ids,
 )
 
@@ -90,6 +90,8 @@ class DrainSpec:
 
     signal: str = opt("TERM", signal_name, "Signal that asks a worker to stop accepting and finish.")
     timeout: float = opt(30.0, duration, "SIGKILL a draining worker after this long.")
+    orphan_grace: float = opt(30.0, grace, "A worker whose master died keeps accepting this long "
+                              "(or until a restarted master drains it), then drains.")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,5 +1,11 @@
 """`upgraderd run`: take the pidfile lock, bind, then serve in the foreground or detached.
 
+Before it binds, the master refuses to start next to another live master on
+one of its addresses (exit 3), then adopts the listening sockets that outlived
+the previous master: those passed to it (socket activation, the fd store) and
+those of the dead master's orphaned workers (system/posix.py `outlive`). A
+USR2 re-exec skips both: it inherits its own sockets.
+
 The order makes every start-up failure reach the operator's terminal with a
 non-zero exit, also with --daemon: the lock ("already running (pid N)"), the
 config, and every bind happen before anything detaches.
@@ -14,6 +20,9 @@ from upgraderd.config.schema import Config
 from upgraderd.errors import FatalError
 from upgraderd.service.logsetup import LogSetup
 from upgraderd.core.master import Master
+from upgraderd.core.takeover import Takeover
+from upgraderd.service import status
+from upgraderd.system.orphans import OrphanSet
 from upgraderd.metrics.telemetry import Telemetry
 from upgraderd.service.pidfile import PidFile
 from upgraderd.service.hooks import Service
@@ -46,8 +55,11 @@ def run(config_path: str, cfg: Config, pidfile_path: str, daemon: bool = False,
     argv = ["run", "-c", config_path, "--pidfile", pidfile_path]
     argv += ["--log-level", log_level] if log_level else []
     try:
-        master = Master(config_path, posix.posix_system(handover, argv), argv=argv, handover=handover,
-                        metrics=Telemetry.start)
+        adopted, orphans = posix.outlive(cfg, status.path_for(pidfile.path)) if handover is None \
+            else ({}, OrphanSet())
+        master = Master(config_path, posix.posix_system(handover, argv, adopted, cfg), argv=argv,
+                        handover=handover, metrics=Telemetry.start,
+                        takeover=Takeover(orphans) if orphans.orphans else None)
         try:
             master.prepare(cfg)
         except OSError as e:
