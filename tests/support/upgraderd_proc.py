@@ -108,10 +108,13 @@ class Daemon:
     """One upgraderd master run with a config written to `workdir`."""
 
     def __init__(self, workdir: Path, config: dict[str, object] | str, args: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None, wrap: tuple[str, ...] = ()) -> None:
-        """`wrap` prefixes the command (e.g. `prlimit`, `unshare`); it must exec the master in place."""
+                 env: dict[str, str] | None = None, wrap: tuple[str, ...] = (),
+                 pass_fds: tuple[int, ...] = ()) -> None:
+        """`wrap` prefixes the command (e.g. `prlimit`, `unshare`); it must exec the master in place.
+        `pass_fds` are fds of ours the wrap command gets (e.g. sockets to socket-activate with)."""
         self.extra_env = env or {}
         self.wrap = wrap
+        self.pass_fds = pass_fds
         self.workdir = workdir
         self.config_path = workdir / "upgraderd.yaml"
         self.log_path = workdir / "upgraderd.log"
@@ -152,7 +155,7 @@ class Daemon:
                 [*self.wrap, sys.executable, "-m", "upgraderd", "run", "-c", str(self.config_path),
                  *(() if "--pidfile" in self.args else ("--pidfile", str(self.pidfile))), *self.args],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=ROOT,
-                start_new_session=True)
+                start_new_session=True, pass_fds=self.pass_fds)
         if wait:
             self.wait_log(r"serving: generation 1 ACTIVE", timeout=20)
         return self

@@ -54,9 +54,11 @@ def run(config_path: str, cfg: Config, pidfile_path: str, daemon: bool = False,
     # daemon is already detached and keeps its log file as stdout and stderr).
     argv = ["run", "-c", config_path, "--pidfile", pidfile_path]
     argv += ["--log-level", log_level] if log_level else []
+    held = _Held()
     try:
-        adopted, orphans = posix.outlive(cfg, status.path_for(pidfile.path)) if handover is None \
-            else ({}, OrphanSet())
+        with held:
+            adopted, orphans = posix.outlive(cfg, status.path_for(pidfile.path)) if handover is None \
+                else ({}, OrphanSet())
         master = Master(config_path, posix.posix_system(handover, argv, adopted, cfg), argv=argv,
                         handover=handover, metrics=Telemetry.start,
                         takeover=Takeover(orphans) if orphans.orphans else None)
@@ -66,7 +68,9 @@ def run(config_path: str, cfg: Config, pidfile_path: str, daemon: bool = False,
             raise FatalError(e.strerror or str(e)) from None
         if not daemon:
             _open_log(logs, cfg)
+            held.replay()
     except BaseException:
+        held.replay()   # warnings reach stderr even though the log was never set up
         pidfile.remove()
         raise
     if daemon:
@@ -87,3 +91,31 @@ def _open_log(logs: LogSetup, cfg: Config) -> None:
         logs.apply(cfg.log)
     except OSError as e:
         raise FatalError(f"cannot open log file {cfg.log.file}: {e.strerror}") from None
+
+
+class _Held(logging.Handler):
+    """Keep what start-up logs before the log is set up, to replay it there (foreground only)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self._level = log.level
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def __enter__(self) -> _Held:
+        log.addHandler(self)
+        log.setLevel(logging.DEBUG)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        log.removeHandler(self)
+        log.setLevel(self._level)
+
+    def replay(self) -> None:
+        """Log the held records through the handlers set up since."""
+        for record in self.records:
+            if log.isEnabledFor(record.levelno):
+                log.handle(record)
+        self.records.clear()

@@ -311,6 +311,9 @@ class ListenerSet:
         for gid in {self._group_of[k] for k in socks}:
             group = self._groups[gid]
             group.known = len(group.members) == 1
+            first = self._socks[group.members[0]]
+            # A passed socket without SO_REUSEPORT is no port group: nothing to steer.
+            group.refused = not first.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
             if not group.known:
                 try:
                     steering.detach(self._socks[group.members[0]])

@@ -1,0 +1,128 @@
+"""Benchmark: a master SIGKILLed under load and restarted at once. What do clients lose?
+
+Each run starts a master (echo, 2 workers), puts connection-per-request load on
+it, SIGKILLs the master, starts a new one with the same config and pidfile
+at once, waits for 100 more good round trips, and counts the failed ones by
+kind. Scenarios, run in the same invocation so machine noise mostly cancels:
+
+- `before`: the code of `--before` (default: the commit this branch started
+  from), run from an exported copy of that tree: orphans drain as soon as
+  their master dies, and the new master binds anew;
+- `takeover`: this tree; the orphans serve on and the new master takes their
+  sockets with pidfd_getfd (needs root);
+- `fdstore`: this tree under a stand-in fd store (tests/support/fdstore.py);
+  the orphans are drained away with SIGTERM, as a service manager's stop of
+  the cgroup would, so only the stored sockets hold the queues;
+- `bind`: this tree, orphans drained at once with SIGTERM and no fd store:
+  the worst case left, for reference.
+
+Run it from the repository root, as root:
+
+    .venv/bin/python -m bench.restart [--runs 5] [--before REV]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import subprocess
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+from tests.support import ROOT
+from tests.support.fdstore import FdStoreStandIn
+from tests.support.loadgen import Load
+from tests.support.upgraderd_proc import Daemon, alive, echo_config, free_port, wait_until
+
+SCENARIOS = ("before", "takeover", "fdstore", "bind")
+
+
+def export(rev: str, into: Path) -> Path:
+    """Export the `upgraderd` package of `rev` into `into`; return the directory to run it from."""
+    archive = into / "before.tar"
+    subprocess.run(["git", "-C", str(ROOT), "archive", "-o", str(archive), rev, "upgraderd"], check=True)
+    with tarfile.open(archive) as t:
+        t.extractall(into / "tree")
+    return into / "tree"
+
+
+def run_once(scenario: str, old_tree: Path) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        work, port = Path(tmp), free_port()
+        cfg = echo_config(port, count=2)
+        store = FdStoreStandIn(work / "notify.sock") if scenario == "fdstore" else None
+        env = {"NOTIFY_SOCKET": store.path} if store else {}
+        wrap = ("env", f"--chdir={old_tree}") if scenario == "before" else ()
+        d = Daemon(work, cfg, env=env, wrap=wrap).start()
+        orphans: set[int] = set()
+        d2 = None
+        load = Load("127.0.0.1", port, threads=4, max_seconds=60).start("echo")
+        try:
+            if store:
+                wait_until(lambda: len(store.names()) == 2, 10, "the fd store to fill")
+            load.wait_for_ok(200)
+            before = load.result.failures
+            orphans = d.workers()
+            t0 = time.monotonic()
+            d.send(signal.SIGKILL)
+            assert d.proc is not None
+            d.proc.wait(10)
+            if scenario in ("fdstore", "bind"):
+                for pid in orphans:
+                    os.kill(pid, signal.SIGTERM)
+            prefix, fds = store.wrap() if store else (wrap, ())
+            d2 = Daemon(work, cfg, env=env, wrap=prefix, pass_fds=fds).start()
+            active = time.monotonic() - t0
+            load.wait_for_ok(load.result.ok + 200)
+            result = load.stop()
+        finally:
+            load.stop()
+            for pid in orphans:
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+            if d2 is not None:
+                d2.stop()
+            d.stop()
+            if store:
+                store.close()
+    lost = {k: v - before.get(k, 0) for k, v in result.failures.items()}
+    return {"refused": lost.get("refused", 0), "reset": lost.get("reset", 0),
+            "other": sum(v for k, v in lost.items() if k not in ("refused", "reset")),
+            "restart_s": active, "ok": result.ok}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.restart", description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--before", default="11ff890", help="git revision of the 'before' code")
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS))
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("run as root: the takeover needs pidfd_getfd over the orphans")
+    scenarios = [s for s in args.scenarios.split(",") if s]
+    with tempfile.TemporaryDirectory() as tmp:
+        old = export(args.before, Path(tmp))
+        rows: dict[str, list[dict[str, float]]] = {s: [] for s in scenarios}
+        for _ in range(args.runs):
+            for s in scenarios:  # interleaved: each scenario sees the same machine conditions
+                rows[s].append(run_once(s, old))
+    print(f"{args.runs} SIGKILL+restart runs per scenario, 4 client threads, a new TCP connection per "
+          f"echo round trip, 2 reuseport workers; 'before' = {args.before}")
+    cols = ["refused", "reset", "other", "restart_s"]
+    print(f"{'scenario':<10}" + "".join(f"{c + ' med':>13}{c + ' max':>13}" for c in cols))
+    for s, runs in rows.items():
+        cells = []
+        for c in cols:
+            vals = [r[c] for r in runs]
+            fmt = "{:>13.3f}" if c == "restart_s" else "{:>13.0f}"
+            cells.append(fmt.format(statistics.median(vals)) + fmt.format(max(vals)))
+        print(f"{s:<10}" + "".join(cells))
+    print("refused/reset/other: failed round trips per restart; restart_s: SIGKILL -> new generation 1 ACTIVE")
+
+
+if __name__ == "__main__":
+    main()

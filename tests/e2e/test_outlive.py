@@ -1,0 +1,232 @@
+"""The listeners outlive the master: orphan takeover, the fd store, socket activation, one master per address.
+
+Each test runs the real daemon with real clients on 127.0.0.1. The restart
+tests SIGKILL the master under load and start a new one at once, then assert
+that not one round trip failed: nothing refused, nothing reset.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tests.support import ROOT
+from tests.support.fdstore import FdStoreStandIn
+from tests.support.loadgen import Load
+from tests.support.upgraderd_proc import Daemon, alive, echo_config, free_port, wait_until
+
+pytestmark = pytest.mark.e2e
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="pidfd_getfd needs ptrace rights over the "
+                                "orphans: root (or yama ptrace_scope 0, not assumed here)")
+
+
+def _kill_all(pids: set[int]) -> None:
+    for pid in pids:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _sigkill(d: Daemon) -> set[int]:
+    """SIGKILL the master; return its workers, now orphans."""
+    workers = d.workers()
+    d.send(signal.SIGKILL)
+    assert d.proc is not None
+    d.proc.wait(10)
+    return workers
+
+
+@needs_root
+@pytest.mark.parametrize("mode", ["reuseport", "shared"])
+def test_a_sigkilled_master_restarted_at_once_takes_over_its_orphans_and_loses_nothing(tmp_path, mode):
+    port = free_port()
+    cfg = echo_config(port, mode=mode, count=2)
+    d = Daemon(tmp_path, cfg).start()
+    orphans: set[int] = set()
+    d2 = None
+    load = Load("127.0.0.1", port, threads=2, max_seconds=40).start("echo")
+    try:
+        assert load.wait_for_ok(100)
+        orphans = _sigkill(d)
+        d2 = Daemon(tmp_path, cfg).start()
+        assert f"took over 2 orphaned worker(s) of dead master pid {d.pid}" in d2.log()
+        assert len(re.findall(r"adopted fd 3 of orphan pid \d+ for listener 'echo'", d2.log())) == \
+            (2 if mode == "reuseport" else 1)
+        d2.wait_log(r"the orphaned workers have exited")
+        assert not any(alive(p) for p in orphans)
+        ok = load.result.ok
+        assert load.wait_for_ok(ok + 100)
+        result = load.stop()
+        assert result.failures == {}, (result.failures, result.examples)
+        assert "cannot listen" not in d2.log()
+    finally:
+        load.stop()
+        _kill_all(orphans)
+        if d2 is not None:
+            d2.stop()
+        d.stop()
+
+
+def test_an_orphan_keeps_serving_until_its_grace_period_ends(tmp_path):
+    port = free_port()
+    cfg = echo_config(port, count=1, drain={"timeout": "10s", "orphan_grace": "2s"})
+    d = Daemon(tmp_path, cfg).start()
+    orphans = _sigkill(d)
+    try:
+        # No master: the orphan still answers ...
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"still here")
+            assert s.recv(16) == b"still here"
+        # ... and drains and exits once its grace period is over.
+        wait_until(lambda: not any(alive(p) for p in orphans), 15, "the orphan to exit after its grace")
+    finally:
+        _kill_all(orphans)
+
+
+@needs_root
+def test_a_master_restarted_with_its_stored_fds_loses_nothing_while_no_worker_runs(tmp_path):
+    """The fd store alone: the orphans are drained away, only the stand-in holds the sockets."""
+    port = free_port()
+    cfg = echo_config(port, count=2)
+    store = FdStoreStandIn(tmp_path / "notify.sock")
+    env = {"NOTIFY_SOCKET": store.path}
+    d = Daemon(tmp_path, cfg, env=env).start()
+    orphans: set[int] = set()
+    d2 = None
+    load = Load("127.0.0.1", port, threads=2, max_seconds=40).start("echo")
+    try:
+        wait_until(lambda: sorted(store.names()) == ["echo", "echo/1"], 10, "both slots in the fd store")
+        assert load.wait_for_ok(100)
+        orphans = _sigkill(d)
+        for pid in orphans:
+            os.kill(pid, signal.SIGTERM)  # what a service manager's stop does to the rest of the cgroup
+        wait_until(lambda: not any(alive(p) for p in orphans), 10, "the orphans to drain")
+        # Nobody accepts now; connections wait in the stored sockets' queues.
+        wrap, fds = store.wrap()
+        d2 = Daemon(tmp_path, cfg, env=env, wrap=wrap, pass_fds=fds).start()
+        log = d2.log()
+        assert "adopted passed fd 3 ('echo') for listener 'echo' slot 0" in log
+        assert "adopted passed fd 4 ('echo/1') for listener 'echo' slot 1" in log
+        assert "took over" not in log
+        ok = load.result.ok
+        assert load.wait_for_ok(ok + 100)
+        result = load.stop()
+        assert result.failures == {}, (result.failures, result.examples)
+        assert sorted(store.names()) == ["echo", "echo/1"]  # the same sockets, not stored twice
+    finally:
+        load.stop()
+        _kill_all(orphans)
+        if d2 is not None:
+            d2.stop()
+        d.stop()
+        store.close()
+
+
+def test_a_second_master_on_the_same_address_is_refused_with_exit_3(tmp_path):
+    port = free_port()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = Daemon(tmp_path / "a", echo_config(port))
+    second = Daemon(tmp_path / "b", echo_config(port, mode="shared", count=1))
+    try:
+        first.start()
+        second.start(wait=False)
+        assert second.proc is not None
+        assert second.proc.wait(20) == 3
+        assert f"another upgraderd master (pid {first.pid}) already serves 127.0.0.1:{port}" in second.log()
+        assert first.proc is not None and first.proc.poll() is None
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"first")
+            assert s.recv(8) == b"first"
+    finally:
+        second.stop()
+        first.stop()
+
+
+def test_orphans_of_another_dead_master_do_not_block_a_new_one(tmp_path):
+    port = free_port()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    dead = Daemon(tmp_path / "a", echo_config(port, count=1, drain={"timeout": "5s", "orphan_grace": "20s"}))
+    dead.start()
+    orphans = _sigkill(dead)
+    d2 = Daemon(tmp_path / "b", echo_config(port, count=1))
+    try:
+        d2.start()
+        assert "already serves" not in d2.log()
+        assert "took over" not in d2.log()  # another pidfile: not ours to take
+    finally:
+        d2.stop()
+        _kill_all(orphans)
+
+
+needs_activate = pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
+                                    reason="systemd-socket-activate missing (scripts/test-deps installs it)")
+
+
+@needs_activate
+def test_a_socket_activated_master_serves_the_connection_that_woke_it(tmp_path):
+    port = free_port()
+    cfg = echo_config(port, mode="shared", count=2)
+    wrap = ("systemd-socket-activate", "-l", f"127.0.0.1:{port}", "--fdname=echo",
+            "-E", "PYTHONUNBUFFERED=1", "-E", f"TMPDIR={tmp_path}")
+    d = Daemon(tmp_path, cfg, wrap=wrap).start(wait=False)
+    try:
+        wait_until(lambda: "Listening on" in d.log(), 10, "systemd-socket-activate to listen")
+        # The first client connects before any master runs: it waits in the passed socket's queue.
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+            s.sendall(b"early bird")
+            assert s.recv(16) == b"early bird"
+        d.wait_log(r"serving: generation 1 ACTIVE")
+        assert "adopted passed fd 3 ('echo') for listener 'echo' slot 0 (127.0.0.1:" in d.log()
+        assert "cannot listen" not in d.log() and "steering" not in d.log()
+        load = Load("127.0.0.1", port, threads=2, max_seconds=20, max_per_thread=100).start("echo")
+        d.hup()
+        assert d.settled() == 2
+        result = load.stop()
+        assert result.failures == {} and result.ok > 0, (result.failures, result.examples)
+    finally:
+        d.stop()
+
+
+@needs_activate
+def test_a_passed_socket_on_another_address_is_an_error_naming_the_fd_and_the_listener(tmp_path):
+    port, other = free_port(), free_port()
+    wrap = ("systemd-socket-activate", "-l", f"127.0.0.1:{other}", "--fdname=echo",
+            "-E", "PYTHONUNBUFFERED=1", "-E", f"TMPDIR={tmp_path}")
+    d = Daemon(tmp_path, echo_config(port, mode="shared", count=1), wrap=wrap).start(wait=False)
+    try:
+        wait_until(lambda: "Listening on" in d.log(), 10, "systemd-socket-activate to listen")
+        with socket.create_connection(("127.0.0.1", other), timeout=5):
+            pass  # wakes it: systemd-socket-activate starts the master on the first connection
+        assert d.proc is not None and d.proc.wait(20) == 3
+        assert (f"passed fd 3 ('echo') is bound to 127.0.0.1:{other}, but listener 'echo' is "
+                f"127.0.0.1:{port} (mode shared)") in d.log()
+    finally:
+        d.stop()
+
+
+def test_status_file_lies_are_never_signalled(tmp_path):
+    """A status file naming a live stranger (here: a sleep of ours) takes nothing over and signals nobody."""
+    port = free_port()
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], cwd=ROOT)
+    d = Daemon(tmp_path, echo_config(port, count=1))
+    try:
+        (tmp_path / "upgraderd.pid.status.json").write_text(
+            '{"pid": 4194000, "generations": [{"workers": [{"pid": %d}, {"pid": "x"}, {"pid": -4}]}]}'
+            % stranger.pid)
+        d.start()
+        assert stranger.poll() is None
+        assert f"pid {stranger.pid} is not taken over" in d.log()
+        assert "took over" not in d.log()
+    finally:
+        d.stop()
+        stranger.kill()
+        stranger.wait()
