@@ -113,12 +113,12 @@ def main() -> None:
     print(f"{args.runs} SIGKILL+restart runs per scenario, 4 client threads, a new TCP connection per "
           f"echo round trip, 2 reuseport workers; 'before' = {args.before}")
     cols = ["refused", "reset", "other", "restart_s"]
-    print(f"{'scenario':<10}" + "".join(f"{c + ' med':>13}{c + ' max':>13}" for c in cols))
+    print(f"{'scenario':<10}" + "".join(f"{c + ' med':>14}{c + ' max':>14}" for c in cols))
     for s, runs in rows.items():
         cells = []
         for c in cols:
             vals = [r[c] for r in runs]
-            fmt = "{:>13.3f}" if c == "restart_s" else "{:>13.0f}"
+            fmt = "{:>14.3f}" if c == "restart_s" else "{:>14.0f}"
             cells.append(fmt.format(statistics.median(vals)) + fmt.format(max(vals)))
         print(f"{s:<10}" + "".join(cells))
     print("refused/reset/other: failed round trips per restart; restart_s: SIGKILL -> new generation 1 ACTIVE")

@@ -189,7 +189,8 @@ def test_a_socket_activated_master_serves_the_connection_that_woke_it(tmp_path):
         assert "cannot listen" not in d.log() and "steering" not in d.log()
         load = Load("127.0.0.1", port, threads=2, max_seconds=20, max_per_thread=100).start("echo")
         d.hup()
-        assert d.settled() == 2
+        d.wait_log(r"generation 1 ACTIVE -> DRAINING")  # a reload over the passed socket
+        d.wait_log(r"generation 1 DRAINING -> RETIRED")
         result = load.stop()
         assert result.failures == {} and result.ok > 0, (result.failures, result.examples)
     finally:

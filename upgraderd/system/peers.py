@@ -4,8 +4,11 @@ SO_REUSEPORT lets a second master of the same user join a port group
 silently, and the kernel then splits new connections between two configs.
 The master checks before it binds:
 
-1. the LISTEN sockets on each of its addresses, from /proc/net/tcp and
-   /proc/net/tcp6 (so: this network namespace only), by socket inode;
+1. the LISTEN sockets on each of its addresses, by socket inode, from the
+   kernel's socket table of this network namespace: through NETLINK_SOCK_DIAG
+   (the LISTEN state only), else /proc/net/tcp and /proc/net/tcp6. Those files
+   list every TIME_WAIT entry too: 68,000 lines took 0.8-1.7 s to read on a
+   busy test machine, where the netlink dump takes milliseconds;
 2. who holds an fd of each such inode, from /proc/*/fd;
 3. whether a holder is a live upgraderd master, or a worker (it has our
    UPGRADERD_* variables) whose parent is one.
@@ -29,6 +32,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import struct
 from dataclasses import dataclass
 
 from upgraderd.config.schema import Config
@@ -64,9 +68,47 @@ def _decode(hexaddr: str) -> tuple[IPAddress, int] | None:
         return None
 
 
-def listening(table_paths: tuple[str, ...] = ("/proc/net/tcp", "/proc/net/tcp6")
-              ) -> list[tuple[IPAddress, int, int]]:
+def listening() -> list[tuple[IPAddress, int, int]]:
     """Return (address, port, inode) of every TCP LISTEN socket in this network namespace."""
+    try:
+        return [s for family in (socket.AF_INET, socket.AF_INET6) for s in _diag_listening(family)]
+    except OSError:
+        return _proc_listening()
+
+
+_NLMSG = struct.Struct("=IHHII")
+_REQ = struct.Struct("=BBBBI48s")
+_MSG = struct.Struct("=BBBBHH16s16sIQIIIII")
+SOCK_DIAG_BY_FAMILY, NLMSG_ERROR, NLMSG_DONE = 20, 2, 3
+TCP_LISTEN = 10
+
+
+def _diag_listening(family: int) -> list[tuple[IPAddress, int, int]]:
+    """Ask the kernel (NETLINK_SOCK_DIAG) for the TCP sockets in LISTEN state of `family`."""
+    req = _REQ.pack(family, socket.IPPROTO_TCP, 0, 0, 1 << TCP_LISTEN, b"")
+    out: list[tuple[IPAddress, int, int]] = []
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, 4) as nl:
+        nl.settimeout(2.0)
+        nl.send(_NLMSG.pack(_NLMSG.size + len(req), SOCK_DIAG_BY_FAMILY, 0x301, 1, 0) + req)
+        while True:
+            data, off = nl.recv(1 << 16), 0
+            while off + _NLMSG.size <= len(data):
+                length, kind = _NLMSG.unpack_from(data, off)[:2]
+                if kind == NLMSG_DONE:
+                    return out
+                if kind == NLMSG_ERROR or length < _NLMSG.size:
+                    raise OSError("sock_diag refused the request")
+                fam, state, _t, _r, sport, _d, src, _dst, _if, _c, _e, _rq, _wq, _uid, inode = \
+                    _MSG.unpack_from(data, off + _NLMSG.size)
+                addr = ipaddress.ip_address(src[:4] if fam == socket.AF_INET else src)
+                if state == TCP_LISTEN and inode:
+                    out.append((addr, socket.ntohs(sport), inode))
+                off += (length + 3) & ~3
+
+
+def _proc_listening(table_paths: tuple[str, ...] = ("/proc/net/tcp", "/proc/net/tcp6")
+                    ) -> list[tuple[IPAddress, int, int]]:
+    """Read LISTEN sockets from /proc/net/tcp{,6}: slow with many TIME_WAIT entries, a fallback."""
     out = []
     for path in table_paths:
         raw = procfs.read_bounded(path, 64 << 20)
