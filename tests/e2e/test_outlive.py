@@ -112,8 +112,8 @@ def test_a_master_restarted_with_its_stored_fds_loses_nothing_while_no_worker_ru
         wrap, fds = store.wrap()
         d2 = Daemon(tmp_path, cfg, env=env, wrap=wrap, pass_fds=fds).start()
         log = d2.log()
-        assert "adopted passed fd 3 ('echo') for listener 'echo' slot 0" in log
-        assert "adopted passed fd 4 ('echo/1') for listener 'echo' slot 1" in log
+        assert re.search(r"adopted passed fd [34] \('echo'\) for listener 'echo' slot 0", log)
+        assert re.search(r"adopted passed fd [34] \('echo/1'\) for listener 'echo' slot 1", log)
         assert "took over" not in log
         ok = load.result.ok
         assert load.wait_for_ok(ok + 100)

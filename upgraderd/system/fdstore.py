@@ -55,7 +55,7 @@ class FdStore:
 
     def sync(self, wanted: dict[SocketKey, str], fileno_of: Callable[[SocketKey], int | None]) -> None:
         """Store every socket of `wanted` not stored yet; remove the stored ones now closed."""
-        for key, name in wanted.items():
+        for key, name in sorted(wanted.items()):
             fd = fileno_of(key)
             if self.stored.get(key) != name and fd is not None and \
                     self._send(f"FDSTORE=1\nFDNAME={name}", [fd]):
