@@ -133,7 +133,6 @@ def key_of(spec: ListenerSpec, slot: int | None, cfg: Config) -> SocketKey | Non
 def match(cfg: Config, passed: list[Passed], into: Adopted) -> None:
     """Adopt every passed socket a listener of `cfg` wants; close the others with a warning."""
     by_name = {s.name: s for s in cfg.listeners}
-    seen: dict[SocketKey, os.stat_result] = {}
     for p in passed:
         base, slot = parse_name(p.name)
         spec = by_name.get(base)
@@ -150,11 +149,10 @@ def match(cfg: Config, passed: list[Passed], into: Adopted) -> None:
             raise FatalError(f"{what} has no SO_REUSEPORT, so listener {spec.name!r} (mode reuseport, "
                              f"{cfg.workers.count} slots) cannot bind its other slots next to it: set "
                              "ReusePort=yes in the socket unit, or use mode: shared")
-        if key in seen or into.has(key):
+        if into.has(key):
             # The same socket can come twice (a socket unit and the fd store): keep one.
             log.info("%s: slot %d of %r is already passed; closed the extra copy", what, key[3], base)
             p.sock.close()
             continue
-        seen[key] = os.fstat(p.sock.fileno())
         into.sockets[key] = (p.sock, f"passed fd {p.fd}")
         log.info("adopted %s for listener %r slot %d (%s)", what, base, key[3], spec.address)
