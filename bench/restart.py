@@ -28,8 +28,10 @@ import os
 import signal
 import statistics
 import subprocess
+import socket
 import tarfile
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -50,6 +52,41 @@ def export(rev: str, into: Path) -> Path:
     return into / "tree"
 
 
+class Probe:
+    """A paced client: one echo round trip every 10 ms, each outcome kept with its time.
+
+    The load's own counts grow with how fast its threads retry; the probe's do
+    not, so `window_s` (first to last refused probe) is the time the port
+    refused connections, whatever the client load.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.refused: list[float] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            t = time.monotonic()
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+                    s.sendall(b"probe")
+                    s.recv(8)
+            except ConnectionRefusedError:
+                self.refused.append(t)
+            except OSError:
+                pass  # the load counts resets and timeouts
+            time.sleep(0.01)
+
+    def close(self) -> tuple[int, float]:
+        """Stop; return (refused probes, seconds from the first refused to the last)."""
+        self.stop.set()
+        self.thread.join(10)
+        return len(self.refused), (self.refused[-1] - self.refused[0]) if self.refused else 0.0
+
+
 def run_once(scenario: str, old_tree: Path) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         work, port = Path(tmp), free_port()
@@ -61,6 +98,7 @@ def run_once(scenario: str, old_tree: Path) -> dict[str, float]:
         orphans: set[int] = set()
         d2 = None
         load = Load("127.0.0.1", port, threads=4, max_seconds=60).start("echo")
+        probe = Probe(port)
         try:
             if store:
                 wait_until(lambda: len(store.names()) == 2, 10, "the fd store to fill")
@@ -81,6 +119,7 @@ def run_once(scenario: str, old_tree: Path) -> dict[str, float]:
             result = load.stop()
         finally:
             load.stop()
+            probed, window = probe.close()
             for pid in orphans:
                 if alive(pid):
                     os.kill(pid, signal.SIGKILL)
@@ -92,7 +131,7 @@ def run_once(scenario: str, old_tree: Path) -> dict[str, float]:
     lost = {k: v - before.get(k, 0) for k, v in result.failures.items()}
     return {"refused": lost.get("refused", 0), "reset": lost.get("reset", 0),
             "other": sum(v for k, v in lost.items() if k not in ("refused", "reset")),
-            "restart_s": active, "ok": result.ok}
+            "probe_refused": probed, "window_s": window, "restart_s": active, "ok": result.ok}
 
 
 def main() -> None:
@@ -112,16 +151,18 @@ def main() -> None:
                 rows[s].append(run_once(s, old))
     print(f"{args.runs} SIGKILL+restart runs per scenario, 4 client threads, a new TCP connection per "
           f"echo round trip, 2 reuseport workers; 'before' = {args.before}")
-    cols = ["refused", "reset", "other", "restart_s"]
-    print(f"{'scenario':<10}" + "".join(f"{c + ' med':>14}{c + ' max':>14}" for c in cols))
+    cols = ["refused", "reset", "other", "probe_refused", "window_s", "restart_s"]
+    print(f"{'scenario':<10}" + "".join(f"{c[:9] + ' med':>14}{c[:9] + ' max':>14}" for c in cols))
     for s, runs in rows.items():
         cells = []
         for c in cols:
             vals = [r[c] for r in runs]
-            fmt = "{:>14.3f}" if c == "restart_s" else "{:>14.0f}"
+            fmt = "{:>14.3f}" if c.endswith("_s") else "{:>14.0f}"
             cells.append(fmt.format(statistics.median(vals)) + fmt.format(max(vals)))
         print(f"{s:<10}" + "".join(cells))
-    print("refused/reset/other: failed round trips per restart; restart_s: SIGKILL -> new generation 1 ACTIVE")
+    print("refused/reset/other: the load's failed round trips per restart; probe_refused: refused round trips "
+          "of a 100/s paced client; window_s: first to last refused probe; restart_s: SIGKILL -> new "
+          "generation 1 ACTIVE")
 
 
 if __name__ == "__main__":
