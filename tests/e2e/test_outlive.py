@@ -215,19 +215,26 @@ def test_a_passed_socket_on_another_address_is_an_error_naming_the_fd_and_the_li
 
 
 def test_status_file_lies_are_never_signalled(tmp_path):
-    """A status file naming a live stranger (here: a sleep of ours) takes nothing over and signals nobody."""
+    """A status file naming live strangers (sleeps of ours, one posing with a hostile environment)
+    takes nothing over and signals nobody."""
     port = free_port()
-    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], cwd=ROOT)
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    stranger = subprocess.Popen(sleep, cwd=ROOT)
+    poser = subprocess.Popen(sleep, cwd=ROOT, env={**os.environ, "UPGRADERD_GENERATION": "1",
+                                                   "UPGRADERD_SLOT": "9" * 5000, "LISTEN_FDS": "\u00b2"})
     d = Daemon(tmp_path, echo_config(port, count=1))
     try:
         (tmp_path / "upgraderd.pid.status.json").write_text(
-            '{"pid": 4194000, "generations": [{"workers": [{"pid": %d}, {"pid": "x"}, {"pid": -4}]}]}'
-            % stranger.pid)
+            '{"pid": 4194000, "generations": [{"workers": [{"pid": %d}, {"pid": "x"}, {"pid": -4}, '
+            '{"pid": %d}]}]}' % (stranger.pid, poser.pid))
         d.start()
-        assert stranger.poll() is None
+        assert stranger.poll() is None and poser.poll() is None
         assert f"pid {stranger.pid} is not taken over" in d.log()
+        assert f"pid {poser.pid} is not taken over: UPGRADERD_SLOT is missing from its environment or " \
+            "malformed" in d.log()
         assert "took over" not in d.log()
     finally:
         d.stop()
-        stranger.kill()
-        stranger.wait()
+        for p in (stranger, poser):
+            p.kill()
+            p.wait()

@@ -78,6 +78,8 @@ def test_listen_variables_for_another_pid_are_ignored_and_removed():
     env = {"LISTEN_FDS": "2", "LISTEN_PID": str(os.getpid() + 1), "LISTEN_FDNAMES": "a:b", "KEEP": "1"}
     assert activation.take_passed(env) == []
     assert env == {"KEEP": "1"}
+    env = {"LISTEN_FDS": "\u00b2", "LISTEN_PID": str(os.getpid())}
+    assert activation.take_passed(env) == [] and env == {}
 
 
 def test_pidfd_getfd_duplicates_a_childs_listening_socket(tmp_path):

@@ -115,7 +115,8 @@ def test_drain_orphan_grace_is_validated_with_its_location(tmp_path):
 
 
 @pytest.mark.parametrize("name, expected", [("web", ("web", None)), ("web/3", ("web", 3)),
-                                            ("web/x", ("web/x", None)), ("/3", ("/3", None))])
+                                            ("web/x", ("web/x", None)), ("/3", ("/3", None)),
+                                            ("web/\u00b2", ("web/\u00b2", None)), ("web/99999", ("web/99999", None))])
 def test_passed_socket_names_carry_the_slot(name, expected):
     assert activation.parse_name(name) == expected
 

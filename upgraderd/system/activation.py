@@ -34,6 +34,7 @@ from upgraderd.config.schema import Config, ListenerSpec
 from upgraderd.core.seams import SocketKey
 from upgraderd.errors import FatalError
 from upgraderd.system.peers import family_of
+from upgraderd.system.procfs import small_int
 
 log = logging.getLogger("upgraderd")
 
@@ -74,9 +75,9 @@ def take_passed(environ: MutableMapping[str, str] | None = None) -> list[Passed]
     names = env.get("LISTEN_FDNAMES", "").split(":")
     for var in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
         env.pop(var, None)
-    if not raw_count.isdigit() or not raw_pid.isdigit() or int(raw_pid) != os.getpid():
+    count, pid = small_int(raw_count), small_int(raw_pid)
+    if count is None or pid != os.getpid():
         return []
-    count = int(raw_count)
     if count > MAX_FDS:
         raise FatalError(f"LISTEN_FDS={count}: more than {MAX_FDS} passed sockets")
     out = []
@@ -96,8 +97,9 @@ def take_passed(environ: MutableMapping[str, str] | None = None) -> list[Passed]
 def parse_name(name: str) -> tuple[str, int | None]:
     """Return (listener name, slot or None) of a passed socket's name."""
     base, sep, slot = name.rpartition("/")
-    if sep and slot.isdigit() and base:
-        return base, int(slot)
+    number = small_int(slot, 4)
+    if sep and number is not None and base:
+        return base, number
     return name, None
 
 

@@ -145,8 +145,8 @@ def _why_not(pid: int, dead_master: int, uids: set[int]) -> str | None:
     if env is None:
         return "its environment is unreadable"
     for var in ("UPGRADERD_GENERATION", "UPGRADERD_SLOT", "LISTEN_FDS"):
-        if not env.get(var, "").isdigit():
-            return f"{var} is missing from its environment: not an upgraderd worker"
+        if procfs.small_int(env.get(var, "")) is None:
+            return f"{var} is missing from its environment or malformed: not an upgraderd worker"
     if int(env["LISTEN_FDS"]) > MAX_LISTEN_FDS:
         return "LISTEN_FDS is out of range"
     return None

@@ -19,6 +19,13 @@ PID_MAX = 1 << 22  # the kernel's highest possible pid_max
 _SOCKET_LINK = re.compile(r"socket:\[(\d+)\]")
 
 
+def small_int(text: str, digits: int = 7) -> int | None:
+    """Return `text` as an int if it is 1 to `digits` ASCII digits, else None (no Unicode digits)."""
+    if 0 < len(text) <= digits and text.isascii() and text.isdigit():
+        return int(text)
+    return None
+
+
 def valid_pid(value: object) -> bool:
     """Return True if `value` is an int that can be a pid (bools are not)."""
     return isinstance(value, int) and not isinstance(value, bool) and 1 < value < PID_MAX
