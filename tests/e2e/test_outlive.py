@@ -21,6 +21,7 @@ from tests.support import ROOT
 from tests.support.fdstore import FdStoreStandIn
 from tests.support.loadgen import Load
 from tests.support.upgraderd_proc import Daemon, alive, echo_config, free_port, wait_until
+from upgraderd.system import peers
 
 pytestmark = pytest.mark.e2e
 
@@ -238,3 +239,31 @@ def test_status_file_lies_are_never_signalled(tmp_path):
         for p in (stranger, poser):
             p.kill()
             p.wait()
+
+
+def test_in_reuseport_mode_a_passed_socket_serves_slot_0_and_the_master_binds_the_rest(tmp_path):
+    port = free_port()
+    held = socket.socket()
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    held.bind(("127.0.0.1", port))
+    held.listen(64)
+    early = socket.create_connection(("127.0.0.1", port), timeout=20)  # queued before any master runs
+    wrap = (sys.executable, str(ROOT / "tests" / "fixtures" / "listen_exec.py"), str(held.fileno()), "echo", "--")
+    d = Daemon(tmp_path, echo_config(port, count=2), wrap=wrap, pass_fds=(held.fileno(),))
+    try:
+        d.start()
+        held.close()  # the master's copy is the one that counts now
+        log = d.log()
+        assert "adopted passed fd 3 ('echo') for listener 'echo' slot 0" in log
+        assert "listeners open echo" in log
+        early.sendall(b"queued")
+        assert early.recv(8) == b"queued"
+        load = Load("127.0.0.1", port, threads=2, max_seconds=20, max_per_thread=100).start("echo")
+        reached = load.wait_for_ok(150)
+        result = load.stop()
+        assert reached and result.failures == {}, (result.failures, result.examples)
+        inodes = {inode for _addr, p, inode in peers.listening() if p == port}
+        assert len(inodes) == 2  # slot 0 passed, slot 1 bound by the master
+    finally:
+        early.close()
+        d.stop()
