@@ -267,3 +267,22 @@ def test_in_reuseport_mode_a_passed_socket_serves_slot_0_and_the_master_binds_th
     finally:
         early.close()
         d.stop()
+
+
+def test_a_master_whose_workers_bind_for_themselves_is_found_through_them(tmp_path):
+    """worker-bind: only the workers hold the sockets; the second master names their master."""
+    port = free_port()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = Daemon(tmp_path / "a", echo_config(port, mode="worker-bind", count=1))
+    second = Daemon(tmp_path / "b", echo_config(port, mode="worker-bind", count=1))
+    try:
+        first.start()
+        (worker,) = first.workers()
+        second.start(wait=False)
+        assert second.proc is not None and second.proc.wait(20) == 3
+        assert (f"another upgraderd master (pid {first.pid}) already serves 127.0.0.1:{port} "
+                f"(through its worker pid {worker})") in second.log()
+    finally:
+        second.stop()
+        first.stop()
