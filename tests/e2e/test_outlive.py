@@ -286,3 +286,31 @@ def test_a_master_whose_workers_bind_for_themselves_is_found_through_them(tmp_pa
     finally:
         second.stop()
         first.stop()
+
+
+@needs_root
+def test_orphans_running_as_the_workers_user_are_taken_over(tmp_path):
+    """workers.user: nobody. The orphans' uid is not ours, but it is the configured one."""
+    from tests.e2e.test_privileges import PLAIN_ECHO, interpreter_for
+    port = free_port()
+    cfg = echo_config(port, count=2)
+    cfg["workers"] = {"count": 2, "command": [interpreter_for("nobody"), PLAIN_ECHO], "user": "nobody"}
+    d = Daemon(tmp_path, cfg).start()
+    orphans: set[int] = set()
+    d2 = None
+    load = Load("127.0.0.1", port, threads=2, max_seconds=40).start("echo")
+    try:
+        assert load.wait_for_ok(100)
+        orphans = _sigkill(d)
+        d2 = Daemon(tmp_path, cfg).start()
+        assert f"took over 2 orphaned worker(s) of dead master pid {d.pid}" in d2.log()
+        d2.wait_log(r"the orphaned workers have exited")
+        assert load.wait_for_ok(load.result.ok + 100)
+        result = load.stop()
+        assert result.failures == {}, (result.failures, result.examples)
+    finally:
+        load.stop()
+        _kill_all(orphans)
+        if d2 is not None:
+            d2.stop()
+        d.stop()
