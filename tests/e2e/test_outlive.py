@@ -20,7 +20,7 @@ import pytest
 from tests.support import ROOT
 from tests.support.fdstore import FdStoreStandIn
 from tests.support.loadgen import Load
-from tests.support.upgraderd_proc import Daemon, alive, echo_config, free_port, wait_until
+from tests.support.upgraderd_proc import Daemon, alive, children, echo_config, free_port, wait_until
 from upgraderd.system import peers
 
 pytestmark = pytest.mark.e2e
@@ -314,3 +314,34 @@ def test_orphans_running_as_the_workers_user_are_taken_over(tmp_path):
         if d2 is not None:
             d2.stop()
         d.stop()
+
+
+@needs_root
+def test_a_daemon_restarted_after_sigkill_takes_over_and_drains_its_orphans(tmp_path):
+    """--daemon: the orphans' pidfds survive detaching, and what start-up logged reaches the log file."""
+    from tests.e2e.test_daemon_mode import daemon_config, echo_once, kill_tree, upgraderd
+    port = free_port()
+    config = daemon_config(tmp_path, port, drain={"timeout": "5s", "orphan_grace": "60s"})
+    pids: list[int] = []
+    orphans: set[int] = set()
+    try:
+        for _ in range(2):
+            r = upgraderd("run", "-c", str(config), "--daemon")
+            assert r.returncode == 0, r
+            pids.append(int(r.stdout.split("(pid ")[1].split(")")[0]))
+            if len(pids) == 1:
+                orphans = children(pids[0])
+                os.kill(pids[0], signal.SIGKILL)
+                wait_until(lambda: not alive(pids[0]), 10, "the first daemon to die")
+        log = (tmp_path / "upgraderd.log").read_text()
+        assert f"took over 2 orphaned worker(s) of dead master pid {pids[0]}" in log
+        # The orphans got their drain signal through a pidfd kept across daemonizing, long
+        # before their 60s grace period would have ended.
+        wait_until(lambda: not any(alive(p) for p in orphans), 20, "the orphans to drain")
+        assert echo_once(port, b"daemon") == b"daemon"
+        wait_until(lambda: "the orphaned workers have exited" in (tmp_path / "upgraderd.log").read_text(),
+                   10, "the master to see the orphans gone")
+    finally:
+        for pid in pids:
+            kill_tree(pid)
+        _kill_all(orphans)

@@ -75,7 +75,7 @@ def run(config_path: str, cfg: Config, pidfile_path: str, daemon: bool = False,
         raise
     if daemon:
         from upgraderd.service.daemonize import run_detached
-        return run_detached(master, cfg, pidfile, logs, stale)
+        return run_detached(master, cfg, pidfile, logs, stale, held.replay)
     if stale:
         log.warning("%s", stale)
     service = Service(pidfile, logs)
@@ -94,7 +94,7 @@ def _open_log(logs: LogSetup, cfg: Config) -> None:
 
 
 class _Held(logging.Handler):
-    """Keep what start-up logs before the log is set up, to replay it there (foreground only)."""
+    """Keep what start-up logs before the log is set up, to replay it there once it is."""
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)

@@ -190,11 +190,20 @@ class OrphanSet:
     orphans: list[Orphan] = field(default_factory=list)
 
     def live(self) -> int:
-        """Return how many orphans have not exited yet."""
+        """Return how many orphans have not exited yet (a pidfd turns readable at exit)."""
         for o in self.orphans:
-            if not o.exited and select.select([o.pidfd], [], [], 0)[0]:
-                o.exited = True
+            if o.exited:
+                continue
+            try:
+                o.exited = bool(select.select([o.pidfd], [], [], 0)[0])
+            except (OSError, ValueError) as e:
+                self._lost(o, e)
         return sum(not o.exited for o in self.orphans)
+
+    def _lost(self, o: Orphan, e: BaseException) -> None:
+        """Stop tracking `o`: its pidfd is unusable, and a bare pid could be reused."""
+        log.warning("orphans: lost track of pid %d (%s); it drains by itself at its grace period", o.pid, e)
+        o.exited = True
 
     def pids(self) -> list[int]:
         """Return the pids of the orphans still alive."""
@@ -216,6 +225,8 @@ class OrphanSet:
                     signal.pidfd_send_signal(o.pidfd, o.drain_signal if sig is None else sig)
                 except ProcessLookupError:
                     o.exited = True
+                except OSError as e:
+                    self._lost(o, e)
 
     def pidfds(self) -> list[int]:
         """Return the pidfds (to keep them open across daemonizing)."""
@@ -224,7 +235,10 @@ class OrphanSet:
     def close(self) -> None:
         """Release the pidfds."""
         for o in self.orphans:
-            os.close(o.pidfd)
+            try:
+                os.close(o.pidfd)
+            except OSError:
+                pass  # already closed (a daemonizing that did not keep it)
         self.orphans.clear()
 
 
