@@ -134,8 +134,12 @@ def test_socket_unit_names_a_listener_of_the_shipped_config():
 
 
 def _notify(sock: socket.socket) -> dict[str, str]:
-    data, _ = sock.recvfrom(4096)
-    return dict(line.split("=", 1) for line in data.decode().splitlines() if line)
+    """Return the next state message; skip the master's FDSTORE=1 messages (the fd store)."""
+    while True:
+        data, _ = sock.recvfrom(4096)
+        fields = dict(line.split("=", 1) for line in data.decode().splitlines() if line)
+        if "FDSTORE" not in fields:
+            return fields
 
 
 def test_what_type_notify_reload_sees_for_a_good_and_a_failed_reload(tmp_path):

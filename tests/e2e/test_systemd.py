@@ -12,8 +12,12 @@ pytestmark = pytest.mark.e2e
 
 
 def _next(sock: socket.socket) -> dict[str, str]:
-    data, _ = sock.recvfrom(4096)
-    return dict(line.split("=", 1) for line in data.decode().splitlines() if line)
+    """Return the next state message; skip the master's FDSTORE=1 messages (the fd store)."""
+    while True:
+        data, _ = sock.recvfrom(4096)
+        fields = dict(line.split("=", 1) for line in data.decode().splitlines() if line)
+        if "FDSTORE" not in fields:
+            return fields
 
 
 def test_notifies_systemd_of_ready_reloading_and_stopping(tmp_path):

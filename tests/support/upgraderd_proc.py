@@ -108,14 +108,17 @@ class Daemon:
     """One upgraderd master run with a config written to `workdir`."""
 
     def __init__(self, workdir: Path, config: dict[str, object] | str, args: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None, wrap: tuple[str, ...] = (), cwd: Path = ROOT) -> None:
+                 env: dict[str, str] | None = None, wrap: tuple[str, ...] = (),
+                 pass_fds: tuple[int, ...] = (), cwd: Path = ROOT) -> None:
         """`wrap` prefixes the command (e.g. `prlimit`, `unshare`); it must exec the master in place.
 
+        `pass_fds` are fds of ours the wrap command gets (e.g. sockets to socket-activate with).
         `cwd` is the master's working directory, which `python -m upgraderd` puts first on sys.path.
         """
         self.extra_env = env or {}
         self.cwd = cwd
         self.wrap = wrap
+        self.pass_fds = pass_fds
         self.workdir = workdir
         self.config_path = workdir / "upgraderd.yaml"
         self.log_path = workdir / "upgraderd.log"
@@ -156,7 +159,7 @@ class Daemon:
                 [*self.wrap, sys.executable, "-m", "upgraderd", "run", "-c", str(self.config_path),
                  *(() if "--pidfile" in self.args else ("--pidfile", str(self.pidfile))), *self.args],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=self.cwd,
-                start_new_session=True)
+                start_new_session=True, pass_fds=self.pass_fds)
         if wait:
             self.wait_log(r"serving: generation 1 ACTIVE", timeout=20)
         return self

@@ -17,7 +17,8 @@ Drain (the drain signal, SIGTERM by default): stop accepting; with
 generation (upgraderd/apps/moves.py); tell the protocol of every connection
 left (HTTP answers the next request with `Connection: close`), let idle
 connections go after a grace period, exit when none is left. SIGINT: exit
-at once. If the master dies (our parent changes) we drain.
+at once. If the master dies (our parent changes) we serve on for
+`drain.orphan_grace`, then drain (upgraderd/worker/orphan.py).
 
 With hand-off on, the worker also opens its hand-off channel before READY=1
 and serves the connections older workers give it (`adopt`).
@@ -35,6 +36,7 @@ from types import FrameType
 from typing import Callable, Protocol
 
 from upgraderd import worker
+from upgraderd.worker.orphan import OrphanWatch
 from upgraderd.apps.connmetrics import ConnectionMetrics
 from upgraderd.apps.moves import Movable, Moves
 from upgraderd.worker import handoff
@@ -93,7 +95,7 @@ class Server:
         self.conns: dict[int, Conn] = {}
         self.draining_since: float | None = None
         self.stop_now = False
-        self.parent = os.getppid()
+        self.orphan = OrphanWatch()
         self._wake_r, self._wake_w = socket.socketpair()
         self._signals_installed = False
         self.metrics = ConnectionMetrics(list(listeners))
@@ -141,7 +143,7 @@ class Server:
                 if self.draining_since is not None:
                     self.moves.give_ready()
             self.metrics.flush()
-            if os.getppid() != self.parent and self.draining_since is None:
+            if self.draining_since is None and self.orphan.should_drain():
                 self.draining_since = -1.0
         for conn in list(self.conns.values()):
             self._close(conn)

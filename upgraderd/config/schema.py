@@ -30,7 +30,7 @@ from upgraderd.config.source import MAX_BYTES, MAX_VALUES  # noqa: F401 (part of
 from upgraderd.errors import ConfigError
 from upgraderd.config.validators import (
     REQUIRED, Invalid, Check, opt, integer, string, name, one_of,
-    host, duration, signal_name, argv, env_map, directory, dir_path, file_path, PATH_CHECKS,
+    host, duration, grace, signal_name, argv, env_map, directory, dir_path, file_path, PATH_CHECKS,
     user_name, group_name, listen_address, default_pidfile, _show, _did_you_mean, parse_url, worker_ids,
 )
 
@@ -93,6 +93,8 @@ class DrainSpec:
     handoff: str = opt("auto", one_of("auto", "off"),
                        "Hand live connections to the new generation (built-in workers and "
                        "workers that announce a hand-off channel), or off: wait for them to end.")
+    orphan_grace: float = opt(30.0, grace, "A worker whose master died keeps accepting this long "
+                              "(or until a restarted master drains it), then drains.")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -145,6 +145,14 @@ def duration(v: Any) -> float:
     return secs
 
 
+def grace(v: Any) -> float:
+    """duration from 0 to 1h: how long an orphaned worker keeps serving (0: it drains at once)"""
+    secs = duration(v)
+    if secs > 3600:
+        raise Invalid(f"{_show(v)} is longer than 1h; an orphan should not outlive its master for long")
+    return secs
+
+
 def signal_name(v: Any) -> str:
     """signal name: TERM, QUIT, INT, HUP, USR1, USR2, WINCH"""
     s = string(v).upper()

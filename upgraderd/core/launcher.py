@@ -68,6 +68,7 @@ def describe(cfg: Config, generation: int, slot: int, fds: tuple[int, ...],
         "UPGRADERD_GENERATION": str(generation), "UPGRADERD_SLOT": str(slot),
         "UPGRADERD_DRAIN_SIGNAL": cfg.drain.signal,
         "UPGRADERD_HANDOFF": cfg.drain.handoff,
+        "UPGRADERD_ORPHAN_GRACE": f"{cfg.drain.orphan_grace:g}",
         "UPGRADERD_THREADS": str(w.threads),
     })
     env.update(ctx.metrics_env)

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from upgraderd.config.schema import Config
     from upgraderd.core.handover import Handover
     from upgraderd.core.seams import MetricsAPI, MetricsStarter, System
+    from upgraderd.core.takeover import Takeover
 
 log = logging.getLogger("upgraderd")
 
@@ -56,13 +57,14 @@ class Master:
     def __init__(self, config_path: str, system: System, clock: Callable[[], float] = time.monotonic,
                  hooks: Hooks | None = None, argv: list[str] | None = None,
                  handover: Handover | None = None, metrics: MetricsStarter | None = None,
-                 wall: Callable[[], float] = time.time) -> None:
+                 wall: Callable[[], float] = time.time, takeover: Takeover | None = None) -> None:
         self.config_path = config_path
         self.system = system
         self.clock = clock
         self.hooks = hooks or Hooks()
         self.argv = argv if argv is not None else ["run", "-c", config_path]
         self.handover = handover
+        self.takeover = takeover    # a dead master's orphans, drained once we serve
         self._start_metrics = metrics   # None: no endpoint (unit tests bind no port)
         self.metrics: MetricsAPI | None = None
         self.generations: list[Generation] = []
@@ -278,6 +280,8 @@ class Master:
         for old in active[:-1]:
             old.drain(now)  # ACTIVE -> DRAINING: only ever once a successor is ACTIVE
         reloads.settle(self, now)
+        if self.takeover is not None:
+            self.takeover.settle(self, now)
         self._forget_retired(now)
         slots.close_unused(self)
         self.judge.flush(now)

@@ -200,6 +200,25 @@ class MetricsAPI(Protocol):
         """Stop the endpoint and release the worker files."""
 
 
+class OrphanAPI(Protocol):
+    """Orphaned workers of a dead master that this master took over (system/orphans.py)."""
+
+    def live(self) -> int:
+        """Return how many of them have not exited yet."""
+
+    def pids(self) -> list[int]:
+        """Return the pids of the live ones."""
+
+    def drain(self) -> None:
+        """Send each live one the drain signal it was started with."""
+
+    def kill(self) -> None:
+        """SIGKILL each live one."""
+
+    def close(self) -> None:
+        """Stop tracking them."""
+
+
 # Start the metrics endpoint: (spec, source of the latest view, clock, inherited export).
 MetricsStarter = Callable[[MetricsSpec, Callable[[], Any], Callable[[], float], "dict[str, object] | None"],
                           "MetricsAPI | None"]

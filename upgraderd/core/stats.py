@@ -61,6 +61,9 @@ class Stats:
     steering_refused: int = counter(
         "upgraderd_steering_refused", "Reuseport steering programs the kernel refused; the group then spreads "
         "new connections over every socket, ready or not, as without steering.")
+    orphans_taken_over: int = counter(
+        "upgraderd_orphans_taken_over", "Orphaned workers of a dead master (same pidfile) this master found at "
+        "start, took the listening sockets of, and drained once its first generation was ACTIVE.")
     internal_errors: int = counter(
         "upgraderd_internal_errors", "Exceptions inside one pass of the master's loop that the master "
         "logged and survived (a bug: please report it with the log line).")

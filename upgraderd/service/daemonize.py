@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import sys
+from typing import Callable
 
 import daemon  # type: ignore[import-untyped]  # python-daemon ships no type hints
 
@@ -40,7 +41,7 @@ log = logging.getLogger("upgraderd")
 
 
 def run_detached(master: Master, cfg: Config, pidfile: PidFile, logs: LogSetup,
-                 stale: str | None) -> int:
+                 stale: str | None, replay: Callable[[], None] = lambda: None) -> int:
     """Detach and serve in the background; return the exit code for the starting command.
 
     `master` has been prepared (config loaded, listeners bound) from `cfg`,
@@ -57,7 +58,7 @@ def run_detached(master: Master, cfg: Config, pidfile: PidFile, logs: LogSetup,
     report = StartupReport(w)
     code: int = ExitCode.CRASHED
     try:
-        code = _serve(master, cfg, pidfile, logs, stale, report)
+        code = _serve(master, cfg, pidfile, logs, stale, report, replay)
     except BaseException as e:  # the daemon has no caller to raise to: log and report it
         log.exception("upgraderd crashed")
         report.fail(ExitCode.CRASHED, f"crashed: {e!r}; see {log_file}")
@@ -67,7 +68,7 @@ def run_detached(master: Master, cfg: Config, pidfile: PidFile, logs: LogSetup,
 
 
 def _serve(master: Master, cfg: Config, pidfile: PidFile, logs: LogSetup,
-           stale: str | None, report: StartupReport) -> int:
+           stale: str | None, report: StartupReport, replay: Callable[[], None]) -> int:
     log_file = cfg.log.file or os.devnull
     with open(log_file, "a", encoding="utf-8") as out:
         ctx = daemon.DaemonContext(
@@ -82,6 +83,7 @@ def _serve(master: Master, cfg: Config, pidfile: PidFile, logs: LogSetup,
         os.set_inheritable(fd, True)
     pidfile.claim()
     logs.apply(cfg.log)
+    replay()  # what start-up logged before the log existed (adopted sockets, orphans)
     if stale:
         log.warning("%s", stale)
     service = Service(pidfile, logs, report)

@@ -1,5 +1,11 @@
 """`upgraderd run`: take the pidfile lock, bind, then serve in the foreground or detached.
 
+Before it binds, the master refuses to start next to another live master on
+one of its addresses (exit 3), then adopts the listening sockets that outlived
+the previous master: those passed to it (socket activation, the fd store) and
+those of the dead master's orphaned workers (system/posix.py `outlive`). A
+USR2 re-exec skips both: it inherits its own sockets.
+
 The order makes every start-up failure reach the operator's terminal with a
 non-zero exit, also with --daemon: the lock ("already running (pid N)"), the
 config, and every bind happen before anything detaches.
@@ -14,6 +20,9 @@ from upgraderd.config.schema import Config
 from upgraderd.errors import FatalError
 from upgraderd.service.logsetup import LogSetup
 from upgraderd.core.master import Master
+from upgraderd.core.takeover import Takeover
+from upgraderd.service import status
+from upgraderd.system.orphans import OrphanSet
 from upgraderd.metrics.telemetry import Telemetry
 from upgraderd.service.pidfile import PidFile
 from upgraderd.service.hooks import Service
@@ -45,21 +54,28 @@ def run(config_path: str, cfg: Config, pidfile_path: str, daemon: bool = False,
     # daemon is already detached and keeps its log file as stdout and stderr).
     argv = ["run", "-c", config_path, "--pidfile", pidfile_path]
     argv += ["--log-level", log_level] if log_level else []
+    held = _Held()
     try:
-        master = Master(config_path, posix.posix_system(handover, argv), argv=argv, handover=handover,
-                        metrics=Telemetry.start)
+        with held:
+            adopted, orphans = posix.outlive(cfg, status.path_for(pidfile.path)) if handover is None \
+                else ({}, OrphanSet())
+        master = Master(config_path, posix.posix_system(handover, argv, adopted, cfg), argv=argv,
+                        handover=handover, metrics=Telemetry.start,
+                        takeover=Takeover(orphans) if orphans.orphans else None)
         try:
             master.prepare(cfg)
         except OSError as e:
             raise FatalError(e.strerror or str(e)) from None
         if not daemon:
             _open_log(logs, cfg)
+            held.replay()
     except BaseException:
+        held.replay()   # warnings reach stderr even though the log was never set up
         pidfile.remove()
         raise
     if daemon:
         from upgraderd.service.daemonize import run_detached
-        return run_detached(master, cfg, pidfile, logs, stale)
+        return run_detached(master, cfg, pidfile, logs, stale, held.replay)
     if stale:
         log.warning("%s", stale)
     service = Service(pidfile, logs)
@@ -75,3 +91,31 @@ def _open_log(logs: LogSetup, cfg: Config) -> None:
         logs.apply(cfg.log)
     except OSError as e:
         raise FatalError(f"cannot open log file {cfg.log.file}: {e.strerror}") from None
+
+
+class _Held(logging.Handler):
+    """Keep what start-up logs before the log is set up, to replay it there once it is."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self._level = log.level
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def __enter__(self) -> _Held:
+        log.addHandler(self)
+        log.setLevel(logging.DEBUG)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        log.removeHandler(self)
+        log.setLevel(self._level)
+
+    def replay(self) -> None:
+        """Log the held records through the handlers set up since."""
+        for record in self.records:
+            if log.isEnabledFor(record.levelno):
+                log.handle(record)
+        self.records.clear()

@@ -17,8 +17,10 @@ from typing import Any, Sequence
 from upgraderd.config import schema
 from upgraderd.core.handover import Handover
 from upgraderd.core.master import Master
-from upgraderd.core.seams import KernelState, System
-from upgraderd.system import kernel, reexec, sockets
+from upgraderd.core.seams import KernelState, SocketKey, System
+from upgraderd.errors import FatalError
+from upgraderd.system import activation, fdstore, kernel, orphans, peers, reexec, sockets
+from upgraderd.system.orphans import OrphanSet
 from upgraderd.system.notify import NotifyServer, notify
 from upgraderd.system.probe import Prober, reserve_port
 from upgraderd.system.process import PosixProcessAPI, user_env
@@ -48,8 +50,11 @@ def tell_systemd(message: str) -> None:
         log.debug("sd_notify failed: %s", e)
 
 
-def posix_system(handover: Handover | None, argv: Sequence[str]) -> System:
-    """Return the real OS services; adopt the notify socket a USR2 predecessor handed over."""
+def posix_system(handover: Handover | None, argv: Sequence[str],
+                 adopted: dict[SocketKey, socket.socket] | None = None, cfg: schema.Config | None = None
+                 ) -> System:
+    """Return the real OS services; adopt the notify socket a USR2 predecessor handed over,
+    and the listening sockets passed to this master or taken from orphans (`adopted`, for `cfg`)."""
     notify_server = None
     if handover is not None:
         os.set_inheritable(handover.notify_fd, False)  # it was inheritable only for the exec
@@ -58,8 +63,11 @@ def posix_system(handover: Handover | None, argv: Sequence[str]) -> System:
     def exec_master(record: Any, pending: Sequence[int]) -> OSError:
         return reexec.exec_master(record.to_json(), record.inherited_fds(), argv, pending)
 
+    listeners = sockets.ListenerSet()
+    if adopted and cfg is not None:
+        listeners.adopt_listening(cfg, adopted)
     return System(
-        procs=PosixProcessAPI(), notify=notify_server or NotifyServer(), listeners=sockets.ListenerSet(),
+        procs=PosixProcessAPI(), notify=notify_server or NotifyServer(), listeners=listeners,
         probes=Prober(), kernel=PosixKernel(), environ=os.environ, load_config=schema.load,
         user_env=user_env, reserve_port=reserve_port, self_command=(sys.executable, "-m", "upgraderd"),
         tell_systemd=tell_systemd, exec_master=exec_master)
@@ -73,7 +81,40 @@ def inherited_handover() -> Handover | None:
 
 def fds_to_keep(master: Master) -> list[int]:
     """Return every fd the master must keep across daemonizing."""
-    return [*master.system.listeners.filenos(), *master.system.watched_fds()]
+    orphans = master.takeover.orphans if master.takeover is not None else None
+    pidfds = orphans.pidfds() if isinstance(orphans, OrphanSet) else []
+    return [*master.system.listeners.filenos(), *master.system.watched_fds(), *pidfds]
+
+
+def outlive(cfg: schema.Config, status_path: str) -> tuple[dict[SocketKey, socket.socket], OrphanSet]:
+    """Refuse to start next to another master; collect the listening sockets that outlived the last one.
+
+    In this order: passed to us (socket activation, the fd store), then taken
+    from a dead master's orphaned workers. Raise FatalError naming another
+    live master that serves one of `cfg`'s addresses.
+    """
+    conflict = peers.find_conflict(cfg)
+    if conflict is not None:
+        raise FatalError(conflict.message())
+    adopted = activation.Adopted()
+    try:
+        activation.match(cfg, activation.take_passed(), adopted)
+        found = orphans.find(status_path, cfg, adopted)
+    except BaseException:
+        adopted.close()
+        raise
+    return {key: sock for key, (sock, _) in adopted.sockets.items()}, found
+
+
+def _store(master: Master, store: fdstore.FdStore | None) -> None:
+    """Keep the service manager's fd store in step with the master's sockets."""
+    listeners = master.system.listeners
+    if store is None or master.config is None or not isinstance(listeners, sockets.ListenerSet):
+        return
+    try:
+        store.sync(fdstore.names(master.config, listeners.keys()), listeners.fileno_of)
+    except Exception:
+        log.exception("internal error while storing sockets with the service manager; carrying on")
 
 
 def run(master: Master) -> int:
@@ -83,6 +124,7 @@ def run(master: Master) -> int:
     master's own fds (notify socket, probe epoll), at most until the master's
     next deadline.
     """
+    store = fdstore.FdStore.from_env(os.environ)
     try:
         with SignalInbox() as inbox, selectors.DefaultSelector() as sel:
             master.pending_signals = inbox.drain
@@ -90,9 +132,11 @@ def run(master: Master) -> int:
                 sel.register(fd, selectors.EVENT_READ)
             master.start()
             master.step(set())
+            _store(master, store)
             while master.generations:
                 sel.select(master.timeout(master.clock()))
                 master.step(inbox.drain())
+                _store(master, store)
     finally:
         if master.metrics is not None:
             master.metrics.close()

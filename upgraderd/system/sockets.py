@@ -295,6 +295,36 @@ class ListenerSet:
             pos = {int(e.get("pos", -1)) for e in entries if _tuple(e["key"]) in group.members}
             group.known = pos == set(range(len(group.members)))
 
+    def adopt_listening(self, cfg: Config, socks: dict[SocketKey, socket.socket]) -> None:
+        """Take listening sockets passed to the master or taken from orphans, before binding the rest.
+
+        Their group's order in the kernel is known only when a group is one
+        socket; otherwise any old steering program is detached (new
+        connections then reach every socket, all of which are served) and the
+        group is left unsteered.
+        """
+        backlog = {(s.host, s.port, s.mode): s.backlog for s in cfg.listeners}
+        for key, sock in socks.items():
+            os.set_inheritable(sock.fileno(), False)
+            sock.listen(backlog[key[:3]])
+            self._add(key, sock, backlog[key[:3]])
+        for gid in {self._group_of[k] for k in socks}:
+            group = self._groups[gid]
+            group.known = len(group.members) == 1
+            first = self._socks[group.members[0]]
+            # A passed socket without SO_REUSEPORT is no port group: nothing to steer.
+            group.refused = not first.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
+            if not group.known:
+                try:
+                    steering.detach(self._socks[group.members[0]])
+                except OSError:
+                    pass  # nothing was attached
+
+    def fileno_of(self, key: SocketKey) -> int | None:
+        """Return the fd of `key`'s socket, or None if it is not open."""
+        sock = self._socks.get(key)
+        return sock.fileno() if sock is not None else None
+
     def filenos(self) -> list[int]:
         """Return the fd of every open socket."""
         return [s.fileno() for s in self._socks.values()]

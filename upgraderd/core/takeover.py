@@ -1,0 +1,62 @@
+"""Decide when a dead master's orphaned workers, taken over at start, drain and die.
+
+The orphans kept accepting on the sockets this master now shares with them
+(system/orphans.py found them and took the sockets). They must go only once
+something else accepts: so they get their drain signal when this master's
+first generation is ACTIVE (or when this master stops, so they do not outlive
+it by their whole grace period). Like a draining generation they get
+`drain.timeout` to finish, then SIGKILL. They are not our children: we
+cannot reap them, and the OrphanAPI seam tracks them by pidfd.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from upgraderd.core.master import Master
+    from upgraderd.core.seams import OrphanAPI
+
+log = logging.getLogger("upgraderd")
+
+DEFAULT_TIMEOUT = 30.0
+
+
+class Takeover:
+    """The orphans one master took over, and how far their drain has come."""
+
+    def __init__(self, orphans: OrphanAPI) -> None:
+        self.orphans = orphans
+        self.drained_at: float | None = None
+        self.deadline: float | None = None
+        self.count = 0
+        self.killed = False
+        self.done = False
+
+    def settle(self, master: Master, now: float) -> None:
+        """Drain the orphans once a generation of ours serves; SIGKILL them at the deadline."""
+        if self.done:
+            return
+        if self.drained_at is None:
+            if master.active is None and not master.stopping:
+                return
+            pids = self.orphans.pids()
+            self.count = len(pids)
+            master.stats.orphans_taken_over += len(pids)
+            if pids:
+                log.info("draining %d orphaned worker(s) of the dead master: %s", len(pids),
+                         " ".join(map(str, pids)))
+            self.orphans.drain()
+            timeout = master.config.drain.timeout if master.config is not None else DEFAULT_TIMEOUT
+            self.drained_at, self.deadline = now, now + timeout
+        if self.orphans.live() == 0:
+            if self.count:
+                log.info("the orphaned workers have exited")
+            self.orphans.close()
+            self.done = True
+        elif not self.killed and self.deadline is not None and now >= self.deadline:
+            log.warning("orphaned workers still running at their drain deadline: SIGKILL %s",
+                        " ".join(map(str, self.orphans.pids())))
+            self.orphans.kill()
+            self.killed = True
