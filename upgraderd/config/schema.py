@@ -128,6 +128,33 @@ class KernelSpec:
                                "net.ipv4.tcp_migrate_req: check and warn, set it to 1, or ignore it.")
 
 
+def watch_paths(v: Any) -> tuple[str, ...]:
+    """list of paths: `config` (this file) or absolute paths"""
+    if not isinstance(v, list):
+        raise Invalid(f"expected a list of paths, got {_show(v)}")
+    out: list[str] = []
+    for i, item in enumerate(v):
+        if not isinstance(item, str) or not item or "\0" in item:
+            raise Invalid(f"item {i}: expected `config` or an absolute path, got {_show(item)}")
+        if item != "config" and not os.path.isabs(item):
+            raise Invalid(f"item {i}: {_show(item)} is not an absolute path; write `config` or /a/path")
+        path = item if item == "config" else os.path.normpath(item)
+        if path in out:
+            raise Invalid(f"item {i}: {_show(item)} is listed twice")
+        out.append(path)
+    return tuple(out)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReloadSpec:
+    """Reload, as on SIGHUP, when a watched file or symlink really changes (inotify)."""
+
+    watch: tuple[str, ...] = opt((), watch_paths, "Paths whose change triggers a reload: `config` (this "
+                                 "file) or absolute paths, e.g. a deploy tool's `current` symlink.")
+    debounce: float = opt(0.5, duration, "Wait until no change was seen for this long (a burst of "
+                          "writes is one reload).")
+
+
 @dataclass(frozen=True, kw_only=True)
 class Config:
     """A whole, validated config file."""
@@ -140,6 +167,7 @@ class Config:
     metrics: MetricsSpec = opt(MetricsSpec(), lambda v: v, "Prometheus endpoint.")
     log: LogSpec = opt(LogSpec(), lambda v: v, "Logging.")
     kernel: KernelSpec = opt(KernelSpec(), lambda v: v, "Kernel settings.")
+    reload: ReloadSpec = opt(ReloadSpec(), lambda v: v, "Reload on file change.")
     pidfile: str | None = opt(None, file_path, "Pidfile, written once the master serves "
                               "(default: /run/upgraderd.pid as root, else a per-user runtime path).")
     path: str = field(default="<string>", compare=False, metadata={"internal": True})
@@ -173,7 +201,7 @@ class Config:
 SECTIONS: dict[str, type] = {
     "listeners": ListenerSpec, "workers": WorkerSpec, "ready": ReadySpec,
     "drain": DrainSpec, "restart": RestartSpec, "metrics": MetricsSpec, "log": LogSpec,
-    "kernel": KernelSpec,
+    "kernel": KernelSpec, "reload": ReloadSpec,
 }
 
 

@@ -61,6 +61,9 @@ class Stats:
     steering_refused: int = counter(
         "upgraderd_steering_refused", "Reuseport steering programs the kernel refused; the group then spreads "
         "new connections over every socket, ready or not, as without steering.")
+    watch_triggers: int = counter(
+        "upgraderd_watch_triggers", "Reloads queued because a path in reload.watch really changed (its "
+        "fingerprint differs); the outcome is counted in upgraderd_reloads_total like a HUP's.")
     internal_errors: int = counter(
         "upgraderd_internal_errors", "Exceptions inside one pass of the master's loop that the master "
         "logged and survived (a bug: please report it with the log line).")

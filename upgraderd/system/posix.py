@@ -18,6 +18,7 @@ from upgraderd.core.handover import Handover
 from upgraderd.core.master import Master
 from upgraderd.core.seams import KernelState, System
 from upgraderd.system import kernel, reexec, sockets
+from upgraderd.system.inotify import FileWatcher
 from upgraderd.system.notify import NotifyServer, notify
 from upgraderd.system.probe import Prober, reserve_port
 from upgraderd.system.process import PosixProcessAPI, user_env
@@ -60,7 +61,8 @@ def posix_system(handover: Handover | None, argv: Sequence[str]) -> System:
     return System(
         procs=PosixProcessAPI(), notify=notify_server or NotifyServer(), listeners=sockets.ListenerSet(),
         probes=Prober(), kernel=PosixKernel(), environ=os.environ, load_config=schema.load,
-        user_env=user_env, reserve_port=reserve_port, tell_systemd=tell_systemd, exec_master=exec_master)
+        user_env=user_env, reserve_port=reserve_port, tell_systemd=tell_systemd, exec_master=exec_master,
+        watcher=FileWatcher())
 
 
 def inherited_handover() -> Handover | None:
