@@ -117,6 +117,7 @@ def settle(master: Master, now: float) -> None:
         _settle_first(master, gen, now)
     elif gen.state is GenerationState.ACTIVE:
         master.config = gen.config
+        master.reloads.files.follow(master, now)   # the new config's watch list, from now on
         took = master.reloads.succeeded(gen, now)
         log.info("reload done: generation %d ACTIVE %.3fs after HUP%s", gen.number, took,
                  master.reloads.queued())
