@@ -16,6 +16,7 @@ from typing import Any, Callable
 import pytest
 import yaml
 
+from tests.support import kubelet
 from tests.support.loadgen import Load
 from tests.support.scrape import scrape, value
 from tests.support.upgraderd_proc import Daemon, echo_config, free_port, wait_until
@@ -71,7 +72,7 @@ def current_switch(d: Daemon, cfg: dict[str, Any], i: int) -> None:
 
 def configmap_swap(d: Daemon, cfg: dict[str, Any], i: int) -> None:
     """kubelet's atomic writer: a new timestamped directory, then `..data_tmp` renamed over `..data`."""
-    swap_data(d.workdir / "cm", "upgraderd.yaml", dump(cfg, i), f"2026_01_01_00_00_{i:02d}.{i}")
+    kubelet.project(d.workdir / "cm", {"upgraderd.yaml": dump(cfg, i)}, f"2026_01_01_00_00_{i:02d}.{i}")
 
 
 def delete_recreate(d: Daemon, cfg: dict[str, Any], i: int) -> None:
@@ -80,22 +81,6 @@ def delete_recreate(d: Daemon, cfg: dict[str, Any], i: int) -> None:
     d.config_path.unlink()
     d.wait_log("watched path missing", count=seen + 1, timeout=10)
     d.config_path.write_text(dump(cfg, i))
-
-
-def swap_data(mount: Path, name: str, text: str, stamp: str) -> None:
-    """Reproduce kubelet's ConfigMap update in `mount`: the file itself is never written."""
-    new = mount / f"..{stamp}"
-    new.mkdir()
-    (new / name).write_text(text)
-    old = os.readlink(mount / "..data") if (mount / "..data").is_symlink() else None
-    os.symlink(new.name, mount / "..data_tmp")
-    os.rename(mount / "..data_tmp", mount / "..data")
-    if not (mount / name).is_symlink():
-        os.symlink(f"..data/{name}", mount / name)
-    if old is not None:
-        for f in (mount / old).iterdir():
-            f.unlink()
-        (mount / old).rmdir()
 
 
 def setup(tmp_path: Path, way: str, port: int) -> tuple[Daemon, dict[str, Any]]:
@@ -109,8 +94,7 @@ def setup(tmp_path: Path, way: str, port: int) -> tuple[Daemon, dict[str, Any]]:
     if way != "configmap_swap":
         return Daemon(tmp_path, cfg), cfg
     mount = tmp_path / "cm"
-    mount.mkdir()
-    swap_data(mount, "upgraderd.yaml", dump(cfg, 0), "2026_01_01_00_00_00.0")
+    kubelet.project(mount, {"upgraderd.yaml": dump(cfg, 0)}, "2026_01_01_00_00_00.0")
     d = Daemon(tmp_path, cfg)
     d.config_path = mount / "upgraderd.yaml"   # the mounted path the pod's command names
     return d, cfg

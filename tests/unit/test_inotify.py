@@ -5,23 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from tests.support import kubelet
 from upgraderd.system.inotify import FileWatcher, dirs_for, fingerprint
-
-
-def swap_configmap(mount: Path, name: str, text: str, stamp: str) -> None:
-    """Do what kubelet's atomic writer does: a new timestamped dir, then rename `..data_tmp` over `..data`."""
-    new = mount / f"..{stamp}"
-    new.mkdir()
-    (new / name).write_text(text)
-    old = os.readlink(mount / "..data") if (mount / "..data").is_symlink() else None
-    os.symlink(new.name, mount / "..data_tmp")
-    os.rename(mount / "..data_tmp", mount / "..data")
-    if not (mount / name).is_symlink():
-        os.symlink(f"..data/{name}", mount / name)
-    if old is not None:
-        for f in (mount / old).iterdir():
-            f.unlink()
-        (mount / old).rmdir()
 
 
 def test_nothing_happening_reads_no_event(tmp_path: Path) -> None:
@@ -53,18 +38,17 @@ def test_rename_over_the_file_is_seen_and_changes_the_content_hash(tmp_path: Pat
 
 def test_a_configmap_data_swap_is_seen_though_the_file_is_never_written(tmp_path: Path) -> None:
     mount = tmp_path / "config"
-    mount.mkdir()
-    swap_configmap(mount, "upgraderd.yaml", "v1", "2026_01_01_00_00_00.1")
+    kubelet.project(mount, {"upgraderd.yaml": "v1"}, "2026_01_01_00_00_00.1")
     cfg = str(mount / "upgraderd.yaml")
     w = FileWatcher()
     try:
         w.watch([cfg])
         before = w.fingerprint(cfg, content=True)
-        swap_configmap(mount, "upgraderd.yaml", "v2", "2026_01_01_00_01_00.2")
+        kubelet.project(mount, {"upgraderd.yaml": "v2"}, "2026_01_01_00_01_00.2")
         assert w.changed() is True
         assert w.fingerprint(cfg, content=True) != before
         w.watch([cfg])   # the old timestamped directory is gone: the watch follows the new target
-        swap_configmap(mount, "upgraderd.yaml", "v3", "2026_01_01_00_02_00.3")
+        kubelet.project(mount, {"upgraderd.yaml": "v3"}, "2026_01_01_00_02_00.3")
         assert w.changed() is True
     finally:
         w.close()
