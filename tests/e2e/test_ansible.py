@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -108,14 +109,18 @@ def test_a_good_release_rolls_everywhere_and_a_bad_one_stops_at_its_host(tmp_pat
             loads[h] = Load("127.0.0.1", inv["upgraderd"]["hosts"][h]["port"], threads=1, max_seconds=240).start("http")
         assert all(load.wait_for_ok(30) for load in loads.values())
 
+        t0 = time.monotonic()
         good = play(tmp_path, "release.yml", release_id="r2", release_src=str(make_release(src, "r2", True)))
+        took_good = time.monotonic() - t0
         assert good.returncode == 0, good.stdout + good.stderr
         for h, d in daemons.items():
             assert d.settled() == 2
             assert current(tmp_path, h).endswith("/releases/r2")
             assert "release r2 serving as generation 2" in good.stdout
 
+        t0 = time.monotonic()
         bad = play(tmp_path, "release.yml", release_id="r3", release_src=str(make_release(src, "r3", False)))
+        took_bad = time.monotonic() - t0
         assert bad.returncode != 0
         assert "release r3 failed on h1" in bad.stdout, bad.stdout
         assert "settings.py is missing" in bad.stdout or "exit code 1" in bad.stdout, bad.stdout
@@ -144,4 +149,5 @@ def test_a_good_release_rolls_everywhere_and_a_bad_one_stops_at_its_host(tmp_pat
     for h, result in results.items():
         assert result.failures == {}, (h, result.failures, result.examples)
         assert result.ok > 0
-    print(f"\nansible: requests per host {({h: r.ok for h, r in results.items()})}, 0 failed")
+    print(f"\nansible: good release over 3 hosts {took_good:.1f}s, bad release stopped at h1 after "
+          f"{took_bad:.1f}s; requests per host {({h: r.ok for h, r in results.items()})}, 0 failed")
