@@ -71,6 +71,17 @@ def test_a_current_symlink_switch_changes_the_fingerprint(tmp_path: Path) -> Non
         w.close()
 
 
+def test_writes_inside_a_watched_release_directory_change_nothing(tmp_path: Path) -> None:
+    (tmp_path / "r1").mkdir()
+    current = tmp_path / "current"
+    current.symlink_to("r1")
+    before = fingerprint(str(current), content=False)
+    (tmp_path / "r1" / "worker.pid").write_text("123")   # what a worker may write: untrusted, no reload
+    (tmp_path / "r1" / "cache").mkdir()
+    assert fingerprint(str(current), content=False) == before
+    assert dirs_for(str(current)) == {str(tmp_path)}
+
+
 def test_a_missing_directory_is_watched_through_its_nearest_ancestor(tmp_path: Path) -> None:
     target = tmp_path / "srv" / "app" / "current"
     assert dirs_for(str(target)) == {str(tmp_path)}

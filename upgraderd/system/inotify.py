@@ -10,10 +10,14 @@ The watcher watches *directories*, never the files themselves: an editor's
 write-to-temp-then-rename, a deploy tool's `ln -sfn` + rename of `current`,
 and kubelet's swap of the `..data` symlink all replace a directory entry, and
 a watch on the old inode would go silent. For each path it watches the
-directory holding it, the directory holding its resolved target, and the
-target itself when that is a directory. A directory that does not exist (yet)
-is replaced by its nearest existing ancestor, so its re-creation is seen.
-Events only say "look again": the core compares fingerprints to decide.
+directory holding it and the directory holding its resolved target. A
+directory that does not exist (yet) is replaced by its nearest existing
+ancestor, so its re-creation is seen. Events only say "look again": the core
+compares fingerprints to decide.
+
+A watched directory (a release behind `current`) is fingerprinted by its
+resolved path and inode only, never by its mtime: workers write into their
+release directory, and that must not roll a generation that writes again.
 """
 
 from __future__ import annotations
@@ -90,10 +94,7 @@ class Inotify:
 def dirs_for(path: str) -> set[str]:
     """Return the directories whose entries decide what `path` is and holds."""
     out = {os.path.dirname(os.path.abspath(path)) or "/"}
-    real = os.path.realpath(path)
-    out.add(os.path.dirname(real) or "/")
-    if os.path.isdir(real):
-        out.add(real)
+    out.add(os.path.dirname(os.path.realpath(path)) or "/")
     return {_existing(d) for d in out}
 
 
@@ -110,6 +111,8 @@ def fingerprint(path: str, content: bool) -> str:
         st = os.stat(path)
     except OSError:
         return ""
+    if stat.S_ISDIR(st.st_mode):
+        return f"{os.path.realpath(path)}:dir:{st.st_ino}"
     meta = f"{os.path.realpath(path)}:{st.st_mtime_ns}:{st.st_size}:{st.st_ino}"
     if not content or not stat.S_ISREG(st.st_mode) or st.st_size > MAX_CONFIG_BYTES:
         return meta
