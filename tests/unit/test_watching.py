@@ -192,3 +192,20 @@ def test_without_inotify_the_paths_are_polled(tmp_path: Path, monkeypatch: pytes
         assert rig.triggers() == 1
     finally:
         rig.master.system.listeners.close_all()
+
+
+@pytest.mark.parametrize(("reload", "problem"), [
+    ("{watch: [srv/current]}", "reload.watch: item 0: 'srv/current' is not an absolute path"),
+    ("{watch: [config, config]}", "reload.watch: item 1: 'config' is listed twice"),
+    ("{watch: config}", "reload.watch: expected a list of paths, got 'config'"),
+    ("{debounce: soon}", "reload.debounce: 'soon' is not a duration"),
+    ("{wach: [config]}", "reload.wach: unknown key"),
+])
+def test_a_bad_reload_section_is_refused_at_its_location(reload: str, problem: str) -> None:
+    from upgraderd.config import schema
+    from upgraderd.errors import ConfigError
+    text = f"listeners: [{{name: a, port: 8080}}]\nworkers: {{app: http}}\nreload: {reload}\n"
+    with pytest.raises(ConfigError) as e:
+        schema.parse(text, "f.yaml")
+    assert str(e.value).startswith("f.yaml:3:"), str(e.value)
+    assert problem in str(e.value)

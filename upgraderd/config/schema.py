@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from upgraderd.config import placeholders
+from upgraderd.config.watchlist import watch_paths
 from upgraderd.errors import ConfigError
 from upgraderd.config.validators import (
     REQUIRED, Invalid, Check, opt, integer, string, name, one_of,
@@ -126,23 +127,6 @@ class KernelSpec:
 
     tcp_migrate_req: str = opt("check", one_of("check", "set", "ignore"),
                                "net.ipv4.tcp_migrate_req: check and warn, set it to 1, or ignore it.")
-
-
-def watch_paths(v: Any) -> tuple[str, ...]:
-    """list of paths: `config` (this file) or absolute paths"""
-    if not isinstance(v, list):
-        raise Invalid(f"expected a list of paths, got {_show(v)}")
-    out: list[str] = []
-    for i, item in enumerate(v):
-        if not isinstance(item, str) or not item or "\0" in item:
-            raise Invalid(f"item {i}: expected `config` or an absolute path, got {_show(item)}")
-        if item != "config" and not os.path.isabs(item):
-            raise Invalid(f"item {i}: {_show(item)} is not an absolute path; write `config` or /a/path")
-        path = item if item == "config" else os.path.normpath(item)
-        if path in out:
-            raise Invalid(f"item {i}: {_show(item)} is listed twice")
-        out.append(path)
-    return tuple(out)
 
 
 @dataclass(frozen=True, kw_only=True)
