@@ -209,3 +209,13 @@ def test_a_bad_reload_section_is_refused_at_its_location(reload: str, problem: s
         schema.parse(text, "f.yaml")
     assert str(e.value).startswith("f.yaml:3:"), str(e.value)
     assert problem in str(e.value)
+
+
+def test_the_reload_section_survives_a_master_upgrade_hand_over() -> None:
+    import json
+    from upgraderd.config import schema
+    from upgraderd.core.handover import config_from_dict, config_to_dict
+    cfg = schema.parse("listeners: [{name: a, port: 8080}]\nworkers: {app: http}\n"
+                       "reload: {watch: [config, /srv/app/current], debounce: 250ms}\n")
+    back = config_from_dict(json.loads(json.dumps(config_to_dict(cfg))))
+    assert back.reload == cfg.reload and back.reload.watch == ("config", "/srv/app/current")

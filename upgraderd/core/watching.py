@@ -56,7 +56,7 @@ class FileWatch:
     def step(self, master: Master, now: float) -> None:
         """Follow the config's watch list, read events, and check the paths once due."""
         self.follow(master, now)
-        if self.watcher is None or self.spec is None or not self.paths:
+        if self.watcher is None or self.spec is None or not self.paths or master.stopping:
             return
         if self.watcher.changed():
             self.deadline = now + self.spec.debounce
@@ -77,7 +77,8 @@ class FileWatch:
         self._watch()
         # Paths watched before keep their baseline: a change seen meanwhile is not lost.
         self.baseline = {p: self.baseline[p] if p in self.baseline else self._print(p) for p in self.paths}
-        self.deadline = now + max(cfg.reload.debounce, POLL_INTERVAL) if watcher.fileno() is None else None
+        if watcher.fileno() is None:   # no inotify: check on a timer instead
+            self.deadline = now + max(cfg.reload.debounce, POLL_INTERVAL)
         if self.paths:
             log.info("watching for changes (debounce %gs): %s", cfg.reload.debounce, ", ".join(self.paths))
 
