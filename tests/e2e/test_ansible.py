@@ -151,3 +151,27 @@ def test_a_good_release_rolls_everywhere_and_a_bad_one_stops_at_its_host(tmp_pat
         assert result.ok > 0
     print(f"\nansible: good release over 3 hosts {took_good:.1f}s, bad release stopped at h1 after "
           f"{took_bad:.1f}s; requests per host {({h: r.ok for h, r in results.items()})}, 0 failed")
+
+
+@pytest.mark.skipif(PLAYBOOK is None, reason="ansible-core is not installed (pip install -e '.[test]')")
+def test_the_role_installs_the_shipped_systemd_unit_with_the_hosts_paths(tmp_path: Path) -> None:
+    inv = inventory(tmp_path)
+    host = inv["upgraderd"]["hosts"]["h1"]
+    host.update(upgraderd_service="systemd", upgraderd_start=False, upgraderd_unit_dir=str(tmp_path / "units"))
+    inv["upgraderd"]["hosts"] = {"h1": host}
+    (tmp_path / "inventory.yml").write_text(yaml.safe_dump(inv, sort_keys=False))
+    app = Path(host["app_root"])
+    shutil.copytree(make_release(tmp_path / "src", "r1", good=True), app / "releases" / "r1")
+    (app / "current").symlink_to(app / "releases" / "r1")
+    (tmp_path / "units").mkdir()
+    run = play(tmp_path, "site.yml", release_id="r1")
+    assert run.returncode == 0, run.stdout + run.stderr
+    shipped = (ROOT / "deploy" / "systemd" / "upgraderd.service").read_text()
+    unit = (tmp_path / "units" / "upgraderd.service").read_text()
+    expected = shipped.replace("/usr/local/bin/upgraderd", host["upgraderd_bin"]).replace(
+        "/etc/upgraderd/upgraderd.yaml", host["upgraderd_config_path"])
+    assert unit.rstrip("\n") == expected.rstrip("\n")
+    assert f"ExecReload={host['upgraderd_bin']} reload -c ${{UPGRADERD_CONFIG}}" in unit
+    assert "Reload upgraderd and wait" not in run.stdout, "no master runs yet: nothing to reload"
+    rendered = yaml.safe_load(Path(host["upgraderd_config_path"]).read_text())
+    assert rendered["workers"]["env"] == {"RELEASE": "r1"}
