@@ -6,6 +6,8 @@
 - `FakeNotify`: what the Master uses of `NotifyServer`; `receive()` returns
   scripted (pid, payload) pairs.
 - `FakeLauncher`: the `Launcher` a `Generation` is given, for testing it alone.
+- `FakeWatcher`: the `WatcherAPI` of system/inotify.py; events are scripted with
+  `event()`, fingerprints are the files' real bytes (the tests write real files).
 - `fake_system()`: a `System` with fake processes and notify socket, and the
   real listeners, probes and kernel settings (the master unit tests bind real
   sockets on 127.0.0.1 and read the real net.ipv4.tcp_migrate_req).
@@ -13,6 +15,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import signal as signal_mod
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -216,7 +219,42 @@ class FakeLauncher:
         return [p for _, _, p in self.spawned]
 
 
-def fake_system(procs: FakeProcessAPI, notify: FakeNotify) -> System:
+class FakeWatcher:
+    """What the Master uses of `FileWatcher`: scripted events, fingerprints of the real files."""
+
+    def __init__(self, inotify: bool = True) -> None:
+        self.inotify = inotify
+        self.pending = 0
+        self.watched: list[str] = []
+        self.closed = False
+
+    def fileno(self) -> int | None:
+        return -1 if self.inotify else None   # never selected: unit tests call step() themselves
+
+    def watch(self, paths: Sequence[str]) -> list[str]:
+        self.watched = list(paths)
+        return []
+
+    def event(self) -> None:
+        """Script one inotify event in a watched directory."""
+        self.pending += 1
+
+    def changed(self) -> bool:
+        had, self.pending = self.pending > 0, 0
+        return had
+
+    def fingerprint(self, path: str, content: bool) -> str:
+        try:
+            with open(path, "rb") as f:
+                return hashlib.sha256(f.read()).hexdigest()
+        except OSError:
+            return ""
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def fake_system(procs: FakeProcessAPI, notify: FakeNotify, watcher: FakeWatcher | None = None) -> System:
     """Return a `System` of `procs` and `notify` plus the real sockets, probes and kernel."""
     def no_exec(record: Any, pending: Sequence[int]) -> OSError:
         return OSError(2, "exec is not available in unit tests")
@@ -224,5 +262,4 @@ def fake_system(procs: FakeProcessAPI, notify: FakeNotify) -> System:
     return System(procs=procs, notify=notify, listeners=sockets.ListenerSet(), probes=Prober(),
                   kernel=posix.PosixKernel(), environ={"PATH": "/usr/bin:/bin"}, load_config=schema.load,
                   user_env=user_env, reserve_port=reserve_port, self_command=("/usr/bin/python3", "-m", "upgraderd"),
-                  tell_systemd=lambda message: None,
-                  exec_master=no_exec)
+                  tell_systemd=lambda message: None, exec_master=no_exec, watcher=watcher)

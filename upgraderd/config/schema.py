@@ -27,6 +27,7 @@ import yaml
 
 from upgraderd.config import placeholders, source
 from upgraderd.config.source import MAX_BYTES, MAX_VALUES  # noqa: F401 (part of this module's API)
+from upgraderd.config.watchlist import watch_paths
 from upgraderd.errors import ConfigError
 from upgraderd.config.validators import (
     REQUIRED, Invalid, Check, opt, integer, string, name, one_of,
@@ -134,6 +135,16 @@ class KernelSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ReloadSpec:
+    """Reload, as on SIGHUP, when a watched file or symlink really changes (inotify)."""
+
+    watch: tuple[str, ...] = opt((), watch_paths, "Paths whose change triggers a reload: `config` (this "
+                                 "file) or absolute paths, e.g. a deploy tool's `current` symlink.")
+    debounce: float = opt(0.5, duration, "Wait until no change was seen for this long (a burst of "
+                          "writes is one reload).")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     """A whole, validated config file."""
 
@@ -145,6 +156,7 @@ class Config:
     metrics: MetricsSpec = opt(MetricsSpec(), lambda v: v, "Prometheus endpoint.")
     log: LogSpec = opt(LogSpec(), lambda v: v, "Logging.")
     kernel: KernelSpec = opt(KernelSpec(), lambda v: v, "Kernel settings.")
+    reload: ReloadSpec = opt(ReloadSpec(), lambda v: v, "Reload on file change.")
     pidfile: str | None = opt(None, file_path, "Pidfile, written once the master serves "
                               "(default: /run/upgraderd.pid as root, else a per-user runtime path).")
     path: str = field(default="<string>", compare=False, metadata={"internal": True})
@@ -178,7 +190,7 @@ class Config:
 SECTIONS: dict[str, type] = {
     "listeners": ListenerSpec, "workers": WorkerSpec, "ready": ReadySpec,
     "drain": DrainSpec, "restart": RestartSpec, "metrics": MetricsSpec, "log": LogSpec,
-    "kernel": KernelSpec,
+    "kernel": KernelSpec, "reload": ReloadSpec,
 }
 
 

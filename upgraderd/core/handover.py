@@ -38,8 +38,9 @@ def config_from_dict(data: dict[str, Any]) -> Config:
             kwargs[name] = tuple(ListenerSpec(**item) for item in value)
         elif name in SECTIONS:
             section = dict(value)
-            if section.get("command") is not None:
-                section["command"] = tuple(section["command"])
+            for key in ("command", "watch"):   # tuples, which JSON turned into lists
+                if section.get(key) is not None:
+                    section[key] = tuple(section[key])
             kwargs[name] = SECTIONS[name](**section)
         else:
             kwargs[name] = value

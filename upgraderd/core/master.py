@@ -234,6 +234,7 @@ class Master:
         self._guarded("polling readiness probes", self.poll_probes, now)
         for g in list(self.generations):
             self._guarded(f"ticking generation {g.number}", g.tick, now)
+        self._guarded("watching files", lambda now: self.reloads.files.step(self, now), now)
         self._guarded("settling", self._settle, now)
         self._guarded("steering", lambda _: slots.steer(self), now)
         self.published = snapshotmod.take(self)
@@ -248,10 +249,9 @@ class Master:
 
     def timeout(self, now: float) -> float:
         """Return how long the loop may block in select."""
-        deadlines = [d for g in self.generations if (d := g.next_deadline()) is not None]
-        deadlines += [d for d in (self.system.probes.next_deadline(), self.upgrade.next_deadline())
-                      if d is not None]
-        return max(0.0, min(1.0, min(deadlines, default=now + 1.0) - now))
+        due = [g.next_deadline() for g in self.generations]
+        due += [self.system.probes.next_deadline(), self.upgrade.next_deadline(), self.reloads.files.deadline]
+        return max(0.0, min(1.0, min((d for d in due if d is not None), default=now + 1.0) - now))
 
     def read_notify(self, now: float) -> None:
         """Apply every pending notify message from a worker; count strangers."""

@@ -1,8 +1,9 @@
 """Track reloads: queued HUPs, which HUPs a reload covers, and its outcome.
 
 Invariants:
-- At most one reload is under way (its generation is STARTING); HUPs that
-  arrive meanwhile coalesce into one queued reload.
+- At most one reload is under way (its generation is STARTING); HUPs (and
+  file changes, see core/watching.py) that arrive meanwhile coalesce into one
+  queued reload.
 - A settled reload records which HUPs it covers: `upgraderd reload` sends a
   HUP, then waits until a settled reload covers it (see service/status.py).
 - Every outcome is counted exactly once: success, failed (the generation did
@@ -20,6 +21,7 @@ from upgraderd.config import plan
 from upgraderd.config.schema import Config
 from upgraderd.core.generation import Generation, GenerationState
 from upgraderd.core.stats import Stats
+from upgraderd.core.watching import FileWatch
 from upgraderd.errors import ExitCode
 
 if TYPE_CHECKING:
@@ -39,6 +41,8 @@ class ReloadTracker:
     watching: Generation | None = None
     since: float = 0.0
     covers: int = 0
+    # Reloads asked for by a file change (config `reload.watch`), the other source besides HUP.
+    files: FileWatch = field(default_factory=FileWatch)
 
     def hup(self, now: float) -> None:
         """Queue a reload (HUPs coalesce); `now` is kept as the oldest unserved request."""
@@ -55,8 +59,9 @@ class ReloadTracker:
         return "; another reload is queued" if self.pending_since is not None else ""
 
     def begin(self) -> None:
-        """Note that a reload now reads its config: it covers every HUP seen so far."""
+        """Note that a reload now reads its config: it covers every HUP and file change seen so far."""
         self.covers = self.stats.hups
+        self.files.rebase()
 
     def watch(self, gen: Generation, since: float) -> None:
         """Follow `gen` until it settles; `since` is when the reload was asked for."""
@@ -112,6 +117,7 @@ def settle(master: Master, now: float) -> None:
         _settle_first(master, gen, now)
     elif gen.state is GenerationState.ACTIVE:
         master.config = gen.config
+        master.reloads.files.follow(master, now)   # the new config's watch list, from now on
         took = master.reloads.succeeded(gen, now)
         log.info("reload done: generation %d ACTIVE %.3fs after HUP%s", gen.number, took,
                  master.reloads.queued())

@@ -217,6 +217,23 @@ class OrphanAPI(Protocol):
 
     def close(self) -> None:
         """Stop tracking them."""
+class WatcherAPI(Protocol):
+    """inotify on the directories holding the watched paths (see system/inotify.py)."""
+
+    def fileno(self) -> int | None:
+        """Return the fd to select on; None when inotify is unavailable (the core then polls)."""
+
+    def watch(self, paths: Sequence[str]) -> list[str]:
+        """Watch the directories that hold `paths` and their targets; return new warnings."""
+
+    def changed(self) -> bool:
+        """Read every pending event without blocking; return True if there was any."""
+
+    def fingerprint(self, path: str, content: bool) -> str:
+        """Return a cheap identity of `path` ('' if missing): a content hash, or target, mtime and size."""
+
+    def close(self) -> None:
+        """Stop watching."""
 
 
 # Start the metrics endpoint: (spec, source of the latest view, clock, inherited export).
@@ -245,14 +262,19 @@ class System:
     tell_systemd: Callable[[str], None]
     # Exec the master again with the hand-over; returns only if the exec failed.
     exec_master: Callable[[Any, Sequence[int]], OSError]
+    # Reload on file change (config `reload.watch`); None: not available.
+    watcher: WatcherAPI | None = None
 
     def watched_fds(self) -> list[int]:
         """Return the fds the loop selects on besides the signal inbox."""
-        return [self.notify.fileno(), self.probes.fileno()]
+        inotify = self.watcher.fileno() if self.watcher is not None else None
+        return [self.notify.fileno(), self.probes.fileno(), *(() if inotify is None else (inotify,))]
 
     def close(self) -> None:
         """Close every socket the master holds (only at exit)."""
         self.listeners.close_all()
         self.notify.close()
         self.probes.close()
+        if self.watcher is not None:
+            self.watcher.close()
 

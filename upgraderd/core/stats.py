@@ -64,6 +64,9 @@ class Stats:
     orphans_taken_over: int = counter(
         "upgraderd_orphans_taken_over", "Orphaned workers of a dead master (same pidfile) this master found at "
         "start, took the listening sockets of, and drained once its first generation was ACTIVE.")
+    watch_triggers: int = counter(
+        "upgraderd_watch_triggers", "Reloads queued because a path in reload.watch really changed (its "
+        "fingerprint differs); the outcome is counted in upgraderd_reloads_total like a HUP's.")
     internal_errors: int = counter(
         "upgraderd_internal_errors", "Exceptions inside one pass of the master's loop that the master "
         "logged and survived (a bug: please report it with the log line).")

@@ -20,6 +20,7 @@ from upgraderd.core.master import Master
 from upgraderd.core.seams import KernelState, SocketKey, System
 from upgraderd.errors import FatalError
 from upgraderd.system import activation, fdstore, kernel, orphans, peers, reexec, sockets
+from upgraderd.system.inotify import FileWatcher
 from upgraderd.system.orphans import OrphanSet
 from upgraderd.system.notify import NotifyServer, notify
 from upgraderd.system.probe import Prober, reserve_port
@@ -70,7 +71,7 @@ def posix_system(handover: Handover | None, argv: Sequence[str],
         procs=PosixProcessAPI(), notify=notify_server or NotifyServer(), listeners=listeners,
         probes=Prober(), kernel=PosixKernel(), environ=os.environ, load_config=schema.load,
         user_env=user_env, reserve_port=reserve_port, self_command=(sys.executable, "-m", "upgraderd"),
-        tell_systemd=tell_systemd, exec_master=exec_master)
+        tell_systemd=tell_systemd, exec_master=exec_master, watcher=FileWatcher())
 
 
 def inherited_handover() -> Handover | None:
