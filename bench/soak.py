@@ -52,11 +52,11 @@ def _fds(pid: int) -> int:
 
 def sample(d: Daemon, reloads: int, count: int) -> Sample:
     """Wait until only the ACTIVE generation is left, then measure."""
-    def one_generation() -> bool:
+    def one_generation() -> set[int] | None:
         st = d.status()
-        return st is not None and len(st["generations"]) == 1 and len(d.workers()) == count
-    wait_until(one_generation, 60, "the old generations to retire")
-    workers = d.workers()
+        workers = d.workers()
+        return workers if st is not None and len(st["generations"]) == 1 and len(workers) == count else None
+    workers: set[int] = wait_until(one_generation, 60, "the old generations to retire")  # type: ignore[assignment]
     return Sample(reloads, _fds(d.pid), int(_status_field(d.pid, "VmRSS").split()[0]) / 1024,
                   int(_status_field(d.pid, "Threads")), len(workers), sum(_fds(p) for p in workers))
 
@@ -66,7 +66,8 @@ def run(reloads: int, every: int, load_kind: str, threads: int, count: int, work
     port = free_port()
     samples = []
     with Daemon(workdir, echo_config(port, count=count)).start() as d:
-        load = Load("127.0.0.1", port, threads=threads, max_seconds=reloads * 5 + 60).start(load_kind)
+        load = Load("127.0.0.1", port, threads=threads, max_seconds=reloads * 5 + 60,
+                    max_per_thread=10**9).start(load_kind)
         if not load.wait_for_ok(50):
             raise SystemExit("no load got through before the first reload")
         d.hup()
