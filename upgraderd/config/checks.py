@@ -1,0 +1,137 @@
+"""Checks across fields of a parsed config, each reported at its own YAML line.
+
+The loader (schema.py) validates each value alone; these checks need several
+(a command that must exist on the workers' PATH, a user the master may switch
+to, placeholders that must name listeners, listener names that must not clash
+in the workers' environment). They run in `check`, at start and at reload
+alike, so the three always agree.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import TYPE_CHECKING, Protocol
+
+import yaml
+
+from upgraderd.config import placeholders
+from upgraderd.config.validators import _show, parse_url, worker_ids
+
+if TYPE_CHECKING:
+    from upgraderd.config.schema import Config, WorkerSpec
+
+
+class Reporter(Protocol):
+    """Where a check reports a problem: at a node, under a key path."""
+
+    def fail(self, node: yaml.Node | None, key: str, msg: str) -> None:
+        """Record `msg` for `key` at `node`'s line and column."""
+
+
+def node_at(node: yaml.Node, *path: str | int) -> yaml.Node | None:
+    """Return the node at `path` (mapping keys and list indexes) below `node`, if any."""
+    cur: yaml.Node | None = node
+    for step in path:
+        if isinstance(step, str) and isinstance(cur, yaml.MappingNode):
+            cur = next((v for k, v in cur.value if isinstance(k, yaml.ScalarNode) and k.value == step), None)
+        elif isinstance(step, int) and isinstance(cur, yaml.SequenceNode) and step < len(cur.value):
+            cur = cur.value[step]
+        else:
+            return None
+    return cur
+
+
+def check_workers(loader: Reporter, root: yaml.Node, cfg: Config) -> None:
+    node = node_at(root, "workers") or root
+    w = cfg.workers
+    if (w.app is None) == (w.command is None):
+        loader.fail(node, "workers", "set exactly one of `app` (echo, http) or `command`")
+        return
+    if w.threads > 1 and w.app is None:
+        loader.fail(node_at(node, "threads") or node, "workers.threads",
+                    "only the built-in apps take `threads`; a command manages its own threads")
+    if w.user or w.group:
+        _check_identity(loader, node, w)
+    if cfg.ready.mode == "http" and not cfg.ready.url:
+        rnode = node_at(root, "ready") or root
+        loader.fail(rnode, "ready.url", "ready.mode http needs a `url`")
+    if w.command is not None:
+        problem = _command_problem(w.command[0], w.env.get("PATH", os.environ.get("PATH", os.defpath)),
+                                   w.cwd)
+        if problem:
+            loader.fail(_command_node(node, 0), "workers.command[0]", problem)
+
+
+def _check_identity(loader: Reporter, node: yaml.Node, w: WorkerSpec) -> None:
+    key = "user" if w.user else "group"
+    where = node_at(node, key) or node
+    try:
+        ids = worker_ids(w.user, w.group)
+    except KeyError as e:
+        loader.fail(where, f"workers.{key}", f"no such user or group: {e}")
+        return
+    if ids == (os.geteuid(), os.getegid()):
+        return
+    if os.geteuid() != 0:
+        loader.fail(where, f"workers.{key}", f"{getattr(w, key)!r}: running workers as another "
+                    "user or group needs a master started as root")
+    elif shutil.which("setpriv") is None:
+        loader.fail(where, f"workers.{key}", "running workers as another user needs setpriv (util-linux)")
+
+
+def _command_problem(prog: str, env_path: str, cwd: str | None) -> str | None:
+    """Say why `prog` cannot be executed, or return None if it can."""
+    if "/" in prog:
+        full = os.path.join(cwd or os.getcwd(), prog)
+        if not os.path.exists(full):
+            return f"{prog!r}: no such file"
+        if os.path.isdir(full):
+            return f"{prog!r} is a directory, not a program"
+        if not os.access(full, os.X_OK):
+            return f"{prog!r} is not executable (no x permission)"
+        return None
+    if shutil.which(prog, path=env_path):
+        return None
+    dirs = [d for d in env_path.split(os.pathsep) if d]
+    present = [os.path.join(d, prog) for d in dirs if os.path.isfile(os.path.join(d, prog))]
+    if present:
+        return f"{prog!r} is on PATH at {present[0]} but is not executable"
+    return f"{prog!r} is not on PATH ({env_path})"
+
+
+def _command_node(wnode: yaml.Node, i: int) -> yaml.Node:
+    """Return the node of workers.command[i] (the whole string if command is one string)."""
+    return node_at(wnode, "command", i) or node_at(wnode, "command") or wnode
+
+
+def check_templates(loader: Reporter, root: yaml.Node, cfg: Config) -> None:
+    """Check the placeholders of workers.command and ready.url, at their own lines."""
+    if cfg.workers.command is not None:
+        wnode = node_at(root, "workers") or root
+        for i, arg in enumerate(cfg.workers.command):
+            for problem in placeholders.problems(arg, cfg):
+                loader.fail(_command_node(wnode, i), f"workers.command[{i}]", problem)
+    if cfg.ready.url is not None:
+        unode = node_at(root, "ready", "url") or node_at(root, "ready") or root
+        found = placeholders.problems(cfg.ready.url, cfg)
+        if any(c.isspace() or not c.isprintable() for c in cfg.ready.url):
+            found.append(f"{_show(cfg.ready.url)} contains whitespace or a control character; "
+                         "percent-encode it")
+        if not found:
+            sample = placeholders.values(cfg, 0, 1, probe_port=1)
+            try:
+                parse_url(placeholders.expand(cfg.ready.url, sample))
+            except ValueError as e:
+                found = [str(e)]
+        for problem in found:
+            loader.fail(unode, "ready.url", problem)
+    lnode = node_at(root, "listeners") or root
+    seen: dict[str, str] = {}
+    for i, spec in enumerate(cfg.listeners):
+        var = placeholders.addr_env_name(spec.name)
+        if var in seen:
+            node = lnode.value[i] if isinstance(lnode, yaml.SequenceNode) else lnode
+            loader.fail(node, f"listeners[{i}].name", f"{spec.name!r} and {seen[var]!r} would both "
+                        f"set {var} in the workers' environment; rename one")
+        seen.setdefault(var, spec.name)
