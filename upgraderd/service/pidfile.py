@@ -40,6 +40,7 @@ import stat
 from typing import Callable
 
 from upgraderd.errors import UpgraderdError
+from upgraderd.system import procfs
 
 
 class AlreadyRunning(UpgraderdError):
@@ -61,24 +62,7 @@ class UnsafeFile(UpgraderdError):
 
 def read_regular(path: str, limit: int) -> bytes | None:
     """Return up to `limit` bytes of the regular file at `path`; None if it is anything else."""
-    try:
-        # No symlink and no FIFO: a planted one must not redirect or block the reader.
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        chunks: list[bytes] = []
-        size = 0
-        while size < limit and (chunk := os.read(fd, limit - size)):
-            chunks.append(chunk)
-            size += len(chunk)
-        return b"".join(chunks)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
+    return procfs.read_bounded(path, limit)
 
 
 def read_pid(path: str) -> int | None:

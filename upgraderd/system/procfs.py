@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 
 MAX_READ = 1 << 20
 PID_MAX = 1 << 22  # the kernel's highest possible pid_max
@@ -32,17 +33,20 @@ def valid_pid(value: object) -> bool:
 
 
 def read_bounded(path: str, limit: int = MAX_READ) -> bytes | None:
-    """Return at most `limit` bytes of `path` (no symlink followed at the end), or None."""
+    """Return at most `limit` bytes of the regular file at `path`; None if it is anything else.
+
+    No symlink is followed at the end and no FIFO blocks the reader: a file a
+    local user planted must not redirect or stall the master.
+    """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
         chunks, size = [], 0
-        while size < limit:
-            chunk = os.read(fd, min(65536, limit - size))
-            if not chunk:
-                break
+        while size < limit and (chunk := os.read(fd, min(65536, limit - size))):
             chunks.append(chunk)
             size += len(chunk)
         return b"".join(chunks)
