@@ -27,7 +27,6 @@ and serves the connections older workers give it (`adopt`).
 from __future__ import annotations
 
 import errno
-import os
 import selectors
 import signal
 import socket

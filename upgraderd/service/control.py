@@ -50,13 +50,22 @@ def foreign_config(doc: dict[str, Any], config: str | None) -> str | None:
             f"(or point it at the new file) and reload, or restart the master with -c {config}")
 
 
-def reload(pidfile: str, timeout: float, config: str | None = None) -> int:
-    """Send SIGHUP and wait for the outcome: 0 if the new generation is ACTIVE, 1 if not."""
-    pid, path, before = _observe(pidfile)
-    foreign = foreign_config(before, config)
+def _master_reading(pidfile: str, config: str | None) -> tuple[int, str, dict[str, Any]] | ExitCode:
+    """Return the master's pid, status file and document, or FAILED if it reads another config."""
+    pid, path, doc = _observe(pidfile)
+    foreign = foreign_config(doc, config)
     if foreign:
         print(f"upgraderd: {foreign}", file=sys.stderr)
         return ExitCode.FAILED
+    return pid, path, doc
+
+
+def reload(pidfile: str, timeout: float, config: str | None = None) -> int:
+    """Send SIGHUP and wait for the outcome: 0 if the new generation is ACTIVE, 1 if not."""
+    found = _master_reading(pidfile, config)
+    if isinstance(found, ExitCode):
+        return found
+    pid, path, before = found
     send_signal(pidfile, pid, signal.SIGHUP)
     doc = _wait(pid, timeout, lambda d: d["last_reload"]["covers"] > before["hups"], path)
     if doc is None:
@@ -70,11 +79,10 @@ def reload(pidfile: str, timeout: float, config: str | None = None) -> int:
 
 def upgrade(pidfile: str, timeout: float, config: str | None = None) -> int:
     """Send SIGUSR2 and wait until the re-exec'd master's reload settles: 0 if it succeeded."""
-    pid, path, before = _observe(pidfile)
-    foreign = foreign_config(before, config)
-    if foreign:
-        print(f"upgraderd: {foreign}", file=sys.stderr)
-        return ExitCode.FAILED
+    found = _master_reading(pidfile, config)
+    if isinstance(found, ExitCode):
+        return found
+    pid, path, before = found
     # USR2 does not count as a HUP, so the outcome is the next settled reload
     # of any kind: success or failure after the exec, a refusal, a failed exec.
     settled = sum(before["reloads"].values())
