@@ -144,6 +144,7 @@ class KeepAliveLoad(Load):
                 else _classify(e)
             self._record(kind, 0.0, f"{path}: {e!r}")
             self._count("unannounced")
+            time.sleep(0.01)  # a server that fails every request must not be flooded
             return False
         self._record(OK, time.monotonic() - t0, body=text, started=t0)
         if answer.closes:
