@@ -171,7 +171,7 @@ class DrainingServer(uvicorn.Server):
         sd_notify(f"READY=1\nSTATUS=serving {names}")
 
     def _protocol(self) -> asyncio.Protocol:
-        return self.config.http_protocol_class(  # type: ignore[no-any-return]
+        return self.config.http_protocol_class(  # type: ignore[call-arg]
             config=self.config, server_state=self.server_state, app_state=self.lifespan.state)
 
     def _accept(self, sock: socket.socket) -> None:
@@ -209,12 +209,13 @@ class DrainingServer(uvicorn.Server):
             return
         loop = asyncio.get_running_loop()
         self.drain.started_at = loop.time()
+        log.info("draining: stopped accepting; every answer from now on says Connection: close")
         for sock in self.listening:
             loop.remove_reader(sock.fileno())
             sock.close()    # our copy only: what is queued stays for the next generation
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        """Stop accepting, let every connection end on a response, then run uvicorn's shutdown."""
+        """Stop accepting, let every connection end on a response, then shut the app down."""
         loop = asyncio.get_running_loop()
         self._begin_drain()
         if self.attaching:
@@ -226,7 +227,22 @@ class DrainingServer(uvicorn.Server):
                 if self.drain.may_close(protocol, now):
                     protocol.transport.close()
             await asyncio.sleep(POLL_INTERVAL)
-        await super().shutdown(sockets=None)
+        await self._finish(deadline)
+
+    async def _finish(self, deadline: float) -> None:
+        """Cut what outlived the deadline, wait for the app's tasks, run the lifespan shutdown."""
+        loop = asyncio.get_running_loop()
+        if self.server_state.connections:
+            log.warning("cutting %d connection(s) still open at the drain deadline",
+                        len(self.server_state.connections))
+            for protocol in list(self.server_state.connections):
+                protocol.transport.close()
+        while self.server_state.tasks and loop.time() < deadline and not self.force_exit:
+            await asyncio.sleep(POLL_INTERVAL)
+        for task in self.server_state.tasks:
+            task.cancel(msg="the graceful shutdown timed out")
+        if not self.force_exit:
+            await self.lifespan.shutdown()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
