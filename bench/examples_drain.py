@@ -14,10 +14,13 @@ until every old generation has retired, and stops the load:
 It prints one table: requests answered, lost requests, announced and
 unannounced reconnects, and how long after its HUP each old generation was gone
 (`gone`), split into its two parts: HUP -> new generation ACTIVE (`actv`) and
-the old one's DRAINING -> RETIRED (`drain`), p50 and p95 in ms. With `--repeats` > 1, counts and times are medians over the runs, and
+the old one's DRAINING -> RETIRED (`drain`), p50 and p95 in ms. `lat99` and
+`latmax` are round-trip latencies (ms): a client waits `--timeout` seconds
+before it counts a request as lost, so a slow answer shows there, not as a
+loss. With `--repeats` > 1, counts and times are medians over the runs, and
 `lost` and `unannounced` are the worst run. Each run is a child process; the
-worker-bind example runs in a network namespace of its own (`unshare -n`, root),
-because its config sets net.ipv4.tcp_migrate_req, which is per namespace.
+worker-bind example runs in a network namespace of its own (`unshare -n`,
+root), because its config sets net.ipv4.tcp_migrate_req, which is per namespace.
 
     .venv/bin/python bench/examples_drain.py [--hups 20] [--interval 1] [--clients 64]
         [--repeats 1] [--only uvicorn-uvloop,node] [--loads new,keepalive]
@@ -73,20 +76,20 @@ def draining(d: Daemon) -> bool:
     return st is None or any(g["state"] == "DRAINING" for g in st["generations"])
 
 
-def start_load(kind: str, port: int, clients: int, seconds: float) -> Load:
+def start_load(kind: str, port: int, clients: int, seconds: float, timeout: float) -> Load:
     """Start a load of `kind` (new or keepalive) against 127.0.0.1:port."""
     if kind == "keepalive":
-        return KeepAliveLoad("127.0.0.1", port, clients=clients, max_seconds=seconds).start()
-    return Load("127.0.0.1", port, threads=clients, max_seconds=seconds).start("http")
+        return KeepAliveLoad("127.0.0.1", port, clients=clients, max_seconds=seconds, timeout=timeout).start()
+    return Load("127.0.0.1", port, threads=clients, max_seconds=seconds, timeout=timeout).start("http")
 
 
-def one_run(label: str, kind: str, hups: int, interval: float, clients: int) -> dict[str, Any]:
+def one_run(label: str, kind: str, hups: int, interval: float, clients: int, timeout: float) -> dict[str, Any]:
     """Run one example under one load with `hups` reloads; return what was seen."""
     name, args = EXAMPLES[label]
     port = free_port()
     cfg = example_config(name, port, **args)
     with tempfile.TemporaryDirectory() as tmp, Daemon(Path(tmp), cfg).start() as d:
-        load = start_load(kind, port, clients, hups * interval + 120)
+        load = start_load(kind, port, clients, hups * interval + 120, timeout)
         if not load.wait_for_ok(clients, 30):
             raise SystemExit(f"{label}/{kind}: no answers before the first reload: {load.result.outcomes}")
         t0 = time.monotonic()
@@ -101,6 +104,7 @@ def one_run(label: str, kind: str, hups: int, interval: float, clients: int) -> 
     return {
         "ok": result.ok, "lost": sum(result.failures.values()), "failures": result.failures,
         "examples": result.examples, "generations": newest,
+        "latency_p99": percentile(result.latencies, 99), "latency_max": max(result.latencies, default=0.0),
         "announced": getattr(load, "announced", None), "unannounced": getattr(load, "unannounced", None),
         "active": reload_times(log)[0], "drain": reload_times(log)[1], "sigkill": "SIGKILL" in log,
     }
@@ -114,26 +118,31 @@ def in_own_netns() -> None:
     Path(MIGRATE_REQ).write_text("0\n")
 
 
-def child(label: str, kind: str, hups: int, interval: float, clients: int) -> None:
+def child(label: str, kind: str, args: argparse.Namespace) -> None:
     """Run one trial and print it as one JSON line (the parent's view of a child)."""
     if label in NETNS:
         in_own_netns()
-    print(json.dumps(one_run(label, kind, hups, interval, clients)))
+    print(json.dumps(one_run(label, kind, args.hups, args.interval, args.clients, args.timeout)))
 
 
 def run_child(label: str, kind: str, args: argparse.Namespace) -> dict[str, Any]:
     """Run one trial in a child process (in its own network namespace if it needs one)."""
     cmd = [sys.executable, __file__, "--child", label, kind, "--hups", str(args.hups),
-           "--interval", str(args.interval), "--clients", str(args.clients)]
+           "--interval", str(args.interval), "--clients", str(args.clients), "--timeout", str(args.timeout)]
     env = dict(os.environ)
     if label in NETNS:
         cmd = ["unshare", "-n", *cmd]
         env["HOST_NETNS"] = os.readlink("/proc/self/ns/net")
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env,
-                          timeout=args.hups * args.interval + 600)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    try:
+        out, err = proc.communicate(timeout=args.hups * args.interval + 600)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()    # the child stops its daemon on SIGTERM
+            proc.wait()
     if proc.returncode != 0:
-        raise SystemExit(f"{label}/{kind} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+        raise SystemExit(f"{label}/{kind} failed:\n{err[-3000:]}")
+    return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
 def available(label: str) -> str | None:
@@ -171,6 +180,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         **{f"{key}_p{q}": statistics.median(percentile(times(r, key), q) for r in runs)
            for key in ("gone", "active", "drain") for q in (50, 95)},
         "reloads": med("generations") - 1, "sigkill": any(r["sigkill"] for r in runs),
+        "latency_p99": med("latency_p99"), "latency_max": max(r["latency_max"] for r in runs),
         "failures": [r["failures"] for r in runs if r["failures"]],
     }
 
@@ -182,6 +192,7 @@ def print_row(label: str, kind: str, row: dict[str, Any]) -> None:
     print(f"{label:<16}{kind:<10}{num(row['reloads']):>8}{num(row['ok']):>9}{num(row['lost']):>6}"
           f"{num(row['announced']):>10}{num(row['unannounced']):>12}"
           + "".join(f"{row[f'{k}_p{q}'] * 1000:>8.0f}" for k in ("gone", "active", "drain") for q in (50, 95))
+          + f"{row['latency_p99'] * 1000:>8.0f}{row['latency_max'] * 1000:>8.0f}"
           + ("  SIGKILL" if row["sigkill"] else "") + "".join(f"  {f}" for f in row["failures"]), flush=True)
 
 
@@ -191,24 +202,31 @@ def main() -> None:
     ap.add_argument("--interval", type=float, default=1.0, help="seconds between HUPs")
     ap.add_argument("--clients", type=int, default=64, help="client threads / keep-alive connections")
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--timeout", type=float, default=30.0,
+                    help="seconds a client waits for an answer before counting the request lost")
     ap.add_argument("--only", default=",".join(EXAMPLES), help="comma-separated examples")
     ap.add_argument("--loads", default="new,keepalive", help="comma-separated: new, keepalive")
     ap.add_argument("--child", nargs=2, metavar=("EXAMPLE", "LOAD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, _stop)   # unwind, so each `with Daemon` stops its master
     if args.child:
-        child(args.child[0], args.child[1], args.hups, args.interval, args.clients)
+        child(args.child[0], args.child[1], args)
         return
     print(f"{args.hups} HUPs {args.interval:g} s apart, {args.clients} clients, median of "
           f"{args.repeats} run(s); lost and unannounced: the worst run; times in ms")
     print(f"{'example':<16}{'load':<10}{'reloads':>8}{'answered':>9}{'lost':>6}"
           f"{'announced':>10}{'unannounced':>12}" + "".join(f"{h:>8}" for h in (
-              "gone50", "gone95", "actv50", "actv95", "drain50", "drain95")))
+              "gone50", "gone95", "actv50", "actv95", "drain50", "drain95", "lat99", "latmax")))
     for label in args.only.split(","):
         if (why := available(label)) is not None:
             print(f"{label:<16}skipped: {why}")
             continue
         for kind in args.loads.split(","):
             print_row(label, kind, summarise([run_child(label, kind, args) for _ in range(args.repeats)]))
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise SystemExit(f"stopped by signal {signum}")
 
 
 if __name__ == "__main__":
