@@ -13,12 +13,13 @@ network namespace (tests/e2e/test_worker_bind.py).
 from __future__ import annotations
 
 import shutil
+import socket
 
 import pytest
 
-from daemon import free_port
-from keepalive import KeepAliveLoad
-from reloads import Report, reload_under_load, start_example
+from daemon import Daemon, free_port
+from keepalive import Answer, KeepAliveLoad, read_response
+from reloads import Report, example_config, reload_under_load, start_example
 
 pytestmark = pytest.mark.e2e
 
@@ -95,3 +96,53 @@ def test_node_zero_drop_with_http_readiness(tmp_path):
         assert "SIGKILL" not in log
         # Readiness came from the HTTP probes: each generation became ACTIVE with no READY=1.
         assert "notify message" not in log
+
+
+GRACE = 3.0
+
+
+def with_idle_grace(name: str, port: int, seconds: float, **args: str) -> dict[str, object]:
+    """Return the example's config with its idle grace set to `seconds`."""
+    if name == "uvicorn":
+        return example_config(name, port, idle_grace=str(seconds), **args)
+    cfg = example_config(name, port, **args)
+    cfg["workers"]["command"][-1] = str(int(seconds * 1000))  # type: ignore[index]
+    return cfg
+
+
+def keepalive_request(sock: socket.socket, seq: int) -> Answer:
+    """Send request `seq` on `sock` and return its answer."""
+    sock.sendall(f"GET /seq/0/{seq} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+    return read_response(sock, bytearray())
+
+
+@pytest.mark.parametrize("name, args", [
+    ("uvicorn", {"loop": "uvloop"}),
+    ("uvicorn", {"loop": "asyncio"}),
+    pytest.param("node", {}, marks=needs_node),
+], ids=["uvicorn-uvloop", "uvicorn-asyncio", "node"])
+def test_draining_keeps_idle_connections_for_the_grace_then_closes_them(tmp_path, name, args):
+    """An idle keep-alive connection still gets an answer after the drain starts; a silent one gets EOF."""
+    port = free_port()
+    with Daemon(tmp_path, with_idle_grace(name, port, GRACE, **args)).start() as d:
+        talker, silent = (socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(2))
+        for sock in (talker, silent):
+            first = keepalive_request(sock, 1)
+            assert not first.closes and b"generation=1 " in first.body
+        d.hup()
+        d.wait_log(r"generation 1 ACTIVE -> DRAINING")
+        # Idle when the drain began, yet requests sent during the grace are answered by
+        # the old generation, the first one after the worker got its drain signal with the
+        # announcement that the connection closes. (The signal is asynchronous: a request
+        # or two may still get a keep-alive answer.)
+        seq = 2
+        while not (last := keepalive_request(talker, seq)).closes and seq < 5000:
+            assert b"generation=1 " in last.body
+            seq += 1
+        assert last.closes and b"generation=1 " in last.body and f" path=/seq/0/{seq}".encode() in last.body
+        assert talker.recv(1) == b""
+        assert silent.recv(1) == b"", "the silent connection was not closed cleanly"
+        d.wait_log(r"generation 1 DRAINING -> RETIRED", timeout=20)   # drain.timeout is 30 s
+        talker.close()
+        silent.close()
+        assert "SIGKILL" not in d.log()
