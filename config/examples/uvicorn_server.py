@@ -122,6 +122,7 @@ class Drain:
 
         class Tracked(protocol_class):  # type: ignore[valid-type, misc]
             last_read = 0.0
+            drains_by_grace = True
 
             def data_received(self, data: bytes) -> None:
                 self.last_read = loop_time()
@@ -220,11 +221,14 @@ class DrainingServer(uvicorn.Server):
         self._begin_drain()
         if self.attaching:
             await asyncio.wait(set(self.attaching))
+        for protocol in list(self.server_state.connections):
+            if not getattr(protocol, "drains_by_grace", False):
+                protocol.shutdown()     # WebSocket: uvicorn's close frame 1012, service restart
         deadline = loop.time() + (self.config.timeout_graceful_shutdown or 30.0)
         while self.server_state.connections and loop.time() < deadline and not self.force_exit:
             now = loop.time()
             for protocol in list(self.server_state.connections):
-                if self.drain.may_close(protocol, now):
+                if getattr(protocol, "drains_by_grace", False) and self.drain.may_close(protocol, now):
                     protocol.transport.close()
             await asyncio.sleep(POLL_INTERVAL)
         await self._finish(deadline)
