@@ -58,6 +58,12 @@ EXAMPLES: dict[str, tuple[str, dict[str, str]]] = {
     "python_worker": ("python_worker", {}),
     "worker_bind": ("worker_bind", {}),
 }
+# Not run by default (--only uvicorn-plain): uvicorn's own command line on the same
+# socket and app, the way the uvicorn example was run before uvicorn_server.py.
+BASELINES: dict[str, tuple[str, list[str]]] = {
+    "uvicorn-plain": ("uvicorn", [".venv/bin/uvicorn", "--fd", "{fd:web}", "--loop", "uvloop", "--app-dir",
+                                  "config/examples", "--no-access-log", "asgi_app:app"]),
+}
 NETNS = {"worker_bind"}
 MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
 
@@ -68,6 +74,18 @@ def reload_times(log: str) -> tuple[list[float], list[float]]:
     drained = {int(g): float(s) for g, s in re.findall(r"generation (\d+) DRAINING -> RETIRED after ([0-9.]+)s", log)}
     done = [g for g in sorted(active) if g - 1 in drained]
     return [active[g] for g in done], [drained[g - 1] for g in done]
+
+
+def config_for(label: str, port: int) -> dict[str, object]:
+    """Return the config that runs example `label` on `port`."""
+    if label in BASELINES:
+        name, command = BASELINES[label]
+        cfg = example_config(name, port)
+        cfg["workers"]["command"] = command  # type: ignore[index]
+        cfg["ready"] = {"mode": "delay", "after": "1s", "timeout": "30s"}  # it cannot notify
+        return cfg
+    name, args = EXAMPLES[label]
+    return example_config(name, port, **args)
 
 
 def draining(d: Daemon) -> bool:
@@ -85,9 +103,8 @@ def start_load(kind: str, port: int, clients: int, seconds: float, timeout: floa
 
 def one_run(label: str, kind: str, hups: int, interval: float, clients: int, timeout: float) -> dict[str, Any]:
     """Run one example under one load with `hups` reloads; return what was seen."""
-    name, args = EXAMPLES[label]
     port = free_port()
-    cfg = example_config(name, port, **args)
+    cfg = config_for(label, port)
     with tempfile.TemporaryDirectory() as tmp, Daemon(Path(tmp), cfg).start() as d:
         load = start_load(kind, port, clients, hups * interval + 120, timeout)
         if not load.wait_for_ok(clients, 30):
@@ -204,7 +221,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=30.0,
                     help="seconds a client waits for an answer before counting the request lost")
-    ap.add_argument("--only", default=",".join(EXAMPLES), help="comma-separated examples")
+    ap.add_argument("--only", default=",".join(EXAMPLES),
+                    help=f"comma-separated, from {', '.join([*EXAMPLES, *BASELINES])}")
     ap.add_argument("--loads", default="new,keepalive", help="comma-separated: new, keepalive")
     ap.add_argument("--child", nargs=2, metavar=("EXAMPLE", "LOAD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
