@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import array
 import asyncio
+import atexit
 import fcntl
 import logging
 import os
@@ -152,6 +153,7 @@ class DrainingServer(uvicorn.Server):
         self.listening: list[socket.socket] = []
         self.attaching: set[asyncio.Task[Any]] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.drained = False
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         """Start the app, accept on `sockets`, then tell the master READY=1."""
@@ -232,6 +234,7 @@ class DrainingServer(uvicorn.Server):
                     protocol.transport.close()
             await asyncio.sleep(POLL_INTERVAL)
         await self._finish(deadline)
+        self.drained = True
 
     async def _finish(self, deadline: float) -> None:
         """Cut what outlived the deadline, wait for the app's tasks, run the lifespan shutdown."""
@@ -281,8 +284,24 @@ def main(argv: list[str] | None = None) -> int:
     config = uvicorn.Config(args.app, loop=args.loop, http=args.http, access_log=args.access_log,
                             timeout_graceful_shutdown=int(args.timeout_graceful_shutdown))
     server = DrainingServer(config, Drain(args.idle_grace))
+    # Registered before the app is imported, so it runs after the app's own atexit handlers.
+    atexit.register(_skip_finalization, server)
     server.run(sockets=socks)
     return 0
+
+
+def _skip_finalization(server: DrainingServer) -> None:
+    """After a complete drain, end the process without the interpreter's finalization.
+
+    Tearing down the modules of uvicorn and its loop took about 0.6 s of a 0.75 s drain
+    on a loaded machine, with every connection already closed and the lifespan shutdown
+    done. The app's atexit handlers have run by now; logging is flushed here.
+    """
+    if server.drained:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _exit_now(signum: int, frame: FrameType | None) -> None:
