@@ -70,8 +70,10 @@ MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
 
 def reload_times(log: str) -> tuple[list[float], list[float]]:
     """Return, per reload, seconds from HUP to the new generation ACTIVE, and the old one's drain."""
-    active = {int(g): float(s) for g, s in re.findall(r"reload done: generation (\d+) ACTIVE ([0-9.]+)s after HUP", log)}
-    drained = {int(g): float(s) for g, s in re.findall(r"generation (\d+) DRAINING -> RETIRED after ([0-9.]+)s", log)}
+    active = {int(g): float(s) for g, s in
+              re.findall(r"reload done: generation (\d+) ACTIVE ([0-9.]+)s after HUP", log)}
+    drained = {int(g): float(s) for g, s in
+               re.findall(r"generation (\d+) DRAINING -> RETIRED after ([0-9.]+)s", log)}
     done = [g for g in sorted(active) if g - 1 in drained]
     return [active[g] for g in done], [drained[g - 1] for g in done]
 
