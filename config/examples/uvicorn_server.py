@@ -154,6 +154,7 @@ class DrainingServer(uvicorn.Server):
         self.attaching: set[asyncio.Task[Any]] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.drained = False
+        self.drain_begun = asyncio.Event()
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         """Start the app, accept on `sockets`, then tell the master READY=1."""
@@ -200,6 +201,16 @@ class DrainingServer(uvicorn.Server):
         if not task.cancelled() and task.exception() is not None:
             log.warning("a connection could not be served: %r", task.exception())
 
+    async def main_loop(self) -> None:
+        """Run uvicorn's 0.1 s ticks, but return as soon as the drain begins."""
+        counter = 0
+        while not await self.on_tick(counter):
+            counter = (counter + 1) % 864000
+            try:
+                await asyncio.wait_for(self.drain_begun.wait(), 0.1)
+            except asyncio.TimeoutError:
+                pass
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         """Start draining at once, not at uvicorn's next 0.1 s tick."""
         super().handle_exit(sig, frame)
@@ -212,6 +223,7 @@ class DrainingServer(uvicorn.Server):
             return
         loop = asyncio.get_running_loop()
         self.drain.started_at = loop.time()
+        self.drain_begun.set()
         log.info("draining: stopped accepting; every answer from now on says Connection: close")
         for sock in self.listening:
             loop.remove_reader(sock.fileno())
