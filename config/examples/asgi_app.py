@@ -1,7 +1,8 @@
 """A small ASGI app for the uvicorn example (config/examples/uvicorn.yaml).
 
 Every answer names the generation, slot and pid that served it, so a client
-can see a reload take effect.
+can see a reload take effect, and echoes the client's port and the request
+path, so a client can check that each answer is to its own request.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ async def app(scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, A
         return
     body = (f"generation={os.environ.get('UPGRADERD_GENERATION', '?')} "
             f"slot={os.environ.get('UPGRADERD_SLOT', '?')} pid={os.getpid()} "
-            f"server=uvicorn version={VERSION}\n").encode()
+            f"server=uvicorn version={VERSION} peer={(scope.get('client') or ('', 0))[1]} "
+            f"path={scope['path']}\n").encode()
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"text/plain"),
                             (b"content-length", str(len(body)).encode())]})

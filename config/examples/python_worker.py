@@ -26,12 +26,13 @@ from upgraderd import worker
 
 
 class Handler(BaseHTTPRequestHandler):
-    """Answer every GET with who served it."""
+    """Answer every GET with who served it, the client's port and the path."""
 
     def do_GET(self) -> None:
         body = (f"generation={os.environ.get('UPGRADERD_GENERATION', '?')} "
                 f"slot={os.environ.get('UPGRADERD_SLOT', '?')} pid={os.getpid()} "
-                f"server=python-worker version={os.environ.get('APP_VERSION', '1')}\n").encode()
+                f"server=python-worker version={os.environ.get('APP_VERSION', '1')} "
+                f"peer={self.client_address[1]} path={self.path}\n").encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))

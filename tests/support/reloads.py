@@ -25,12 +25,22 @@ from tests.support.upgraderd_proc import Daemon, wait_until
 EXAMPLES = ROOT / "config" / "examples"
 
 
-def example_config(name: str, port: int) -> dict[str, object]:
-    """Return config/examples/NAME.yaml with its first listener moved to `port`."""
+def example_config(name: str, port: int, **args: str) -> dict[str, object]:
+    """Return config/examples/NAME.yaml with its first listener moved to `port`.
+
+    Each keyword replaces the value after `--KEY` in the worker command, e.g.
+    `loop="asyncio"` for the uvicorn example.
+    """
     cfg = yaml.safe_load((EXAMPLES / f"{name}.yaml").read_text())
     cfg["listeners"][0]["port"] = port
     if "metrics" in cfg:
         cfg["metrics"] = {"listen": None}
+    command = cfg["workers"]["command"]
+    for key, value in args.items():
+        flag = "--" + key.replace("_", "-")
+        if flag not in command:
+            raise ValueError(f"{name}.yaml: the worker command has no {flag}: {command}")
+        command[command.index(flag) + 1] = value
     return cfg
 
 
@@ -45,9 +55,15 @@ class Report:
 
 
 def reload_under_load(d: Daemon, port: int, reloads: int = 20, threads: int = 4,
-                      answers_after: int = 20, timeout: float = 60.0) -> Report:
-    """HUP `d` `reloads` times under connection-per-request HTTP load; return the report."""
-    load = Load("127.0.0.1", port, threads=threads, max_seconds=reloads * timeout).start("http")
+                      answers_after: int = 20, timeout: float = 60.0, load: Load | None = None) -> Report:
+    """HUP `d` `reloads` times under HTTP load; return the report.
+
+    The load is connection-per-request with `threads` threads unless `load` (not
+    yet started) is given, e.g. a keepalive.KeepAliveLoad.
+    """
+    if load is None:
+        load = Load("127.0.0.1", port, threads=threads, max_seconds=reloads * timeout)
+    load.start("http")
     report = Report(load.result)
     try:
         if not load.wait_for_ok(answers_after, timeout):
@@ -80,6 +96,6 @@ def _newest_active(d: Daemon) -> int:
     return max(found)
 
 
-def start_example(tmp: Path, name: str, port: int) -> Daemon:
-    """Start the daemon on config/examples/NAME.yaml, moved to `port`."""
-    return Daemon(tmp, example_config(name, port)).start()
+def start_example(tmp: Path, name: str, port: int, **args: str) -> Daemon:
+    """Start the daemon on config/examples/NAME.yaml, moved to `port` (see example_config)."""
+    return Daemon(tmp, example_config(name, port, **args)).start()
