@@ -14,6 +14,8 @@ against the old (see plan.py); nothing ever mutates a loaded config.
 from __future__ import annotations
 
 import dataclasses
+import importlib.machinery
+import importlib.util
 import ipaddress
 import os
 import re
@@ -37,6 +39,25 @@ from upgraderd.config.validators import (
 DEFAULT_PATH = "config/upgraderd.yaml"
 BUILTIN_APPS = ("echo", "http")
 MODES = ("reuseport", "shared", "worker-bind")
+_FACTORY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
+
+
+def boolean(v: Any) -> bool:
+    """true | false"""
+    if not isinstance(v, bool):
+        raise Invalid(f"expected true or false, got {_show(v)}")
+    return v
+
+
+def app_name(v: Any) -> str:
+    """echo | http | package.module:factory"""
+    s = string(v)
+    if s in BUILTIN_APPS or _FACTORY.fullmatch(s):
+        return s
+    if ":" in s:
+        raise Invalid(f"{_show(v)} is not `package.module:factory` (dotted Python names, one colon)")
+    raise Invalid(f"{_show(v)} is not one of {', '.join(BUILTIN_APPS)}{_did_you_mean(s, BUILTIN_APPS)}"
+                  " or `package.module:factory`")
 
 
 # -- the schema --
@@ -63,13 +84,16 @@ class WorkerSpec:
     """What a worker process runs and how many of them."""
 
     count: int = opt(4, integer(1, 1024), "Number of worker processes (slots) per generation.")
-    app: str | None = opt(None, one_of(*BUILTIN_APPS), "Built-in app to run: echo or http.")
+    app: str | None = opt(None, app_name, "Built-in app (echo, http) or your own, "
+                          "`package.module:factory`, forked from a template (see `prefork`).")
     command: tuple[str, ...] | None = opt(None, argv, "argv of the worker program (instead of app).")
     env: dict[str, str] = opt({}, env_map, "Extra environment variables for the workers.")
     cwd: str | None = opt(None, directory, "Working directory of the workers (default: the master's; / in daemon mode).")
     user: str | None = opt(None, user_name, "Run the workers as this user (the master must be root).")
     group: str | None = opt(None, group_name, "Run the workers with this group (default: the user's).")
     threads: int = opt(1, integer(1, 256), "Threads per worker of a built-in app (app only).")
+    prefork: bool = opt(False, boolean, "Fork the workers of a built-in app from one template "
+                        "process per generation (always on for `module:factory` apps).")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -149,7 +173,15 @@ class Config:
         """Return the argv a worker of this config runs."""
         if self.workers.command is not None:
             return self.workers.command
+        if self.prefork:
+            return (sys.executable, "-m", "upgraderd.apps.template", str(self.workers.app))
         return (sys.executable, "-m", f"upgraderd.apps.{self.workers.app}")
+
+    @property
+    def prefork(self) -> bool:
+        """Return True if workers are forked from a template process of their generation."""
+        w = self.workers
+        return w.app is not None and (w.prefork or w.app not in BUILTIN_APPS)
 
     @property
     def fd_listeners(self) -> tuple[ListenerSpec, ...]:
@@ -376,6 +408,10 @@ def _check_workers(loader: _Loader, root: yaml.Node, cfg: Config) -> None:
     if cfg.ready.mode == "http" and not cfg.ready.url:
         rnode = _node_at(root, "ready") or root
         loader.fail(rnode, "ready.url", "ready.mode http needs a `url`")
+    if w.app is not None and w.app not in BUILTIN_APPS:
+        problem = _module_problem(w.app.partition(":")[0], w)
+        if problem:
+            loader.fail(_node_at(node, "app") or node, "workers.app", problem)
     if w.command is not None:
         problem = _command_problem(w.command[0], w.env.get("PATH", os.environ.get("PATH", os.defpath)),
                                    w.cwd)
@@ -398,6 +434,25 @@ def _check_identity(loader: _Loader, node: yaml.Node, w: WorkerSpec) -> None:
                     "user or group needs a master started as root")
     elif shutil.which("setpriv") is None:
         loader.fail(where, f"workers.{key}", "running workers as another user needs setpriv (util-linux)")
+
+
+def _module_problem(module: str, w: WorkerSpec) -> str | None:
+    """Say why `module` cannot be found where the template will look, without importing it."""
+    cwd = w.cwd or os.getcwd()
+    extra = w.env.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+    path: list[str] | None = [cwd, *filter(None, extra.split(os.pathsep)), *sys.path[1:]]
+    parts = module.split(".")
+    for i, part in enumerate(parts):
+        # PathFinder looks in `path` only: no parent package's __init__ runs.
+        spec = importlib.machinery.PathFinder.find_spec(part, path)
+        if spec is None and i == 0:
+            spec = importlib.util.find_spec(part) if part in sys.builtin_module_names else None
+        if spec is None:
+            return f"module {'.'.join(parts[:i + 1])!r} not found (searched {cwd} and sys.path)"
+        path = list(spec.submodule_search_locations or [])
+        if i < len(parts) - 1 and not path:
+            return f"{'.'.join(parts[:i + 1])!r} is a module, not a package"
+    return None
 
 
 def _command_problem(prog: str, env_path: str, cwd: str | None) -> str | None:

@@ -254,7 +254,8 @@ class Master:
     def read_notify(self, now: float) -> None:
         """Apply every pending notify message from a worker; count strangers."""
         owners = {pid: g for g in self.generations for pid in g.pids()}
-        for pid, gen in self.judge.ready_pids(self.system.notify.receive(), owners, now):
+        messages = self.spawner.prefork.on_notify(self.system.notify.receive(), now)
+        for pid, gen in self.judge.ready_pids(messages, owners, now):
             gen.on_ready(pid, now)
 
     def poll_probes(self, now: float) -> None:
@@ -263,7 +264,7 @@ class Master:
 
     def reap(self, now: float) -> None:
         """Collect exited children and hand each to its generation."""
-        for ex in self.system.procs.reap():
+        for ex in self.spawner.prefork.on_exits(self.system.procs.reap(), self.generations, now):
             self.stats.worker_exits[ex.reason] += 1
             if self.metrics is not None:
                 self.metrics.on_reaped(ex.pid)

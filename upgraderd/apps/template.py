@@ -1,0 +1,195 @@
+"""A generation's template: import the app once, then fork its workers on the master's request.
+
+`python -m upgraderd.apps.template APP` is exec'd by the master once per
+generation (system/template.py), APP being `echo`, `http` or
+`package.module:factory`. It imports the app and everything a worker needs
+(prometheus-client in multiprocess mode, the built-in event loop), freezes the
+heap so the workers share its pages, and then waits on its control channel
+(fd 3): one packet per worker, a JSON object (slot, environment) with the
+worker's listening sockets attached.
+
+For each request it double-forks. The intermediate child forks the worker and
+exits at once, so the worker is re-parented to the master (a child
+subreaper), which reaps it as any worker. The template sends
+SPAWNED=<slot>:<pid> to the master's notify socket, and only then opens the
+worker's gate, so the worker's own READY=1 can never arrive first. A worker
+whose gate closes without the byte (the template died) exits without serving.
+
+Invariants:
+- The template never accepts: it holds a request's sockets only until the
+  fork, and never registers them anywhere.
+- The worker sees what an exec'd worker sees: its sockets at fd 3, 4, ... in
+  LISTEN_FDS order, LISTEN_PID equal to its own pid, its own environment.
+  prometheus-client names its files by pid when a metric is created, and the
+  built-in apps create theirs in the worker, so each worker writes its own.
+- The template dies with the master (PR_SET_PDEATHSIG) and on EOF of its channel.
+
+Hazard: the template must stay single-threaded; an app module that starts a
+thread at import time makes every fork unsafe. `factory` is called in the
+worker, after the fork; put per-worker work there, not at import.
+
+A `package.module:factory` app's factory takes no argument and returns a
+server with a `serve() -> int | None` method, for example
+`upgraderd.apps.server.Server(worker.listeners(), MyProtocol)`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import gc
+import importlib
+import json
+import os
+import signal
+import socket
+import sys
+import traceback
+from typing import Any, Callable
+
+from upgraderd.system.notify import notify
+
+PR_SET_PDEATHSIG = 1
+CONTROL_FD = 3
+MAX_FDS = 64
+HIGH_FD = 64
+
+
+def load(app: str) -> Callable[[], int]:
+    """Import `app` now; return what runs one worker of it after a fork."""
+    import prometheus_client  # noqa: F401  (imported before the fork, so its pages are shared)
+    import upgraderd.apps.server  # noqa: F401
+    if ":" not in app:
+        module = importlib.import_module(f"upgraderd.apps.{app}")
+        main: Callable[[], int] = module.main
+        return main
+    modname, _, attr = app.partition(":")
+    factory = getattr(importlib.import_module(modname), attr)
+    if not callable(factory):
+        raise TypeError(f"{app}: {attr} is not callable")
+
+    def run() -> int:
+        code = factory().serve()
+        return int(code or 0)
+    return run
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    # The master may have died before the line above: then we were re-parented already.
+    if str(os.getppid()) != os.environ.get("UPGRADERD_TEMPLATE_PARENT", str(os.getppid())):
+        os._exit(1)
+
+
+def _control() -> socket.socket:
+    """Move the control channel out of fd 3, which the workers' sockets take."""
+    high = fcntl.fcntl(CONTROL_FD, fcntl.F_DUPFD_CLOEXEC, HIGH_FD)
+    os.close(CONTROL_FD)
+    return socket.socket(fileno=high)
+
+
+def serve(control: socket.socket, run: Callable[[], int]) -> int:
+    """Fork a worker per request until the master closes the channel."""
+    while True:
+        try:
+            data, anc, _flags, _addr = control.recvmsg(1 << 20, socket.CMSG_SPACE(MAX_FDS * 4))
+        except InterruptedError:
+            continue
+        fds = [fd for level, kind, raw in anc if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+               for fd in _unpack(raw)]
+        if not data:
+            return 0
+        try:
+            request = json.loads(data)
+            fork_worker(control, int(request["slot"]), dict(request["env"]), fds, run)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
+def _unpack(raw: bytes) -> list[int]:
+    usable = len(raw) - len(raw) % 4
+    return [int.from_bytes(raw[i:i + 4], sys.byteorder, signed=True) for i in range(0, usable, 4)]
+
+
+def fork_worker(control: socket.socket, slot: int, env: dict[str, str], fds: list[int],
+                run: Callable[[], int]) -> None:
+    """Double-fork one worker, tell the master its pid, then let it run."""
+    gate_r, gate_w = os.pipe()
+    pid_r, pid_w = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        worker = os.fork()
+        if worker == 0:
+            os.close(gate_w)
+            os.close(pid_r)
+            os.close(pid_w)
+            _become_worker(control, gate_r, env, fds, run)
+        os.write(pid_w, str(worker).encode())
+        os._exit(0)
+    os.close(gate_r)
+    os.close(pid_w)
+    try:
+        os.waitpid(middle, 0)
+        raw = os.read(pid_r, 32)
+        if raw.isdigit():
+            notify(f"SPAWNED={slot}:{int(raw)}", env.get("NOTIFY_SOCKET"))
+            os.write(gate_w, b"1")
+    finally:
+        os.close(pid_r)
+        os.close(gate_w)
+
+
+def _become_worker(control: socket.socket, gate: int, env: dict[str, str], fds: list[int],
+                   run: Callable[[], int]) -> None:
+    control.detach()   # closed below with every other fd; the object must not close a reused number
+    code = 1
+    try:
+        released = os.read(gate, 1) == b"1"
+        os.close(gate)
+        if released:
+            _place(fds)
+            os.environ.clear()
+            os.environ.update(env)
+            os.environ["LISTEN_PID"] = str(os.getpid())
+            code = run()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _place(fds: list[int]) -> None:
+    """Put `fds` at 3, 4, ... and close every other fd above 2."""
+    top = max([*fds, 2 + len(fds)]) + 1
+    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, top) for fd in fds]
+    for i, fd in enumerate(moved):
+        os.dup2(fd, 3 + i)
+    os.closerange(3 + len(fds), max(os.sysconf("SC_OPEN_MAX"), top + len(fds) + 1))
+
+
+def main(argv: list[str]) -> int:
+    """Run a template for the app named in argv[1]."""
+    if len(argv) != 2:
+        print("usage: python -m upgraderd.apps.template APP", file=sys.stderr)
+        return 2
+    _die_with_parent()
+    control = _control()
+    try:
+        run = load(argv[1])
+    except Exception:
+        print(f"upgraderd template {os.getpid()}: cannot load {argv[1]!r}:", file=sys.stderr)
+        traceback.print_exc()
+        return 3
+    gc.collect()
+    gc.freeze()   # later collections do not touch (and so unshare) the template's objects
+    return serve(control, run)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv))
