@@ -50,6 +50,7 @@ from typing import Any, Callable
 from upgraderd.system.notify import notify
 
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
 CONTROL_FD = 3
 MAX_FDS = 64
 HIGH_FD = 64
@@ -72,6 +73,11 @@ def load(app: str) -> Callable[[], int]:
         code = factory().serve()
         return int(code or 0)
     return run
+
+
+def _name(comm: bytes) -> None:
+    """Set /proc/self/comm, so that `ps -o comm` tells a template from its workers."""
+    ctypes.CDLL(None).prctl(PR_SET_NAME, ctypes.c_char_p(comm[:15]), 0, 0, 0)
 
 
 def _die_with_parent() -> None:
@@ -149,6 +155,7 @@ def _become_worker(control: socket.socket, gate: int, env: dict[str, str], fds: 
         released = os.read(gate, 1) == b"1"
         os.close(gate)
         if released:
+            _name(b"upgraderd-work")
             _place(fds)
             os.environ.clear()
             os.environ.update(env)
@@ -179,6 +186,7 @@ def main(argv: list[str]) -> int:
         print("usage: python -m upgraderd.apps.template APP", file=sys.stderr)
         return 2
     _die_with_parent()
+    _name(b"upgraderd-tmpl")
     control = _control()
     try:
         run = load(argv[1])

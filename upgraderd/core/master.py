@@ -253,8 +253,8 @@ class Master:
 
     def read_notify(self, now: float) -> None:
         """Apply every pending notify message from a worker; count strangers."""
+        messages = self.spawner.prefork.on_notify(self.system.notify.receive(), now)  # learns pids first
         owners = {pid: g for g in self.generations for pid in g.pids()}
-        messages = self.spawner.prefork.on_notify(self.system.notify.receive(), now)
         for pid, gen in self.judge.ready_pids(messages, owners, now):
             gen.on_ready(pid, now)
 
