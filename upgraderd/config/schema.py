@@ -14,8 +14,6 @@ against the old (see plan.py); nothing ever mutates a loaded config.
 from __future__ import annotations
 
 import dataclasses
-import importlib.machinery
-import importlib.util
 import ipaddress
 import os
 import re
@@ -29,6 +27,7 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from upgraderd.config import placeholders
+from upgraderd.config.appspec import BUILTIN_APPS, app_name, boolean, module_problem
 from upgraderd.errors import ConfigError
 from upgraderd.config.validators import (
     REQUIRED, Invalid, Check, opt, integer, string, name, one_of,
@@ -37,29 +36,7 @@ from upgraderd.config.validators import (
 )
 
 DEFAULT_PATH = "config/upgraderd.yaml"
-BUILTIN_APPS = ("echo", "http")
 MODES = ("reuseport", "shared", "worker-bind")
-_FACTORY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
-
-
-def boolean(v: Any) -> bool:
-    """true | false"""
-    if not isinstance(v, bool):
-        raise Invalid(f"expected true or false, got {_show(v)}")
-    return v
-
-
-def app_name(v: Any) -> str:
-    """echo | http | package.module:factory"""
-    s = string(v)
-    if s in BUILTIN_APPS or _FACTORY.fullmatch(s):
-        return s
-    if ":" in s:
-        raise Invalid(f"{_show(v)} is not `package.module:factory` (dotted Python names, one colon)")
-    raise Invalid(f"{_show(v)} is not one of {', '.join(BUILTIN_APPS)}{_did_you_mean(s, BUILTIN_APPS)}"
-                  " or `package.module:factory`")
-
-
 # -- the schema --
 
 @dataclass(frozen=True, kw_only=True)
@@ -409,7 +386,7 @@ def _check_workers(loader: _Loader, root: yaml.Node, cfg: Config) -> None:
         rnode = _node_at(root, "ready") or root
         loader.fail(rnode, "ready.url", "ready.mode http needs a `url`")
     if w.app is not None and w.app not in BUILTIN_APPS:
-        problem = _module_problem(w.app.partition(":")[0], w)
+        problem = module_problem(w.app.partition(":")[0], w.cwd, w.env)
         if problem:
             loader.fail(_node_at(node, "app") or node, "workers.app", problem)
     if w.command is not None:
@@ -434,25 +411,6 @@ def _check_identity(loader: _Loader, node: yaml.Node, w: WorkerSpec) -> None:
                     "user or group needs a master started as root")
     elif shutil.which("setpriv") is None:
         loader.fail(where, f"workers.{key}", "running workers as another user needs setpriv (util-linux)")
-
-
-def _module_problem(module: str, w: WorkerSpec) -> str | None:
-    """Say why `module` cannot be found where the template will look, without importing it."""
-    cwd = w.cwd or os.getcwd()
-    extra = w.env.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
-    path: list[str] | None = [cwd, *filter(None, extra.split(os.pathsep)), *sys.path[1:]]
-    parts = module.split(".")
-    for i, part in enumerate(parts):
-        # PathFinder looks in `path` only: no parent package's __init__ runs.
-        spec = importlib.machinery.PathFinder.find_spec(part, path)
-        if spec is None and i == 0:
-            spec = importlib.util.find_spec(part) if part in sys.builtin_module_names else None
-        if spec is None:
-            return f"module {'.'.join(parts[:i + 1])!r} not found (searched {cwd} and sys.path)"
-        path = list(spec.submodule_search_locations or [])
-        if i < len(parts) - 1 and not path:
-            return f"{'.'.join(parts[:i + 1])!r} is a module, not a package"
-    return None
 
 
 def _command_problem(prog: str, env_path: str, cwd: str | None) -> str | None:
