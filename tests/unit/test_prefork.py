@@ -22,6 +22,7 @@ class FakeTemplates:
         self.procs = procs
         self.forks: list[tuple[int, int, dict[str, str], tuple[int, ...]]] = []  # (template, slot, env, fds)
         self.stopped: list[int] = []
+        self.loads: list[tuple[int, str]] = []
 
     def start(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None = None,
               user: str | None = None, group: str | None = None) -> int:
@@ -31,6 +32,9 @@ class FakeTemplates:
         if pid in self.stopped:
             raise SpawnError(f"template pid {pid} is gone")
         self.forks.append((pid, slot, dict(env), tuple(fds)))
+
+    def load(self, pid: int, app: str, env: Mapping[str, str]) -> None:
+        self.loads.append((pid, app))
 
     def stop(self, pid: int) -> None:
         self.stopped.append(pid)

@@ -23,6 +23,10 @@ Invariants:
   prometheus-client names its files by pid when a metric is created, and the
   built-in apps create theirs in the worker, so each worker writes its own.
 - The template dies with the master (PR_SET_PDEATHSIG) and on EOF of its channel.
+- A standby (`--standby`, workers.warm) imports only what a HUP does not
+  change (the standard library, prometheus-client, the worker library),
+  never an app module, built-in ones included: the app is imported when the
+  master hands the standby its generation, fresh from disk.
 
 Hazard: the template must stay single-threaded; an app module that starts a
 thread at import time makes every fork unsafe. `factory` is called in the
@@ -180,18 +184,48 @@ def _place(fds: list[int]) -> None:
     os.closerange(3 + len(fds), max(os.sysconf("SC_OPEN_MAX"), top + len(fds) + 1))
 
 
+def preload() -> None:
+    """Import what does not change at a HUP: the standard library parts and prometheus-client."""
+    import prometheus_client  # noqa: F401
+    import selectors  # noqa: F401
+    import upgraderd.worker  # noqa: F401
+
+
+def await_load(control: socket.socket) -> tuple[str, dict[str, str]]:
+    """Wait, as a standby, for the app to import and the environment to take."""
+    while True:
+        data, anc, _flags, _addr = control.recvmsg(1 << 20, socket.CMSG_SPACE(MAX_FDS * 4))
+        for level, kind, raw in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                for fd in _unpack(raw):
+                    os.close(fd)
+        if not data:
+            raise SystemExit(0)
+        request = json.loads(data)
+        if "load" in request:
+            return str(request["load"]), dict(request["env"])
+
+
 def main(argv: list[str]) -> int:
-    """Run a template for the app named in argv[1]."""
+    """Run a template for the app named in argv[1] (`--standby`: the master names it later)."""
     if len(argv) != 2:
-        print("usage: python -m upgraderd.apps.template APP", file=sys.stderr)
+        print("usage: python -m upgraderd.apps.template APP|--standby", file=sys.stderr)
         return 2
     _die_with_parent()
     _name(b"upgraderd-tmpl")
     control = _control()
+    app = argv[1]
+    if app == "--standby":
+        preload()
+        gc.collect()
+        app, env = await_load(control)
+        os.environ.clear()
+        os.environ.update(env)
+        importlib.invalidate_caches()   # a module added since we started must be found
     try:
-        run = load(argv[1])
+        run = load(app)
     except Exception:
-        print(f"upgraderd template {os.getpid()}: cannot load {argv[1]!r}:", file=sys.stderr)
+        print(f"upgraderd template {os.getpid()}: cannot load {app!r}:", file=sys.stderr)
         traceback.print_exc()
         return 3
     gc.collect()

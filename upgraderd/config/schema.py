@@ -71,6 +71,9 @@ class WorkerSpec:
     threads: int = opt(1, integer(1, 256), "Threads per worker of a built-in app (app only).")
     prefork: bool = opt(False, boolean, "Fork the workers of a built-in app from one template "
                         "process per generation (always on for `module:factory` apps).")
+    warm: bool = opt(False, boolean, "With prefork: keep a standby interpreter with the standard "
+                     "library, prometheus-client and upgraderd loaded; the next generation's template "
+                     "imports only the app, fresh from disk.")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -22,6 +22,10 @@ Invariants:
 - A template is stopped as soon as its generation is neither STARTING nor
   ACTIVE (no respawn can need it any more). Its death at start-up fails the
   generation; the ACTIVE one is untouched.
+- A standby (workers.warm) has imported no app code: it is handed a
+  generation's app only at that generation's start, and only if it was
+  started with the same user, cwd, worker env and metrics settings; else it
+  is stopped and a fresh template is exec'd.
 - A SPAWNED the generation no longer wants (it failed, or a stray slot) gets
   the drain signal, so a released worker is never left serving untracked.
 """
@@ -38,6 +42,7 @@ from upgraderd.core.seams import Exit, ProcessAPI, TemplateAPI
 from upgraderd.errors import SpawnError
 
 if TYPE_CHECKING:
+    from upgraderd.config.schema import Config
     from upgraderd.core.launcher import Launch
 
 log = logging.getLogger("upgraderd")
@@ -47,6 +52,18 @@ UNKNOWN_EXITS = 256
 # Stopped or dead templates remembered, so their last SPAWNED can still be judged.
 REMEMBERED = 64
 SERVING = (GenerationState.STARTING, GenerationState.ACTIVE)
+# Standbys that died on their own before the master gives up on them.
+STANDBY_DEATHS = 3
+
+
+def standby_key(cfg: Config) -> tuple[object, ...]:
+    """Return what a standby must share with a generation to become its template.
+
+    The interpreter's search path, user and working directory are fixed when
+    it starts; everything else in the environment is replaced at the load.
+    """
+    w = cfg.workers
+    return (w.cwd, w.user, w.group, tuple(sorted(w.env.items())), cfg.metrics)
 
 
 class Prefork:
@@ -60,6 +77,11 @@ class Prefork:
         self.urls: dict[tuple[int, int], str | None] = {}          # pending (generation, slot) -> ready url
         self.unknown: OrderedDict[int, Exit] = OrderedDict()
         self.stopped: set[int] = set()
+        self.starts: dict[int, tuple[Launch, dict[str, str]]] = {}   # generation -> its template's start
+        self.standby: int | None = None
+        self.standby_key: tuple[object, ...] = ()
+        self.spares: set[int] = set()     # standby pids not (yet) adopted, live or being stopped
+        self.standby_deaths = 0
 
     def template_pids(self) -> list[int]:
         """Return the pids of the live templates."""
@@ -74,12 +96,61 @@ class Prefork:
             if gen.state is not GenerationState.STARTING or gen.number in self._had_template():
                 raise SpawnError("the generation's template is gone; send HUP to start a fresh generation")
             env = {k: v for k, v in launch.env.items() if not k.startswith("LISTEN_")}
-            pid = self.templates.start(launch.argv, env, launch.cwd, launch.user, launch.group)
+            pid = self._adopt_standby(gen, env)
+            if pid is None:
+                pid = self.templates.start(launch.argv, env, launch.cwd, launch.user, launch.group)
             self.live[gen.number] = pid
+            self.starts[gen.number] = (launch, env)
             self._remember(pid, gen)
-            log.info("generation %d: template pid %d started", gen.number, pid)
+            log.info("generation %d: template pid %d started%s", gen.number, pid,
+                     " (warm standby)" if pid in self.spares else "")
+            self.spares.discard(pid)
         self.templates.fork(pid, slot, launch.env, launch.fds)
         self.urls[(gen.number, slot)] = launch.ready_url
+
+    def _adopt_standby(self, gen: Generation, env: dict[str, str]) -> int | None:
+        """Hand the standby `gen`'s app if it was started for the same user, cwd and env."""
+        pid, self.standby = self.standby, None
+        if pid is None or self.templates is None:
+            return None
+        if self.standby_key != standby_key(gen.config):
+            self.templates.stop(pid)
+            return None
+        try:
+            self.templates.load(pid, str(gen.config.workers.app), env)
+        except SpawnError as e:
+            log.warning("standby pid %d unusable (%s); starting a fresh template", pid, e)
+            self.templates.stop(pid)
+            return None
+        return pid
+
+    def _keep_standby(self, gens: list[Generation]) -> None:
+        """Keep one standby while the newest generation is a warm prefork one and nothing starts."""
+        active = [g for g in gens if g.state is GenerationState.ACTIVE]
+        want = bool(active) and active[-1].config.prefork and active[-1].config.workers.warm \
+            and not any(g.state is GenerationState.STARTING for g in gens)
+        if self.standby is not None and (not want or self.standby_key != standby_key(active[-1].config)):
+            self._stop_standby()
+        start = self.starts.get(active[-1].number) if want else None
+        if not want or self.standby is not None or start is None or self.templates is None:
+            return
+        if self.standby_deaths >= STANDBY_DEATHS:
+            return
+        launch, env = start
+        try:
+            pid = self.templates.start((*launch.argv[:-1], "--standby"), env, launch.cwd, launch.user,
+                                       launch.group)
+        except SpawnError as e:
+            self.standby_deaths += 1
+            log.warning("cannot start a standby template: %s", e)
+            return
+        self.standby, self.standby_key = pid, standby_key(active[-1].config)
+        self.spares.add(pid)
+
+    def _stop_standby(self) -> None:
+        if self.standby is not None and self.templates is not None:
+            self.templates.stop(self.standby)
+        self.standby = None
 
     def _had_template(self) -> set[int]:
         return {g.number for g in self.owner.values()}
@@ -127,7 +198,11 @@ class Prefork:
         self._sweep(gens)
         workers = {pid for g in gens for pid in g.pids()}
         out = []
+        self._keep_standby(gens)
         for ex in exits:
+            if ex.pid in self.spares:
+                self._standby_exited(ex)
+                continue
             if ex.pid in self.owner:
                 self._template_exited(ex, now)
                 continue
@@ -138,6 +213,14 @@ class Prefork:
             out.append(ex)
         return out
 
+    def _standby_exited(self, ex: Exit) -> None:
+        self.spares.discard(ex.pid)
+        if ex.pid == self.standby:
+            self.standby = None
+            self.standby_deaths += 1
+            log.warning("standby template pid %d %s%s", ex.pid, ex.describe(),
+                        "; no more standbys" if self.standby_deaths >= STANDBY_DEATHS else "")
+
     def _sweep(self, gens: list[Generation]) -> None:
         serving = {g.number for g in gens if g.state in SERVING}
         for number, pid in list(self.live.items()):
@@ -146,6 +229,8 @@ class Prefork:
                 self.stopped.add(pid)
                 self.templates.stop(pid)
                 log.info("generation %d: template pid %d stopped", number, pid)
+        for number in [n for n in self.starts if n not in serving]:
+            del self.starts[number]
 
     def _template_exited(self, ex: Exit, now: float) -> None:
         gen = self.owner[ex.pid]

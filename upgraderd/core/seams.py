@@ -84,6 +84,9 @@ class TemplateAPI(Protocol):
     def fork(self, pid: int, slot: int, env: Mapping[str, str], fds: Sequence[int]) -> None:
         """Ask template `pid` for a worker in `slot` with `env` and `fds` at 3, 4, ...; raise SpawnError."""
 
+    def load(self, pid: int, app: str, env: Mapping[str, str]) -> None:
+        """Make standby `pid` import `app` with `env` and become a template; raise SpawnError."""
+
     def stop(self, pid: int) -> None:
         """Close template `pid`'s channel and kill it; its workers live on."""
 

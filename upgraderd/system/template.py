@@ -78,10 +78,13 @@ class PosixTemplates:
 
     def fork(self, pid: int, slot: int, env: Mapping[str, str], fds: Sequence[int]) -> None:
         """Ask template `pid` for a worker in `slot`; raise SpawnError if it cannot take the request."""
+        self._send(pid, {"slot": slot, "env": dict(env)}, fds)
+
+    def _send(self, pid: int, request: dict[str, object], fds: Sequence[int]) -> None:
         channel = self.channels.get(pid)
         if channel is None:
             raise SpawnError(f"template pid {pid} is gone")
-        payload = json.dumps({"slot": slot, "env": dict(env)}).encode()
+        payload = json.dumps(request).encode()
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
         try:
             channel.sendmsg([payload], anc)
@@ -89,6 +92,10 @@ class PosixTemplates:
             raise SpawnError(f"template pid {pid} is not taking requests (queue full)") from None
         except OSError as e:
             raise SpawnError(f"cannot reach template pid {pid}: {e.strerror or e}") from None
+
+    def load(self, pid: int, app: str, env: Mapping[str, str]) -> None:
+        """Make standby `pid` import `app` with `env` and become a template; raise SpawnError."""
+        self._send(pid, {"load": app, "env": dict(env)}, ())
 
     def stop(self, pid: int) -> None:
         """Close template `pid`'s channel and SIGKILL it; workers it forked live on."""
