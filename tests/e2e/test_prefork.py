@@ -239,3 +239,23 @@ def test_forked_workers_count_their_connections(tmp_path):
         d.hup()
         wait_until(lambda: "generation 1 DRAINING -> RETIRED" in d.log(), 10, "generation 1 to retire")
         assert accepted() == 20   # the retired workers' counts were folded, not lost or doubled
+
+
+def test_a_warm_standby_never_serves_stale_app_code(tmp_path):
+    (tmp_path / "out").mkdir()
+    write_app(tmp_path, "v1")
+    port = free_port()
+    cfg = app_config(port, tmp_path)
+    cfg["workers"]["warm"] = True
+    with Daemon(tmp_path, cfg).start() as d:
+        gen1 = forked(d)
+        wait_until(lambda: len(templates(d)) == 2, 20, "a standby next to generation 1's template")
+        # After the standby started: a new release, with a module that did not exist before.
+        (tmp_path / "fresh_helper.py").write_text("TAG = 'helper-2'\n")
+        write_app(tmp_path, "version-two", extra="from fresh_helper import TAG\nVERSION = VERSION + TAG")
+        d.hup()
+        d.wait_log(r"generation 2 STARTING -> ACTIVE")
+        assert re.search(r"generation 2: template pid \d+ started \(warm standby\)", d.log())
+        wait_until(lambda: not forked(d) & gen1 and len(forked(d)) == 2, 10, "generation 2 alone")
+        assert {ran(tmp_path)[p][0] for p in forked(d)} == {"version-twohelper-2"}
+        assert ask(port).startswith("version-twohelper-2 ")

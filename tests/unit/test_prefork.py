@@ -163,3 +163,35 @@ def test_the_old_template_stops_and_a_late_spawned_is_drained(rig):
     spawned(note, t1, (1, 5999))   # sent before it was stopped
     m.step(set())
     assert (5999, signal.SIGTERM) in procs.kills
+
+
+def test_a_warm_standby_takes_the_next_generation_only_if_it_fits(rig, tmp_path):
+    m, procs, note, tpl, _ = rig
+    path = tmp_path / "u.yaml"
+    path.write_text(path.read_text().replace("prefork: true", "prefork: true, warm: true"))
+    (t1,) = procs.pids()
+    spawned(note, t1, (0, 5000), (1, 5001))
+    note.ready(5000, 5001)
+    m.step(set())
+    m.step({signal.SIGHUP})      # generation 2, warm: a fresh template (no standby yet)
+    t2 = procs.pids()[-1]
+    spawned(note, t2, (0, 6000), (1, 6001))
+    note.ready(6000, 6001)
+    m.step(set())
+    m.step(set())
+    standby = procs.pids()[-1]
+    assert procs.spawn_of(standby).argv[-1] == "--standby" and m.active.number == 2
+    m.step({signal.SIGHUP})      # generation 3 takes the standby: no exec
+    assert tpl.loads == [(standby, "echo")] and procs.pids()[-1] == standby
+    assert [f[:2] for f in tpl.forks[-2:]] == [(standby, 0), (standby, 1)]
+    spawned(note, standby, (0, 7000), (1, 7001))
+    note.ready(7000, 7001)
+    m.step(set())
+    m.step(set())
+    second = procs.pids()[-1]
+    assert procs.spawn_of(second).argv[-1] == "--standby"
+    # A changed worker environment: the standby's interpreter does not fit; a fresh exec.
+    path.write_text(path.read_text().replace("warm: true", "warm: true, env: {A: b}"))
+    m.step({signal.SIGHUP})
+    assert second in tpl.stopped and tpl.loads == [(standby, "echo")]
+    assert procs.spawn_of(procs.pids()[-1]).argv[-1] == "echo"
