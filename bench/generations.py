@@ -3,7 +3,7 @@
 One run, every system under the same client load, one after the other:
 
 - upgraderd, built-in echo, 4 workers, each worker exec'd (`prefork: false`);
-- upgraderd, built-in echo, 4 workers forked from a template (`prefork: true`);
+- upgraderd, built-in echo, 4 workers forked from a template (`prefork: true`), cold and warm;
 - upgraderd, built-in http, 4 forked workers, keep-alive clients;
 - gunicorn (sync workers, 4), HUP, a one-line WSGI app, connection-per-request clients.
 
@@ -153,11 +153,12 @@ def p(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
 
 
-def run_upgraderd(app: str, prefork: bool, kind: str, hups: int, interval: float) -> dict[str, object]:
+def run_upgraderd(app: str, prefork: bool, kind: str, hups: int, interval: float,
+                  warm: bool = False) -> dict[str, object]:
     """Run one upgraderd system through `hups` HUPs under load; return its figures."""
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = echo_config(port, workers={"count": 4, "app": app, "prefork": prefork})
+        cfg = echo_config(port, workers={"count": 4, "app": app, "prefork": prefork, "warm": warm})
         with Daemon(Path(tmp), cfg).start() as d:
             clients = Clients(port, kind).start()
             time.sleep(1.0)  # warm-up before the measured span
@@ -255,6 +256,8 @@ def main() -> None:
     rows = [
         ("upgraderd echo, exec'd workers", lambda: run_upgraderd("echo", False, "echo", args.hups, args.interval)),
         ("upgraderd echo, prefork", lambda: run_upgraderd("echo", True, "echo", args.hups, args.interval)),
+        ("upgraderd echo, prefork warm", lambda: run_upgraderd("echo", True, "echo", args.hups, args.interval,
+                                                               warm=True)),
         ("upgraderd http, prefork, keep-alive", lambda: run_upgraderd("http", True, "http-keepalive", args.hups,
                                                                       args.interval)),
         ("upgraderd http, prefork", lambda: run_upgraderd("http", True, "http", args.hups, args.interval)),
