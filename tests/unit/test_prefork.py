@@ -23,6 +23,7 @@ class FakeTemplates:
         self.forks: list[tuple[int, int, dict[str, str], tuple[int, ...]]] = []  # (template, slot, env, fds)
         self.stopped: list[int] = []
         self.loads: list[tuple[int, str]] = []
+        self.strangers: set[int] = {1, 4242}
 
     def start(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None = None,
               user: str | None = None, group: str | None = None) -> int:
@@ -38,6 +39,9 @@ class FakeTemplates:
 
     def stop(self, pid: int) -> None:
         self.stopped.append(pid)
+
+    def is_child(self, pid: int) -> bool:
+        return pid not in self.strangers
 
 
 @pytest.fixture
@@ -87,8 +91,9 @@ def test_spawned_is_believed_only_from_the_template(rig):
     (template,) = procs.pids()
     spawned(note, template, (0, 5000))
     note.send(5000, b"SPAWNED=1:6666")   # a worker cannot claim a slot
+    spawned(note, template, (1, 4242))   # nor can the template name a process not ours
     m.step(set())
-    assert sorted(m.starting.pids()) == [5000]
+    assert sorted(m.starting.pids()) == [5000] and procs.kills == []
 
 
 def test_an_exit_reaped_before_its_spawned_is_applied_late(rig):

@@ -180,11 +180,18 @@ class Prefork:
             log.warning("generation %d: template sent a malformed SPAWNED=%.40r; ignored", gen.number, value)
             return
         slot, pid = int(slot_s), int(pid_s)
+        # The template runs the app's code: a pid it names is signalled later, so
+        # it must be a child of ours (forked workers are re-parented before SPAWNED).
+        if pid not in self.unknown and (self.templates is None or not self.templates.is_child(pid)):
+            log.warning("generation %d: template named pid %d, which is not a child of the master; ignored",
+                        gen.number, pid)
+            return
         url = self.urls.pop((gen.number, slot), None)
         if not gen.on_spawned(slot, pid, now):
             log.warning("generation %d slot %d: pid %d forked but not wanted (generation %s); draining it",
                         gen.number, slot, pid, gen.state.name)
-            self.procs.kill(pid, gen.config.drain_signal)
+            if self.unknown.pop(pid, None) is None:   # an exited pid may be someone else's by now
+                self.procs.kill(pid, gen.config.drain_signal)
             return
         log.debug("generation %d slot %d: forked pid %d", gen.number, slot, pid)
         gen.ready_rule.started(pid, url, now)

@@ -90,6 +90,9 @@ class TemplateAPI(Protocol):
     def stop(self, pid: int) -> None:
         """Close template `pid`'s channel and kill it; its workers live on."""
 
+    def is_child(self, pid: int) -> bool:
+        """Return True if `pid` is a live (or unreaped) child of the master."""
+
 
 @dataclass(frozen=True)
 class Retired:

@@ -107,6 +107,17 @@ class PosixTemplates:
         except ProcessLookupError:
             pass
 
+    def is_child(self, pid: int) -> bool:
+        """Return True if `pid` is a live (or unreaped) child of this process."""
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            return False
+        # The command name may hold spaces and parentheses: fields follow the last ')'.
+        fields = stat[stat.rfind(b")") + 2:].split()
+        return len(fields) > 1 and fields[1] == str(os.getpid()).encode()
+
     def close_all(self) -> None:
         """Stop every template (only at exit)."""
         for pid in list(self.channels):
