@@ -49,6 +49,7 @@ import signal
 import socket
 import sys
 import traceback
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from upgraderd.system.notify import notify
@@ -57,6 +58,7 @@ PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 CONTROL_FD = 3
 MAX_FDS = 64
+MAX_BATCH = 64
 HIGH_FD = 64
 
 
@@ -102,20 +104,49 @@ def _control() -> socket.socket:
 def serve(control: socket.socket, run: Callable[[], int]) -> int:
     """Fork a worker per request until the master closes the channel."""
     while True:
+        batch = _receive(control)
+        if batch is None:
+            return 0
+        received = [fd for _slot, _env, fds in batch for fd in fds]
+        pending: list[_Pending] = []
         try:
-            data, anc, _flags, _addr = control.recvmsg(1 << 20, socket.CMSG_SPACE(MAX_FDS * 4))
+            # Fork every queued request before waiting for any: each wait is a hand-off
+            # between processes, which costs most on a loaded machine.
+            for slot, env, fds in batch:
+                others = [fd for fd in received if fd not in fds]
+                others += [fd for p in pending for fd in (p.pid_r, p.gate_w)]
+                pending.append(_start(control, slot, env, fds, others, run))
+        finally:
+            for fd in received:
+                os.close(fd)
+            for p in pending:
+                _finish(p)
+
+
+Request = tuple[int, dict[str, str], list[int]]
+
+
+def _receive(control: socket.socket) -> list[Request] | None:
+    """Wait for a request, then take every one already queued; None once the master is gone."""
+    batch: list[Request] = []
+    flags = 0
+    while len(batch) < MAX_BATCH:
+        try:
+            data, anc, _flags, _addr = control.recvmsg(1 << 20, socket.CMSG_SPACE(MAX_FDS * 4), flags)
+        except BlockingIOError:
+            break
         except InterruptedError:
             continue
         fds = [fd for level, kind, raw in anc if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
                for fd in _unpack(raw)]
         if not data:
-            return 0
-        try:
-            request = json.loads(data)
-            fork_worker(control, int(request["slot"]), dict(request["env"]), fds, run)
-        finally:
             for fd in fds:
                 os.close(fd)
+            break
+        request = json.loads(data)
+        batch.append((int(request["slot"]), dict(request["env"]), fds))
+        flags = socket.MSG_DONTWAIT
+    return batch or None
 
 
 def _unpack(raw: bytes) -> list[int]:
@@ -123,32 +154,47 @@ def _unpack(raw: bytes) -> list[int]:
     return [int.from_bytes(raw[i:i + 4], sys.byteorder, signed=True) for i in range(0, usable, 4)]
 
 
-def fork_worker(control: socket.socket, slot: int, env: dict[str, str], fds: list[int],
-                run: Callable[[], int]) -> None:
-    """Double-fork one worker, tell the master its pid, then let it run."""
+@dataclass
+class _Pending:
+    """A worker forked but not yet announced and released."""
+
+    slot: int
+    notify_socket: str | None
+    middle: int
+    pid_r: int
+    gate_w: int
+
+
+def _start(control: socket.socket, slot: int, env: dict[str, str], fds: list[int], others: list[int],
+           run: Callable[[], int]) -> _Pending:
+    """Double-fork one worker; it waits at its gate until `_finish`."""
     gate_r, gate_w = os.pipe()
     pid_r, pid_w = os.pipe()
     middle = os.fork()
     if middle == 0:
         worker = os.fork()
         if worker == 0:
-            os.close(gate_w)
-            os.close(pid_r)
-            os.close(pid_w)
+            for fd in (gate_w, pid_r, pid_w, *others):
+                os.close(fd)   # another worker's gate held here could keep it shut forever
             _become_worker(control, gate_r, env, fds, run)
         os.write(pid_w, str(worker).encode())
         os._exit(0)
     os.close(gate_r)
     os.close(pid_w)
+    return _Pending(slot, env.get("NOTIFY_SOCKET"), middle, pid_r, gate_w)
+
+
+def _finish(p: _Pending) -> None:
+    """Once the worker is the master's child, tell the master its pid, then open its gate."""
     try:
-        os.waitpid(middle, 0)
-        raw = os.read(pid_r, 32)
+        os.waitpid(p.middle, 0)
+        raw = os.read(p.pid_r, 32)
         if raw.isdigit():
-            notify(f"SPAWNED={slot}:{int(raw)}", env.get("NOTIFY_SOCKET"))
-            os.write(gate_w, b"1")
+            notify(f"SPAWNED={p.slot}:{int(raw)}", p.notify_socket)
+            os.write(p.gate_w, b"1")
     finally:
-        os.close(pid_r)
-        os.close(gate_w)
+        os.close(p.pid_r)
+        os.close(p.gate_w)
 
 
 def _become_worker(control: socket.socket, gate: int, env: dict[str, str], fds: list[int],
