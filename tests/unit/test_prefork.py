@@ -171,7 +171,7 @@ def test_the_old_template_stops_and_a_late_spawned_is_drained(rig):
 
 
 def test_a_warm_standby_takes_the_next_generation_only_if_it_fits(rig, tmp_path):
-    m, procs, note, tpl, _ = rig
+    m, procs, note, tpl, clock = rig
     path = tmp_path / "u.yaml"
     path.write_text(path.read_text().replace("prefork: true", "prefork: true, warm: true"))
     (t1,) = procs.pids()
@@ -183,6 +183,8 @@ def test_a_warm_standby_takes_the_next_generation_only_if_it_fits(rig, tmp_path)
     spawned(note, t2, (0, 6000), (1, 6001))
     note.ready(6000, 6001)
     m.step(set())
+    assert procs.pids()[-1] == t2 and m.timeout(clock[0]) == pytest.approx(0.3)   # not at once
+    clock[0] += 0.3
     m.step(set())
     standby = procs.pids()[-1]
     assert procs.spawn_of(standby).argv[-1] == "--standby" and m.active.number == 2
@@ -192,6 +194,7 @@ def test_a_warm_standby_takes_the_next_generation_only_if_it_fits(rig, tmp_path)
     spawned(note, standby, (0, 7000), (1, 7001))
     note.ready(7000, 7001)
     m.step(set())
+    clock[0] += 0.3
     m.step(set())
     second = procs.pids()[-1]
     assert procs.spawn_of(second).argv[-1] == "--standby"

@@ -249,6 +249,7 @@ class Master:
         deadlines = [d for g in self.generations if (d := g.next_deadline()) is not None]
         if (probe_due := self.system.probes.next_deadline()) is not None:
             deadlines.append(probe_due)
+        deadlines += self.spawner.prefork.deadlines(self.generations)
         return max(0.0, min(1.0, min(deadlines, default=now + 1.0) - now))
 
     def read_notify(self, now: float) -> None:

@@ -54,6 +54,8 @@ REMEMBERED = 64
 SERVING = (GenerationState.STARTING, GenerationState.ACTIVE)
 # Standbys that died on their own before the master gives up on them.
 STANDBY_DEATHS = 3
+# How long after a generation became ACTIVE its successor's standby is started.
+STANDBY_DELAY = 0.3
 
 
 def standby_key(cfg: Config) -> tuple[object, ...]:
@@ -82,10 +84,6 @@ class Prefork:
         self.standby_key: tuple[object, ...] = ()
         self.spares: set[int] = set()     # standby pids not (yet) adopted, live or being stopped
         self.standby_deaths = 0
-
-    def template_pids(self) -> list[int]:
-        """Return the pids of the live templates."""
-        return list(self.live.values())
 
     def request(self, gen: Generation, slot: int, launch: Launch) -> None:
         """Ask `gen`'s template (started now if this is its first worker) for `slot`."""
@@ -124,7 +122,7 @@ class Prefork:
             return None
         return pid
 
-    def _keep_standby(self, gens: list[Generation]) -> None:
+    def _keep_standby(self, gens: list[Generation], now: float) -> None:
         """Keep one standby while the newest generation is a warm prefork one and nothing starts."""
         active = [g for g in gens if g.state is GenerationState.ACTIVE]
         want = bool(active) and active[-1].config.prefork and active[-1].config.workers.warm \
@@ -133,6 +131,9 @@ class Prefork:
             self._stop_standby()
         start = self.starts.get(active[-1].number) if want else None
         if not want or self.standby is not None or start is None or self.templates is None:
+            return
+        # Not at once: the new generation's first moments belong to its clients, not to an import.
+        if now < (active[-1].active_at or now) + STANDBY_DELAY:
             return
         if self.standby_deaths >= STANDBY_DEATHS:
             return
@@ -146,6 +147,14 @@ class Prefork:
             return
         self.standby, self.standby_key = pid, standby_key(active[-1].config)
         self.spares.add(pid)
+
+    def deadlines(self, gens: list[Generation]) -> list[float]:
+        """Return when a standby is due to start (or [] if none is)."""
+        if self.standby is not None or self.standby_deaths >= STANDBY_DEATHS:
+            return []
+        return [g.active_at + STANDBY_DELAY for g in gens[-1:] if g.state is GenerationState.ACTIVE
+                and g.active_at is not None and g.config.prefork and g.config.workers.warm
+                and g.number in self.starts]
 
     def _stop_standby(self) -> None:
         if self.standby is not None and self.templates is not None:
@@ -205,7 +214,7 @@ class Prefork:
         self._sweep(gens)
         workers = {pid for g in gens for pid in g.pids()}
         out = []
-        self._keep_standby(gens)
+        self._keep_standby(gens, now)
         for ex in exits:
             if ex.pid in self.spares:
                 self._standby_exited(ex)
