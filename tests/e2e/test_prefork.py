@@ -259,3 +259,28 @@ def test_a_warm_standby_never_serves_stale_app_code(tmp_path):
         wait_until(lambda: not forked(d) & gen1 and len(forked(d)) == 2, 10, "generation 2 alone")
         assert {ran(tmp_path)[p][0] for p in forked(d)} == {"version-twohelper-2"}
         assert ask(port).startswith("version-twohelper-2 ")
+
+
+def socket_fds(pid: int) -> int:
+    """Return how many sockets `pid` holds open."""
+    fd_dir = Path(f"/proc/{pid}/fd")
+    return sum(1 for fd in fd_dir.iterdir() if os.readlink(fd).startswith("socket:"))
+
+
+def test_the_template_holds_no_listener_and_dies_with_the_master(tmp_path):
+    port = free_port()
+    cfg = echo_config(port, workers={"count": 2, "app": "echo", "prefork": True, "warm": True})
+    d = Daemon(tmp_path, cfg).start()
+    try:
+        workers = forked(d)
+        wait_until(lambda: len(templates(d)) == 2, 20, "the template and a standby")
+        tmpl = templates(d)
+        # A template keeps only its control channel: every listener went to the workers.
+        assert {p: socket_fds(p) for p in tmpl} == {p: 1 for p in tmpl}
+        d.proc.kill()   # SIGKILL: no drain, no clean-up by the master
+        d.proc.wait(10)
+        wait_until(lambda: not any(alive(p) for p in tmpl), 10, "the templates to die with the master")
+        # Workers notice that their parent is gone and drain (no clients: they exit).
+        wait_until(lambda: not any(alive(p) for p in workers), 10, "the orphaned workers to drain")
+    finally:
+        d.stop()
