@@ -246,7 +246,6 @@ class Server:
                 self._close(conn)
         return not self.conns
 
-
     def _timeout(self) -> float:
         """Wake for the next idle connection's grace deadline while draining, else poll the parent.
 

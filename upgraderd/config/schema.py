@@ -37,6 +37,8 @@ from upgraderd.config.validators import (
 
 DEFAULT_PATH = "config/upgraderd.yaml"
 MODES = ("reuseport", "shared", "worker-bind")
+
+
 # -- the schema --
 
 @dataclass(frozen=True, kw_only=True)
