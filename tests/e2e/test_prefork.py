@@ -259,6 +259,9 @@ def test_a_warm_standby_never_serves_stale_app_code(tmp_path):
         wait_until(lambda: not forked(d) & gen1 and len(forked(d)) == 2, 10, "generation 2 alone")
         assert {ran(tmp_path)[p][0] for p in forked(d)} == {"version-twohelper-2"}
         assert ask(port).startswith("version-twohelper-2 ")
+        samples = scrape(cfg)
+        assert value(samples, "upgraderd_templates_started_total", kind="cold") == 1
+        assert value(samples, "upgraderd_templates_started_total", kind="warm") == 1
 
 
 def socket_fds(pid: int) -> int:

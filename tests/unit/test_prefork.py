@@ -78,6 +78,7 @@ def test_one_template_per_generation_forks_every_slot(rig):
         [(template, 0, "0", "1", 1), (template, 1, "1", "1", 1)]
     gen = m.starting
     assert [w.pid for w in gen.workers.values()] == [None, None]
+    assert m.stats.templates_started == {"cold": 1, "warm": 0}
     # SPAWNED and the workers' READY=1 in one batch: the pids are learned first.
     spawned(note, template, (0, 5000), (1, 5001))
     note.ready(5000, 5001)
@@ -190,6 +191,7 @@ def test_a_warm_standby_takes_the_next_generation_only_if_it_fits(rig, tmp_path)
     assert procs.spawn_of(standby).argv[-1] == "--standby" and m.active.number == 2
     m.step({signal.SIGHUP})      # generation 3 takes the standby: no exec
     assert tpl.loads == [(standby, "echo")] and procs.pids()[-1] == standby
+    assert m.stats.templates_started == {"cold": 2, "warm": 1}
     assert [f[:2] for f in tpl.forks[-2:]] == [(standby, 0), (standby, 1)]
     spawned(note, standby, (0, 7000), (1, 7001))
     note.ready(7000, 7001)

@@ -44,6 +44,7 @@ from upgraderd.errors import SpawnError
 if TYPE_CHECKING:
     from upgraderd.config.schema import Config
     from upgraderd.core.launcher import Launch
+    from upgraderd.core.stats import Stats
 
 log = logging.getLogger("upgraderd")
 
@@ -71,9 +72,10 @@ def standby_key(cfg: Config) -> tuple[object, ...]:
 class Prefork:
     """Track templates by generation, and the workers they fork."""
 
-    def __init__(self, templates: TemplateAPI | None, procs: ProcessAPI) -> None:
+    def __init__(self, templates: TemplateAPI | None, procs: ProcessAPI, stats: Stats) -> None:
         self.templates = templates
         self.procs = procs
+        self.stats = stats
         self.live: dict[int, int] = {}                 # generation number -> template pid
         self.owner: OrderedDict[int, Generation] = OrderedDict()   # template pid -> generation
         self.urls: dict[tuple[int, int], str | None] = {}          # pending (generation, slot) -> ready url
@@ -100,8 +102,9 @@ class Prefork:
             self.live[gen.number] = pid
             self.starts[gen.number] = (launch, env)
             self._remember(pid, gen)
-            log.info("generation %d: template pid %d started%s", gen.number, pid,
-                     " (warm standby)" if pid in self.spares else "")
+            warm = pid in self.spares
+            self.stats.templates_started["warm" if warm else "cold"] += 1
+            log.info("generation %d: template pid %d started%s", gen.number, pid, " (warm standby)" if warm else "")
             self.spares.discard(pid)
         self.templates.fork(pid, slot, launch.env, launch.fds)
         self.urls[(gen.number, slot)] = launch.ready_url
