@@ -91,7 +91,7 @@ def test_crashed_worker_is_respawned_into_its_slot(tmp_path):
         victim = min(before)
         os.kill(victim, signal.SIGKILL)
         d.wait_log(rf"pid {victim} killed by SIGKILL\); respawning in 0.10s")
-        m = d.wait_log(r"generation 1 slot (\d+): respawning$")[0]
+        m = d.wait_log(r"generation 1 slot (\d+): respawning(?:\n|$)")[0]
         def refilled() -> set[int] | None:
             w = d.workers()
             return w if len(w) == 4 and victim not in w else None

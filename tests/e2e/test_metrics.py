@@ -175,7 +175,7 @@ def test_failed_reloads_rejections_and_crashes_are_counted(tmp_path):
         wait_until(lambda: len(d.workers()) == 2, 10, "only generation 4's workers")
         killed_before = value(s, "upgraderd_worker_exits_total", reason="signal")
         os.kill(min(d.workers()), signal.SIGKILL)
-        d.wait_log(r"generation 4 slot \d: respawning$")
+        d.wait_log(r"generation 4 slot \d: respawning(?:\n|$)")
         s = wait_until(lambda: (x := scrape(good)) and value(x, "upgraderd_workers", state="ready") == 2 and x,
                        10, "the slot to be ready again")
         assert value(s, "upgraderd_worker_restarts_total") == 1

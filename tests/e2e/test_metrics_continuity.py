@@ -80,7 +80,7 @@ def test_counters_are_monotonic_over_200_reloads_and_crashes(tmp_path):
                 (victim,) = [p for p in d.workers() if generation_of(p) == n - 1]
                 os.kill(victim, signal.SIGKILL)
                 crashes += 1
-                d.wait_log(rf"generation {n - 1} slot 0: respawning$")
+                d.wait_log(rf"generation {n - 1} slot 0: respawning(?:\n|$)")
             d.send(signal.SIGHUP)
             d.wait_log(rf"reload done: generation {n} ACTIVE", timeout=30)
         final = RELOADS + 1

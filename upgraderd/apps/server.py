@@ -135,7 +135,7 @@ class Server:
                 self._start_drain()
             if self.draining_since is not None and self._drained():
                 break
-            for key, mask in self.sel.select(timeout=0.5):
+            for key, mask in self.sel.select(timeout=self._timeout()):
                 self._dispatch(key, mask)
             if self.moves is not None:
                 self.moves.poll()
@@ -310,6 +310,20 @@ class Server:
                     and not _has_unread(conn.sock):
                 self._close(conn)
         return not self.conns
+
+    def _timeout(self) -> float:
+        """Wake for the next idle connection's grace deadline while draining, else poll the parent.
+
+        The drain signal itself wakes the loop through the wakeup fd; without this
+        a drained worker would notice its last idle connection's grace only at the
+        next 0.5 s poll.
+        """
+        if self.draining_since is None or self.draining_since < 0:
+            return 0.5
+        due = [max(c.last_io, self.draining_since) + self.idle_grace for c in self.conns.values()
+               if c.proto.idle() and not c.out]
+        # A floor: a connection past its grace but kept (unread bytes) must not spin the loop.
+        return max(0.005, min([time.monotonic() + 0.5, *due]) - time.monotonic())
 
 
 def _has_unread(sock: socket.socket) -> bool:

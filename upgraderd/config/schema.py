@@ -27,6 +27,7 @@ import yaml
 from upgraderd.config import checks, source
 from upgraderd.config.source import MAX_BYTES, MAX_VALUES  # noqa: F401 (part of this module's API)
 from upgraderd.config.watchlist import watch_paths
+from upgraderd.config.appspec import BUILTIN_APPS, app_name, boolean
 from upgraderd.errors import ConfigError
 from upgraderd.config.validators import (
     REQUIRED, Invalid, opt, integer, string, name, one_of,
@@ -35,7 +36,6 @@ from upgraderd.config.validators import (
 )
 
 DEFAULT_PATH = "config/upgraderd.yaml"
-BUILTIN_APPS = ("echo", "http")
 MODES = ("reuseport", "shared", "worker-bind")
 
 
@@ -63,13 +63,19 @@ class WorkerSpec:
     """What a worker process runs and how many of them."""
 
     count: int = opt(4, integer(1, 1024), "Number of worker processes (slots) per generation.")
-    app: str | None = opt(None, one_of(*BUILTIN_APPS), "Built-in app to run: echo or http.")
+    app: str | None = opt(None, app_name, "Built-in app (echo, http) or your own, "
+                          "`package.module:factory`, forked from a template (see `prefork`).")
     command: tuple[str, ...] | None = opt(None, argv, "argv of the worker program (instead of app).")
     env: dict[str, str] = opt({}, env_map, "Extra environment variables for the workers.")
     cwd: str | None = opt(None, directory, "Working directory of the workers (default: the master's; / in daemon mode).")
     user: str | None = opt(None, user_name, "Run the workers as this user (the master must be root).")
     group: str | None = opt(None, group_name, "Run the workers with this group (default: the user's).")
     threads: int = opt(1, integer(1, 256), "Threads per worker of a built-in app (app only).")
+    prefork: bool = opt(False, boolean, "Fork the workers of a built-in app from one template "
+                        "process per generation (always on for `module:factory` apps).")
+    warm: bool = opt(False, boolean, "With prefork: keep a standby interpreter with the standard "
+                     "library, prometheus-client and upgraderd loaded; the next generation's template "
+                     "imports only the app, fresh from disk.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -165,7 +171,15 @@ class Config:
         """Return the argv a worker of this config runs."""
         if self.workers.command is not None:
             return self.workers.command
+        if self.prefork:
+            return (sys.executable, "-m", "upgraderd.apps.template", str(self.workers.app))
         return (sys.executable, "-m", f"upgraderd.apps.{self.workers.app}")
+
+    @property
+    def prefork(self) -> bool:
+        """Return True if workers are forked from a template process of their generation."""
+        w = self.workers
+        return w.app is not None and (w.prefork or w.app not in BUILTIN_APPS)
 
     @property
     def fd_listeners(self) -> tuple[ListenerSpec, ...]:

@@ -80,8 +80,9 @@ class Worker:
 class Launcher(Protocol):
     """How a generation starts and signals its processes (the master implements it)."""
 
-    def spawn_worker(self, gen: Generation, slot: int) -> int:
-        """Start the worker for `slot` of `gen`; return its pid or raise SpawnError."""
+    def spawn_worker(self, gen: Generation, slot: int) -> int | None:
+        """Start the worker for `slot` of `gen`; return its pid, None if it comes later
+        (`on_spawned`), or raise SpawnError."""
 
     def signal_worker(self, pid: int, sig: int) -> None:
         """Send `sig` to worker `pid`."""
@@ -156,8 +157,23 @@ class Generation:
                 self._crashed(w, now, str(e))
             return False
         w.state, w.ready_at, w.killed = WorkerState.STARTING, None, False
-        log.debug("generation %d slot %d: spawned pid %d", self.number, w.slot, w.pid)
+        log.debug("generation %d slot %d: spawned pid %s", self.number, w.slot, w.pid)
         return True
+
+    def on_spawned(self, slot: int, pid: int, now: float) -> bool:
+        """Record the pid of a worker whose spawn returned none; return False if unwanted."""
+        w = self.workers.get(slot)
+        if w is None or w.pid is not None or w.state is not WorkerState.STARTING \
+                or self.state not in (GenerationState.STARTING, GenerationState.ACTIVE):
+            return False
+        w.pid = pid
+        return True
+
+    def fail_start(self, now: float, why: str) -> None:
+        """Fail this STARTING generation for a reason outside its workers."""
+        if self.state is GenerationState.STARTING:
+            # STARTING -> FAILED
+            self._fail(now, why)
 
     def pids(self) -> dict[int, Worker]:
         """Return the live workers by pid."""

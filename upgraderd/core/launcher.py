@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Mapping
 from upgraderd.config import placeholders
 from upgraderd.config.schema import Config
 from upgraderd.core.generation import Generation, GenerationState, WorkerState
+from upgraderd.core.prefork import Prefork
 from upgraderd.core.readiness import Readiness
 from upgraderd.errors import SpawnError
 
@@ -82,9 +83,11 @@ class Spawner:
 
     def __init__(self, master: Master) -> None:
         self.master = master
+        self.prefork = Prefork(master.system.templates, master.system.procs, master.stats)
 
-    def spawn_worker(self, gen: Generation, slot: int) -> int:
-        """Start worker `slot` of `gen` with its sockets; return the pid or raise SpawnError."""
+    def spawn_worker(self, gen: Generation, slot: int) -> int | None:
+        """Start worker `slot` of `gen` with its sockets; return the pid (None: a template
+        forks it, see core/prefork.py) or raise SpawnError."""
         m, sys_ = self.master, self.master.system
         ctx = Context(sys_.environ, sys_.notify.address, sys_.user_env(gen.config.workers.user),
                       m.metrics.worker_env(gen.config) if m.metrics else {})
@@ -94,6 +97,10 @@ class Spawner:
         except (OSError, ValueError) as e:
             raise SpawnError(f"cannot prepare the worker: {getattr(e, 'strerror', None) or e}") from None
         respawn = gen.state is GenerationState.ACTIVE and gen.workers[slot].state is WorkerState.BACKOFF
+        if gen.config.prefork:
+            self.prefork.request(gen, slot, spec)
+            m.stats.worker_restarts += respawn
+            return None
         pid = sys_.procs.spawn(spec.argv, spec.env, spec.fds, cwd=spec.cwd, user=spec.user, group=spec.group)
         if respawn:
             m.stats.worker_restarts += 1

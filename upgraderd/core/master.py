@@ -70,14 +70,12 @@ class Master:
         self.generations: list[Generation] = []
         self.config: Config | None = None
         self.reloads = reloads.ReloadTracker(wall)
-        self.stats = self.reloads.stats
-        self.judge = NotifyJudge(self.stats)
+        self.stats, self.judge = self.reloads.stats, NotifyJudge(self.reloads.stats)
         self.started_at, self.wall_started_at = clock(), wall()
         self.tcp_migrate_req: int | None = None   # as last read; None: unavailable
         self.next_number = 1
         self.stopping_mode: str | None = None
-        self.upgrade = upgrade.Upgrade()
-        self.exit_code: int = ExitCode.OK
+        self.upgrade, self.exit_code = upgrade.Upgrade(), ExitCode.OK
         self.published: snapshotmod.Snapshot | None = None  # rebound by the loop, read by metrics
         self.pending_signals: Callable[[], Iterable[int]] = lambda: ()  # set by the loop
         self._prepared: Config | None = None
@@ -251,12 +249,14 @@ class Master:
         """Return how long the loop may block in select."""
         due = [g.next_deadline() for g in self.generations]
         due += [self.system.probes.next_deadline(), self.upgrade.next_deadline(), self.reloads.files.deadline]
+        due += self.spawner.prefork.deadlines(self.generations)
         return max(0.0, min(1.0, min((d for d in due if d is not None), default=now + 1.0) - now))
 
     def read_notify(self, now: float) -> None:
         """Apply every pending notify message from a worker; count strangers."""
+        messages = self.spawner.prefork.on_notify(self.system.notify.receive(), now)  # learns pids first
         owners = {pid: g for g in self.generations for pid in g.pids()}
-        for pid, gen in self.judge.ready_pids(self.system.notify.receive(), owners, now):
+        for pid, gen in self.judge.ready_pids(messages, owners, now):
             gen.on_ready(pid, now)
 
     def poll_probes(self, now: float) -> None:
@@ -265,7 +265,7 @@ class Master:
 
     def reap(self, now: float) -> None:
         """Collect exited children and hand each to its generation."""
-        for ex in self.system.procs.reap():
+        for ex in self.spawner.prefork.on_exits(self.system.procs.reap(), self.generations, now):
             if upgrade.on_exit(self, ex):
                 continue
             self.stats.worker_exits[ex.reason] += 1

@@ -74,6 +74,26 @@ class ProcessAPI(Protocol):
         """Collect every child that has exited, without blocking."""
 
 
+class TemplateAPI(Protocol):
+    """Template processes that fork a generation's workers (see system/template.py)."""
+
+    def start(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None = None,
+              user: str | None = None, group: str | None = None) -> int:
+        """Exec a template with its control channel; return its pid or raise SpawnError."""
+
+    def fork(self, pid: int, slot: int, env: Mapping[str, str], fds: Sequence[int]) -> None:
+        """Ask template `pid` for a worker in `slot` with `env` and `fds` at 3, 4, ...; raise SpawnError."""
+
+    def load(self, pid: int, app: str, env: Mapping[str, str]) -> None:
+        """Make standby `pid` import `app` with `env` and become a template; raise SpawnError."""
+
+    def stop(self, pid: int) -> None:
+        """Close template `pid`'s channel and kill it; its workers live on."""
+
+    def is_child(self, pid: int) -> bool:
+        """Return True if `pid` is a live (or unreaped) child of the master."""
+
+
 @dataclass(frozen=True)
 class Retired:
     """What `retire()` did: sockets closed, parked (held by a live worker), closed unsteered."""
@@ -264,6 +284,8 @@ class System:
     exec_master: Callable[[Any, Sequence[int]], OSError]
     # Reload on file change (config `reload.watch`); None: not available.
     watcher: WatcherAPI | None = None
+    # Templates for prefork generations (None: not available, such configs fail to start).
+    templates: TemplateAPI | None = None
 
     def watched_fds(self) -> list[int]:
         """Return the fds the loop selects on besides the signal inbox."""

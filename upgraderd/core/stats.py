@@ -50,6 +50,9 @@ class Stats:
         ("clean", "error", "signal"))
     worker_restarts: int = counter(
         "upgraderd_worker_restarts", "Workers respawned into the slot of a dead worker of an ACTIVE generation.")
+    templates_started: dict[str, int] = counter(
+        "upgraderd_templates_started", "Prefork templates started for a generation: cold (a fresh exec) or "
+        "warm (a standby took the generation).", "kind", ("cold", "warm"))
     notify_rejected: int = counter(
         "upgraderd_notify_rejected", "Notify messages ignored because they came from a process that is not "
         "a worker, or were malformed.")

@@ -26,6 +26,7 @@ from upgraderd.system.notify import NotifyServer, notify
 from upgraderd.system.probe import Prober, reserve_port
 from upgraderd.system.process import PosixProcessAPI, user_env
 from upgraderd.system.signals import SignalInbox
+from upgraderd.system.template import PosixTemplates
 
 log = logging.getLogger("upgraderd")
 
@@ -64,11 +65,13 @@ def posix_system(handover: Handover | None, argv: Sequence[str],
     def exec_master(record: Any, pending: Sequence[int]) -> OSError:
         return reexec.exec_master(record.to_json(), record.inherited_fds(), argv, pending)
 
+    procs = PosixProcessAPI()
     listeners = sockets.ListenerSet()
     if adopted and cfg is not None:
         listeners.adopt_listening(cfg, adopted)
     return System(
-        procs=PosixProcessAPI(), notify=notify_server or NotifyServer(), listeners=listeners,
+        procs=procs, templates=PosixTemplates(procs), notify=notify_server or NotifyServer(),
+        listeners=listeners,
         probes=Prober(), kernel=PosixKernel(), environ=os.environ, load_config=schema.load,
         user_env=user_env, reserve_port=reserve_port, self_command=(sys.executable, "-m", "upgraderd"),
         tell_systemd=tell_systemd, exec_master=exec_master, watcher=FileWatcher())

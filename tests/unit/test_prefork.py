@@ -1,0 +1,207 @@
+"""The master's prefork decisions with fake processes and a fake template channel."""
+
+from __future__ import annotations
+
+import signal
+from typing import Mapping, Sequence
+
+import pytest
+
+from tests.support.fakes import FakeNotify, FakeProcessAPI, fake_system
+from tests.support.upgraderd_proc import free_port
+from upgraderd.core.generation import GenerationState, WorkerState
+from upgraderd.core.master import Master
+from upgraderd.core.seams import Exit
+from upgraderd.errors import SpawnError
+
+
+class FakeTemplates:
+    """A `TemplateAPI` whose templates are fake processes; records fork requests."""
+
+    def __init__(self, procs: FakeProcessAPI) -> None:
+        self.procs = procs
+        self.forks: list[tuple[int, int, dict[str, str], tuple[int, ...]]] = []  # (template, slot, env, fds)
+        self.stopped: list[int] = []
+        self.loads: list[tuple[int, str]] = []
+        self.strangers: set[int] = {1, 4242}
+
+    def start(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None = None,
+              user: str | None = None, group: str | None = None) -> int:
+        return self.procs.spawn(argv, env, (), cwd, user, group)
+
+    def fork(self, pid: int, slot: int, env: Mapping[str, str], fds: Sequence[int]) -> None:
+        if pid in self.stopped:
+            raise SpawnError(f"template pid {pid} is gone")
+        self.forks.append((pid, slot, dict(env), tuple(fds)))
+
+    def load(self, pid: int, app: str, env: Mapping[str, str]) -> None:
+        self.loads.append((pid, app))
+
+    def stop(self, pid: int) -> None:
+        self.stopped.append(pid)
+
+    def is_child(self, pid: int) -> bool:
+        return pid not in self.strangers
+
+
+@pytest.fixture
+def rig(tmp_path):
+    path = tmp_path / "u.yaml"
+    path.write_text(f"""\
+listeners:
+  - {{name: web, port: {free_port()}}}
+workers: {{count: 2, app: echo, prefork: true}}
+restart: {{backoff: 1s}}
+kernel: {{tcp_migrate_req: ignore}}
+""")
+    procs, note, clock = FakeProcessAPI(), FakeNotify(), [100.0]
+    system = fake_system(procs, note)
+    system.templates = FakeTemplates(procs)
+    m = Master(str(path), system, clock=lambda: clock[0])
+    m.start()
+    yield m, procs, note, system.templates, clock
+    system.listeners.close_all()
+    system.probes.close()
+
+
+def spawned(note: FakeNotify, template: int, *pairs: tuple[int, int]) -> None:
+    for slot, pid in pairs:
+        note.send(template, f"SPAWNED={slot}:{pid}".encode())
+
+
+def test_one_template_per_generation_forks_every_slot(rig):
+    m, procs, note, tpl, _ = rig
+    (template,) = procs.pids()
+    assert procs.spawns[0].argv[-2:] == ("upgraderd.apps.template", "echo")
+    assert "LISTEN_FDS" not in procs.spawns[0].env
+    assert [(t, s, env["UPGRADERD_SLOT"], env["LISTEN_FDS"], len(fds)) for t, s, env, fds in tpl.forks] == \
+        [(template, 0, "0", "1", 1), (template, 1, "1", "1", 1)]
+    gen = m.starting
+    assert [w.pid for w in gen.workers.values()] == [None, None]
+    assert m.stats.templates_started == {"cold": 1, "warm": 0}
+    # SPAWNED and the workers' READY=1 in one batch: the pids are learned first.
+    spawned(note, template, (0, 5000), (1, 5001))
+    note.ready(5000, 5001)
+    m.step(set())
+    assert gen.state is GenerationState.ACTIVE and m.stats.notify_rejected == 0
+    assert sorted(gen.pids()) == [5000, 5001]
+
+
+def test_spawned_is_believed_only_from_the_template(rig):
+    m, procs, note, _, _ = rig
+    (template,) = procs.pids()
+    spawned(note, template, (0, 5000))
+    note.send(5000, b"SPAWNED=1:6666")   # a worker cannot claim a slot
+    spawned(note, template, (1, 4242))   # nor can the template name a process not ours
+    m.step(set())
+    assert sorted(m.starting.pids()) == [5000] and procs.kills == []
+
+
+def test_an_exit_reaped_before_its_spawned_is_applied_late(rig):
+    m, procs, note, _, _ = rig
+    (template,) = procs.pids()
+    procs._pending.append(Exit(5001, code=1))   # reaped before the master knew the pid
+    m.step(set())
+    spawned(note, template, (0, 5000), (1, 5001))
+    m.step(set())
+    assert m.stats.reloads["failed"] == 0 and m.stats.last_reload_error == ""
+    gen = next(g for g in m.generations if g.number == 1)
+    assert gen.state is GenerationState.FAILED
+    assert gen.reason == "slot 1 (pid 5001) exited at start-up: exit code 1"
+    assert procs.kills == [(5000, signal.SIGTERM)]
+
+
+def test_a_template_that_dies_at_start_fails_only_its_generation(rig):
+    m, procs, note, tpl, clock = rig
+    (t1,) = procs.pids()
+    spawned(note, t1, (0, 5000), (1, 5001))
+    note.ready(5000, 5001)
+    m.step({signal.SIGHUP})
+    t2 = procs.pids()[-1]
+    assert m.starting.number == 2 and t2 != t1
+    procs.exit(t2, code=3)
+    m.step(set())
+    assert m.stats.reloads["failed"] == 1
+    assert m.stats.last_reload_error == f"generation 2: template pid {t2} exit code 3"
+    assert [g.number for g in m.generations] == [1] and m.active.number == 1 and sorted(m.active.pids()) == [5000, 5001]
+    assert t1 not in tpl.stopped and procs.kills_of([5000, 5001]) == []
+    assert m.stats.worker_exits["error"] == 0   # a template is not a worker
+
+
+def test_respawn_uses_the_live_template_and_fails_once_it_is_gone(rig):
+    m, procs, note, tpl, clock = rig
+    (t1,) = procs.pids()
+    spawned(note, t1, (0, 5000), (1, 5001))
+    note.ready(5000, 5001)
+    m.step(set())
+    procs._pending.append(Exit(5000, signal=9))
+    m.step(set())
+    clock[0] += 1.5
+    m.step(set())
+    assert tpl.forks[-1][:2] == (t1, 0) and len(procs.pids()) == 1   # no new exec
+    spawned(note, t1, (0, 5002))
+    note.ready(5002)
+    m.step(set())
+    assert sorted(m.active.pids()) == [5001, 5002]
+    assert m.stats.worker_restarts == 1
+    procs.exit(t1, signal=9)
+    m.step(set())
+    procs._pending.append(Exit(5002, signal=9))
+    m.step(set())
+    clock[0] += 1.5
+    m.step(set())
+    assert len(procs.pids()) == 1   # never a new template for an old generation
+    assert m.active.workers[0].state is WorkerState.BACKOFF
+
+
+def test_the_old_template_stops_and_a_late_spawned_is_drained(rig):
+    m, procs, note, tpl, _ = rig
+    (t1,) = procs.pids()
+    spawned(note, t1, (0, 5000), (1, 5001))
+    note.ready(5000, 5001)
+    m.step({signal.SIGHUP})
+    t2 = procs.pids()[-1]
+    spawned(note, t2, (0, 6000), (1, 6001))
+    note.ready(6000, 6001)
+    m.step(set())
+    m.step(set())
+    assert m.active.number == 2 and tpl.stopped == [t1]
+    spawned(note, t1, (1, 5999))   # sent before it was stopped
+    m.step(set())
+    assert (5999, signal.SIGTERM) in procs.kills
+
+
+def test_a_warm_standby_takes_the_next_generation_only_if_it_fits(rig, tmp_path):
+    m, procs, note, tpl, clock = rig
+    path = tmp_path / "u.yaml"
+    path.write_text(path.read_text().replace("prefork: true", "prefork: true, warm: true"))
+    (t1,) = procs.pids()
+    spawned(note, t1, (0, 5000), (1, 5001))
+    note.ready(5000, 5001)
+    m.step(set())
+    m.step({signal.SIGHUP})      # generation 2, warm: a fresh template (no standby yet)
+    t2 = procs.pids()[-1]
+    spawned(note, t2, (0, 6000), (1, 6001))
+    note.ready(6000, 6001)
+    m.step(set())
+    assert procs.pids()[-1] == t2 and m.timeout(clock[0]) == pytest.approx(0.3)   # not at once
+    clock[0] += 0.3
+    m.step(set())
+    standby = procs.pids()[-1]
+    assert procs.spawn_of(standby).argv[-1] == "--standby" and m.active.number == 2
+    m.step({signal.SIGHUP})      # generation 3 takes the standby: no exec
+    assert tpl.loads == [(standby, "echo")] and procs.pids()[-1] == standby
+    assert m.stats.templates_started == {"cold": 2, "warm": 1}
+    assert [f[:2] for f in tpl.forks[-2:]] == [(standby, 0), (standby, 1)]
+    spawned(note, standby, (0, 7000), (1, 7001))
+    note.ready(7000, 7001)
+    m.step(set())
+    clock[0] += 0.3
+    m.step(set())
+    second = procs.pids()[-1]
+    assert procs.spawn_of(second).argv[-1] == "--standby"
+    # A changed worker environment: the standby's interpreter does not fit; a fresh exec.
+    path.write_text(path.read_text().replace("warm: true", "warm: true, env: {A: b}"))
+    m.step({signal.SIGHUP})
+    assert second in tpl.stopped and tpl.loads == [(standby, "echo")]
+    assert procs.spawn_of(procs.pids()[-1]).argv[-1] == "echo"

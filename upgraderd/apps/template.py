@@ -1,0 +1,283 @@
+"""A generation's template: import the app once, then fork its workers on the master's request.
+
+`python -m upgraderd.apps.template APP` is exec'd by the master once per
+generation (system/template.py), APP being `echo`, `http` or
+`package.module:factory`. It imports the app and everything a worker needs
+(prometheus-client in multiprocess mode, the built-in event loop), freezes the
+heap so the workers share its pages, and then waits on its control channel
+(fd 3): one packet per worker, a JSON object (slot, environment) with the
+worker's listening sockets attached.
+
+For each request it double-forks. The intermediate child forks the worker and
+exits at once, so the worker is re-parented to the master (a child
+subreaper), which reaps it as any worker. The template sends
+SPAWNED=<slot>:<pid> to the master's notify socket, and only then opens the
+worker's gate, so the worker's own READY=1 can never arrive first. A worker
+whose gate closes without the byte (the template died) exits without serving.
+
+Invariants:
+- The template never accepts: it holds a request's sockets only until the
+  fork, and never registers them anywhere.
+- The worker sees what an exec'd worker sees: its sockets at fd 3, 4, ... in
+  LISTEN_FDS order, LISTEN_PID equal to its own pid, its own environment.
+  prometheus-client names its files by pid when a metric is created, and the
+  built-in apps create theirs in the worker, so each worker writes its own.
+- The template dies with the master (PR_SET_PDEATHSIG) and on EOF of its channel.
+- A standby (`--standby`, workers.warm) imports only what a HUP does not
+  change (the standard library, prometheus-client, the worker library),
+  never an app module, built-in ones included: the app is imported when the
+  master hands the standby its generation, fresh from disk.
+
+Hazard: the template must stay single-threaded; an app module that starts a
+thread at import time makes every fork unsafe. `factory` is called in the
+worker, after the fork; put per-worker work there, not at import.
+
+A `package.module:factory` app's factory takes no argument and returns a
+server with a `serve() -> int | None` method, for example
+`upgraderd.apps.server.Server(worker.listeners(), MyProtocol)`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import gc
+import importlib
+import json
+import os
+import signal
+import socket
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from upgraderd.system.notify import notify
+
+PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
+CONTROL_FD = 3
+MAX_FDS = 64
+MAX_BATCH = 64
+HIGH_FD = 64
+
+
+def load(app: str) -> Callable[[], int]:
+    """Import `app` now; return what runs one worker of it after a fork."""
+    import prometheus_client  # noqa: F401  (imported before the fork, so its pages are shared)
+    import upgraderd.apps.server  # noqa: F401
+    if ":" not in app:
+        module = importlib.import_module(f"upgraderd.apps.{app}")
+        main: Callable[[], int] = module.main
+        return main
+    modname, _, attr = app.partition(":")
+    factory = getattr(importlib.import_module(modname), attr)
+    if not callable(factory):
+        raise TypeError(f"{app}: {attr} is not callable")
+
+    def run() -> int:
+        code = factory().serve()
+        return int(code or 0)
+    return run
+
+
+def _name(comm: bytes) -> None:
+    """Set /proc/self/comm, so that `ps -o comm` tells a template from its workers."""
+    ctypes.CDLL(None).prctl(PR_SET_NAME, ctypes.c_char_p(comm[:15]), 0, 0, 0)
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    # The master may have died before the line above: then we were re-parented already.
+    if str(os.getppid()) != os.environ.get("UPGRADERD_TEMPLATE_PARENT", str(os.getppid())):
+        os._exit(1)
+
+
+def _control() -> socket.socket:
+    """Move the control channel out of fd 3, which the workers' sockets take."""
+    high = fcntl.fcntl(CONTROL_FD, fcntl.F_DUPFD_CLOEXEC, HIGH_FD)
+    os.close(CONTROL_FD)
+    return socket.socket(fileno=high)
+
+
+def serve(control: socket.socket, run: Callable[[], int]) -> int:
+    """Fork a worker per request until the master closes the channel."""
+    while True:
+        batch = _receive(control)
+        if batch is None:
+            return 0
+        received = [fd for _slot, _env, fds in batch for fd in fds]
+        pending: list[_Pending] = []
+        try:
+            # Fork every queued request before waiting for any: each wait is a hand-off
+            # between processes, which costs most on a loaded machine.
+            for slot, env, fds in batch:
+                others = [fd for fd in received if fd not in fds]
+                others += [fd for p in pending for fd in (p.pid_r, p.gate_w)]
+                pending.append(_start(control, slot, env, fds, others, run))
+        finally:
+            for fd in received:
+                os.close(fd)
+            for p in pending:
+                _finish(p)
+
+
+Request = tuple[int, dict[str, str], list[int]]
+
+
+def _receive(control: socket.socket) -> list[Request] | None:
+    """Wait for a request, then take every one already queued; None once the master is gone."""
+    batch: list[Request] = []
+    flags = 0
+    while len(batch) < MAX_BATCH:
+        try:
+            data, anc, _flags, _addr = control.recvmsg(1 << 20, socket.CMSG_SPACE(MAX_FDS * 4), flags)
+        except BlockingIOError:
+            break
+        except InterruptedError:
+            continue
+        fds = [fd for level, kind, raw in anc if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+               for fd in _unpack(raw)]
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            break
+        request = json.loads(data)
+        batch.append((int(request["slot"]), dict(request["env"]), fds))
+        flags = socket.MSG_DONTWAIT
+    return batch or None
+
+
+def _unpack(raw: bytes) -> list[int]:
+    usable = len(raw) - len(raw) % 4
+    return [int.from_bytes(raw[i:i + 4], sys.byteorder, signed=True) for i in range(0, usable, 4)]
+
+
+@dataclass
+class _Pending:
+    """A worker forked but not yet announced and released."""
+
+    slot: int
+    notify_socket: str | None
+    middle: int
+    pid_r: int
+    gate_w: int
+
+
+def _start(control: socket.socket, slot: int, env: dict[str, str], fds: list[int], others: list[int],
+           run: Callable[[], int]) -> _Pending:
+    """Double-fork one worker; it waits at its gate until `_finish`."""
+    gate_r, gate_w = os.pipe()
+    pid_r, pid_w = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        worker = os.fork()
+        if worker == 0:
+            for fd in (gate_w, pid_r, pid_w, *others):
+                os.close(fd)   # another worker's gate held here could keep it shut forever
+            _become_worker(control, gate_r, env, fds, run)
+        os.write(pid_w, str(worker).encode())
+        os._exit(0)
+    os.close(gate_r)
+    os.close(pid_w)
+    return _Pending(slot, env.get("NOTIFY_SOCKET"), middle, pid_r, gate_w)
+
+
+def _finish(p: _Pending) -> None:
+    """Once the worker is the master's child, tell the master its pid, then open its gate."""
+    try:
+        os.waitpid(p.middle, 0)
+        raw = os.read(p.pid_r, 32)
+        if raw.isdigit():
+            notify(f"SPAWNED={p.slot}:{int(raw)}", p.notify_socket)
+            os.write(p.gate_w, b"1")
+    finally:
+        os.close(p.pid_r)
+        os.close(p.gate_w)
+
+
+def _become_worker(control: socket.socket, gate: int, env: dict[str, str], fds: list[int],
+                   run: Callable[[], int]) -> None:
+    control.detach()   # closed below with every other fd; the object must not close a reused number
+    code = 1
+    try:
+        released = os.read(gate, 1) == b"1"
+        os.close(gate)
+        if released:
+            _name(b"upgraderd-work")
+            _place(fds)
+            os.environ.clear()
+            os.environ.update(env)
+            os.environ["LISTEN_PID"] = str(os.getpid())
+            code = run()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _place(fds: list[int]) -> None:
+    """Put `fds` at 3, 4, ... and close every other fd above 2."""
+    top = max([*fds, 2 + len(fds)]) + 1
+    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, top) for fd in fds]
+    for i, fd in enumerate(moved):
+        os.dup2(fd, 3 + i)
+    os.closerange(3 + len(fds), max(os.sysconf("SC_OPEN_MAX"), top + len(fds) + 1))
+
+
+def preload() -> None:
+    """Import what does not change at a HUP: the standard library parts and prometheus-client."""
+    import prometheus_client  # noqa: F401
+    import selectors  # noqa: F401
+    import upgraderd.worker  # noqa: F401
+
+
+def await_load(control: socket.socket) -> tuple[str, dict[str, str]]:
+    """Wait, as a standby, for the app to import and the environment to take."""
+    while True:
+        data, anc, _flags, _addr = control.recvmsg(1 << 20, socket.CMSG_SPACE(MAX_FDS * 4))
+        for level, kind, raw in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                for fd in _unpack(raw):
+                    os.close(fd)
+        if not data:
+            raise SystemExit(0)
+        request = json.loads(data)
+        if "load" in request:
+            return str(request["load"]), dict(request["env"])
+
+
+def main(argv: list[str]) -> int:
+    """Run a template for the app named in argv[1] (`--standby`: the master names it later)."""
+    if len(argv) != 2:
+        print("usage: python -m upgraderd.apps.template APP|--standby", file=sys.stderr)
+        return 2
+    _die_with_parent()
+    _name(b"upgraderd-tmpl")
+    control = _control()
+    app = argv[1]
+    if app == "--standby":
+        preload()
+        gc.collect()
+        app, env = await_load(control)
+        os.environ.clear()
+        os.environ.update(env)
+        importlib.invalidate_caches()   # a module added since we started must be found
+    try:
+        run = load(app)
+    except Exception:
+        print(f"upgraderd template {os.getpid()}: cannot load {app!r}:", file=sys.stderr)
+        traceback.print_exc()
+        return 3
+    gc.collect()
+    gc.freeze()   # later collections do not touch (and so unshare) the template's objects
+    return serve(control, run)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv))

@@ -1,0 +1,58 @@
+"""Which app a worker runs: a built-in one, or a user's `package.module:factory`.
+
+A `module:factory` app is forked from a template (apps/template.py), which
+imports the module once per generation. The config checks the name's syntax
+and that the module can be found where the template will look, without
+importing it: importing runs a user's code in the master.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import os
+import re
+import sys
+from typing import Any, Mapping
+
+from upgraderd.config.validators import Invalid, _did_you_mean, _show, string
+
+BUILTIN_APPS = ("echo", "http")
+_FACTORY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
+
+
+def boolean(v: Any) -> bool:
+    """true | false"""
+    if not isinstance(v, bool):
+        raise Invalid(f"expected true or false, got {_show(v)}")
+    return v
+
+
+def app_name(v: Any) -> str:
+    """echo | http | package.module:factory"""
+    s = string(v)
+    if s in BUILTIN_APPS or _FACTORY.fullmatch(s):
+        return s
+    if ":" in s:
+        raise Invalid(f"{_show(v)} is not `package.module:factory` (dotted Python names, one colon)")
+    raise Invalid(f"{_show(v)} is not one of {', '.join(BUILTIN_APPS)}{_did_you_mean(s, BUILTIN_APPS)}"
+                  " or `package.module:factory`")
+
+
+def module_problem(module: str, cwd: str | None, env: Mapping[str, str]) -> str | None:
+    """Say why `module` cannot be found where the template will look, without importing it."""
+    cwd = cwd or os.getcwd()
+    extra = env.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+    path: list[str] | None = [cwd, *filter(None, extra.split(os.pathsep)), *sys.path[1:]]
+    parts = module.split(".")
+    for i, part in enumerate(parts):
+        # PathFinder looks in `path` only: no parent package's __init__ runs.
+        spec = importlib.machinery.PathFinder.find_spec(part, path)
+        if spec is None and i == 0:
+            spec = importlib.util.find_spec(part) if part in sys.builtin_module_names else None
+        if spec is None:
+            return f"module {'.'.join(parts[:i + 1])!r} not found (searched {cwd} and sys.path)"
+        path = list(spec.submodule_search_locations or [])
+        if i < len(parts) - 1 and not path:
+            return f"{'.'.join(parts[:i + 1])!r} is a module, not a package"
+    return None

@@ -1,0 +1,266 @@
+"""Prefork generations: one exec'd template per generation forks every worker of it.
+
+A generation whose config is `prefork` (core/launcher.py asks) starts its
+template with its first worker: one fresh interpreter, so the code on disk at
+the HUP is what runs, that imports the app and then forks a worker per
+request. The template runs apps/template.py; the master talks to it through
+the `TemplateAPI` seam (system/template.py).
+
+Design note: a worker's pid is known only once the template has forked it, so
+a request returns no pid. The worker stays pending (pid None, STARTING) until
+`SPAWNED=<slot>:<pid>` arrives on the notify socket from the template's own
+pid (SO_PASSCRED, so a worker cannot forge it). The template sends it before
+it lets the worker run, so the worker's own READY=1 always comes after it. The
+worker is a grandchild re-parented to the master (a child subreaper), so the
+master reaps it as it reaps any worker; an exit reaped before its SPAWNED is
+kept in a small buffer and applied when the pid is learned.
+
+Invariants:
+- Every worker of a generation, respawns too, is forked from that
+  generation's template, never a newer one: once it is gone, a respawn fails
+  (SpawnError) and the slot backs off, so no slot runs code its siblings do not.
+- A template is stopped as soon as its generation is neither STARTING nor
+  ACTIVE (no respawn can need it any more). Its death at start-up fails the
+  generation; the ACTIVE one is untouched.
+- A standby (workers.warm) has imported no app code: it is handed a
+  generation's app only at that generation's start, and only if it was
+  started with the same user, cwd, worker env and metrics settings; else it
+  is stopped and a fresh template is exec'd.
+- A SPAWNED the generation no longer wants (it failed, or a stray slot) gets
+  the drain signal, so a released worker is never left serving untracked.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Iterable
+
+from upgraderd.core.generation import Generation, GenerationState
+from upgraderd.core.notices import parse_fields
+from upgraderd.core.seams import Exit, ProcessAPI, TemplateAPI
+from upgraderd.errors import SpawnError
+
+if TYPE_CHECKING:
+    from upgraderd.config.schema import Config
+    from upgraderd.core.launcher import Launch
+    from upgraderd.core.stats import Stats
+
+log = logging.getLogger("upgraderd")
+
+# Exits of pids not (yet) known as workers, kept for a late SPAWNED.
+UNKNOWN_EXITS = 256
+# Stopped or dead templates remembered, so their last SPAWNED can still be judged.
+REMEMBERED = 64
+SERVING = (GenerationState.STARTING, GenerationState.ACTIVE)
+# Standbys that died on their own before the master gives up on them.
+STANDBY_DEATHS = 3
+# How long after a generation became ACTIVE its successor's standby is started.
+STANDBY_DELAY = 0.3
+
+
+def standby_key(cfg: Config) -> tuple[object, ...]:
+    """Return what a standby must share with a generation to become its template.
+
+    The interpreter's search path, user and working directory are fixed when
+    it starts; everything else in the environment is replaced at the load.
+    """
+    w = cfg.workers
+    return (w.cwd, w.user, w.group, tuple(sorted(w.env.items())), cfg.metrics)
+
+
+class Prefork:
+    """Track templates by generation, and the workers they fork."""
+
+    def __init__(self, templates: TemplateAPI | None, procs: ProcessAPI, stats: Stats) -> None:
+        self.templates = templates
+        self.procs = procs
+        self.stats = stats
+        self.live: dict[int, int] = {}                 # generation number -> template pid
+        self.owner: OrderedDict[int, Generation] = OrderedDict()   # template pid -> generation
+        self.urls: dict[tuple[int, int], str | None] = {}          # pending (generation, slot) -> ready url
+        self.unknown: OrderedDict[int, Exit] = OrderedDict()
+        self.stopped: set[int] = set()
+        self.starts: dict[int, tuple[Launch, dict[str, str]]] = {}   # generation -> its template's start
+        self.standby: int | None = None
+        self.standby_key: tuple[object, ...] = ()
+        self.spares: set[int] = set()     # standby pids not (yet) adopted, live or being stopped
+        self.standby_deaths = 0
+
+    def request(self, gen: Generation, slot: int, launch: Launch) -> None:
+        """Ask `gen`'s template (started now if this is its first worker) for `slot`."""
+        if self.templates is None:
+            raise SpawnError("prefork templates are not available on this system")
+        pid = self.live.get(gen.number)
+        if pid is None:
+            if gen.state is not GenerationState.STARTING or gen.number in self._had_template():
+                raise SpawnError("the generation's template is gone; send HUP to start a fresh generation")
+            env = {k: v for k, v in launch.env.items() if not k.startswith("LISTEN_")}
+            pid = self._adopt_standby(gen, env)
+            if pid is None:
+                pid = self.templates.start(launch.argv, env, launch.cwd, launch.user, launch.group)
+            self.live[gen.number] = pid
+            self.starts[gen.number] = (launch, env)
+            self._remember(pid, gen)
+            warm = pid in self.spares
+            self.stats.templates_started["warm" if warm else "cold"] += 1
+            log.info("generation %d: template pid %d started%s", gen.number, pid, " (warm standby)" if warm else "")
+            self.spares.discard(pid)
+        self.templates.fork(pid, slot, launch.env, launch.fds)
+        self.urls[(gen.number, slot)] = launch.ready_url
+
+    def _adopt_standby(self, gen: Generation, env: dict[str, str]) -> int | None:
+        """Hand the standby `gen`'s app if it was started for the same user, cwd and env."""
+        pid, self.standby = self.standby, None
+        if pid is None or self.templates is None:
+            return None
+        if self.standby_key != standby_key(gen.config):
+            self.templates.stop(pid)
+            return None
+        try:
+            self.templates.load(pid, str(gen.config.workers.app), env)
+        except SpawnError as e:
+            log.warning("standby pid %d unusable (%s); starting a fresh template", pid, e)
+            self.templates.stop(pid)
+            return None
+        return pid
+
+    def _keep_standby(self, gens: list[Generation], now: float) -> None:
+        """Keep one standby while the newest generation is a warm prefork one and nothing starts."""
+        active = [g for g in gens if g.state is GenerationState.ACTIVE]
+        want = bool(active) and active[-1].config.prefork and active[-1].config.workers.warm \
+            and not any(g.state is GenerationState.STARTING for g in gens)
+        if self.standby is not None and (not want or self.standby_key != standby_key(active[-1].config)):
+            self._stop_standby()
+        start = self.starts.get(active[-1].number) if want else None
+        if not want or self.standby is not None or start is None or self.templates is None:
+            return
+        # Not at once: the new generation's first moments belong to its clients, not to an import.
+        if now < (active[-1].active_at or now) + STANDBY_DELAY:
+            return
+        if self.standby_deaths >= STANDBY_DEATHS:
+            return
+        launch, env = start
+        try:
+            pid = self.templates.start((*launch.argv[:-1], "--standby"), env, launch.cwd, launch.user,
+                                       launch.group)
+        except SpawnError as e:
+            self.standby_deaths += 1
+            log.warning("cannot start a standby template: %s", e)
+            return
+        self.standby, self.standby_key = pid, standby_key(active[-1].config)
+        self.spares.add(pid)
+
+    def deadlines(self, gens: list[Generation]) -> list[float]:
+        """Return when a standby is due to start (or [] if none is)."""
+        if self.standby is not None or self.standby_deaths >= STANDBY_DEATHS:
+            return []
+        return [g.active_at + STANDBY_DELAY for g in gens[-1:] if g.state is GenerationState.ACTIVE
+                and g.active_at is not None and g.config.prefork and g.config.workers.warm
+                and g.number in self.starts]
+
+    def _stop_standby(self) -> None:
+        if self.standby is not None and self.templates is not None:
+            self.templates.stop(self.standby)
+        self.standby = None
+
+    def _had_template(self) -> set[int]:
+        return {g.number for g in self.owner.values()}
+
+    def _remember(self, pid: int, gen: Generation) -> None:
+        self.owner[pid] = gen
+        while len(self.owner) > REMEMBERED:
+            old, _ = self.owner.popitem(last=False)
+            self.stopped.discard(old)
+
+    def on_notify(self, messages: list[tuple[int, bytes]], now: float) -> list[tuple[int, bytes]]:
+        """Apply the templates' SPAWNED messages; return every other message."""
+        rest = []
+        for pid, data in messages:
+            gen = self.owner.get(pid)
+            if gen is None:
+                rest.append((pid, data))
+                continue
+            spawned = parse_fields(data).get("SPAWNED")
+            if spawned is not None:
+                self._spawned(gen, spawned, now)
+        return rest
+
+    def _spawned(self, gen: Generation, value: str, now: float) -> None:
+        slot_s, _, pid_s = value.partition(":")
+        if not (slot_s.isdigit() and pid_s.isdigit()) or int(pid_s) <= 1:
+            log.warning("generation %d: template sent a malformed SPAWNED=%.40r; ignored", gen.number, value)
+            return
+        slot, pid = int(slot_s), int(pid_s)
+        # The template runs the app's code: a pid it names is signalled later, so
+        # it must be a child of ours (forked workers are re-parented before SPAWNED).
+        if pid not in self.unknown and (self.templates is None or not self.templates.is_child(pid)):
+            log.warning("generation %d: template named pid %d, which is not a child of the master; ignored",
+                        gen.number, pid)
+            return
+        url = self.urls.pop((gen.number, slot), None)
+        if not gen.on_spawned(slot, pid, now):
+            log.warning("generation %d slot %d: pid %d forked but not wanted (generation %s); draining it",
+                        gen.number, slot, pid, gen.state.name)
+            if self.unknown.pop(pid, None) is None:   # an exited pid may be someone else's by now
+                self.procs.kill(pid, gen.config.drain_signal)
+            return
+        log.debug("generation %d slot %d: forked pid %d", gen.number, slot, pid)
+        gen.ready_rule.started(pid, url, now)
+        early = self.unknown.pop(pid, None)
+        if early is not None:
+            gen.on_exit(pid, early, now)
+
+    def on_exits(self, exits: list[Exit], generations: Iterable[Generation], now: float) -> list[Exit]:
+        """Stop unneeded templates; handle templates' exits; return the other exits."""
+        gens = list(generations)
+        self._sweep(gens)
+        workers = {pid for g in gens for pid in g.pids()}
+        out = []
+        self._keep_standby(gens, now)
+        for ex in exits:
+            if ex.pid in self.spares:
+                self._standby_exited(ex)
+                continue
+            if ex.pid in self.owner:
+                self._template_exited(ex, now)
+                continue
+            if ex.pid not in workers:
+                self.unknown[ex.pid] = ex
+                while len(self.unknown) > UNKNOWN_EXITS:
+                    self.unknown.popitem(last=False)
+            out.append(ex)
+        return out
+
+    def _standby_exited(self, ex: Exit) -> None:
+        self.spares.discard(ex.pid)
+        if ex.pid == self.standby:
+            self.standby = None
+            self.standby_deaths += 1
+            log.warning("standby template pid %d %s%s", ex.pid, ex.describe(),
+                        "; no more standbys" if self.standby_deaths >= STANDBY_DEATHS else "")
+
+    def _sweep(self, gens: list[Generation]) -> None:
+        serving = {g.number for g in gens if g.state in SERVING}
+        for number, pid in list(self.live.items()):
+            if number not in serving and self.templates is not None:
+                del self.live[number]
+                self.stopped.add(pid)
+                self.templates.stop(pid)
+                log.info("generation %d: template pid %d stopped", number, pid)
+        for number in [n for n in self.starts if n not in serving]:
+            del self.starts[number]
+
+    def _template_exited(self, ex: Exit, now: float) -> None:
+        gen = self.owner[ex.pid]
+        if ex.pid in self.stopped:
+            return
+        self.live.pop(gen.number, None)
+        if self.templates is not None:
+            self.templates.stop(ex.pid)   # release its channel
+        self.stopped.add(ex.pid)
+        why = f"template pid {ex.pid} {ex.describe()}"
+        if gen.state is GenerationState.STARTING:
+            gen.fail_start(now, why)
+        elif gen.state is GenerationState.ACTIVE:
+            log.error("generation %d: %s; its slots can no longer be respawned", gen.number, why)
