@@ -272,7 +272,9 @@ def socket_fds(pid: int) -> int:
 
 def test_the_template_holds_no_listener_and_dies_with_the_master(tmp_path):
     port = free_port()
-    cfg = echo_config(port, workers={"count": 2, "app": "echo", "prefork": True, "warm": True})
+    # A short orphan grace: orphans of a dead master serve on that long, then drain.
+    cfg = echo_config(port, workers={"count": 2, "app": "echo", "prefork": True, "warm": True},
+                      drain={"orphan_grace": "1s"})
     d = Daemon(tmp_path, cfg).start()
     try:
         workers = forked(d)
@@ -283,7 +285,7 @@ def test_the_template_holds_no_listener_and_dies_with_the_master(tmp_path):
         d.proc.kill()   # SIGKILL: no drain, no clean-up by the master
         d.proc.wait(10)
         wait_until(lambda: not any(alive(p) for p in tmpl), 10, "the templates to die with the master")
-        # Workers notice that their parent is gone and drain (no clients: they exit).
+        # Workers notice that their parent is gone, serve on for the grace, then drain (no clients: exit).
         wait_until(lambda: not any(alive(p) for p in workers), 10, "the orphaned workers to drain")
     finally:
         d.stop()
