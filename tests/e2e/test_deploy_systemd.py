@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.support.fdstore import next_state
 from tests.support.upgraderd_proc import ROOT, Daemon, echo_config, free_port
 
 pytestmark = pytest.mark.e2e
@@ -133,14 +134,6 @@ def test_socket_unit_names_a_listener_of_the_shipped_config():
     assert sock["Backlog"] == [str(listener["backlog"])]
 
 
-def _notify(sock: socket.socket) -> dict[str, str]:
-    """Return the next state message; skip the master's FDSTORE=1 messages (the fd store)."""
-    while True:
-        data, _ = sock.recvfrom(4096)
-        fields = dict(line.split("=", 1) for line in data.decode().splitlines() if line)
-        if "FDSTORE" not in fields:
-            return fields
-
 
 def test_what_type_notify_reload_sees_for_a_good_and_a_failed_reload(tmp_path):
     """RELOADING=1 with a current MONOTONIC_USEC, then READY=1, also when the reload failed."""
@@ -151,13 +144,13 @@ def test_what_type_notify_reload_sees_for_a_good_and_a_failed_reload(tmp_path):
         systemd.bind(path)
         systemd.settimeout(20)
         with Daemon(tmp_path, cfg, env={"NOTIFY_SOCKET": path}).start() as d:
-            assert _notify(systemd)["READY"] == "1"
+            assert next_state(systemd)["READY"] == "1"
             for config, status in ((cfg, "generation 2 active"), ("listeners: [", "reload failed")):
                 d.write_config(config)
                 before = time.monotonic()
                 d.send(signal.SIGHUP)
-                reloading = _notify(systemd)
+                reloading = next_state(systemd)
                 assert reloading["RELOADING"] == "1"
                 # systemd (253+) ignores a RELOADING=1 whose MONOTONIC_USEC is not current.
                 assert before * 1e6 <= int(reloading["MONOTONIC_USEC"]) <= time.monotonic() * 1e6
-                assert _notify(systemd) == {"READY": "1", "STATUS": status}
+                assert next_state(systemd) == {"READY": "1", "STATUS": status}

@@ -6,14 +6,13 @@ import os
 import signal
 import socket
 import sys
-from pathlib import Path
 
 import pytest
 
 from tests.support import ROOT
 from tests.support.loadgen import Load
 from tests.support.scrape import fetch, metrics_url, scrape, value
-from tests.support.upgraderd_proc import Daemon, echo_config, free_port, wait_until
+from tests.support.upgraderd_proc import Daemon, echo_config, free_port, http_config, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -22,17 +21,6 @@ HTTP_REQUEST = b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
 MP_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
-def http_config(port: int, mp_dir: Path, count: int = 2) -> dict[str, object]:
-    cfg = echo_config(port, count=count)
-    cfg["listeners"] = [{"name": "web", "host": "127.0.0.1", "port": port}]
-    cfg["workers"] = {"count": count, "app": "http"}
-    cfg["metrics"]["dir"] = str(mp_dir)  # type: ignore[index]
-    return cfg
-
-
-def reload(d: Daemon, generation: int) -> None:
-    d.send(signal.SIGHUP)
-    d.wait_log(rf"reload done: generation {generation} ACTIVE")
 
 
 def worker_env(pid: int) -> dict[str, str]:
@@ -71,7 +59,7 @@ def test_scrape_tracks_reloads_and_connections(tmp_path):
         assert value(s, "upgraderd_connections_active", listener="web", state="active") == 0
 
         for n in (2, 3, 4):
-            reload(d, n)
+            d.reload_to(n)
         wait_until(lambda: all(f"generation {n} DRAINING -> RETIRED" in d.log() for n in (1, 2, 3)),
                    15, "generations 1-3 to retire")
         s = wait_until(lambda: (x := scrape(cfg)) and value(x, "upgraderd_drain_duration_seconds_count") == 3
@@ -105,7 +93,7 @@ def test_draining_connections_are_labelled_draining(tmp_path):
             held.append(c)
         wait_until(lambda: value(scrape(cfg), "upgraderd_connections_active", listener="echo", state="active") == 4,
                    10, "4 active connections")
-        reload(d, 2)
+        d.reload_to(2)
 
         def moved() -> dict | None:
             s = scrape(cfg)
@@ -166,7 +154,7 @@ def test_failed_reloads_rejections_and_crashes_are_counted(tmp_path):
         assert fetch(metrics_url(good, "/readyz"))[0] == 200
 
         d.write_config(good)
-        reload(d, 4)
+        d.reload_to(4)
         s = scrape(good)
         assert value(s, "upgraderd_reloads_total", result="success") == 1
         assert value(s, "upgraderd_config_last_reload_successful") == 1
@@ -219,7 +207,7 @@ def test_multiproc_dir_is_only_in_builtin_workers_env(tmp_path, monkeypatch):
         assert list(bogus.iterdir()) == []
         # A user's command does not get the variable: its metrics setup is its own.
         d.write_config(fixture_config(port) | {"metrics": cfg["metrics"]})
-        reload(d, 2)
+        d.reload_to(2)
         wait_until(lambda: len(d.workers()) == 2, 10, "generation 1 to go")
         for pid in d.workers():
             assert MP_ENV not in worker_env(pid)
@@ -243,7 +231,7 @@ def test_a_reload_keeps_the_endpoint_where_it_is(tmp_path):
     moved = echo_config(port, count=1)  # another free metrics port
     with Daemon(tmp_path, cfg).start() as d:
         d.write_config(moved)
-        reload(d, 2)
+        d.reload_to(2)
         d.wait_log(r"metrics settings changed .* take effect when the master restarts")
         assert value(scrape(cfg), "upgraderd_generation") == 2
         with pytest.raises(ConnectionRefusedError):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.upgraderd_proc import ROOT, Daemon, echo_config, free_port, wait_until
+from tests.support.upgraderd_proc import ROOT, Daemon, echo_config, http_config, free_port, wait_until
 from tests.support.loadgen import Load
 from tests.support.scrape import fetch, metrics_url, parse, scrape, value
 
@@ -28,17 +28,6 @@ ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is N
                                reason="mounting a tmpfs in a private mount namespace needs root and unshare")
 
 
-def http_config(port: int, mp_dir: Path | str, count: int = 2) -> dict[str, object]:
-    cfg = echo_config(port, count=count)
-    cfg["listeners"] = [{"name": "web", "host": "127.0.0.1", "port": port}]
-    cfg["workers"] = {"count": count, "app": "http"}
-    cfg["metrics"]["dir"] = str(mp_dir)  # type: ignore[index]
-    return cfg
-
-
-def reload(d: Daemon, generation: int) -> None:
-    d.send(signal.SIGHUP)
-    d.wait_log(rf"reload done: generation {generation} ACTIVE")
 
 
 def entry_end(data: bytes, pos: int) -> int:
@@ -105,7 +94,7 @@ def test_corrupt_files_of_live_workers_are_set_aside_and_metrics_keep_answering(
             [f"counter_{a}.db.rejected", f"gauge_livesum_{a}.db.rejected", f"counter_{b}.db.rejected",
              "counter_999999001.db.rejected", "counter_999999002.db.rejected"])
 
-        reload(d, 2)  # the old workers are reaped and folded: their files are already set aside
+        d.reload_to(2)  # the old workers are reaped and folded: their files are already set aside
         # Until they exit, old workers may still take a connection and count it in a set-aside file.
         d.wait_log(r"generation 1 DRAINING -> RETIRED")
         load = Load("127.0.0.1", port, threads=2, max_seconds=60).start("http")
@@ -131,7 +120,7 @@ def serve_through_a_reload(d: Daemon, port: int) -> int:
     """Load the daemon across one reload; return the round trips, after checking none failed."""
     load = Load("127.0.0.1", port, threads=2, max_seconds=60).start("http")
     assert load.wait_for_ok(100)
-    reload(d, 2)
+    d.reload_to(2)
     n = load.result.ok
     assert load.wait_for_ok(n + 100)
     result = load.stop()
@@ -225,7 +214,7 @@ def test_two_thousand_idle_metrics_connections_do_not_starve_the_master(tmp_path
             load = Load("127.0.0.1", port, threads=2, max_seconds=60).start("http")
             assert load.wait_for_ok(50)
             for n in (2, 3):
-                reload(d, n)
+                d.reload_to(n)
             result = load.stop()
             assert result.failures == {}, (result.failures, result.examples)
             out = subprocess.run([sys.executable, "-m", "upgraderd", "status", "--pidfile", str(d.pidfile)],

@@ -6,18 +6,11 @@ import socket
 
 import pytest
 
+from tests.support.fdstore import next_state
 from tests.support.upgraderd_proc import Daemon, echo_config, free_port
 
 pytestmark = pytest.mark.e2e
 
-
-def _next(sock: socket.socket) -> dict[str, str]:
-    """Return the next state message; skip the master's FDSTORE=1 messages (the fd store)."""
-    while True:
-        data, _ = sock.recvfrom(4096)
-        fields = dict(line.split("=", 1) for line in data.decode().splitlines() if line)
-        if "FDSTORE" not in fields:
-            return fields
 
 
 def test_notifies_systemd_of_ready_reloading_and_stopping(tmp_path):
@@ -27,15 +20,15 @@ def test_notifies_systemd_of_ready_reloading_and_stopping(tmp_path):
         systemd.settimeout(20)
         d = Daemon(tmp_path, echo_config(free_port()), env={"NOTIFY_SOCKET": path}).start()
         try:
-            assert _next(systemd) == {"READY": "1", "STATUS": "generation 1 active"}
+            assert next_state(systemd) == {"READY": "1", "STATUS": "generation 1 active"}
             d.hup()
-            reloading = _next(systemd)
+            reloading = next_state(systemd)
             assert reloading["RELOADING"] == "1" and int(reloading["MONOTONIC_USEC"]) > 0
-            assert _next(systemd) == {"READY": "1", "STATUS": "generation 2 active"}
+            assert next_state(systemd) == {"READY": "1", "STATUS": "generation 2 active"}
             # The workers never see the master's NOTIFY_SOCKET: they report to the master.
             for pid in d.workers():
                 env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
                 assert f"NOTIFY_SOCKET={path}".encode() not in env
         finally:
             assert d.stop() == 0
-        assert _next(systemd) == {"STOPPING": "1"}
+        assert next_state(systemd) == {"STOPPING": "1"}

@@ -89,3 +89,12 @@ class FdStoreStandIn:
             for _, fd in self.stored:
                 os.close(fd)
             self.stored.clear()
+
+
+def next_state(sock: socket.socket) -> dict[str, str]:
+    """Return the next state message a master sent to a stand-in NOTIFY_SOCKET; skip FDSTORE=1 ones."""
+    while True:
+        data, _ = sock.recvfrom(4096)
+        fields = dict(line.split("=", 1) for line in data.decode().splitlines() if line)
+        if "FDSTORE" not in fields:
+            return fields

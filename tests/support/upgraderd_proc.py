@@ -95,6 +95,15 @@ def echo_config(port: int, mode: str = "reuseport", count: int = 4, **sections: 
     return cfg
 
 
+def http_config(port: int, mp_dir: Path | str, count: int = 2) -> dict[str, object]:
+    """Return a config dict for the built-in http app on 127.0.0.1:port, metrics files in `mp_dir`."""
+    cfg = echo_config(port, count=count)
+    cfg["listeners"] = [{"name": "web", "host": "127.0.0.1", "port": port}]
+    cfg["workers"] = {"count": count, "app": "http"}
+    cfg["metrics"]["dir"] = str(mp_dir)  # type: ignore[index]
+    return cfg
+
+
 def _is_config_without_metrics(text: str) -> bool:
     """Return True for a well-formed config mapping with no `metrics` key (not a broken one)."""
     try:
@@ -205,6 +214,11 @@ class Daemon:
             pids = self.workers()
             return pids if len(pids) == count and not pids & none_of else None
         return wait_until(ready, timeout, f"{count} workers, none of {sorted(none_of)}")  # type: ignore[return-value]
+
+    def reload_to(self, generation: int) -> None:
+        """Send SIGHUP and wait until generation `generation` is ACTIVE."""
+        self.send(signal.SIGHUP)
+        self.wait_log(rf"reload done: generation {generation} ACTIVE")
 
     def hup(self) -> None:
         """Send SIGHUP and wait until the master has logged receiving it."""
