@@ -135,8 +135,10 @@ def test_a_full_metrics_tmpfs_leaves_workers_serving_without_metrics(tmp_path):
     cfg = http_config(port, mp)
     with Daemon(tmp_path, cfg, wrap=unshared(FULL, mp)).start() as d:
         assert serve_through_a_reload(d, port) > 200
+        # Each of the 4 workers (2 per generation) says so once; wait for the last line to land.
+        d.wait_log(r"upgraderd worker \d+: connection metrics disabled, .*No space left on device", count=4)
         said = re.findall(r"upgraderd worker (\d+): connection metrics disabled, .*No space left on device", d.log())
-        assert len(said) == 4 and len(set(said)) == 4  # each of the 4 workers said so, once
+        assert len(said) == 4 and len(set(said)) == 4
         d.wait_log(r"generation 1 DRAINING -> RETIRED")
         s = scrape(cfg)
         assert value(s, "upgraderd_worker_exits_total", reason="signal") == 0  # no SIGBUS
