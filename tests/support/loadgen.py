@@ -15,6 +15,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 
 OK = "ok"
 
@@ -59,6 +60,16 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
             break
         buf += chunk
     return bytes(buf)
+
+
+def wait_for_ok(ok: Callable[[], int], n: int, timeout: float) -> bool:
+    """Wait until `ok()` (round trips that succeeded so far) reaches `n`; False at the deadline."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if ok() >= n:
+            return True
+        time.sleep(0.01)
+    return False
 
 
 class Load:
@@ -123,12 +134,7 @@ class Load:
 
     def wait_for_ok(self, n: int, timeout: float = 10.0) -> bool:
         """Wait until at least `n` round trips succeeded in total."""
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.result.ok >= n:
-                return True
-            time.sleep(0.01)
-        return False
+        return wait_for_ok(lambda: self.result.ok, n, timeout)
 
     def _echo_per_connection(self, idx: int) -> None:
         done = 0

@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from tests.support.loadgen import _classify, _recv_exact
+from tests.support.loadgen import _classify, _recv_exact, wait_for_ok
 
 
 @dataclass
@@ -65,12 +65,7 @@ class Streams:
 
     def wait_ok(self, n: int, timeout: float = 20.0) -> bool:
         """Wait until `n` round trips succeeded in total."""
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.result.ok >= n:
-                return True
-            time.sleep(0.01)
-        return False
+        return wait_for_ok(lambda: self.result.ok, n, timeout)
 
     def stop(self) -> StreamResult:
         """Stop the clients, close the connections, return the result."""
