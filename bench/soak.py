@@ -50,34 +50,48 @@ def _fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def sample(d: Daemon, reloads: int, count: int) -> Sample:
-    """Wait until only the ACTIVE generation is left, then measure."""
+def sample(d: Daemon, reloads: int, count: int, prefork: bool) -> Sample:
+    """Wait until only the ACTIVE generation is left, then measure.
+
+    With prefork, also until the master's children are the workers, the
+    template and the standby: between a reload and the standby's start the
+    master holds one control socket fewer.
+    """
+    children = count + (2 if prefork else 0)
     def one_generation() -> set[int] | None:
         st = d.status()
-        workers = d.workers()
-        return workers if st is not None and len(st["generations"]) == 1 and len(workers) == count else None
+        if st is None or len(st["generations"]) != 1:
+            return None
+        # From the status file, not the master's children: a template and a standby are children too.
+        workers = {w["pid"] for w in st["generations"][0]["workers"] if w["pid"] is not None}
+        live = d.workers()
+        return workers if len(workers) == count and workers <= live and len(live) == children else None
     workers: set[int] = wait_until(one_generation, 60, "the old generations to retire")  # type: ignore[assignment]
     return Sample(reloads, _fds(d.pid), int(_status_field(d.pid, "VmRSS").split()[0]) / 1024,
                   int(_status_field(d.pid, "Threads")), len(workers), sum(_fds(p) for p in workers))
 
 
-def run(reloads: int, every: int, load_kind: str, threads: int, count: int, workdir: Path) -> tuple[list[Sample], Load]:
+def run(reloads: int, every: int, load_kind: str, threads: int, count: int, workdir: Path,
+        prefork: bool = False) -> tuple[list[Sample], Load]:
     """Reload `reloads` times under load; return the samples and the load."""
     port = free_port()
     samples = []
-    with Daemon(workdir, echo_config(port, count=count)).start() as d:
+    cfg = echo_config(port, count=count)
+    if prefork:
+        cfg["workers"] = {"count": count, "app": "echo", "prefork": True, "warm": True}
+    with Daemon(workdir, cfg).start() as d:
         load = Load("127.0.0.1", port, threads=threads, max_seconds=reloads * 5 + 60,
                     max_per_thread=10**9).start(load_kind)
         if not load.wait_for_ok(50):
             raise SystemExit("no load got through before the first reload")
         d.hup()
         d.settled()
-        samples.append(sample(d, 1, count))      # after one reload: every lazy allocation is made
+        samples.append(sample(d, 1, count, prefork))      # after one reload: every lazy allocation is made
         for i in range(2, reloads + 1):
             d.hup()
             d.settled()
             if i % every == 0 or i == reloads:
-                samples.append(sample(d, i, count))
+                samples.append(sample(d, i, count, prefork))
         load.stop()
     return samples, load
 
@@ -112,13 +126,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load", default="echo", choices=["echo", "echo-keepalive", "http"])
     p.add_argument("--threads", type=int, default=4)
     p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--prefork", action="store_true",
+                   help="fork the workers from a warm template (a reload takes a fraction of the time)")
     p.add_argument("--rss-slack", type=float, default=2.0, help="MB of master RSS growth allowed")
     args = p.parse_args(argv)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="upgraderd-soak-") as tmp:
-        samples, load = run(args.reloads, args.every, args.load, args.threads, args.workers, Path(tmp))
+        samples, load = run(args.reloads, args.every, args.load, args.threads, args.workers, Path(tmp),
+                             args.prefork)
     print(f"soak: {args.reloads} reloads under {args.load} load ({args.threads} client threads, "
-          f"{args.workers} workers) in {time.monotonic() - started:.0f}s")
+          f"{args.workers} {'prefork ' if args.prefork else ''}workers) in {time.monotonic() - started:.0f}s")
     print("| reloads | master fds | master RSS MB | master threads | workers | worker fds |")
     print("|---|---|---|---|---|---|")
     for s in samples:
