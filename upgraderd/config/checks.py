@@ -140,3 +140,21 @@ def check_templates(loader: Reporter, root: yaml.Node, cfg: Config) -> None:
             loader.fail(node, f"listeners[{i}].name", f"{spec.name!r} and {seen[var]!r} would both "
                         f"set {var} in the workers' environment; rename one")
         seen.setdefault(var, spec.name)
+
+
+def check_protocols(loader: Reporter, root: yaml.Node, cfg: Config) -> None:
+    """Refuse the settings a UDP listener cannot honour, at their own lines."""
+    for i, spec in enumerate(cfg.listeners):
+        if spec.protocol != "udp":
+            continue
+        item = node_at(root, "listeners", i) or root
+        if spec.mode == "worker-bind":
+            loader.fail(node_at(item, "mode") or item, f"listeners[{i}].mode",
+                        "protocol udp needs mode reuseport or shared: the master holds UDP sockets "
+                        "across generations, while worker-bind sockets close with each worker and "
+                        "drop the datagrams queued on them")
+        backlog = node_at(item, "backlog")
+        if backlog is not None:
+            loader.fail(backlog, f"listeners[{i}].backlog",
+                        "backlog is the listen() queue of a TCP socket; a UDP socket has none "
+                        "(its queue is the receive buffer): remove the key")

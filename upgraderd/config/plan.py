@@ -36,7 +36,7 @@ class Plan:
 
     def describe(self) -> str:
         """Return the plan as one line: listeners, workers, every changed key."""
-        listeners = [f"{title} {s.name} {s.address} ({s.mode})"
+        listeners = [f"{title} {s.name} {s.address} ({s.mode}{'' if s.protocol == 'tcp' else ', udp'})"
                      for title, specs in (("keep", self.keep), ("open", self.open),
                                           ("close after drain", self.close)) for s in specs]
         parts = ["listeners " + ", ".join(listeners)]
@@ -52,8 +52,8 @@ class Plan:
         return "plan: " + "; ".join(parts)
 
 
-def _identity(spec: ListenerSpec) -> tuple[str, int, str]:
-    return (spec.host, spec.port, spec.mode)
+def _identity(spec: ListenerSpec) -> tuple[str, int, str, str]:
+    return (spec.host, spec.port, spec.mode, spec.protocol)
 
 
 def diff(current: Config | None, new: Config) -> Plan:

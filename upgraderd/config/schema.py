@@ -37,6 +37,7 @@ from upgraderd.config.validators import (
 
 DEFAULT_PATH = "config/upgraderd.yaml"
 MODES = ("reuseport", "shared", "worker-bind")
+PROTOCOLS = ("tcp", "udp")
 
 
 # -- the schema --
@@ -47,9 +48,11 @@ class ListenerSpec:
 
     name: str = opt(REQUIRED, name, "Listener name; workers see it in LISTEN_FDNAMES.")
     host: str = opt("127.0.0.1", host, "Address to listen on (IPv4 or IPv6).")
-    port: int = opt(REQUIRED, integer(1, 65535), "TCP port.")
+    port: int = opt(REQUIRED, integer(1, 65535), "TCP or UDP port.")
     mode: str = opt("reuseport", one_of(*MODES), "Who binds and how the accept queue is shared.")
-    backlog: int = opt(1024, integer(1, 65535), "listen() backlog of each socket.")
+    backlog: int = opt(1024, integer(1, 65535), "listen() backlog of each socket (TCP only).")
+    protocol: str = opt("tcp", one_of(*PROTOCOLS), "tcp (stream) or udp (datagram sockets, "
+                        "mode reuseport or shared).")
 
     @property
     def address(self) -> str:
@@ -311,14 +314,14 @@ class _Loader:
 
     def unique(self, node: yaml.SequenceNode, key: str, listeners: list[ListenerSpec]) -> None:
         names: dict[str, int] = {}
-        addrs: dict[tuple[str, int], int] = {}
+        addrs: dict[tuple[str, int, str], int] = {}
         for i, spec in enumerate(listeners):
             item = node.value[i]
             if spec.name in names:
                 self.fail(item, f"{key}[{i}].name",
                           f"duplicate listener name {spec.name!r} (also {key}[{names[spec.name]}])")
             names.setdefault(spec.name, i)
-            addr = (str(ipaddress.ip_address(spec.host)), spec.port)
+            addr = (str(ipaddress.ip_address(spec.host)), spec.port, spec.protocol)
             if addr in addrs:
                 self.fail(item, f"{key}[{i}]",
                           f"duplicate address {spec.address} (also {key}[{addrs[addr]}])")
@@ -351,6 +354,7 @@ def parse(text: str, path: str = "<string>") -> Config:
     if cfg is not None:
         checks.check_workers(loader, root, cfg)
         checks.check_templates(loader, root, cfg)
+        checks.check_protocols(loader, root, cfg)
     if loader.problems:
         raise ConfigError(loader.problems)
     assert cfg is not None

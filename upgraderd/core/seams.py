@@ -18,12 +18,19 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 from upgraderd.config.schema import Config, ListenerSpec, MetricsSpec
 
 # (host, port, mode, slot): a socket's identity, whatever listener name it has.
+# A UDP listener's mode is prefixed, "udp/reuseport": UDP and TCP can share a port.
 SocketKey = tuple[str, int, str, int]
 
 
 def key_for(spec: ListenerSpec, slot: int) -> SocketKey:
     """Return the socket key that worker slot `slot` uses for `spec`."""
-    return (spec.host, spec.port, spec.mode, slot if spec.mode == "reuseport" else 0)
+    mode = spec.mode if spec.protocol == "tcp" else f"{spec.protocol}/{spec.mode}"
+    return (spec.host, spec.port, mode, slot if spec.mode == "reuseport" else 0)
+
+
+def is_udp(key: SocketKey) -> bool:
+    """Return True if `key` names a UDP socket."""
+    return key[2].startswith("udp/")
 
 
 def keys_for(cfg: Config, slots: Iterable[int]) -> set[SocketKey]:

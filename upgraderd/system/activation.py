@@ -13,8 +13,8 @@ fd store names them so, see fdstore.py). In reuseport mode the master binds the
 slots nobody passed next to the passed one, so the passed socket needs
 SO_REUSEPORT (`ReusePort=yes` in the socket unit) when `workers.count` > 1.
 
-Checks: each socket must be a listening TCP socket of the listener's family,
-bound to its host and port; a mismatch is an error naming the fd and the
+Checks: each socket must be a listening TCP socket (a UDP socket for a
+`protocol: udp` listener) of the listener's family, bound to its host and port; a mismatch is an error naming the fd and the
 listener, and the master does not start. A socket no listener wants is
 closed with a warning. The variables are removed from the environment, so
 neither a USR2 re-exec (same pid) nor a worker mistakes the fds for its own.
@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 from typing import MutableMapping
 
 from upgraderd.config.schema import Config, ListenerSpec
-from upgraderd.core.seams import SocketKey
+from upgraderd.core.seams import SocketKey, key_for
 from upgraderd.errors import FatalError
-from upgraderd.system.peers import family_of
+from upgraderd.system import udp
 from upgraderd.system.procfs import small_int
 
 log = logging.getLogger("upgraderd")
@@ -104,13 +104,9 @@ def parse_name(name: str) -> tuple[str, int | None]:
 
 
 def check(sock: socket.socket, spec: ListenerSpec, what: str) -> None:
-    """Raise FatalError unless `sock` is a listening TCP socket at `spec`'s address."""
-    problem = None
-    if sock.family != family_of(spec.host) or sock.type != socket.SOCK_STREAM:
-        problem = f"is not a TCP/IPv{ipaddress.ip_address(spec.host).version} socket"
-    elif not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-        problem = "is not listening"
-    else:
+    """Raise FatalError unless `sock` is a listening TCP (or a UDP) socket at `spec`'s address."""
+    problem = udp.mismatch(sock, spec)
+    if problem is None:
         host, port = sock.getsockname()[:2]
         if ipaddress.ip_address(host) != ipaddress.ip_address(spec.host) or port != spec.port:
             shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -129,7 +125,7 @@ def key_of(spec: ListenerSpec, slot: int | None, cfg: Config) -> SocketKey | Non
         return None
     if spec.mode == "reuseport" and slot >= cfg.workers.count:
         return None
-    return (spec.host, spec.port, spec.mode, slot)
+    return key_for(spec, slot)
 
 
 def match(cfg: Config, passed: list[Passed], into: Adopted) -> None:

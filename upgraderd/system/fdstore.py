@@ -23,14 +23,14 @@ import socket
 from typing import Callable, Mapping
 
 from upgraderd.config.schema import Config
-from upgraderd.core.seams import SocketKey
+from upgraderd.core.seams import SocketKey, key_for
 
 log = logging.getLogger("upgraderd")
 
 
 def names(cfg: Config, keys: set[SocketKey]) -> dict[SocketKey, str]:
     """Return the fd-store name of each of `keys` that `cfg` has a listener for."""
-    by_addr = {(s.host, s.port, s.mode): s.name for s in cfg.listeners}
+    by_addr = {key_for(s, 0)[:3]: s.name for s in cfg.listeners}
     out = {}
     for key in keys:
         name = by_addr.get(key[:3])

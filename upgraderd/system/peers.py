@@ -68,12 +68,14 @@ def _decode(hexaddr: str) -> tuple[IPAddress, int] | None:
         return None
 
 
-def listening() -> list[tuple[IPAddress, int, int]]:
-    """Return (address, port, inode) of every TCP LISTEN socket in this network namespace."""
+def listening(protocol: str = "tcp") -> list[tuple[IPAddress, int, int]]:
+    """Return (address, port, inode) of every TCP LISTEN (or bound unconnected UDP) socket here."""
+    udp = protocol == "udp"
     try:
-        return [s for family in (socket.AF_INET, socket.AF_INET6) for s in _diag_listening(family)]
+        return [s for family in (socket.AF_INET, socket.AF_INET6) for s in _diag_listening(family, udp)]
     except OSError:
-        return _proc_listening()
+        return _proc_listening(("/proc/net/udp", "/proc/net/udp6") if udp else ("/proc/net/tcp", "/proc/net/tcp6"),
+                               UNCONNECTED if udp else LISTEN)
 
 
 _NLMSG = struct.Struct("=IHHII")
@@ -81,11 +83,14 @@ _REQ = struct.Struct("=BBBBI48s")
 _MSG = struct.Struct("=BBBBHH16s16sIQIIIII")
 SOCK_DIAG_BY_FAMILY, NLMSG_ERROR, NLMSG_DONE = 20, 2, 3
 TCP_LISTEN = 10
+TCP_CLOSE = 7  # the state of a bound, unconnected UDP socket
+UNCONNECTED = "07"
 
 
-def _diag_listening(family: int) -> list[tuple[IPAddress, int, int]]:
-    """Ask the kernel (NETLINK_SOCK_DIAG) for the TCP sockets in LISTEN state of `family`."""
-    req = _REQ.pack(family, socket.IPPROTO_TCP, 0, 0, 1 << TCP_LISTEN, b"")
+def _diag_listening(family: int, udp: bool = False) -> list[tuple[IPAddress, int, int]]:
+    """Ask the kernel (NETLINK_SOCK_DIAG) for the TCP LISTEN (or unconnected UDP) sockets of `family`."""
+    want = TCP_CLOSE if udp else TCP_LISTEN
+    req = _REQ.pack(family, socket.IPPROTO_UDP if udp else socket.IPPROTO_TCP, 0, 0, 1 << want, b"")
     out: list[tuple[IPAddress, int, int]] = []
     with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, 4) as nl:
         nl.settimeout(2.0)
@@ -101,12 +106,12 @@ def _diag_listening(family: int) -> list[tuple[IPAddress, int, int]]:
                 fam, state, _t, _r, sport, _d, src, _dst, _if, _c, _e, _rq, _wq, _uid, inode = \
                     _MSG.unpack_from(data, off + _NLMSG.size)
                 addr = ipaddress.ip_address(src[:4] if fam == socket.AF_INET else src)
-                if state == TCP_LISTEN and inode:
+                if state == want and inode:
                     out.append((addr, socket.ntohs(sport), inode))
                 off += (length + 3) & ~3
 
 
-def _proc_listening(table_paths: tuple[str, ...] = ("/proc/net/tcp", "/proc/net/tcp6")
+def _proc_listening(table_paths: tuple[str, ...] = ("/proc/net/tcp", "/proc/net/tcp6"), state: str = LISTEN
                     ) -> list[tuple[IPAddress, int, int]]:
     """Read LISTEN sockets from /proc/net/tcp{,6}: slow with many TIME_WAIT entries, a fallback."""
     out = []
@@ -114,7 +119,7 @@ def _proc_listening(table_paths: tuple[str, ...] = ("/proc/net/tcp", "/proc/net/
         raw = procfs.read_bounded(path, 64 << 20)
         for line in (raw or b"").decode("ascii", "replace").splitlines()[1:]:
             fields = line.split()
-            if len(fields) < 10 or fields[3] != LISTEN or not fields[9].isdigit():
+            if len(fields) < 10 or fields[3] != state or not fields[9].isdigit():
                 continue
             where = _decode(fields[1])
             if where is not None and int(fields[9]) > 0:
@@ -131,13 +136,14 @@ def _overlaps(a: IPAddress, b: IPAddress) -> bool:
 def find_conflict(cfg: Config, me: int | None = None) -> Conflict | None:
     """Return the first other live master serving one of `cfg`'s addresses, or None."""
     me = os.getpid() if me is None else me
-    wanted = [(ipaddress.ip_address(s.host), s.port, s.address) for s in cfg.listeners]
-    sockets = listening()
     by_inode: dict[int, str] = {}
-    for addr, port, inode in sockets:
-        for host, want_port, label in wanted:
-            if port == want_port and _overlaps(addr, host):
-                by_inode[inode] = label
+    for protocol in sorted({s.protocol for s in cfg.listeners}):
+        wanted = [(ipaddress.ip_address(s.host), s.port, s.address + ("/udp" if protocol == "udp" else ""))
+                  for s in cfg.listeners if s.protocol == protocol]
+        for addr, port, inode in listening(protocol):
+            for host, want_port, label in wanted:
+                if port == want_port and _overlaps(addr, host):
+                    by_inode[inode] = label
     for holder, inodes in sorted(procfs.socket_owners(set(by_inode)).items()):
         master = _master_of(holder, me)
         if master is not None:

@@ -34,13 +34,13 @@ import socket
 from typing import Any, Iterable
 
 from upgraderd.config.schema import Config, ListenerSpec
-from upgraderd.core.seams import Retired, SocketKey, key_for
-from upgraderd.system import kernel, steering
+from upgraderd.core.seams import Retired, SocketKey, is_udp, key_for
+from upgraderd.system import kernel, steering, udp
 
 log = logging.getLogger("upgraderd")
 
-# A kernel SO_REUSEPORT group: family and bound address, as getsockname() says.
-GroupId = tuple[int, str, int]
+# A kernel SO_REUSEPORT group: family, bound address (as getsockname() says) and type.
+GroupId = tuple[int, str, int, int]
 
 
 
@@ -106,7 +106,7 @@ class ListenerSet:
                         self._parked.discard(key)
                         self._relisten(key, spec.backlog)
                         continue
-                    self._add(key, bind(spec), spec.backlog)
+                    self._add(key, udp.bind(spec) if spec.protocol == "udp" else bind(spec), spec.backlog)
                     opened.append(key)
         except OSError as e:
             for key in reversed(opened):
@@ -118,13 +118,13 @@ class ListenerSet:
         self._socks[key] = sock
         self._backlog[key] = backlog
         name = sock.getsockname()
-        gid: GroupId = (sock.family, str(name[0]), int(name[1]))
+        gid: GroupId = (sock.family, str(name[0]), int(name[1]), int(sock.type))
         self._group_of[key] = gid
         # A listening socket joins its group at the end of the kernel's array.
         self._groups.setdefault(gid, steering.Group()).join(key)
 
     def _relisten(self, key: SocketKey, backlog: int) -> None:
-        if self._backlog.get(key) != backlog:
+        if self._backlog.get(key) != backlog and not is_udp(key):
             self._socks[key].listen(backlog)
             self._backlog[key] = backlog
 
@@ -183,7 +183,11 @@ class ListenerSet:
         sock = self._socks.pop(key)
         self._backlog.pop(key, None)
         self._parked.discard(key)
-        if steered:
+        if steered and is_udp(key):
+            # shutdown() does not unhash a datagram socket: it leaves the group at
+            # its last close, so a stray holder would make the order a guess.
+            group.known = group.known and shut
+        elif steered:
             if shut:
                 # Unhash now even if a stray process holds an fd: the group's
                 # order then changes here, where it is tracked, and not later.
@@ -216,7 +220,7 @@ class ListenerSet:
                 continue
             ready = {key_for(spec, s) for s in slots} - self._parked
             for key in self._socks:
-                if key[:3] == (spec.host, spec.port, spec.mode):
+                if key[:3] == key_for(spec, 0)[:3]:
                     keys = wanted.setdefault(self._group_of[key], set())
                     if key in ready:
                         keys.add(key)
@@ -227,7 +231,7 @@ class ListenerSet:
     def is_steered(self, cfg: Config) -> bool:
         """Return True if every socket group of `cfg`'s listeners is steered now."""
         gids = {self._group_of[k] for k in self._socks for spec in cfg.listeners
-                if spec.mode != "worker-bind" and k[:3] == (spec.host, spec.port, spec.mode)}
+                if spec.mode != "worker-bind" and k[:3] == key_for(spec, 0)[:3]}
         return bool(gids) and all(self._groups[g].attached is not None for g in gids)
 
     def _steer_group(self, gid: GroupId, keys: frozenset[SocketKey]) -> str | None:
@@ -303,10 +307,13 @@ class ListenerSet:
         connections then reach every socket, all of which are served) and the
         group is left unsteered.
         """
-        backlog = {(s.host, s.port, s.mode): s.backlog for s in cfg.listeners}
+        backlog = {key_for(s, 0)[:3]: s.backlog for s in cfg.listeners}
         for key, sock in socks.items():
             os.set_inheritable(sock.fileno(), False)
-            sock.listen(backlog[key[:3]])
+            if is_udp(key):
+                sock.setsockopt(socket.SOL_SOCKET, udp.SO_RXQ_OVFL, 1)
+            else:
+                sock.listen(backlog[key[:3]])
             self._add(key, sock, backlog[key[:3]])
         for gid in {self._group_of[k] for k in socks}:
             group = self._groups[gid]
