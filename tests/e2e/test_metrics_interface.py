@@ -30,6 +30,8 @@ def exposition(tmp_path_factory):
     """Scrape a daemon that served a connection and did a reload (every family has samples)."""
     port = free_port()
     cfg = echo_config(port, count=2)
+    # A UDP listener on the same port number: its datagram and drop metrics are part of the interface.
+    cfg["listeners"].append({"name": "dns", "host": "127.0.0.1", "port": port, "protocol": "udp"})  # type: ignore[attr-defined]
     with Daemon(tmp_path_factory.mktemp("interface"), cfg).start() as d:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
             c.sendall(b"ping")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import socket
 import time
 from typing import Iterator
@@ -185,3 +186,24 @@ def test_the_peer_check_lists_udp_sockets_apart_from_tcp_ones():
         assert port not in {p for _a, p, _i in peers.listening("tcp")}
         assert (port, inode) in {(p, i) for _a, p, i in
                                  peers._proc_listening(("/proc/net/udp",), peers.UNCONNECTED)}
+
+
+def test_a_close_in_a_worker_leaves_the_socket_whole_where_shutdown_would_not(group):
+    """Why a draining worker only closes its fd: SHUT_RD marks the socket every holder shares."""
+    ls, cfg = group
+    port = cfg.listeners[0].port
+    master_fd = ls.child_fds(cfg, 0)[0]
+    assert ls.steer(cfg, {0}) is None
+    worker = socket.socket(fileno=os.dup(master_fd))
+    worker.close()                                      # what a draining worker does
+    with socket.socket(fileno=os.dup(master_fd)) as successor:
+        successor.setblocking(False)
+        assert select.select([successor], [], [], 0)[0] == []  # nothing queued, nothing reported
+        assert spread(port, {0: successor}, 10) == {0: 10}
+        stray = socket.socket(fileno=os.dup(master_fd))
+        with pytest.raises(OSError):
+            stray.shutdown(socket.SHUT_RD)                  # ENOTCONN, but the flag is set
+        stray.close()
+        assert select.select([successor], [], [], 0)[0] == [successor]  # readable forever ...
+        with pytest.raises(BlockingIOError):
+            successor.recv(64)                                  # ... with nothing to read

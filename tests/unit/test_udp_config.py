@@ -27,6 +27,8 @@ CASES = [
     ("udp-backlog", "listeners:\n  - name: dns\n    port: 5353\n    protocol: udp\n"
                     "    backlog: 64\n" + W,
      "5:14: listeners[0].backlog", "a UDP socket has none"),
+    ("udp-http-app", "listeners:\n  - {name: dns, port: 5353, protocol: udp}\nworkers: {app: http}\n",
+     "2:39: listeners[0].protocol", "the built-in http app does not answer UDP"),
     ("udp-duplicate", "listeners:\n  - {name: a, port: 53, protocol: udp}\n"
                       "  - {name: b, port: 53, protocol: udp, mode: shared}\n" + W,
      "3:5: listeners[1]", "duplicate address 127.0.0.1:53"),

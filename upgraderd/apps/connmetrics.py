@@ -53,10 +53,12 @@ class ConnectionMetrics:
         self._sink: _Sink | None = _shared_sink(tuple(self.listeners)) if enabled else None
         self.enabled = self._sink is not None
         self.is_draining = False
-        # accepted, closed, rx, tx, handed off, taken over
-        self._counts = {name: [0] * 6 for name in self.listeners}
-        self._flushed = {name: [0] * 6 for name in self.listeners}
+        # accepted, closed, rx, tx, handed off, taken over, datagrams in, out, replies unsent
+        self._counts = {name: [0] * 9 for name in self.listeners}
+        self._flushed = {name: [0] * 9 for name in self.listeners}
         self._failures: dict[str, int] = {}
+        # (listener, socket inode) -> the kernel's drop counter as last read (SO_RXQ_OVFL)
+        self._drops: dict[tuple[str, str], int] = {}
         self._dirty = True
         self._reported = {name: {"active": 0, "draining": 0} for name in self.listeners}
 
@@ -79,6 +81,32 @@ class ConnectionMetrics:
         """Count `n` bytes written to a connection of `listener`."""
         self._counts[listener][3] += n
         self._dirty = True
+
+    def datagram_in(self, listener: str, n: int) -> None:
+        """Count one datagram of `n` bytes read from UDP `listener`."""
+        c = self._counts[listener]
+        c[6] += 1
+        c[2] += n
+        self._dirty = True
+
+    def datagram_out(self, listener: str, n: int) -> None:
+        """Count one reply of `n` bytes sent on UDP `listener`."""
+        c = self._counts[listener]
+        c[7] += 1
+        c[3] += n
+        self._dirty = True
+
+    def datagram_unsent(self, listener: str) -> None:
+        """Count a reply the kernel would not take (send buffer full, unreachable)."""
+        self._counts[listener][8] += 1
+        self._dirty = True
+
+    def udp_drops(self, listener: str, socket_id: str, total: int) -> None:
+        """Record the kernel's cumulative receive-buffer drop count of one UDP socket."""
+        key = (listener, socket_id)
+        if self._drops.get(key) != total:
+            self._drops[key] = total
+            self._dirty = True
 
     def handed_off(self, listener: str) -> None:
         """Count a connection of `listener` that another worker serves from now on."""
@@ -123,6 +151,8 @@ class ConnectionMetrics:
         for reason, n in self._failures.items():
             self._sink.failures.labels(reason).inc(n)
         self._failures.clear()
+        for (name, socket_id), total in self._drops.items():
+            self._sink.drops_seen(name, socket_id, total)
 
 
 _SINKS: dict[tuple[str, ...], _Sink | None] = {}
@@ -148,12 +178,13 @@ def _shared_sink(listeners: tuple[str, ...]) -> _Sink | None:
 def _reserve(listeners: tuple[str, ...]) -> None:
     """Allocate this process's metric files whole, so that no later write can fault."""
     directory = os.environ.get(ENV, "")
-    # Six series per listener (four counters, two gauge states), each bounded from above.
-    need = 8 + 6 * sum(_entry_size(name) for name in listeners)
+    # Twelve series per listener (nine counters, two gauge states, one UDP socket's drops),
+    # each bounded from above.
+    need = 8 + 12 * sum(_entry_size(name) for name in listeners)
     size = _FILE_SIZE
     while size < 2 * need:
         size *= 2
-    for prefix in ("counter", "gauge_livesum"):
+    for prefix in ("counter", "gauge_livesum", "gauge_livemax"):
         path = os.path.join(directory, f"{prefix}_{os.getpid()}.db")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         try:
@@ -191,6 +222,12 @@ class _Sink:
                     "handed to another worker.", labels, registry=None),
             Counter("upgraderd_connections_taken_over_total", "Connections a built-in worker took over "
                     "from another worker.", labels, registry=None),
+            Counter("upgraderd_datagrams_received_total", "UDP datagrams the built-in workers read.",
+                    labels, registry=None),
+            Counter("upgraderd_datagrams_sent_total", "UDP datagrams the built-in workers sent (replies).",
+                    labels, registry=None),
+            Counter("upgraderd_datagrams_unsent_total", "UDP replies the kernel did not take (send buffer "
+                    "full for 1 s, or the destination unreachable).", labels, registry=None),
         ]
         self.failures = Counter("upgraderd_handoff_failures_total", "Connection hand-offs that did not "
                                 "happen, by reason; the connection stayed where it was.", ["reason"],
@@ -198,6 +235,12 @@ class _Sink:
         self.active = Gauge("upgraderd_connections_active", "Open connections of the built-in workers, by "
                             "the state of their generation (active or draining).", ["listener", "state"],
                             registry=None, multiprocess_mode="livesum")
+        self.drops = Gauge("upgraderd_udp_receive_drops", "Datagrams the kernel dropped on a UDP socket "
+                           "because its receive buffer was full, since the socket was bound (SO_RXQ_OVFL, "
+                           "as last read by a live worker).", ["listener", "socket"], registry=None,
+                           multiprocess_mode="livemax")
+        self._drops_max: dict[tuple[str, str], int] = {}
+        self._drops_lock = threading.Lock()
         for name in listeners:
             # Create every series at 0 so that rate() and increase() see its start.
             for c in self.counters:
@@ -206,6 +249,14 @@ class _Sink:
             self.active.labels(name, "draining").set(0)
         for reason in HANDOFF_FAILURES:
             self.failures.labels(reason)
+
+    def drops_seen(self, listener: str, socket_id: str, total: int) -> None:
+        # Threads of one worker share this gauge: keep the largest (the newest) reading.
+        with self._drops_lock:
+            key = (listener, socket_id)
+            if total > self._drops_max.get(key, -1):
+                self._drops_max[key] = total
+                self.drops.labels(listener, socket_id).set(total)
 
     def write(self, listener: str, deltas: list[int], gauge: dict[str, int]) -> None:
         for counter, delta in zip(self.counters, deltas):

@@ -1,5 +1,7 @@
 """The built-in echo worker: every byte received is sent back, in order.
 
+A UDP datagram is answered with itself, to the address it came from.
+
 A connection stays open until the client closes it, also while the worker
 drains: an echo stream has no request boundary at which closing would be
 safe. With `drain.handoff: auto` (the default) a draining echo worker hands
@@ -18,6 +20,10 @@ class Echo:
 
     def received(self, data: bytes) -> bytes:
         """Return `data` unchanged."""
+        return data
+
+    def datagram(self, data: bytes) -> bytes:
+        """Answer a UDP datagram with itself."""
         return data
 
     def closing(self) -> bool:

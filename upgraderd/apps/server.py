@@ -37,6 +37,7 @@ from typing import Callable, Protocol
 from upgraderd import worker
 from upgraderd.worker.orphan import OrphanWatch
 from upgraderd.apps.connmetrics import ConnectionMetrics
+from upgraderd.apps.datagrams import DatagramListener, is_udp
 from upgraderd.apps.moves import Movable, Moves
 from upgraderd.worker import handoff
 
@@ -125,7 +126,8 @@ class Server:
         self._install_signals()
         for name, lsock in self.listeners.items():
             lsock.setblocking(False)
-            self.sel.register(lsock, selectors.EVENT_READ, name)
+            udp = DatagramListener(name, lsock, self.factory(name), self.metrics) if is_udp(lsock) else None
+            self.sel.register(lsock, selectors.EVENT_READ, name if udp is None else udp)
         if self.moves is not None:
             self.moves.open()  # before READY=1: a successor may give to us as soon as we are ready
         if self.announce:
@@ -162,6 +164,8 @@ class Server:
             self.moves.poll()
         elif isinstance(key.data, str):
             self._accept(key.fileobj, key.data)  # type: ignore[arg-type]
+        elif isinstance(key.data, DatagramListener):
+            key.data.readable()
         else:
             conn: Conn = key.data
             if mask & selectors.EVENT_READ:
@@ -247,7 +251,10 @@ class Server:
         self.draining_since = time.monotonic()
         self.metrics.draining()
         for name, lsock in self.listeners.items():
-            self.sel.unregister(lsock)
+            data = self.sel.unregister(lsock).data
+            if isinstance(data, DatagramListener):
+                data.drain()  # UDP: answer what is queued now, close our fd (datagrams.py)
+                continue
             # Take what is queued before closing: if ours is the last reference to a
             # SO_REUSEPORT socket (a retired slot), the kernel resets whatever is left.
             # O_NONBLOCK belongs to the open file description, which every generation

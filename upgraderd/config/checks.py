@@ -153,6 +153,10 @@ def check_protocols(loader: Reporter, root: yaml.Node, cfg: Config) -> None:
                         "protocol udp needs mode reuseport or shared: the master holds UDP sockets "
                         "across generations, while worker-bind sockets close with each worker and "
                         "drop the datagrams queued on them")
+        if cfg.workers.app == "http":
+            loader.fail(node_at(item, "protocol") or item, f"listeners[{i}].protocol",
+                        "the built-in http app does not answer UDP datagrams; use app echo, a "
+                        "`module:factory` app whose protocol has datagram(), or a command")
         backlog = node_at(item, "backlog")
         if backlog is not None:
             loader.fail(backlog, f"listeners[{i}].backlog",

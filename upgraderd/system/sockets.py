@@ -184,8 +184,8 @@ class ListenerSet:
         self._backlog.pop(key, None)
         self._parked.discard(key)
         if steered and is_udp(key):
-            # shutdown() does not unhash a datagram socket: it leaves the group at
-            # its last close, so a stray holder would make the order a guess.
+            # shutdown() does not unhash a datagram socket (and would make it poll
+            # readable for every holder): it leaves the group at its last close.
             group.known = group.known and shut
         elif steered:
             if shut:

@@ -14,9 +14,12 @@ socket, so every holder sees it): the kernel then attaches its receive-buffer
 drop counter (`sk_drops`, cumulative over the socket's life) to each datagram
 a worker reads, which the built-in workers report (docs/metrics.md).
 
-The worker never calls shutdown() on such a socket: on a datagram socket
-SHUT_RD would stop the receive side for every holder, the master and the
-next generation included. Closing its own fd is all a draining worker does.
+A worker never calls shutdown() on such a socket: the flag belongs to the
+socket, not to the worker's fd, so on Linux 6.x SHUT_RD (which fails with
+ENOTCONN on an unconnected UDP socket but still sets it) makes poll() report
+the socket readable for every holder from then on, the master and the next
+generation included, and their loops spin on EAGAIN. Closing its own fd is
+all a draining worker does (tests/os/test_udp_sockets.py shows the flag).
 """
 
 from __future__ import annotations

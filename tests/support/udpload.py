@@ -1,0 +1,118 @@
+"""A closed-loop UDP client with sequence numbers, for the UDP e2e tests and bench/udp.py.
+
+Each flow is one thread with its own socket (its own source port, so the
+kernel's reuseport choice spreads the flows). It sends one datagram
+`FLOW SEQ PAYLOAD`, waits for the answer that carries the same flow and
+sequence number, and only then sends the next. An answer that does not come
+within `timeout` is a loss: the flow counts it and goes on with the next
+sequence number (a retransmission would be a loss too). Late or foreign
+answers are counted apart and never taken for the awaited one.
+
+Bounded: every flow stops at `max_per_flow` datagrams or when `stop()` is
+called, and `stop()` joins the threads with a deadline.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+@dataclass
+class FlowStats:
+    """What one flow saw."""
+
+    sent: int = 0
+    answered: int = 0
+    lost: list[int] = field(default_factory=list)   # sequence numbers never answered in time
+    stray: int = 0                                   # late answers, or ones not ours
+    cookies: list[bytes] = field(default_factory=list)
+
+
+class UdpLoad:
+    """`flows` closed-loop clients of 127.0.0.1:`port` (or `host`), each in its own thread."""
+
+    def __init__(self, port: int, flows: int = 4, host: str = "127.0.0.1", timeout: float = 1.0,
+                 max_per_flow: int = 200_000, payload: bytes = b"x" * 32,
+                 reply_check: Callable[[bytes, bytes], bytes | None] | None = None) -> None:
+        """`reply_check(sent, reply)` may return a cookie to echo in the flow's next datagram."""
+        self.addr = (host, port)
+        self.timeout = timeout
+        self.max_per_flow = max_per_flow
+        self.payload = payload
+        self.reply_check = reply_check
+        self.stats = [FlowStats() for _ in range(flows)]
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,), name=f"udp-flow-{i}", daemon=True)
+                         for i in range(flows)]
+
+    def start(self) -> UdpLoad:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def stop(self, deadline: float = 10.0) -> None:
+        """Stop every flow after its datagram in flight, and wait for them (bounded)."""
+        self._stop.set()
+        end = time.monotonic() + deadline
+        for t in self._threads:
+            t.join(max(0.0, end - time.monotonic()))
+            assert not t.is_alive(), f"{t.name} did not stop"
+
+    @property
+    def sent(self) -> int:
+        return sum(s.sent for s in self.stats)
+
+    @property
+    def answered(self) -> int:
+        return sum(s.answered for s in self.stats)
+
+    @property
+    def lost(self) -> list[tuple[int, int]]:
+        """Return (flow, sequence number) of every datagram not answered in time."""
+        return [(i, seq) for i, s in enumerate(self.stats) for seq in s.lost]
+
+    def _run(self, flow: int) -> None:
+        st = self.stats[flow]
+        cookie = b""
+        with socket.socket(socket.AF_INET6 if ":" in self.addr[0] else socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(self.addr)
+            for seq in range(self.max_per_flow):
+                if self._stop.is_set():
+                    return
+                head = b"%d %d " % (flow, seq)
+                out = cookie + head + self.payload
+                try:
+                    s.send(out)
+                except OSError:
+                    st.lost.append(seq)
+                    continue
+                st.sent += 1
+                reply = self._await(s, out, head, st)
+                if reply is None:
+                    st.lost.append(seq)
+                    continue
+                st.answered += 1
+                if self.reply_check is not None:
+                    cookie = self.reply_check(out, reply) or b""
+                    st.cookies.append(cookie)
+
+    def _await(self, s: socket.socket, out: bytes, head: bytes, st: FlowStats) -> bytes | None:
+        """Return the answer to `out`, or None once `timeout` has passed without it."""
+        end = time.monotonic() + self.timeout
+        while (left := end - time.monotonic()) > 0:
+            s.settimeout(left)
+            try:
+                reply = s.recv(65536)
+            except socket.timeout:
+                return None
+            except ConnectionRefusedError:
+                # ICMP port unreachable: no socket was bound at all. The datagram is lost.
+                return None
+            if head in reply and reply.endswith(self.payload):
+                return reply
+            st.stray += 1
+        return None
