@@ -106,3 +106,30 @@ def test_reloads_under_udp_load_lose_no_datagram(tmp_path):
                            "the live workers to report the same two slot sockets")
         assert after == {inode: 0.0 for inode in before}
         assert d.stop() == 0
+
+
+def test_slots_that_retire_lose_no_datagram(tmp_path):
+    """Fewer workers (a reload, then TTOU): a retiring slot is steered away, read empty, then closed."""
+    port = free_udp_port()
+    cfg = udp_config(port, count=3)
+    with Daemon(tmp_path, cfg) as d:
+        d.start()
+        load = UdpLoad(port, flows=4, timeout=1.0).start()
+        try:
+            floor = load.answered + ANSWERS_BETWEEN
+            wait_until(lambda: load.answered >= floor, 20, "answers from three slots")
+            d.write_config(udp_config(port, count=2) | {"metrics": cfg["metrics"]})
+            d.reload_to(2)
+            d.wait_log(r"closed listener 127\.0\.0\.1:\d+ \(udp/reuseport, slot 2\)")
+            floor = load.answered + ANSWERS_BETWEEN
+            wait_until(lambda: load.answered >= floor, 20, "answers from two slots")
+            d.send(signal.SIGTTOU)
+            d.wait_log(r"closed listener 127\.0\.0\.1:\d+ \(udp/reuseport, slot 1\)")
+            floor = load.answered + ANSWERS_BETWEEN
+            wait_until(lambda: load.answered >= floor, 20, "answers from one slot")
+        finally:
+            load.stop()
+        assert load.lost == [], f"lost {len(load.lost)} of {load.sent}: {load.lost[:20]}"
+        assert load.answered == load.sent > 3 * ANSWERS_BETWEEN
+        assert "slot socket(s)" not in d.log()  # no close while datagrams could still arrive
+        assert d.stop() == 0
