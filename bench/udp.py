@@ -101,7 +101,8 @@ def run_once(variant: str, args: argparse.Namespace, workdir: Path) -> tuple[int
     cfg = (held_config if variant == "held" else fresh_config)(port, args.workers)
     with Daemon(workdir, cfg) as d:
         d.start()
-        load = UdpLoad(port, flows=args.flows, timeout=args.timeout).start()
+        # Bounded by the run's length; the count bound is far above what 20 s of HUPs send.
+        load = UdpLoad(port, flows=args.flows, timeout=args.timeout, max_per_flow=20_000_000).start()
         try:
             wait_until(lambda: load.answered >= 100, 20, "the first answers")
             for gen in range(2, args.hups + 2):
