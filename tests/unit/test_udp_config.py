@@ -29,6 +29,10 @@ CASES = [
      "5:14: listeners[0].backlog", "a UDP socket has none"),
     ("udp-http-app", "listeners:\n  - {name: dns, port: 5353, protocol: udp}\nworkers: {app: http}\n",
      "2:39: listeners[0].protocol", "the built-in http app does not answer UDP"),
+    ("cookie-on-tcp", "listeners:\n  - {name: dns, port: 5353, flows: cookie}\n" + W,
+     "2:36: listeners[0].flows", "flows is for protocol udp"),
+    ("cookie-shared", "listeners:\n  - {name: dns, port: 5353, protocol: udp, mode: shared, flows: cookie}\n" + W,
+     "2:65: listeners[0].flows", "flows: cookie needs mode reuseport"),
     ("udp-duplicate", "listeners:\n  - {name: a, port: 53, protocol: udp}\n"
                       "  - {name: b, port: 53, protocol: udp, mode: shared}\n" + W,
      "3:5: listeners[1]", "duplicate address 127.0.0.1:53"),
@@ -78,3 +82,11 @@ def test_a_reload_that_changes_the_protocol_opens_a_new_socket():
     p = plan.diff(before, after)
     assert [s.name for s in p.open] == ["dns"] and [s.name for s in p.close] == ["dns"]
     assert "open dns 127.0.0.1:5353 (reuseport, udp)" in p.describe()
+
+
+def test_a_cookie_listener_keys_its_sockets_by_generation():
+    cfg = schema.parse("listeners:\n  - {name: game, port: 7777, protocol: udp, flows: cookie}\n" + W)
+    spec = cfg.listeners[0]
+    assert key_for(spec, 1, 3) == ("127.0.0.1", 7777, "udp/cookie@3", 1)
+    assert keys_for(cfg, [0, 1], 4) == {("127.0.0.1", 7777, "udp/cookie@4", 0), ("127.0.0.1", 7777, "udp/cookie@4", 1)}
+    assert is_udp(key_for(spec, 0, 1))

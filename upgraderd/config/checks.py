@@ -145,9 +145,12 @@ def check_templates(loader: Reporter, root: yaml.Node, cfg: Config) -> None:
 def check_protocols(loader: Reporter, root: yaml.Node, cfg: Config) -> None:
     """Refuse the settings a UDP listener cannot honour, at their own lines."""
     for i, spec in enumerate(cfg.listeners):
-        if spec.protocol != "udp":
-            continue
         item = node_at(root, "listeners", i) or root
+        if spec.protocol != "udp":
+            if spec.flows != "none":
+                loader.fail(node_at(item, "flows") or item, f"listeners[{i}].flows",
+                            "flows is for protocol udp; a TCP connection is its own flow")
+            continue
         if spec.mode == "worker-bind":
             loader.fail(node_at(item, "mode") or item, f"listeners[{i}].mode",
                         "protocol udp needs mode reuseport or shared: the master holds UDP sockets "
@@ -157,6 +160,9 @@ def check_protocols(loader: Reporter, root: yaml.Node, cfg: Config) -> None:
             loader.fail(node_at(item, "protocol") or item, f"listeners[{i}].protocol",
                         "the built-in http app does not answer UDP datagrams; use app echo, a "
                         "`module:factory` app whose protocol has datagram(), or a command")
+        if spec.flows == "cookie" and spec.mode != "reuseport":
+            loader.fail(node_at(item, "flows") or item, f"listeners[{i}].flows",
+                        "flows: cookie needs mode reuseport (one socket per worker and generation)")
         backlog = node_at(item, "backlog")
         if backlog is not None:
             loader.fail(backlog, f"listeners[{i}].backlog",

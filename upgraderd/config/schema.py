@@ -53,6 +53,9 @@ class ListenerSpec:
     backlog: int = opt(1024, integer(1, 65535), "listen() backlog of each socket (TCP only).")
     protocol: str = opt("tcp", one_of(*PROTOCOLS), "tcp (stream) or udp (datagram sockets, "
                         "mode reuseport or shared).")
+    flows: str = opt("none", one_of("none", "cookie"), "UDP, mode reuseport: `cookie` gives each "
+                     "generation its own sockets and keeps a flow on the generation whose 4-byte cookie "
+                     "its datagrams start with (docs/workers.md).")
 
     @property
     def address(self) -> str:

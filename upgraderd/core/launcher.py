@@ -92,7 +92,7 @@ class Spawner:
         ctx = Context(sys_.environ, sys_.notify.address, sys_.user_env(gen.config.workers.user),
                       m.metrics.worker_env(gen.config) if m.metrics else {})
         try:
-            spec = describe(gen.config, gen.number, slot, sys_.listeners.child_fds(gen.config, slot),
+            spec = describe(gen.config, gen.number, slot, sys_.listeners.child_fds(gen.config, slot, gen.number),
                             gen.ready_rule, ctx)
         except (OSError, ValueError) as e:
             raise SpawnError(f"cannot prepare the worker: {getattr(e, 'strerror', None) or e}") from None

@@ -22,9 +22,14 @@ from upgraderd.config.schema import Config, ListenerSpec, MetricsSpec
 SocketKey = tuple[str, int, str, int]
 
 
-def key_for(spec: ListenerSpec, slot: int) -> SocketKey:
-    """Return the socket key that worker slot `slot` uses for `spec`."""
+def key_for(spec: ListenerSpec, slot: int, gen: int = 0) -> SocketKey:
+    """Return the socket key that worker slot `slot` (of generation `gen`) uses for `spec`.
+
+    Only a `flows: cookie` listener's sockets belong to a generation: "udp/cookie@GEN".
+    """
     mode = spec.mode if spec.protocol == "tcp" else f"{spec.protocol}/{spec.mode}"
+    if spec.flows == "cookie":
+        mode = f"udp/cookie@{gen}"
     return (spec.host, spec.port, mode, slot if spec.mode == "reuseport" else 0)
 
 
@@ -33,9 +38,9 @@ def is_udp(key: SocketKey) -> bool:
     return key[2].startswith("udp/")
 
 
-def keys_for(cfg: Config, slots: Iterable[int]) -> set[SocketKey]:
-    """Return every socket key that worker slots `slots` of a `cfg` generation use."""
-    return {key_for(spec, slot) for spec in cfg.listeners if spec.mode != "worker-bind"
+def keys_for(cfg: Config, slots: Iterable[int], gen: int = 0) -> set[SocketKey]:
+    """Return every socket key that worker slots `slots` of a `cfg` generation (number `gen`) use."""
+    return {key_for(spec, slot, gen) for spec in cfg.listeners if spec.mode != "worker-bind"
             for slot in slots}
 
 
@@ -136,8 +141,8 @@ class ListenerAPI(Protocol):
                slots: Iterable[int] | None = None) -> list[SocketKey]:
         """Bind what `cfg` needs for `slots` and is not bound yet; raise OSError naming the address."""
 
-    def child_fds(self, cfg: Config, slot: int) -> tuple[int, ...]:
-        """Return the fds worker `slot` of a `cfg` generation inherits, in LISTEN_FDS order."""
+    def child_fds(self, cfg: Config, slot: int, gen: int = 0) -> tuple[int, ...]:
+        """Return the fds worker `slot` of generation `gen` (of `cfg`) inherits, in LISTEN_FDS order."""
 
     # Steering programs the kernel refused, since this set was created.
     steer_refused: int
@@ -145,7 +150,7 @@ class ListenerAPI(Protocol):
     def retire(self, wanted: set[SocketKey], held: set[SocketKey]) -> Retired:
         """Close every socket not in `wanted`; park steered ones a live worker still holds."""
 
-    def steer(self, cfg: Config, ready_slots: Iterable[int]) -> str | None:
+    def steer(self, cfg: Config, ready_slots: Iterable[int], gen: int = 0) -> str | None:
         """Send new connections of `cfg`'s port groups only to `ready_slots`; return a warning or None."""
 
     def is_steered(self, cfg: Config) -> bool:

@@ -96,8 +96,8 @@ def close_unused(master: Master) -> None:
     wanted: set[SocketKey] = set()
     held: set[SocketKey] = set()
     for g in master.generations:
-        wanted |= keys_for(g.config, g.serving_slots())
-        held |= keys_for(g.config, [w.slot for w in g.pids().values()])
+        wanted |= keys_for(g.config, g.serving_slots(), g.number)
+        held |= keys_for(g.config, [w.slot for w in g.pids().values()], g.number)
     done = master.system.listeners.retire(wanted, held)
     if master.stopping:
         return
@@ -117,7 +117,7 @@ def steer(master: Master, without: int | None = None) -> None:
     ready = [s for s, w in gen.workers.items() if w.state is WorkerState.READY and not w.retiring and s != without]
     listeners = master.system.listeners
     before = listeners.steer_refused
-    note = listeners.steer(gen.config, ready)
+    note = listeners.steer(gen.config, ready, gen.number)
     master.stats.steering_refused += listeners.steer_refused - before
     if note is not None:
         log.warning("steering: %s", note)

@@ -118,8 +118,8 @@ def check(sock: socket.socket, spec: ListenerSpec, what: str) -> None:
 
 def key_of(spec: ListenerSpec, slot: int | None, cfg: Config) -> SocketKey | None:
     """Return the socket key a passed socket of `spec` serves, or None if nothing needs it."""
-    if spec.mode == "worker-bind":
-        return None
+    if spec.mode == "worker-bind" or spec.flows == "cookie":
+        return None  # a cookie listener's sockets belong to one generation: bound anew
     slot = slot or 0
     if spec.mode == "shared" and slot != 0:
         return None

@@ -35,7 +35,7 @@ from typing import Any, Iterable
 
 from upgraderd.config.schema import Config, ListenerSpec
 from upgraderd.core.seams import Retired, SocketKey, is_udp, key_for
-from upgraderd.system import kernel, steering, udp
+from upgraderd.system import flowcookie, kernel, steering, udp
 
 log = logging.getLogger("upgraderd")
 
@@ -98,8 +98,8 @@ class ListenerSet:
         opened: list[SocketKey] = []
         try:
             for spec in cfg.listeners:
-                if spec.mode == "worker-bind":
-                    continue
+                if spec.mode == "worker-bind" or spec.flows == "cookie":
+                    continue  # a cookie listener's sockets are per generation: see child_fds
                 for slot in sorted({key_for(spec, s)[3] for s in wanted}):
                     key = key_for(spec, slot)
                     if key in self._socks:
@@ -121,16 +121,29 @@ class ListenerSet:
         gid: GroupId = (sock.family, str(name[0]), int(name[1]), int(sock.type))
         self._group_of[key] = gid
         # A listening socket joins its group at the end of the kernel's array.
-        self._groups.setdefault(gid, steering.Group()).join(key)
+        group = self._groups.setdefault(gid, steering.Group())
+        group.join(key)
+        if flowcookie.key_cookie(key) is not None:
+            group.cookie_of, group.cookie_program = flowcookie.key_cookie, flowcookie.program
 
     def _relisten(self, key: SocketKey, backlog: int) -> None:
         if self._backlog.get(key) != backlog and not is_udp(key):
             self._socks[key].listen(backlog)
             self._backlog[key] = backlog
 
-    def child_fds(self, cfg: Config, slot: int) -> tuple[int, ...]:
-        """Return the fds worker `slot` of a `cfg` generation inherits, in `cfg.fd_listeners` order."""
-        return tuple(self._socks[key_for(spec, slot)].fileno() for spec in cfg.fd_listeners)
+    def child_fds(self, cfg: Config, slot: int, gen: int = 0) -> tuple[int, ...]:
+        """Return the fds worker `slot` of generation `gen` inherits, in `cfg.fd_listeners` order.
+
+        A `flows: cookie` listener's socket for (gen, slot) is bound here, the first time.
+        """
+        for spec in cfg.fd_listeners:
+            key = key_for(spec, slot, gen)
+            if spec.flows == "cookie" and key not in self._socks:
+                try:
+                    self._add(key, udp.bind(spec), spec.backlog)
+                except OSError as e:
+                    raise OSError(e.errno, f"cannot bind {spec.address} (udp): {e.strerror}") from None
+        return tuple(self._socks[key_for(spec, slot, gen)].fileno() for spec in cfg.fd_listeners)
 
     def keep_only(self, wanted: set[SocketKey]) -> list[SocketKey]:
         """Close every socket whose key is not in `wanted`; return the closed keys."""
@@ -206,7 +219,7 @@ class ListenerSet:
         else:
             del self._groups[gid]
 
-    def steer(self, cfg: Config, ready_slots: Iterable[int]) -> str | None:
+    def steer(self, cfg: Config, ready_slots: Iterable[int], gen: int = 0) -> str | None:
         """Send new connections of `cfg`'s port groups only to `ready_slots`' sockets.
 
         Returns what to log when something changed for the worse (nothing
@@ -218,9 +231,9 @@ class ListenerSet:
         for spec in cfg.listeners:
             if spec.mode == "worker-bind":
                 continue
-            ready = {key_for(spec, s) for s in slots} - self._parked
+            ready = {key_for(spec, s, gen) for s in slots} - self._parked
             for key in self._socks:
-                if key[:3] == key_for(spec, 0)[:3]:
+                if _kind(key) == _kind(key_for(spec, 0)):
                     keys = wanted.setdefault(self._group_of[key], set())
                     if key in ready:
                         keys.add(key)
@@ -231,7 +244,7 @@ class ListenerSet:
     def is_steered(self, cfg: Config) -> bool:
         """Return True if every socket group of `cfg`'s listeners is steered now."""
         gids = {self._group_of[k] for k in self._socks for spec in cfg.listeners
-                if spec.mode != "worker-bind" and k[:3] == key_for(spec, 0)[:3]}
+                if spec.mode != "worker-bind" and _kind(k) == _kind(key_for(spec, 0))}
         return bool(gids) and all(self._groups[g].attached is not None for g in gids)
 
     def _steer_group(self, gid: GroupId, keys: frozenset[SocketKey]) -> str | None:
@@ -349,6 +362,11 @@ class ListenerSet:
         self._group_of.clear()
         self._groups.clear()
         self._parked.clear()
+
+
+def _kind(key: SocketKey) -> tuple[str, int, str]:
+    """Return host, port and mode of `key`, without a cookie listener's generation."""
+    return (key[0], key[1], key[2].partition("@")[0])
 
 
 def _tuple(k: list[Any]) -> SocketKey:

@@ -29,7 +29,7 @@ import ctypes
 import socket
 import struct
 from dataclasses import dataclass, field
-from typing import Generic, Hashable, Iterable, Sequence, TypeVar
+from typing import Callable, Generic, Hashable, Iterable, Mapping, Sequence, TypeVar
 
 SO_ATTACH_REUSEPORT_CBPF = 51
 SO_DETACH_REUSEPORT_BPF = 68
@@ -127,6 +127,9 @@ class Group(Generic[K]):
     note: str | None = None
     # `members` as of the last steer, to skip building an unchanged program.
     order: list[K] = field(default_factory=list)
+    # A `flows: cookie` group (flowcookie.py): each member's cookie, and the program builder.
+    cookie_of: Callable[[K], int | None] | None = None
+    cookie_program: Callable[[Mapping[int, int], Sequence[int]], Program] | None = None
 
     def join(self, key: K) -> None:
         """Record that `key` started listening: the kernel appends it."""
@@ -141,10 +144,19 @@ class Group(Generic[K]):
         if self.allowed is not None:
             self.allowed = self.allowed - {key}
 
-    def want(self, keys: Iterable[K] | None = None) -> Program | None:
-        """Return the program for `keys` (default: `allowed`) at today's indices; None if none is left."""
+    def want(self, keys: Iterable[K] | None = None, without: Iterable[K] = ()) -> Program | None:
+        """Return the program for `keys` (default: `allowed`) at today's indices; None if none is left.
+
+        A cookie group's program also sends each member's cookie to that member
+        (but not the cookies of `without`).
+        """
         chosen = self.allowed if keys is None else frozenset(keys)
         positions = [self.members.index(k) for k in chosen or () if k in self.members]
+        if self.cookie_of is not None and self.cookie_program is not None:
+            skip = set(without)
+            table = {c: i for i, k in enumerate(self.members)
+                     if k not in skip and (c := self.cookie_of(k)) is not None}
+            return self.cookie_program(table, positions) if table or positions else None
         return program(positions) if positions else None
 
     def leave_plan(self, key: K) -> Program | None:
@@ -158,7 +170,7 @@ class Group(Generic[K]):
         """
         rest = (self.allowed or frozenset()) - {key}
         stable = rest - {self.members[-1]}
-        return self.want(stable or rest)
+        return self.want(stable or rest, without=(key, self.members[-1]))
 
     def order_of(self, keys: Sequence[K]) -> list[K]:
         """Return `keys` sorted by index, last first: closing in that order moves nobody."""
