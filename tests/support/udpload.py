@@ -29,7 +29,7 @@ class FlowStats:
     answered: int = 0
     lost: list[int] = field(default_factory=list)   # sequence numbers never answered in time
     stray: int = 0                                   # late answers, or ones not ours
-    cookies: list[bytes] = field(default_factory=list)
+    cookies: list[tuple[int, bytes]] = field(default_factory=list)  # (seq, cookie) where it changed
 
 
 class UdpLoad:
@@ -37,8 +37,10 @@ class UdpLoad:
 
     def __init__(self, port: int, flows: int = 4, host: str = "127.0.0.1", timeout: float = 1.0,
                  max_per_flow: int = 200_000, payload: bytes = b"x" * 32,
-                 reply_check: Callable[[bytes, bytes], bytes | None] | None = None) -> None:
-        """`reply_check(sent, reply)` may return a cookie to echo in the flow's next datagram."""
+                 reply_check: Callable[[bytes, bytes], bytes | None] | None = None,
+                 first_cookie: bytes = b"") -> None:
+        """`reply_check(sent, reply)` may return a cookie to put before the flow's next datagram."""
+        self.first_cookie = first_cookie
         self.addr = (host, port)
         self.timeout = timeout
         self.max_per_flow = max_per_flow
@@ -77,7 +79,7 @@ class UdpLoad:
 
     def _run(self, flow: int) -> None:
         st = self.stats[flow]
-        cookie = b""
+        cookie = self.first_cookie
         with socket.socket(socket.AF_INET6 if ":" in self.addr[0] else socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.connect(self.addr)
             for seq in range(self.max_per_flow):
@@ -97,8 +99,10 @@ class UdpLoad:
                     continue
                 st.answered += 1
                 if self.reply_check is not None:
-                    cookie = self.reply_check(out, reply) or b""
-                    st.cookies.append(cookie)
+                    got = self.reply_check(out, reply) or self.first_cookie
+                    if not st.cookies or st.cookies[-1][1] != got:
+                        st.cookies.append((seq, got))
+                    cookie = got
 
     def _await(self, s: socket.socket, out: bytes, head: bytes, st: FlowStats) -> bytes | None:
         """Return the answer to `out`, or None once `timeout` has passed without it."""
