@@ -91,7 +91,8 @@ def test_reloads_under_udp_load_lose_no_datagram(tmp_path):
         finally:
             load.stop()
         assert load.lost == [], f"lost {len(load.lost)} of {load.sent}: {load.lost[:20]}"
-        assert load.answered == load.sent > (RELOADS + 2) * ANSWERS_BETWEEN
+        # `late`: answered after the client's 1 s timeout (a stall on a busy machine), not dropped.
+        assert load.answered + load.late == load.sent > (RELOADS + 2) * ANSWERS_BETWEEN
         # The cross-check: every datagram was read once and answered once, and the kernel
         # dropped none on the slot sockets, which are the very sockets of generation 1.
         d.settled()
@@ -130,6 +131,6 @@ def test_slots_that_retire_lose_no_datagram(tmp_path):
         finally:
             load.stop()
         assert load.lost == [], f"lost {len(load.lost)} of {load.sent}: {load.lost[:20]}"
-        assert load.answered == load.sent > 3 * ANSWERS_BETWEEN
+        assert load.answered + load.late == load.sent > 3 * ANSWERS_BETWEEN
         assert "slot socket(s)" not in d.log()  # no close while datagrams could still arrive
         assert d.stop() == 0

@@ -72,7 +72,7 @@ def test_every_datagram_of_a_flow_is_answered_by_the_generation_that_started_it(
         for gen, load in loads.items():
             assert load.lost == [], f"generation {gen}'s flows lost {load.lost[:10]}"
             for s in load.stats:
-                assert s.answered == s.sent >= 3 * ANSWERS
+                assert s.answered + len(s.late) == s.sent >= 3 * ANSWERS
                 # One cookie for the whole flow, the one of the generation ACTIVE when it started.
                 assert [gen_of(c) for _seq, c in s.cookies] == [gen], s.cookies
         assert d.stop() == 0

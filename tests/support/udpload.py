@@ -5,8 +5,10 @@ kernel's reuseport choice spreads the flows). It sends one datagram
 `FLOW SEQ PAYLOAD`, waits for the answer that carries the same flow and
 sequence number, and only then sends the next. An answer that does not come
 within `timeout` is a loss: the flow counts it and goes on with the next
-sequence number (a retransmission would be a loss too). Late or foreign
-answers are counted apart and never taken for the awaited one.
+sequence number (a retransmission would be a loss too). An answer that comes
+after its timeout moves its datagram from `lost` to `late`: it was not
+dropped, only slow (a noisy machine can stall a process for a second). Foreign
+answers are counted apart; neither is ever taken for the awaited one.
 
 Bounded: every flow stops at `max_per_flow` datagrams or when `stop()` is
 called, and `stop()` joins the threads with a deadline.
@@ -14,6 +16,7 @@ called, and `stop()` joins the threads with a deadline.
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
@@ -28,7 +31,8 @@ class FlowStats:
     sent: int = 0
     answered: int = 0
     lost: list[int] = field(default_factory=list)   # sequence numbers never answered in time
-    stray: int = 0                                   # late answers, or ones not ours
+    late: list[int] = field(default_factory=list)   # answered, but after their timeout
+    stray: int = 0                                   # answers that are not ours
     cookies: list[tuple[int, bytes]] = field(default_factory=list)  # (seq, cookie) where it changed
 
 
@@ -71,6 +75,10 @@ class UdpLoad:
     @property
     def answered(self) -> int:
         return sum(s.answered for s in self.stats)
+
+    @property
+    def late(self) -> int:
+        return sum(len(s.late) for s in self.stats)
 
     @property
     def lost(self) -> list[tuple[int, int]]:
@@ -118,5 +126,11 @@ class UdpLoad:
                 return None
             if head in reply and reply.endswith(self.payload):
                 return reply
-            st.stray += 1
+            m = re.search(rb"(\d+) (\d+) " + re.escape(self.payload) + rb"\Z", reply)
+            seq = int(m.group(2)) if m is not None else -1
+            if seq in st.lost[-64:]:
+                st.lost.remove(seq)
+                st.late.append(seq)
+            else:
+                st.stray += 1
         return None

@@ -47,10 +47,10 @@ HANDOFF_FAILURES = ("refused", "timeout", "taker_gone", "untrusted_taker", "malf
 class ConnectionMetrics:
     """Per-listener connection and byte counts of this worker."""
 
-    def __init__(self, listeners: list[str], enabled: bool | None = None) -> None:
+    def __init__(self, listeners: list[str], enabled: bool | None = None, udp: bool = False) -> None:
         self.listeners = list(listeners)
         enabled = bool(os.environ.get(ENV)) if enabled is None else enabled
-        self._sink: _Sink | None = _shared_sink(tuple(self.listeners)) if enabled else None
+        self._sink: _Sink | None = _shared_sink(tuple(self.listeners), udp) if enabled else None
         self.enabled = self._sink is not None
         self.is_draining = False
         # accepted, closed, rx, tx, handed off, taken over, datagrams in, out, replies unsent
@@ -160,12 +160,12 @@ _SINKS_LOCK = threading.Lock()
 _FILE_SIZE = 1 << 16  # prometheus-client's initial size; it doubles from there
 
 
-def _shared_sink(listeners: tuple[str, ...]) -> _Sink | None:
+def _shared_sink(listeners: tuple[str, ...], udp: bool = False) -> _Sink | None:
     """Return this process's metric objects (one set per process), or None if it cannot report."""
     with _SINKS_LOCK:
         if listeners not in _SINKS:
             try:
-                _reserve(listeners)
+                _reserve(listeners, udp)
                 _SINKS[listeners] = _Sink(list(listeners))
             except OSError as e:
                 _SINKS[listeners] = None
@@ -175,7 +175,7 @@ def _shared_sink(listeners: tuple[str, ...]) -> _Sink | None:
         return _SINKS[listeners]
 
 
-def _reserve(listeners: tuple[str, ...]) -> None:
+def _reserve(listeners: tuple[str, ...], udp: bool = False) -> None:
     """Allocate this process's metric files whole, so that no later write can fault."""
     directory = os.environ.get(ENV, "")
     # Twelve series per listener (nine counters, two gauge states, one UDP socket's drops),
@@ -184,7 +184,8 @@ def _reserve(listeners: tuple[str, ...]) -> None:
     size = _FILE_SIZE
     while size < 2 * need:
         size *= 2
-    for prefix in ("counter", "gauge_livesum", "gauge_livemax"):
+    # The drop gauge (livemax) has its own file, written only by a worker with a UDP listener.
+    for prefix in ("counter", "gauge_livesum", *(("gauge_livemax",) if udp else ())):
         path = os.path.join(directory, f"{prefix}_{os.getpid()}.db")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         try:

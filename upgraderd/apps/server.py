@@ -98,7 +98,7 @@ class Server:
         self.orphan = OrphanWatch()
         self._wake_r, self._wake_w = socket.socketpair()
         self._signals_installed = False
-        self.metrics = ConnectionMetrics(list(listeners))
+        self.metrics = ConnectionMetrics(list(listeners), udp=any(is_udp(s) for s in listeners.values()))
         self.moves = Moves(self, self.takes_handoffs) if handoff.enabled() else None
 
     def _install_signals(self) -> None:
