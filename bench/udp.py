@@ -142,9 +142,9 @@ def main() -> int:
     print("| variant | sent | lost | lost per reload | lost in each repeat | answered late (not lost) |")
     print("|---|---|---|---|---|---|")
     for variant, runs in rows.items():
-        lost = float(statistics.median(x[1] for x in runs))
-        print(f"| {variant} | {statistics.median(x[0] for x in runs):.0f} | {lost:.0f} | "
-              f"{lost / args.hups:.2f} | {', '.join(str(x[1]) for x in runs)} | "
+        median = statistics.median(x[1] for x in runs)
+        print(f"| {variant} | {statistics.median(x[0] for x in runs):.0f} | {median:.0f} | "
+              f"{median / args.hups:.2f} | {', '.join(str(x[1]) for x in runs)} | "
               f"{statistics.median(x[2] for x in runs):.0f} |")
     return 0
 
