@@ -90,3 +90,15 @@ def test_a_cookie_listener_keys_its_sockets_by_generation():
     assert key_for(spec, 1, 3) == ("127.0.0.1", 7777, "udp/cookie@3", 1)
     assert keys_for(cfg, [0, 1], 4) == {("127.0.0.1", 7777, "udp/cookie@4", 0), ("127.0.0.1", 7777, "udp/cookie@4", 1)}
     assert is_udp(key_for(spec, 0, 1))
+
+
+def test_fd_store_names_tell_a_udp_socket_from_a_tcp_one_on_the_same_port():
+    from upgraderd.system import fdstore
+    cfg = schema.parse("listeners:\n  - {name: dns-tcp, port: 5353}\n"
+                       "  - {name: dns, port: 5353, protocol: udp}\n"
+                       "  - {name: game, port: 7777, protocol: udp, flows: cookie}\n" + W)
+    tcp, dns, game = cfg.listeners
+    keys = {key_for(tcp, 0), key_for(tcp, 1), key_for(dns, 0), key_for(dns, 1), key_for(game, 0, 3)}
+    # Per-generation sockets are not stored: a restarted master binds new ones.
+    assert fdstore.names(cfg, keys) == {key_for(tcp, 0): "dns-tcp", key_for(tcp, 1): "dns-tcp/1",
+                                        key_for(dns, 0): "dns", key_for(dns, 1): "dns/1"}
