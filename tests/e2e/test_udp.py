@@ -9,12 +9,16 @@ reload, and that counter (SO_RXQ_OVFL, read from the kernel) stays 0.
 
 from __future__ import annotations
 
+import os
+import re
 import signal
 import socket
 
+import pytest
+
 from tests.support.scrape import scrape
 from tests.support.udpload import UdpLoad
-from tests.support.upgraderd_proc import Daemon, echo_config, free_port, wait_until
+from tests.support.upgraderd_proc import Daemon, alive, echo_config, free_port, wait_until
 
 RELOADS = 8            # bench/udp.py runs the full 20 HUPs 1 s apart
 ANSWERS_BETWEEN = 150  # answers the client must get between two reloads
@@ -134,3 +138,44 @@ def test_slots_that_retire_lose_no_datagram(tmp_path):
         assert load.answered + load.late == load.sent > 3 * ANSWERS_BETWEEN
         assert "slot socket(s)" not in d.log()  # no close while datagrams could still arrive
         assert d.stop() == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="pidfd_getfd needs ptrace rights over the orphans (root here)")
+def test_a_restarted_master_takes_the_udp_slot_sockets_over_from_its_orphans(tmp_path):
+    """SIGKILL the master under UDP load and start another: it adopts each orphan's UDP socket
+    (fd 3) and TCP socket (fd 4) for the right listener, and no datagram is lost."""
+    port = free_udp_port()
+    cfg = udp_config(port)
+    cfg["drain"] = {"timeout": "10s", "orphan_grace": "30s"}
+    d = Daemon(tmp_path, cfg).start()
+    before = wait_until(lambda: (s := drop_sockets(cfg)) and len(s) == 2 and s, 10, "both slot sockets")
+    orphans: set[int] = set()
+    d2 = None
+    load = UdpLoad(port, flows=4, timeout=1.0).start()
+    try:
+        wait_until(lambda: load.answered >= ANSWERS_BETWEEN, 20, "answers from the first master")
+        orphans = d.workers()
+        d.send(signal.SIGKILL)
+        assert d.proc is not None
+        d.proc.wait(10)
+        d2 = Daemon(tmp_path, cfg).start()
+        log = d2.log()
+        assert len(re.findall(r"adopted fd 3 of orphan pid \d+ for listener 'dns' slot \d \(127", log)) == 2
+        assert len(re.findall(r"adopted fd 4 of orphan pid \d+ for listener 'tcp' slot \d \(127", log)) == 2
+        d2.wait_log(r"the orphaned workers have exited")
+        floor = load.answered + ANSWERS_BETWEEN
+        wait_until(lambda: load.answered >= floor, 20, "answers from the second master")
+        # The very sockets of the first master (same inodes), and the kernel dropped nothing.
+        after = wait_until(lambda: (x := drop_sockets(cfg)) and set(x) == set(before) and x, 10,
+                           "the new workers to report the adopted slot sockets")
+    finally:
+        load.stop()
+        for pid in orphans:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if d2 is not None:
+            d2.stop()
+        d.stop()
+    assert load.lost == [], f"lost {len(load.lost)} of {load.sent}: {load.lost[:20]}"
+    assert "cannot listen" not in d2.log()
+    assert after == {inode: 0.0 for inode in before}
