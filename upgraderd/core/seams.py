@@ -105,6 +105,28 @@ class Retired:
     unsafe: list[SocketKey]
 
 
+@dataclass(frozen=True)
+class Rescue:
+    """Sockets of slots without a worker, whose queues the READY `takers` of `generation` should get."""
+
+    generation: int
+    sockets: tuple[tuple[SocketKey, str], ...]   # (key, listener name)
+    takers: tuple[int, ...]                      # READY slots of `generation`
+
+
+class RescueAPI(Protocol):
+    """Connections queued on a slot socket nobody accepts on, handed to READY workers (system/rescue.py)."""
+
+    def rescue(self, plan: Rescue) -> list[int]:
+        """Accept what is queued on `plan.sockets` if a taker listens; return the count per socket.
+
+        Never blocks: the accepted connections are handed over in the background.
+        """
+
+    def close(self) -> None:
+        """Stop handing over (at master exit)."""
+
+
 class NotifyAPI(Protocol):
     """The master's NOTIFY_SOCKET: datagrams from workers, with the sender's pid."""
 
@@ -286,6 +308,8 @@ class System:
     watcher: WatcherAPI | None = None
     # Templates for prefork generations (None: not available, such configs fail to start).
     templates: TemplateAPI | None = None
+    # Save what queued on the socket of a slot that lost its worker (None: leave it queued).
+    rescue: RescueAPI | None = None
 
     def watched_fds(self) -> list[int]:
         """Return the fds the loop selects on besides the signal inbox."""
@@ -297,6 +321,8 @@ class System:
         self.listeners.close_all()
         self.notify.close()
         self.probes.close()
+        if self.rescue is not None:
+            self.rescue.close()
         if self.watcher is not None:
             self.watcher.close()
 

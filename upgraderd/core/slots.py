@@ -14,6 +14,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from upgraderd.config.schema import Config
+from upgraderd.core import rescue
 from upgraderd.core.generation import WorkerState
 from upgraderd.core.seams import SocketKey, keys_for
 
@@ -93,6 +94,7 @@ def close_unused(master: Master) -> None:
     no new connection, and closes once its worker is gone, so nothing queued
     on it is reset.
     """
+    rescue.run(master)   # what a dead slot's socket queued goes to its siblings, before any close
     wanted: set[SocketKey] = set()
     held: set[SocketKey] = set()
     for g in master.generations:

@@ -24,6 +24,7 @@ from upgraderd.system.inotify import FileWatcher
 from upgraderd.system.orphans import OrphanSet
 from upgraderd.system.notify import NotifyServer, notify
 from upgraderd.system.probe import Prober, reserve_port
+from upgraderd.system.rescue import Rescuer
 from upgraderd.system.process import PosixProcessAPI, user_env
 from upgraderd.system.signals import SignalInbox
 from upgraderd.system.template import PosixTemplates
@@ -74,7 +75,8 @@ def posix_system(handover: Handover | None, argv: Sequence[str],
         listeners=listeners,
         probes=Prober(), kernel=PosixKernel(), environ=os.environ, load_config=schema.load,
         user_env=user_env, reserve_port=reserve_port, self_command=(sys.executable, "-m", "upgraderd"),
-        tell_systemd=tell_systemd, exec_master=exec_master, watcher=FileWatcher())
+        tell_systemd=tell_systemd, exec_master=exec_master, watcher=FileWatcher(),
+        rescue=Rescuer(listeners.fileno_of))
 
 
 def inherited_handover() -> Handover | None:

@@ -69,7 +69,8 @@ class Taker:
         gen, slot = identity()
         self.master = os.getppid() if master is None else master
         self.listeners = None if listeners is None else set(listeners)
-        self.trust = trust or (lambda p: peers.trusted(p, self.master, max_generation=gen))
+        self.trust = trust or (lambda p: peers.trusted(p, self.master, max_generation=gen)
+                               or peers.is_master(p, self.master))
         self.name = peers.channel_name(self.master, gen, slot)
         self.max_peers, self.peer_timeout, self.clock = max_peers, peer_timeout, clock
         self.accepting = True
