@@ -111,6 +111,11 @@ def close_unused(master: Master) -> None:
         log.warning("closed %d reuseport slot socket(s): %s", len(unsafe), risk)
 
 
+def next_deadline(master: Master, now: float) -> float | None:
+    """Return when a slot needs the loop again (a dead slot's socket is watched for late arrivals)."""
+    return rescue.deadline(master, now)
+
+
 def steer(master: Master, without: int | None = None) -> None:
     """Confine new connections to the ACTIVE generation's READY slots (reuseport steering)."""
     gen = master.active
