@@ -69,7 +69,7 @@ def main() -> int:
                 print(f"run {i + 1} {name}: {json.dumps(out)}", file=sys.stderr, flush=True)
     print(f"{args.runs} runs each, {args.threads} client threads, restart.backoff {args.backoff:g}s, "
           f"tcp_migrate_req=0; 'before' = {args.before}")
-    print("| code | client errors per run | of which reset / timeout | round trips ok, median "
+    print("| code | client errors per run | reset / timeout, all runs | round trips ok, median "
           "| rescued by the master, median | slowest round trip, median |")
     print("|---|---|---|---|---|---|")
     for name, runs in results.items():
