@@ -37,6 +37,8 @@ def test_a_crash_looping_slot_at_migrate_req_0_loses_no_connection(tmp_path):
     assert out["crashes"] == CRASH_LOOP - 1 and out["fatal"], out
     assert out["readyz_while_looping"] == [200, "ok: generation 1 active\n"]
     assert out["ok"] > 400
+    # The path under test ran: connections did queue on the dead slot, and the master took them.
+    assert out["rescued"] > 0, out
     # Timeouts included: a connection left in the slot's queue would end as one.
     assert out["failures"] == {}, out
 
