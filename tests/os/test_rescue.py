@@ -13,8 +13,9 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support import ROOT
+from tests.support.upgraderd_proc import wait_until
 from upgraderd.core.seams import Rescue
-from upgraderd.system.rescue import Rescuer
+from upgraderd.system.rescue import Rescuer, _Held
 from upgraderd.worker import peers
 from upgraderd.worker.peers import Peer
 
@@ -74,7 +75,9 @@ def test_queued_connections_are_accepted_and_handed_to_the_ready_taker(taker, qu
         assert rescuer.rescue(Rescue(3, ((KEY, "web"),), (1,))) == [3]
         # Served by the taker, on the same connections the clients opened.
         assert [c.recv(100) for c in clients] == [b"HELLO %d" % i for i in range(3)]
-        assert rescuer.given == 3 and rescuer.holding() == 0
+        # The thread counts after the taker's COMMIT, which may be after the answers arrived.
+        wait_until(lambda: rescuer.given == 3, 10, "the rescuer to count 3 hand-offs")
+        assert rescuer.holding() == 0
         # The listener's file description is shared with workers: still blocking, as before.
         assert not fcntl.fcntl(lsock.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
     finally:
@@ -95,6 +98,19 @@ def test_nothing_is_accepted_when_no_taker_of_the_plan_listens(taker, queued):
     for _ in clients:
         conn, _ = lsock.accept()
         conn.close()
+
+
+def test_held_connections_go_to_the_oldest_generation_with_a_channel_once_theirs_is_gone(taker, queued):
+    lsock, clients = queued
+    conn, _ = lsock.accept()
+    rescuer = Rescuer(lambda key: None)
+    try:
+        # Accepted for generation 2, which has drained since (no channel): generation 3 takes it.
+        assert rescuer._give([_Held(conn, "web")], Rescue(2, ((KEY, "web"),), (1,))) == []
+        assert clients[0].recv(100) == b"HELLO 0"
+        assert rescuer.given == 1
+    finally:
+        rescuer.close()
 
 
 def test_an_empty_queue_costs_no_channel_lookup(queued, monkeypatch):

@@ -15,8 +15,9 @@ same generation. The worker's taker trusts its parent as a giver
   as it was, and only a socket that poll() says is readable is touched.
 - Giving blocks (a taker answers within the giver's timeout), so it runs in
   one background thread. A connection no taker committed to is kept and
-  offered again every RETRY seconds, to whichever READY takers listen then;
-  only a master that exits closes what it still holds.
+  offered again every RETRY seconds, to the READY takers of the latest plan,
+  or, once that generation is gone, of the oldest generation with a channel
+  open; only a master that exits closes what it still holds.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class Rescuer:
         self._cond = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._warned = 0   # connections left over at the last warning
 
     def rescue(self, plan: Rescue) -> list[int]:
         """Accept what is queued on `plan.sockets` when a taker of `plan` listens; return the counts."""
@@ -141,7 +143,9 @@ class Rescuer:
         giver = Giver(master=self.master, timeout=self.timeout,
                       trust=lambda p, c: peers.child_of(p, self.master, c.generation))
         try:
-            if not giver.aim(self._channels(target)):
+            # Its generation's takers, else (it was replaced since) the oldest generation
+            # with a channel open: the ACTIVE one, since a draining worker closes its own.
+            if not giver.aim(self._channels(target)) and not giver.find():
                 return batch
             given = giver.give_many([Handed(h.conn, h.listener) for h in batch])
         finally:
@@ -154,9 +158,11 @@ class Rescuer:
             else:
                 left.append(h)
         self.given += len(batch) - len(left)
-        if left:
-            log.warning("%d rescued connection(s) not handed over yet (%s); trying again",
-                        len(left), ", ".join(f"{k} {n}" for k, n in sorted(giver.failures.items())) or "refused")
+        if left and len(left) != self._warned:   # once per change, not every RETRY
+            log.warning("%d rescued connection(s) not handed over yet (%s); offering them again every %gs",
+                        len(left), ", ".join(f"{k} {n}" for k, n in sorted(giver.failures.items())) or "refused",
+                        RETRY)
+        self._warned = len(left)
         return left
 
 
