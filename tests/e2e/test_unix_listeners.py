@@ -1,0 +1,294 @@
+"""Unix socket listeners: the master holds the socket file across reloads and USR2.
+
+Real clients speak HTTP over AF_UNIX (tests/support/loadgen.py `Load(unix=...)`)
+while the master is HUPed 20 times and then upgraded with USR2: not one request
+may fail, for the built-in http app and for gunicorn (config/examples/unix_socket.yaml).
+The socket file keeps its inode through all of it and is removed at a clean stop.
+A stale file is replaced with a warning; a live socket, a file that is no socket, a
+symlink and a missing directory are refused with exit 3 and left as they were. A
+real nginx (config/examples/nginx_unix.conf) proxies to the socket through reloads.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.support.loadgen import Load
+from tests.support.reloads import EXAMPLES, Report, reload_under_load
+from tests.support.upgraderd_proc import Daemon, alive, free_port, wait_until
+
+pytestmark = pytest.mark.e2e
+
+RELOADS = 20
+
+
+def unix_config(path: Path, app: str = "http", count: int = 2) -> dict[str, object]:
+    return {"listeners": [{"name": "web", "path": str(path)}],
+            "workers": {"count": count, "app": app},
+            "ready": {"timeout": "10s"}, "drain": {"timeout": "10s"}}
+
+
+def gunicorn_config(path: Path) -> dict[str, object]:
+    cfg = yaml.safe_load((EXAMPLES / "unix_socket.yaml").read_text())
+    cfg["listeners"][0]["path"] = str(path)
+    return cfg  # type: ignore[no-any-return]
+
+
+def file_id(path: Path) -> tuple[int, int]:
+    st = os.lstat(path)
+    assert stat.S_ISSOCK(st.st_mode), f"{path} is not a socket"
+    return st.st_dev, st.st_ino
+
+
+def http_get(path: Path) -> bytes:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(path))
+        s.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data
+
+
+def assert_zero_drop(report: Report, reloads: int) -> None:
+    result = report.result
+    assert result.failures == {}, (result.failures, result.examples)
+    assert len(report.generations) == reloads
+    for gen in report.generations:
+        assert report.stale[gen] == {}, f"generation {gen}: answers from an old generation"
+        assert report.fresh[gen] > 0
+
+
+def hups_then_usr2(d: Daemon, sock: Path) -> None:
+    """20 HUPs, then a USR2, each under HTTP load over the socket: nothing fails, the file stays."""
+    before = file_id(sock)
+    report = reload_under_load(d, 0, RELOADS, load=Load("", 0, threads=4, max_seconds=600, unix=str(sock)))
+    assert_zero_drop(report, RELOADS)
+    gen = report.generations[-1]
+    load = Load("", 0, threads=4, max_seconds=120, unix=str(sock)).start("http")
+    try:
+        assert load.wait_for_ok(20)
+        d.send(signal.SIGUSR2)
+        d.wait_log(r"upgraded the master in place")
+        d.wait_log(rf"reload done: generation {gen + 1} ACTIVE", timeout=60)
+        d.wait_log(rf"generation {gen} DRAINING -> RETIRED", timeout=60)
+        mark = load.mark()
+        wait_until(lambda: any(b.startswith(f"generation={gen + 1} ") for b in load.answers_since(mark)),
+                   30, "answers from the generation after USR2")
+    finally:
+        result = load.stop()
+    assert result.failures == {}, (result.failures, result.examples)
+    assert file_id(sock) == before, "the socket file was replaced"
+    assert "removed socket file" not in d.log()
+    print(f"\n{report.result.ok + result.ok} requests over {RELOADS} HUPs and a USR2, no failure")
+
+
+def assert_clean_stop_removes(d: Daemon, sock: Path) -> None:
+    assert d.stop() == 0
+    assert not os.path.lexists(sock), "the socket file survived a clean stop"
+    assert f"removed socket file {sock}" in d.log()
+
+
+def test_http_app_on_a_unix_socket_through_hups_and_usr2(tmp_path):
+    sock = tmp_path / "app.sock"
+    with Daemon(tmp_path, unix_config(sock)).start() as d:
+        assert http_get(sock).startswith(b"HTTP/1.1 200")
+        hups_then_usr2(d, sock)
+        assert_clean_stop_removes(d, sock)
+
+
+@pytest.mark.skipif(shutil.which("gunicorn", path=str(Path(".venv/bin").absolute())) is None
+                    and shutil.which("gunicorn") is None, reason="gunicorn is not installed")
+def test_gunicorn_on_a_unix_socket_through_hups_and_usr2(tmp_path):
+    sock = tmp_path / "app.sock"
+    with Daemon(tmp_path, gunicorn_config(sock)).start() as d:
+        assert b"server=gunicorn" in http_get(sock)
+        hups_then_usr2(d, sock)
+        assert "SIGKILL" not in d.log()
+        assert_clean_stop_removes(d, sock)
+
+
+def test_permissions_apply_to_the_file(tmp_path):
+    sock = tmp_path / "app.sock"
+    cfg = unix_config(sock, count=1)
+    cfg["listeners"][0]["permissions"] = "0640"  # type: ignore[index]
+    with Daemon(tmp_path, cfg).start() as d:
+        assert stat.S_IMODE(os.lstat(sock).st_mode) == 0o640
+        assert http_get(sock).startswith(b"HTTP/1.1 200")
+        # A reload that keeps the listener keeps the file.
+        before = file_id(sock)
+        d.reload_to(2)
+        assert file_id(sock) == before
+        assert_clean_stop_removes(d, sock)
+
+
+def test_a_stale_socket_file_is_replaced_with_a_warning(tmp_path):
+    sock = tmp_path / "app.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(sock))
+    stale.close()                      # the file stays; nothing listens on it
+    old = file_id(sock)
+    with Daemon(tmp_path, unix_config(sock, count=1)).start() as d:
+        assert f"replaced stale socket file {sock} (nothing listened on it)" in d.log()
+        assert file_id(sock) != old
+        assert http_get(sock).startswith(b"HTTP/1.1 200")
+        assert_clean_stop_removes(d, sock)
+
+
+def start_refused(tmp_path: Path, sock: Path) -> str:
+    """Start a master that must refuse to start; return its log (exit code 3 asserted)."""
+    d = Daemon(tmp_path, unix_config(sock, count=1)).start(wait=False)
+    try:
+        assert d.proc is not None
+        assert d.proc.wait(30) == 3, d.log()
+    finally:
+        d.stop()
+    log = d.log()
+    assert "generation 1" not in log
+    return log
+
+
+def test_a_live_socket_of_another_process_is_refused(tmp_path):
+    sock = tmp_path / "app.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as live:
+        live.bind(str(sock))
+        live.listen(8)
+        before = file_id(sock)
+        log = start_refused(tmp_path, sock)
+        assert (f"cannot listen on {sock}: a live socket is there: another process listens on it "
+                f"(held by pid {os.getpid()}); stop it or choose another path") in log, log
+        assert file_id(sock) == before
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+            c.connect(str(sock))       # still ours, still listening
+        assert live.accept()[0] is not None
+
+
+def test_a_second_master_on_the_same_path_is_refused(tmp_path):
+    sock = tmp_path / "app.sock"
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    with Daemon(tmp_path / "one", unix_config(sock, count=1)).start() as first:
+        log = start_refused(tmp_path / "two", sock)
+        assert f"cannot listen on {sock}: a live socket is there" in log
+        assert f"held by pid {first.pid}" in log or "held by pid" in log
+        assert http_get(sock).startswith(b"HTTP/1.1 200")
+        assert first.proc is not None and first.proc.poll() is None
+
+
+@pytest.mark.parametrize("kind", ["regular file", "symlink", "directory"])
+def test_a_path_that_is_no_socket_is_refused_and_left_alone(tmp_path, kind):
+    sock = tmp_path / "app.sock"
+    target = tmp_path / "precious"
+    target.write_text("keep me\n")
+    if kind == "regular file":
+        sock.write_text("keep me too\n")
+    elif kind == "symlink":
+        sock.symlink_to(target)
+    else:
+        sock.mkdir()
+    log = start_refused(tmp_path, sock)
+    assert f"cannot listen on {sock}: the path exists and is not a socket (a {kind})" in log, log
+    assert target.read_text() == "keep me\n"
+    if kind == "regular file":
+        assert sock.read_text() == "keep me too\n"
+    elif kind == "symlink":
+        assert sock.is_symlink() and os.readlink(sock) == str(target)
+    else:
+        assert sock.is_dir()
+
+
+def test_a_missing_directory_is_a_clear_error(tmp_path):
+    sock = tmp_path / "no-such-dir" / "app.sock"
+    log = start_refused(tmp_path, sock)
+    assert f"cannot listen on {sock}: directory {sock.parent} does not exist" in log, log
+    assert not sock.parent.exists()
+
+
+def test_a_world_writable_directory_without_sticky_bit_is_refused(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    sock = shared / "app.sock"
+    log = start_refused(tmp_path, sock)
+    assert "is writable by every user and has no sticky bit" in log, log
+    assert not os.path.lexists(sock)
+
+
+def test_usr2_keeps_the_file_and_a_killed_master_leaves_it(tmp_path):
+    sock = tmp_path / "app.sock"
+    with Daemon(tmp_path, unix_config(sock, count=1)).start() as d:
+        before = file_id(sock)
+        d.send(signal.SIGUSR2)
+        d.wait_log(r"reload done: generation 2 ACTIVE")
+        assert file_id(sock) == before
+        workers = d.workers()
+        d.send(signal.SIGKILL)
+        assert d.proc is not None
+        d.proc.wait(10)
+        # No clean stop, so the file stays; its orphaned worker still serves it.
+        assert file_id(sock) == before
+        assert http_get(sock).startswith(b"HTTP/1.1 200")
+        for pid in workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not any(alive(p) for p in workers), 10, "the orphaned worker to exit")
+    # Now nothing listens: the next master replaces the stale file.
+    with Daemon(tmp_path, unix_config(sock, count=1)).start() as d:
+        assert f"replaced stale socket file {sock}" in d.log()
+        assert_clean_stop_removes(d, sock)
+
+
+NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
+
+
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (scripts/test-deps installs nginx-light)")
+def test_nginx_in_front_of_the_unix_socket_through_reloads(tmp_path):
+    sock = tmp_path / "app.sock"
+    port = free_port()
+    block = (EXAMPLES / "nginx_unix.conf").read_text()
+    block = block.replace("/tmp/upgraderd-app/app.sock", str(sock)).replace("127.0.0.1:8080", f"127.0.0.1:{port}")
+    assert str(sock) in block and f"127.0.0.1:{port}" in block
+    prefix = tmp_path / "nginx"
+    prefix.mkdir()
+    conf = prefix / "nginx.conf"
+    temps = "\n".join(f"    {k}_temp_path {prefix}/{k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    conf.write_text(
+        ("user root;\n" if os.geteuid() == 0 else "")
+        + f"daemon off;\nworker_processes 1;\npid {prefix}/nginx.pid;\nerror_log {prefix}/error.log;\n"
+        + "events { worker_connections 256; }\n"
+        + f"http {{\n    access_log off;\n{temps}\n{block}\n}}\n")
+    with Daemon(tmp_path, unix_config(sock)).start() as d:
+        nginx = subprocess.Popen([str(NGINX), "-p", str(prefix), "-c", str(conf)],
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            def up() -> bool:
+                assert nginx.poll() is None, nginx.stderr.read().decode() if nginx.stderr else ""
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                except OSError:
+                    return False
+                return True
+            wait_until(up, 20, "nginx to listen")
+            report = reload_under_load(d, port, 5, load=Load("127.0.0.1", port, threads=4, max_seconds=300))
+        finally:
+            nginx.send_signal(signal.SIGQUIT)   # stopped by its pid
+            try:
+                nginx.wait(15)
+            except subprocess.TimeoutExpired:
+                nginx.kill()
+                nginx.wait()
+        assert_zero_drop(report, 5)
+        errors = (prefix / "error.log").read_text() if (prefix / "error.log").exists() else ""
+        assert not re.search(r"\[(error|crit)\]", errors), errors
+        assert_clean_stop_removes(d, sock)
