@@ -158,9 +158,12 @@ class ListenerSet:
                 self._exclude(key)
         closing = [k for k in gone if k not in park]
         unsafe = [k for k in closing if not self._steered_away(k)]
-        for gid in {self._group_of[k] for k in closing}:
-            group = self._groups[gid]
-            for key in group.order_of([k for k in closing if self._group_of[k] == gid]):
+        # Grouped before any release: a released key leaves _group_of.
+        by_group: dict[GroupId, list[SocketKey]] = {}
+        for k in closing:
+            by_group.setdefault(self._group_of[k], []).append(k)
+        for gid, keys in by_group.items():
+            for key in self._groups[gid].order_of(keys):
                 self._release(key, shut=key not in held)
         return Retired(closing, park, unsafe)
 
