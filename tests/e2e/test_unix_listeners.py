@@ -291,3 +291,62 @@ def test_nginx_in_front_of_the_unix_socket_through_reloads(tmp_path):
         errors = (prefix / "error.log").read_text() if (prefix / "error.log").exists() else ""
         assert not re.search(r"\[(error|crit)\]", errors), errors
         assert_clean_stop_removes(d, sock)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="pidfd_getfd needs ptrace rights over the orphans: root")
+def test_a_restarted_master_takes_the_socket_over_from_its_orphans(tmp_path):
+    sock = tmp_path / "app.sock"
+    cfg = unix_config(sock)
+    d = Daemon(tmp_path, cfg).start()
+    before = file_id(sock)
+    orphans: set[int] = set()
+    d2 = None
+    load = Load("", 0, threads=2, max_seconds=60, unix=str(sock)).start("http")
+    try:
+        assert load.wait_for_ok(50)
+        orphans = d.workers()
+        d.send(signal.SIGKILL)
+        assert d.proc is not None
+        d.proc.wait(10)
+        d2 = Daemon(tmp_path, cfg).start()
+        log = d2.log()
+        assert f"took over 2 orphaned worker(s) of dead master pid {d.pid}" in log
+        assert re.search(rf"adopted fd 3 of orphan pid \d+ for listener 'web' slot 0 \({re.escape(str(sock))}\)", log)
+        assert "stale socket file" not in log and "cannot listen" not in log
+        d2.wait_log(r"the orphaned workers have exited")
+        assert load.wait_for_ok(load.result.ok + 50)
+        result = load.stop()
+        assert result.failures == {}, (result.failures, result.examples)
+        assert file_id(sock) == before
+        assert_clean_stop_removes(d2, sock)   # the dead master's file is the new one's to remove
+    finally:
+        load.stop()
+        for pid in orphans:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if d2 is not None:
+            d2.stop()
+        d.stop()
+
+
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
+                    reason="systemd-socket-activate missing (scripts/test-deps installs it)")
+def test_a_socket_activated_master_serves_the_passed_unix_socket_and_leaves_its_file(tmp_path):
+    sock = tmp_path / "app.sock"
+    wrap = ("systemd-socket-activate", "-l", str(sock), "--fdname=web",
+            "-E", "PYTHONUNBUFFERED=1", "-E", f"TMPDIR={tmp_path}")
+    d = Daemon(tmp_path, unix_config(sock), wrap=wrap).start(wait=False)
+    try:
+        wait_until(lambda: "Listening on" in d.log(), 10, "systemd-socket-activate to listen")
+        # The first client wakes the master and waits in the passed socket's queue.
+        assert http_get(sock).startswith(b"HTTP/1.1 200")
+        d.wait_log(r"serving: generation 1 ACTIVE")
+        assert f"adopted passed fd 3 ('web') for listener 'web' slot 0 ({sock})" in d.log()
+        assert "stale socket file" not in d.log()
+        d.reload_to(2)
+        assert http_get(sock).startswith(b"HTTP/1.1 200")
+        assert d.stop() == 0
+        assert os.path.lexists(sock), "the file of a passed socket belongs to whoever passed it"
+        assert "removed socket file" not in d.log()
+    finally:
+        d.stop()

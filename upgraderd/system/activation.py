@@ -40,6 +40,8 @@ from upgraderd.system.procfs import small_int
 log = logging.getLogger("upgraderd")
 
 SD_LISTEN_FDS_START = 3
+# How an adopted socket's origin starts when its service manager passed it.
+PASSED = "passed fd"
 MAX_FDS = 4096
 
 
@@ -159,5 +161,5 @@ def match(cfg: Config, passed: list[Passed], into: Adopted) -> None:
             log.info("%s: slot %d of %r is already passed; closed the extra copy", what, key[3], base)
             p.sock.close()
             continue
-        into.sockets[key] = (p.sock, f"passed fd {p.fd}")
+        into.sockets[key] = (p.sock, f"{PASSED} {p.fd}")
         log.info("adopted %s for listener %r slot %d (%s)", what, base, key[3], spec.address)

@@ -310,7 +310,8 @@ class ListenerSet:
             pos = {int(e.get("pos", -1)) for e in entries if _tuple(e["key"]) in group.members}
             group.known = pos == set(range(len(group.members)))
 
-    def adopt_listening(self, cfg: Config, socks: dict[SocketKey, socket.socket]) -> None:
+    def adopt_listening(self, cfg: Config, socks: dict[SocketKey, socket.socket],
+                        own: Iterable[SocketKey] = ()) -> None:
         """Take listening sockets passed to the master or taken from orphans, before binding the rest.
 
         Their group's order in the kernel is known only when a group is one
@@ -323,6 +324,8 @@ class ListenerSet:
             os.set_inheritable(sock.fileno(), False)
             sock.listen(backlog[key[:3]])
             self._add(key, sock, backlog[key[:3]])
+            if key in own and sock.family == socket.AF_UNIX and (ident := unixsock.file_id(key[0])):
+                self._files[key] = ident  # `own` files (a dead master's) are removed at a clean stop
         for gid in {self._group_of[k] for k in socks}:
             group = self._groups[gid]
             group.known = len(group.members) == 1
