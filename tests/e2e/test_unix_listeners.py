@@ -119,6 +119,24 @@ def test_gunicorn_on_a_unix_socket_through_hups_and_usr2(tmp_path):
         assert_clean_stop_removes(d, sock)
 
 
+def test_uvicorn_example_serves_the_unix_socket_through_reloads(tmp_path):
+    """config/examples/uvicorn.yaml moved to a path: uvicorn_server.py keeps the fd's real family.
+
+    (Plain `uvicorn --fd 3` serves the socket too, but loses requests at each drain, as
+    it does on TCP: docs/workers.md, "uvicorn".)
+    """
+    sock = tmp_path / "app.sock"
+    cfg = yaml.safe_load((EXAMPLES / "uvicorn.yaml").read_text())
+    cfg["listeners"] = [{"name": "web", "path": str(sock)}]
+    cfg.pop("metrics", None)
+    with Daemon(tmp_path, cfg).start() as d:
+        assert b"server=uvicorn" in http_get(sock)
+        report = reload_under_load(d, 0, 5, load=Load("", 0, threads=4, max_seconds=300, unix=str(sock)))
+        assert_zero_drop(report, 5)
+        assert "SIGKILL" not in d.log()
+        assert_clean_stop_removes(d, sock)
+
+
 def test_permissions_apply_to_the_file(tmp_path):
     sock = tmp_path / "app.sock"
     cfg = unix_config(sock, count=1)
