@@ -25,6 +25,7 @@ import yaml
 
 from tests.support.loadgen import Load
 from tests.support.reloads import EXAMPLES, Report, reload_under_load
+from tests.support.scrape import scrape, value
 from tests.support.upgraderd_proc import Daemon, alive, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -135,6 +136,28 @@ def test_uvicorn_example_serves_the_unix_socket_through_reloads(tmp_path):
         assert_zero_drop(report, 5)
         assert "SIGKILL" not in d.log()
         assert_clean_stop_removes(d, sock)
+
+
+def test_open_connections_on_the_unix_socket_move_to_the_next_generation(tmp_path):
+    """drain.handoff auto: the built-in echo app hands each live AF_UNIX connection over."""
+    sock = tmp_path / "app.sock"
+    cfg = unix_config(sock, app="echo")
+    cfg["metrics"] = {"listen": f"127.0.0.1:{free_port()}"}
+    with Daemon(tmp_path, cfg).start() as d:
+        load = Load("", 0, threads=8, max_seconds=120, unix=str(sock)).start("echo-keepalive")
+        try:
+            assert load.wait_for_ok(200)
+            for n in (2, 3, 4):
+                d.reload_to(n)
+                d.wait_log(rf"generation {n - 1} DRAINING -> RETIRED")
+                assert load.wait_for_ok(load.result.ok + 100)
+        finally:
+            result = load.stop()
+        assert result.failures == {}, (result.failures, result.examples)
+        wait_until(lambda: value(scrape(cfg), "upgraderd_connections_taken_over_total", listener="web") == 24,
+                   10, "24 connections taken over")
+        assert value(scrape(cfg), "upgraderd_connections_handed_off_total", listener="web") == 24
+        assert "SIGKILL" not in d.log()
 
 
 def test_permissions_apply_to_the_file(tmp_path):
