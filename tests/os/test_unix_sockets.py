@@ -174,3 +174,25 @@ def test_two_tcp_groups_closed_in_one_retire(tmp_path):
     assert sorted(done.closed) == sorted([("127.0.0.1", a, "reuseport", 1), ("127.0.0.1", b, "reuseport", 1)])
     assert len(ls.keys()) == 2
     ls.close_all()
+
+
+def test_a_reload_applies_new_permissions_to_the_kept_file_but_never_through_a_symlink(tmp_path):
+    sock = tmp_path / "app.sock"
+    ls = sockets.ListenerSet()
+    ls.ensure(_cfg(sock, ", permissions: '0600'"))
+    ident = unixsock.file_id(str(sock))
+    opened = ls.ensure(_cfg(sock, f", permissions: '0640', group: '{os.getegid()}'"))
+    assert (str(sock), 0, "shared", 0) not in opened
+    assert unixsock.file_id(str(sock)) == ident                 # the same file, not re-bound
+    assert stat.S_IMODE(os.lstat(sock).st_mode) == 0o640
+    # Someone swaps the file for a symlink: a reload changes nothing through it.
+    target = tmp_path / "target"
+    target.write_text("x")
+    target.chmod(0o600)
+    os.rename(sock, tmp_path / "moved.sock")
+    sock.symlink_to(target)
+    assert ident is not None
+    unixsock.set_access(_cfg(sock, ", permissions: '0666'").listeners[0], ident)
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o600
+    ls.close_all()
+    assert sock.is_symlink()                                    # not ours: not removed

@@ -107,6 +107,8 @@ class ListenerSet:
                     if key in self._socks:
                         self._parked.discard(key)
                         self._relisten(key, spec.backlog)
+                        if key in self._files:  # a reload may change the file's owner or mode
+                            unixsock.set_access(spec, self._files[key])
                         continue
                     if spec.path is not None:
                         sock, self._files[key] = unixsock.bind(spec)

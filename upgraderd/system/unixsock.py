@@ -74,6 +74,37 @@ def bind(spec: ListenerSpec) -> tuple[socket.socket, FileId]:
     return sock, ident
 
 
+def set_access(spec: ListenerSpec, ident: FileId) -> None:
+    """Give the socket file of a kept listener the owner, group and permissions `spec` asks for.
+
+    A key left out leaves that part as it is. The file is pinned with an
+    O_PATH descriptor opened without following a symlink, checked to be the
+    master's socket (`ident`), and changed through that descriptor: a file
+    swapped in meanwhile is never touched.
+    """
+    path = str(spec.path)
+    try:
+        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != ident or not stat.S_ISSOCK(st.st_mode):
+            return
+        pinned = f"/proc/self/fd/{fd}"
+        uid, gid = unixlisten.ids(spec)
+        if (uid != -1 and uid != st.st_uid) or (gid != -1 and gid != st.st_gid):
+            os.chown(pinned, uid, gid)
+            log.info("socket file %s: owner and group now %s:%s", path, spec.owner or "-", spec.group or "-")
+        if spec.permissions is not None and stat.S_IMODE(st.st_mode) != int(spec.permissions, 8):
+            os.chmod(pinned, int(spec.permissions, 8))
+            log.info("socket file %s: permissions now %s", path, spec.permissions)
+    except OSError as e:
+        log.warning("socket file %s: cannot apply owner, group or permissions: %s", path, e.strerror)
+    finally:
+        os.close(fd)
+
+
 def _check_parent(parent: str) -> None:
     try:
         st = os.stat(parent)
