@@ -160,18 +160,44 @@ def test_open_connections_on_the_unix_socket_move_to_the_next_generation(tmp_pat
         assert "SIGKILL" not in d.log()
 
 
-def test_permissions_apply_to_the_file(tmp_path):
+def test_permissions_status_and_a_reload_that_changes_them(tmp_path):
     sock = tmp_path / "app.sock"
     cfg = unix_config(sock, count=1)
     cfg["listeners"][0]["permissions"] = "0640"  # type: ignore[index]
+    cfg["metrics"] = {"listen": f"127.0.0.1:{free_port()}"}
     with Daemon(tmp_path, cfg).start() as d:
         assert stat.S_IMODE(os.lstat(sock).st_mode) == 0o640
         assert http_get(sock).startswith(b"HTTP/1.1 200")
-        # A reload that keeps the listener keeps the file.
+        assert f"plan: listeners open web {sock} (shared); workers 1" in d.log()
+        st = d.status()
+        assert st is not None and st["listeners"] == [{"name": "web", "address": str(sock), "mode": "shared"}]
+        # A reload that keeps the listener keeps the file, and applies its new permissions.
         before = file_id(sock)
+        cfg["listeners"][0]["permissions"] = "0600"  # type: ignore[index]
+        d.write_config(cfg)
         d.reload_to(2)
         assert file_id(sock) == before
+        assert stat.S_IMODE(os.lstat(sock).st_mode) == 0o600
+        assert f"changed listeners[{sock}].permissions: 0640 -> 0600; generation new" in d.log()
+        assert f"socket file {sock}: permissions now 0600" in d.log()
         assert_clean_stop_removes(d, sock)
+
+
+def test_a_reload_that_adds_a_live_path_is_rejected_and_serving_goes_on(tmp_path):
+    sock, taken = tmp_path / "app.sock", tmp_path / "taken.sock"
+    cfg = unix_config(sock, count=1)
+    with Daemon(tmp_path, cfg).start() as d, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as live:
+        live.bind(str(taken))
+        live.listen(1)
+        cfg["listeners"].append({"name": "more", "path": str(taken)})  # type: ignore[attr-defined]
+        d.write_config(cfg)
+        d.send(signal.SIGHUP)
+        d.wait_log(rf"reload failed, still serving generation 1: .*cannot listen on {re.escape(str(taken))}: "
+                   r"a live socket is there")
+        assert http_get(sock).startswith(b"HTTP/1.1 200")
+        assert file_id(taken) is not None
+        assert_clean_stop_removes(d, sock)
+        assert os.path.lexists(taken)   # never ours
 
 
 def test_a_stale_socket_file_is_replaced_with_a_warning(tmp_path):
