@@ -50,6 +50,7 @@ def bind(spec: ListenerSpec) -> tuple[socket.socket, FileId]:
     _check_parent(parent)
     _clear(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ident: FileId | None = None
     try:
         if spec.permissions is not None:
             # bind() creates the file with 0777 & ~umask: set the mode there, so that
@@ -70,6 +71,8 @@ def bind(spec: ListenerSpec) -> tuple[socket.socket, FileId]:
         sock.listen(spec.backlog)
     except OSError:
         sock.close()
+        if ident is not None:
+            remove(path, ident)  # the file this call created: not left behind as a stale one
         raise
     return sock, ident
 
