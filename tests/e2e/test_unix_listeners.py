@@ -7,6 +7,8 @@ The socket file keeps its inode through all of it and is removed at a clean stop
 A stale file is replaced with a warning; a live socket, a file that is no socket, a
 symlink and a missing directory are refused with exit 3 and left as they were. A
 real nginx (config/examples/nginx_unix.conf) proxies to the socket through reloads.
+The socket outlives the master as a TCP one does: taken over from orphaned workers,
+passed by socket activation, or kept in the fd store.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.support.fdstore import FdStoreStandIn
 from tests.support.loadgen import Load
 from tests.support.reloads import EXAMPLES, Report, reload_under_load
 from tests.support.scrape import scrape, value
@@ -418,3 +421,43 @@ def test_a_socket_activated_master_serves_the_passed_unix_socket_and_leaves_its_
         assert "removed socket file" not in d.log()
     finally:
         d.stop()
+
+
+def test_a_master_restarted_with_the_socket_from_the_fd_store_loses_nothing(tmp_path):
+    """The fd store keeps the Unix socket while no master and no worker runs."""
+    sock = tmp_path / "app.sock"
+    cfg = unix_config(sock)
+    store = FdStoreStandIn(tmp_path / "notify.sock")
+    env = {"NOTIFY_SOCKET": store.path}
+    d = Daemon(tmp_path, cfg, env=env).start()
+    orphans: set[int] = set()
+    d2 = None
+    load = Load("", 0, threads=2, max_seconds=60, unix=str(sock)).start("http")
+    try:
+        wait_until(lambda: sorted(store.names()) == ["web"], 10, "the socket in the fd store")
+        assert load.wait_for_ok(50)
+        orphans = d.workers()
+        d.send(signal.SIGKILL)
+        assert d.proc is not None
+        d.proc.wait(10)
+        for pid in orphans:
+            os.kill(pid, signal.SIGTERM)   # what a service manager's stop does to the rest of the cgroup
+        wait_until(lambda: not any(alive(p) for p in orphans), 10, "the orphans to drain")
+        # Nobody accepts now; requests wait in the stored socket's queue.
+        wrap, fds = store.wrap()
+        d2 = Daemon(tmp_path, cfg, env=env, wrap=wrap, pass_fds=fds).start()
+        assert f"adopted passed fd 3 ('web') for listener 'web' slot 0 ({sock})" in d2.log()
+        assert "stale socket file" not in d2.log()
+        assert load.wait_for_ok(load.result.ok + 50)
+        result = load.stop()
+        assert result.failures == {}, (result.failures, result.examples)
+        assert sorted(store.names()) == ["web"]
+    finally:
+        load.stop()
+        for pid in orphans:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if d2 is not None:
+            d2.stop()
+        d.stop()
+        store.close()
