@@ -18,12 +18,18 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 from upgraderd.config.schema import Config, ListenerSpec, MetricsSpec
 
 # (host, port, mode, slot): a socket's identity, whatever listener name it has.
+# A Unix socket's is (path, 0, "shared", 0): a host never starts with "/".
 SocketKey = tuple[str, int, str, int]
 
 
 def key_for(spec: ListenerSpec, slot: int) -> SocketKey:
     """Return the socket key that worker slot `slot` uses for `spec`."""
-    return (spec.host, spec.port, spec.mode, slot if spec.mode == "reuseport" else 0)
+    return (*spec.socket_id, slot if spec.mode == "reuseport" else 0)
+
+
+def key_address(key: SocketKey) -> str:
+    """Return the address part of `key` as a log line shows it: host:port, or a Unix socket's path."""
+    return key[0] if key[0].startswith("/") else f"{key[0]}:{key[1]}"
 
 
 def keys_for(cfg: Config, slots: Iterable[int]) -> set[SocketKey]:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from upgraderd.config.schema import Config
 from upgraderd.core import rescue
 from upgraderd.core.generation import WorkerState
-from upgraderd.core.seams import SocketKey, keys_for
+from upgraderd.core.seams import SocketKey, key_address, keys_for
 
 if TYPE_CHECKING:
     from upgraderd.core.master import Master
@@ -104,7 +104,8 @@ def close_unused(master: Master) -> None:
     if master.stopping:
         return
     for key in done.closed:
-        log.info("closed listener %s:%d (%s, slot %d): no slot serves it any more", *key)
+        log.info("closed listener %s (%s, slot %d): no slot serves it any more",
+                 key_address(key), key[2], key[3])
     unsafe = [key for key in done.unsafe if key[2] == "reuseport"]
     if unsafe and (risk := master.system.kernel.retire_risk()) is not None:
         master.stats.slot_retire_risks += len(unsafe)
