@@ -49,7 +49,6 @@ import signal
 import socket
 import sys
 import traceback
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from upgraderd.system.notify import notify
@@ -107,20 +106,12 @@ def serve(control: socket.socket, run: Callable[[], int]) -> int:
         batch = _receive(control)
         if batch is None:
             return 0
-        received = [fd for _slot, _env, fds in batch for fd in fds]
-        pending: list[_Pending] = []
         try:
-            # Fork every queued request before waiting for any: each wait is a hand-off
-            # between processes, which costs most on a loaded machine.
-            for slot, env, fds in batch:
-                others = [fd for fd in received if fd not in fds]
-                others += [fd for p in pending for fd in (p.pid_r, p.gate_w)]
-                pending.append(_start(control, slot, env, fds, others, run))
+            _fork_batch(control, batch, run)
         finally:
-            for fd in received:
-                os.close(fd)
-            for p in pending:
-                _finish(p)
+            for _slot, _env, fds in batch:
+                for fd in fds:
+                    os.close(fd)
 
 
 Request = tuple[int, dict[str, str], list[int]]
@@ -154,47 +145,55 @@ def _unpack(raw: bytes) -> list[int]:
     return [int.from_bytes(raw[i:i + 4], sys.byteorder, signed=True) for i in range(0, usable, 4)]
 
 
-@dataclass
-class _Pending:
-    """A worker forked but not yet announced and released."""
+def _fork_batch(control: socket.socket, batch: list[Request], run: Callable[[], int]) -> None:
+    """Fork every worker of `batch` from one short-lived middle process, then release them.
 
-    slot: int
-    notify_socket: str | None
-    middle: int
-    pid_r: int
-    gate_w: int
-
-
-def _start(control: socket.socket, slot: int, env: dict[str, str], fds: list[int], others: list[int],
-           run: Callable[[], int]) -> _Pending:
-    """Double-fork one worker; it waits at its gate until `_finish`."""
-    gate_r, gate_w = os.pipe()
+    One middle per batch, not per worker: each fork and each exit is a hand-off
+    between processes, which costs most on a loaded machine. The middle exits as
+    soon as it has forked, so the workers are re-parented to the master.
+    """
+    gates = [os.pipe() for _ in batch]
     pid_r, pid_w = os.pipe()
-    middle = os.fork()
-    if middle == 0:
-        worker = os.fork()
-        if worker == 0:
-            for fd in (gate_w, pid_r, pid_w, *others):
-                os.close(fd)   # another worker's gate held here could keep it shut forever
-            _become_worker(control, gate_r, env, fds, run)
-        os.write(pid_w, str(worker).encode())
-        os._exit(0)
-    os.close(gate_r)
-    os.close(pid_w)
-    return _Pending(slot, env.get("NOTIFY_SOCKET"), middle, pid_r, gate_w)
-
-
-def _finish(p: _Pending) -> None:
-    """Once the worker is the master's child, tell the master its pid, then open its gate."""
     try:
-        os.waitpid(p.middle, 0)
-        raw = os.read(p.pid_r, 32)
-        if raw.isdigit():
-            notify(f"SPAWNED={p.slot}:{int(raw)}", p.notify_socket)
-            os.write(p.gate_w, b"1")
+        middle = os.fork()
+        if middle == 0:
+            _middle(control, batch, gates, pid_w, run)
     finally:
-        os.close(p.pid_r)
-        os.close(p.gate_w)
+        os.close(pid_w)
+        for gate_r, _gate_w in gates:
+            os.close(gate_r)
+    try:
+        os.waitpid(middle, 0)
+        # The middle wrote every line before it exited, so one read takes them all.
+        lines = os.read(pid_r, 1 << 16).decode(errors="replace").split()
+        for line in lines:
+            index, _, pid = line.partition(":")
+            i = int(index)
+            notify(f"SPAWNED={batch[i][0]}:{int(pid)}", batch[i][1].get("NOTIFY_SOCKET"))
+            os.write(gates[i][1], b"1")
+    finally:
+        os.close(pid_r)
+        for _gate_r, gate_w in gates:
+            os.close(gate_w)
+
+
+def _middle(control: socket.socket, batch: list[Request], gates: list[tuple[int, int]], pid_w: int,
+            run: Callable[[], int]) -> None:
+    """In the middle process: fork each worker, write `index:pid` lines, and exit."""
+    try:
+        for i, (_slot, env, fds) in enumerate(batch):
+            worker = os.fork()
+            if worker == 0:
+                mine = {gates[i][0], *fds}
+                # Another worker's gate held here could keep it shut forever.
+                for fd in [pid_w, *(fd for pair in gates for fd in pair),
+                           *(fd for _s, _e, other in batch for fd in other)]:
+                    if fd not in mine:
+                        os.close(fd)
+                _become_worker(control, gates[i][0], env, fds, run)
+            os.write(pid_w, f"{i}:{worker}\n".encode())
+    finally:
+        os._exit(0)
 
 
 def _become_worker(control: socket.socket, gate: int, env: dict[str, str], fds: list[int],
@@ -205,6 +204,7 @@ def _become_worker(control: socket.socket, gate: int, env: dict[str, str], fds: 
         released = os.read(gate, 1) == b"1"
         os.close(gate)
         if released:
+            gc.enable()
             _name(b"upgraderd-work")
             _place(fds)
             os.environ.clear()
@@ -231,10 +231,15 @@ def _place(fds: list[int]) -> None:
 
 
 def preload() -> None:
-    """Import what does not change at a HUP: the standard library parts and prometheus-client."""
+    """Import what does not change at a HUP: prometheus-client and the worker library.
+
+    Never an app module, built-in ones included: those are imported when the
+    master hands the standby its generation, fresh from disk.
+    """
     import prometheus_client  # noqa: F401
     import selectors  # noqa: F401
     import upgraderd.worker  # noqa: F401
+    import upgraderd.apps.run  # noqa: F401  (the built-in apps' loop: server, threaded)
 
 
 def await_load(control: socket.socket) -> tuple[str, dict[str, str]]:
@@ -257,13 +262,15 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print("usage: python -m upgraderd.apps.template APP|--standby", file=sys.stderr)
         return 2
+    # No collections in the template: a collection writes to every object's header,
+    # and the forked workers would then copy the pages it touched (gc.freeze's advice).
+    gc.disable()
     _die_with_parent()
     _name(b"upgraderd-tmpl")
     control = _control()
     app = argv[1]
     if app == "--standby":
         preload()
-        gc.collect()
         app, env = await_load(control)
         os.environ.clear()
         os.environ.update(env)
@@ -274,8 +281,7 @@ def main(argv: list[str]) -> int:
         print(f"upgraderd template {os.getpid()}: cannot load {app!r}:", file=sys.stderr)
         traceback.print_exc()
         return 3
-    gc.collect()
-    gc.freeze()   # later collections do not touch (and so unshare) the template's objects
+    gc.freeze()   # the workers' collections leave the template's objects (and their pages) alone
     return serve(control, run)
 
 
