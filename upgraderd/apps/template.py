@@ -3,14 +3,15 @@
 `python -m upgraderd.apps.template APP` is exec'd by the master once per
 generation (system/template.py), APP being `echo`, `http` or
 `package.module:factory`. It imports the app and everything a worker needs
-(prometheus-client in multiprocess mode, the built-in event loop), freezes the
-heap so the workers share its pages, and then waits on its control channel
+(the built-in event loop and its metric files' writer), freezes the heap so
+the workers share its pages, and then waits on its control channel
 (fd 3): one packet per worker, a JSON object (slot, environment) with the
 worker's listening sockets attached.
 
-For each request it double-forks. The intermediate child forks the worker and
-exits at once, so the worker is re-parented to the master (a child
-subreaper), which reaps it as any worker. The template sends
+For the requests it has (one per worker; it takes every one already queued)
+it double-forks: one intermediate child forks the workers and exits at once,
+so they are re-parented to the master (a child subreaper), which reaps them
+as any worker. For each worker the template sends
 SPAWNED=<slot>:<pid> to the master's notify socket, and only then opens the
 worker's gate, so the worker's own READY=1 can never arrive first. A worker
 whose gate closes without the byte (the template died) exits without serving.
@@ -20,11 +21,11 @@ Invariants:
   fork, and never registers them anywhere.
 - The worker sees what an exec'd worker sees: its sockets at fd 3, 4, ... in
   LISTEN_FDS order, LISTEN_PID equal to its own pid, its own environment.
-  prometheus-client names its files by pid when a metric is created, and the
-  built-in apps create theirs in the worker, so each worker writes its own.
+  Metric files are named by pid when a worker first reports (apps/connmetrics.py),
+  in the worker, so each worker writes its own.
 - The template dies with the master (PR_SET_PDEATHSIG) and on EOF of its channel.
 - A standby (`--standby`, workers.warm) imports only what a HUP does not
-  change (the standard library, prometheus-client, the worker library),
+  change (the standard library, the worker library, the built-in apps' loop),
   never an app module, built-in ones included: the app is imported when the
   master hands the standby its generation, fresh from disk.
 
@@ -63,8 +64,7 @@ HIGH_FD = 64
 
 def load(app: str) -> Callable[[], int]:
     """Import `app` now; return what runs one worker of it after a fork."""
-    import prometheus_client  # noqa: F401  (imported before the fork, so its pages are shared)
-    import upgraderd.apps.server  # noqa: F401
+    import upgraderd.apps.server  # noqa: F401  (imported before the fork, so its pages are shared)
     if ":" not in app:
         module = importlib.import_module(f"upgraderd.apps.{app}")
         main: Callable[[], int] = module.main
@@ -231,12 +231,11 @@ def _place(fds: list[int]) -> None:
 
 
 def preload() -> None:
-    """Import what does not change at a HUP: prometheus-client and the worker library.
+    """Import what does not change at a HUP: the worker library and the built-in apps' loop.
 
     Never an app module, built-in ones included: those are imported when the
     master hands the standby its generation, fresh from disk.
     """
-    import prometheus_client  # noqa: F401
     import selectors  # noqa: F401
     import upgraderd.worker  # noqa: F401
     import upgraderd.apps.run  # noqa: F401  (the built-in apps' loop: server, threaded)
