@@ -80,13 +80,22 @@ def load(app: str) -> Callable[[], int]:
     return run
 
 
+_LIBC: list[ctypes.CDLL] = []   # loaded once in the template, not again in each forked worker
+
+
+def _libc() -> ctypes.CDLL:
+    if not _LIBC:
+        _LIBC.append(ctypes.CDLL(None, use_errno=True))
+    return _LIBC[0]
+
+
 def _name(comm: bytes) -> None:
     """Set /proc/self/comm, so that `ps -o comm` tells a template from its workers."""
-    ctypes.CDLL(None).prctl(PR_SET_NAME, ctypes.c_char_p(comm[:15]), 0, 0, 0)
+    _libc().prctl(PR_SET_NAME, ctypes.c_char_p(comm[:15]), 0, 0, 0)
 
 
 def _die_with_parent() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
+    libc = _libc()
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     # The master may have died before the line above: then we were re-parented already.
     if str(os.getppid()) != os.environ.get("UPGRADERD_TEMPLATE_PARENT", str(os.getppid())):
