@@ -151,6 +151,10 @@ def check_protocols(loader: Reporter, root: yaml.Node, cfg: Config) -> None:
                 loader.fail(node_at(item, "flows") or item, f"listeners[{i}].flows",
                             "flows is for protocol udp; a TCP connection is its own flow")
             continue
+        if spec.path is not None:
+            loader.fail(node_at(item, "protocol") or item, f"listeners[{i}].protocol",
+                        "a `path` listener is a Unix stream socket; protocol udp needs host and port")
+            continue
         if spec.mode == "worker-bind":
             loader.fail(node_at(item, "mode") or item, f"listeners[{i}].mode",
                         "protocol udp needs mode reuseport or shared: the master holds UDP sockets "

@@ -53,7 +53,7 @@ class Plan:
 
 
 def _identity(spec: ListenerSpec) -> tuple[str, int, str, str]:
-    return (spec.host, spec.port, spec.mode, spec.protocol)
+    return (*spec.socket_id, spec.protocol)
 
 
 def diff(current: Config | None, new: Config) -> Plan:

@@ -18,19 +18,23 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 from upgraderd.config.schema import Config, ListenerSpec, MetricsSpec
 
 # (host, port, mode, slot): a socket's identity, whatever listener name it has.
-# A UDP listener's mode is prefixed, "udp/reuseport": UDP and TCP can share a port.
+# A Unix socket's is (path, 0, "shared", 0): a host never starts with "/".
+# A UDP listener's mode is prefixed, "udp/reuseport": UDP and TCP can share a port; a
+# `flows: cookie` listener's sockets belong to one generation: "udp/cookie@GEN".
 SocketKey = tuple[str, int, str, int]
 
 
 def key_for(spec: ListenerSpec, slot: int, gen: int = 0) -> SocketKey:
-    """Return the socket key that worker slot `slot` (of generation `gen`) uses for `spec`.
+    """Return the socket key that worker slot `slot` (of generation `gen`) uses for `spec`."""
+    host, port, mode = spec.socket_id
+    if spec.protocol != "tcp":
+        mode = f"udp/cookie@{gen}" if spec.flows == "cookie" else f"{spec.protocol}/{mode}"
+    return (host, port, mode, slot if spec.mode == "reuseport" else 0)
 
-    Only a `flows: cookie` listener's sockets belong to a generation: "udp/cookie@GEN".
-    """
-    mode = spec.mode if spec.protocol == "tcp" else f"{spec.protocol}/{spec.mode}"
-    if spec.flows == "cookie":
-        mode = f"udp/cookie@{gen}"
-    return (spec.host, spec.port, mode, slot if spec.mode == "reuseport" else 0)
+
+def key_address(key: SocketKey) -> str:
+    """Return the address part of `key` as a log line shows it: host:port, or a Unix socket's path."""
+    return key[0] if key[0].startswith("/") else f"{key[0]}:{key[1]}"
 
 
 def is_udp(key: SocketKey) -> bool:
@@ -115,6 +119,28 @@ class Retired:
     # Closed while new connections could still reach them (no steering, or
     # steered away only now): what was queued there may be reset.
     unsafe: list[SocketKey]
+
+
+@dataclass(frozen=True)
+class Rescue:
+    """Sockets of slots without a worker, whose queues the READY `takers` of `generation` should get."""
+
+    generation: int
+    sockets: tuple[tuple[SocketKey, str], ...]   # (key, listener name)
+    takers: tuple[int, ...]                      # READY slots of `generation`
+
+
+class RescueAPI(Protocol):
+    """Connections queued on a slot socket nobody accepts on, handed to READY workers (system/rescue.py)."""
+
+    def rescue(self, plan: Rescue) -> list[int]:
+        """Accept what is queued on `plan.sockets` if a taker listens; return the count per socket.
+
+        Never blocks: the accepted connections are handed over in the background.
+        """
+
+    def close(self) -> None:
+        """Stop handing over (at master exit)."""
 
 
 class NotifyAPI(Protocol):
@@ -298,6 +324,8 @@ class System:
     watcher: WatcherAPI | None = None
     # Templates for prefork generations (None: not available, such configs fail to start).
     templates: TemplateAPI | None = None
+    # Save what queued on the socket of a slot that lost its worker (None: leave it queued).
+    rescue: RescueAPI | None = None
 
     def watched_fds(self) -> list[int]:
         """Return the fds the loop selects on besides the signal inbox."""
@@ -309,6 +337,8 @@ class System:
         self.listeners.close_all()
         self.notify.close()
         self.probes.close()
+        if self.rescue is not None:
+            self.rescue.close()
         if self.watcher is not None:
             self.watcher.close()
 

@@ -33,12 +33,14 @@ from typing import MutableMapping
 from upgraderd.config.schema import Config, ListenerSpec
 from upgraderd.core.seams import SocketKey, key_for
 from upgraderd.errors import FatalError
-from upgraderd.system import udp
+from upgraderd.system import udp, unixsock
 from upgraderd.system.procfs import small_int
 
 log = logging.getLogger("upgraderd")
 
 SD_LISTEN_FDS_START = 3
+# How an adopted socket's origin starts when its service manager passed it.
+PASSED = "passed fd"
 MAX_FDS = 4096
 
 
@@ -104,9 +106,13 @@ def parse_name(name: str) -> tuple[str, int | None]:
 
 
 def check(sock: socket.socket, spec: ListenerSpec, what: str) -> None:
-    """Raise FatalError unless `sock` is a listening TCP (or a UDP) socket at `spec`'s address."""
-    problem = udp.mismatch(sock, spec)
-    if problem is None:
+    """Raise FatalError unless `sock` is a listening TCP socket (UDP for a `protocol: udp`
+    listener) at `spec`'s address, or a Unix one at its path."""
+    if spec.path is not None:
+        problem = unixsock.check_passed(sock, spec)
+    else:
+        problem = udp.mismatch(sock, spec)
+    if problem is None and spec.path is None:
         host, port = sock.getsockname()[:2]
         if ipaddress.ip_address(host) != ipaddress.ip_address(spec.host) or port != spec.port:
             shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -152,5 +158,5 @@ def match(cfg: Config, passed: list[Passed], into: Adopted) -> None:
             log.info("%s: slot %d of %r is already passed; closed the extra copy", what, key[3], base)
             p.sock.close()
             continue
-        into.sockets[key] = (p.sock, f"passed fd {p.fd}")
+        into.sockets[key] = (p.sock, f"{PASSED} {p.fd}")
         log.info("adopted %s for listener %r slot %d (%s)", what, base, key[3], spec.address)

@@ -136,10 +136,11 @@ def _overlaps(a: IPAddress, b: IPAddress) -> bool:
 def find_conflict(cfg: Config, me: int | None = None) -> Conflict | None:
     """Return the first other live master serving one of `cfg`'s addresses, or None."""
     me = os.getpid() if me is None else me
+    # Unix socket listeners are not looked up here: bind() probes their file (unixsock.py).
     by_inode: dict[int, str] = {}
     for protocol in sorted({s.protocol for s in cfg.listeners}):
         wanted = [(ipaddress.ip_address(s.host), s.port, s.address + ("/udp" if protocol == "udp" else ""))
-                  for s in cfg.listeners if s.protocol == protocol]
+                  for s in cfg.listeners if s.protocol == protocol and s.path is None]
         for addr, port, inode in listening(protocol):
             for host, want_port, label in wanted:
                 if port == want_port and _overlaps(addr, host):

@@ -35,7 +35,7 @@ from typing import Any, Iterable
 
 from upgraderd.config.schema import Config, ListenerSpec
 from upgraderd.core.seams import Retired, SocketKey, is_udp, key_for
-from upgraderd.system import flowcookie, kernel, steering, udp
+from upgraderd.system import flowcookie, kernel, steering, udp, unixsock
 
 log = logging.getLogger("upgraderd")
 
@@ -83,6 +83,8 @@ class ListenerSet:
         self._group_of: dict[SocketKey, GroupId] = {}
         self._groups: dict[GroupId, steering.Group[SocketKey]] = {}
         self._parked: set[SocketKey] = set()
+        # The socket files this master created (Unix listeners), removed when their socket closes.
+        self._files: dict[SocketKey, unixsock.FileId] = {}
         # Steering programs the kernel refused; each such group is left unsteered.
         self.steer_refused = 0
 
@@ -105,8 +107,14 @@ class ListenerSet:
                     if key in self._socks:
                         self._parked.discard(key)
                         self._relisten(key, spec.backlog)
+                        if key in self._files:  # a reload may change the file's owner or mode
+                            unixsock.set_access(spec, self._files[key])
                         continue
-                    self._add(key, udp.bind(spec) if spec.protocol == "udp" else bind(spec), spec.backlog)
+                    if spec.path is not None:
+                        sock, self._files[key] = unixsock.bind(spec)
+                    else:
+                        sock = udp.bind(spec) if spec.protocol == "udp" else bind(spec)
+                    self._add(key, sock, spec.backlog)
                     opened.append(key)
         except OSError as e:
             for key in reversed(opened):
@@ -118,10 +126,12 @@ class ListenerSet:
         self._socks[key] = sock
         self._backlog[key] = backlog
         name = sock.getsockname()
-        gid: GroupId = (sock.family, str(name[0]), int(name[1]), int(sock.type))
+        unix = sock.family == socket.AF_UNIX
+        gid: GroupId = (sock.family, str(name), 0, int(sock.type)) if unix else \
+            (sock.family, str(name[0]), int(name[1]), int(sock.type))
         self._group_of[key] = gid
         # A listening socket joins its group at the end of the kernel's array.
-        group = self._groups.setdefault(gid, steering.Group())
+        group = self._groups.setdefault(gid, steering.Group(refused=unix))
         group.join(key)
         if flowcookie.key_cookie(key) is not None:
             group.cookie_of, group.cookie_program = flowcookie.key_cookie, flowcookie.program
@@ -137,12 +147,8 @@ class ListenerSet:
         A `flows: cookie` listener's socket for (gen, slot) is bound here, the first time.
         """
         for spec in cfg.fd_listeners:
-            key = key_for(spec, slot, gen)
-            if spec.flows == "cookie" and key not in self._socks:
-                try:
-                    self._add(key, udp.bind(spec), spec.backlog)
-                except OSError as e:
-                    raise OSError(e.errno, f"cannot bind {spec.address} (udp): {e.strerror}") from None
+            if spec.flows == "cookie" and (key := key_for(spec, slot, gen)) not in self._socks:
+                self._add(key, udp.bind(spec, located=True), spec.backlog)
         return tuple(self._socks[key_for(spec, slot, gen)].fileno() for spec in cfg.fd_listeners)
 
     def keep_only(self, wanted: set[SocketKey]) -> list[SocketKey]:
@@ -164,9 +170,12 @@ class ListenerSet:
                 self._exclude(key)
         closing = [k for k in gone if k not in park]
         unsafe = [k for k in closing if not self._steered_away(k)]
-        for gid in {self._group_of[k] for k in closing}:
-            group = self._groups[gid]
-            for key in group.order_of([k for k in closing if self._group_of[k] == gid]):
+        # Grouped before any release: a released key leaves _group_of.
+        by_group: dict[GroupId, list[SocketKey]] = {}
+        for k in closing:
+            by_group.setdefault(self._group_of[k], []).append(k)
+        for gid, keys in by_group.items():
+            for key in self._groups[gid].order_of(keys):
                 self._release(key, shut=key not in held)
         return Retired(closing, park, unsafe)
 
@@ -194,11 +203,12 @@ class ListenerSet:
             self._load(group, group.leave_plan(key))
         del self._group_of[key]
         sock = self._socks.pop(key)
+        if key in self._files:
+            unixsock.remove(key[0], self._files.pop(key))
         self._backlog.pop(key, None)
         self._parked.discard(key)
         if steered and is_udp(key):
-            # shutdown() does not unhash a datagram socket (and would make it poll
-            # readable for every holder): it leaves the group at its last close.
+            # shutdown() does not unhash a datagram socket: it leaves at its last close.
             group.known = group.known and shut
         elif steered:
             if shut:
@@ -244,7 +254,7 @@ class ListenerSet:
     def is_steered(self, cfg: Config) -> bool:
         """Return True if every socket group of `cfg`'s listeners is steered now."""
         gids = {self._group_of[k] for k in self._socks for spec in cfg.listeners
-                if spec.mode != "worker-bind" and _kind(k) == _kind(key_for(spec, 0))}
+                if spec.mode != "worker-bind" and spec.path is None and _kind(k) == _kind(key_for(spec, 0))}
         return bool(gids) and all(self._groups[g].attached is not None for g in gids)
 
     def _steer_group(self, gid: GroupId, keys: frozenset[SocketKey]) -> str | None:
@@ -295,7 +305,8 @@ class ListenerSet:
     def export(self) -> list[dict[str, Any]]:
         """Return every socket as {key, fd, backlog, pos, parked}, for a master re-exec."""
         return [{"key": list(k), "fd": s.fileno(), "backlog": self._backlog[k],
-                 "pos": self._groups[self._group_of[k]].members.index(k), "parked": k in self._parked}
+                 "pos": self._groups[self._group_of[k]].members.index(k), "parked": k in self._parked,
+                 **({"file": list(self._files[k])} if k in self._files else {})}
                 for k, s in self._socks.items()]
 
     def adopt(self, entries: list[dict[str, Any]]) -> None:
@@ -308,11 +319,14 @@ class ListenerSet:
             self._add(key, sock, int(e["backlog"]))
             if e.get("parked"):
                 self._parked.add(key)
+            if e.get("file"):
+                self._files[key] = (int(e["file"][0]), int(e["file"][1]))
         for group in self._groups.values():
             pos = {int(e.get("pos", -1)) for e in entries if _tuple(e["key"]) in group.members}
             group.known = pos == set(range(len(group.members)))
 
-    def adopt_listening(self, cfg: Config, socks: dict[SocketKey, socket.socket]) -> None:
+    def adopt_listening(self, cfg: Config, socks: dict[SocketKey, socket.socket],
+                        own: Iterable[SocketKey] = ()) -> None:
         """Take listening sockets passed to the master or taken from orphans, before binding the rest.
 
         Their group's order in the kernel is known only when a group is one
@@ -328,6 +342,8 @@ class ListenerSet:
             else:
                 sock.listen(backlog[key[:3]])
             self._add(key, sock, backlog[key[:3]])
+            if key in own and sock.family == socket.AF_UNIX and (ident := unixsock.file_id(key[0])):
+                self._files[key] = ident  # `own` files (a dead master's) are removed at a clean stop
         for gid in {self._group_of[k] for k in socks}:
             group = self._groups[gid]
             group.known = len(group.members) == 1
@@ -354,9 +370,12 @@ class ListenerSet:
         return set(self._socks)
 
     def close_all(self) -> None:
-        """Close every socket (only at master exit)."""
+        """Close every socket (only at a master's orderly exit: its socket files are removed)."""
         for sock in self._socks.values():
             sock.close()
+        for key, ident in self._files.items():
+            unixsock.remove(key[0], ident)
+        self._files.clear()
         self._socks.clear()
         self._backlog.clear()
         self._group_of.clear()

@@ -151,7 +151,9 @@ class Group(Generic[K]):
         (but not the cookies of `without`).
         """
         chosen = self.allowed if keys is None else frozenset(keys)
-        positions = [self.members.index(k) for k in chosen or () if k in self.members]
+        # One pass over the members, not an index() per key: retiring N slots
+        # calls this N times, and a quadratic step here made that cubic.
+        positions = [i for i, k in enumerate(self.members) if k in chosen] if chosen else []
         if self.cookie_of is not None and self.cookie_program is not None:
             skip = set(without)
             table = {c: i for i, k in enumerate(self.members)
@@ -174,4 +176,5 @@ class Group(Generic[K]):
 
     def order_of(self, keys: Sequence[K]) -> list[K]:
         """Return `keys` sorted by index, last first: closing in that order moves nobody."""
-        return sorted(keys, key=self.members.index, reverse=True)
+        index = {k: i for i, k in enumerate(self.members)}
+        return sorted(keys, key=index.__getitem__, reverse=True)

@@ -36,8 +36,11 @@ def family_of(host: str) -> int:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-def bind(spec: ListenerSpec) -> socket.socket:
-    """Bind one UDP socket for `spec` with SO_REUSEADDR, SO_REUSEPORT and SO_RXQ_OVFL."""
+def bind(spec: ListenerSpec, located: bool = False) -> socket.socket:
+    """Bind one UDP socket for `spec` with SO_REUSEADDR, SO_REUSEPORT and SO_RXQ_OVFL.
+
+    With `located`, an OSError names the address.
+    """
     family = family_of(spec.host)
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
@@ -47,8 +50,10 @@ def bind(spec: ListenerSpec) -> socket.socket:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((spec.host, spec.port))
-    except OSError:
+    except OSError as e:
         sock.close()
+        if located:
+            raise OSError(e.errno, f"cannot bind {spec.address} (udp): {e.strerror}") from None
         raise
     return sock
 
