@@ -33,6 +33,8 @@ CASES = [
      "2:36: listeners[0].flows", "flows is for protocol udp"),
     ("cookie-shared", "listeners:\n  - {name: dns, port: 5353, protocol: udp, mode: shared, flows: cookie}\n" + W,
      "2:65: listeners[0].flows", "flows: cookie needs mode reuseport"),
+    ("udp-unix-path", "listeners:\n  - {name: app, path: /run/app.sock, protocol: udp}\n" + W,
+     "2:48: listeners[0].protocol", "protocol udp needs host and port"),
     ("udp-duplicate", "listeners:\n  - {name: a, port: 53, protocol: udp}\n"
                       "  - {name: b, port: 53, protocol: udp, mode: shared}\n" + W,
      "3:5: listeners[1]", "duplicate address 127.0.0.1:53"),
