@@ -12,9 +12,11 @@ The bench compiles both C/C++ sources with g++/gcc into a temp dir, starts
 every server once, then measures each (server, mode) pair for `--seconds`
 after a short warm-up, interleaved over `--repeats` rounds, so machine noise
 falls on all of them alike. It prints the median round trips per second, the
-errors (any failed or wrong round trip, summed over the repeats), and the
-ratio upgraderd / C++ of the medians, plus the median of the per-round ratios
-(the pair measured back to back).
+errors (any failed or wrong round trip, summed over the repeats), the
+server's CPU time per round trip (user + system of its whole process tree,
+from /proc, over the client's run: less sensitive to other load on the
+machine than the rate), and the ratio upgraderd / C++ of the medians, plus
+the median of the per-round ratios (the pair measured back to back).
 
 `--tree NAME=PATH` adds an upgraderd from another checkout (e.g. main) to
 the same run, for before/after figures: its master and workers run with that
@@ -40,11 +42,29 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from tests.support import ROOT
-from tests.support.upgraderd_proc import Daemon, echo_config, free_port, wait_until
+from tests.support.upgraderd_proc import Daemon, children, echo_config, free_port, wait_until
 
 HERE = Path(__file__).resolve().parent
 MODES = ("keepalive", "connect")
 REFERENCE = "c++ reuseport"
+
+
+def tree_cpu(root: int) -> float:
+    """Return the user + system CPU seconds of `root` and all its descendants alive now."""
+    total, todo, seen = 0.0, [root], set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        todo.extend(children(pid))
+    return total
 
 
 def build(out: Path) -> tuple[Path, Path]:
@@ -88,8 +108,8 @@ class Reference:
                 self.proc.wait()
 
 
-def start_upgraderd(stack: ExitStack, tmp: Path, name: str, tree: Path, workers: int) -> int:
-    """Start an upgraderd of `tree` with its default config shape; return its port."""
+def start_upgraderd(stack: ExitStack, tmp: Path, name: str, tree: Path, workers: int) -> tuple[int, int]:
+    """Start an upgraderd of `tree` with its default config shape; return its port and master pid."""
     port = free_port()
     workdir = tmp / name.replace("/", "_")
     workdir.mkdir()
@@ -97,18 +117,21 @@ def start_upgraderd(stack: ExitStack, tmp: Path, name: str, tree: Path, workers:
     d = Daemon(workdir, cfg, cwd=tree)
     stack.enter_context(d.start())
     wait_until(lambda: listening(port), 10, f"{name} listening")
-    return port
+    return port, d.pid
 
 
-def measure(client: Path, port: int, mode: str, threads: int, warmup: float, seconds: float,
-            size: int) -> tuple[float, int]:
-    """Run the client once; return (round trips per second, errors)."""
+def measure(client: Path, port: int, server_pid: int, mode: str, threads: int, warmup: float, seconds: float,
+            size: int) -> tuple[float, int, float]:
+    """Run the client once; return (round trips per second, errors, server CPU microseconds per round trip)."""
+    cpu0 = tree_cpu(server_pid)
     out = subprocess.run([str(client), "127.0.0.1", str(port), str(threads), str(warmup), str(seconds), mode,
                           str(size)], capture_output=True, text=True, timeout=warmup + seconds + 30, check=True)
+    cpu = tree_cpu(server_pid) - cpu0
     fields = out.stdout.split()
     values = dict(zip(fields[::2], fields[1::2]))
     errors = int(values["errors"]) + int(values["connect_errors"])
-    return int(values["round_trips"]) / float(values["seconds"]), errors
+    return (int(values["round_trips"]) / float(values["seconds"]), errors,
+            cpu * 1e6 / max(1, int(values["all_round_trips"])))
 
 
 def main() -> int:
@@ -137,13 +160,14 @@ def main() -> int:
         trees[f"upgraderd {name}"] = Path(path).resolve()
 
     rates: dict[tuple[str, str], list[float]] = {}
+    cpus: dict[tuple[str, str], list[float]] = {}
     errors: dict[tuple[str, str], int] = {}
     with tempfile.TemporaryDirectory(prefix="seed_echo.") as tmpdir, ExitStack() as stack:
         tmp = Path(tmpdir)
         server_bin, client = build(tmp)
         ref = Reference(server_bin, args.workers)
         stack.callback(ref.stop)
-        ports = {REFERENCE: ref.port}
+        ports = {REFERENCE: (ref.port, ref.proc.pid)}
         for name, tree in trees.items():
             ports[name] = start_upgraderd(stack, tmp, name, tree, args.workers)
         started = time.monotonic()
@@ -152,9 +176,10 @@ def main() -> int:
                 # Alternate the order, so neither server always goes first after a switch.
                 order = list(ports) if r % 2 == 0 else list(reversed(ports))
                 for name in order:
-                    rate, errs = measure(client, ports[name], mode, args.threads, args.warmup, args.seconds,
-                                         args.size)
+                    rate, errs, cpu = measure(client, *ports[name], mode, args.threads, args.warmup,
+                                              args.seconds, args.size)
                     rates.setdefault((name, mode), []).append(rate)
+                    cpus.setdefault((name, mode), []).append(cpu)
                     errors[(name, mode)] = errors.get((name, mode), 0) + errs
             print(f"repeat {r + 1}/{args.repeats} done ({time.monotonic() - started:.0f} s)", file=sys.stderr,
                   flush=True)
@@ -163,12 +188,13 @@ def main() -> int:
           f"{args.workers} server processes; median of {args.repeats} x {args.seconds:g} s; "
           f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")
     print(f"| server | {' | '.join(f'{m} rt/s' for m in modes)} | "
-          f"{' | '.join(f'{m} errors' for m in modes)} |")
-    print("|---|" + "---|" * (2 * len(modes)))
+          f"{' | '.join(f'{m} server CPU us/rt' for m in modes)} | {' | '.join(f'{m} errors' for m in modes)} |")
+    print("|---|" + "---|" * (3 * len(modes)))
     for name in ports:
         med = [f"{statistics.median(rates[(name, m)]):,.0f}" for m in modes]
-        errs = [str(errors[(name, m)]) for m in modes]
-        print(f"| {name} | {' | '.join(med)} | {' | '.join(errs)} |")
+        cpu_cells = [f"{statistics.median(cpus[(name, m)]):.1f}" for m in modes]
+        err_cells = [str(errors[(name, m)]) for m in modes]
+        print(f"| {name} | {' | '.join(med)} | {' | '.join(cpu_cells)} | {' | '.join(err_cells)} |")
     print("\nratio to the C++ reference (median of medians; median of per-round ratios, min-max):\n")
     print(f"| server | {' | '.join(modes)} |")
     print("|---|" + "---|" * len(modes))
@@ -182,6 +208,9 @@ def main() -> int:
             cells.append(f"{statistics.median(ours) / statistics.median(ref_rates):.2f}x "
                          f"({statistics.median(per_round):.2f}, {min(per_round):.2f}-{max(per_round):.2f})")
         print(f"| {name} | {' | '.join(cells)} |")
+    print("\nserver CPU per round trip, upgraderd / C++ (medians): " + ", ".join(
+        f"{name} {m} {statistics.median(cpus[(name, m)]) / statistics.median(cpus[(REFERENCE, m)]):.2f}x"
+        for name in ports if name != REFERENCE for m in modes))
     return 0
 
 

@@ -6,10 +6,12 @@ that directory, which the master sums at scrape time and folds into an
 archive when the worker exits (see upgraderd/multiproc.py). Without the
 variable (a worker run by hand, or under systemd) nothing is recorded.
 
-Design note: the event loop only bumps plain integers; `flush()` writes the
-changes to the metric files once per loop pass. That keeps the per-read cost
-at a dict update instead of a lock and an mmap write, at the price of losing
-at most one loop pass of counts if the worker is SIGKILLed.
+Design note: the event loop only bumps plain integers (the byte counts straight
+in the list `tally()` returns); `flush()` writes the changes to the metric
+files, once per loop pass when idle and at most every `server.HOUSEKEEPING`
+seconds (20 ms) when busy. That keeps the per-read cost at a list update
+instead of a lock and an mmap write, at the price of losing at most that much
+of the counts if the worker is SIGKILLed.
 
 `upgraderd_connections_active` is labelled by the state of the generation as
 this worker sees it: `active` until it is asked to drain, `draining` after.
@@ -40,6 +42,7 @@ from typing import Any
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Every reason a hand-off can fail for (docs/metrics.md); each series starts at 0.
+RX, TX = 2, 3  # indexes of the byte counts in a listener's tally
 HANDOFF_FAILURES = ("refused", "timeout", "taker_gone", "untrusted_taker", "malformed_reply", "too_large",
                     "untrusted_giver", "malformed", "abandoned", "stalled_giver", "busy", "channel_in_use")
 
@@ -59,6 +62,13 @@ class ConnectionMetrics:
         self._failures: dict[str, int] = {}
         self._dirty = True
         self._reported = {name: {"active": 0, "draining": 0} for name in self.listeners}
+
+    def tally(self, listener: str) -> list[int]:
+        """Return the live counts of `listener`; a loop may add bytes at [RX] and [TX] directly.
+
+        Bytes added there reach the files at the next `flush()`, like every other count.
+        """
+        return self._counts[listener]
 
     def accepted(self, listener: str) -> None:
         """Count a new connection on `listener`."""
@@ -108,11 +118,13 @@ class ConnectionMetrics:
 
     def flush(self) -> None:
         """Write what changed since the last flush to the metric files."""
-        if not self._dirty or self._sink is None:
+        if self._sink is None:
             return
-        self._dirty = False
+        dirty, self._dirty = self._dirty, False
         for name in self.listeners:
             now, before = self._counts[name], self._flushed[name]
+            if not dirty and now == before:
+                continue  # the byte counts are added to without setting _dirty
             deltas = [a - b for a, b in zip(now, before)]
             self._flushed[name] = list(now)
             open_now = self.active(name)
@@ -198,19 +210,18 @@ class _Sink:
         self.active = Gauge("upgraderd_connections_active", "Open connections of the built-in workers, by "
                             "the state of their generation (active or draining).", ["listener", "state"],
                             registry=None, multiprocess_mode="livesum")
+        # Create every series at 0 so that rate() and increase() see its start.
+        self._series = {name: [c.labels(name) for c in self.counters] for name in listeners}
         for name in listeners:
-            # Create every series at 0 so that rate() and increase() see its start.
-            for c in self.counters:
-                c.labels(name)
             self.active.labels(name, "active").set(0)
             self.active.labels(name, "draining").set(0)
         for reason in HANDOFF_FAILURES:
             self.failures.labels(reason)
 
     def write(self, listener: str, deltas: list[int], gauge: dict[str, int]) -> None:
-        for counter, delta in zip(self.counters, deltas):
+        for counter, delta in zip(self._series[listener], deltas):
             if delta:
-                counter.labels(listener).inc(delta)
+                counter.inc(delta)
         for state, delta in gauge.items():
             if delta:
                 self.active.labels(listener, state).inc(delta)
