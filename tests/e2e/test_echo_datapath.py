@@ -33,7 +33,10 @@ def read_exactly(sock: socket.socket, n: int, deadline: float) -> bytes:
     got = bytearray()
     while len(got) < n:
         sock.settimeout(max(0.1, deadline - time.monotonic()))
-        chunk = sock.recv(min(1 << 20, n - len(got)))
+        try:
+            chunk = sock.recv(min(1 << 20, n - len(got)))
+        except TimeoutError:
+            raise AssertionError(f"only {len(got)} of {n} bytes back in time") from None
         assert chunk, f"the worker closed after {len(got)} of {n} bytes"
         got += chunk
         assert time.monotonic() < deadline, f"only {len(got)} of {n} bytes back in time"
