@@ -215,6 +215,8 @@ class Server:
                 conn.proto.drain()
             self.conns[sock.fileno()] = conn
             self.sel.register(sock, selectors.EVENT_READ, conn)
+            if self.draining_since is None:
+                self._read(conn)  # a client often writes at once: spare a loop pass (EAGAIN if not)
         return False
 
     def _accept_one(self, lsock: socket.socket, name: str) -> socket.socket:
