@@ -8,10 +8,12 @@ variable (a worker run by hand, or under systemd) nothing is recorded.
 
 Design note: the event loop only bumps plain integers (the byte counts straight
 in the list `tally()` returns); `flush()` writes the changes to the metric
-files, once per loop pass when idle and at most every `server.HOUSEKEEPING`
-seconds (20 ms) when busy. That keeps the per-read cost at a list update
-instead of a lock and an mmap write, at the price of losing at most that much
-of the counts if the worker is SIGKILLed.
+files. The loop flushes after every pass in which a connection count changed
+(`dirty`), and otherwise, when only bytes moved, at most every
+`server.HOUSEKEEPING` seconds (20 ms) while busy and at once when idle. That
+keeps the per-read cost at a list update instead of a lock and an mmap write,
+at the price, if the worker is SIGKILLed, of losing at most the loop pass it
+was in of the connection counts, and at most 20 ms of the byte counts.
 
 `upgraderd_connections_active` is labelled by the state of the generation as
 this worker sees it: `active` until it is asked to drain, `draining` after.
@@ -110,6 +112,11 @@ class ConnectionMetrics:
         """This worker was asked to drain: its open connections now count as draining."""
         self.is_draining = True
         self._dirty = True
+
+    @property
+    def dirty(self) -> bool:
+        """Return True if a count other than bytes changed since the last flush."""
+        return self._dirty
 
     def active(self, listener: str) -> int:
         """Return the connections of `listener` open right now."""

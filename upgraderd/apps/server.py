@@ -25,8 +25,9 @@ and serves the connections older workers give it (`adopt`).
 
 The data path is short (bench/seed_echo.py compares it with a C++ server): a
 reply is sent straight from the read, and watched for writing only if the
-kernel did not take it all; work not tied to one connection (metric files,
-hand-off timeouts, the parent check) runs every HOUSEKEEPING seconds while busy.
+kernel did not take it all; work not tied to one connection (byte counts in the
+metric files, hand-off timeouts, the parent check) runs every HOUSEKEEPING
+seconds while busy.
 """
 
 from __future__ import annotations
@@ -157,6 +158,8 @@ class Server:
                 self._chores()
             else:
                 self._chores_owed = True
+                if self.metrics.dirty:
+                    self.metrics.flush()  # connection counts every pass: a SIGKILL may come at any time
         for conn in list(self.conns.values()):
             self._close(conn)
         if self.moves is not None:
