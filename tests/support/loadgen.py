@@ -73,11 +73,12 @@ def wait_for_ok(ok: Callable[[], int], n: int, timeout: float) -> bool:
 
 
 class Load:
-    """Run load against one address in background threads."""
+    """Run load against one address (or, with `unix`, a Unix socket path) in background threads."""
 
     def __init__(self, host: str, port: int, threads: int = 8, max_seconds: float = 60.0,
-                 max_per_thread: int = 200_000, timeout: float = 5.0) -> None:
+                 max_per_thread: int = 200_000, timeout: float = 5.0, unix: str | None = None) -> None:
         self.addr = (host, port)
+        self.unix = unix
         self.threads = threads
         self.deadline = time.monotonic() + max_seconds
         self.max_per_thread = max_per_thread
@@ -98,6 +99,18 @@ class Load:
                     self.result.answers.append((started, body))
             elif outcome not in self.result.examples:
                 self.result.examples[outcome] = detail
+
+    def _connect(self) -> socket.socket:
+        if self.unix is None:
+            return socket.create_connection(self.addr, timeout=self.timeout)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.settimeout(self.timeout)
+            s.connect(self.unix)
+        except BaseException:
+            s.close()
+            raise
+        return s
 
     def _running(self, done: int) -> bool:
         return not self._stop.is_set() and done < self.max_per_thread and time.monotonic() < self.deadline
@@ -143,7 +156,7 @@ class Load:
             payload = os.urandom(48) + b"%08d" % done
             t0 = time.monotonic()
             try:
-                with socket.create_connection(self.addr, timeout=self.timeout) as s:
+                with self._connect() as s:
                     s.sendall(payload)
                     got = _recv_exact(s, len(payload))
             except Exception as e:  # every failure is an outcome to count
@@ -158,7 +171,7 @@ class Load:
     def _echo_keepalive(self, idx: int) -> None:
         """One connection per thread, many round trips on it; a reconnect is never needed."""
         try:
-            s = socket.create_connection(self.addr, timeout=self.timeout)
+            s = self._connect()
         except Exception as e:
             self._record(_classify(e), 0.0, repr(e))
             return
@@ -188,7 +201,7 @@ class Load:
             done += 1
             t0 = time.monotonic()
             try:
-                with socket.create_connection(self.addr, timeout=self.timeout) as s:
+                with self._connect() as s:
                     s.sendall(req)
                     data = bytearray()
                     while chunk := s.recv(65536):

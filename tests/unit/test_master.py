@@ -367,7 +367,7 @@ def test_invalid_config_on_hup_is_rejected(rig: Rig, caplog: pytest.LogCaptureFi
     assert m.stats.last_reload_ok is False
     assert m.stats.last_reload_error == (
         f"{rig.path}:4:3: listeners[0].mood: unknown key (did you mean 'mode'?); "
-        "allowed: name, host, port, mode, backlog")
+        "allowed: name, host, port, path, mode, backlog, owner, group, permissions")
     assert f"reload failed, still serving generation 1: {m.stats.last_reload_error}" in messages(caplog)
     assert m.config is config
     # Fixed: the next HUP works.

@@ -73,8 +73,9 @@ def values(cfg: Config, slot: int, generation: int, probe_port: int | None = Non
         out["probe_port"] = str(probe_port)
     for spec in cfg.listeners:
         out[f"addr:{spec.name}"] = spec.address
-        out[f"host:{spec.name}"] = spec.host
-        out[f"port:{spec.name}"] = str(spec.port)
+        if spec.path is None:
+            out[f"host:{spec.name}"] = spec.host
+            out[f"port:{spec.name}"] = str(spec.port)
     for fd, spec in enumerate(cfg.fd_listeners, start=3):
         out[f"fd:{spec.name}"] = str(fd)
     return out
@@ -87,6 +88,7 @@ def problems(template: str, cfg: Config) -> list[str]:
     except TemplateError as e:
         return [str(e)]
     modes = {spec.name: spec.mode for spec in cfg.listeners}
+    unix = {spec.name: spec.path for spec in cfg.listeners if spec.path is not None}
     concrete = list(values(cfg, 0, 1, 1 if cfg.ready.mode == "http" else None))
     out = []
     for key in names:
@@ -101,6 +103,9 @@ def problems(template: str, cfg: Config) -> list[str]:
             if arg not in modes:
                 out.append(f"{{{key}}} names no listener{_hint(key, concrete)}; "
                            f"listeners: {', '.join(modes)}")
+            elif kind in ("host", "port") and arg in unix:
+                out.append(f"{{{key}}}: listener {arg!r} is the Unix socket {unix[arg]}, which has "
+                           f"no {kind}; use {{fd:{arg}}} or {{addr:{arg}}} (its path)")
             elif kind == "fd" and modes[arg] == "worker-bind":
                 out.append(f"{{{key}}}: listener {arg!r} is worker-bind, so the master passes no fd "
                            f"for it; use {{addr:{arg}}} and bind it in the worker")

@@ -53,7 +53,7 @@ class Plan:
 
 
 def _identity(spec: ListenerSpec) -> tuple[str, int, str]:
-    return (spec.host, spec.port, spec.mode)
+    return spec.socket_id
 
 
 def diff(current: Config | None, new: Config) -> Plan:

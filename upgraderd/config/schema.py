@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from upgraderd.config import checks, source
+from upgraderd.config import checks, source, unixlisten
 from upgraderd.config.source import MAX_BYTES, MAX_VALUES  # noqa: F401 (part of this module's API)
 from upgraderd.config.watchlist import watch_paths
 from upgraderd.config.appspec import BUILTIN_APPS, app_name, boolean
@@ -47,15 +47,31 @@ class ListenerSpec:
 
     name: str = opt(REQUIRED, name, "Listener name; workers see it in LISTEN_FDNAMES.")
     host: str = opt("127.0.0.1", host, "Address to listen on (IPv4 or IPv6).")
-    port: int = opt(REQUIRED, integer(1, 65535), "TCP port.")
-    mode: str = opt("reuseport", one_of(*MODES), "Who binds and how the accept queue is shared.")
+    port: int | None = opt(None, integer(1, 65535), "TCP port (required unless `path` is given).")
+    path: str | None = opt(None, unixlisten.socket_path, "Listen on this Unix socket file "
+                           "instead of host/port (see docs/workers.md, \"Unix sockets\").")
+    mode: str = opt("reuseport", one_of(*MODES), "Who binds and how the accept queue is shared "
+                    "(with `path`: shared, the default and only choice).")
     backlog: int = opt(1024, integer(1, 65535), "listen() backlog of each socket.")
+    owner: str | None = opt(None, user_name, "With `path`: the socket file's owner (the master must be root).")
+    group: str | None = opt(None, group_name, "With `path`: the socket file's group.")
+    permissions: str | None = opt(None, unixlisten.permissions, "With `path`: the socket file's "
+                                  "permissions, e.g. \"0660\" (default: 0666 less the master's umask).")
 
     @property
     def address(self) -> str:
-        """Return host:port, with IPv6 hosts in brackets."""
+        """Return host:port (IPv6 hosts in brackets), or the path of a Unix socket."""
+        if self.path is not None:
+            return self.path
         h = f"[{self.host}]" if ":" in self.host else self.host
         return f"{h}:{self.port}"
+
+    @property
+    def socket_id(self) -> tuple[str, int, str]:
+        """Return what names this listener's sockets: (host, port, mode), or (path, 0, mode)."""
+        if self.path is not None:
+            return (self.path, 0, self.mode)
+        return (self.host, self.port or 0, self.mode)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -303,7 +319,8 @@ class _Loader:
         if node.tag != "tag:yaml.org,2002:seq":
             self.fail(node, key, f"unsupported YAML tag {node.tag!r}; write a plain list")
             return _BAD
-        out = [self.section(ListenerSpec, n, f"{key}[{i}]") for i, n in enumerate(node.value)]
+        out: list[Any] = [unixlisten.with_default_mode(self.section(ListenerSpec, n, f"{key}[{i}]"), n)
+                          for i, n in enumerate(node.value)]
         if any(x is None for x in out):
             return _BAD
         self.unique(node, key, out)
@@ -311,14 +328,14 @@ class _Loader:
 
     def unique(self, node: yaml.SequenceNode, key: str, listeners: list[ListenerSpec]) -> None:
         names: dict[str, int] = {}
-        addrs: dict[tuple[str, int], int] = {}
+        addrs: dict[tuple[str, int | None], int] = {}
         for i, spec in enumerate(listeners):
             item = node.value[i]
             if spec.name in names:
                 self.fail(item, f"{key}[{i}].name",
                           f"duplicate listener name {spec.name!r} (also {key}[{names[spec.name]}])")
             names.setdefault(spec.name, i)
-            addr = (str(ipaddress.ip_address(spec.host)), spec.port)
+            addr = (spec.path, 0) if spec.path else (str(ipaddress.ip_address(spec.host)), spec.port)
             if addr in addrs:
                 self.fail(item, f"{key}[{i}]",
                           f"duplicate address {spec.address} (also {key}[{addrs[addr]}])")
@@ -349,6 +366,7 @@ def parse(text: str, path: str = "<string>") -> Config:
     source.check_expansion(root, path)
     cfg: Config | None = loader.section(Config, root, "")
     if cfg is not None:
+        unixlisten.check_listeners(loader, root, cfg)
         checks.check_workers(loader, root, cfg)
         checks.check_templates(loader, root, cfg)
     if loader.problems:

@@ -3,7 +3,8 @@
 Owns: the master loop's logic (master.py), the generation state machine
 (generation.py), readiness strategies (readiness.py), worker launch
 descriptions (launcher.py), reload tracking and outcomes (reloads.py), slot
-scaling and socket retirement (slots.py), the USR2 hand-over (handover.py,
+scaling and socket retirement (slots.py), rescuing a dead slot's queue
+(rescue.py), the USR2 hand-over (handover.py,
 upgrade.py), counters (stats.py, durations.py), notify judging (notices.py),
 the one projection of the state that metrics and status read (snapshot.py),
 and the seams to the OS (seams.py).

@@ -249,7 +249,7 @@ class Master:
         """Return how long the loop may block in select."""
         due = [g.next_deadline() for g in self.generations]
         due += [self.system.probes.next_deadline(), self.upgrade.next_deadline(), self.reloads.files.deadline]
-        due += self.spawner.prefork.deadlines(self.generations)
+        due += [*self.spawner.prefork.deadlines(self.generations), slots.next_deadline(self, now)]
         return max(0.0, min(1.0, min((d for d in due if d is not None), default=now + 1.0) - now))
 
     def read_notify(self, now: float) -> None:

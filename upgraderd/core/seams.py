@@ -18,12 +18,18 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 from upgraderd.config.schema import Config, ListenerSpec, MetricsSpec
 
 # (host, port, mode, slot): a socket's identity, whatever listener name it has.
+# A Unix socket's is (path, 0, "shared", 0): a host never starts with "/".
 SocketKey = tuple[str, int, str, int]
 
 
 def key_for(spec: ListenerSpec, slot: int) -> SocketKey:
     """Return the socket key that worker slot `slot` uses for `spec`."""
-    return (spec.host, spec.port, spec.mode, slot if spec.mode == "reuseport" else 0)
+    return (*spec.socket_id, slot if spec.mode == "reuseport" else 0)
+
+
+def key_address(key: SocketKey) -> str:
+    """Return the address part of `key` as a log line shows it: host:port, or a Unix socket's path."""
+    return key[0] if key[0].startswith("/") else f"{key[0]}:{key[1]}"
 
 
 def keys_for(cfg: Config, slots: Iterable[int]) -> set[SocketKey]:
@@ -103,6 +109,28 @@ class Retired:
     # Closed while new connections could still reach them (no steering, or
     # steered away only now): what was queued there may be reset.
     unsafe: list[SocketKey]
+
+
+@dataclass(frozen=True)
+class Rescue:
+    """Sockets of slots without a worker, whose queues the READY `takers` of `generation` should get."""
+
+    generation: int
+    sockets: tuple[tuple[SocketKey, str], ...]   # (key, listener name)
+    takers: tuple[int, ...]                      # READY slots of `generation`
+
+
+class RescueAPI(Protocol):
+    """Connections queued on a slot socket nobody accepts on, handed to READY workers (system/rescue.py)."""
+
+    def rescue(self, plan: Rescue) -> list[int]:
+        """Accept what is queued on `plan.sockets` if a taker listens; return the count per socket.
+
+        Never blocks: the accepted connections are handed over in the background.
+        """
+
+    def close(self) -> None:
+        """Stop handing over (at master exit)."""
 
 
 class NotifyAPI(Protocol):
@@ -286,6 +314,8 @@ class System:
     watcher: WatcherAPI | None = None
     # Templates for prefork generations (None: not available, such configs fail to start).
     templates: TemplateAPI | None = None
+    # Save what queued on the socket of a slot that lost its worker (None: leave it queued).
+    rescue: RescueAPI | None = None
 
     def watched_fds(self) -> list[int]:
         """Return the fds the loop selects on besides the signal inbox."""
@@ -297,6 +327,8 @@ class System:
         self.listeners.close_all()
         self.notify.close()
         self.probes.close()
+        if self.rescue is not None:
+            self.rescue.close()
         if self.watcher is not None:
             self.watcher.close()
 

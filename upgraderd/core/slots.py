@@ -14,8 +14,9 @@ import logging
 from typing import TYPE_CHECKING
 
 from upgraderd.config.schema import Config
+from upgraderd.core import rescue
 from upgraderd.core.generation import WorkerState
-from upgraderd.core.seams import SocketKey, keys_for
+from upgraderd.core.seams import SocketKey, key_address, keys_for
 
 if TYPE_CHECKING:
     from upgraderd.core.master import Master
@@ -93,6 +94,7 @@ def close_unused(master: Master) -> None:
     no new connection, and closes once its worker is gone, so nothing queued
     on it is reset.
     """
+    rescue.run(master)   # what a dead slot's socket queued goes to its siblings, before any close
     wanted: set[SocketKey] = set()
     held: set[SocketKey] = set()
     for g in master.generations:
@@ -102,11 +104,17 @@ def close_unused(master: Master) -> None:
     if master.stopping:
         return
     for key in done.closed:
-        log.info("closed listener %s:%d (%s, slot %d): no slot serves it any more", *key)
+        log.info("closed listener %s (%s, slot %d): no slot serves it any more",
+                 key_address(key), key[2], key[3])
     unsafe = [key for key in done.unsafe if key[2] == "reuseport"]
     if unsafe and (risk := master.system.kernel.retire_risk()) is not None:
         master.stats.slot_retire_risks += len(unsafe)
         log.warning("closed %d reuseport slot socket(s): %s", len(unsafe), risk)
+
+
+def next_deadline(master: Master, now: float) -> float | None:
+    """Return when a slot needs the loop again (a dead slot's socket is watched for late arrivals)."""
+    return rescue.deadline(master, now)
 
 
 def steer(master: Master, without: int | None = None) -> None:

@@ -64,6 +64,9 @@ class Stats:
     steering_refused: int = counter(
         "upgraderd_steering_refused", "Reuseport steering programs the kernel refused; the group then spreads "
         "new connections over every socket, ready or not, as without steering.")
+    rescued_connections: int = counter(
+        "upgraderd_rescued_connections", "Connections the master took from the queue of a reuseport slot "
+        "whose worker was in back-off or given up, to hand them to a READY worker of the same generation.")
     orphans_taken_over: int = counter(
         "upgraderd_orphans_taken_over", "Orphaned workers of a dead master (same pidfile) this master found at "
         "start, took the listening sockets of, and drained once its first generation was ACTIVE.")

@@ -34,11 +34,14 @@ from upgraderd.config.schema import Config, ListenerSpec
 from upgraderd.core.seams import SocketKey
 from upgraderd.errors import FatalError
 from upgraderd.system.peers import family_of
+from upgraderd.system import unixsock
 from upgraderd.system.procfs import small_int
 
 log = logging.getLogger("upgraderd")
 
 SD_LISTEN_FDS_START = 3
+# How an adopted socket's origin starts when its service manager passed it.
+PASSED = "passed fd"
 MAX_FDS = 4096
 
 
@@ -104,9 +107,11 @@ def parse_name(name: str) -> tuple[str, int | None]:
 
 
 def check(sock: socket.socket, spec: ListenerSpec, what: str) -> None:
-    """Raise FatalError unless `sock` is a listening TCP socket at `spec`'s address."""
+    """Raise FatalError unless `sock` is a listening TCP socket at `spec`'s address (or Unix, at its path)."""
     problem = None
-    if sock.family != family_of(spec.host) or sock.type != socket.SOCK_STREAM:
+    if spec.path is not None:
+        problem = unixsock.check_passed(sock, spec)
+    elif sock.family != family_of(spec.host) or sock.type != socket.SOCK_STREAM:
         problem = f"is not a TCP/IPv{ipaddress.ip_address(spec.host).version} socket"
     elif not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
         problem = "is not listening"
@@ -129,7 +134,7 @@ def key_of(spec: ListenerSpec, slot: int | None, cfg: Config) -> SocketKey | Non
         return None
     if spec.mode == "reuseport" and slot >= cfg.workers.count:
         return None
-    return (spec.host, spec.port, spec.mode, slot)
+    return (*spec.socket_id, slot)
 
 
 def match(cfg: Config, passed: list[Passed], into: Adopted) -> None:
@@ -156,5 +161,5 @@ def match(cfg: Config, passed: list[Passed], into: Adopted) -> None:
             log.info("%s: slot %d of %r is already passed; closed the extra copy", what, key[3], base)
             p.sock.close()
             continue
-        into.sockets[key] = (p.sock, f"passed fd {p.fd}")
+        into.sockets[key] = (p.sock, f"{PASSED} {p.fd}")
         log.info("adopted %s for listener %r slot %d (%s)", what, base, key[3], spec.address)

@@ -30,7 +30,7 @@ log = logging.getLogger("upgraderd")
 
 def names(cfg: Config, keys: set[SocketKey]) -> dict[SocketKey, str]:
     """Return the fd-store name of each of `keys` that `cfg` has a listener for."""
-    by_addr = {(s.host, s.port, s.mode): s.name for s in cfg.listeners}
+    by_addr = {s.socket_id: s.name for s in cfg.listeners}
     out = {}
     for key in keys:
         name = by_addr.get(key[:3])

@@ -131,7 +131,8 @@ def _overlaps(a: IPAddress, b: IPAddress) -> bool:
 def find_conflict(cfg: Config, me: int | None = None) -> Conflict | None:
     """Return the first other live master serving one of `cfg`'s addresses, or None."""
     me = os.getpid() if me is None else me
-    wanted = [(ipaddress.ip_address(s.host), s.port, s.address) for s in cfg.listeners]
+    # Unix socket listeners are not looked up here: bind() probes their file (unixsock.py).
+    wanted = [(ipaddress.ip_address(s.host), s.port, s.address) for s in cfg.listeners if s.path is None]
     sockets = listening()
     by_inode: dict[int, str] = {}
     for addr, port, inode in sockets:

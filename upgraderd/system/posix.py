@@ -24,6 +24,7 @@ from upgraderd.system.inotify import FileWatcher
 from upgraderd.system.orphans import OrphanSet
 from upgraderd.system.notify import NotifyServer, notify
 from upgraderd.system.probe import Prober, reserve_port
+from upgraderd.system.rescue import Rescuer
 from upgraderd.system.process import PosixProcessAPI, user_env
 from upgraderd.system.signals import SignalInbox
 from upgraderd.system.template import PosixTemplates
@@ -53,8 +54,8 @@ def tell_systemd(message: str) -> None:
 
 
 def posix_system(handover: Handover | None, argv: Sequence[str],
-                 adopted: dict[SocketKey, socket.socket] | None = None, cfg: schema.Config | None = None
-                 ) -> System:
+                 adopted: dict[SocketKey, tuple[socket.socket, str]] | None = None,
+                 cfg: schema.Config | None = None) -> System:
     """Return the real OS services; adopt the notify socket a USR2 predecessor handed over,
     and the listening sockets passed to this master or taken from orphans (`adopted`, for `cfg`)."""
     notify_server = None
@@ -68,13 +69,16 @@ def posix_system(handover: Handover | None, argv: Sequence[str],
     procs = PosixProcessAPI()
     listeners = sockets.ListenerSet()
     if adopted and cfg is not None:
-        listeners.adopt_listening(cfg, adopted)
+        # A dead master's socket file is ours to remove at a clean stop; a passed one is not.
+        own = {k for k, (_, origin) in adopted.items() if not origin.startswith(activation.PASSED)}
+        listeners.adopt_listening(cfg, {k: s for k, (s, _) in adopted.items()}, own)
     return System(
         procs=procs, templates=PosixTemplates(procs), notify=notify_server or NotifyServer(),
         listeners=listeners,
         probes=Prober(), kernel=PosixKernel(), environ=os.environ, load_config=schema.load,
         user_env=user_env, reserve_port=reserve_port, self_command=(sys.executable, "-m", "upgraderd"),
-        tell_systemd=tell_systemd, exec_master=exec_master, watcher=FileWatcher())
+        tell_systemd=tell_systemd, exec_master=exec_master, watcher=FileWatcher(),
+        rescue=Rescuer(listeners.fileno_of))
 
 
 def inherited_handover() -> Handover | None:
@@ -90,7 +94,8 @@ def fds_to_keep(master: Master) -> list[int]:
     return [*master.system.listeners.filenos(), *master.system.watched_fds(), *pidfds]
 
 
-def outlive(cfg: schema.Config, status_path: str) -> tuple[dict[SocketKey, socket.socket], OrphanSet]:
+def outlive(cfg: schema.Config, status_path: str
+            ) -> tuple[dict[SocketKey, tuple[socket.socket, str]], OrphanSet]:
     """Refuse to start next to another master; collect the listening sockets that outlived the last one.
 
     In this order: passed to us (socket activation, the fd store), then taken
@@ -107,7 +112,7 @@ def outlive(cfg: schema.Config, status_path: str) -> tuple[dict[SocketKey, socke
     except BaseException:
         adopted.close()
         raise
-    return {key: sock for key, (sock, _) in adopted.sockets.items()}, found
+    return dict(adopted.sockets), found
 
 
 def _store(master: Master, store: fdstore.FdStore | None) -> None:

@@ -35,7 +35,7 @@ from typing import Any, Iterable
 
 from upgraderd.config.schema import Config, ListenerSpec
 from upgraderd.core.seams import Retired, SocketKey, key_for
-from upgraderd.system import kernel, steering
+from upgraderd.system import kernel, steering, unixsock
 
 log = logging.getLogger("upgraderd")
 
@@ -83,6 +83,8 @@ class ListenerSet:
         self._group_of: dict[SocketKey, GroupId] = {}
         self._groups: dict[GroupId, steering.Group[SocketKey]] = {}
         self._parked: set[SocketKey] = set()
+        # The socket files this master created (Unix listeners), removed when their socket closes.
+        self._files: dict[SocketKey, unixsock.FileId] = {}
         # Steering programs the kernel refused; each such group is left unsteered.
         self.steer_refused = 0
 
@@ -105,8 +107,14 @@ class ListenerSet:
                     if key in self._socks:
                         self._parked.discard(key)
                         self._relisten(key, spec.backlog)
+                        if key in self._files:  # a reload may change the file's owner or mode
+                            unixsock.set_access(spec, self._files[key])
                         continue
-                    self._add(key, bind(spec), spec.backlog)
+                    if spec.path is not None:
+                        sock, self._files[key] = unixsock.bind(spec)
+                    else:
+                        sock = bind(spec)
+                    self._add(key, sock, spec.backlog)
                     opened.append(key)
         except OSError as e:
             for key in reversed(opened):
@@ -118,10 +126,11 @@ class ListenerSet:
         self._socks[key] = sock
         self._backlog[key] = backlog
         name = sock.getsockname()
-        gid: GroupId = (sock.family, str(name[0]), int(name[1]))
+        unix = sock.family == socket.AF_UNIX
+        gid: GroupId = (sock.family, str(name), 0) if unix else (sock.family, str(name[0]), int(name[1]))
         self._group_of[key] = gid
         # A listening socket joins its group at the end of the kernel's array.
-        self._groups.setdefault(gid, steering.Group()).join(key)
+        self._groups.setdefault(gid, steering.Group(refused=unix)).join(key)
 
     def _relisten(self, key: SocketKey, backlog: int) -> None:
         if self._backlog.get(key) != backlog:
@@ -151,9 +160,12 @@ class ListenerSet:
                 self._exclude(key)
         closing = [k for k in gone if k not in park]
         unsafe = [k for k in closing if not self._steered_away(k)]
-        for gid in {self._group_of[k] for k in closing}:
-            group = self._groups[gid]
-            for key in group.order_of([k for k in closing if self._group_of[k] == gid]):
+        # Grouped before any release: a released key leaves _group_of.
+        by_group: dict[GroupId, list[SocketKey]] = {}
+        for k in closing:
+            by_group.setdefault(self._group_of[k], []).append(k)
+        for gid, keys in by_group.items():
+            for key in self._groups[gid].order_of(keys):
                 self._release(key, shut=key not in held)
         return Retired(closing, park, unsafe)
 
@@ -181,6 +193,8 @@ class ListenerSet:
             self._load(group, group.leave_plan(key))
         del self._group_of[key]
         sock = self._socks.pop(key)
+        if key in self._files:
+            unixsock.remove(key[0], self._files.pop(key))
         self._backlog.pop(key, None)
         self._parked.discard(key)
         if steered:
@@ -216,7 +230,7 @@ class ListenerSet:
                 continue
             ready = {key_for(spec, s) for s in slots} - self._parked
             for key in self._socks:
-                if key[:3] == (spec.host, spec.port, spec.mode):
+                if key[:3] == spec.socket_id:
                     keys = wanted.setdefault(self._group_of[key], set())
                     if key in ready:
                         keys.add(key)
@@ -227,7 +241,7 @@ class ListenerSet:
     def is_steered(self, cfg: Config) -> bool:
         """Return True if every socket group of `cfg`'s listeners is steered now."""
         gids = {self._group_of[k] for k in self._socks for spec in cfg.listeners
-                if spec.mode != "worker-bind" and k[:3] == (spec.host, spec.port, spec.mode)}
+                if spec.mode != "worker-bind" and spec.path is None and k[:3] == spec.socket_id}
         return bool(gids) and all(self._groups[g].attached is not None for g in gids)
 
     def _steer_group(self, gid: GroupId, keys: frozenset[SocketKey]) -> str | None:
@@ -278,7 +292,8 @@ class ListenerSet:
     def export(self) -> list[dict[str, Any]]:
         """Return every socket as {key, fd, backlog, pos, parked}, for a master re-exec."""
         return [{"key": list(k), "fd": s.fileno(), "backlog": self._backlog[k],
-                 "pos": self._groups[self._group_of[k]].members.index(k), "parked": k in self._parked}
+                 "pos": self._groups[self._group_of[k]].members.index(k), "parked": k in self._parked,
+                 **({"file": list(self._files[k])} if k in self._files else {})}
                 for k, s in self._socks.items()]
 
     def adopt(self, entries: list[dict[str, Any]]) -> None:
@@ -291,11 +306,14 @@ class ListenerSet:
             self._add(key, sock, int(e["backlog"]))
             if e.get("parked"):
                 self._parked.add(key)
+            if e.get("file"):
+                self._files[key] = (int(e["file"][0]), int(e["file"][1]))
         for group in self._groups.values():
             pos = {int(e.get("pos", -1)) for e in entries if _tuple(e["key"]) in group.members}
             group.known = pos == set(range(len(group.members)))
 
-    def adopt_listening(self, cfg: Config, socks: dict[SocketKey, socket.socket]) -> None:
+    def adopt_listening(self, cfg: Config, socks: dict[SocketKey, socket.socket],
+                        own: Iterable[SocketKey] = ()) -> None:
         """Take listening sockets passed to the master or taken from orphans, before binding the rest.
 
         Their group's order in the kernel is known only when a group is one
@@ -303,11 +321,13 @@ class ListenerSet:
         connections then reach every socket, all of which are served) and the
         group is left unsteered.
         """
-        backlog = {(s.host, s.port, s.mode): s.backlog for s in cfg.listeners}
+        backlog = {s.socket_id: s.backlog for s in cfg.listeners}
         for key, sock in socks.items():
             os.set_inheritable(sock.fileno(), False)
             sock.listen(backlog[key[:3]])
             self._add(key, sock, backlog[key[:3]])
+            if key in own and sock.family == socket.AF_UNIX and (ident := unixsock.file_id(key[0])):
+                self._files[key] = ident  # `own` files (a dead master's) are removed at a clean stop
         for gid in {self._group_of[k] for k in socks}:
             group = self._groups[gid]
             group.known = len(group.members) == 1
@@ -334,9 +354,12 @@ class ListenerSet:
         return set(self._socks)
 
     def close_all(self) -> None:
-        """Close every socket (only at master exit)."""
+        """Close every socket (only at a master's orderly exit: its socket files are removed)."""
         for sock in self._socks.values():
             sock.close()
+        for key, ident in self._files.items():
+            unixsock.remove(key[0], ident)
+        self._files.clear()
         self._socks.clear()
         self._backlog.clear()
         self._group_of.clear()

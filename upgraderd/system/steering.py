@@ -144,7 +144,11 @@ class Group(Generic[K]):
     def want(self, keys: Iterable[K] | None = None) -> Program | None:
         """Return the program for `keys` (default: `allowed`) at today's indices; None if none is left."""
         chosen = self.allowed if keys is None else frozenset(keys)
-        positions = [self.members.index(k) for k in chosen or () if k in self.members]
+        if not chosen:
+            return None
+        # One pass over the members, not an index() per key: retiring N slots
+        # calls this N times, and a quadratic step here made that cubic.
+        positions = [i for i, k in enumerate(self.members) if k in chosen]
         return program(positions) if positions else None
 
     def leave_plan(self, key: K) -> Program | None:
@@ -162,4 +166,5 @@ class Group(Generic[K]):
 
     def order_of(self, keys: Sequence[K]) -> list[K]:
         """Return `keys` sorted by index, last first: closing in that order moves nobody."""
-        return sorted(keys, key=self.members.index, reverse=True)
+        index = {k: i for i, k in enumerate(self.members)}
+        return sorted(keys, key=index.__getitem__, reverse=True)

@@ -79,6 +79,13 @@ class Giver:
         self._next = self.slot % len(self._targets) if self._targets else 0
         return len(self._targets)
 
+    def aim(self, channels: list[Channel]) -> int:
+        """Connect to exactly `channels`, checking each; return how many takers passed."""
+        self.close()
+        self._targets = self._trusted(channels)
+        self._next = 0
+        return len(self._targets)
+
     def _trusted(self, channels: list[Channel]) -> list[_Target]:
         """Return the channels we could connect to and whose owner passed the check."""
         out = []

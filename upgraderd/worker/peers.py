@@ -118,6 +118,26 @@ def generation_of(pid: int) -> int | None:
     return None
 
 
+def is_master(peer: Peer, master: int) -> bool:
+    """Return True if `peer` is `master` and `master` is still our parent.
+
+    The master gives connections it accepted from a slot that lost its worker
+    (docs/workers.md, "The master as a giver"). It may run as another user
+    (root, with workers as `workers.user`) and has no generation of its own;
+    being our parent right now is its proof: a master that died has been
+    replaced as our parent, so its pid, even reused, is not trusted.
+    """
+    return peer.pid > 0 and peer.pid == master == os.getppid()
+
+
+def child_of(peer: Peer, master: int, generation: int) -> bool:
+    """Return True if `peer` is a worker of `master`'s `generation` (the master's check on a taker).
+
+    No uid check: the master's workers may run as `workers.user`.
+    """
+    return peer.pid > 0 and peer.pid != master and peer.parent == master and peer.generation == generation
+
+
 def trusted(peer: Peer, master: int, max_generation: int, min_generation: int = 0) -> bool:
     """Return True if `peer` is a worker of `master` with a generation in the given range."""
     return (peer.pid > 0 and peer.pid != os.getpid() and peer.uid == os.geteuid()

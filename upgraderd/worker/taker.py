@@ -69,7 +69,8 @@ class Taker:
         gen, slot = identity()
         self.master = os.getppid() if master is None else master
         self.listeners = None if listeners is None else set(listeners)
-        self.trust = trust or (lambda p: peers.trusted(p, self.master, max_generation=gen))
+        self.trust = trust or (lambda p: peers.trusted(p, self.master, max_generation=gen)
+                               or peers.is_master(p, self.master))
         self.name = peers.channel_name(self.master, gen, slot)
         self.max_peers, self.peer_timeout, self.clock = max_peers, peer_timeout, clock
         self.accepting = True
@@ -257,14 +258,14 @@ def _commits_queued(sock: socket.socket) -> int:
 
 
 def _tcp_connection(fd: int) -> socket.socket:
-    """Wrap `fd` if it is a connected TCP socket; close it and raise Malformed otherwise."""
+    """Wrap `fd` if it is a connected TCP (or Unix stream) socket; close it and raise Malformed otherwise."""
     try:
         sock = socket.socket(fileno=fd)
     except OSError:
         os.close(fd)
         raise wire.Malformed("the fd is not a socket") from None
     try:
-        ok = sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM
+        ok = sock.family in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX) and sock.type == socket.SOCK_STREAM
         sock.getpeername()
     except OSError:
         ok = False
