@@ -211,7 +211,7 @@ class Server:
                     return True  # leave the rest queued; the kernel keeps them
                 raise
             sock.setblocking(False)
-            if sock.family != socket.AF_UNIX:  # a Unix socket has no Nagle to switch off
+            if self._kinds[name][0] != socket.AF_UNIX:  # a Unix socket has no Nagle to switch off
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = Conn(sock, self.factory(name), name)
             self.metrics.accepted(name)
