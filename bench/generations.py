@@ -3,7 +3,8 @@
 One run, every system under the same client load, one after the other:
 
 - upgraderd, built-in echo, 4 workers, each worker exec'd (`prefork: false`);
-- upgraderd, built-in echo, 4 workers forked from a template (`prefork: true`), cold and warm;
+- upgraderd, built-in echo, 4 workers forked from a template (`prefork: true`), cold and warm
+  (prefork and warm is what config/upgraderd.yaml, the default config, runs);
 - upgraderd, built-in http, 4 forked workers (warm), keep-alive and connection-per-request clients;
 - gunicorn (sync workers, 4), HUP, a one-line WSGI app, connection-per-request clients.
 
@@ -14,11 +15,18 @@ Per system: `--hups` HUPs, one every `--interval` seconds, under load. It report
   RETIRED; gunicorn: the HUP until every old worker pid has exited);
 - throughput in the first 250 ms after each HUP / throughput away from HUPs;
 - PSS per worker (/proc/PID/smaps_rollup) and the master's RSS.
-Failed round trips are counted; any failure is a bug.
+Failed round trips are counted; any failure is a bug. With `--repeats N` every
+system runs N times (interleaved: each round runs every system once) and each
+figure is the median over the runs (failures: the sum).
+
+`--pycache` runs the daemons with bytecode caching on (in a private cache
+directory), as an installed upgraderd has it: an environment with
+PYTHONDONTWRITEBYTECODE=1 makes every exec'd template and worker compile
+upgraderd's own modules from source again (about 27 ms of CPU per template).
 
 Run it from the repository root:
 
-    .venv/bin/python -m bench.generations [--hups 10] [--interval 1.0]
+    .venv/bin/python -m bench.generations [--hups 10] [--interval 1.0] [--repeats 3] [--pycache]
 """
 
 from __future__ import annotations
@@ -153,13 +161,16 @@ def p(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
 
 
+ENV: dict[str, str] = {}   # extra environment of the daemons (--pycache)
+
+
 def run_upgraderd(app: str, prefork: bool, kind: str, hups: int, interval: float,
                   warm: bool = False) -> dict[str, object]:
     """Run one upgraderd system through `hups` HUPs under load; return its figures."""
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = echo_config(port, workers={"count": 4, "app": app, "prefork": prefork, "warm": warm})
-        with Daemon(Path(tmp), cfg).start() as d:
+        with Daemon(Path(tmp), cfg, env=ENV).start() as d:
             clients = Clients(port, kind).start()
             time.sleep(1.0)  # warm-up before the measured span
             start, hup_times = time.monotonic(), []
@@ -249,33 +260,59 @@ def _drive_gunicorn(proc: subprocess.Popen[bytes], port: int, booted: Path, hups
 
 
 def main() -> None:
-    """Run every system once and print one table."""
+    """Run every system (`--repeats` times) and print one table of medians."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hups", type=int, default=10)
     ap.add_argument("--interval", type=float, default=1.0)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--pycache", action="store_true", help="run the daemons with bytecode caching on")
+    ap.add_argument("--only", default="", help="comma-separated row numbers (1-6) to run")
     args = ap.parse_args()
+    h, i = args.hups, args.interval
     rows = [
-        ("upgraderd echo, exec'd workers", lambda: run_upgraderd("echo", False, "echo", args.hups, args.interval)),
-        ("upgraderd echo, prefork", lambda: run_upgraderd("echo", True, "echo", args.hups, args.interval)),
-        ("upgraderd echo, prefork warm", lambda: run_upgraderd("echo", True, "echo", args.hups, args.interval,
-                                                               warm=True)),
-        ("upgraderd http, warm, keep-alive", lambda: run_upgraderd("http", True, "http-keepalive", args.hups,
-                                                                   args.interval, warm=True)),
-        ("upgraderd http, warm", lambda: run_upgraderd("http", True, "http", args.hups, args.interval, warm=True)),
-        ("gunicorn 27 sync, HUP", lambda: run_gunicorn(args.hups, args.interval)),
+        ("upgraderd echo, exec'd workers", lambda: run_upgraderd("echo", False, "echo", h, i)),
+        ("upgraderd echo, prefork (cold)", lambda: run_upgraderd("echo", True, "echo", h, i)),
+        ("upgraderd echo, prefork warm (default)", lambda: run_upgraderd("echo", True, "echo", h, i, warm=True)),
+        ("upgraderd http, warm, keep-alive", lambda: run_upgraderd("http", True, "http-keepalive", h, i, warm=True)),
+        ("upgraderd http, warm", lambda: run_upgraderd("http", True, "http", h, i, warm=True)),
+        ("gunicorn 27 sync, HUP", lambda: run_gunicorn(h, i)),
     ]
-    print(f"{args.hups} HUPs every {args.interval:g}s under {THREADS} client threads; load average "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    print(f"{'system':38} {'HUP->ACTIVE p50/p95 ms':>22} {'old gone p50 ms':>16} {'first 250ms/steady':>18} "
+    if args.only:
+        keep = {int(x) for x in args.only.split(",")}
+        rows = [r for n, r in enumerate(rows, 1) if n in keep]
+    with tempfile.TemporaryDirectory() as cache:
+        if args.pycache:
+            ENV.update(PYTHONDONTWRITEBYTECODE="", PYTHONPYCACHEPREFIX=cache)
+        results: dict[str, list[dict[str, object]]] = {name: [] for name, _ in rows}
+        load_before = os.getloadavg()[0]
+        for _ in range(args.repeats):
+            for name, run in rows:
+                results[name].append(run())
+        load_after = os.getloadavg()[0]
+    print(f"{args.hups} HUPs every {args.interval:g}s under {THREADS} client threads, median of {args.repeats} "
+          f"run(s){', bytecode cached' if args.pycache else ''}; load average {load_before:.1f} before, "
+          f"{load_after:.1f} after, on {os.cpu_count()} cores")
+    print(f"{'system':40} {'HUP->ACTIVE p50/p95 ms':>22} {'old gone p50 ms':>16} {'first 250ms/steady':>18} "
           f"{'PSS/worker MB':>14} {'master RSS MB':>14} {'failed':>7}")
-    for name, run in rows:
-        r = run()
-        ha, og, pss = r["hup_active"], r["old_gone"], r["pss_kb"]
-        assert isinstance(ha, list) and isinstance(og, list) and isinstance(pss, list)
-        print(f"{name:38} {p(ha, .5) * 1e3:10.0f} / {p(ha, .95) * 1e3:<9.0f} {p(og, .5) * 1e3:16.0f} "
-              f"{r['ratio']:18.2f} {statistics.median(pss) / 1024 if pss else 0:14.1f} "
-              f"{int(r['master_rss_kb']) / 1024:14.1f} {r['failures']:>7}", flush=True)
+    for name, runs in results.items():
+        figs = [figures(r) for r in runs]
 
+        def med(key: str) -> float:
+            return statistics.median(f[key] for f in figs)
+        print(f"{name:40} {med('p50') * 1e3:10.0f} / {med('p95') * 1e3:<9.0f} {med('gone') * 1e3:16.0f} "
+              f"{med('ratio'):18.2f} {med('pss'):14.1f} {med('rss'):14.1f} "
+              f"{sum(int(f['failures']) for f in figs):>7}", flush=True)
+        print(f"{'':40} per run: HUP->ACTIVE p50 " + ", ".join(f"{f['p50'] * 1e3:.0f}" for f in figs)
+              + "; first 250 ms ratio " + ", ".join(f"{f['ratio']:.2f}" for f in figs), flush=True)
+
+
+def figures(r: dict[str, object]) -> dict[str, float]:
+    """Return one run's figures as numbers."""
+    ha, og, pss = r["hup_active"], r["old_gone"], r["pss_kb"]
+    assert isinstance(ha, list) and isinstance(og, list) and isinstance(pss, list)
+    return {"p50": p(ha, .5), "p95": p(ha, .95), "gone": p(og, .5), "ratio": float(str(r["ratio"])),
+            "pss": statistics.median(pss) / 1024 if pss else 0.0, "rss": int(str(r["master_rss_kb"])) / 1024,
+            "failures": float(str(r["failures"]))}
 
 if __name__ == "__main__":
     main()

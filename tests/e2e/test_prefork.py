@@ -289,3 +289,43 @@ def test_the_template_holds_no_listener_and_dies_with_the_master(tmp_path):
         wait_until(lambda: not any(alive(p) for p in workers), 10, "the orphaned workers to drain")
     finally:
         d.stop()
+
+
+def get(sock: socket.socket) -> tuple[str, str]:
+    """Send one keep-alive GET on `sock`; return (its Connection header, its body)."""
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        assert chunk, "connection closed before the answer"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"Content-Length: (\d+)", head).group(1))  # type: ignore[union-attr]
+    while len(body) < length:
+        chunk = sock.recv(4096)
+        assert chunk, "connection closed in the body"
+        body += chunk
+    return re.search(rb"Connection: (\S+)", head).group(1).decode(), body.decode()  # type: ignore[union-attr]
+
+
+def test_keep_alive_connections_move_to_generations_forked_from_a_warm_standby(tmp_path):
+    """A standby's workers must pass the hand-off check (their generation as /proc shows it)."""
+    port = free_port()
+    cfg = echo_config(port, count=2, workers={"count": 2, "app": "http", "prefork": True, "warm": True})
+    cfg["listeners"] = [{"name": "web", "host": "127.0.0.1", "port": port}]
+    with Daemon(tmp_path, cfg).start() as d:
+        conns = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
+        try:
+            assert {get(c)[1].split()[0] for c in conns} == {"generation=1"}
+            for gen in (2, 3):
+                wait_until(lambda: len(templates(d)) == 2, 20, f"a standby for generation {gen}")
+                d.hup()
+                d.wait_log(rf"generation {gen - 1} DRAINING -> RETIRED")
+                assert re.search(rf"generation {gen}: template pid \d+ started \(warm standby\)", d.log())
+                # The same connections, answered by the new generation, and kept open.
+                answers = [get(c) for c in conns]
+                assert {(h, b.split()[0]) for h, b in answers} == {("keep-alive", f"generation={gen}")}, answers
+        finally:
+            for c in conns:
+                c.close()
+        assert "handed 0 of" not in d.log()

@@ -97,6 +97,31 @@ def test_status_file_is_replaced_atomically(tmp_path):
     assert status.read(path) is None
 
 
+def test_a_starting_workers_readiness_alone_waits_for_the_next_write():
+    starting = {**DOC, "generations": [*DOC["generations"], {
+        "number": 5, "state": "STARTING", "since": 4590.0, "created_at": 4590.0, "reason": "",
+        "workers": [{"slot": 0, "pid": None, "state": "STARTING", "started_at": 4590.0}]}]}
+
+    def change(doc, **kv):
+        gens = [dict(g) for g in doc["generations"]]
+        gens[-1] = {**gens[-1], **kv}
+        return {**doc, "generations": gens}
+
+    def worker(doc, **kv):
+        return change(doc, workers=[{**doc["generations"][-1]["workers"][0], **kv}])
+
+    spawned = worker(starting, pid=501)
+    ready = worker(spawned, state="READY")
+    assert not status.only_readiness_changed(None, starting)
+    assert not status.only_readiness_changed(starting, spawned)    # a pid is written at once
+    assert status.only_readiness_changed(spawned, ready)            # READY waits ...
+    assert not status.only_readiness_changed(spawned, change(ready, state="ACTIVE"))   # ... for ACTIVE
+    assert not status.only_readiness_changed(ready, {**ready, "hups": 8})
+    older = [dict(g) for g in ready["generations"]]
+    older[0] = {**older[0], "workers": [{**older[0]["workers"][0], "state": "EXITED"}]}
+    assert not status.only_readiness_changed(ready, {**ready, "generations": older})
+
+
 def test_startup_report_sends_one_line_once():
     r, w = os.pipe()
     report = StartupReport(w)

@@ -189,6 +189,8 @@ def test_a_warm_standby_takes_the_next_generation_only_if_it_fits(rig, tmp_path)
     m.step(set())
     standby = procs.pids()[-1]
     assert procs.spawn_of(standby).argv[-1] == "--standby" and m.active.number == 2
+    # Exec'd as the generation it will serve: hand-off peers read it in /proc/PID/environ.
+    assert procs.spawn_of(standby).env["UPGRADERD_GENERATION"] == "3"
     m.step({signal.SIGHUP})      # generation 3 takes the standby: no exec
     assert tpl.loads == [(standby, "echo")] and procs.pids()[-1] == standby
     assert m.stats.templates_started == {"cold": 2, "warm": 1}
@@ -200,6 +202,7 @@ def test_a_warm_standby_takes_the_next_generation_only_if_it_fits(rig, tmp_path)
     m.step(set())
     second = procs.pids()[-1]
     assert procs.spawn_of(second).argv[-1] == "--standby"
+    assert procs.spawn_of(second).env["UPGRADERD_GENERATION"] == "4"
     # A changed worker environment: the standby's interpreter does not fit; a fresh exec.
     path.write_text(path.read_text().replace("warm: true", "warm: true, env: {A: b}"))
     m.step({signal.SIGHUP})

@@ -1,4 +1,4 @@
-"""Connection metrics of a built-in worker, in prometheus-client's multiprocess mode.
+"""Connection metrics of a built-in worker, in the files of prometheus-client's multiprocess mode.
 
 The master sets `PROMETHEUS_MULTIPROC_DIR` in a built-in worker's environment
 (and nowhere else); the worker then writes its counts into mmap'ed files in
@@ -20,18 +20,20 @@ this worker sees it: `active` until it is asked to drain, `draining` after.
 It is a `livesum` gauge: a worker's share disappears when it is reaped.
 
 A worker that cannot write its metrics keeps serving without them and says
-so once on stderr. prometheus-client sizes its files with `truncate`, which
-on a full tmpfs leaves pages that raise SIGBUS when first written; so before
-the library opens them, `_reserve` allocates each file whole with
-`posix_fallocate`, large enough for every series this worker writes (twice
-over). A full or read-only directory then fails that call, not a later write.
+so once on stderr. A file sized with `truncate` on a full tmpfs has pages that
+raise SIGBUS when first written; so before the files are mapped, `_reserve`
+allocates each whole with `posix_fallocate`, large enough for every series
+this worker writes (twice over). A full or read-only directory then fails
+that call, not a later write.
+
+The files are written by apps/metricfile.py in prometheus-client's layout,
+not by the library itself: importing it cost a prefork template about 40 ms
+of CPU before it could fork a worker.
 
 A worker with `threads: N` runs N `Server`s, each with its own
-`ConnectionMetrics`. They share one set of prometheus-client metric objects
-(`_shared_sink`): each metric object caches its value and writes it whole to
-the process's file, so two objects for the same series would overwrite each
-other. For the same reason every `ConnectionMetrics` reports changes
-(`inc`), never absolute values (`set`), also for the gauge.
+`ConnectionMetrics`. They share one sink per process (`_shared_sink`), and
+every `ConnectionMetrics` reports changes, never absolute values, also for
+the gauge, so that their counts add up.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ import json
 import os
 import sys
 import threading
-from typing import Any
+
+from upgraderd.apps import metricfile
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Every reason a hand-off can fail for (docs/metrics.md); each series starts at 0.
@@ -140,35 +143,37 @@ class ConnectionMetrics:
             self._reported[name] = want
             self._sink.write(name, deltas, gauge)
         for reason, n in self._failures.items():
-            self._sink.failures.labels(reason).inc(n)
+            self._sink.failed(reason, n)
         self._failures.clear()
 
 
-_SINKS: dict[tuple[str, ...], _Sink | None] = {}
+_SINKS: dict[tuple[int, tuple[str, ...]], _Sink | None] = {}   # by (pid, listeners): a fork reports apart
 _SINKS_LOCK = threading.Lock()
 _FILE_SIZE = 1 << 16  # prometheus-client's initial size; it doubles from there
 
 
 def _shared_sink(listeners: tuple[str, ...]) -> _Sink | None:
     """Return this process's metric objects (one set per process), or None if it cannot report."""
+    key = (os.getpid(), listeners)
     with _SINKS_LOCK:
-        if listeners not in _SINKS:
+        if key not in _SINKS:
             try:
                 _reserve(listeners)
-                _SINKS[listeners] = _Sink(list(listeners))
+                _SINKS[key] = _Sink(list(listeners))
             except OSError as e:
-                _SINKS[listeners] = None
+                _SINKS[key] = None
                 print(f"upgraderd worker {os.getpid()}: connection metrics disabled, cannot write "
                       f"{os.environ.get(ENV)}: {e.strerror or e}; serving without them",
                       file=sys.stderr, flush=True)
-        return _SINKS[listeners]
+        return _SINKS[key]
 
 
 def _reserve(listeners: tuple[str, ...]) -> None:
     """Allocate this process's metric files whole, so that no later write can fault."""
     directory = os.environ.get(ENV, "")
-    # Six series per listener (four counters, two gauge states), each bounded from above.
-    need = 8 + 6 * sum(_entry_size(name) for name in listeners)
+    # Eight series per listener (six counters, two gauge states) and the failure
+    # counters, each bounded from above.
+    need = 8 + 8 * sum(_entry_size(name) for name in listeners) + len(HANDOFF_FAILURES) * _entry_size("")
     size = _FILE_SIZE
     while size < 2 * need:
         size *= 2
@@ -189,46 +194,57 @@ def _entry_size(listener: str) -> int:
     return 4 + len(key.encode()) + 8 + 16
 
 
+COUNTERS = (
+    ("upgraderd_connections_accepted", "Connections accepted by the built-in workers."),
+    ("upgraderd_connections_closed", "Connections of the built-in workers that ended."),
+    ("upgraderd_bytes_received", "Bytes the built-in workers read from clients."),
+    ("upgraderd_bytes_sent", "Bytes the built-in workers wrote to clients."),
+    ("upgraderd_connections_handed_off", "Connections a draining built-in worker handed to another worker."),
+    ("upgraderd_connections_taken_over", "Connections a built-in worker took over from another worker."),
+)
+FAILURES = ("upgraderd_handoff_failures", "Connection hand-offs that did not happen, by reason; the "
+            "connection stayed where it was.")
+ACTIVE = ("upgraderd_connections_active", "Open connections of the built-in workers, by the state of "
+          "their generation (active or draining).")
+
+
+def _counter(metric: tuple[str, str], **labels: str) -> str:
+    return metricfile.key(metric[0], metric[0] + "_total", labels, metric[1])
+
+
 class _Sink:
-    """The prometheus-client metrics, created only in a worker that reports."""
+    """This worker's metric files (apps/metricfile.py), created only in a worker that reports."""
 
     def __init__(self, listeners: list[str]) -> None:
-        # Imported here: prometheus-client chooses multiprocess mode at import
-        # time, from the environment, and only a reporting worker has ENV set.
-        from prometheus_client import Counter, Gauge
-        labels = ["listener"]
-        self.counters: list[Any] = [
-            Counter("upgraderd_connections_accepted_total", "Connections accepted by the built-in workers.",
-                    labels, registry=None),
-            Counter("upgraderd_connections_closed_total", "Connections of the built-in workers that ended.",
-                    labels, registry=None),
-            Counter("upgraderd_bytes_received_total", "Bytes the built-in workers read from clients.",
-                    labels, registry=None),
-            Counter("upgraderd_bytes_sent_total", "Bytes the built-in workers wrote to clients.",
-                    labels, registry=None),
-            Counter("upgraderd_connections_handed_off_total", "Connections a draining built-in worker "
-                    "handed to another worker.", labels, registry=None),
-            Counter("upgraderd_connections_taken_over_total", "Connections a built-in worker took over "
-                    "from another worker.", labels, registry=None),
-        ]
-        self.failures = Counter("upgraderd_handoff_failures_total", "Connection hand-offs that did not "
-                                "happen, by reason; the connection stayed where it was.", ["reason"],
-                                registry=None)
-        self.active = Gauge("upgraderd_connections_active", "Open connections of the built-in workers, by "
-                            "the state of their generation (active or draining).", ["listener", "state"],
-                            registry=None, multiprocess_mode="livesum")
-        # Create every series at 0 so that rate() and increase() see its start.
-        self._series = {name: [c.labels(name) for c in self.counters] for name in listeners}
-        for name in listeners:
-            self.active.labels(name, "active").set(0)
-            self.active.labels(name, "draining").set(0)
-        for reason in HANDOFF_FAILURES:
-            self.failures.labels(reason)
+        directory = os.environ.get(ENV, "")
+        self.counters = metricfile.shared(os.path.join(directory, f"counter_{os.getpid()}.db"))
+        self.gauges = metricfile.shared(os.path.join(directory, f"gauge_livesum_{os.getpid()}.db"))
+        self.keys = {name: [_counter(c, listener=name) for c in COUNTERS] for name in listeners}
+        self.states = {name: {state: metricfile.key(ACTIVE[0], ACTIVE[0], {"listener": name, "state": state},
+                                                    ACTIVE[1]) for state in ("active", "draining")}
+                       for name in listeners}
+        self.failure_keys = {reason: _counter(FAILURES, reason=reason) for reason in HANDOFF_FAILURES}
+        self.lock = threading.Lock()
+        with self.lock:
+            # Create every series at 0 so that rate() and increase() see its start.
+            for name in listeners:
+                for series in self.keys[name]:
+                    self.counters.add(series, 0)
+                for series in self.states[name].values():
+                    self.gauges.add(series, 0)
+            for series in self.failure_keys.values():
+                self.counters.add(series, 0)
 
     def write(self, listener: str, deltas: list[int], gauge: dict[str, int]) -> None:
-        for counter, delta in zip(self._series[listener], deltas):
-            if delta:
-                counter.inc(delta)
-        for state, delta in gauge.items():
-            if delta:
-                self.active.labels(listener, state).inc(delta)
+        with self.lock:
+            for series, delta in zip(self.keys[listener], deltas):
+                if delta:
+                    self.counters.add(series, delta)
+            for state, delta in gauge.items():
+                if delta:
+                    self.gauges.add(self.states[listener][state], delta)
+
+    def failed(self, reason: str, n: int) -> None:
+        series = self.failure_keys.get(reason) or _counter(FAILURES, reason=reason)
+        with self.lock:
+            self.counters.add(series, n)

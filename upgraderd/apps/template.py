@@ -3,14 +3,15 @@
 `python -m upgraderd.apps.template APP` is exec'd by the master once per
 generation (system/template.py), APP being `echo`, `http` or
 `package.module:factory`. It imports the app and everything a worker needs
-(prometheus-client in multiprocess mode, the built-in event loop), freezes the
-heap so the workers share its pages, and then waits on its control channel
+(the built-in event loop and its metric files' writer), freezes the heap so
+the workers share its pages, and then waits on its control channel
 (fd 3): one packet per worker, a JSON object (slot, environment) with the
 worker's listening sockets attached.
 
-For each request it double-forks. The intermediate child forks the worker and
-exits at once, so the worker is re-parented to the master (a child
-subreaper), which reaps it as any worker. The template sends
+For the requests it has (one per worker; it takes every one already queued)
+it double-forks: one intermediate child forks the workers and exits at once,
+so they are re-parented to the master (a child subreaper), which reaps them
+as any worker. For each worker the template sends
 SPAWNED=<slot>:<pid> to the master's notify socket, and only then opens the
 worker's gate, so the worker's own READY=1 can never arrive first. A worker
 whose gate closes without the byte (the template died) exits without serving.
@@ -20,11 +21,11 @@ Invariants:
   fork, and never registers them anywhere.
 - The worker sees what an exec'd worker sees: its sockets at fd 3, 4, ... in
   LISTEN_FDS order, LISTEN_PID equal to its own pid, its own environment.
-  prometheus-client names its files by pid when a metric is created, and the
-  built-in apps create theirs in the worker, so each worker writes its own.
+  Metric files are named by pid when a worker first reports (apps/connmetrics.py),
+  in the worker, so each worker writes its own.
 - The template dies with the master (PR_SET_PDEATHSIG) and on EOF of its channel.
 - A standby (`--standby`, workers.warm) imports only what a HUP does not
-  change (the standard library, prometheus-client, the worker library),
+  change (the standard library, the worker library, the built-in apps' loop),
   never an app module, built-in ones included: the app is imported when the
   master hands the standby its generation, fresh from disk.
 
@@ -49,7 +50,6 @@ import signal
 import socket
 import sys
 import traceback
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from upgraderd.system.notify import notify
@@ -64,8 +64,7 @@ HIGH_FD = 64
 
 def load(app: str) -> Callable[[], int]:
     """Import `app` now; return what runs one worker of it after a fork."""
-    import prometheus_client  # noqa: F401  (imported before the fork, so its pages are shared)
-    import upgraderd.apps.server  # noqa: F401
+    import upgraderd.apps.server  # noqa: F401  (imported before the fork, so its pages are shared)
     if ":" not in app:
         module = importlib.import_module(f"upgraderd.apps.{app}")
         main: Callable[[], int] = module.main
@@ -81,13 +80,22 @@ def load(app: str) -> Callable[[], int]:
     return run
 
 
+_LIBC: list[ctypes.CDLL] = []   # loaded once in the template, not again in each forked worker
+
+
+def _libc() -> ctypes.CDLL:
+    if not _LIBC:
+        _LIBC.append(ctypes.CDLL(None, use_errno=True))
+    return _LIBC[0]
+
+
 def _name(comm: bytes) -> None:
     """Set /proc/self/comm, so that `ps -o comm` tells a template from its workers."""
-    ctypes.CDLL(None).prctl(PR_SET_NAME, ctypes.c_char_p(comm[:15]), 0, 0, 0)
+    _libc().prctl(PR_SET_NAME, ctypes.c_char_p(comm[:15]), 0, 0, 0)
 
 
 def _die_with_parent() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
+    libc = _libc()
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     # The master may have died before the line above: then we were re-parented already.
     if str(os.getppid()) != os.environ.get("UPGRADERD_TEMPLATE_PARENT", str(os.getppid())):
@@ -107,20 +115,12 @@ def serve(control: socket.socket, run: Callable[[], int]) -> int:
         batch = _receive(control)
         if batch is None:
             return 0
-        received = [fd for _slot, _env, fds in batch for fd in fds]
-        pending: list[_Pending] = []
         try:
-            # Fork every queued request before waiting for any: each wait is a hand-off
-            # between processes, which costs most on a loaded machine.
-            for slot, env, fds in batch:
-                others = [fd for fd in received if fd not in fds]
-                others += [fd for p in pending for fd in (p.pid_r, p.gate_w)]
-                pending.append(_start(control, slot, env, fds, others, run))
+            _fork_batch(control, batch, run)
         finally:
-            for fd in received:
-                os.close(fd)
-            for p in pending:
-                _finish(p)
+            for _slot, _env, fds in batch:
+                for fd in fds:
+                    os.close(fd)
 
 
 Request = tuple[int, dict[str, str], list[int]]
@@ -154,47 +154,55 @@ def _unpack(raw: bytes) -> list[int]:
     return [int.from_bytes(raw[i:i + 4], sys.byteorder, signed=True) for i in range(0, usable, 4)]
 
 
-@dataclass
-class _Pending:
-    """A worker forked but not yet announced and released."""
+def _fork_batch(control: socket.socket, batch: list[Request], run: Callable[[], int]) -> None:
+    """Fork every worker of `batch` from one short-lived middle process, then release them.
 
-    slot: int
-    notify_socket: str | None
-    middle: int
-    pid_r: int
-    gate_w: int
-
-
-def _start(control: socket.socket, slot: int, env: dict[str, str], fds: list[int], others: list[int],
-           run: Callable[[], int]) -> _Pending:
-    """Double-fork one worker; it waits at its gate until `_finish`."""
-    gate_r, gate_w = os.pipe()
+    One middle per batch, not per worker: each fork and each exit is a hand-off
+    between processes, which costs most on a loaded machine. The middle exits as
+    soon as it has forked, so the workers are re-parented to the master.
+    """
+    gates = [os.pipe() for _ in batch]
     pid_r, pid_w = os.pipe()
-    middle = os.fork()
-    if middle == 0:
-        worker = os.fork()
-        if worker == 0:
-            for fd in (gate_w, pid_r, pid_w, *others):
-                os.close(fd)   # another worker's gate held here could keep it shut forever
-            _become_worker(control, gate_r, env, fds, run)
-        os.write(pid_w, str(worker).encode())
-        os._exit(0)
-    os.close(gate_r)
-    os.close(pid_w)
-    return _Pending(slot, env.get("NOTIFY_SOCKET"), middle, pid_r, gate_w)
-
-
-def _finish(p: _Pending) -> None:
-    """Once the worker is the master's child, tell the master its pid, then open its gate."""
     try:
-        os.waitpid(p.middle, 0)
-        raw = os.read(p.pid_r, 32)
-        if raw.isdigit():
-            notify(f"SPAWNED={p.slot}:{int(raw)}", p.notify_socket)
-            os.write(p.gate_w, b"1")
+        middle = os.fork()
+        if middle == 0:
+            _middle(control, batch, gates, pid_w, run)
     finally:
-        os.close(p.pid_r)
-        os.close(p.gate_w)
+        os.close(pid_w)
+        for gate_r, _gate_w in gates:
+            os.close(gate_r)
+    try:
+        os.waitpid(middle, 0)
+        # The middle wrote every line before it exited, so one read takes them all.
+        lines = os.read(pid_r, 1 << 16).decode(errors="replace").split()
+        for line in lines:
+            index, _, pid = line.partition(":")
+            i = int(index)
+            notify(f"SPAWNED={batch[i][0]}:{int(pid)}", batch[i][1].get("NOTIFY_SOCKET"))
+            os.write(gates[i][1], b"1")
+    finally:
+        os.close(pid_r)
+        for _gate_r, gate_w in gates:
+            os.close(gate_w)
+
+
+def _middle(control: socket.socket, batch: list[Request], gates: list[tuple[int, int]], pid_w: int,
+            run: Callable[[], int]) -> None:
+    """In the middle process: fork each worker, write `index:pid` lines, and exit."""
+    try:
+        for i, (_slot, env, fds) in enumerate(batch):
+            worker = os.fork()
+            if worker == 0:
+                mine = {gates[i][0], *fds}
+                # Another worker's gate held here could keep it shut forever.
+                for fd in [pid_w, *(fd for pair in gates for fd in pair),
+                           *(fd for _s, _e, other in batch for fd in other)]:
+                    if fd not in mine:
+                        os.close(fd)
+                _become_worker(control, gates[i][0], env, fds, run)
+            os.write(pid_w, f"{i}:{worker}\n".encode())
+    finally:
+        os._exit(0)
 
 
 def _become_worker(control: socket.socket, gate: int, env: dict[str, str], fds: list[int],
@@ -205,6 +213,7 @@ def _become_worker(control: socket.socket, gate: int, env: dict[str, str], fds: 
         released = os.read(gate, 1) == b"1"
         os.close(gate)
         if released:
+            gc.enable()
             _name(b"upgraderd-work")
             _place(fds)
             os.environ.clear()
@@ -231,10 +240,14 @@ def _place(fds: list[int]) -> None:
 
 
 def preload() -> None:
-    """Import what does not change at a HUP: the standard library parts and prometheus-client."""
-    import prometheus_client  # noqa: F401
+    """Import what does not change at a HUP: the worker library and the built-in apps' loop.
+
+    Never an app module, built-in ones included: those are imported when the
+    master hands the standby its generation, fresh from disk.
+    """
     import selectors  # noqa: F401
     import upgraderd.worker  # noqa: F401
+    import upgraderd.apps.run  # noqa: F401  (the built-in apps' loop: server, threaded)
 
 
 def await_load(control: socket.socket) -> tuple[str, dict[str, str]]:
@@ -257,13 +270,15 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print("usage: python -m upgraderd.apps.template APP|--standby", file=sys.stderr)
         return 2
+    # No collections in the template: a collection writes to every object's header,
+    # and the forked workers would then copy the pages it touched (gc.freeze's advice).
+    gc.disable()
     _die_with_parent()
     _name(b"upgraderd-tmpl")
     control = _control()
     app = argv[1]
     if app == "--standby":
         preload()
-        gc.collect()
         app, env = await_load(control)
         os.environ.clear()
         os.environ.update(env)
@@ -274,8 +289,7 @@ def main(argv: list[str]) -> int:
         print(f"upgraderd template {os.getpid()}: cannot load {app!r}:", file=sys.stderr)
         traceback.print_exc()
         return 3
-    gc.collect()
-    gc.freeze()   # later collections do not touch (and so unshare) the template's objects
+    gc.freeze()   # the workers' collections leave the template's objects (and their pages) alone
     return serve(control, run)
 
 

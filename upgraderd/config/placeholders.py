@@ -22,7 +22,6 @@ This module is pure: it parses and substitutes strings.
 
 from __future__ import annotations
 
-import difflib
 import re
 from typing import TYPE_CHECKING, Mapping
 
@@ -116,6 +115,7 @@ def problems(template: str, cfg: Config) -> list[str]:
 
 
 def _hint(key: str, concrete: list[str]) -> str:
+    import difflib   # here: every worker imports this module (addr_env_name), only `check` needs difflib
     close = difflib.get_close_matches(key, concrete, n=1, cutoff=0.6)
     return f" (did you mean {{{close[0]}}}?)" if close else ""
 

@@ -90,7 +90,7 @@ class WorkerSpec:
     prefork: bool = opt(False, boolean, "Fork the workers of a built-in app from one template "
                         "process per generation (always on for `module:factory` apps).")
     warm: bool = opt(False, boolean, "With prefork: keep a standby interpreter with the standard "
-                     "library, prometheus-client and upgraderd loaded; the next generation's template "
+                     "library and upgraderd's worker library loaded; the next generation's template "
                      "imports only the app, fresh from disk.")
 
 

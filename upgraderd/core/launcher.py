@@ -83,7 +83,8 @@ class Spawner:
 
     def __init__(self, master: Master) -> None:
         self.master = master
-        self.prefork = Prefork(master.system.templates, master.system.procs, master.stats)
+        self.prefork = Prefork(master.system.templates, master.system.procs, master.stats,
+                               lambda: master.next_number)
 
     def spawn_worker(self, gen: Generation, slot: int) -> int | None:
         """Start worker `slot` of `gen` with its sockets; return the pid (None: a template

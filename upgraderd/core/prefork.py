@@ -24,8 +24,10 @@ Invariants:
   generation; the ACTIVE one is untouched.
 - A standby (workers.warm) has imported no app code: it is handed a
   generation's app only at that generation's start, and only if it was
-  started with the same user, cwd, worker env and metrics settings; else it
-  is stopped and a fresh template is exec'd.
+  started with the same user, cwd, worker env and metrics settings, and for
+  that generation's number (its exec-time UPGRADERD_GENERATION, which
+  /proc/PID/environ shows for its workers too); else it is stopped and a
+  fresh template is exec'd.
 - A SPAWNED the generation no longer wants (it failed, or a stray slot) gets
   the drain signal, so a released worker is never left serving untracked.
 """
@@ -34,7 +36,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from upgraderd.core.generation import Generation, GenerationState
 from upgraderd.core.notices import parse_fields
@@ -72,8 +74,10 @@ def standby_key(cfg: Config) -> tuple[object, ...]:
 class Prefork:
     """Track templates by generation, and the workers they fork."""
 
-    def __init__(self, templates: TemplateAPI | None, procs: ProcessAPI, stats: Stats) -> None:
+    def __init__(self, templates: TemplateAPI | None, procs: ProcessAPI, stats: Stats,
+                 next_number: Callable[[], int] = lambda: 0) -> None:
         self.templates = templates
+        self.next_number = next_number   # the number the next generation will get
         self.procs = procs
         self.stats = stats
         self.live: dict[int, int] = {}                 # generation number -> template pid
@@ -84,6 +88,7 @@ class Prefork:
         self.starts: dict[int, tuple[Launch, dict[str, str]]] = {}   # generation -> its template's start
         self.standby: int | None = None
         self.standby_key: tuple[object, ...] = ()
+        self.standby_for = 0              # the generation the standby was started for
         self.spares: set[int] = set()     # standby pids not (yet) adopted, live or being stopped
         self.standby_deaths = 0
 
@@ -114,7 +119,7 @@ class Prefork:
         pid, self.standby = self.standby, None
         if pid is None or self.templates is None:
             return None
-        if self.standby_key != standby_key(gen.config):
+        if self.standby_key != standby_key(gen.config) or self.standby_for != gen.number:
             self.templates.stop(pid)
             return None
         try:
@@ -141,6 +146,11 @@ class Prefork:
         if self.standby_deaths >= STANDBY_DEATHS:
             return
         launch, env = start
+        # The environment a process was exec'd with is what /proc/PID/environ shows for
+        # good, also in the workers it forks: hand-off peers read their generation there
+        # (worker/peers.py), so the standby is exec'd as the generation it will serve.
+        number = self.next_number()
+        env = {**env, "UPGRADERD_GENERATION": str(number)}
         try:
             pid = self.templates.start((*launch.argv[:-1], "--standby"), env, launch.cwd, launch.user,
                                        launch.group)
@@ -148,7 +158,7 @@ class Prefork:
             self.standby_deaths += 1
             log.warning("cannot start a standby template: %s", e)
             return
-        self.standby, self.standby_key = pid, standby_key(active[-1].config)
+        self.standby, self.standby_key, self.standby_for = pid, standby_key(active[-1].config), number
         self.spares.add(pid)
 
     def deadlines(self, gens: list[Generation]) -> list[float]:

@@ -71,7 +71,7 @@ class Service(Hooks):
         if config is not None:
             self._apply_logs(config.log)
         data = status.document(snap)
-        if data != self._last:
+        if data != self._last and not status.only_readiness_changed(self._last, data):
             self._write_status(data)
 
     def on_serving(self) -> None:

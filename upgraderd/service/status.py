@@ -63,6 +63,24 @@ def document(snap: Snapshot) -> dict[str, Any]:
     }
 
 
+def only_readiness_changed(before: dict[str, Any] | None, after: dict[str, Any]) -> bool:
+    """Return True if `after` differs from `before` only in the states of STARTING generations' workers.
+
+    Such a change waits for the next one: the last READY=1 of a starting
+    generation is what makes it ACTIVE, and a rename on a busy disk took up to
+    10 ms, so writing after each READY=1 delayed the next one. The pids of
+    starting workers are still written at once (a restarted master looks for
+    orphans by them); their readiness shows when the generation settles.
+    """
+    return before is not None and _without_readiness(before) == _without_readiness(after)
+
+
+def _without_readiness(data: dict[str, Any]) -> dict[str, Any]:
+    gens = [{**g, "workers": [{**w, "state": ""} for w in g["workers"]]} if g["state"] == "STARTING" else g
+            for g in data["generations"]]
+    return {**data, "generations": gens}
+
+
 def write(path: str, data: dict[str, Any]) -> None:
     """Write `data` to the status file atomically."""
     write_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n")

@@ -1,0 +1,106 @@
+"""A worker's own metric file, written in prometheus-client's multiprocess layout.
+
+The built-in workers report their connection counts in the files that
+prometheus-client's multiprocess mode writes (`counter_<pid>.db`,
+`gauge_livesum_<pid>.db` in PROMETHEUS_MULTIPROC_DIR); the master reads them
+with its own validating reader (upgraderd/metrics/dbfile.py, which documents
+the layout) and folds them when the worker exits.
+
+Design note: the workers used to write them through prometheus-client's
+`Counter` and `Gauge`. Importing prometheus-client costs about 40 ms of CPU
+(it pulls in http.server, urllib, ssl and more for its exposition code),
+about a third of what a prefork template does before it can fork; and
+creating the metric objects was most of a forked worker's start-up. This
+writer does only what a worker needs: append an entry the first time a series
+is set, then overwrite its value in place. The bytes are the library's
+(tests/unit/test_metricfile.py compares the two).
+
+Invariants:
+- The file is opened with O_NOFOLLOW and mapped whole; it is allocated by the
+  caller (`posix_fallocate`), and grows only through `posix_fallocate` too,
+  so a full tmpfs fails a call (OSError) instead of faulting a later write.
+- The `used` header is written after the entry it covers, so a reader never
+  sees a half-written entry inside `used`.
+- One `MetricFile` per path and process (`shared`), holding every series'
+  value: two writers of one series in a process add up instead of
+  overwriting each other. A forked child opens its own.
+- Not thread-safe: the caller holds a lock.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+
+_USED = struct.Struct("i")
+_VALUE = struct.Struct("dd")   # the value and a timestamp (always 0.0, as the library writes it)
+HEADER = 8
+
+
+def key(metric: str, sample: str, labels: dict[str, str], help_text: str) -> str:
+    """Return a series' key as prometheus-client writes it (`mmap_key`)."""
+    return json.dumps([metric, sample, labels, help_text], sort_keys=True)
+
+
+def entry(series: str, value: float = 0.0) -> bytes:
+    """Return the bytes of one entry: key length, the key padded to 8 bytes with spaces, value, timestamp."""
+    encoded = series.encode()
+    padded = encoded + b" " * (8 - (len(encoded) + 4) % 8)
+    return _USED.pack(len(encoded)) + padded + _VALUE.pack(value, 0.0)
+
+
+class MetricFile:
+    """One mmap'ed metric file of this process."""
+
+    def __init__(self, path: str) -> None:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            self.fd = os.dup(fd)
+            self.map = mmap.mmap(fd, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+        self.positions: dict[str, int] = {}
+        self.values: dict[str, float] = {}
+        # Start empty: anything there was left by an earlier process with our pid.
+        self.used = HEADER
+        _USED.pack_into(self.map, 0, self.used)
+
+    def add(self, series: str, delta: float) -> None:
+        """Add `delta` to `series` (0 creates it), adding the series to the file first if it is new."""
+        value = self.values[series] = self.values.get(series, 0.0) + delta
+        pos = self.positions.get(series)
+        if pos is None:
+            raw = entry(series, value)
+            if self.used + len(raw) > len(self.map):
+                self._grow(self.used + len(raw))
+            self.map[self.used:self.used + len(raw)] = raw
+            self.used += len(raw)
+            _USED.pack_into(self.map, 0, self.used)
+            self.positions[series] = self.used - _VALUE.size
+            return
+        _VALUE.pack_into(self.map, pos, value, 0.0)
+
+    def _grow(self, need: int) -> None:
+        size = len(self.map)
+        while size < need:
+            size *= 2
+        os.posix_fallocate(self.fd, 0, size)
+        self.map.close()
+        self.map = mmap.mmap(self.fd, size)
+
+
+_OPEN: dict[str, MetricFile] = {}
+_OPEN_BY = [0]   # the pid that opened _OPEN's files
+
+
+def shared(path: str) -> MetricFile:
+    """Return this process's `MetricFile` for `path`, opening it on first use."""
+    if _OPEN_BY[0] != os.getpid():
+        _OPEN.clear()   # a parent's maps: its file, not ours
+        _OPEN_BY[0] = os.getpid()
+    f = _OPEN.get(path)
+    if f is None:
+        f = _OPEN[path] = MetricFile(path)
+    return f
