@@ -6,10 +6,14 @@ that directory, which the master sums at scrape time and folds into an
 archive when the worker exits (see upgraderd/multiproc.py). Without the
 variable (a worker run by hand, or under systemd) nothing is recorded.
 
-Design note: the event loop only bumps plain integers; `flush()` writes the
-changes to the metric files once per loop pass. That keeps the per-read cost
-at a dict update instead of a lock and an mmap write, at the price of losing
-at most one loop pass of counts if the worker is SIGKILLed.
+Design note: the event loop only bumps plain integers (the byte counts straight
+in the list `tally()` returns); `flush()` writes the changes to the metric
+files. The loop flushes after every pass in which a connection count changed
+(`dirty`), and otherwise, when only bytes moved, at most every
+`server.HOUSEKEEPING` seconds (20 ms) while busy and at once when idle. That
+keeps the per-read cost at a list update instead of a lock and an mmap write,
+at the price, if the worker is SIGKILLed, of losing at most the loop pass it
+was in of the connection counts, and at most 20 ms of the byte counts.
 
 `upgraderd_connections_active` is labelled by the state of the generation as
 this worker sees it: `active` until it is asked to drain, `draining` after.
@@ -43,6 +47,7 @@ from upgraderd.apps import metricfile
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Every reason a hand-off can fail for (docs/metrics.md); each series starts at 0.
+RX, TX = 2, 3  # indexes of the byte counts in a listener's tally
 HANDOFF_FAILURES = ("refused", "timeout", "taker_gone", "untrusted_taker", "malformed_reply", "too_large",
                     "untrusted_giver", "malformed", "abandoned", "stalled_giver", "busy", "channel_in_use")
 
@@ -64,6 +69,13 @@ class ConnectionMetrics:
         self._drops: dict[tuple[str, str], int] = {}
         self._dirty = True
         self._reported = {name: {"active": 0, "draining": 0} for name in self.listeners}
+
+    def tally(self, listener: str) -> list[int]:
+        """Return the live counts of `listener`; a loop may add bytes at [RX] and [TX] directly.
+
+        Bytes added there reach the files at the next `flush()`, like every other count.
+        """
+        return self._counts[listener]
 
     def accepted(self, listener: str) -> None:
         """Count a new connection on `listener`."""
@@ -132,6 +144,11 @@ class ConnectionMetrics:
         self.is_draining = True
         self._dirty = True
 
+    @property
+    def dirty(self) -> bool:
+        """Return True if a count other than bytes changed since the last flush."""
+        return self._dirty
+
     def active(self, listener: str) -> int:
         """Return the connections of `listener` open right now."""
         c = self._counts[listener]
@@ -139,11 +156,13 @@ class ConnectionMetrics:
 
     def flush(self) -> None:
         """Write what changed since the last flush to the metric files."""
-        if not self._dirty or self._sink is None:
+        if self._sink is None:
             return
-        self._dirty = False
+        dirty, self._dirty = self._dirty, False
         for name in self.listeners:
             now, before = self._counts[name], self._flushed[name]
+            if not dirty and now == before:
+                continue  # the byte counts are added to without setting _dirty
             deltas = [a - b for a, b in zip(now, before)]
             self._flushed[name] = list(now)
             open_now = self.active(name)
