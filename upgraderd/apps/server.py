@@ -38,7 +38,7 @@ import signal
 import socket
 import time
 from types import FrameType
-from typing import Callable, Protocol
+from typing import Callable
 
 from upgraderd import worker
 from upgraderd.worker.orphan import OrphanWatch
