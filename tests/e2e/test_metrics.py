@@ -38,7 +38,8 @@ def test_scrape_tracks_reloads_and_connections(tmp_path):
         assert (status, body) == (200, "ok: generation 1 active\n")
         s = scrape(cfg)
         assert value(s, "upgraderd_generation") == 1
-        assert value(s, "upgraderd_listener_info", name="web", address=f"127.0.0.1:{port}", mode="reuseport") == 1
+        assert value(s, "upgraderd_listener_info", name="web", address=f"127.0.0.1:{port}", mode="reuseport",
+                     protocol="tcp") == 1
         assert value(s, "upgraderd_workers", state="ready") == 2
         for result in ("success", "failed", "rejected"):
             assert value(s, "upgraderd_reloads_total", result=result) == 0

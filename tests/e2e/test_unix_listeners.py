@@ -174,7 +174,8 @@ def test_permissions_status_and_a_reload_that_changes_them(tmp_path):
         assert f"plan: listeners open web {sock} (shared); workers 1" in d.log()
         st = d.status()
         assert st is not None and st["listeners"] == [{"name": "web", "address": str(sock), "mode": "shared"}]
-        assert value(scrape(cfg), "upgraderd_listener_info", name="web", address=str(sock), mode="shared") == 1
+        assert value(scrape(cfg), "upgraderd_listener_info", name="web", address=str(sock), mode="shared",
+                     protocol="unix") == 1
         # A reload that keeps the listener keeps the file, and applies its new permissions.
         before = file_id(sock)
         cfg["listeners"][0]["permissions"] = "0600"  # type: ignore[index]

@@ -36,7 +36,7 @@ def snapshot(taken_at: float = 100.0, active: int = 3, stopping: bool = False) -
         GenerationInfo(active, G.ACTIVE if active else G.FAILED, 0.0, 0.0, "", workers(W.READY, 4, 4)),
     )
     return Snapshot(taken_at=taken_at, wall_offset=0.0, config_path="/etc/u.yaml", started_at=1.6e9,
-                    generation_list=gens if active else gens[:2], listeners=(ListenerInfo("web", "[::1]:8080", "shared"),),
+                    generation_list=gens if active else gens[:2], listeners=(ListenerInfo("web", "[::1]:8080", "shared", "udp"),),
                     stats=stats, stopping=stopping, tcp_migrate_req=0, worker_bind_reset_risk=True)
 
 
@@ -68,7 +68,7 @@ def test_metrics_are_computed_from_the_snapshot(endpoint):
     assert ("upgraderd_generations", (("state", "retired"),)) not in s
     assert value(s, "upgraderd_workers", state="exited") == 1
     assert value(s, "upgraderd_draining_workers") == 3
-    assert value(s, "upgraderd_listener_info", name="web", address="[::1]:8080", mode="shared") == 1
+    assert value(s, "upgraderd_listener_info", name="web", address="[::1]:8080", mode="shared", protocol="udp") == 1
     assert value(s, "upgraderd_reloads_total", result="rejected") == 4
     assert value(s, "upgraderd_worker_exits_total", reason="signal") == 2
     assert value(s, "upgraderd_worker_restarts_total") == 5

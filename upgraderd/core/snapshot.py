@@ -36,6 +36,7 @@ class ListenerInfo:
     name: str
     address: str
     mode: str
+    protocol: str   # tcp, udp or unix (a `path` listener)
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,8 @@ def take(master: Master) -> Snapshot:
         tuple(WorkerInfo(w.slot, w.pid, w.state, w.started_at) for w in g.workers.values()),
     ) for g in master.generations)
     cfg = master.config
-    listeners = tuple(ListenerInfo(s.name, s.address, s.mode) for s in cfg.listeners) if cfg else ()
+    listeners = tuple(ListenerInfo(s.name, s.address, s.mode, "unix" if s.path is not None else s.protocol)
+                      for s in cfg.listeners) if cfg else ()
     return Snapshot(
         taken_at=master.clock(), wall_offset=master.wall_started_at - master.started_at,
         config_path=master.config_path, started_at=master.wall_started_at,

@@ -75,9 +75,9 @@ class UpgraderdCollector:
                                 "Worker processes asked to drain that have not exited yet.",
                                 value=snap.draining_workers)
         info = InfoMetricFamily("upgraderd_listener", "One series per listener of the current config.",
-                                labels=["name", "address", "mode"])
+                                labels=["name", "address", "mode", "protocol"])
         for li in snap.listeners:
-            info.add_metric([li.name, li.address, li.mode], {})
+            info.add_metric([li.name, li.address, li.mode, li.protocol], {})
         yield info
         yield GaugeMetricFamily("upgraderd_config_last_reload_successful",
                                 "1 if the last reload (or the start) brought its config into service, else 0.",
