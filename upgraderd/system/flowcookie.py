@@ -31,9 +31,10 @@ and what that costs here:
   parser cBPF cannot express in general (no loops, jumps forward only).
 - An index, not a socket: the program returns a position in the group's
   array, which moves when a socket leaves (the last one takes its place). The
-  master rebuilds the program around every close; a datagram that arrives in
-  the microseconds between the close and the rebuild, for the socket that
-  moved, is steered like a new flow.
+  master rebuilds the program around every close; a datagram that arrives
+  between the program attached before the close and the one after it, for
+  the socket that moves, is steered like a new flow (a few milliseconds on a
+  loaded machine: bench/udp_cookie.py).
 - A table, not a lookup: each open socket costs two instructions and every
   datagram walks the table (4096 instructions at most: about 2,000 sockets).
 - No authentication: anyone may send any cookie. A forged one only picks a
