@@ -69,3 +69,11 @@ def ensure_migrate_req(policy: str, worker_bind: list[str], path: str = MIGRATE_
         warnings.append(f"net.ipv4.tcp_migrate_req={value}: draining the worker-bind listener(s) "
                         f"{names} can reset connections still queued on them. Fix: {FIX}")
     return MigrateReq(value, info, warnings)
+
+
+def retire_risk() -> str | None:
+    """Return a warning if closing a reuseport slot socket now can reset queued connections."""
+    if read_int(MIGRATE_REQ) == 1:
+        return None
+    return ("net.ipv4.tcp_migrate_req is not 1, so connections still queued on a closing "
+            "SO_REUSEPORT slot socket are reset; " + FIX)

@@ -42,7 +42,7 @@ class PosixKernel:
 
     def retire_risk(self) -> str | None:
         """Return a warning if closing a reuseport slot socket now can reset queued connections."""
-        return sockets.retire_risk()
+        return kernel.retire_risk()
 
 
 def tell_systemd(message: str) -> None:

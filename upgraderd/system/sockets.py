@@ -35,26 +35,12 @@ from typing import Any, Iterable
 
 from upgraderd.config.schema import Config, ListenerSpec
 from upgraderd.core.seams import Retired, SocketKey, is_udp, key_for
-from upgraderd.system import flowcookie, kernel, steering, udp, unixsock
+from upgraderd.system import cookiepool, flowcookie, steering, udp, unixsock
 
 log = logging.getLogger("upgraderd")
 
 # A kernel SO_REUSEPORT group: family, bound address (as getsockname() says) and type.
 GroupId = tuple[int, str, int, int]
-
-
-
-def migrate_req() -> int | None:
-    """Return net.ipv4.tcp_migrate_req of this network namespace (None if the kernel lacks it)."""
-    return kernel.read_int(kernel.MIGRATE_REQ)
-
-
-def retire_risk() -> str | None:
-    """Return a warning if closing a reuseport slot socket now can reset queued connections."""
-    if migrate_req() == 1:
-        return None
-    return ("net.ipv4.tcp_migrate_req is not 1, so connections still queued on a closing "
-            "SO_REUSEPORT slot socket are reset; " + kernel.FIX)
 
 
 def bind(spec: ListenerSpec) -> socket.socket:
@@ -74,7 +60,7 @@ def bind(spec: ListenerSpec) -> socket.socket:
     return sock
 
 
-class ListenerSet:
+class ListenerSet(cookiepool.Lending):
     """The master's sockets, by key. Only the master calls its methods."""
 
     def __init__(self) -> None:
@@ -87,6 +73,7 @@ class ListenerSet:
         self._files: dict[SocketKey, unixsock.FileId] = {}
         # Steering programs the kernel refused; each such group is left unsteered.
         self.steer_refused = 0
+        self._pool = cookiepool.Pool()   # a `flows: cookie` listener's sockets (cookiepool.py)
 
     def ensure(self, cfg: Config, count: int | None = None,
                slots: Iterable[int] | None = None) -> list[SocketKey]:
@@ -133,8 +120,8 @@ class ListenerSet:
         # A listening socket joins its group at the end of the kernel's array.
         group = self._groups.setdefault(gid, steering.Group(refused=unix))
         group.join(key)
-        if flowcookie.key_cookie(key) is not None:
-            group.cookie_of, group.cookie_program = flowcookie.key_cookie, flowcookie.program
+        if cookiepool.is_pool(key):
+            group.cookie_of, group.cookie_program = self._pool.cookie_of, flowcookie.program
 
     def _relisten(self, key: SocketKey, backlog: int) -> None:
         if self._backlog.get(key) != backlog and not is_udp(key):
@@ -144,12 +131,13 @@ class ListenerSet:
     def child_fds(self, cfg: Config, slot: int, gen: int = 0) -> tuple[int, ...]:
         """Return the fds worker `slot` of generation `gen` inherits, in `cfg.fd_listeners` order.
 
-        A `flows: cookie` listener's socket for (gen, slot) is bound here, the first time.
+        A `flows: cookie` listener's (gen, slot) gets a socket of its pool here, the first time.
         """
         for spec in cfg.fd_listeners:
-            if spec.flows == "cookie" and (key := key_for(spec, slot, gen)) not in self._socks:
-                self._add(key, udp.bind(spec, located=True), spec.backlog)
-        return tuple(self._socks[key_for(spec, slot, gen)].fileno() for spec in cfg.fd_listeners)
+            if spec.flows == "cookie" and self._pool.socket_of(key := key_for(spec, slot, gen)) == key:
+                self._lend(spec, key)
+        return tuple(self._socks[self._pool.socket_of(key_for(spec, slot, gen))].fileno()
+                     for spec in cfg.fd_listeners)
 
     def keep_only(self, wanted: set[SocketKey]) -> list[SocketKey]:
         """Close every socket whose key is not in `wanted`; return the closed keys."""
@@ -162,13 +150,13 @@ class ListenerSet:
         A parked socket stays open and gets no new connection, so its worker
         can accept what is queued; a later call closes it once it is not held.
         """
-        gone = [k for k in self._socks if k not in wanted]
-        park = [k for k in gone if k in held and self._steered(k)]
+        gone = [k for k in self._socks if k not in wanted and not cookiepool.is_pool(k)]
+        park = [k for k in gone if k in held and self._steered(k)] + self._pool_park(wanted, held)
         for key in park:
             if key not in self._parked:
                 self._parked.add(key)
                 self._exclude(key)
-        closing = [k for k in gone if k not in park]
+        closing = [k for k in gone if k not in park] + self._pool_surplus()
         unsafe = [k for k in closing if not self._steered_away(k)]
         # Grouped before any release: a released key leaves _group_of.
         by_group: dict[GroupId, list[SocketKey]] = {}
@@ -241,7 +229,7 @@ class ListenerSet:
         for spec in cfg.listeners:
             if spec.mode == "worker-bind":
                 continue
-            ready = {key_for(spec, s, gen) for s in slots} - self._parked
+            ready = {self._pool.socket_of(key_for(spec, s, gen)) for s in slots} - self._parked
             for key in self._socks:
                 if _kind(key) == _kind(key_for(spec, 0)):
                     keys = wanted.setdefault(self._group_of[key], set())
@@ -306,7 +294,8 @@ class ListenerSet:
         """Return every socket as {key, fd, backlog, pos, parked}, for a master re-exec."""
         return [{"key": list(k), "fd": s.fileno(), "backlog": self._backlog[k],
                  "pos": self._groups[self._group_of[k]].members.index(k), "parked": k in self._parked,
-                 **({"file": list(self._files[k])} if k in self._files else {})}
+                 **({"file": list(self._files[k])} if k in self._files else {}),
+                 **({"owner": list(self._pool.owner[k])} if k in self._pool.owner else {})}
                 for k, s in self._socks.items()]
 
     def adopt(self, entries: list[dict[str, Any]]) -> None:
@@ -321,6 +310,8 @@ class ListenerSet:
                 self._parked.add(key)
             if e.get("file"):
                 self._files[key] = (int(e["file"][0]), int(e["file"][1]))
+            if e.get("owner"):
+                self._pool.own(key, _tuple(e["owner"]))
         for group in self._groups.values():
             pos = {int(e.get("pos", -1)) for e in entries if _tuple(e["key"]) in group.members}
             group.known = pos == set(range(len(group.members)))
@@ -381,6 +372,7 @@ class ListenerSet:
         self._group_of.clear()
         self._groups.clear()
         self._parked.clear()
+        self._pool = cookiepool.Pool()
 
 
 def _kind(key: SocketKey) -> tuple[str, int, str]:
