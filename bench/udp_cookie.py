@@ -1,7 +1,7 @@
 """Benchmark: flow-sticky UDP (`flows: cookie`) across 20 reloads, counted per flow.
 
-The real daemon runs config/examples/flow_cookie.{yaml,py} (each generation binds
-its own sockets; a datagram that starts with a worker's 4-byte cookie goes to that
+The real daemon runs config/examples/flow_cookie.{yaml,py} (each generation takes
+sockets of a pool; a datagram that starts with a worker's 4-byte cookie goes to that
 worker while its generation holds the socket). The client:
 
 - starts `--per-gen` new flows each time a generation becomes ACTIVE (after
@@ -15,8 +15,8 @@ worker while its generation holds the socket). The client:
 
 Every change of a flow's cookie is a move: the flow was answered by a worker
 other than the one whose cookie it carried. A move is legitimate only once
-that worker's socket has closed (the master logs `closed listener ...
-(udp/cookie@G, slot S)`); one before that, i.e. while the generation still
+that worker's socket went back to the pool (the master logs `listener ...
+(udp/cookie@G, slot S): its socket #N is back in the pool`); one before that, i.e. while the generation still
 served the flow, is a violation. A lost datagram is put down to the drain
 deadline when it was sent to a worker in the `--timeout` before that worker's
 SIGKILL was logged, or after it, and before its socket closed.
@@ -50,7 +50,8 @@ from tests.support.upgraderd_proc import Daemon, wait_until
 
 NEW_FLOW = b"\0\0\0\0"
 PAYLOAD = b"y" * 32
-CLOSED = re.compile(r"^(\S+) .*closed listener \S+ \(udp/cookie@(\d+), slot (\d+)\)", re.M)
+CLOSED = re.compile(r"^(\S+) .*listener \S+ \(udp/cookie@(\d+), slot (\d+)\): its socket #\d+ is back in the pool",
+                    re.M)
 KILLED = re.compile(r"^(\S+) .*generation (\d+) slot (\d+): pid \d+ still running after drain timeout", re.M)
 
 

@@ -1,10 +1,10 @@
 """The `flows: cookie` program on a real SO_REUSEPORT UDP group (no daemon).
 
 The test plays the master: generation 1's sockets, then generation 2's, in
-one group; generation 1 is parked (draining) and then closed. A datagram that
-starts with a live socket's cookie lands on that socket; any other lands on
-generation 2's (the ACTIVE) sockets; after a close the moved socket keeps its
-cookie.
+one pool; generation 1 is parked (draining), then its sockets go back to the
+pool and generation 3 takes them. A datagram that starts with a live owner's
+cookie lands on that socket; any other lands on the ACTIVE generation's
+sockets; no socket closes while a later one of the group is open.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 from upgraderd.config import schema
 from upgraderd.config.schema import Config
 from upgraderd.core.seams import key_for, keys_for
-from upgraderd.system import flowcookie
+from upgraderd.system import cookiepool, flowcookie
 from upgraderd.system.sockets import ListenerSet
 
 
@@ -72,30 +72,69 @@ def where(port: int, readers: dict[tuple[int, int], socket.socket], heads: list[
     return out
 
 
-def test_cookies_stick_to_their_generation_until_it_closes(rig):
+def pool_key(port: int, index: int) -> tuple[str, int, str, int]:
+    return ("127.0.0.1", port, cookiepool.MODE, index)
+
+
+def test_cookies_stick_to_their_generation_and_its_sockets_go_back_to_the_pool(rig):
     ls, cfg = rig
     port = cfg.listeners[0].port
     spec = cfg.listeners[0]
     readers = socks(ls, cfg, 1)
     assert key_for(spec, 1, 1) == ("127.0.0.1", port, "udp/cookie@1", 1)
+    assert ls.keys() == {pool_key(port, 0), pool_key(port, 1)}
     assert ls.steer(cfg, [0, 1], 1) is None
-    readers |= socks(ls, cfg, 2)                          # generation 2 starts: 4 sockets
+    readers |= socks(ls, cfg, 2)                          # generation 2 starts: 4 sockets, appended
+    assert ls.keys() == {pool_key(port, i) for i in range(4)}
     new, c10, c11, c21, short = b"\0\0\0\0", flowcookie.cookie(1, 0), flowcookie.cookie(1, 1), \
         flowcookie.cookie(2, 1), b"\1"
     assert where(port, readers, [new, c10]) == [{(1, 0), (1, 1)}, {(1, 0)}]
     assert ls.steer(cfg, [0, 1], 2) is None               # generation 2 is ACTIVE
     done = ls.retire(keys_for(cfg, [0, 1], 2), held=keys_for(cfg, [0, 1], 1))
-    assert sorted(done.parked) == sorted(keys_for(cfg, [0, 1], 1)) and done.closed == []
+    assert sorted(done.parked) == [pool_key(port, 0), pool_key(port, 1)] and done.closed == []
     assert where(port, readers, [new, c10, c11, c21]) == [{(2, 0), (2, 1)}, {(1, 0)}, {(1, 1)}, {(2, 1)}]
-    # Generation 1's workers exit (their fds close), then the master closes its sockets:
-    # generation 2's move into their indices.
+    # Generation 1's workers exit (their fds close): its sockets go back to the pool, open and
+    # at their index (2 free, 2 owned: none closes), and its cookies leave the program.
+    fd10 = ls.fileno_of(pool_key(port, 0))
     for gen_slot in [(1, 0), (1, 1)]:
         readers.pop(gen_slot).close()
-    done = ls.retire(keys_for(cfg, [0, 1], 2), held=set())
-    assert sorted(done.closed) == sorted(keys_for(cfg, [0, 1], 1))
+    done = ls.retire(keys_for(cfg, [0, 1], 2), held=keys_for(cfg, [0, 1], 2))
+    assert done.closed == [] and done.parked == [] and len(ls.keys()) == 4
     got = where(port, readers, [new, c10, c21, short])
     assert got[0] == got[1] == got[3] == {(2, 0), (2, 1)}
     assert got[2] == {(2, 1)}
+    # Generation 3 takes the free sockets: slot 0 gets index 0, generation 1's slot 0 socket.
+    readers |= socks(ls, cfg, 3)
+    assert ls.fileno_of(pool_key(port, 0)) == fd10 == ls.child_fds(cfg, 0, 3)[0]
+    assert len(ls.keys()) == 4
+    assert ls.steer(cfg, [0, 1], 3) is None
+    c30, c20 = flowcookie.cookie(3, 0), flowcookie.cookie(2, 0)
+    assert where(port, readers, [new, c30, c20, c10]) == [{(3, 0), (3, 1)}, {(3, 0)}, {(2, 0)}, {(3, 0), (3, 1)}]
+    # Generation 3 retires too, with generation 2 ACTIVE again: 2 free, 2 owned, none closes.
+    for gen_slot in [(3, 0), (3, 1)]:
+        readers.pop(gen_slot).close()
+    assert ls.steer(cfg, [0, 1], 2) is None
+    assert ls.retire(keys_for(cfg, [0, 1], 2), held=set()).closed == []
+    # Nothing owned: the free sockets close, from the end of the group, and nothing moves.
+    done = ls.retire(set(), held=set())
+    assert done.closed == [pool_key(port, i) for i in (3, 2, 1, 0)] and ls.keys() == set()
+
+
+def test_only_free_sockets_at_the_end_close(rig):
+    ls, cfg = rig
+    port = cfg.listeners[0].port
+    readers = socks(ls, cfg, 1) | socks(ls, cfg, 2)       # indices 0, 1 (gen 1) and 2, 3 (gen 2)
+    assert ls.steer(cfg, [0, 1], 1) is None
+    # Generation 2 goes (its workers failed, say) while generation 1 stays: its sockets at the
+    # end are free, 2 free for 2 owned, so they stay for the next generation.
+    assert ls.retire(keys_for(cfg, [0, 1], 1), held=set()).closed == []
+    # Generation 1 shrinks to slot 0: 3 free, 1 owned; the free ones at the end close, last first.
+    done = ls.retire(keys_for(cfg, [0], 1), held=set())
+    assert done.closed == [pool_key(port, 3), pool_key(port, 2)]
+    assert ls.keys() == {pool_key(port, 0), pool_key(port, 1)}
+    c10 = flowcookie.cookie(1, 0)
+    readers = {k: v for k, v in readers.items() if k == (1, 0)}
+    assert where(port, readers, [c10, b"\0\0\0\0"]) == [{(1, 0)}, {(1, 0)}]
 
 
 def test_program_layout():
