@@ -19,7 +19,7 @@ that worker's socket went back to the pool (the master logs `listener ...
 (udp/cookie@G, slot S): its socket #N is back in the pool`); one before that, i.e. while the generation still
 served the flow, is a violation. A lost datagram is put down to the drain
 deadline when it was sent to a worker in the `--timeout` before that worker's
-SIGKILL was logged, or after it, and before its socket closed.
+SIGKILL was logged, or after it, and before its socket went back to the pool.
 
     .venv/bin/python -m bench.udp_cookie [--repeats 3] [--hups 20] [--interval 1]
 
@@ -182,7 +182,7 @@ def run_once(args: argparse.Namespace, workdir: Path) -> dict[str, float]:
                 near_close += near < args.near
                 if args.verbose:
                     print(f"  early move: flow {f.number} {gen_slot(old)} -> {gen_slot(new)} at {t:.3f}; "
-                          f"its socket closed at {close}; nearest close of another {near * 1000:.0f} ms away",
+                          f"its socket went back to the pool at {close}; nearest return of another {near * 1000:.0f} ms away",
                           file=sys.stderr)
             else:
                 gaps.append(t - close)
@@ -215,14 +215,14 @@ COLUMNS = [
     ("sent", "datagrams sent"),
     ("early", "moved to another generation while the flow's worker was alive (must be 0)"),
     ("early_same", "moved to another worker of the same generation while its own was alive"),
-    ("near_close", "of these early moves: within --near s of another socket's close"),
+    ("near_close", "of these early moves: within --near s of another socket going back to the pool"),
     ("lost", "lost (never answered)"),
     ("lost_at_kill", "of which at a drain-timeout SIGKILL"),
-    ("moved", "flows that moved, all after their worker's socket closed"),
+    ("moved", "flows that moved, all after their worker's socket went back to the pool"),
     ("moves", "moves"),
     ("killed", "workers SIGKILLed at drain.timeout"),
     ("late", "answered late (not lost)"),
-    ("gap_ms", "smallest socket close to move (ms)"),
+    ("gap_ms", "smallest time from a socket's return to the pool to a move off it (ms)"),
 ]
 
 

@@ -20,7 +20,8 @@ from upgraderd.config.schema import Config, ListenerSpec, MetricsSpec
 # (host, port, mode, slot): a socket's identity, whatever listener name it has.
 # A Unix socket's is (path, 0, "shared", 0): a host never starts with "/".
 # A UDP listener's mode is prefixed, "udp/reuseport": UDP and TCP can share a port; a
-# `flows: cookie` listener's sockets belong to one generation: "udp/cookie@GEN".
+# `flows: cookie` listener's key belongs to one generation: "udp/cookie@GEN" (the system
+# layer lends it a socket of the listener's pool, keyed (host, port, "udp/cookie", index)).
 SocketKey = tuple[str, int, str, int]
 
 

@@ -1,9 +1,10 @@
 """Flow-sticky UDP (`flows: cookie`): a classic BPF program that routes by a cookie in the datagram.
 
-A `flows: cookie` listener gets new sockets for every generation (not the held
-slot sockets of plain UDP): socket (generation g, slot s) is bound when that
-worker is first started, and closes once no worker of g holds it. Every
-worker writes its cookie, the 4 bytes `g` (u16, big-endian) and `s` (u16),
+A `flows: cookie` listener's sockets are a pool (cookiepool.py), not the held
+slot sockets of plain UDP: worker (generation g, slot s) gets a free socket of
+the pool when it is first started (or one bound then, at the end of the
+group), and the socket goes back to the pool once no worker of g holds it.
+Every worker writes its cookie, the 4 bytes `g` (u16, big-endian) and `s` (u16),
 at the start of each reply; the client puts it back at the start of each
 datagram of the flow (as QUIC's connection ID, or udpgrm's dissectors).
 
@@ -12,15 +13,17 @@ at offset 0 (the kernel pulls the UDP header before it runs the program for a
 UDP socket). It:
 
 1. loads the payload length; shorter than 4 bytes: step 3;
-2. loads the first word and compares it with the cookie of every open socket
-   of the group, draining generations included: on a match it returns that
-   socket's index in the group;
+2. loads the first word and compares it with the cookie of every owned socket
+   of the pool, draining generations included: on a match it returns that
+   socket's index in the group (a free socket has no cookie);
 3. otherwise (a new flow, or a cookie of a generation that is gone) runs the
    usual steering program (steering.py): a hash over the ACTIVE generation's
    READY slots.
 
 So a flow stays with the generation that answered its first datagram for as
-long as that generation holds its socket, and moves to the ACTIVE one after.
+long as that generation holds its socket, and moves to the ACTIVE one after
+(the program maps a cookie to its socket's pool index, rebuilt whenever a
+socket changes owner).
 
 What classic BPF cannot do without maps (eBPF's SOCKMAP/REUSEPORT_SOCKARRAY),
 and what that costs here:
@@ -30,11 +33,19 @@ and what that costs here:
   first 4 bytes). Formats with variable-length headers before the ID need a
   parser cBPF cannot express in general (no loops, jumps forward only).
 - An index, not a socket: the program returns a position in the group's
-  array, which moves when a socket leaves (the last one takes its place). The
-  master rebuilds the program around every close; a datagram that arrives
-  between the program attached before the close and the one after it, for
-  the socket that moves, is steered like a new flow (a few milliseconds on a
-  loaded machine: bench/udp_cookie.py).
+  array, which moves when a socket leaves (the last one takes its place).
+  Between that close and the next program, a datagram for the socket that
+  moved is steered by an index past the end, and the kernel picks any socket
+  of the group, another generation's too (it happened, a few milliseconds
+  per close on a loaded machine). Hence the pool: a socket whose generation
+  is gone is kept, free, for the next generation, and only free sockets at
+  the end of the group close, so no index ever moves. What that costs: the
+  group keeps up to twice the sockets of the workers that own one, and
+  datagrams still queued on a socket when it went back to the pool (sent
+  after its worker was killed at drain.timeout, say) are read, late, by its
+  next owner, a newer generation, instead of being dropped.
+- A process outside upgraderd that holds a copy of a pool socket keeps it
+  in the group after the master closes it, and the order is then wrong.
 - A table, not a lookup: each open socket costs two instructions and every
   datagram walks the table (4096 instructions at most: about 2,000 sockets).
 - No authentication: anyone may send any cookie. A forged one only picks a

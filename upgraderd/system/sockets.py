@@ -349,7 +349,7 @@ class ListenerSet(cookiepool.Lending):
 
     def fileno_of(self, key: SocketKey) -> int | None:
         """Return the fd of `key`'s socket, or None if it is not open."""
-        sock = self._socks.get(key)
+        sock = self._socks.get(self._pool.socket_of(key))
         return sock.fileno() if sock is not None else None
 
     def filenos(self) -> list[int]:
