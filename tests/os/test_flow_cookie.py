@@ -137,6 +137,28 @@ def test_only_free_sockets_at_the_end_close(rig):
     assert where(port, readers, [c10, b"\0\0\0\0"]) == [{(1, 0)}, {(1, 0)}]
 
 
+def test_a_reexec_carries_the_pool_and_its_owners(rig):
+    ls, cfg = rig
+    port = cfg.listeners[0].port
+    readers = socks(ls, cfg, 1) | socks(ls, cfg, 2)       # indices 0, 1 (gen 1) and 2, 3 (gen 2)
+    for gen_slot in [(1, 0), (1, 1)]:
+        readers.pop(gen_slot).close()
+    assert ls.retire(keys_for(cfg, [0, 1], 2), held=set()).closed == []   # 0 and 1 are free
+    heir = ListenerSet()
+    heir.adopt([{**e, "fd": os.dup(e["fd"])} for e in ls.export()])
+    ls.close_all()                                # the old master's fds; the heir's dups keep the group
+    try:
+        assert heir.keys() == {pool_key(port, i) for i in range(4)}
+        assert heir.child_fds(cfg, 1, 2) == (heir.fileno_of(pool_key(port, 3)),)   # still gen 2's
+        readers |= socks(heir, cfg, 3)                                            # takes 0 and 1
+        assert heir.child_fds(cfg, 0, 3) == (heir.fileno_of(pool_key(port, 0)),)
+        assert heir.steer(cfg, [0, 1], 3) is None
+        c21, c31 = flowcookie.cookie(2, 1), flowcookie.cookie(3, 1)
+        assert where(port, readers, [c21, c31, b"\0\0\0\0"]) == [{(2, 1)}, {(3, 1)}, {(3, 0), (3, 1)}]
+    finally:
+        heir.close_all()
+
+
 def test_program_layout():
     prog = flowcookie.program({flowcookie.cookie_value(3, 1): 2}, [0, 1])
     assert prog[0] == (flowcookie.BPF_LD_W_LEN, 0, 0, 0)

@@ -40,8 +40,9 @@ and what that costs here:
   per close on a loaded machine). Hence the pool: a socket whose generation
   is gone is kept, free, for the next generation, and only free sockets at
   the end of the group close, so no index ever moves. What that costs: the
-  group keeps up to twice the sockets of the workers that own one, and
-  datagrams still queued on a socket when it went back to the pool (sent
+  group can stay as large as the most sockets ever owned at once (a reload's
+  new generation next to the draining one, or more generations lingering),
+  since a free socket before an owned one cannot close; and datagrams still queued on a socket when it went back to the pool (sent
   after its worker was killed at drain.timeout, say) are read, late, by its
   next owner, a newer generation, instead of being dropped.
 - A process outside upgraderd that holds a copy of a pool socket keeps it
