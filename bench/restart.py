@@ -42,7 +42,7 @@ from pathlib import Path
 from tests.support import ROOT
 from tests.support.fdstore import FdStoreStandIn
 from tests.support.loadgen import Load
-from tests.support.upgraderd_proc import Daemon, alive, echo_config, free_port, wait_until
+from tests.support.upgraderd_proc import Daemon, echo_config, free_port, stop_after_restart, wait_until
 
 SCENARIOS = ("before", "takeover", "fdstore", "bind")
 
@@ -124,12 +124,7 @@ def run_once(scenario: str, old_tree: Path) -> dict[str, float]:
         finally:
             load.stop()
             probed, window = probe.close()
-            for pid in orphans:
-                if alive(pid):
-                    os.kill(pid, signal.SIGKILL)
-            if d2 is not None:
-                d2.stop()
-            d.stop()
+            stop_after_restart(orphans, d, d2)
             if store:
                 store.close()
     lost = {k: v - before.get(k, 0) for k, v in result.failures.items()}

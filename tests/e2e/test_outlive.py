@@ -20,7 +20,7 @@ import pytest
 from tests.support import ROOT
 from tests.support.fdstore import FdStoreStandIn
 from tests.support.loadgen import Load
-from tests.support.upgraderd_proc import Daemon, alive, children, echo_config, free_port, wait_until
+from tests.support.upgraderd_proc import Daemon, alive, children, echo_config, free_port, stop_after_restart, wait_until
 from upgraderd.system import peers
 
 pytestmark = pytest.mark.e2e
@@ -69,10 +69,7 @@ def test_a_sigkilled_master_restarted_at_once_takes_over_its_orphans_and_loses_n
         assert "cannot listen" not in d2.log()
     finally:
         load.stop()
-        _kill_all(orphans)
-        if d2 is not None:
-            d2.stop()
-        d.stop()
+        stop_after_restart(orphans, d, d2)
 
 
 def test_an_orphan_keeps_serving_until_its_grace_period_ends(tmp_path):
@@ -123,10 +120,7 @@ def test_a_master_restarted_with_its_stored_fds_loses_nothing_while_no_worker_ru
         assert sorted(store.names()) == ["echo", "echo/1"]  # the same sockets, not stored twice
     finally:
         load.stop()
-        _kill_all(orphans)
-        if d2 is not None:
-            d2.stop()
-        d.stop()
+        stop_after_restart(orphans, d, d2)
         store.close()
 
 
@@ -310,10 +304,7 @@ def test_orphans_running_as_the_workers_user_are_taken_over(tmp_path):
         assert result.failures == {}, (result.failures, result.examples)
     finally:
         load.stop()
-        _kill_all(orphans)
-        if d2 is not None:
-            d2.stop()
-        d.stop()
+        stop_after_restart(orphans, d, d2)
 
 
 @needs_root

@@ -18,7 +18,7 @@ import pytest
 
 from tests.support.scrape import scrape
 from tests.support.udpload import UdpLoad
-from tests.support.upgraderd_proc import Daemon, alive, echo_config, free_port, wait_until
+from tests.support.upgraderd_proc import Daemon, echo_config, free_port, stop_after_restart, wait_until
 
 RELOADS = 8            # bench/udp.py runs the full 20 HUPs 1 s apart
 ANSWERS_BETWEEN = 150  # answers the client must get between two reloads
@@ -170,12 +170,7 @@ def test_a_restarted_master_takes_the_udp_slot_sockets_over_from_its_orphans(tmp
                            "the new workers to report the adopted slot sockets")
     finally:
         load.stop()
-        for pid in orphans:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        if d2 is not None:
-            d2.stop()
-        d.stop()
+        stop_after_restart(orphans, d, d2)
     assert load.lost == [], f"lost {len(load.lost)} of {load.sent}: {load.lost[:20]}"
     assert "cannot listen" not in d2.log()
     assert after == {inode: 0.0 for inode in before}

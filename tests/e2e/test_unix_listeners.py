@@ -29,7 +29,7 @@ from tests.support.fdstore import FdStoreStandIn
 from tests.support.loadgen import Load
 from tests.support.reloads import EXAMPLES, Report, reload_under_load
 from tests.support.scrape import scrape, value
-from tests.support.upgraderd_proc import Daemon, alive, free_port, wait_until
+from tests.support.upgraderd_proc import Daemon, alive, stop_after_restart, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -393,12 +393,7 @@ def test_a_restarted_master_takes_the_socket_over_from_its_orphans(tmp_path):
         assert_clean_stop_removes(d2, sock)   # the dead master's file is the new one's to remove
     finally:
         load.stop()
-        for pid in orphans:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        if d2 is not None:
-            d2.stop()
-        d.stop()
+        stop_after_restart(orphans, d, d2)
 
 
 @pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
@@ -455,10 +450,5 @@ def test_a_master_restarted_with_the_socket_from_the_fd_store_loses_nothing(tmp_
         assert sorted(store.names()) == ["web"]
     finally:
         load.stop()
-        for pid in orphans:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        if d2 is not None:
-            d2.stop()
-        d.stop()
+        stop_after_restart(orphans, d, d2)
         store.close()

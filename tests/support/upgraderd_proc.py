@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import yaml
 
@@ -57,6 +57,16 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return stat[stat.rindex(")") + 2] != "Z"
+
+
+def stop_after_restart(orphans: Iterable[int], first: "Daemon", successor: "Daemon | None") -> None:
+    """Clean up after a master-restart test: SIGKILL the orphans still alive, stop the successor, then the first master."""
+    for pid in orphans:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    if successor is not None:
+        successor.stop()
+    first.stop()
 
 
 def _signal_pending(pid: int, sig: int) -> bool:
