@@ -59,8 +59,9 @@ class Rig:
         system.rescue = self.saver
         self.master = Master(str(self.path), system, clock=self.clock)
 
-    def serving(self, count: int = 3, mode: str = "reuseport", **sections: Any) -> Master:
-        doc = {"listeners": [{"name": "web", "host": "127.0.0.1", "port": self.port, "mode": mode}],
+    def serving(self, count: int = 3, mode: str = "reuseport", protocol: str = "tcp", **sections: Any) -> Master:
+        listener = {"name": "web", "host": "127.0.0.1", "port": self.port, "mode": mode, "protocol": protocol}
+        doc = {"listeners": [listener],
                "workers": {"count": count, "app": "echo"},
                "restart": {"backoff": 0.5, "max_backoff": 1, "crash_loop": 2}, **sections}
         self.path.write_text(yaml.safe_dump(doc))
@@ -151,6 +152,14 @@ def test_no_rescue_without_a_ready_sibling(rig: Rig) -> None:
 
 def test_shared_mode_has_no_slot_socket_to_rescue(rig: Rig) -> None:
     rig.serving(mode="shared")
+    rig.procs.exit(rig.procs.pids(1)[1], code=1)
+    rig.step(T0 + 1)
+    assert rig.saver.plans == []
+
+
+def test_a_udp_slot_has_no_connection_queue_to_rescue(rig: Rig) -> None:
+    # Its datagrams wait on the held socket for the respawned worker; accept() would fail on it.
+    rig.serving(protocol="udp")
     rig.procs.exit(rig.procs.pids(1)[1], code=1)
     rig.step(T0 + 1)
     assert rig.saver.plans == []

@@ -43,8 +43,9 @@ def plan(master: Master) -> Rescue | None:
         return None
     dead = sorted(s for s, w in gen.workers.items() if w.state in DEAD and not w.retiring)
     takers = tuple(sorted(s for s, w in gen.workers.items() if w.state is WorkerState.READY and not w.retiring))
+    # TCP only: a UDP slot socket's datagrams wait for the respawned worker (accept() fails on it).
     socks = tuple((key_for(spec, s), spec.name) for s in dead for spec in gen.config.listeners
-                  if spec.mode == "reuseport")
+                  if spec.mode == "reuseport" and spec.protocol == "tcp")
     if not socks or not takers:
         return None
     return Rescue(gen.number, socks, takers)
