@@ -218,7 +218,7 @@ class Daemon:
         self.seen_workers |= pids
         return pids
 
-    def wait_workers(self, count: int, none_of: set[int] = frozenset(), timeout: float = 15) -> set[int]:
+    def wait_workers(self, count: int, none_of: set[int] | frozenset[int] = frozenset(), timeout: float = 15) -> set[int]:
         """Wait until the master has exactly `count` children and none of `none_of`; return them."""
         def ready() -> set[int] | None:
             pids = self.workers()
