@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.support.udpload import UdpLoad
+from tests.support.udpload import UdpLoad, free_udp_port
 from tests.support.upgraderd_proc import Daemon, echo_config, free_port, wait_until
 
 
@@ -83,17 +83,6 @@ def _answer(sock: socket.socket, limit: int) -> None:
             return
         sock.sendto(data, addr)
 
-
-def free_udp_port() -> int:
-    for _ in range(50):
-        port = free_port()
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            try:
-                u.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise SystemExit("no port free for TCP and UDP")
 
 
 def run_once(variant: str, args: argparse.Namespace, workdir: Path) -> tuple[int, int, int]:

@@ -17,8 +17,8 @@ import socket
 import pytest
 
 from tests.support.scrape import scrape
-from tests.support.udpload import UdpLoad
-from tests.support.upgraderd_proc import Daemon, echo_config, free_port, stop_after_restart, wait_until
+from tests.support.udpload import UdpLoad, free_udp_port
+from tests.support.upgraderd_proc import Daemon, echo_config, stop_after_restart, wait_until
 
 RELOADS = 8            # bench/udp.py runs the full 20 HUPs 1 s apart
 ANSWERS_BETWEEN = 150  # answers the client must get between two reloads
@@ -30,17 +30,6 @@ def udp_config(port: int, count: int = 2, mode: str = "reuseport") -> dict[str, 
                         {"name": "tcp", "host": "127.0.0.1", "port": port}]
     return cfg
 
-
-def free_udp_port() -> int:
-    for _ in range(50):
-        port = free_port()
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            try:
-                u.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise AssertionError("no port free for TCP and UDP")
 
 
 def samples_of(samples: dict, metric: str) -> dict[tuple, float]:

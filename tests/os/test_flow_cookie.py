@@ -20,13 +20,9 @@ from upgraderd.config import schema
 from upgraderd.config.schema import Config
 from upgraderd.core.seams import key_for, keys_for
 from upgraderd.system import cookiepool, flowcookie
+from tests.support.udpload import free_udp_port
 from upgraderd.system.sockets import ListenerSet
 
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-        u.bind(("127.0.0.1", 0))
-        return int(u.getsockname()[1])
 
 
 @pytest.fixture

@@ -15,24 +15,10 @@ from upgraderd.config.schema import Config
 from upgraderd.core.seams import key_for
 from upgraderd.errors import FatalError
 from upgraderd.system import activation, peers, udp
+from tests.support.udpload import free_udp_port
 from upgraderd.system.sockets import ListenerSet
 
 DATAGRAMS = 90
-
-
-def free_udp_port() -> int:
-    """Return a port free for both TCP and UDP on 127.0.0.1 right now."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind(("127.0.0.1", 0))
-            port = int(u.getsockname()[1])
-            with socket.socket() as t:
-                try:
-                    t.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            return port
-    raise AssertionError("no free port")
 
 
 def config(port: int, count: int, mode: str = "reuseport", tcp_too: bool = False) -> Config:

@@ -134,3 +134,18 @@ class UdpLoad:
             else:
                 st.stray += 1
         return None
+
+
+def free_udp_port() -> int:
+    """Return a port free for both UDP and TCP on 127.0.0.1 right now."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.bind(("127.0.0.1", 0))
+            port = int(u.getsockname()[1])
+            with socket.socket() as t:
+                try:
+                    t.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no port free for both UDP and TCP on 127.0.0.1")
