@@ -8,7 +8,6 @@ request) runs exactly once, without timing.
 
 from __future__ import annotations
 
-import selectors
 import socket
 from collections import Counter
 
@@ -77,8 +76,7 @@ def server_with(giver: ScriptedGiver, clock: FakeClock, protos: list, pairs) -> 
         mine.setblocking(False)
         conn = Conn(mine, proto, "echo")
         conn.out += b"pending"
-        server.conns[mine.fileno()] = conn
-        server.sel.register(mine, selectors.EVENT_READ, conn)
+        server.track(conn)
         clients.append((client, conn))
     listener.close()
     return server, clients
@@ -100,7 +98,9 @@ def test_a_connection_nobody_takes_is_served_on_drained_and_offered_again_later(
     server.moves.start_giving()
     (left,) = server.conns.values()
     assert left.stay and left.proto.draining  # drained as without hand-off: Connection: close next
-    assert server.sel.get_key(left.sock).data is left  # back in the loop, reading
+    (client,) = [c for c, conn in clients if conn is left]
+    client.send(b"x")
+    assert left.sock.fileno() in dict(server.ep.poll(5))  # back in the loop, reading
     clock.advance(moves.RETRY - 0.1)
     server.moves.give_ready()
     assert giver.finds == 1 and len(giver.batches) == 1  # not yet

@@ -18,6 +18,8 @@ from upgraderd.apps import run
 class Echo:
     """Echo protocol: reply with exactly what was received."""
 
+    mirror = True  # the loop sends back what it reads without calling received() (conn.py)
+
     def received(self, data: bytes) -> bytes:
         """Return `data` unchanged."""
         return data

@@ -22,10 +22,11 @@ import sys
 import time
 from typing import TYPE_CHECKING, Callable, Protocol, runtime_checkable
 
+from upgraderd.apps.conn import Conn, full_socket
 from upgraderd.worker import handoff
 
 if TYPE_CHECKING:
-    from upgraderd.apps.server import Conn, Server
+    from upgraderd.apps.server import Server
 
 
 @runtime_checkable
@@ -73,7 +74,7 @@ class Moves:
         """Adopt what the channel committed to us, and settle its timeouts."""
         if self.taker is not None:
             for moved in self.taker.poll():
-                self.server.adopt(moved)
+                self._adopt(moved)
             self._count(self.taker.failures)
 
     def start_giving(self) -> None:
@@ -81,7 +82,7 @@ class Moves:
         if self.taker is not None:
             self.server.unregister_taker(self.taker)
             for moved in self.taker.close():
-                self.server.adopt(moved)
+                self._adopt(moved)
             self._count(self.taker.failures)
             self.taker = None
         started = self.clock()
@@ -146,14 +147,41 @@ class Moves:
             assert isinstance(conn.proto, Movable)
             state = conn.proto.handoff_state()
             assert state is not None
+            conn.shared = True  # the taker may hold it too from now on: unregister it before a close
             if conn.events:
-                server.sel.unregister(conn.sock)  # stop reading before offering
-            moving.append(handoff.Handed(conn.sock, conn.listener, state[0], state[1], bytes(conn.out)))
+                server.ep.unregister(conn.sock.fileno())  # stop reading before offering
+            moving.append(handoff.Handed(full_socket(conn), conn.listener, state[0], state[1], bytes(conn.out)))
         for conn, given in zip(conns, self.giver.give_many(moving)):
             if given:
-                server.handed_off(conn)
+                self._handed_off(conn)
             elif conn.events:
-                server.sel.register(conn.sock, conn.events, conn)
+                server.ep.register(conn.sock.fileno(), conn.events)  # not given: serve it on here
+
+    def _adopt(self, moved: handoff.Handed) -> None:
+        """Serve a connection another worker handed to us, from where it left off."""
+        server = self.server
+        sock = moved.sock
+        sock.setblocking(False)
+        proto = server.factory(moved.listener)
+        if isinstance(proto, Movable):
+            proto.restore(moved.state)
+        conn = Conn(sock, proto, moved.listener)
+        conn.shared = True  # the giver's copy may still be open
+        conn.out += moved.unsent
+        server.metrics.taken_over(moved.listener)
+        server.track(conn)
+        if server.draining_since is not None and not self.giving:
+            proto.drain()
+        if moved.unhandled:
+            conn.out += proto.received(moved.unhandled)
+        server.flush(conn)
+
+    def _handed_off(self, conn: Conn) -> None:
+        """Forget a connection that another worker now serves (it is already unregistered)."""
+        self.server.conns.pop(conn.sock.fileno(), None)
+        conn.sock.close()
+        conn.events = 0
+        self.server.metrics.handed_off(conn.listener)
 
     def _stay(self, conn: Conn) -> None:
         """Serve `conn` on here and drain it as a worker without hand-off would."""

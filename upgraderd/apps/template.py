@@ -245,7 +245,7 @@ def preload() -> None:
     Never an app module, built-in ones included: those are imported when the
     master hands the standby its generation, fresh from disk.
     """
-    import selectors  # noqa: F401
+    import select  # noqa: F401
     import upgraderd.worker  # noqa: F401
     import upgraderd.apps.run  # noqa: F401  (the built-in apps' loop: server, threaded)
 

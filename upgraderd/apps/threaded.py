@@ -26,7 +26,6 @@ respawns the slot instead of leaving that thread's connections unserved.
 from __future__ import annotations
 
 import os
-import selectors
 import socket
 import sys
 import threading
@@ -52,9 +51,7 @@ class _Helper(Server):
         self.stop_asked = threading.Event()
 
     def _install_signals(self) -> None:
-        for s in (self._wake_r, self._wake_w):
-            s.setblocking(False)
-        self.sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._watch_wake()
 
     def ask(self, event: threading.Event) -> None:
         """Ask this helper (from another thread) to drain or stop."""
@@ -64,9 +61,9 @@ class _Helper(Server):
         except BlockingIOError:
             pass  # a wake-up byte is already pending
 
-    def _dispatch(self, key: selectors.SelectorKey, mask: int) -> None:
-        super()._dispatch(key, mask)
-        if key.fileobj is self._wake_r:
+    def _dispatch(self, fd: int, mask: int) -> None:
+        super()._dispatch(fd, mask)
+        if fd == self._wake_r.fileno():
             if self.drain_asked.is_set() and self.draining_since is None:
                 self.draining_since = -1.0
             if self.stop_asked.is_set():
