@@ -51,8 +51,7 @@ from upgraderd.worker import handoff
 
 READ_SIZE = 65536
 HIGH_WATER = 1 << 20
-# While connections keep the loop busy, flush metrics, settle hand-off timeouts and
-# check the parent about this often (every idle pass does it too).
+# While busy, flush metrics, settle hand-off timeouts and check the parent about this often.
 HOUSEKEEPING = 0.02
 _TAKER = object()  # what the hand-off channel's fd is watched for
 _WAKE = object()  # the signal wake-up socket's
