@@ -2,8 +2,10 @@
 
 The reference is bench/seed_echo_server.cpp, written in the design of the
 seed's SO_REUSEPORT example: N processes, each with its own SO_REUSEPORT
-listener and an epoll loop, echoing. upgraderd runs its default config shape
-(4 echo workers, reuseport listener, backlog 1024, hand-off on, metrics on).
+listener and an epoll loop, echoing. upgraderd runs the shape of its default
+config, config/upgraderd.yaml (4 echo workers forked from a warm template,
+reuseport listener, backlog 1024, hand-off on, metrics on); `--exec` runs
+exec'd workers instead (`prefork: false`).
 Both are driven by the same C client (bench/echo_client.c), in one run:
 - keepalive: T threads, each one connection doing 64-byte write/read round trips;
 - connect: T threads, each round trip on a new connection (connect, write,
@@ -108,12 +110,13 @@ class Reference:
                 self.proc.wait()
 
 
-def start_upgraderd(stack: ExitStack, tmp: Path, name: str, tree: Path, workers: int) -> tuple[int, int]:
+def start_upgraderd(stack: ExitStack, tmp: Path, name: str, tree: Path, workers: int,
+                    prefork: bool) -> tuple[int, int]:
     """Start an upgraderd of `tree` with its default config shape; return its port and master pid."""
     port = free_port()
     workdir = tmp / name.replace("/", "_")
     workdir.mkdir()
-    cfg = echo_config(port, count=workers)
+    cfg = echo_config(port, workers={"count": workers, "app": "echo", "prefork": prefork, "warm": prefork})
     d = Daemon(workdir, cfg, cwd=tree)
     stack.enter_context(d.start())
     wait_until(lambda: listening(port), 10, f"{name} listening")
@@ -143,6 +146,7 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=4, help="server processes, both servers")
     ap.add_argument("--size", type=int, default=64, help="message size in bytes")
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--exec", action="store_true", help="exec'd workers (prefork: false), not the default's")
     ap.add_argument("--tree", action="append", default=[], metavar="NAME=PATH",
                     help="also measure the upgraderd of another checkout")
     args = ap.parse_args()
@@ -169,7 +173,7 @@ def main() -> int:
         stack.callback(ref.stop)
         ports = {REFERENCE: (ref.port, ref.proc.pid)}
         for name, tree in trees.items():
-            ports[name] = start_upgraderd(stack, tmp, name, tree, args.workers)
+            ports[name] = start_upgraderd(stack, tmp, name, tree, args.workers, not args.exec)
         started = time.monotonic()
         for r in range(args.repeats):
             for mode in modes:
@@ -185,7 +189,7 @@ def main() -> int:
                   flush=True)
 
     print(f"\necho round trips/s, {args.size}-byte messages, {args.threads} client threads, "
-          f"{args.workers} server processes; median of {args.repeats} x {args.seconds:g} s; "
+          f"{args.workers} server processes ({'exec' if args.exec else 'prefork, warm'}); median of {args.repeats} x {args.seconds:g} s; "
           f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")
     print(f"| server | {' | '.join(f'{m} rt/s' for m in modes)} | "
           f"{' | '.join(f'{m} server CPU us/rt' for m in modes)} | {' | '.join(f'{m} errors' for m in modes)} |")

@@ -110,10 +110,12 @@ def test_counters_carry_on_across_usr2(tmp_path):
         d.wait_log(r"reload done: generation 2 ACTIVE")
         load.stop()
         ok_before = load.result.ok
+        # A busy worker writes out its counts every 20 ms: wait for the last ones.
+        wait_until(lambda: value(scrape(cfg), "upgraderd_connections_accepted_total", listener="echo")
+                   == ok_before, 15, "the connections to be counted")
         before = scrape(cfg)
         assert value(before, "upgraderd_reloads_total", result="success") == 1
-        accepted = value(before, "upgraderd_connections_accepted_total", listener="echo")
-        assert accepted == ok_before
+        assert value(before, "upgraderd_connections_accepted_total", listener="echo") == ok_before
         d.send(signal.SIGUSR2)
         d.wait_log(r"reload done: generation 3 ACTIVE")
         load = Load("127.0.0.1", port, threads=3, max_seconds=60).start("echo")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
@@ -72,6 +73,7 @@ def test_counters_are_monotonic_over_200_reloads_and_crashes(tmp_path):
     cfg = echo_config(port, count=1, metrics={"listen": f"127.0.0.1:{free_port()}", "dir": str(mp)})
     with Daemon(tmp_path, cfg).start() as d:
         scraper = Scraper(cfg, str(mp)).start()
+        started = time.monotonic()
         load = Load("127.0.0.1", port, threads=2, max_seconds=240).start("echo")
         assert load.wait_for_ok(50)
         crashes = 0
@@ -86,6 +88,7 @@ def test_counters_are_monotonic_over_200_reloads_and_crashes(tmp_path):
         final = RELOADS + 1
         wait_until(lambda: f"generation {final - 1} DRAINING -> RETIRED" in d.log(), 20, "the last drain")
         result = load.stop()
+        elapsed = time.monotonic() - started
         scraper.stop()
         last = scrape(cfg)
         (live,) = [p for p in d.workers() if generation_of(p) == final]
@@ -112,8 +115,11 @@ def test_counters_are_monotonic_over_200_reloads_and_crashes(tmp_path):
     assert set(result.failures) <= {"reset", "short"}, result.failures
     assert sum(result.failures.values()) <= 2 * crashes, result.failures
     accepted = value(last, "upgraderd_connections_accepted_total", listener="echo")
-    # A SIGKILLed worker loses at most the loop pass it was in (one per client thread).
-    assert result.ok - 2 * crashes <= accepted <= result.ok + sum(result.failures.values())
+    # A SIGKILLed worker loses the counts it made since its last flush: while busy, flushes are
+    # HOUSEKEEPING (20 ms) apart, give or take a loop pass. Allowed here: 100 ms of the load's
+    # mean rate per crash, plus the round trips in flight (one per client thread).
+    lost_at_most = crashes * (2 + math.ceil(result.ok / elapsed * 0.1))
+    assert result.ok - lost_at_most <= accepted <= result.ok + sum(result.failures.values())
 
     # 400+ workers came and went; the directory holds only the live worker's files.
     print(f"\n{RELOADS} reloads, {crashes} crashes, {len(scrapes)} scrapes, {result.ok} round trips, "

@@ -1,4 +1,4 @@
-"""`threads: N` for the built-in apps: N threads in one worker, each with its own selector.
+"""`threads: N` for the built-in apps: N threads in one worker, each with its own epoll set.
 
 This is the seed's third model ("threads share one epoll") done right. The
 seed's version registers the listening socket and every connection in one
@@ -6,7 +6,7 @@ epoll shared by all threads, so two threads can wake for the same fd: one
 accepts or reads, the other gets EAGAIN and, in that code, closes a
 connection that was fine. Here nothing is shared but the kernel's listening
 socket:
-- each thread runs its own `server.Server` with its own selector and its own
+- each thread runs its own `server.Server` with its own epoll set and its own
   dup of every listening fd, and serves only the connections it accepted
   itself, so no connection fd is ever touched by two threads;
 - a thread that loses an accept race gets EAGAIN on the listening socket and
