@@ -20,6 +20,13 @@ from /proc, over the client's run: less sensitive to other load on the
 machine than the rate), and the ratio upgraderd / C++ of the medians, plus
 the median of the per-round ratios (the pair measured back to back).
 
+Every server runs in a session of its own (setsid), as a daemon does, and the
+client in the bench's: with autogroup scheduling (sched_autogroup_enabled, on
+here) a session is a scheduling group, and the CPU share of a server that
+shares the client's group differs from one that does not. `--same-session`
+runs the servers in the client's session instead. The two give different
+ratios (docs/workers.md, section 11): compare servers only in one setting.
+
 `--tree NAME=PATH` adds an upgraderd from another checkout (e.g. main) to
 the same run, for before/after figures: its master and workers run with that
 directory as working directory, first on sys.path.
@@ -90,10 +97,11 @@ def listening(port: int) -> bool:
 class Reference:
     """The C++ reuseport echo server, started once for the whole run and stopped by its pid."""
 
-    def __init__(self, binary: Path, workers: int) -> None:
+    def __init__(self, binary: Path, workers: int, new_session: bool) -> None:
         self.port = free_port()
         self.proc = subprocess.Popen([str(binary), "127.0.0.1", str(self.port), str(workers), "1024"],
-                                     stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+                                     stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                     start_new_session=new_session)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().decode()
         if not line.startswith("ready"):
@@ -111,13 +119,13 @@ class Reference:
 
 
 def start_upgraderd(stack: ExitStack, tmp: Path, name: str, tree: Path, workers: int,
-                    prefork: bool) -> tuple[int, int]:
+                    prefork: bool, new_session: bool) -> tuple[int, int]:
     """Start an upgraderd of `tree` with its default config shape; return its port and master pid."""
     port = free_port()
     workdir = tmp / name.replace("/", "_")
     workdir.mkdir()
     cfg = echo_config(port, workers={"count": workers, "app": "echo", "prefork": prefork, "warm": prefork})
-    d = Daemon(workdir, cfg, cwd=tree)
+    d = Daemon(workdir, cfg, cwd=tree, new_session=new_session)
     stack.enter_context(d.start())
     wait_until(lambda: listening(port), 10, f"{name} listening")
     return port, d.pid
@@ -147,6 +155,8 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=64, help="message size in bytes")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--exec", action="store_true", help="exec'd workers (prefork: false), not the default's")
+    ap.add_argument("--same-session", action="store_true",
+                    help="run the servers in the client's session (one autogroup), not each in its own")
     ap.add_argument("--tree", action="append", default=[], metavar="NAME=PATH",
                     help="also measure the upgraderd of another checkout")
     args = ap.parse_args()
@@ -169,11 +179,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="seed_echo.") as tmpdir, ExitStack() as stack:
         tmp = Path(tmpdir)
         server_bin, client = build(tmp)
-        ref = Reference(server_bin, args.workers)
+        ref = Reference(server_bin, args.workers, not args.same_session)
         stack.callback(ref.stop)
         ports = {REFERENCE: (ref.port, ref.proc.pid)}
         for name, tree in trees.items():
-            ports[name] = start_upgraderd(stack, tmp, name, tree, args.workers, not args.exec)
+            ports[name] = start_upgraderd(stack, tmp, name, tree, args.workers, not args.exec,
+                                          not args.same_session)
         started = time.monotonic()
         for r in range(args.repeats):
             for mode in modes:
@@ -189,7 +200,8 @@ def main() -> int:
                   flush=True)
 
     print(f"\necho round trips/s, {args.size}-byte messages, {args.threads} client threads, "
-          f"{args.workers} server processes ({'exec' if args.exec else 'prefork, warm'}); median of {args.repeats} x {args.seconds:g} s; "
+          f"{args.workers} server processes ({'exec' if args.exec else 'prefork, warm'}; "
+          f"{'in the client' + chr(39) + 's session' if args.same_session else 'each in its own session'}); median of {args.repeats} x {args.seconds:g} s; "
           f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")
     print(f"| server | {' | '.join(f'{m} rt/s' for m in modes)} | "
           f"{' | '.join(f'{m} server CPU us/rt' for m in modes)} | {' | '.join(f'{m} errors' for m in modes)} |")

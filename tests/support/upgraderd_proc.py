@@ -128,12 +128,14 @@ class Daemon:
 
     def __init__(self, workdir: Path, config: dict[str, object] | str, args: tuple[str, ...] = (),
                  env: dict[str, str] | None = None, wrap: tuple[str, ...] = (),
-                 pass_fds: tuple[int, ...] = (), cwd: Path = ROOT) -> None:
+                 pass_fds: tuple[int, ...] = (), cwd: Path = ROOT, new_session: bool = True) -> None:
         """`wrap` prefixes the command (e.g. `prlimit`, `unshare`); it must exec the master in place.
 
         `pass_fds` are fds of ours the wrap command gets (e.g. sockets to socket-activate with).
         `cwd` is the master's working directory, which `python -m upgraderd` puts first on sys.path.
+        `new_session`: the master runs in a session of its own, as a daemon does (setsid).
         """
+        self.new_session = new_session
         self.extra_env = env or {}
         self.cwd = cwd
         self.wrap = wrap
@@ -178,7 +180,7 @@ class Daemon:
                 [*self.wrap, sys.executable, "-m", "upgraderd", "run", "-c", str(self.config_path),
                  *(() if "--pidfile" in self.args else ("--pidfile", str(self.pidfile))), *self.args],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=self.cwd,
-                start_new_session=True, pass_fds=self.pass_fds)
+                start_new_session=self.new_session, pass_fds=self.pass_fds)
         if wait:
             self.wait_log(r"serving: generation 1 ACTIVE", timeout=20)
         return self
