@@ -5,7 +5,7 @@ writing only when the kernel did not take it all (upgraderd/apps/server.py).
 These tests drive both branches through the real daemon: a client that sends
 far more than the socket buffers hold before it reads anything (partial
 sends, the output queue, the high-water mark that stops reading), and many
-short connections at once (accepts in batches, the send-from-read path, and
+short connections at once (one accept per wake-up, the send-from-read path, and
 the byte counts the loop keeps for the metrics).
 """
 
@@ -66,6 +66,35 @@ def test_a_reply_larger_than_the_buffers_comes_back_whole_and_in_order(tmp_path)
             # The connection still serves small round trips after the backlog is gone.
             sock.sendall(b"ping")
             assert read_exactly(sock, 4, time.monotonic() + 5) == b"ping"
+
+
+def test_a_client_that_never_reads_does_not_hold_up_the_others(tmp_path):
+    # The loop leaves a connection's fd blocking and says MSG_DONTWAIT on every read and
+    # write (upgraderd/apps/conn.py): a write that forgot it would block the whole worker here.
+    port = free_port()
+    with Daemon(tmp_path, echo_config(port, count=1)).start():
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as stuck:
+            stuck.setblocking(False)
+            pushed, deadline = 0, time.monotonic() + 20
+            # Send without reading until the kernel takes no more: the worker's replies to us
+            # fill our receive buffer, it queues the rest, then it stops reading us.
+            while time.monotonic() < deadline:
+                try:
+                    pushed += stuck.send(b"x" * 65536)
+                except BlockingIOError:
+                    if _send_queue(stuck) > 0:
+                        break
+                    wait_until(lambda: _writable(stuck) or _send_queue(stuck) > 0, 5, "the send queue to move")
+            assert _send_queue(stuck) > 0, f"the send queue never filled ({pushed} bytes pushed)"
+            for i in range(20):
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as other:
+                    other.sendall(b"ping %d" % i)
+                    assert read_exactly(other, len(b"ping %d" % i), time.monotonic() + 5) == b"ping %d" % i
+
+
+def _writable(sock: socket.socket) -> bool:
+    import select
+    return bool(select.select([], [sock], [], 0)[1])
 
 
 def _send_queue(sock: socket.socket) -> int:
