@@ -13,7 +13,14 @@ Per system: `--hups` HUPs, one every `--interval` seconds, under load. It report
   gunicorn: the HUP until the last of the new workers ran `post_worker_init`);
 - old generation gone after the new one is ACTIVE, p50 (upgraderd: DRAINING ->
   RETIRED; gunicorn: the HUP until every old worker pid has exited);
-- throughput in the first 250 ms after each HUP / throughput away from HUPs;
+- throughput in the first 250 ms after each HUP / throughput away from HUPs (with
+  HUPs `--interval` 1 s apart, that is the second before the first HUP, served by
+  generation 1), and / the 250 ms just before the same HUP. The two differ when a
+  generation's steady rate differs from generation 1's: with 4 keep-alive clients
+  on 4 workers, hand-off leaves one connection per worker, and on 2 cores one
+  wake-up per request costs more than generation 1's uneven spread (2, 1, 1: up to
+  two requests per wake-up); the rate is then lower before the HUP and after it
+  alike (strace: 1.0 epoll_wait per request against 0.43);
 - PSS per worker (/proc/PID/smaps_rollup) and the master's RSS.
 Failed round trips are counted; any failure is a bug. With `--repeats N` every
 system runs N times (interleaved: each round runs every system once) and each
@@ -123,6 +130,18 @@ class Clients:
         return keepalive and b"connection: close" not in top.lower()
 
 
+def before_after_ratio(done: list[float], hups: list[float]) -> float:
+    """Return the round trips in the WINDOW after each HUP over those in the WINDOW just before it.
+
+    The same generation's steady state right before each HUP is the baseline, so a
+    change of steady rate from one generation to the next (see the module docstring)
+    does not count as a dip at the HUP.
+    """
+    after = sum(1 for t in done for h in hups if h <= t < h + WINDOW)
+    before = sum(1 for t in done for h in hups if h - WINDOW <= t < h)
+    return after / before if before else float("nan")
+
+
 def throughput_ratio(done: list[float], hups: list[float], start: float, end: float) -> float:
     """Return the rate in the WINDOW after each HUP over the rate in the time far from any HUP."""
     near = sum(1 for t in done if any(h <= t < h + WINDOW for h in hups))
@@ -192,6 +211,7 @@ def run_upgraderd(app: str, prefork: bool, kind: str, hups: int, interval: float
     gone = [float(x) for x in re.findall(r"DRAINING -> RETIRED after ([0-9.]+)s", log)]
     return {"hup_active": took, "old_gone": gone,
             "ratio": throughput_ratio(clients.done, hup_times, start, end),
+            "ratio_before": before_after_ratio(clients.done, hup_times),
             "failures": len(clients.failures), "pss_kb": pss, "master_rss_kb": master_rss,
             "round_trips": len(clients.done)}
 
@@ -255,6 +275,7 @@ def _drive_gunicorn(proc: subprocess.Popen[bytes], port: int, booted: Path, hups
     clients.finish()
     return {"hup_active": took, "old_gone": gone,
             "ratio": throughput_ratio(clients.done, hup_times, start, end),
+            "ratio_before": before_after_ratio(clients.done, hup_times),
             "failures": len(clients.failures), "pss_kb": pss, "master_rss_kb": master_rss,
             "round_trips": len(clients.done)}
 
@@ -293,17 +314,18 @@ def main() -> None:
           f"run(s){', bytecode cached' if args.pycache else ''}; load average {load_before:.1f} before, "
           f"{load_after:.1f} after, on {os.cpu_count()} cores")
     print(f"{'system':40} {'HUP->ACTIVE p50/p95 ms':>22} {'old gone p50 ms':>16} {'first 250ms/steady':>18} "
-          f"{'PSS/worker MB':>14} {'master RSS MB':>14} {'failed':>7}")
+          f"{'/250ms before':>13} {'PSS/worker MB':>14} {'master RSS MB':>14} {'failed':>7}")
     for name, runs in results.items():
         figs = [figures(r) for r in runs]
 
         def med(key: str) -> float:
             return statistics.median(f[key] for f in figs)
         print(f"{name:40} {med('p50') * 1e3:10.0f} / {med('p95') * 1e3:<9.0f} {med('gone') * 1e3:16.0f} "
-              f"{med('ratio'):18.2f} {med('pss'):14.1f} {med('rss'):14.1f} "
+              f"{med('ratio'):18.2f} {med('before'):13.2f} {med('pss'):14.1f} {med('rss'):14.1f} "
               f"{sum(int(f['failures']) for f in figs):>7}", flush=True)
         print(f"{'':40} per run: HUP->ACTIVE p50 " + ", ".join(f"{f['p50'] * 1e3:.0f}" for f in figs)
-              + "; first 250 ms ratio " + ", ".join(f"{f['ratio']:.2f}" for f in figs), flush=True)
+              + "; first 250 ms ratio " + ", ".join(f"{f['ratio']:.2f}" for f in figs)
+              + "; / 250 ms before " + ", ".join(f"{f['before']:.2f}" for f in figs), flush=True)
 
 
 def figures(r: dict[str, object]) -> dict[str, float]:
@@ -311,6 +333,7 @@ def figures(r: dict[str, object]) -> dict[str, float]:
     ha, og, pss = r["hup_active"], r["old_gone"], r["pss_kb"]
     assert isinstance(ha, list) and isinstance(og, list) and isinstance(pss, list)
     return {"p50": p(ha, .5), "p95": p(ha, .95), "gone": p(og, .5), "ratio": float(str(r["ratio"])),
+            "before": float(str(r["ratio_before"])),
             "pss": statistics.median(pss) / 1024 if pss else 0.0, "rss": int(str(r["master_rss_kb"])) / 1024,
             "failures": float(str(r["failures"]))}
 
