@@ -21,7 +21,7 @@ at once. If the master dies (our parent changes) we serve on for
 `drain.orphan_grace`, then drain (upgraderd/worker/orphan.py).
 
 With hand-off on, the worker also opens its hand-off channel before READY=1
-and serves the connections older workers give it (`adopt`).
+and serves the connections older workers give it (`Moves._adopt`, apps/moves.py).
 
 The data path (bench/seed_echo.py compares it with a C++ server) is
 described in upgraderd/apps/conn.py. Work not tied to one connection (counts
