@@ -51,9 +51,10 @@ def test_scrape_tracks_reloads_and_connections(tmp_path):
         ok = result.ok
 
         def counted() -> dict | None:
-            s = scrape(cfg)
-            return s if value(s, "upgraderd_connections_accepted_total", listener="web") == ok else None
-        s = wait_until(counted, 10, f"connections_accepted_total to reach {ok}")
+            s = scrape(cfg)  # a busy worker writes its counts every 20 ms: wait for opens and closes
+            return s if value(s, "upgraderd_connections_accepted_total", listener="web") == ok \
+                and value(s, "upgraderd_connections_closed_total", listener="web") == ok else None
+        s = wait_until(counted, 10, f"connections_accepted_total and closed_total to reach {ok}")
         assert value(s, "upgraderd_connections_closed_total", listener="web") == ok
         assert value(s, "upgraderd_bytes_received_total", listener="web") == ok * len(HTTP_REQUEST)
         assert value(s, "upgraderd_bytes_sent_total", listener="web") > ok * len(b"HTTP/1.1 200 OK\r\n")

@@ -257,6 +257,10 @@ class Daemon:
             st = self.status()
             if st is None or st["pid"] != self.pid or _signal_pending(self.pid, signal.SIGHUP):
                 return None
+            # The master logs a HUP in the pass that takes it and writes the status file at the
+            # end of that pass: a file older than the last "received SIGHUP" line is not the answer.
+            if st["hups"] < len(re.findall(rf"upgraderd\[{self.pid}\] \w+ received SIGHUP", self.log())):
+                return None
             if any(g["state"] == "STARTING" for g in st["generations"]):
                 return None
             if st["last_reload"]["covers"] != st["hups"]:
