@@ -71,7 +71,6 @@ class Server:
         self.idle_grace = idle_grace
         self.ep = select.epoll()
         self.watched: dict[int, object] = {}  # fd: what it is, for every watched fd but connections'
-        self.accepting: dict[int, Listener] = {}  # the stream listeners' fds, until the drain
         self.conns: dict[int, Conn] = {}
         self.draining_since: float | None = None
         self.stop_now = False
@@ -103,6 +102,10 @@ class Server:
         self.watched[fd] = what
         self.ep.register(fd, IN)
 
+    def _unwatch(self, fd: int) -> object:
+        self.ep.unregister(fd)
+        return self.watched.pop(fd, None)
+
     def _on_drain_signal(self, signum: int, frame: FrameType | None) -> None:
         if self.draining_since is None:
             self.draining_since = -1.0  # acted on by the loop, outside the handler
@@ -121,8 +124,7 @@ class Server:
             if lsock.family != socket.AF_UNIX:  # a Unix socket has no Nagle to switch off
                 # Accepted sockets inherit it (Linux): no setsockopt per connection.
                 lsock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            lis = self.accepting[lsock.fileno()] = Listener(name, lsock, self._tally[name])
-            self._watch(lsock.fileno(), lis)
+            self._watch(lsock.fileno(), Listener(name, lsock, self._tally[name]))
         if self.moves is not None:
             self.moves.open()  # before READY=1: a successor may give to us as soon as we are ready
         if self.announce:
@@ -136,7 +138,7 @@ class Server:
         return 0
 
     def _loop(self) -> None:
-        conns, accepting, poll, monotonic = self.conns, self.accepting, self.ep.poll, time.monotonic
+        conns, watched, poll, monotonic = self.conns, self.watched, self.ep.poll, time.monotonic
         buf = bytearray(READ_SIZE)
         view = memoryview(buf)
         busy = False  # served something since the last housekeeping
@@ -153,8 +155,8 @@ class Server:
             for fd, mask in events:
                 conn = conns.get(fd)
                 if conn is None:
-                    lis = accepting.get(fd)
-                    if lis is None:
+                    lis = watched.get(fd)
+                    if type(lis) is not Listener:
                         self._dispatch(fd, mask)
                         continue
                     try:  # one connection per wake-up: spares the EAGAIN that ends a batch
@@ -162,7 +164,7 @@ class Server:
                     except OSError as e:
                         self._not_accepted(e)
                         continue
-                    self._track(sock, lis)
+                    self._accepted(sock, lis)
                     continue
                 if mask != IN or not conn.mirror or conn.out:
                     self._serve_conn(conn, mask)
@@ -237,7 +239,7 @@ class Server:
                 if self._not_accepted(e):
                     continue
                 return
-            self._track(sock, lis)
+            self._accepted(sock, lis)
 
     @staticmethod
     def _not_accepted(e: OSError) -> bool:
@@ -250,7 +252,7 @@ class Server:
             return False  # leave the rest queued; the kernel keeps them
         raise e
 
-    def _track(self, sock: _socket.socket, lis: Listener) -> None:
+    def _accepted(self, sock: _socket.socket, lis: Listener) -> None:
         """Serve a connection just accepted on `lis`."""
         conn = Conn(sock, lis.mirror or self.factory(lis.name), lis.name, lis.tally)
         if conn.mirror:
@@ -347,10 +349,7 @@ class Server:
         self.draining_since = time.monotonic()
         self.metrics.draining()
         for lsock in self.listeners.values():
-            fd = lsock.fileno()
-            self.ep.unregister(fd)
-            self.accepting.pop(fd, None)
-            what = self.watched.pop(fd)
+            what = self._unwatch(lsock.fileno())
             if isinstance(what, DatagramListener):
                 what.drain()  # UDP: answer what is queued now, close our fd (datagrams.py)
                 continue
@@ -379,8 +378,7 @@ class Server:
 
     def unregister_taker(self, taker: handoff.Taker) -> None:
         """Stop watching the hand-off channel."""
-        self.ep.unregister(taker.fileno())
-        self.watched.pop(taker.fileno(), None)
+        self._unwatch(taker.fileno())
 
     def _drained(self) -> bool:
         assert self.draining_since is not None
