@@ -39,6 +39,7 @@ Run it from the repository root:
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import signal
@@ -175,9 +176,9 @@ def comm(pid: int) -> str:
 
 
 def p(values: list[float], q: float) -> float:
-    """Return the q-quantile (nearest rank) of `values`."""
+    """Return the q-quantile of `values` by nearest rank (the ceil(q * n)-th smallest)."""
     s = sorted(values)
-    return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
+    return s[max(0, math.ceil(q * len(s)) - 1)] if s else float("nan")
 
 
 ENV: dict[str, str] = {}   # extra environment of the daemons (--pycache)
