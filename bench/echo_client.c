@@ -1,10 +1,15 @@
 /* The load client of bench/seed_echo.py: T threads send SIZE-byte messages to an
  * echo server and count the round trips whose reply came back whole and equal.
  *
- *   echo_client HOST PORT THREADS WARMUP_S SECONDS MODE [SIZE]
+ *   echo_client HOST PORT THREADS WARMUP_S SECONDS MODE [SIZE [RESPREAD_S]]
  *
  * MODE keepalive: each thread opens one connection and does write/read round
- *   trips on it; after an error it counts one, closes and connects again.
+ *   trips on it; after an error it counts one, closes and connects again. With
+ *   RESPREAD_S > 0 a thread also closes its connection after RESPREAD_S seconds
+ *   (the first time after a fraction of it, different per thread) and opens a
+ *   new one: with SO_REUSEPORT the kernel places each connection by a hash of
+ *   its ports, so one set of connections is one spread over the server's
+ *   processes; re-connecting averages the rate over many spreads.
  * MODE connect: each round trip is its own connection: connect, write, read the
  *   reply, close.
  *
@@ -46,6 +51,7 @@ struct shared {
     double counting_from; /* monotonic seconds: round trips before this are warm-up */
     double until;
     int loopback;
+    double respread; /* keepalive: seconds a connection is kept, 0 for ever */
 };
 
 struct worker {
@@ -116,6 +122,8 @@ static void *run(void *arg) {
     if (!msg || !back) abort();
     uint64_t seq = 0;
     int fd = -1;
+    /* Staggered, so that the threads do not all re-connect at once. */
+    double renew_at = cfg->respread > 0 ? now() + cfg->respread * (w->index + 1) / 8.0 : 0;
     for (;;) {
         double t = now();
         if (t >= cfg->until) break;
@@ -140,6 +148,10 @@ static void *run(void *arg) {
         if (rc != 0 || cfg->mode == CONNECT) {
             close(fd);
             fd = -1;
+        } else if (renew_at > 0 && t >= renew_at) {
+            close(fd);
+            fd = -1;
+            renew_at = t + cfg->respread;
         }
     }
     if (fd >= 0) close(fd);
@@ -150,7 +162,8 @@ static void *run(void *arg) {
 
 int main(int argc, char **argv) {
     if (argc < 7) {
-        fprintf(stderr, "usage: %s HOST PORT THREADS WARMUP_S SECONDS keepalive|connect [SIZE]\n", argv[0]);
+        fprintf(stderr, "usage: %s HOST PORT THREADS WARMUP_S SECONDS keepalive|connect [SIZE [RESPREAD_S]]\n",
+                argv[0]);
         return 2;
     }
     struct shared cfg;
@@ -170,8 +183,9 @@ int main(int argc, char **argv) {
         return 2;
     }
     cfg.size = argc > 7 ? (size_t)atol(argv[7]) : 64;
+    cfg.respread = argc > 8 ? atof(argv[8]) : 0;
     if (port <= 0 || port > 65535 || threads <= 0 || threads > 1024 || warmup < 0 || seconds <= 0 ||
-        seconds > 600 || cfg.size == 0 || cfg.size > (1 << 20)) {
+        seconds > 600 || cfg.size == 0 || cfg.size > (1 << 20) || cfg.respread < 0 || cfg.respread > 600) {
         fprintf(stderr, "bad arguments\n");
         return 2;
     }

@@ -27,6 +27,13 @@ shares the client's group differs from one that does not. `--same-session`
 runs the servers in the client's session instead. The two give different
 ratios (docs/workers.md, section 11): compare servers only in one setting.
 
+With keep-alive, one set of T connections is one spread over the server's
+processes (SO_REUSEPORT places a connection by a hash of its ports), and the
+rate of every server swings 2-3x from one spread to the next. `--respread S`
+replaces each client connection after S seconds (staggered over the threads),
+so that a round's rate is an average over many spreads; 0 (the default) keeps
+them for the round, as earlier figures were taken.
+
 `--tree NAME=PATH` adds an upgraderd from another checkout (e.g. main) to
 the same run, for before/after figures: its master and workers run with that
 directory as working directory, first on sys.path.
@@ -132,11 +139,12 @@ def start_upgraderd(stack: ExitStack, tmp: Path, name: str, tree: Path, workers:
 
 
 def measure(client: Path, port: int, server_pid: int, mode: str, threads: int, warmup: float, seconds: float,
-            size: int) -> tuple[float, int, float]:
+            size: int, respread: float = 0.0) -> tuple[float, int, float]:
     """Run the client once; return (round trips per second, errors, server CPU microseconds per round trip)."""
     cpu0 = tree_cpu(server_pid)
     out = subprocess.run([str(client), "127.0.0.1", str(port), str(threads), str(warmup), str(seconds), mode,
-                          str(size)], capture_output=True, text=True, timeout=warmup + seconds + 30, check=True)
+                          str(size), str(respread)],
+                         capture_output=True, text=True, timeout=warmup + seconds + 30, check=True)
     cpu = tree_cpu(server_pid) - cpu0
     fields = out.stdout.split()
     values = dict(zip(fields[::2], fields[1::2]))
@@ -153,6 +161,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=8, help="client threads (connections at once)")
     ap.add_argument("--workers", type=int, default=4, help="server processes, both servers")
     ap.add_argument("--size", type=int, default=64, help="message size in bytes")
+    ap.add_argument("--respread", type=float, default=0.0, metavar="SECONDS",
+                    help="keepalive: each client connection is replaced after SECONDS (0: kept for the round)")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--exec", action="store_true", help="exec'd workers (prefork: false), not the default's")
     ap.add_argument("--same-session", action="store_true",
@@ -192,7 +202,7 @@ def main() -> int:
                 order = list(ports) if r % 2 == 0 else list(reversed(ports))
                 for name in order:
                     rate, errs, cpu = measure(client, *ports[name], mode, args.threads, args.warmup,
-                                              args.seconds, args.size)
+                                              args.seconds, args.size, args.respread)
                     rates.setdefault((name, mode), []).append(rate)
                     cpus.setdefault((name, mode), []).append(cpu)
                     errors[(name, mode)] = errors.get((name, mode), 0) + errs
@@ -201,6 +211,7 @@ def main() -> int:
 
     print(f"\necho round trips/s, {args.size}-byte messages, {args.threads} client threads, "
           f"{args.workers} server processes ({'exec' if args.exec else 'prefork, warm'}; "
+          f"{f'keep-alive connections replaced every {args.respread:g} s; ' if args.respread else ''}"
           f"{'in the client' + chr(39) + 's session' if args.same_session else 'each in its own session'}); median of {args.repeats} x {args.seconds:g} s; "
           f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")
     print(f"| server | {' | '.join(f'{m} rt/s' for m in modes)} | "
