@@ -123,7 +123,7 @@ static void *run(void *arg) {
     uint64_t seq = 0;
     int fd = -1;
     /* Staggered, so that the threads do not all re-connect at once. */
-    double renew_at = cfg->respread > 0 ? now() + cfg->respread * (w->index + 1) / 8.0 : 0;
+    double renew_at = cfg->respread > 0 ? now() + cfg->respread * (w->index % 8 + 1) / 8.0 : 0;
     for (;;) {
         double t = now();
         if (t >= cfg->until) break;
