@@ -131,6 +131,11 @@ class Clients:
         return keepalive and b"connection: close" not in top.lower()
 
 
+def within(done: list[float], hups: list[float], lo: float, hi: float) -> int:
+    """Return the round trips done in [h + lo, h + hi) of any HUP h (each counted once)."""
+    return sum(1 for t in done if any(h + lo <= t < h + hi for h in hups))
+
+
 def before_after_ratio(done: list[float], hups: list[float]) -> float:
     """Return the round trips in the WINDOW after each HUP over those in the WINDOW just before it.
 
@@ -138,14 +143,13 @@ def before_after_ratio(done: list[float], hups: list[float]) -> float:
     change of steady rate from one generation to the next (see the module docstring)
     does not count as a dip at the HUP.
     """
-    after = sum(1 for t in done for h in hups if h <= t < h + WINDOW)
-    before = sum(1 for t in done for h in hups if h - WINDOW <= t < h)
-    return after / before if before else float("nan")
+    before = within(done, hups, -WINDOW, 0.0)
+    return within(done, hups, 0.0, WINDOW) / before if before else float("nan")
 
 
 def throughput_ratio(done: list[float], hups: list[float], start: float, end: float) -> float:
     """Return the rate in the WINDOW after each HUP over the rate in the time far from any HUP."""
-    near = sum(1 for t in done if any(h <= t < h + WINDOW for h in hups))
+    near = within(done, hups, 0.0, WINDOW)
     far_time = (end - start) - sum(min(1.0, end - h) for h in hups)
     far = sum(1 for t in done if start <= t < end and not any(h <= t < h + 1.0 for h in hups))
     return (near / (WINDOW * len(hups))) / (far / far_time) if far and far_time > 0 else float("nan")

@@ -209,10 +209,11 @@ def main() -> int:
             print(f"repeat {r + 1}/{args.repeats} done ({time.monotonic() - started:.0f} s)", file=sys.stderr,
                   flush=True)
 
+    respread = f"keep-alive connections replaced every {args.respread:g} s; " if args.respread else ""
+    session = "in the client's session" if args.same_session else "each in its own session"
     print(f"\necho round trips/s, {args.size}-byte messages, {args.threads} client threads, "
-          f"{args.workers} server processes ({'exec' if args.exec else 'prefork, warm'}; "
-          f"{f'keep-alive connections replaced every {args.respread:g} s; ' if args.respread else ''}"
-          f"{'in the client' + chr(39) + 's session' if args.same_session else 'each in its own session'}); median of {args.repeats} x {args.seconds:g} s; "
+          f"{args.workers} server processes ({'exec' if args.exec else 'prefork, warm'}; {respread}{session}); "
+          f"median of {args.repeats} x {args.seconds:g} s; "
           f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")
     print(f"| server | {' | '.join(f'{m} rt/s' for m in modes)} | "
           f"{' | '.join(f'{m} server CPU us/rt' for m in modes)} | {' | '.join(f'{m} errors' for m in modes)} |")

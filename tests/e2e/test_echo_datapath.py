@@ -12,6 +12,7 @@ the byte counts the loop keeps for the metrics).
 from __future__ import annotations
 
 import fcntl
+import select
 import socket
 import struct
 import termios
@@ -93,7 +94,6 @@ def test_a_client_that_never_reads_does_not_hold_up_the_others(tmp_path):
 
 
 def _writable(sock: socket.socket) -> bool:
-    import select
     return bool(select.select([], [sock], [], 0)[1])
 
 
