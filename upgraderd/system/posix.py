@@ -19,7 +19,7 @@ from upgraderd.core.handover import Handover
 from upgraderd.core.master import Master
 from upgraderd.core.seams import KernelState, SocketKey, System
 from upgraderd.errors import FatalError
-from upgraderd.system import activation, fdstore, kernel, orphans, peers, reexec, sockets
+from upgraderd.system import activation, channeldir, fdstore, kernel, orphans, peers, reexec, sockets
 from upgraderd.system.inotify import FileWatcher
 from upgraderd.system.orphans import OrphanSet
 from upgraderd.system.notify import NotifyServer, notify
@@ -134,6 +134,9 @@ def run(master: Master) -> int:
     next deadline.
     """
     store = fdstore.FdStore.from_env(os.environ)
+    # After daemonizing (the directory is named for the pid that keeps it across USR2),
+    # before the first worker: the workers inherit its path from our environment.
+    channels = channeldir.prepare(os.environ)
     try:
         with SignalInbox() as inbox, selectors.DefaultSelector() as sel:
             master.pending_signals = inbox.drain
@@ -151,5 +154,6 @@ def run(master: Master) -> int:
             master.metrics.close()
             master.metrics = None
     master.system.close()
+    channeldir.remove(channels)
     log.info("upgraderd stopped")
     return master.exit_code

@@ -33,6 +33,10 @@ CHUNK = 32 * 1024
 MAX_LISTENER = 255
 MAX_STATE = 1 << 20
 MAX_PAYLOAD = 8 << 20
+# Payload bytes (state, unhandled, unsent) one giver may have offered and not yet
+# committed on one channel connection: a giver plans its rounds by it and a taker
+# drops a giver that sends more. Two of the largest offers fit.
+MAX_PENDING_BYTES = 2 * MAX_PAYLOAD
 MAX_REASON = 32
 RECV_SIZE = CHUNK + 1024
 _OFFER_HEAD = struct.Struct("!HIII")
