@@ -126,6 +126,18 @@ def _store(master: Master, store: fdstore.FdStore | None) -> None:
         log.exception("internal error while storing sockets with the service manager; carrying on")
 
 
+def _orphans_left(master: Master) -> bool:
+    """Return True while orphans we took over have not exited nor been SIGKILLed at their deadline.
+
+    A master that stopped with none of its own workers left still waits for
+    them: `stop` after a restart must not leave a dead master's workers
+    serving on (core/takeover.py drains them, then SIGKILLs at drain.timeout;
+    the loop wakes at least once a second, so that deadline holds).
+    """
+    t = master.takeover
+    return t is not None and not t.done
+
+
 def run(master: Master) -> int:
     """Serve until the master has no generation left; return its exit code.
 
@@ -145,7 +157,7 @@ def run(master: Master) -> int:
             master.start()
             master.step(set())
             _store(master, store)
-            while master.generations:
+            while master.generations or _orphans_left(master):
                 sel.select(master.timeout(master.clock()))
                 master.step(inbox.drain())
                 _store(master, store)
