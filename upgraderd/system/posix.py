@@ -19,7 +19,7 @@ from upgraderd.core.handover import Handover
 from upgraderd.core.master import Master
 from upgraderd.core.seams import KernelState, SocketKey, System
 from upgraderd.errors import FatalError
-from upgraderd.system import activation, channeldir, fdstore, kernel, orphans, peers, reexec, sockets
+from upgraderd.system import activation, channeldir, fdstore, kernel, orphans, peers, reexec, sockets, strangers
 from upgraderd.system.inotify import FileWatcher
 from upgraderd.system.orphans import OrphanSet
 from upgraderd.system.notify import NotifyServer, notify
@@ -67,7 +67,7 @@ def posix_system(handover: Handover | None, argv: Sequence[str],
         return reexec.exec_master(record.to_json(), record.inherited_fds(), argv, pending)
 
     procs = PosixProcessAPI()
-    listeners = sockets.ListenerSet()
+    listeners = strangers.CheckedListeners()
     if adopted and cfg is not None:
         # A dead master's socket file is ours to remove at a clean stop; a passed one is not.
         own = {k for k, (_, origin) in adopted.items() if not origin.startswith(activation.PASSED)}
