@@ -11,7 +11,10 @@ directory" and fingerprints paths. This module debounces and decides:
   other paths by resolved target, mtime and size) and compared with the
   baseline. Only a real change triggers, and it takes exactly the HUP path:
   `ReloadTracker.hup()`, so the outcome is reported as for a HUP.
-- A watched path that is missing is waited for (a delete, then a re-create).
+- A watched path that is missing is waited for (a delete, then a re-create):
+  its going does not trigger, its coming back does. It never holds up a
+  change of another path (a config edit while an optional file is absent,
+  or a symlink loop among the watched paths, which fingerprints as missing).
 - A config that does not parse is checked once more one debounce later (a
   writer still busy); if it is still the same invalid file, the reload runs
   and is rejected, logged with the error's location and counted, as on HUP.
@@ -52,6 +55,7 @@ class FileWatch:
     baseline: dict[str, str] = field(default_factory=dict)
     deadline: float | None = None
     held: str | None = None    # fingerprint of a config that did not parse at its first check
+    absent: set[str] = field(default_factory=set)  # watched paths missing at the last check
 
     def step(self, master: Master, now: float) -> None:
         """Follow the config's watch list, read events, and check the paths once due."""
@@ -92,16 +96,18 @@ class FileWatch:
         """Compare fingerprints with the baseline; queue a reload on a real change."""
         self._watch()   # a swapped symlink may now resolve into other directories
         prints = {p: self._print(p) for p in self.paths}
-        missing = [p for p, fp in prints.items() if not fp]
-        changed = [p for p in self.paths if prints[p] != self.baseline.get(p)]
+        missing = {p for p, fp in prints.items() if not fp}
+        if missing - self.absent:
+            log.info("watched path missing: %s; waiting for it to come back", ", ".join(sorted(missing - self.absent)))
+        self.absent = missing
+        # A missing path keeps its baseline: its going is no change, and back as it was is none either.
+        changed = [p for p in self.paths if p not in missing and prints[p] != self.baseline.get(p)]
         if not changed:
-            return
-        if missing:
-            log.info("watched path missing: %s; waiting for it to come back", ", ".join(missing))
             return
         if self._wait_for_parse(master, prints.get(self.config_path, ""), now):
             return
-        self.baseline, self.held = prints, None
+        self.baseline = {p: self.baseline.get(p, "") if p in missing else fp for p, fp in prints.items()}
+        self.held = None
         master.stats.watch_triggers += 1
         log.info("watched path changed: %s; reloading %s", ", ".join(changed), self.config_path)
         master.reloads.hup(now)
