@@ -46,6 +46,19 @@ def reload_cli(d: Daemon) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, cwd=ROOT, timeout=60, stdin=subprocess.DEVNULL)
 
 
+def channel_dir(d: Daemon) -> Path:
+    """Return the master's channel directory, as its (exec'd) workers were told."""
+    env = {}
+    for pid in d.workers():
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+        env = dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+        if "UPGRADERD_HANDOFF_DIR" in env:
+            break
+    path = Path(env["UPGRADERD_HANDOFF_DIR"])
+    assert path.name.startswith(f"upgraderd-{d.pid}-handoff-") and (path.stat().st_mode & 0o777) == 0o700
+    return path
+
+
 def as_nobody(*args: str) -> subprocess.Popen[bytes]:
     if os.geteuid() != 0:
         pytest.skip("needs root to run the squatter as nobody")
@@ -110,3 +123,24 @@ def test_a_connect_flood_from_four_strangers_loses_nothing(tmp_path, shared_dir)
             for f in flooders:
                 f.kill()
                 f.wait()
+
+
+def test_a_channel_that_cannot_be_opened_fails_the_reload_and_the_old_workers_keep_their_clients(tmp_path):
+    port = free_port()
+    cfg = echo_config(port, count=2, drain={"timeout": "3s"}, ready={"timeout": "5s"})
+    with Daemon(tmp_path, cfg).start() as d:
+        channels = channel_dir(d)
+        # Something that is not a socket where generation 2's slot 0 must listen.
+        (channels / "handoff-2-0").mkdir()
+        streams = Streams(port, 8).start()
+        try:
+            assert streams.wait_ok(80)
+            r = reload_cli(d)
+            assert r.returncode == 1, r.stdout + r.stderr
+            d.wait_log(r"hand-off channel unavailable, not starting")
+            assert "generation 1 ACTIVE -> DRAINING" not in d.log()
+            assert streams.wait_ok(streams.result.ok + 80)
+        finally:
+            result = streams.stop()
+        assert result.failures == {}, result.examples
+        assert result.ports_kept

@@ -144,3 +144,23 @@ def test_another_user_can_neither_bind_nor_connect_in_the_directory(tmp_path, mo
         t.close()
         channeldir.remove(path)
     assert not os.path.exists(t.name)
+
+
+def test_the_channel_directories_of_dead_masters_are_swept(tmp_path):
+    dead = subprocess_pid_gone()
+    (tmp_path / f"upgraderd-{dead}-handoff-abc").mkdir()
+    (tmp_path / f"upgraderd-{os.getpid()}-handoff-def").mkdir()   # a live master's: kept
+    (tmp_path / f"upgraderd-{dead}-other").mkdir()                  # not a channel directory: kept
+    (tmp_path / f"upgraderd-{dead}-handoff-link").symlink_to(tmp_path)  # not a real directory: kept
+    assert channeldir.sweep(str(tmp_path)) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([
+        f"upgraderd-{os.getpid()}-handoff-def", f"upgraderd-{dead}-other", f"upgraderd-{dead}-handoff-link"])
+
+
+def subprocess_pid_gone() -> int:
+    """Return the pid of a child that has exited and been reaped."""
+    import subprocess
+    import sys
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid

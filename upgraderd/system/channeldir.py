@@ -8,7 +8,10 @@ Workers bind their hand-off channels at `DIR/handoff-<gen>-<slot>`
 - owned by the workers' user when they run as another one (`grant`);
 - kept across a USR2 re-exec (the successor reads UPGRADERD_HANDOFF_DIR from
   the environment it inherits, and keeps it only if it still is a directory
-  of ours, mode 0700, not a symlink), removed when the master exits.
+  of ours, mode 0700, not a symlink), removed when the master exits; those
+  of masters that died without removing theirs (SIGKILL) are swept by the
+  next master that makes one in the same place (their orphans take nothing:
+  no generation of a dead master starts again).
 
 Hazard: a Unix socket path is at most 107 bytes. A TMPDIR whose path would
 not leave room for the channel names (or that holds whitespace, which
@@ -28,7 +31,8 @@ from upgraderd.worker.peers import DIR_PREFIX, ENV_DIR
 
 log = logging.getLogger("upgraderd")
 
-_ROOM = 40  # the random part, `/handoff-<gen>-<slot>` and margin
+# "/", the random part (8), "/handoff-" (9), a generation of 9 digits, "-", a slot of 4.
+_ROOM = 32
 
 
 def prepare(environ: MutableMapping[str, str]) -> str:
@@ -39,11 +43,51 @@ def prepare(environ: MutableMapping[str, str]) -> str:
         return kept
     base = tempfile.gettempdir()
     prefix = DIR_PREFIX.format(master=os.getpid())
-    if len(base) + len(prefix) + _ROOM > 107 or any(c.isspace() for c in base):
+    if len(base) + 1 + len(prefix) + _ROOM > 107 or any(c.isspace() for c in base):
         base = "/tmp"
+    sweep(base)
     path = tempfile.mkdtemp(prefix=prefix, dir=base)
     environ[ENV_DIR] = path
     return path
+
+
+def sweep(base: str) -> int:
+    """Remove the channel directories in `base` of masters that are gone (SIGKILLed: none removed
+    its own); return how many. Only ours (our euid, a real directory) named for a dead pid."""
+    removed = 0
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return 0
+    for entry in entries:
+        pid = _pid_of(entry.name)
+        if pid is None or _alive(pid):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def _pid_of(name: str) -> int | None:
+    head, sep, rest = name.partition("-")
+    pid, sep2, tail = rest.partition("-")
+    ok = head == "upgraderd" and sep and sep2 and pid.isdigit() and len(pid) <= 9 and tail.startswith("handoff-")
+    return int(pid) if ok else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # EPERM: someone's process has that pid
+    return True
 
 
 def _ours(path: str) -> bool:
