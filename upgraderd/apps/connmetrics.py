@@ -43,8 +43,9 @@ import sys
 import threading
 
 from upgraderd.apps import metricfile
+from upgraderd.contract.env import METRICS_DIR
 
-ENV = "PROMETHEUS_MULTIPROC_DIR"
+ENV = METRICS_DIR
 # Every reason a hand-off can fail for (docs/metrics.md); each series starts at 0.
 ACCEPTED, CLOSED, RX, TX = 0, 1, 2, 3  # indexes in a listener's tally (the loop adds to them directly)
 HANDOFF_FAILURES = ("refused", "timeout", "taker_gone", "untrusted_taker", "malformed_reply", "too_large",

@@ -47,12 +47,13 @@ from typing import Any
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from upgraderd.contract.env import METRICS_DIR
 from upgraderd.metrics import dbfile, tmpdirs
 from upgraderd.metrics.dbfile import BadFile, FileName, Key
 
 log = logging.getLogger("upgraderd")
 
-ENV = "PROMETHEUS_MULTIPROC_DIR"
+ENV = METRICS_DIR
 REJECTED = ".rejected"
 # File-name prefixes whose values add up across processes.
 ADDITIVE = ("counter", "histogram", "summary", "gauge_sum")
