@@ -174,7 +174,7 @@ print("served", m.enabled, n.enabled)
 def test_a_worker_that_cannot_write_metrics_serves_on_and_says_so_once(tmp_path, setup):
     mp = tmp_path / "mp"
     mp.mkdir()
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(mp), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "UPGRADERD_METRICS_DIR": str(mp), "PYTHONPATH": str(ROOT)}
     out = subprocess.run([*unshared(setup, mp), sys.executable, "-c", WRITER], env=env, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr  # -7 would be SIGBUS

@@ -40,7 +40,7 @@ WORKER_BIND = "UPGRADERD_WORKER_BIND"      # ':'-separated listeners the worker 
 ADDR_PREFIX = "UPGRADERD_ADDR_"            # + the listener's name: its address
 PROBE_PORT = "UPGRADERD_PROBE_PORT"        # the port {probe_port} reserved for an HTTP probe
 TEMPLATE_PARENT = "UPGRADERD_TEMPLATE_PARENT"  # the pid a prefork template must have as parent
-METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"   # where a built-in worker writes its metric files
+METRICS_DIR = "UPGRADERD_METRICS_DIR"      # where a built-in worker writes its metric files
 
 
 def addr_env_name(listener: str) -> str:

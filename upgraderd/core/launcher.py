@@ -50,7 +50,7 @@ class Context:
     environ: Mapping[str, str]          # the master's own environment
     notify_address: str                 # NOTIFY_SOCKET for the workers
     user_env: Mapping[str, str]         # HOME, USER, LOGNAME of workers.user ({} for the master's own)
-    metrics_env: Mapping[str, str]      # what the metrics need (PROMETHEUS_MULTIPROC_DIR)
+    metrics_env: Mapping[str, str]      # what the metrics need (UPGRADERD_METRICS_DIR)
 
 
 def describe(cfg: Config, generation: int, slot: int, fds: tuple[int, ...],
