@@ -14,6 +14,7 @@ import pytest
 from tests.support.upgraderd_proc import ROOT, Daemon, alive, echo_config, free_port, wait_until
 from tests.support.persistent import Streams, generation_pids, worker_connections
 from tests.support.scrape import scrape, value
+from upgraderd.contract import wire
 from upgraderd.worker import peers
 
 pytestmark = pytest.mark.e2e
