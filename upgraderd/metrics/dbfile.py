@@ -47,6 +47,7 @@ TIME_BUDGET = 0.05
 _NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
 _LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
 GAUGE_MODES = layout.GAUGE_MODES
+_LENGTH, _VALUE = layout.LENGTH, layout.VALUE   # bound once: _entry runs per entry
 
 Key = tuple[str, str, tuple[tuple[str, str], ...], str]  # metric, sample, sorted labels, help
 
@@ -143,13 +144,13 @@ def parse(data: bytes, kind: str, cache: dict[bytes, Key] | None = None,
 
 def _entry(data: bytes, pos: int, used: int, kind: str, cache: dict[bytes, Key]) -> tuple[Key, float, int]:
     """Return the entry at `pos` and the offset of the next one."""
-    if pos + layout.LENGTH.size > used:
+    if pos + 4 > used:
         raise BadFile("entry", f"truncated length field at offset {pos}")
-    n = layout.LENGTH.unpack_from(data, pos)[0]
+    n = _LENGTH.unpack_from(data, pos)[0]
     if n <= 0 or n > MAX_KEY:
         raise BadFile("entry", f"key length {n} at offset {pos}")
-    value_at = pos + layout.padded(n)
-    end = value_at + layout.VALUE.size
+    value_at = pos + ((4 + n + 7) & ~7)   # layout.padded(n), inline
+    end = value_at + 8
     if end > used:
         raise BadFile("entry", f"entry at offset {pos} ends at {end}, past the {used} bytes used")
     raw = data[pos + 4:pos + 4 + n]
@@ -159,7 +160,7 @@ def _entry(data: bytes, pos: int, used: int, kind: str, cache: dict[bytes, Key])
         if len(cache) > 8 * MAX_ENTRIES:
             cache.clear()  # a churn of distinct keys must not grow the master
         cache[raw] = key
-    value = layout.VALUE.unpack_from(data, value_at)[0]
+    value = _VALUE.unpack_from(data, value_at)[0]
     if not math.isfinite(value):
         raise BadFile("value", f"{value} for {key[1]} at offset {pos}")
     if kind == "counter" and value < 0:
