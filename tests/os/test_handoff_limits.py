@@ -13,7 +13,8 @@ import pytest
 
 from tests.os.test_handoff_channel import MASTER, closed, connect, send_fd, taker, tcp_pair  # noqa: F401
 from upgraderd.system import channeldir
-from upgraderd.worker import handoff, peers, wire
+from upgraderd.contract import env as contract, wire
+from upgraderd.worker import handoff
 
 
 def offer(t: handoff.Taker, s: socket.socket, fd: int, size: int) -> None:
@@ -86,13 +87,13 @@ def test_the_channel_directory_is_private_fresh_and_kept_only_if_ours(tmp_path, 
         st = os.lstat(path)
         assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700
         assert os.path.basename(path).startswith(f"upgraderd-{os.getpid()}-handoff-")
-        assert env == {peers.ENV_DIR: path}
+        assert env == {contract.HANDOFF_DIR: path}
         assert channeldir.prepare(env) == path  # a USR2 successor keeps it
         planted = tmp_path / f"upgraderd-{os.getpid()}-handoff-planted"
         planted.mkdir(mode=0o755)
-        other = {peers.ENV_DIR: str(planted)}
+        other = {contract.HANDOFF_DIR: str(planted)}
         assert channeldir.prepare(other) not in (str(planted), path)  # not 0700: not ours
-        channeldir.remove(other[peers.ENV_DIR])
+        channeldir.remove(other[contract.HANDOFF_DIR])
     finally:
         channeldir.remove(path)
     assert not os.path.exists(path)
@@ -100,15 +101,15 @@ def test_the_channel_directory_is_private_fresh_and_kept_only_if_ours(tmp_path, 
 
 def test_a_channel_is_a_path_in_our_directory_and_only_there():
     d = "/tmp/upgraderd-42-handoff-abcd"
-    name = peers.channel_name(42, 7, 3, d)
-    assert name == f"{d}/handoff-7-3" and peers.address(name) == name.encode()
-    assert peers.parse_name(name, 42, d) == peers.Channel(7, 3, name)
+    name = wire.channel_name(42, 7, 3, d)
+    assert name == f"{d}/handoff-7-3" and wire.address(name) == name.encode()
+    assert wire.parse_name(name, 42, d) == wire.Channel(7, 3, name)
     # A worker told its directory ignores the old abstract names and every other directory.
     for bad in ("upgraderd-42-handoff-7-3", "/tmp/upgraderd-42-handoff-evil/handoff-7-3", f"{d}/other-7-3"):
-        assert peers.parse_name(bad, 42, d) is None
+        assert wire.parse_name(bad, 42, d) is None
     # Outside the master (no directory), a directory named for the master is listed.
-    assert peers.parse_name(name, 42) == peers.Channel(7, 3, name)
-    assert peers.parse_name(name, 43) is None
+    assert wire.parse_name(name, 42) == wire.Channel(7, 3, name)
+    assert wire.parse_name(name, 43) is None
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to try the directory as another user")
@@ -119,7 +120,7 @@ def test_another_user_can_neither_bind_nor_connect_in_the_directory(tmp_path, mo
     import tempfile
     monkeypatch.setattr(tempfile, "tempdir", "/tmp")
     path = channeldir.prepare(env)
-    monkeypatch.setenv(peers.ENV_DIR, path)
+    monkeypatch.setenv(contract.HANDOFF_DIR, path)
     t = handoff.Taker(["web"], master=MASTER, trust=lambda p: True)
     try:
         assert t.name == f"{path}/handoff-2-0"

@@ -1,7 +1,7 @@
 """The master's hand-off channel directory: where its workers' channels live, and no one else's.
 
 Workers bind their hand-off channels at `DIR/handoff-<gen>-<slot>`
-(upgraderd/worker/peers.py). DIR is made here, once per master:
+(upgraderd/contract/wire.py). DIR is made here, once per master:
 - a fresh name from mkdtemp (`upgraderd-<pid>-handoff-XXXXXXXX`, created
   with O_EXCL semantics, mode 0700), so no local user can make it first or
   guess it, and no other user can bind or connect in it;
@@ -27,7 +27,8 @@ import stat
 import tempfile
 from typing import MutableMapping
 
-from upgraderd.worker.peers import DIR_PREFIX, ENV_DIR
+from upgraderd.contract.env import HANDOFF_DIR as ENV_DIR
+from upgraderd.contract.wire import DIR_PREFIX
 
 log = logging.getLogger("upgraderd")
 

@@ -30,7 +30,7 @@ from upgraderd.config.validators import worker_ids
 from upgraderd.core.seams import Exit
 from upgraderd.errors import SpawnError
 from upgraderd.system import channeldir
-from upgraderd.worker.peers import ENV_DIR
+from upgraderd.contract.env import HANDOFF_DIR as ENV_DIR
 
 SHIM = ("/bin/sh", "-c", 'LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@"')
 

@@ -35,7 +35,7 @@ from typing import Any, Iterable
 
 from upgraderd.config.schema import Config, ListenerSpec
 from upgraderd.core.seams import Retired, SocketKey, is_udp, key_for
-from upgraderd.system import cookiepool, flowcookie, peers, steering, udp, unixsock
+from upgraderd.system import conflict, cookiepool, flowcookie, steering, udp, unixsock
 
 log = logging.getLogger("upgraderd")
 
@@ -257,7 +257,7 @@ class ListenerSet(cookiepool.Lending):
             return _once(group, f"{where}: no ready slot; new connections go where they went before")
         if keys == group.allowed and group.attached is not None and group.order == group.members:
             return None  # the usual pass: nothing changed, so nothing to build
-        if (stranger := peers.unverified(gid, len(group.members))) is not None:
+        if (stranger := conflict.unverified(gid, len(group.members))) is not None:
             group.known = False  # a position the master did not give out: steering would guess
             self._load(group, None)
             return _once(group, f"{where}: {stranger}: not steered")

@@ -3,10 +3,10 @@
 SO_REUSEPORT lets any process of the same effective uid join the master's
 port group (and a listener on a more specific address of the same port takes
 its connections outright). The kernel then queues a share of the new
-connections on the stranger's socket; if it never accepts, they hang. peers.py
+connections on the stranger's socket; if it never accepts, they hang. conflict.py
 refuses a second *master*; this finds any other process.
 
-How: the kernel's LISTEN sockets on each address (sock_diag, peers.listening)
+How: the kernel's LISTEN sockets on each address (sock_diag, conflict.listening)
 whose inode is none of the master's sockets; then who holds them
 (/proc/*/fd). Only when there is such an inode is /proc walked, so the usual
 check costs one netlink dump. Not strangers:
@@ -17,7 +17,7 @@ check costs one netlink dump. Not strangers:
 An inode whose holder cannot be seen (another user's process, without root)
 is reported with pid 0.
 
-`peers.unverified` is the steering's check (sockets.py): before it builds a
+`conflict.unverified` is the steering's check (sockets.py): before it builds a
 program for a TCP group it counts the group's sockets in the kernel, and a
 group with one it did not bind is not steered (its positions are a guess).
 
@@ -35,8 +35,9 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from upgraderd.config.schema import Config
+from upgraderd.contract import env as contract
 from upgraderd.core.seams import SocketKey
-from upgraderd.system import peers, procfs
+from upgraderd.system import conflict, procfs
 from upgraderd.system.sockets import ListenerSet
 
 
@@ -68,7 +69,7 @@ def find(cfg: Config, ours: set[int], me: int | None = None) -> list[Stranger]:
     if not wanted:
         return []
     foreign: dict[int, str] = {}
-    for addr, port, inode in peers.listening("tcp"):
+    for addr, port, inode in conflict.listening("tcp"):
         if inode in ours:
             continue
         for host, want_port, label in wanted:
@@ -90,7 +91,7 @@ def refuse(cfg: Config, ours: set[int]) -> None:
         raise OSError(errno.EADDRINUSE, "; ".join(f.message() for f in found[:3]))
 
 
-def _overlaps(a: peers.IPAddress, b: peers.IPAddress) -> bool:
+def _overlaps(a: conflict.IPAddress, b: conflict.IPAddress) -> bool:
     return a.version == b.version and (a == b or a.is_unspecified or b.is_unspecified)
 
 
@@ -103,7 +104,7 @@ def _ours(pid: int, me: int) -> bool:
     if (parent is not None and parent[0] == me) or (grand is not None and grand[0] == me):
         return True
     env = procfs.environ(pid) or {}
-    if "UPGRADERD_GENERATION" not in env or procfs.is_master(pid):
+    if contract.GENERATION not in env or procfs.is_master(pid):
         return False
     # A worker whose master (its parent, or its template's parent) is alive is that master's.
     return not any(p is not None and p[0] > 1 and procfs.is_master(p[0]) for p in (parent, grand))

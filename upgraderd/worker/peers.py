@@ -27,70 +27,23 @@ import socket
 import struct
 from dataclasses import dataclass
 
-PREFIX = "upgraderd-"
-ENV_DIR = "UPGRADERD_HANDOFF_DIR"
-DIR_PREFIX = "upgraderd-{master}-handoff-"  # system/channeldir.py adds a random suffix
+from upgraderd.contract import env as contract
+from upgraderd.contract.wire import Channel, parse_name
+
 _UCRED = struct.Struct("3i")
 _ENVIRON_LIMIT = 1 << 20
 
 
 def channel_dir() -> str | None:
     """Return the master's channel directory (UPGRADERD_HANDOFF_DIR), or None if it gave none."""
-    value = os.environ.get(ENV_DIR, "")
+    value = os.environ.get(contract.HANDOFF_DIR, "")
     return value if value.startswith("/") else None
-
-
-def channel_name(master: int, generation: int, slot: int, directory: str | None = None) -> str:
-    """Return the channel name of one worker slot: a path in `directory`, else an abstract name
-    (without the leading NUL)."""
-    if directory is not None:
-        return os.path.join(directory, f"handoff-{generation}-{slot}")
-    return f"{PREFIX}{master}-handoff-{generation}-{slot}"
-
-
-def address(name: str) -> bytes:
-    """Return the socket address for `name`: the path itself, or the abstract name."""
-    return name.encode() if name.startswith("/") else b"\0" + name.encode()
-
-
-@dataclass(frozen=True)
-class Channel:
-    """A receiver's channel as listed in /proc/net/unix."""
-
-    generation: int
-    slot: int
-    name: str
-
-
-def parse_name(name: str, master: int, directory: str | None = None) -> Channel | None:
-    """Return the channel `name` stands for if it belongs to `master`, else None.
-
-    With `directory` (a worker: its master told it), only a path in that
-    directory is a channel. Without (a process outside the master, such as an
-    operator's tool), a path in any directory named for `master`, or an old
-    abstract name, is listed; the peer check still decides whom to trust.
-    """
-    if name.startswith("/"):
-        parent, base = os.path.split(name)
-        ours = (parent == directory if directory is not None
-                else os.path.basename(parent).startswith(DIR_PREFIX.format(master=master)))
-        if not ours or not base.startswith("handoff-"):
-            return None
-        rest = base[len("handoff-"):]
-    elif directory is None and name.startswith(f"{PREFIX}{master}-handoff-"):
-        rest = name[len(f"{PREFIX}{master}-handoff-"):]
-    else:
-        return None
-    gen, sep, slot = rest.partition("-")
-    if not sep or not gen.isdigit() or not slot.isdigit() or len(gen) > 9 or len(slot) > 9:
-        return None
-    return Channel(int(gen), int(slot), name)
 
 
 def listening_channels(master: int, net_unix: str = "/proc/net/unix", directory: str | None = None
                        ) -> list[Channel]:
-    """Return the hand-off channels of `master` that some process listens on now (see `parse_name`;
-    `directory` defaults to ours, from the environment)."""
+    """Return the hand-off channels of `master` that some process listens on now (see
+    contract/wire.py `parse_name`; `directory` defaults to ours, from the environment)."""
     directory = channel_dir() if directory is None else directory
     found: dict[str, Channel] = {}
     try:
@@ -150,9 +103,8 @@ def generation_of(pid: int) -> int | None:
     except OSError:
         return None
     for entry in env.split(b"\0"):
-        if entry.startswith(b"UPGRADERD_GENERATION="):
-            value = entry.split(b"=", 1)[1]
-            return int(value) if value.isdigit() and len(value) <= 9 else None
+        if entry.startswith(contract.GENERATION.encode() + b"="):
+            return contract.small_number(entry.split(b"=", 1)[1].decode("ascii", "replace"))
     return None
 
 

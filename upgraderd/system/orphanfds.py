@@ -1,7 +1,7 @@
 """Take over the listening sockets of a dead master's orphaned workers.
 
 A master that is SIGKILLed leaves its workers behind; they keep accepting for
-`drain.orphan_grace` (worker/orphan.py). A master restarted with the same
+`drain.orphan_grace` (worker/outlive.py). A master restarted with the same
 pidfile finds them, duplicates their listening sockets into itself with
 `pidfd_getfd(2)`, and adopts those instead of binding: the kernel's accept
 queues carry over, and nothing is refused while the masters change. Once its
@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 
 from upgraderd.config.schema import Config, ListenerSpec
 from upgraderd.config.validators import worker_ids
+from upgraderd.contract import env as contract
 from upgraderd.system import procfs
 from upgraderd.system.activation import Adopted, check, key_of, parse_name
 from upgraderd.errors import FatalError
@@ -153,11 +154,11 @@ def _checked(pid: int, slot: int | None, dead_master: int, uids: set[int]) -> Or
 def _orphan(pid: int, pidfd: int, slot: int | None, env: dict[str, str]) -> Orphan | None:
     """Return the Orphan for a checked pid: an exec'd worker's layout from its environment,
     a forked one's (no LISTEN_FDS there) found at its fds by address."""
-    drain = _signal_of(env.get("UPGRADERD_DRAIN_SIGNAL", "TERM"))
-    listen = procfs.small_int(env.get("LISTEN_FDS", ""))
+    drain = _signal_of(env.get(contract.DRAIN_SIGNAL, "TERM"))
+    listen = procfs.small_int(env.get(contract.LISTEN_FDS, ""))
     if listen is not None:
-        return Orphan(pid, pidfd, int(env["UPGRADERD_SLOT"]) if slot is None else slot,
-                      env.get("LISTEN_FDNAMES", "").split(":"), listen, drain)
+        return Orphan(pid, pidfd, int(env[contract.SLOT]) if slot is None else slot,
+                      env.get(contract.LISTEN_FDNAMES, "").split(":"), listen, drain)
     if slot is None:
         return None
     return Orphan(pid, pidfd, slot, None, MAX_LISTEN_FDS, drain)
@@ -176,13 +177,13 @@ def _why_not(pid: int, dead_master: int, uids: set[int]) -> str | None:
     if env is None:
         return "its environment is unreadable"
     # A forked worker has its template's environment: UPGRADERD_GENERATION, no LISTEN_FDS.
-    if procfs.small_int(env.get("UPGRADERD_GENERATION", "")) is None:
-        return "UPGRADERD_GENERATION is missing from its environment or malformed: not an upgraderd worker"
-    if "LISTEN_FDS" in env:
-        for var in ("UPGRADERD_SLOT", "LISTEN_FDS"):
+    if procfs.small_int(env.get(contract.GENERATION, "")) is None:
+        return f"{contract.GENERATION} is missing from its environment or malformed: not an upgraderd worker"
+    if contract.LISTEN_FDS in env:
+        for var in (contract.SLOT, contract.LISTEN_FDS):
             if procfs.small_int(env.get(var, "")) is None:
                 return f"{var} is missing from its environment or malformed: not an upgraderd worker"
-        if int(env["LISTEN_FDS"]) > MAX_LISTEN_FDS:
+        if int(env[contract.LISTEN_FDS]) > MAX_LISTEN_FDS:
             return "LISTEN_FDS is out of range"
     return None
 
