@@ -109,16 +109,18 @@ class HttpProtocol(asyncio.Protocol):
     # -- parsing --
 
     def _feed(self, data: bytes) -> None:
-        if self.in_message and self.cycle is None:
-            self.head_fed += len(data)   # a head that arrives in pieces: httptools holds them until a header ends
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
             self._upgraded(data[e.args[0]:] if e.args and isinstance(e.args[0], int) else b"")
         except httptools.HttpParserError:
             self.refuse(431 if self.oversize else 400, b"bad request\n")
-        if self.in_message and self.cycle is None and self.head_fed > self.settings.max_header_bytes:
-            self.refuse(431, b"request header fields too large\n")
+        if self.in_message and self.cycle is None and not self.closing:
+            # A head still incomplete: httptools holds a header line until it ends, so count what we
+            # fed it (the chunk a head began in counts whole: at worst an early 431 for a long pipeline).
+            self.head_fed += len(data)
+            if self.head_fed > self.settings.max_header_bytes:
+                self.refuse(431, b"request header fields too large\n")
 
     def _upgraded(self, rest: bytes) -> None:
         """The parser stopped at an Upgrade: a WebSocket handshake, or an upgrade we do not speak."""
