@@ -28,8 +28,8 @@ def load(spec: str) -> Callable[[], int]:
     except ImportError:
         pass
     if kind == "wsgi":
-        from upgraderd.apps.asgi import wsgi
-        app = wsgi.WsgiApp(app)
+        from upgraderd.apps.asgi.wsgi import WsgiApp
+        app = WsgiApp(app)
 
     def run() -> int:
         return server.main(app, settings.from_environment())

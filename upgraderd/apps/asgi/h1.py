@@ -293,6 +293,12 @@ class HttpProtocol(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def became_websocket(self) -> None:
+        """The transport now belongs to a WebSocket protocol: forget it here."""
+        self.closing = True
+        self._disarm()
+        self.transport = None
+
     def drain_idle(self) -> None:
         """Draining without hand-off: close an idle keep-alive connection (after the grace period)."""
         if self.idle() and not self.pending:

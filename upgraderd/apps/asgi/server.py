@@ -59,7 +59,8 @@ class WebServer:
         self.done = self.loop.create_future()
         self.state: dict[str, Any] = {}
         self.date_header = b""
-        self.websockets = False     # set by the WebSocket support when wsproto is there
+        self.websockets = _have_wsproto()
+        self.websockets_open: set[Any] = set()   # websocket.WebSocketProtocol (imported with wsproto)
         self.metrics = ConnectionMetrics(list(listeners))
         self.tally = {name: self.metrics.tally(name) for name in listeners}
         self.moves = WebMoves(self)
@@ -174,8 +175,25 @@ class WebServer:
         proto.finished(cycle)
 
     def upgrade(self, proto: HttpProtocol, scope: dict[str, Any], rest: bytes) -> None:
-        """A WebSocket handshake (websocket.py takes it when wsproto is installed)."""
-        proto.refuse(400, b"websocket upgrades are not served here\n")
+        """A WebSocket handshake: the connection becomes a WebSocketProtocol (websocket.py)."""
+        from upgraderd.apps.asgi.websocket import WebSocketProtocol
+        assert proto.transport is not None
+        offered = b",".join(v for n, v in scope["headers"] if n == b"sec-websocket-protocol").decode("latin-1")
+        ws_scope = {k: v for k, v in scope.items() if k != "method"}
+        ws_scope.update({"type": "websocket", "scheme": "wss" if scope["scheme"] == "https" else "ws",
+                         "subprotocols": [p.strip() for p in offered.split(",") if p.strip()],
+                         "extensions": {"websocket.http.response": {}}})
+        ws_scope["asgi"] = {"version": "3.0", "spec_version": "2.4"}
+        self.conns.discard(proto)   # the TCP connection goes on, as a WebSocket
+        transport = proto.transport
+        proto.became_websocket()
+        ws = WebSocketProtocol(self, transport, ws_scope, proto.listener)
+        transport.set_protocol(ws)
+        ws.start(scope, rest)
+
+    def detached_websocket(self, ws: Any) -> None:
+        """A WebSocket's TCP connection ended."""
+        self.tally[ws.listener][CLOSED] += 1
 
     def log_request(self, proto: HttpProtocol, cycle: Cycle) -> None:
         """One access-log line for an answered request."""
@@ -207,6 +225,8 @@ class WebServer:
         self.moves.start()
         if not self.giving:
             self.no_takers()
+        for ws in list(self.websockets_open):
+            ws.restart()   # our successor is ACTIVE: the client reconnects there
 
     def no_takers(self) -> None:
         """No worker takes our connections (now): the idle ones close after the grace period."""
@@ -228,7 +248,7 @@ class WebServer:
             self.drain()
         if self.draining:
             self.moves.retry()
-            if not self.conns and not self.attaching and not self.done.done():
+            if not self.conns and not self.websockets_open and not self.attaching and not self.done.done():
                 self.done.set_result(0)
         if not self.done.done():
             self.loop.call_later(TICK if not self.draining else 0.05, self._tick)
@@ -247,6 +267,14 @@ def main(app: App, settings: Settings, loop_factory: Callable[[], asyncio.Abstra
         return loop.run_until_complete(WebServer(app, settings, socks).serve())
     finally:
         sys.stderr.flush()
+
+
+def _have_wsproto() -> bool:
+    try:
+        import wsproto  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
