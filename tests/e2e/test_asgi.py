@@ -10,6 +10,8 @@ the answers come from the new generation.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
@@ -60,4 +62,24 @@ def test_a_new_connection_per_request_loses_nothing(tmp_path, kind):
         log = d.log()
     assert report.result.failures == {}, (report.result.failures, report.result.examples)
     assert all(report.stale[g] == {} and report.fresh[g] > 0 for g in report.generations)
+    assert "SIGKILL" not in log
+
+
+def test_fastapi_example_64_keepalive_clients_keep_their_connections(tmp_path):
+    """config/examples/fastapi.yaml as shipped (4 workers), 64 keep-alive clients, 5 HUPs."""
+    port = free_port()
+    clients = 64
+    with Daemon(tmp_path, web_config("fastapi", port)).start() as d:
+        load = KeepAliveLoad("127.0.0.1", port, clients=clients, max_seconds=180, think=0.02)
+        report = reload_under_load(d, port, RELOADS, load=load, answers_after=clients)
+        log = d.log()
+    result = report.result
+    assert result.failures == {}, (result.failures, result.examples)
+    assert report.generations == list(range(2, 2 + RELOADS))
+    for gen in report.generations:
+        assert report.stale[gen] == {} and report.fresh[gen] > 0, gen
+    assert all(" server=fastapi " in body for body in result.bodies)
+    assert (load.announced, load.unannounced, load.connections) == (0, 0, clients)
+    handed = [int(n) for n in re.findall(r"handed (\d+) of \d+ connection", log)]
+    assert sum(handed) >= clients * RELOADS - clients // 4, handed   # all but the few busy at the drain's start
     assert "SIGKILL" not in log
