@@ -279,6 +279,15 @@ class HttpProtocol(asyncio.Protocol):
         """Return True if the next response should say `Connection: close` (draining, no taker)."""
         return self.server.draining and (self.stay or not self.server.giving)
 
+    def handoff_state(self) -> bytes:
+        """Between two requests an HTTP/1.1 connection has no state but its unparsed bytes."""
+        return b""
+
+    def not_moved(self) -> None:
+        """The hand-off failed: serve on here, and drain (Connection: close on the next answer)."""
+        self.stay = True
+        self.resume()
+
     def detach(self) -> tuple[int, bytes]:
         """Stop reading; return our socket's fd and the bytes read but not handled."""
         self.pause()

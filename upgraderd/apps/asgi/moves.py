@@ -25,11 +25,13 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
+from upgraderd.apps.asgi import wsmove
 from upgraderd.worker import handoff
 
 if TYPE_CHECKING:
     from upgraderd.apps.asgi.h1 import HttpProtocol
     from upgraderd.apps.asgi.server import WebServer
+    from upgraderd.apps.asgi.websocket import WebSocketProtocol
 
 RETRY = 2.0   # seconds between two searches for takers while connections are left and none was found
 
@@ -69,7 +71,10 @@ class WebMoves:
             if m.unsent:
                 m.sock.send(m.unsent)   # a giver that had output queued (another app kind); tiny by then
             self.server.metrics.taken_over(m.listener)
-            self.server.adopt(m.sock, m.listener, m.unhandled)
+            if wsmove.is_websocket(m.state):
+                self.server.adopt_websocket(m.sock, m.listener, m.state, m.unhandled)
+            else:
+                self.server.adopt(m.sock, m.listener, m.unhandled)
 
     @property
     def giving(self) -> bool:
@@ -95,29 +100,48 @@ class WebMoves:
               f"{moved} of {held} connection(s) to {self.giver.targets} worker(s) in "
               f"{(time.monotonic() - started) * 1000:.0f} ms", file=sys.stderr, flush=True)
 
-    def give(self, protos: list[HttpProtocol]) -> int:
+    def give(self, protos: list[HttpProtocol] | list[WebSocketProtocol]) -> int:
         """Offer idle connections to the takers; return how many moved."""
         if not protos or not self.giving:
             return 0
         assert self.giver is not None
-        offers = []
+        offers, ready = [], []
         for proto in protos:
+            state = proto.handoff_state()
+            if state is None:
+                proto.not_moved()
+                continue
             fd, pending = proto.detach()
-            dup = socket.socket(fileno=os.dup(fd))
-            offers.append(handoff.Handed(dup, proto.listener, b"", pending, b""))
-        given = self.giver.give_many(offers)
-        for proto, offer, ok in zip(protos, offers, given):
+            offers.append(handoff.Handed(socket.socket(fileno=os.dup(fd)), proto.listener, state, pending, b""))
+            ready.append(proto)
+        given = self.giver.give_many(offers) if offers else []
+        for proto, offer, ok in zip(ready, offers, given):
             offer.sock.close()
             if ok:
                 self.server.metrics.handed_off(proto.listener)
                 proto.moved()
             else:
-                proto.stay = True
-                proto.resume()
+                proto.not_moved()
         self._count(self.giver.failures)
         if not self.giving:
             self.server.no_takers()
         return sum(given)
+
+    def give_websockets(self, deadline: float) -> None:
+        """Move the WebSockets that opted in and are at a message boundary; 1012 for the others.
+
+        A WebSocket mid-message is retried on later ticks until `deadline`, then closed with 1012.
+        """
+        late = time.monotonic() >= deadline
+        for ws in list(self.server.websockets_open):
+            if ws.closed:
+                continue
+            if not self.giving or not ws.opted_in():
+                ws.restart()
+            elif ws.idle():
+                self.give([ws])
+            elif late:
+                ws.restart()
 
     def retry(self) -> None:
         """While draining with connections left: give the idle ones, or look for takers again now and then."""

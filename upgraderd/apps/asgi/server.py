@@ -42,6 +42,7 @@ from upgraderd.worker.orphan import OrphanWatch
 
 IDLE_GRACE = 1.0     # seconds an idle connection is kept after the drain starts (no taker)
 ACCEPT_BATCH = 32    # connections accepted per listener wake-up
+WS_MOVE_WAIT = 2.0   # seconds a WebSocket that opted in may take to reach a message boundary, else 1012
 TICK = 0.5           # housekeeping: the date header, metric files, the parent check, drain progress
 ASGI = {"version": "3.0", "spec_version": "2.3"}
 
@@ -187,9 +188,35 @@ class WebServer:
         self.conns.discard(proto)   # the TCP connection goes on, as a WebSocket
         transport = proto.transport
         proto.became_websocket()
-        ws = WebSocketProtocol(self, transport, ws_scope, proto.listener)
+        ws = WebSocketProtocol(self, ws_scope, proto.listener, transport)
         transport.set_protocol(ws)
         ws.start(scope, rest)
+
+    def adopt_websocket(self, sock: socket.socket, listener: str, state: bytes, unhandled: bytes) -> None:
+        """Serve a WebSocket another worker moved here (wsmove.py)."""
+        from upgraderd.apps.asgi import wsmove
+        from upgraderd.apps.asgi.websocket import WebSocketProtocol
+        try:
+            scope, subprotocol = wsmove.decode(state, {"asgi": {"version": "3.0", "spec_version": "2.4"},
+                                                       "state": self.state.copy()})
+        except ValueError:
+            sock.close()   # not ours to read: the client sees the connection end
+            return
+        self.attaching += 1
+
+        async def attach() -> None:
+            try:
+                _t, ws = await self.loop.connect_accepted_socket(
+                    lambda: WebSocketProtocol(self, scope, listener, resumed=True), sock)
+            except OSError:
+                sock.close()
+                return
+            finally:
+                self.attaching -= 1
+            ws.subprotocol = subprotocol
+            if unhandled:
+                ws.data_received(unhandled)
+        self.loop.create_task(attach())
 
     def detached_websocket(self, ws: Any) -> None:
         """A WebSocket's TCP connection ended."""
@@ -225,8 +252,7 @@ class WebServer:
         self.moves.start()
         if not self.giving:
             self.no_takers()
-        for ws in list(self.websockets_open):
-            ws.restart()   # our successor is ACTIVE: the client reconnects there
+        self.moves.give_websockets(self.drained_at + WS_MOVE_WAIT)
 
     def no_takers(self) -> None:
         """No worker takes our connections (now): the idle ones close after the grace period."""
@@ -248,6 +274,8 @@ class WebServer:
             self.drain()
         if self.draining:
             self.moves.retry()
+            if self.websockets_open:
+                self.moves.give_websockets(self.drained_at + WS_MOVE_WAIT)
             if not self.conns and not self.websockets_open and not self.attaching and not self.done.done():
                 self.done.set_result(0)
         if not self.done.done():

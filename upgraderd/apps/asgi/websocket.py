@@ -13,11 +13,13 @@ Then `websocket.receive` / `websocket.send` until `websocket.disconnect`.
 Invalid UTF-8 in a text message gets close code 1007 (wsproto's verdict), a
 message over `websocket_max_message` 1009.
 
-At a reload, a WebSocket cannot move yet: the draining worker closes it with
-1012 (Service Restart). The worker drains only once its successor is ACTIVE,
-so a client that reconnects at once lands on the new generation; the app
-gets `websocket.disconnect` with code 1012. Never an abnormal close (1006):
-the close frame goes out before the TCP connection ends.
+At a reload, an app that opted in (wsmove.py) has its WebSocket moved to the
+ACTIVE generation at a message boundary, with the state it saved. Any other
+WebSocket is closed with 1012 (Service Restart) by the draining worker; it
+drains only once its successor is ACTIVE, so a client that reconnects at once
+lands on the new generation, and the app gets `websocket.disconnect` with
+code 1012. Never an abnormal close (1006): the close frame goes out before
+the TCP connection ends.
 """
 
 from __future__ import annotations
@@ -25,12 +27,15 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from wsproto import ConnectionType, WSConnection
+from wsproto.connection import Connection
 from wsproto.events import (AcceptConnection, BytesMessage, CloseConnection, Message, Ping, RejectConnection,
                             RejectData, Request, TextMessage)
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+
+from upgraderd.apps.asgi import wsmove
 
 if TYPE_CHECKING:
     from upgraderd.apps.asgi.server import WebServer
@@ -42,15 +47,21 @@ CLOSE_WAIT = 2.0   # seconds we wait for the client's close frame before closing
 class WebSocketProtocol(asyncio.Protocol):
     """One WebSocket connection between a client and the ASGI app."""
 
-    def __init__(self, server: WebServer, transport: asyncio.Transport, scope: dict[str, Any], listener: str) -> None:
-        self.server, self.transport, self.scope, self.listener = server, transport, scope, listener
+    def __init__(self, server: WebServer, scope: dict[str, Any], listener: str,
+                 transport: asyncio.Transport | None = None, resumed: bool = False) -> None:
+        self.server, self.scope, self.listener = server, scope, listener
+        self.transport = cast(asyncio.Transport, transport)   # None until connection_made when adopted
         self.loop = server.loop
-        self.ws = WSConnection(ConnectionType.SERVER)
+        self.resumed = resumed       # moved here from an older worker: no handshake
+        self.ws: WSConnection | Connection = Connection(ConnectionType.SERVER) if resumed \
+            else WSConnection(ConnectionType.SERVER)
         self.inbox: deque[dict[str, Any]] = deque([{"type": "websocket.connect"}])
         self.waiter: asyncio.Future[None] | None = None
-        self.accepted = False
+        self.accepted = resumed
+        self.subprotocol: str | None = None
         self.closed = False          # our close frame went out, or the client's arrived
         self.gone = False            # the TCP connection is over
+        self.moved_away = False      # handed to another worker: the app's sends are dropped
         self.parts: list[Any] = []   # the fragments of the message being received
         self.size = 0
         self.denial: bool = False    # a denial response is being sent
@@ -58,14 +69,22 @@ class WebSocketProtocol(asyncio.Protocol):
 
     def start(self, request: dict[str, Any], rest: bytes) -> None:
         """Take the upgrade request (already parsed) and run the app."""
-        headers = [(n, v) for n, v in request["headers"]]
-        self.ws.initiate_upgrade_connection(headers, request["raw_path"])
+        assert isinstance(self.ws, WSConnection)
+        self.ws.initiate_upgrade_connection(list(request["headers"]), request["raw_path"])
         for event in self.ws.events():
             assert isinstance(event, Request)
+        if self.server.moves.enabled:
+            self.scope["extensions"][wsmove.EXTENSION] = {"resumed": None, "on_move": None}
         self.server.websockets_open.add(self)
         self.task = self.loop.create_task(self._run())
         if rest:
             self.data_received(rest)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """A WebSocket moved here: serve it from where it was."""
+        self.transport = cast(asyncio.Transport, transport)
+        self.server.websockets_open.add(self)
+        self.task = self.loop.create_task(self._run())
 
     async def _run(self) -> None:
         try:
@@ -122,8 +141,9 @@ class WebSocketProtocol(asyncio.Protocol):
         self.gone = True
         if not self.closed:
             self._deliver({"type": "websocket.disconnect", "code": 1006, "reason": ""})
-        self.server.websockets_open.discard(self)
-        self.server.detached_websocket(self)
+        if self in self.server.websockets_open:
+            self.server.websockets_open.discard(self)
+            self.server.detached_websocket(self)
 
     def _deliver(self, message: dict[str, Any]) -> None:
         self.inbox.append(message)
@@ -145,10 +165,15 @@ class WebSocketProtocol(asyncio.Protocol):
     async def send(self, message: dict[str, Any]) -> None:
         """Act on an event from the app (ASGI `send`)."""
         kind = message.get("type")
+        if self.moved_away:
+            return   # another worker serves the client now (wsmove.py)
         if self.gone or (self.closed and kind != "websocket.close"):
             raise OSError("the WebSocket is closed")
+        if kind == "websocket.accept" and self.resumed and self.inbox_connect_taken():
+            return   # a moved connection: the handshake happened on the old worker
         if kind == "websocket.accept" and not self.accepted and not self.denial:
             self.accepted = True
+            self.subprotocol = message.get("subprotocol")
             headers = [(bytes(n), bytes(v)) for n, v in message.get("headers") or []]
             self._write(self.ws.send(AcceptConnection(subprotocol=message.get("subprotocol"),
                                                       extra_headers=headers)))
@@ -174,6 +199,51 @@ class WebSocketProtocol(asyncio.Protocol):
                 self.transport.close()
         else:
             raise RuntimeError(f"unexpected ASGI message {kind!r} on a WebSocket in this state")
+
+    def inbox_connect_taken(self) -> bool:
+        """Return True once the app has read `websocket.connect` (a resumed app accepts after it)."""
+        return not self.inbox or self.inbox[0]["type"] != "websocket.connect"
+
+    # -- moving (wsmove.py) --
+
+    def opted_in(self) -> bool:
+        """Return True if the app gave an `on_move` (wsmove.py) and accepted."""
+        ext = self.scope["extensions"].get(wsmove.EXTENSION)
+        return self.accepted and not self.denial and ext is not None and callable(ext.get("on_move"))
+
+    def idle(self) -> bool:
+        """Return True if the app opted in and the connection is at a message boundary."""
+        conn = self.ws.connection if isinstance(self.ws, WSConnection) else self.ws
+        # The app waits in receive() with nothing queued: it has done all it does for the last message.
+        waiting = not self.inbox and self.waiter is not None and not self.waiter.done()
+        return (self.opted_in() and waiting and not self.closed and not self.gone and not self.parts
+                and conn is not None
+                and wsmove.at_message_boundary(conn) and self.transport.get_write_buffer_size() == 0)
+
+    def handoff_state(self) -> bytes | None:
+        """Ask the app for its state; return what moves (None: it failed, close with 1012 instead)."""
+        try:
+            saved = self.scope["extensions"][wsmove.EXTENSION]["on_move"]()
+            return wsmove.encode(self.scope, self.subprotocol, bytes(saved))
+        except Exception as e:
+            print(f"upgraderd worker: a WebSocket's on_move failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            return None
+
+    def detach(self) -> tuple[int, bytes]:
+        """Stop reading; return our socket's fd and the bytes read but not parsed (none at a boundary)."""
+        self.transport.pause_reading()
+        return int(self.transport.get_extra_info("socket").fileno()), b""
+
+    def moved(self) -> None:
+        """Another worker serves the client now: end the app's side here, silently on the wire."""
+        self.moved_away = self.closed = True
+        self._deliver({"type": "websocket.disconnect", "code": SERVICE_RESTART, "reason": "moved"})
+        self.transport.abort()
+
+    def not_moved(self) -> None:
+        """The hand-off failed: serve on, and close with 1012 (the successor is ACTIVE)."""
+        self.transport.resume_reading()
+        self.restart()
 
     # -- closing --
 
