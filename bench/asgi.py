@@ -13,7 +13,9 @@ connections) for every server, 4 workers each:
 - memory: PSS per forked upgraderd worker with FastAPI loaded, and RSS per
   exec'd uvicorn worker serving the same app;
 - reloads, FastAPI app, `--hups` HUPs `--interval` s apart, under 64 keep-alive
-  clients and then 64 clients with a new connection per request: failed
+  clients and then 64 clients with a new connection per request, each waiting
+  `--think` ms between requests (a saturating load makes every new template
+  wait for a core, and measures the machine, not the reload): failed
   requests, reconnects (keep-alive answers that said Connection: close),
   HUP -> new generation ACTIVE p50 (the master's own figure), and the answers in
   the first 250 ms after each HUP over the steady rate (the 250 ms windows that
@@ -58,9 +60,10 @@ def build_client(tmp: Path) -> Path:
     return out
 
 
-def load(client: Path, port: int, seconds: float, mode: str, path: str, conns: int = CONNS) -> dict[str, Any]:
+def load(client: Path, port: int, seconds: float, mode: str, path: str, conns: int = CONNS,
+         think_ms: float = 0.0) -> dict[str, Any]:
     """Run the C client; return its JSON report."""
-    out = subprocess.run([str(client), "127.0.0.1", str(port), str(conns), str(seconds), mode, path],
+    out = subprocess.run([str(client), "127.0.0.1", str(port), str(conns), str(seconds), mode, path, str(think_ms)],
                          capture_output=True, text=True, timeout=seconds + 30, check=True).stdout
     return json.loads(out)  # type: ignore[no-any-return]
 
@@ -163,7 +166,8 @@ def throughput(client: Path, tmp: Path, seconds: float, repeats: int) -> dict[tu
     return out
 
 
-def reloads(client: Path, tmp: Path, system: str, mode: str, hups: int, interval: float) -> dict[str, float]:
+def reloads(client: Path, tmp: Path, system: str, mode: str, hups: int, interval: float,
+            think_ms: float) -> dict[str, float]:
     """HUP an upgraderd serving the FastAPI app `hups` times under load; return the figures."""
     port = free_port()
     if system == "app":
@@ -190,7 +194,7 @@ def reloads(client: Path, tmp: Path, system: str, mode: str, hups: int, interval
                 time.sleep(interval)
         t = threading.Thread(target=hupper)
         t.start()
-        report = load(client, port, 1.5 + hups * interval + 1.0, mode, "/")
+        report = load(client, port, 1.5 + hups * interval + 1.0, mode, "/", think_ms=think_ms)
         t.join()
         d.settled()   # HUPs that came while a generation was STARTING were coalesced (logged as queued)
         active = [float(x) for x in re.findall(r"reload done: generation \d+ ACTIVE ([0-9.]+)s after HUP", d.log())]
@@ -217,6 +221,9 @@ def main() -> int:
     parser.add_argument("--hups", type=int, default=20)
     parser.add_argument("--interval", type=float, default=1.0)
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--think", type=float, default=100.0,
+                        help="ms each reload-run client waits between requests (default 100: a load that leaves "
+                             "the machine room, as a saturating one makes every new process wait for a core)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-asgi-") as t:
         tmp = Path(t)
@@ -233,10 +240,11 @@ def main() -> int:
                       f"{med['nc_p99']:7.0f} {sum(row['errors']):6.0f} {med['mem_kb'] / 1024:8.1f}  "
                       f"{med['ka_rps'] / uv['ka_rps']:.2f} {med['nc_rps'] / uv['nc_rps']:.2f}")
             print("(mem: PSS per worker for upgraderd's forked workers, RSS per worker for the others)")
-        print(f"\nreloads, FastAPI app, {args.hups} HUPs {args.interval} s apart, {CONNS} clients:")
+        print(f"\nreloads, FastAPI app, {args.hups} HUPs {args.interval} s apart, {CONNS} clients, "
+              f"{args.think:g} ms between requests:")
         for system in ("app", "uvicorn_server.py"):
             for mode in ("keepalive", "close"):
-                r = reloads(client, tmp, system, mode, args.hups, args.interval)
+                r = reloads(client, tmp, system, mode, args.hups, args.interval, args.think)
                 print(f"  {system:18} {mode:9} requests {r['requests']:7.0f} failed {r['errors']:3.0f} "
                       f"reconnects {r['reconnects']:4.0f}  HUP->ACTIVE p50 {r['active_p50_ms']:6.0f} ms  "
                       f"first 250 ms / steady: median {r['first_250ms_median']:.2f} min {r['first_250ms_min']:.2f} "

@@ -1,10 +1,12 @@
 /* A small HTTP/1.1 load client for bench/asgi.py: one thread, epoll, N connections.
  *
- *   http_client HOST PORT CONNECTIONS SECONDS keepalive|close PATH
+ *   http_client HOST PORT CONNECTIONS SECONDS keepalive|close PATH [THINK_MS]
  *
  * keepalive: each connection sends a request, reads the whole response
  * (Content-Length), and sends the next one on the same connection.
  * close: a new connection per request; the client closes it after the answer.
+ * THINK_MS: each client waits that long between an answer and
+ * its next request, for a load that leaves the machine room (reload runs).
  * Prints one JSON line: requests, errors, closes (keep-alive answers that said
  * Connection: close, after which it reconnects), p50_us, p99_us (latency of a
  * round trip from connect or send to the last byte of the answer), t0
@@ -28,10 +30,11 @@
 
 #define BUCKETS 200000 /* 10 us each: 0 .. 2 s; slower answers land in the last */
 
-struct conn { int fd; size_t got; double start; char buf[8192]; };
+struct conn { int fd; size_t got; double start; double due; char buf[8192]; };
 
 static struct sockaddr_in addr;
 static int ep, keepalive;
+static double think;           /* seconds a connection waits between an answer and its next request */
 static char request[512];
 static size_t request_len;
 static long hist[BUCKETS], requests, errors, closes;
@@ -92,12 +95,14 @@ static void answered(struct conn *c) {
     if (keepalive && closing) closes++;   /* announced: reconnect, counted apart from errors */
     if (keepalive && !closing) {
         c->got = 0;
+        if (think > 0) { c->due = now() + think; return; }   /* sent by the main loop when due */
         c->start = now();
         if (write(c->fd, request, request_len) != (ssize_t)request_len) errors++;
         return;
     }
     epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
     close(c->fd);
+    if (think > 0) { c->due = now() + think; return; }   /* reconnected by the main loop when due */
     if (open_conn(c) < 0) errors++;
 }
 
@@ -118,8 +123,8 @@ static long percentile(double q) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 7) {
-        fprintf(stderr, "usage: %s HOST PORT CONNECTIONS SECONDS keepalive|close PATH\n", argv[0]);
+    if (argc != 7 && argc != 8) {
+        fprintf(stderr, "usage: %s HOST PORT CONNECTIONS SECONDS keepalive|close PATH [THINK_MS]\n", argv[0]);
         return 2;
     }
     addr.sin_family = AF_INET;
@@ -128,6 +133,7 @@ int main(int argc, char **argv) {
     int n = atoi(argv[3]);
     double seconds = atof(argv[4]);
     keepalive = strcmp(argv[5], "keepalive") == 0;
+    think = argc == 8 ? atof(argv[7]) / 1000 : 0;
     request_len = snprintf(request, sizeof request, "GET %s HTTP/1.1\r\nHost: bench\r\n\r\n", argv[6]);
     ep = epoll_create1(0);
     struct conn *conns = calloc(n, sizeof *conns);
@@ -138,7 +144,19 @@ int main(int argc, char **argv) {
     slots = calloc(nslots, sizeof *slots);
     double end = t0 + seconds;
     while (now() < end) {
-        int k = epoll_wait(ep, evs, 256, 100);
+        int k = epoll_wait(ep, evs, 256, think > 0 ? 1 : 100);
+        if (think > 0) {
+            double t = now();
+            for (int i = 0; i < n; i++) {
+                struct conn *c = &conns[i];
+                if (c->due > 0 && t >= c->due) {
+                    c->due = 0;
+                    c->start = t;
+                    if (!keepalive) { if (open_conn(c) < 0) errors++; }
+                    else if (write(c->fd, request, request_len) != (ssize_t)request_len) errors++;
+                }
+            }
+        }
         for (int i = 0; i < k; i++) {
             struct conn *c = evs[i].data.ptr;
             if (evs[i].events & EPOLLOUT) {

@@ -35,8 +35,8 @@ def web_config(kind: str, port: int, **http: object) -> dict[str, object]:
     return cfg
 
 
-@pytest.mark.parametrize("kind", ["asgi", "wsgi"])
-def test_keepalive_connections_move_with_no_reconnect(tmp_path, kind):
+@pytest.mark.parametrize("kind, server", [("asgi", "upgraderd"), ("wsgi", "upgraderd"), ("flask", "flask")])
+def test_keepalive_connections_move_with_no_reconnect(tmp_path, kind, server):
     port = free_port()
     with Daemon(tmp_path, web_config(kind, port)).start() as d:
         load = KeepAliveLoad("127.0.0.1", port, clients=CLIENTS, max_seconds=120)
@@ -48,7 +48,7 @@ def test_keepalive_connections_move_with_no_reconnect(tmp_path, kind):
     for gen in report.generations:
         assert report.stale[gen] == {}, f"generation {gen}: answers from an old generation"
         assert report.fresh[gen] > 0
-    assert all(" server=upgraderd " in body for body in result.bodies)
+    assert all(f" server={server} " in body for body in result.bodies)
     # Not one close, announced or not: every client is on its first connection.
     assert (load.announced, load.unannounced, load.connections) == (0, 0, CLIENTS)
     assert "SIGKILL" not in log

@@ -10,6 +10,7 @@ throughput of a hello-world app).
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Any, Callable
@@ -31,10 +32,9 @@ class AccessLog:
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
-        self.prefix = ""
 
     def _write(self, level: str, message: str) -> None:
-        sys.stderr.write(f"{_now()} upgraderd[{_pid()}] {level} {message}\n")
+        sys.stderr.write(f"{_now()} upgraderd[{os.getpid()}] {level} {message}\n")
 
     def request(self, client: tuple[str, int] | None, scope: dict[str, Any], status: int, sent: int,
                 seconds: float) -> None:
@@ -49,11 +49,6 @@ class AccessLog:
         """Log a request answered by the server itself (bad input, limits, timeouts, failures)."""
         if self.enabled or status >= 500:
             self._write("WARNING" if status < 500 else "ERROR", f"{_who(client)} refused: {status}")
-
-
-def _pid() -> int:
-    import os
-    return os.getpid()
 
 
 def forwarded(headers: list[tuple[bytes, bytes]], client: tuple[str, int],

@@ -43,7 +43,7 @@ from upgraderd.worker.orphan import OrphanWatch
 IDLE_GRACE = 1.0     # seconds an idle connection is kept after the drain starts (no taker)
 ACCEPT_BATCH = 32    # connections accepted per listener wake-up
 WS_MOVE_WAIT = 2.0   # seconds a WebSocket that opted in may take to reach a message boundary, else 1012
-TICK = 0.5           # housekeeping: the date header, metric files, the parent check, drain progress
+TICK = 0.5           # housekeeping: timeouts, the date header, metric files, the parent check, drain progress
 ASGI = {"version": "3.0", "spec_version": "2.3"}
 
 
@@ -269,6 +269,9 @@ class WebServer:
 
     def _tick(self) -> None:
         self.date_header = b"date: " + formatdate(usegmt=True).encode() + b"\r\n"
+        now = self.loop.time()
+        for proto in list(self.conns):
+            proto.expire(now)   # timeouts are checked here, to within TICK (h1.py)
         self.metrics.flush()
         if not self.draining and self.orphan.should_drain():
             self.drain()
