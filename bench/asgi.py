@@ -197,7 +197,10 @@ def reloads(client: Path, tmp: Path, system: str, mode: str, hups: int, interval
         report = load(client, port, 1.5 + hups * interval + 1.0, mode, "/", think_ms=think_ms)
         t.join()
         d.settled()   # HUPs that came while a generation was STARTING were coalesced (logged as queued)
-        active = [float(x) for x in re.findall(r"reload done: generation \d+ ACTIVE ([0-9.]+)s after HUP", d.log())]
+        log = d.log()
+        active = [float(x) for x in re.findall(r"reload done: generation \d+ ACTIVE ([0-9.]+)s after HUP", log)]
+        # The generation's own start (a HUP that came while one was STARTING waits for it: coalesced).
+        starts = [float(x) for x in re.findall(r"generation (?!1 )\d+ STARTING -> ACTIVE after ([0-9.]+)s", log)]
     slots, t0 = report["slots"], report["t0"]
 
     def rate(lo: float, hi: float) -> float:
@@ -210,6 +213,7 @@ def reloads(client: Path, tmp: Path, system: str, mode: str, hups: int, interval
     ratios = [rate(h, h + WINDOW) / base for h in sent] if base else [0.0]
     return {"errors": report["errors"], "reconnects": report["closes"],
             "active_p50_ms": statistics.median(active) * 1000 if active else -1.0,
+            "start_p50_ms": statistics.median(starts) * 1000 if starts else -1.0,
             "first_250ms_median": statistics.median(ratios), "first_250ms_min": min(ratios),
             "requests": report["requests"], "hups": len(active), "sent": len(sent)}
 
@@ -246,7 +250,8 @@ def main() -> int:
             for mode in ("keepalive", "close"):
                 r = reloads(client, tmp, system, mode, args.hups, args.interval, args.think)
                 print(f"  {system:18} {mode:9} requests {r['requests']:7.0f} failed {r['errors']:3.0f} "
-                      f"reconnects {r['reconnects']:4.0f}  HUP->ACTIVE p50 {r['active_p50_ms']:6.0f} ms  "
+                      f"reconnects {r['reconnects']:4.0f}  HUP->ACTIVE p50 {r['active_p50_ms']:6.0f} ms "
+                      f"(STARTING->ACTIVE {r['start_p50_ms']:5.0f} ms)  "
                       f"first 250 ms / steady: median {r['first_250ms_median']:.2f} min {r['first_250ms_min']:.2f} "
                       f"({r['hups']:.0f} reloads for {r['sent']:.0f} HUPs)", flush=True)
     return 0
