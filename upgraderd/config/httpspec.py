@@ -14,10 +14,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from upgraderd.contract import env as contract
 from upgraderd.config.validators import Invalid, opt, integer, duration, one_of, string, _show
 from upgraderd.config.appspec import boolean
 
-ENV = "UPGRADERD_HTTP"
+ENV = contract.HTTP
 
 
 def networks(v: Any) -> tuple[str, ...]:

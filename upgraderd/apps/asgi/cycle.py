@@ -22,7 +22,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from upgraderd.apps.asgi.h1 import HttpProtocol
+    from upgraderd.apps.asgi.roles import HttpConn
 
 HIGH_WATER = 65536
 STATUS_TEXT: dict[int, bytes] = {}
@@ -48,7 +48,7 @@ class Cycle:
                  "status", "chunked", "length_left", "keep_alive", "disconnected", "head_only",
                  "expect_continue", "sent_bytes", "task")
 
-    def __init__(self, conn: HttpProtocol, scope: dict[str, Any], keep_alive: bool, expect_continue: bool) -> None:
+    def __init__(self, conn: HttpConn, scope: dict[str, Any], keep_alive: bool, expect_continue: bool) -> None:
         self.conn = conn
         self.scope = scope
         self.chunks: deque[bytes] = deque()

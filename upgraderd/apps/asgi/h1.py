@@ -29,13 +29,13 @@ import httptools
 from upgraderd.apps.asgi.cycle import Cycle, status_line
 
 if TYPE_CHECKING:
-    from upgraderd.apps.asgi.server import WebServer
+    from upgraderd.apps.asgi.roles import WebHost
 
 
 class HttpProtocol(asyncio.Protocol):
     """An asyncio protocol serving one client connection to an ASGI app."""
 
-    def __init__(self, server: WebServer, listener: str) -> None:
+    def __init__(self, server: WebHost, listener: str) -> None:
         self.server = server
         self.listener = listener
         self.loop = server.loop

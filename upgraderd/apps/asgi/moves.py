@@ -29,9 +29,7 @@ from upgraderd.apps.asgi import wsmove
 from upgraderd.worker import handoff
 
 if TYPE_CHECKING:
-    from upgraderd.apps.asgi.h1 import HttpProtocol
-    from upgraderd.apps.asgi.server import WebServer
-    from upgraderd.apps.asgi.websocket import WebSocketProtocol
+    from upgraderd.apps.asgi.roles import Movable, WebHost
 
 RETRY = 2.0   # seconds between two searches for takers while connections are left and none was found
 
@@ -39,7 +37,7 @@ RETRY = 2.0   # seconds between two searches for takers while connections are le
 class WebMoves:
     """The taking and giving ends of one web worker."""
 
-    def __init__(self, server: WebServer) -> None:
+    def __init__(self, server: WebHost) -> None:
         self.server = server
         self.enabled = handoff.enabled()
         self.taker: handoff.Taker | None = None
@@ -100,7 +98,7 @@ class WebMoves:
               f"{moved} of {held} connection(s) to {self.giver.targets} worker(s) in "
               f"{(time.monotonic() - started) * 1000:.0f} ms", file=sys.stderr, flush=True)
 
-    def give(self, protos: list[HttpProtocol] | list[WebSocketProtocol]) -> int:
+    def give(self, protos: list[Movable]) -> int:
         """Offer idle connections to the takers; return how many moved."""
         if not protos or not self.giving:
             return 0

@@ -38,7 +38,7 @@ from upgraderd.apps.asgi.lifespan import App, Lifespan
 from upgraderd.apps.asgi.moves import WebMoves
 from upgraderd.apps.asgi.settings import Settings
 from upgraderd.apps.connmetrics import ACCEPTED, CLOSED, ConnectionMetrics
-from upgraderd.worker.orphan import OrphanWatch
+from upgraderd.worker.outlive import OrphanWatch
 
 IDLE_GRACE = 1.0     # seconds an idle connection is kept after the drain starts (no taker)
 ACCEPT_BATCH = 32    # connections accepted per listener wake-up

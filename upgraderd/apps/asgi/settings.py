@@ -12,7 +12,9 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any
 
-ENV = "UPGRADERD_HTTP"
+from upgraderd.contract import env as contract
+
+ENV = contract.HTTP
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 from upgraderd.apps.asgi import wsmove
 
 if TYPE_CHECKING:
-    from upgraderd.apps.asgi.server import WebServer
+    from upgraderd.apps.asgi.roles import WebHost
 
 SERVICE_RESTART = 1012
 CLOSE_WAIT = 2.0   # seconds we wait for the client's close frame before closing the TCP connection
@@ -47,7 +47,7 @@ CLOSE_WAIT = 2.0   # seconds we wait for the client's close frame before closing
 class WebSocketProtocol(asyncio.Protocol):
     """One WebSocket connection between a client and the ASGI app."""
 
-    def __init__(self, server: WebServer, scope: dict[str, Any], listener: str,
+    def __init__(self, server: WebHost, scope: dict[str, Any], listener: str,
                  transport: asyncio.Transport | None = None, resumed: bool = False) -> None:
         self.server, self.scope, self.listener = server, scope, listener
         self.transport = cast(asyncio.Transport, transport)   # None until connection_made when adopted
