@@ -210,7 +210,7 @@ def reloads(client: Path, tmp: Path, system: str, mode: str, hups: int, interval
               if w > t0 + 0.5 and w + WINDOW < t0 + len(slots) / 100 - 0.2
               and all(not (h - WINDOW < w < h + 1.0) for h in sent)]
     base = statistics.median(steady) if steady else 0.0
-    ratios = [rate(h, h + WINDOW) / base for h in sent] if base else [0.0]
+    ratios = [rate(h, h + WINDOW) / base for h in sent] if base and sent else [0.0]
     return {"errors": report["errors"], "reconnects": report["closes"],
             "active_p50_ms": statistics.median(active) * 1000 if active else -1.0,
             "start_p50_ms": statistics.median(starts) * 1000 if starts else -1.0,
@@ -244,6 +244,8 @@ def main() -> int:
                       f"{med['nc_p99']:7.0f} {sum(row['errors']):6.0f} {med['mem_kb'] / 1024:8.1f}  "
                       f"{med['ka_rps'] / uv['ka_rps']:.2f} {med['nc_rps'] / uv['nc_rps']:.2f}")
             print("(mem: PSS per worker for upgraderd's forked workers, RSS per worker for the others)")
+        if not args.hups:
+            return 0
         print(f"\nreloads, FastAPI app, {args.hups} HUPs {args.interval} s apart, {CONNS} clients, "
               f"{args.think:g} ms between requests:")
         for system in ("app", "uvicorn_server.py"):
