@@ -84,7 +84,11 @@ def test_ten_restarts_of_a_prefork_master_take_over_every_orphan_and_stop_leaves
         seen |= old
         d = Daemon(tmp_path, cfg).start(wait=False)
         d.wait_log(r"took over \d+ orphaned worker\(s\)")
+        # `stop` finds the master by its pidfile, written once it serves; the orphan with the
+        # client is then still draining (an echo stream never ends by itself: drain.timeout).
+        wait_until(lambda: d.pidfile.read_text().strip() == str(d.pid), 20, "the new master's pidfile")
         seen |= family(d)
+        assert any(alive(p) for p in old), "the orphans were gone before `stop`: nothing tested"
         r = subprocess.run([sys.executable, "-m", "upgraderd", "stop", "--pidfile", str(d.pidfile)],
                            capture_output=True, text=True, cwd=ROOT, timeout=60, stdin=subprocess.DEVNULL)
         assert r.returncode == 0, r.stdout + r.stderr
