@@ -99,7 +99,14 @@ class TemplateAPI(Protocol):
         """Exec a template with its control channel; return its pid or raise SpawnError."""
 
     def fork(self, pid: int, slot: int, env: Mapping[str, str], fds: Sequence[int]) -> None:
-        """Ask template `pid` for a worker in `slot` with `env` and `fds` at 3, 4, ...; raise SpawnError."""
+        """Ask template `pid` for a worker in `slot` with `env` and `fds` at 3, 4, ...; queue the
+        request if its channel is full; raise SpawnError if the template is gone."""
+
+    def flush(self) -> dict[int, int]:
+        """Send queued requests; return {template pid: requests it took now} for each that still has a queue."""
+
+    def writers(self) -> list[int]:
+        """Return the fds of the channels with a queue, for the loop to select for writability."""
 
     def load(self, pid: int, app: str, env: Mapping[str, str]) -> None:
         """Make standby `pid` import `app` with `env` and become a template; raise SpawnError."""

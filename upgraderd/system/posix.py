@@ -126,6 +126,20 @@ def _store(master: Master, store: fdstore.FdStore | None) -> None:
         log.exception("internal error while storing sockets with the service manager; carrying on")
 
 
+def _watch_writes(sel: selectors.BaseSelector, master: Master, before: list[int]) -> list[int]:
+    """Select the template channels that have requests queued for writability, and only those.
+
+    Re-registered each pass, not diffed: a channel closed since may have left its
+    number to a new one, which the kernel's epoll set does not hold.
+    """
+    for fd in before:
+        sel.unregister(fd)   # the selector ignores the kernel's error for a closed fd
+    now = master.system.templates.writers() if master.system.templates is not None else []
+    for fd in now:
+        sel.register(fd, selectors.EVENT_WRITE)
+    return now
+
+
 def run(master: Master) -> int:
     """Serve until the master has no generation left; return its exit code.
 
@@ -142,10 +156,12 @@ def run(master: Master) -> int:
             master.start()
             master.step(set())
             _store(master, store)
+            writing = _watch_writes(sel, master, [])
             while master.generations:
                 sel.select(master.timeout(master.clock()))
                 master.step(inbox.drain())
                 _store(master, store)
+                writing = _watch_writes(sel, master, writing)
     finally:
         if master.metrics is not None:
             master.metrics.close()
