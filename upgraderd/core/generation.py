@@ -14,6 +14,10 @@ Invariants (the master keeps the cross-generation ones):
   after an exponential back-off; after `restart.crash_loop` consecutive quick
   crashes the slot is given up (FATAL) and reported, not respawned forever.
 
+Events cost O(1): live workers are indexed by pid (`_set_pid` is the one
+place a pid changes), and a STARTING generation counts its READY workers, so
+the O(N) all-ready check runs once, not on every READY (N READY were O(N^2)).
+
 Nothing here makes a syscall: processes are started and signalled through the
 `Launcher` the master passes in, and time is the `now` argument, so unit tests
 drive it with a fake clock and a fake launcher.
@@ -103,10 +107,26 @@ class Generation:
     drain_started_at: float | None = None
     reason: str = ""
     readiness: Readiness | None = field(default=None, repr=False)
+    # Every worker whose pid is set, by pid (such a worker is live: see _set_pid).
+    _by_pid: dict[int, Worker] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _readied: int = field(default=0, init=False, repr=False, compare=False)   # READY while STARTING
 
     def __post_init__(self) -> None:
         if self.readiness is None:
             self.readiness = readinessmod.for_spec(self.config.ready)
+
+    def _set_pid(self, w: Worker, pid: int | None) -> None:
+        """Set (or clear) `w`'s pid and keep the pid index in step."""
+        if w.pid is not None and self._by_pid.get(w.pid) is w:
+            del self._by_pid[w.pid]
+        w.pid = pid
+        if pid is not None:
+            self._by_pid[pid] = w
+
+    def _live(self, pid: int) -> Worker | None:
+        """Return the live worker with `pid`, if it is one of ours."""
+        w = self._by_pid.get(pid)
+        return w if w is not None and w.pid == pid and w.state in LIVE_WORKER else None
 
     @property
     def ready_rule(self) -> Readiness:
@@ -134,7 +154,8 @@ class Generation:
                   active_at=data["active_at"], drain_started_at=data["drain_started_at"],
                   reason=str(data["reason"]), readiness=readiness)
         for w in data["workers"]:
-            gen.workers[int(w["slot"])] = Worker(**{**w, "state": WorkerState[w["state"]]})
+            worker = gen.workers[int(w["slot"])] = Worker(**{**w, "state": WorkerState[w["state"]], "pid": None})
+            gen._set_pid(worker, w["pid"])
         return gen
 
     def start(self, now: float) -> None:
@@ -148,14 +169,16 @@ class Generation:
     def _spawn(self, w: Worker, now: float) -> bool:
         w.started_at = now
         try:
-            w.pid = self.launcher.spawn_worker(self, w.slot)
+            pid = self.launcher.spawn_worker(self, w.slot)
         except SpawnError as e:
-            w.pid, w.state = None, WorkerState.EXITED
+            self._set_pid(w, None)
+            w.state = WorkerState.EXITED
             if self.state is GenerationState.STARTING:
                 self._fail(now, f"slot {w.slot}: {e}")
             else:
                 self._crashed(w, now, str(e))
             return False
+        self._set_pid(w, pid)
         w.state, w.ready_at, w.killed = WorkerState.STARTING, None, False
         log.debug("generation %d slot %d: spawned pid %s", self.number, w.slot, w.pid)
         return True
@@ -166,7 +189,7 @@ class Generation:
         if w is None or w.pid is not None or w.state is not WorkerState.STARTING \
                 or self.state not in (GenerationState.STARTING, GenerationState.ACTIVE):
             return False
-        w.pid = pid
+        self._set_pid(w, pid)
         return True
 
     def fail_start(self, now: float, why: str) -> None:
@@ -177,7 +200,11 @@ class Generation:
 
     def pids(self) -> dict[int, Worker]:
         """Return the live workers by pid."""
-        return {w.pid: w for w in self.workers.values() if w.pid is not None and w.state in LIVE_WORKER}
+        return {pid: w for pid, w in self._by_pid.items() if w.state in LIVE_WORKER}
+
+    def has(self, pid: int) -> bool:
+        """Return True if `pid` is a live worker of this generation."""
+        return self._live(pid) is not None
 
     def starting_pids(self) -> list[int]:
         """Return the pids of the workers that are not ready yet."""
@@ -194,11 +221,14 @@ class Generation:
 
     def on_ready(self, pid: int, now: float) -> bool:
         """Record READY=1 from `pid`; return False if it is not a starting worker here."""
-        w = self.pids().get(pid)
+        w = self._live(pid)
         if w is None or w.state is not WorkerState.STARTING:
             return False
         w.state, w.ready_at = WorkerState.READY, now
-        if self.state is GenerationState.STARTING and all(
+        if self.state is not GenerationState.STARTING:
+            return True
+        self._readied += 1   # a STARTING generation's workers only ever get READY, once
+        if self._readied >= len(self.workers) and all(
                 x.state is WorkerState.READY for x in self.workers.values()):
             # STARTING -> ACTIVE
             self._transition(GenerationState.ACTIVE, now, GenerationState.STARTING)
@@ -207,10 +237,11 @@ class Generation:
 
     def on_exit(self, pid: int, exit: Exit, now: float) -> bool:
         """Record that worker `pid` exited; return False if it is not ours."""
-        w = self.pids().get(pid)
+        w = self._live(pid)
         if w is None:
             return False
-        w.pid, w.last_exit, w.state = None, exit, WorkerState.EXITED
+        self._set_pid(w, None)
+        w.last_exit, w.state = exit, WorkerState.EXITED
         if w.retiring:
             del self.workers[w.slot]
             log.info("generation %d slot %d: retired (pid %d %s)", self.number, w.slot, pid, exit.describe())
@@ -309,7 +340,7 @@ class Generation:
             self.launcher.signal_worker(w.pid, sig)
 
     def _retire_if_empty(self, now: float) -> None:
-        if self.pids():
+        if any(w.state in LIVE_WORKER for w in self._by_pid.values()):   # the first one, as a rule
             return
         # DRAINING -> RETIRED, FAILED -> RETIRED
         self._transition(GenerationState.RETIRED, now, GenerationState.DRAINING, GenerationState.FAILED)
