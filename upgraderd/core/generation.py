@@ -14,9 +14,8 @@ Invariants (the master keeps the cross-generation ones):
   after an exponential back-off; after `restart.crash_loop` consecutive quick
   crashes the slot is given up (FATAL) and reported, not respawned forever.
 
-Events cost O(1): live workers are indexed by pid (`_set_pid` is the one
-place a pid changes), and a STARTING generation counts its READY workers, so
-the O(N) all-ready check runs once, not on every READY (N READY were O(N^2)).
+Events cost O(1): live workers are indexed by pid (`_set_pid` alone changes a pid), and
+a STARTING generation counts READY workers, so the O(N) all-ready check runs once.
 
 Nothing here makes a syscall: processes are started and signalled through the
 `Launcher` the master passes in, and time is the `now` argument, so unit tests
@@ -365,6 +364,8 @@ class Generation:
                             f"(slots {', '.join(map(str, late))} {self.ready_rule.failure})")
 
     def _ready_by_delay(self, now: float) -> None:
+        if self.ready_rule.ready_at(0.0) is None:   # time alone makes none ready: skip the O(N) walk
+            return
         for pid, w in list(self.pids().items()):
             due = self.ready_rule.ready_at(w.started_at)
             if w.state is WorkerState.STARTING and due is not None and now >= due:
@@ -379,7 +380,7 @@ class Generation:
                 self._spawn(w, now)
 
     def _tick_draining(self, now: float) -> None:
-        for pid, w in self.pids().items():
+        for pid, w in self._by_pid.items():   # every worker in the index is live
             if w.kill_at is not None and now >= w.kill_at and not w.killed:
                 log.warning("generation %d slot %d: pid %d still running after drain timeout "
                             "%gs; SIGKILL", self.number, w.slot, pid, self.config.drain.timeout)

@@ -235,7 +235,6 @@ class Prefork:
         gens = list(generations)
         self._sweep(gens)
         self._feed(now)
-        workers = {pid for g in gens for pid in g.pids()}
         out = []
         self._keep_standby(gens, now)
         for ex in exits:
@@ -245,7 +244,7 @@ class Prefork:
             if ex.pid in self.owner:
                 self._template_exited(ex, now)
                 continue
-            if ex.pid not in workers:
+            if not any(g.has(ex.pid) for g in gens):
                 self.unknown[ex.pid] = ex
                 while len(self.unknown) > UNKNOWN_EXITS:
                     self.unknown.popitem(last=False)

@@ -45,8 +45,17 @@ def is_udp(key: SocketKey) -> bool:
 
 def keys_for(cfg: Config, slots: Iterable[int], gen: int = 0) -> set[SocketKey]:
     """Return every socket key that worker slots `slots` of a `cfg` generation (number `gen`) use."""
-    return {key_for(spec, slot, gen) for spec in cfg.listeners if spec.mode != "worker-bind"
-            for slot in slots}
+    slots = list(slots)
+    keys: set[SocketKey] = set()
+    for spec in cfg.listeners:   # one key_for per listener, not per slot: this runs every loop pass
+        if spec.mode == "worker-bind" or not slots:
+            continue
+        host, port, mode, _ = key_for(spec, 0, gen)
+        if spec.mode == "reuseport":
+            keys.update((host, port, mode, slot) for slot in slots)
+        else:
+            keys.add((host, port, mode, 0))
+    return keys
 
 
 @dataclass(frozen=True)
