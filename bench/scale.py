@@ -12,8 +12,8 @@ measured (steady state: the standby has done its imports and waits, as
 - the master's CPU per HUP: utime+stime from /proc/PID/stat, from just
   before the HUP until the old generation has retired and the new standby
   is up (so it includes the drain, reaping and the standby's start);
-- the generation's CPU: utime+stime of its template and workers, read in
-  steady state (what the new generation cost the machine, whatever the load;
+- the generation's CPU: utime+stime of its template (less what it used as
+  a standby before the HUP) and workers, read in steady state (what the new generation cost the machine, whatever the load;
   divided by the cores it bounds HUP -> ACTIVE on an idle machine from below);
 - the workers' total PSS (/proc/PID/smaps_rollup) and the master's RSS
   (VmRSS), read after the last reload.
@@ -113,12 +113,13 @@ def run_count(count: int, reloads: int) -> dict[str, float]:
         steady(d, count)
         cpu, gen_cpu = [], []
         for n in range(2, reloads + 2):
-            before = cpu_seconds(d.pid)
+            standby = max(pid for pid, comm in children(d.pid).items() if comm == "upgraderd-tmpl")
+            before, preloaded = cpu_seconds(d.pid), cpu_seconds(standby)   # its imports came before the HUP
             d.send(signal.SIGHUP)
             d.wait_log(rf"reload done: generation {n} ACTIVE", timeout=180)
             steady(d, count)
             cpu.append(cpu_seconds(d.pid) - before)
-            gen_cpu.append(generation_cpu(d.pid))
+            gen_cpu.append(generation_cpu(d.pid) - preloaded)
         took = [float(x) for x in re.findall(r"ACTIVE ([0-9.]+)s after HUP", d.log())]
         assert len(took) == reloads and "queue full" not in d.log()
         workers = [pid for pid, comm in children(d.pid).items() if comm == "upgraderd-work"]
