@@ -12,8 +12,8 @@ measured (steady state: the standby has done its imports and waits, as
 - the master's CPU per HUP: utime+stime from /proc/PID/stat, from just
   before the HUP until the old generation has retired and the new standby
   is up (so it includes the drain, reaping and the standby's start);
-- the generation's CPU: utime+stime of its template (less what it used as
-  a standby before the HUP) and workers, read in steady state (what the new generation cost the machine, whatever the load;
+- the generation's CPU: the run time (/proc/PID/schedstat) of its template
+  (less what it used as a standby before the HUP) and workers, read in steady state (what the new generation cost the machine, whatever the load;
   divided by the cores it bounds HUP -> ACTIVE on an idle machine from below);
 - the workers' total PSS (/proc/PID/smaps_rollup) and the master's RSS
   (VmRSS), read after the last reload.
@@ -59,6 +59,18 @@ def cpu_seconds(pid: int) -> float:
     stat = Path(f"/proc/{pid}/stat").read_bytes()
     fields = stat[stat.rfind(b")") + 2:].split()
     return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def run_seconds(pid: int) -> float:
+    """Return the CPU time `pid` has run, in seconds, to the nanosecond (/proc/PID/schedstat).
+
+    utime and stime are sampled in clock ticks (10 ms): a worker's start-up, a
+    few ms, mostly reads as 0 there.
+    """
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def children(pid: int) -> dict[int, str]:
@@ -114,7 +126,7 @@ def run_count(count: int, reloads: int) -> dict[str, float]:
         cpu, gen_cpu = [], []
         for n in range(2, reloads + 2):
             standby = max(pid for pid, comm in children(d.pid).items() if comm == "upgraderd-tmpl")
-            before, preloaded = cpu_seconds(d.pid), cpu_seconds(standby)   # its imports came before the HUP
+            before, preloaded = cpu_seconds(d.pid), run_seconds(standby)   # its imports came before the HUP
             d.send(signal.SIGHUP)
             d.wait_log(rf"reload done: generation {n} ACTIVE", timeout=180)
             steady(d, count)
@@ -138,7 +150,7 @@ def generation_cpu(master: int) -> float:
     templates = sorted(pid for pid, comm in kids.items() if comm == "upgraderd-tmpl")
     # The standby is the newest template (pids grow here; the bench runs far from a wrap-around).
     mine = [pid for pid, comm in kids.items() if comm == "upgraderd-work"] + templates[:-1]
-    return sum(cpu_seconds(pid) for pid in mine)
+    return sum(run_seconds(pid) for pid in mine)
 
 
 def main() -> None:
