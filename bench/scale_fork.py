@@ -10,8 +10,9 @@ imported, gc frozen), against k middles forking N/k workers each at once:
 Each forked child blocks on a gate, as a worker does until its SPAWNED went
 out, so only the forks are timed (from the first fork of the first middle
 to the last middle's report); then the gate opens, the children exit and are
-reaped. It prints the median wall time of the fork phase, per worker, and the
-speed-up over one middle, and the CPU count: what k middles can gain is
+reaped. It prints the median wall time of the fork phase, per worker, the
+speed-up over one middle, and the middles' CPU time per fork (which the
+machine's load hardly changes), and the CPU count: what k middles can gain is
 bounded by the cores (here 2) and by the per-fork cost, which is mostly the
 copy of the template's page tables.
 """
@@ -27,8 +28,9 @@ import time
 from upgraderd.apps import template
 
 
-def fork_phase(count: int, middles: int) -> float:
-    """Fork `count` gated children from `middles` middle processes; return the fork phase's seconds."""
+def fork_phase(count: int, middles: int) -> tuple[float, float]:
+    """Fork `count` gated children from `middles` middle processes; return the fork phase's
+    wall seconds and the CPU seconds the middles spent forking (load-independent)."""
     gate_r, gate_w = os.pipe()
     done_r, done_w = os.pipe()
     shares = [count // middles + (1 if i < count % middles else 0) for i in range(middles)]
@@ -39,25 +41,27 @@ def fork_phase(count: int, middles: int) -> float:
         if middle == 0:
             try:
                 os.close(gate_w)
+                cpu = time.process_time()
                 for _ in range(share):
                     if os.fork() == 0:
                         os.read(gate_r, 1)
                         os._exit(0)
-                os.write(done_w, b"1")
+                os.write(done_w, f"{time.process_time() - cpu:.9f}\n".encode())
             finally:
                 os._exit(0)
         pids.append(middle)
-    got = 0
-    while got < middles:
-        got += len(os.read(done_r, middles))
+    reports = b""
+    while reports.count(b"\n") < middles:
+        reports += os.read(done_r, 4096)
     took = time.perf_counter() - t0
+    cpu = sum(float(x) for x in reports.split())
     for pid in pids:
         os.waitpid(pid, 0)
     os.close(gate_w)   # EOF opens every gate; the children (re-parented to init, or to us) exit
     os.close(gate_r)
     os.close(done_r)
     os.close(done_w)
-    return took
+    return took, cpu
 
 
 def main() -> None:
@@ -71,14 +75,17 @@ def main() -> None:
     gc.freeze()
     rss = int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1])
     print(f"template-like process: RSS {rss / 1024:.0f} MB, {os.cpu_count()} CPUs")
-    print(f"{'workers':>7} {'middles':>7} {'fork phase':>11} {'per worker':>11} {'speed-up':>8}")
+    print(f"{'workers':>7} {'middles':>7} {'fork phase':>11} {'per worker':>11} {'speed-up':>8} "
+          f"{'CPU per fork':>12}")
     for count in args.counts:
         base = 0.0
         for k in args.middles:
-            took = statistics.median(fork_phase(count, k) for _ in range(args.repeats))
+            runs = [fork_phase(count, k) for _ in range(args.repeats)]
+            took = statistics.median(r[0] for r in runs)
+            cpu = statistics.median(r[1] for r in runs)
             base = base or took
-            print(f"{count:>7} {k:>7} {took * 1e3:>8.1f} ms {took / count * 1e6:>8.0f} us {base / took:>7.2f}x",
-                  flush=True)
+            print(f"{count:>7} {k:>7} {took * 1e3:>8.1f} ms {took / count * 1e6:>8.0f} us {base / took:>7.2f}x "
+                  f"{cpu / count * 1e6:>9.0f} us", flush=True)
 
 
 if __name__ == "__main__":
