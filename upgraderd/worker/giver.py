@@ -33,10 +33,6 @@ from upgraderd.worker.peers import Channel, Peer
 
 BATCH = 64  # offers in flight to one taker (it holds at most MAX_PENDING = 128)
 TAKERS = 8  # takers one giver connects to, at most (more only replace those that fail)
-# How long a taker may take to answer a batch. 2 s lost connections at 50,000 over 16
-# workers on a loaded 2-core machine: takers busy adopting thousands of connections were
-# dropped as silent, and what the giver kept was drained (bench/connections.py).
-TIMEOUT = 10.0
 
 
 class _Target:
@@ -55,7 +51,7 @@ class _Target:
 class Giver:
     """Offers this worker's connections to other workers of the same master (blocking)."""
 
-    def __init__(self, *, master: int | None = None, timeout: float = TIMEOUT,
+    def __init__(self, *, master: int | None = None, timeout: float = 2.0,
                  trust: Callable[[Peer, Channel], bool] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.generation, self.slot = identity()
