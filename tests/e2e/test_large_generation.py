@@ -2,7 +2,7 @@
 
 With one request packet per worker on the template's control channel, 56 or
 more workers used to fill the channel and fail generation 1 ("queue full");
-the master now queues what the channel cannot take yet (system/template.py).
+the master now queues what the channel cannot take yet (system/templatectl.py).
 """
 
 from __future__ import annotations

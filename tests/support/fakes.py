@@ -6,7 +6,7 @@
 - `FakeNotify`: what the Master uses of `NotifyServer`; `receive()` returns
   scripted (pid, payload) pairs.
 - `FakeLauncher`: the `Launcher` a `Generation` is given, for testing it alone.
-- `FakeTemplates`: the `TemplateAPI` of system/template.py; templates are fake
+- `FakeTemplates`: the `TemplateAPI` of system/templatectl.py; templates are fake
   processes, fork requests are recorded, and `room` models a control channel
   that fills: requests beyond it queue until the template `read()`s.
 - `FakeWatcher`: the `WatcherAPI` of system/inotify.py; events are scripted with
