@@ -16,11 +16,11 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from tests.support.fakes import FakeClock, FakeNotify, FakeProcessAPI, fake_system
+from tests.support.fakes import FakeClock, FakeExec, FakeNotify, FakeProcessAPI, fake_system
 from tests.support.upgraderd_proc import free_port
 from upgraderd.core.generation import GenerationState as G, WorkerState as W
 from upgraderd.core.durations import Durations
-from upgraderd.core.master import FAST_STOP_GRACE, Master
+from upgraderd.core.master import FAST_STOP_GRACE, Master, assemble
 
 HUP, TERM, INT, KILL, QUIT = signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGKILL, signal.SIGQUIT
 T0 = 100.0
@@ -40,7 +40,9 @@ class Rig:
         self.clock = FakeClock(T0)
         self.procs = FakeProcessAPI()
         self.notify = FakeNotify()
-        self.master = Master(str(self.path), fake_system(self.procs, self.notify), clock=self.clock)
+        self.execs = FakeExec()
+        self.master = assemble(str(self.path), fake_system(self.procs, self.notify, execs=self.execs),
+                               clock=self.clock)
 
     def write(self, count: int = 2, **sections: Any) -> None:
         doc: dict[str, Any] = {

@@ -7,7 +7,7 @@ from pathlib import Path
 from tests.support.fakes import FakeNotify, FakeProcessAPI, fake_system
 from tests.support.upgraderd_proc import free_port as _free_port
 from upgraderd.core.generation import GenerationState, WorkerState
-from upgraderd.core.master import Master
+from upgraderd.core.master import Master, assemble
 
 
 def _master(tmp_path, ready: str):
@@ -25,7 +25,7 @@ kernel: {{tcp_migrate_req: ignore}}
 """)
     procs, note = FakeProcessAPI(), FakeNotify()
     clock = [100.0]
-    m = Master(str(path), fake_system(procs, note), clock=lambda: clock[0])
+    m = assemble(str(path), fake_system(procs, note), clock=lambda: clock[0])
     m.start()
     return m, procs, note
 
@@ -46,8 +46,8 @@ def test_spawn_expands_argv_and_sets_the_worker_env(tmp_path):
         assert m.system.probes.pids() == set()
         # `ignore` still reads the setting (for the metric), and the config has a worker-bind listener.
         host_value = int(Path("/proc/sys/net/ipv4/tcp_migrate_req").read_text())  # not via kernel.read_int
-        assert m.tcp_migrate_req == host_value
-        assert m.worker_bind_reset_risk is (host_value != 1)
+        assert m.slots.tcp_migrate_req == host_value
+        assert m.snapshot(100.0).worker_bind_reset_risk is (host_value != 1)
     finally:
         m.system.listeners.close_all()
         m.system.probes.close()

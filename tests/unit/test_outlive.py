@@ -13,8 +13,7 @@ from tests.support.fakes import FakeClock, FakeNotify, FakeProcessAPI, fake_syst
 from tests.support.upgraderd_proc import free_port
 from upgraderd.config import schema
 from upgraderd.core.generation import GenerationState as G
-from upgraderd.core.master import Master
-from upgraderd.core.takeover import Takeover
+from upgraderd.core.master import Master, assemble
 from upgraderd.errors import ConfigError
 from upgraderd.system import activation, orphans, peers
 from upgraderd.worker.orphan import OrphanWatch, grace_from_env
@@ -51,7 +50,7 @@ def _master(tmp_path: Path, found: FakeOrphans, clock: FakeClock) -> tuple[Maste
         "drain": {"timeout": "5s"}}))
     notify = FakeNotify()
     procs = FakeProcessAPI()
-    master = Master(str(path), fake_system(procs, notify), clock=clock, takeover=Takeover(found))
+    master = assemble(str(path), fake_system(procs, notify), clock=clock, orphans=found)
     return master, notify
 
 

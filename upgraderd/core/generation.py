@@ -26,11 +26,12 @@ import enum
 import logging
 import signal
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Mapping, Protocol
 
 from upgraderd.config.schema import Config
 from upgraderd.errors import SpawnError
 from upgraderd.core import readiness as readinessmod
+from upgraderd.core.handover import number, optional_number, records
 from upgraderd.core.readiness import Readiness
 from upgraderd.core.seams import Exit
 
@@ -126,15 +127,17 @@ class Generation:
                 "drain_started_at": self.drain_started_at, "reason": self.reason, "workers": workers}
 
     @classmethod
-    def adopt(cls, data: dict[str, Any], config: Config, launcher: Launcher,
+    def adopt(cls, data: Mapping[str, object], config: Config, launcher: Launcher,
               readiness: Readiness) -> Generation:
-        """Rebuild a generation that an old master exported."""
-        gen = cls(int(data["number"]), config, launcher, created_at=float(data["created_at"]),
-                  state=GenerationState[data["state"]], changed_at=float(data["changed_at"]),
-                  active_at=data["active_at"], drain_started_at=data["drain_started_at"],
+        """Rebuild a generation that an old master exported (`export()`, carried as JSON)."""
+        gen = cls(int(number(data["number"])), config, launcher, created_at=number(data["created_at"]),
+                  state=GenerationState[str(data["state"])], changed_at=number(data["changed_at"]),
+                  active_at=optional_number(data["active_at"]),
+                  drain_started_at=optional_number(data["drain_started_at"]),
                   reason=str(data["reason"]), readiness=readiness)
-        for w in data["workers"]:
-            gen.workers[int(w["slot"])] = Worker(**{**w, "state": WorkerState[w["state"]]})
+        for w in records(data["workers"]):
+            worker = Worker(**{**w, "state": WorkerState[str(w["state"])]})  # type: ignore[arg-type]  # as exported
+            gen.workers[worker.slot] = worker
         return gen
 
     def start(self, now: float) -> None:
