@@ -661,3 +661,14 @@ def test_failed_growing_reload_parks_its_new_slot_sockets_and_risks_nothing(rig:
 def _migrate_req_on_host() -> int:
     """Read net.ipv4.tcp_migrate_req straight from /proc (not through the code under test)."""
     return int(Path("/proc/sys/net/ipv4/tcp_migrate_req").read_text())
+
+
+def test_usr1_asks_the_subscribers_to_reopen_the_log(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    from upgraderd.core import events as ev
+    m = rig.serving()
+    asked: list[ev.LogReopenAsked] = []
+    m.bus.subscribe(ev.LogReopenAsked, asked.append)
+    rig.step(signal.SIGUSR1, at=T0 + 1)
+    assert asked == [ev.LogReopenAsked()]
+    assert "reopened the log file (SIGUSR1)" in caplog.messages
+    assert rig.states() == [(1, G.ACTIVE)]

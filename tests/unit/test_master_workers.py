@@ -60,12 +60,12 @@ def test_stranger_and_garbage_notify_are_counted_and_ignored(tmp_path):
         note.send(4242)
         note.send(1000, b"\x00garbage")
         note.send(1000)
-        m.read_notify(101.0)
+        m.fleet.read_notify(101.0)
         assert m.stats.notify_rejected == 2
         assert gen.workers[0].state is WorkerState.READY
         assert gen.workers[1].state is WorkerState.STARTING
         note.send(4242)
-        m.read_notify(101.0)
+        m.fleet.read_notify(101.0)
         assert m.stats.notify_rejected == 3
         assert gen.state is GenerationState.STARTING
     finally:
@@ -80,12 +80,12 @@ def test_http_mode_probes_each_worker_and_ignores_ready_1(tmp_path):
         ports = {procs.spawn_of(pid).env["UPGRADERD_PROBE_PORT"] for pid in (1000, 1001)}
         assert len(ports) == 2
         note.ready(1000, 1001)
-        m.read_notify(101.0)
+        m.fleet.read_notify(101.0)
         assert m.stats.notify_rejected == 0
         assert m.starting is not None and m.starting.workers[0].state is WorkerState.STARTING
         # A worker that is no longer starting is no longer probed.
         m.starting.workers[0].state = WorkerState.DRAINING
-        m.poll_probes(101.0)
+        m.fleet.poll_probes(101.0)
         assert m.system.probes.pids() == {1001}
     finally:
         m.system.listeners.close_all()

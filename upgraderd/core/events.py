@@ -3,7 +3,7 @@
 The owners (core/fleet.py, core/reloads.py, core/slots.py, core/selfexec.py,
 core/takeover.py) change state; each change that anyone outside the owner
 cares about is reported as one event here. Counters (core/stats.py `Tally`),
-the metrics endpoint (core/publish.py), and the service around the master
+log lines (core/eventlog.py), the metrics endpoint (core/publish.py), and the service around the master
 (pidfile, status file, log settings: service/reporting.py) subscribe to them.
 So a new counter is its declaration in core/stats.py plus one subscription
 line there, and no owner holds a counter.
@@ -67,6 +67,7 @@ class WatchTriggered(Event):
     """A watched path really changed (`reload.watch`): a reload is queued."""
 
     paths: tuple[str, ...] = ()
+    config_path: str = ""
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ class ReexecFailed(Event):
     """The exec of a USR2 re-exec returned: the old master carries on (a failed reload)."""
 
     error: str = ""
+    command: str = ""          # what the exec would have run
 
 
 # -- the fleet (core/fleet.py, core/prefork.py, core/notices.py) --
@@ -165,6 +167,11 @@ class ConnectionsRescued(Event):
     """Connections taken from a dead slot's queue, to hand to READY siblings."""
 
     count: int = 1
+    generation: int = 0
+    slot: int = 0
+    listener: str = ""
+    address: str = ""
+    takers: tuple[int, ...] = ()
 
 
 # -- the rest --
@@ -174,6 +181,7 @@ class OrphansTakenOver(Event):
     """A dead master's orphaned workers were drained (core/takeover.py)."""
 
     count: int = 1
+    pids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

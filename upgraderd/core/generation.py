@@ -4,7 +4,7 @@
        |                                                            '--drain deadline: SIGKILL--> RETIRED
        '--a worker exits / ready timeout / spawn error--> FAILED --all exited--> RETIRED
 
-Invariants (the master keeps the cross-generation ones):
+Invariants (the fleet, core/fleet.py, keeps the cross-generation ones):
 - At most one STARTING and one ACTIVE generation exist at a time.
 - A generation is drained only after its successor is ACTIVE.
 - A FAILED generation's workers are drained, not SIGKILLed at once: a worker
@@ -15,7 +15,7 @@ Invariants (the master keeps the cross-generation ones):
   crashes the slot is given up (FATAL) and reported, not respawned forever.
 
 Nothing here makes a syscall: processes are started and signalled through the
-`Launcher` the master passes in, and time is the `now` argument, so unit tests
+`Launcher` the fleet passes in, and time is the `now` argument, so unit tests
 drive it with a fake clock and a fake launcher.
 """
 
@@ -79,7 +79,7 @@ class Worker:
 
 
 class Launcher(Protocol):
-    """How a generation starts and signals its processes (the master implements it)."""
+    """How a generation starts and signals its processes (core/fleet.py `FleetLauncher` implements it)."""
 
     def spawn_worker(self, gen: Generation, slot: int) -> int | None:
         """Start the worker for `slot` of `gen`; return its pid, None if it comes later

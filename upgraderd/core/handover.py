@@ -1,4 +1,4 @@
-"""The hand-over record of a USR2 master upgrade: what the old master passes to the new one.
+"""The hand-over record of a USR2 re-exec of the master: what the old master passes to the new one.
 
 The old master serialises this record (JSON) and execs the new code in the
 same process (system/reexec.py). The new master adopts the listeners, the

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 from upgraderd import __version__
 from upgraderd.core import events as ev
 from upgraderd.core import snapshot
+from upgraderd.core.eventlog import LogLines
 from upgraderd.core.fleet import FAST_STOP_GRACE, Fleet, FleetSeams
 from upgraderd.core.handover import Handover
 from upgraderd.core.publish import Publisher
@@ -50,14 +51,14 @@ from upgraderd.core.reloads import Reloads, ReloadSeams
 from upgraderd.core.selfexec import SelfExec, SelfExecSeams
 from upgraderd.core.slots import Slots
 from upgraderd.core.stats import Tally
-from upgraderd.core.takeover import Takeover
 
 if TYPE_CHECKING:   # names for annotations only: the master needs no more modules than its owners'
     from upgraderd.config.schema import Config
     from upgraderd.core.generation import Generation
     from upgraderd.core.publish import MetricsStarter
-    from upgraderd.core.seams import OrphanAPI, System
+    from upgraderd.core.seams import System
     from upgraderd.core.stats import Stats
+    from upgraderd.core.takeover import Takeover
 
 log = logging.getLogger("upgraderd")
 
@@ -67,18 +68,19 @@ __all__ = ["FAST_STOP_GRACE", "Master", "assemble"]
 def assemble(config_path: str, system: System, *, bus: ev.Bus | None = None,
              clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
              argv: list[str] | None = None, handover: Handover | None = None,
-             metrics: MetricsStarter | None = None, orphans: OrphanAPI | None = None,
+             metrics: MetricsStarter | None = None, takeover: Takeover | None = None,
              handover_fds: Callable[[], dict[str, int]] = dict,
              pending_signals: Callable[[], Iterable[int]] = tuple) -> Master:
     """Build the owners over `system` and the master that coordinates them.
 
     `bus`: where the service around the master subscribed (a fresh one if
     None); `metrics`: starts the endpoint (None: none, as in unit tests);
-    `orphans`: a dead master's workers to drain once we serve;
+    `takeover`: a dead master's workers to drain once we serve (built on the same bus);
     `handover_fds` and `pending_signals`: what a USR2 re-exec passes on.
     """
     bus = bus or ev.Bus()
     tally = Tally(bus)
+    LogLines(bus)
     publisher = Publisher(metrics, clock, bus, handover.metrics if handover else None)
     fleet = Fleet(FleetSeams(
         system.procs, system.notify, system.probes, system.reserve_port, system.listeners.child_fds,
@@ -92,7 +94,7 @@ def assemble(config_path: str, system: System, *, bus: ev.Bus | None = None,
                                       system.environ, system.exec_master, system.tell_systemd, argv,
                                       pending_signals), reloads, bus, clock)
     return Master(config_path, system, bus, clock, wall, tally, fleet, reloads, slots, selfexec, publisher,
-                  Takeover(orphans, bus) if orphans is not None else None, handover, handover_fds)
+                  takeover, handover, handover_fds)
 
 
 class Master:
@@ -110,7 +112,7 @@ class Master:
         self._prepared: Config | None = None
         self._handlers: dict[signal.Signals, Callable[[float], None]] = {
             signal.SIGHUP: reloads.hup, signal.SIGTERM: self._on_term, signal.SIGQUIT: self._on_term,
-            signal.SIGINT: self._on_int, signal.SIGUSR1: lambda now: bus.emit(ev.LogReopenAsked()),
+            signal.SIGINT: self._on_int, signal.SIGUSR1: self._on_usr1,
             signal.SIGUSR2: self._on_usr2, signal.SIGTTIN: slots.add_worker, signal.SIGTTOU: slots.remove_worker,
         }
 
@@ -209,6 +211,10 @@ class Master:
 
     # -- signals --
 
+    def _on_usr1(self, now: float) -> None:
+        self.bus.emit(ev.LogReopenAsked())
+        log.info("reopened the log file (SIGUSR1)")
+
     def _on_usr2(self, now: float) -> None:
         if self.stopping:
             log.info("received SIGUSR2 while stopping: ignored")
@@ -263,14 +269,6 @@ class Master:
         due = [*self.fleet.deadlines(), self.selfexec.next_deadline(), *self.reloads.deadlines(),
                self.slots.next_deadline(now)]
         return max(0.0, min(1.0, min((d for d in due if d is not None), default=now + 1.0) - now))
-
-    def read_notify(self, now: float) -> None:
-        """Apply every pending notify message from a worker; count strangers."""
-        self.fleet.read_notify(now)
-
-    def poll_probes(self, now: float) -> None:
-        """Advance the HTTP readiness probes; mark workers that answered 2xx ready."""
-        self.fleet.poll_probes(now)
 
     def reap(self, now: float) -> None:
         """Collect exited children: the re-exec's preflight, then templates and workers."""

@@ -109,7 +109,6 @@ class Prefork:
             self._remember(pid, gen)
             warm = pid in self.spares
             self.bus.emit(ev.TemplateStarted(gen.number, pid, "warm" if warm else "cold"))
-            log.info("generation %d: template pid %d started%s", gen.number, pid, " (warm standby)" if warm else "")
             self.spares.discard(pid)
         self.templates.fork(pid, slot, launch.env, launch.fds)
         self.urls[(gen.number, slot)] = launch.ready_url

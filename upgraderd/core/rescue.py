@@ -20,11 +20,9 @@ queued, for the respawned worker to accept, as before.
 
 from __future__ import annotations
 
-import logging
+from upgraderd.core.events import ConnectionsRescued
 from upgraderd.core.generation import Generation, WorkerState
-from upgraderd.core.seams import Rescue, RescueAPI, key_for
-
-log = logging.getLogger("upgraderd")
+from upgraderd.core.seams import Rescue, RescueAPI, key_address, key_for
 
 # How often a slot in back-off is looked at for connections that queued late.
 POLL = 0.05
@@ -45,19 +43,15 @@ def plan(gen: Generation) -> Rescue | None:
     return Rescue(gen.number, socks, takers)
 
 
-def run(gen: Generation, rescuer: RescueAPI) -> list[int]:
+def run(gen: Generation, rescuer: RescueAPI) -> list[ConnectionsRescued]:
     """Take what is queued on the dead slots' sockets of the ACTIVE `gen` to hand it to READY siblings;
-    return the count taken per socket that had any."""
+    return what was taken, per socket that had any."""
     todo = plan(gen)
     if todo is None:
         return []
     counts = rescuer.rescue(todo)
-    for ((host, port, _, slot), name), n in zip(todo.sockets, counts):
-        if n:
-            log.info("generation %d slot %d: took %d connection(s) queued on its socket (%s %s:%d), "
-                     "handing them to slot(s) %s", todo.generation, slot, n, name, host, port,
-                     ", ".join(map(str, todo.takers)))
-    return [n for n in counts if n]
+    return [ConnectionsRescued(n, todo.generation, key[3], name, key_address(key), todo.takers)
+            for (key, name), n in zip(todo.sockets, counts) if n]
 
 
 def deadline(gen: Generation, now: float) -> float | None:

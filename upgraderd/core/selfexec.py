@@ -137,6 +137,5 @@ class SelfExec:
         for handler in logging.getLogger().handlers:
             handler.flush()
         err = s.exec_master(handover, list(s.pending_signals()))
-        log.error("master upgrade failed, carrying on as before: cannot exec %s: %s", " ".join(s.argv), err)
-        self.bus.emit(ev.ReexecFailed(str(err)))
+        self.bus.emit(ev.ReexecFailed(str(err), " ".join(s.argv)))
         s.tell_systemd("READY=1\nSTATUS=master upgrade failed")

@@ -129,8 +129,8 @@ class Slots:
         gen = self.fleet.active
         if gen is None or self.fleet.stopping or self.rescuer is None:
             return
-        for n in rescue.run(gen, self.rescuer):
-            self.bus.emit(ev.ConnectionsRescued(n))
+        for rescued in rescue.run(gen, self.rescuer):
+            self.bus.emit(rescued)
 
     def next_deadline(self, now: float) -> float | None:
         """Return when a slot needs the loop again (a dead slot's socket is watched for late arrivals)."""

@@ -45,9 +45,7 @@ class Takeover:
             pids = self.orphans.pids()
             self.count = len(pids)
             if pids:
-                self.bus.emit(ev.OrphansTakenOver(len(pids)))
-                log.info("draining %d orphaned worker(s) of the dead master: %s", len(pids),
-                         " ".join(map(str, pids)))
+                self.bus.emit(ev.OrphansTakenOver(len(pids), tuple(pids)))
             self.orphans.drain()
             timeout = drain_timeout if drain_timeout is not None else DEFAULT_TIMEOUT
             self.drained_at, self.deadline = now, now + timeout

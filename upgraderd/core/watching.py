@@ -102,8 +102,7 @@ class FileWatch:
         if self._wait_for_parse(prints.get(self.config_path, ""), now):
             return
         self.baseline, self.held = prints, None
-        self.bus.emit(ev.WatchTriggered(tuple(changed)))
-        log.info("watched path changed: %s; reloading %s", ", ".join(changed), self.config_path)
+        self.bus.emit(ev.WatchTriggered(tuple(changed), self.config_path))
         self.queue(now)
 
     def _wait_for_parse(self, config_print: str, now: float) -> bool:

@@ -24,6 +24,7 @@ import logging
 from upgraderd.config.schema import Config
 from upgraderd.core.events import Bus
 from upgraderd.core.master import assemble
+from upgraderd.core.takeover import Takeover
 from upgraderd.errors import FatalError
 from upgraderd.metrics.telemetry import Telemetry
 from upgraderd.service import status
@@ -72,7 +73,8 @@ def run(config_path: str, cfg: Config, pidfile_path: str, daemon: bool = False,
         inbox = SignalInbox()
         taken = orphans if orphans.orphans else None
         master = assemble(config_path, system, bus=bus, argv=argv, handover=handover, metrics=Telemetry.start,
-                          orphans=taken, handover_fds=service.handover_fds, pending_signals=inbox.drain)
+                          takeover=Takeover(taken, bus) if taken is not None else None,
+                          handover_fds=service.handover_fds, pending_signals=inbox.drain)
         try:
             master.prepare(cfg)
         except OSError as e:
