@@ -10,7 +10,7 @@ endpoint (publish.py, snapshot.py), a dead master's orphans (takeover.py);
 the events they report and the bus (events.py); the counters, which subscribe
 to those events (stats.py, durations.py); the generation state machine
 (generation.py), readiness strategies (readiness.py), worker launch
-descriptions (launcher.py), notify judging (notices.py); and the seams to the
+descriptions (launch.py), notify judging (notices.py); and the seams to the
 OS (seams.py).
 
 May import: `upgraderd.config` (frozen, validated configs and pure helpers),

@@ -29,7 +29,7 @@ from upgraderd.core import events as ev
 from upgraderd.core import readiness
 from upgraderd.core.generation import Generation, GenerationState, WorkerState
 from upgraderd.core.handover import config_from_dict, config_to_dict
-from upgraderd.core.launcher import Context, describe
+from upgraderd.core.launch import Context, describe
 from upgraderd.core.notices import NotifyJudge
 from upgraderd.core.prefork import Prefork
 from upgraderd.core.seams import Exit, NotifyAPI, ProbeAPI, ProcessAPI, TemplateAPI

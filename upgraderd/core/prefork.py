@@ -46,7 +46,7 @@ from upgraderd.errors import SpawnError
 
 if TYPE_CHECKING:
     from upgraderd.config.schema import Config
-    from upgraderd.core.launcher import Launch
+    from upgraderd.core.launch import Launch
 
 log = logging.getLogger("upgraderd")
 

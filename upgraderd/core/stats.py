@@ -11,10 +11,11 @@ line in `Tally.__init__` subscribes it. So a new counter touches this file (its
 declaration and its subscription), the owner that emits the event if the event
 is new, and docs/metrics.md.
 
-Invariant: `Tally` is the only writer of a `Stats`, and the only holder of the
-master's one `Stats` object; everyone else reads copies (`Snapshot.stats`). A
-USR2 re-exec replaces that object in one place (`Tally.restore`), so no part of
-the master can go on counting into a stale one.
+Invariant: `Tally` is the only writer of a `Stats`, and the only part of the
+master that keeps the master's one `Stats` object; everyone else reads it
+through the tally (`Master.stats`) or a copy (`Snapshot.stats`). A USR2 re-exec
+replaces that object in one place (`Tally.restore`), so no part of the master
+can go on counting into a stale one.
 """
 
 from __future__ import annotations
