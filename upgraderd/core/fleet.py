@@ -154,6 +154,10 @@ class Fleet:
         for pid, gen in self.judge.ready_pids(messages, owners, now):
             gen.on_ready(pid, now)
 
+    def flush_notices(self, now: float) -> None:
+        """Log the summary of ignored notify messages once its interval has passed."""
+        self.judge.flush(now)
+
     def poll_probes(self, now: float) -> None:
         """Advance the HTTP readiness probes; mark workers that answered 2xx ready."""
         probes = self.seams.probes

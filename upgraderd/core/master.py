@@ -39,7 +39,6 @@ import signal
 import time
 from typing import TYPE_CHECKING, Callable, Iterable
 
-
 from upgraderd import __version__
 from upgraderd.core import events as ev
 from upgraderd.core import snapshot
@@ -284,7 +283,7 @@ class Master:
                                  cfg.drain.timeout if cfg is not None else None)
         self.fleet.forget_retired(now)
         self.slots.close_unused()
-        self.fleet.judge.flush(now)
+        self.fleet.flush_notices(now)
         if self.stopping or self.starting is not None:
             return
         self.selfexec.settle(now, self._record)
