@@ -1,7 +1,7 @@
 """The core's state has owners: drawn from the source, as test_layers.py draws the layers.
 
-- No import cycle among the core's modules, `TYPE_CHECKING` imports included
-  (those are real dependencies of the reader, if not of the interpreter).
+- (No import cycle among the core's modules, `TYPE_CHECKING` imports included,
+  is checked in test_layers.py.)
 - Only core/master.py knows `Master`: no other module imports it, and no
   function outside it takes one as a parameter; the loop (system/posix.py)
   and the service see the master through the `Loop` seam.
@@ -18,38 +18,6 @@ import re
 from tests.unit.test_layers import MODULES
 
 CORE = {name: path for name, path in MODULES.items() if name.startswith("upgraderd.core.")}
-
-
-def every_import(name: str) -> set[str]:
-    """Return the package modules `name` imports, `TYPE_CHECKING` blocks included."""
-    out: set[str] = set()
-    for node in ast.walk(ast.parse(MODULES[name].read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            out |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
-        elif isinstance(node, ast.Import):
-            out |= {a.name for a in node.names}
-    return {m for m in out if m in MODULES and m != name}
-
-
-def test_the_core_has_no_import_cycle_not_even_for_type_checking() -> None:
-    graph = {name: every_import(name) & set(CORE) for name in CORE}
-    state: dict[str, int] = {}
-    stack: list[str] = []
-
-    def walk(name: str) -> None:
-        state[name] = 1
-        stack.append(name)
-        for dep in sorted(graph[name]):
-            if state.get(dep) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(dep):] + [dep]))
-            if dep not in state:
-                walk(dep)
-        stack.pop()
-        state[name] = 2
-
-    for name in sorted(CORE):
-        if name not in state:
-            walk(name)
 
 
 def test_only_the_master_module_knows_the_master() -> None:

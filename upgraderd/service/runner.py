@@ -32,7 +32,7 @@ from upgraderd.service.logsetup import LogSetup
 from upgraderd.service.pidfile import PidFile
 from upgraderd.service.reporting import Service
 from upgraderd.system import posix
-from upgraderd.system.orphans import OrphanSet
+from upgraderd.system.orphanfds import OrphanSet
 from upgraderd.system.signals import SignalInbox
 
 log = logging.getLogger("upgraderd")
