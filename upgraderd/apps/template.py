@@ -1,8 +1,9 @@
 """A generation's template: import the app once, then fork its workers on the master's request.
 
 `python -m upgraderd.apps.template APP` is exec'd by the master once per
-generation (system/templatectl.py), APP being `echo`, `http` or
-`package.module:factory`. It imports the app and everything a worker needs
+generation (system/templatectl.py), APP being `echo`, `http`,
+`package.module:factory` or a web app, `asgi:package.module:app` or
+`wsgi:...` (upgraderd/apps/asgi/). It imports the app and everything a worker needs
 (the built-in event loop and its metric files' writer), freezes the heap so
 the workers share its pages, and then waits on its control channel
 (fd 3): one packet per worker, a JSON object (slot, environment) with the
@@ -66,6 +67,9 @@ HIGH_FD = 64
 def load(app: str) -> Callable[[], int]:
     """Import `app` now; return what runs one worker of it after a fork."""
     import upgraderd.apps.server  # noqa: F401  (imported before the fork, so its pages are shared)
+    if app.partition(":")[0] in ("asgi", "wsgi"):
+        from upgraderd.apps.asgi import entry   # upgraderd's HTTP server for a web app
+        return entry.load(app)
     if ":" not in app:
         module = importlib.import_module(f"upgraderd.apps.{app}")
         main: Callable[[], int] = module.main

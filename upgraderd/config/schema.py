@@ -28,6 +28,7 @@ from upgraderd.config import checks, source, unixlisten
 from upgraderd.config.source import MAX_BYTES, MAX_VALUES  # noqa: F401 (part of this module's API)
 from upgraderd.config.watchlist import watch_paths
 from upgraderd.config.appspec import BUILTIN_APPS, app_name, boolean
+from upgraderd.config.httpspec import HttpSpec
 from upgraderd.errors import ConfigError
 from upgraderd.config.validators import (
     REQUIRED, Invalid, opt, integer, string, name, one_of,
@@ -86,7 +87,8 @@ class WorkerSpec:
 
     count: int = opt(4, integer(1, 1024), "Number of worker processes (slots) per generation.")
     app: str | None = opt(None, app_name, "Built-in app (echo, http) or your own, "
-                          "`package.module:factory`, forked from a template (see `prefork`).")
+                          "`package.module:factory`, forked from a template (see `prefork`); "
+                          "`asgi:package.module:app` or `wsgi:...` for a web app (section `http`).")
     command: tuple[str, ...] | None = opt(None, argv, "argv of the worker program (instead of app).")
     env: dict[str, str] = opt({}, env_map, "Extra environment variables for the workers.")
     cwd: str | None = opt(None, directory, "Working directory of the workers (default: the master's; / in daemon mode).")
@@ -184,6 +186,7 @@ class Config:
     log: LogSpec = opt(LogSpec(), lambda v: v, "Logging.")
     kernel: KernelSpec = opt(KernelSpec(), lambda v: v, "Kernel settings.")
     reload: ReloadSpec = opt(ReloadSpec(), lambda v: v, "Reload on file change.")
+    http: HttpSpec = opt(HttpSpec(), lambda v: v, "HTTP server of `asgi:` and `wsgi:` apps.")
     pidfile: str | None = opt(None, file_path, "Pidfile, written once the master serves "
                               "(default: /run/upgraderd.pid as root, else a per-user runtime path).")
     path: str = field(default="<string>", compare=False, metadata={"internal": True})
@@ -225,7 +228,7 @@ class Config:
 SECTIONS: dict[str, type] = {
     "listeners": ListenerSpec, "workers": WorkerSpec, "ready": ReadySpec,
     "drain": DrainSpec, "restart": RestartSpec, "metrics": MetricsSpec, "log": LogSpec,
-    "kernel": KernelSpec, "reload": ReloadSpec,
+    "kernel": KernelSpec, "reload": ReloadSpec, "http": HttpSpec,
 }
 
 

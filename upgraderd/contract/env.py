@@ -41,6 +41,7 @@ ADDR_PREFIX = "UPGRADERD_ADDR_"            # + the listener's name: its address
 PROBE_PORT = "UPGRADERD_PROBE_PORT"        # the port {probe_port} reserved for an HTTP probe
 TEMPLATE_PARENT = "UPGRADERD_TEMPLATE_PARENT"  # the pid a prefork template must have as parent
 METRICS_DIR = "UPGRADERD_METRICS_DIR"      # where a built-in worker writes its metric files
+HTTP = "UPGRADERD_HTTP"                    # `asgi:`/`wsgi:` apps: the config's `http:` section as JSON
 
 
 def addr_env_name(listener: str) -> str:
