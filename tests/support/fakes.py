@@ -26,6 +26,7 @@ from typing import Any, Mapping, Sequence
 from upgraderd.errors import SpawnError
 from upgraderd.core.generation import Generation
 from upgraderd.config import schema
+from upgraderd.core.handover import Handover
 from upgraderd.core.seams import Exit, System
 from upgraderd.system import posix, sockets
 from upgraderd.system.probe import Prober, reserve_port
@@ -317,11 +318,23 @@ class FakeTemplates:
         return pid not in self.strangers
 
 
-def fake_system(procs: FakeProcessAPI, notify: FakeNotify, watcher: FakeWatcher | None = None) -> System:
-    """Return a `System` of `procs` and `notify` plus the real sockets, probes and kernel."""
-    def no_exec(record: Any, pending: Sequence[int]) -> OSError:
+class FakeExec:
+    """The `exec_master` seam: records each hand-over and fails, like an exec that returned."""
+
+    def __init__(self) -> None:
+        self.records: list[Handover] = []
+        self.pending: list[list[int]] = []
+
+    def __call__(self, record: Handover, pending: Sequence[int]) -> OSError:
+        self.records.append(record)
+        self.pending.append(list(pending))
         return OSError(2, "exec is not available in unit tests")
 
+
+def fake_system(procs: FakeProcessAPI, notify: FakeNotify, watcher: FakeWatcher | None = None,
+                execs: FakeExec | None = None) -> System:
+    """Return a `System` of `procs` and `notify` plus the real sockets, probes and kernel."""
+    no_exec = execs if execs is not None else FakeExec()
     return System(procs=procs, notify=notify, listeners=sockets.ListenerSet(), probes=Prober(),
                   kernel=posix.PosixKernel(), environ={"PATH": "/usr/bin:/bin"}, load_config=schema.load,
                   user_env=user_env, reserve_port=reserve_port, self_command=("/usr/bin/python3", "-m", "upgraderd"),

@@ -9,7 +9,7 @@ import pytest
 from tests.support.fakes import FakeNotify, FakeProcessAPI, FakeTemplates, fake_system
 from tests.support.upgraderd_proc import free_port
 from upgraderd.core.generation import GenerationState, WorkerState
-from upgraderd.core.master import Master
+from upgraderd.core.master import Master, assemble
 from upgraderd.core.seams import Exit
 
 
@@ -26,7 +26,7 @@ kernel: {{tcp_migrate_req: ignore}}
     procs, note, clock = FakeProcessAPI(), FakeNotify(), [100.0]
     system = fake_system(procs, note)
     system.templates = FakeTemplates(procs)
-    m = Master(str(path), system, clock=lambda: clock[0])
+    m = assemble(str(path), system, clock=lambda: clock[0])
     m.start()
     yield m, procs, note, system.templates, clock
     system.listeners.close_all()

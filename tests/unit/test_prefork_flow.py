@@ -7,7 +7,7 @@ import pytest
 from tests.support.fakes import FakeNotify, FakeProcessAPI, FakeTemplates, fake_system
 from tests.support.upgraderd_proc import free_port
 from upgraderd.core.generation import GenerationState
-from upgraderd.core.master import Master
+from upgraderd.core.master import assemble
 from upgraderd.core.seams import Exit
 from upgraderd.core.prefork import STALL
 
@@ -28,7 +28,7 @@ kernel: {{tcp_migrate_req: ignore}}
     procs, note, clock = FakeProcessAPI(), FakeNotify(), [100.0]
     system = fake_system(procs, note)
     system.templates = tpl = FakeTemplates(procs, room=ROOM)
-    m = Master(str(path), system, clock=lambda: clock[0])
+    m = assemble(str(path), system, clock=lambda: clock[0])
     m.start()
     yield m, procs, note, tpl, clock
     system.listeners.close_all()
@@ -45,13 +45,13 @@ def test_a_full_channel_queues_the_rest_and_sends_it_as_the_template_reads(rig):
     gen = m.starting
     assert gen.state is GenerationState.STARTING and slots(tpl) == [0, 1, 2]
     assert [s for _t, s, _e, _f in tpl.queued[template]] == [3, 4, 5, 6]
-    assert m.system.templates.writers() == [template]
+    assert tpl.writers() == [template]
     for taken, want in ((2, [0, 1, 2, 3, 4]), (5, [0, 1, 2, 3, 4, 5, 6])):
         tpl.read(taken)
         clock[0] += 1.0
         m.step(set())   # the loop woke: the channel became writable
         assert slots(tpl) == want
-    assert tpl.queued == {} and m.system.templates.writers() == []
+    assert tpl.queued == {} and tpl.writers() == []
     for slot in range(COUNT):
         note.send(template, f"SPAWNED={slot}:{5000 + slot}".encode())
     note.ready(*range(5000, 5000 + COUNT))
@@ -66,7 +66,7 @@ def test_a_template_that_takes_nothing_fails_its_generation_after_the_stall_dead
     gen = m.starting
     m.step(set())                     # the first pass that finds the queue starts the clock
     assert m.timeout(clock[0]) == pytest.approx(1.0)   # the select timeout is capped at 1s
-    assert min(m.spawner.prefork.deadlines(m.generations)) == pytest.approx(clock[0] + STALL)
+    assert min(m.fleet.prefork.deadlines(m.generations)) == pytest.approx(clock[0] + STALL)
     clock[0] += STALL - 0.5
     tpl.read(1)                       # progress, however slow, restarts the deadline
     m.step(set())
@@ -79,7 +79,7 @@ def test_a_template_that_takes_nothing_fails_its_generation_after_the_stall_dead
     assert gen.state is GenerationState.RETIRED   # FAILED, and no worker was forked
     assert gen.reason == f"template pid {template} took no request for {STALL:g}s (queue full)"
     assert tpl.stopped == [template] and tpl.queued == {}
-    assert m.spawner.prefork.deadlines(m.generations) == []
+    assert m.fleet.prefork.deadlines(m.generations) == []
 
 
 def test_a_stalled_template_of_the_active_generation_only_stops_respawns(rig):

@@ -4,7 +4,7 @@
        |                                                            '--drain deadline: SIGKILL--> RETIRED
        '--a worker exits / ready timeout / spawn error--> FAILED --all exited--> RETIRED
 
-Invariants (the master keeps the cross-generation ones):
+Invariants (the fleet, core/fleet.py, keeps the cross-generation ones):
 - At most one STARTING and one ACTIVE generation exist at a time.
 - A generation is drained only after its successor is ACTIVE.
 - A FAILED generation's workers are drained, not SIGKILLed at once: a worker
@@ -16,9 +16,8 @@ Invariants (the master keeps the cross-generation ones):
 
 Events cost O(1): live workers are indexed by pid (`_set_pid` alone changes a pid), and
 a STARTING generation counts READY workers, so the O(N) all-ready check runs once.
-
 Nothing here makes a syscall: processes are started and signalled through the
-`Launcher` the master passes in, and time is the `now` argument, so unit tests
+`Launcher` the fleet passes in, and time is the `now` argument, so unit tests
 drive it with a fake clock and a fake launcher.
 """
 
@@ -29,18 +28,18 @@ import enum
 import logging
 import signal
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Mapping, Protocol
 
 from upgraderd.config.schema import Config
 from upgraderd.errors import SpawnError
 from upgraderd.core import readiness as readinessmod
+from upgraderd.core.handover import number, optional_number, records
 from upgraderd.core.readiness import Readiness
 from upgraderd.core.seams import Exit
 
 log = logging.getLogger("upgraderd")
 
-# A worker that stayed up this long before dying is not part of a crash loop.
-STABLE_AFTER = 10.0
+STABLE_AFTER = 10.0   # a worker up this long before it died is not part of a crash loop
 
 
 class GenerationState(enum.Enum):
@@ -81,11 +80,10 @@ class Worker:
 
 
 class Launcher(Protocol):
-    """How a generation starts and signals its processes (the master implements it)."""
+    """How a generation starts and signals its processes (core/fleet.py `FleetLauncher` implements it)."""
 
     def spawn_worker(self, gen: Generation, slot: int) -> int | None:
-        """Start the worker for `slot` of `gen`; return its pid, None if it comes later
-        (`on_spawned`), or raise SpawnError."""
+        """Start `slot` of `gen`: return its pid, None if it comes later (`on_spawned`), or raise SpawnError."""
 
     def signal_worker(self, pid: int, sig: int) -> None:
         """Send `sig` to worker `pid`."""
@@ -106,8 +104,7 @@ class Generation:
     drain_started_at: float | None = None
     reason: str = ""
     readiness: Readiness | None = field(default=None, repr=False)
-    # Every worker whose pid is set, by pid (such a worker is live: see _set_pid).
-    _by_pid: dict[int, Worker] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _by_pid: dict[int, Worker] = field(default_factory=dict, init=False, repr=False, compare=False)  # see _set_pid
     _readied: int = field(default=0, init=False, repr=False, compare=False)   # READY while STARTING
 
     def __post_init__(self) -> None:
@@ -145,16 +142,19 @@ class Generation:
                 "drain_started_at": self.drain_started_at, "reason": self.reason, "workers": workers}
 
     @classmethod
-    def adopt(cls, data: dict[str, Any], config: Config, launcher: Launcher,
+    def adopt(cls, data: Mapping[str, object], config: Config, launcher: Launcher,
               readiness: Readiness) -> Generation:
-        """Rebuild a generation that an old master exported."""
-        gen = cls(int(data["number"]), config, launcher, created_at=float(data["created_at"]),
-                  state=GenerationState[data["state"]], changed_at=float(data["changed_at"]),
-                  active_at=data["active_at"], drain_started_at=data["drain_started_at"],
+        """Rebuild a generation that an old master exported (`export()`, carried as JSON)."""
+        gen = cls(int(number(data["number"])), config, launcher, created_at=number(data["created_at"]),
+                  state=GenerationState[str(data["state"])], changed_at=number(data["changed_at"]),
+                  active_at=optional_number(data["active_at"]),
+                  drain_started_at=optional_number(data["drain_started_at"]),
                   reason=str(data["reason"]), readiness=readiness)
-        for w in data["workers"]:
-            worker = gen.workers[int(w["slot"])] = Worker(**{**w, "state": WorkerState[w["state"]], "pid": None})
-            gen._set_pid(worker, w["pid"])
+        for w in records(data["workers"]):
+            worker = Worker(**{**w, "state": WorkerState[str(w["state"])], "pid": None})  # type: ignore[arg-type]  # as exported
+            gen.workers[worker.slot] = worker
+            pid = optional_number(w["pid"])
+            gen._set_pid(worker, None if pid is None else int(pid))
         return gen
 
     def start(self, now: float) -> None:

@@ -1,6 +1,6 @@
 """Prefork generations: one exec'd template per generation forks every worker of it.
 
-A generation whose config is `prefork` (core/launcher.py asks) starts its
+A generation whose config is `prefork` (core/fleet.py `FleetLauncher` asks) starts its
 template with its first worker: one fresh interpreter, so the code on disk at
 the HUP is what runs, that imports the app and then forks a worker per
 request. The template runs apps/template.py; the master talks to it through
@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 from upgraderd.contract import env as contract
 from upgraderd.contract.notify import SPAWNED
+from upgraderd.core import events as ev
 from upgraderd.core.generation import Generation, GenerationState
 from upgraderd.core.notices import parse_fields
 from upgraderd.core.seams import Exit, ProcessAPI, TemplateAPI
@@ -52,8 +53,7 @@ from upgraderd.errors import SpawnError
 
 if TYPE_CHECKING:
     from upgraderd.config.schema import Config
-    from upgraderd.core.launcher import Launch
-    from upgraderd.core.stats import Stats
+    from upgraderd.core.launch import Launch
 
 log = logging.getLogger("upgraderd")
 
@@ -83,12 +83,12 @@ def standby_key(cfg: Config) -> tuple[object, ...]:
 class Prefork:
     """Track templates by generation, and the workers they fork."""
 
-    def __init__(self, templates: TemplateAPI | None, procs: ProcessAPI, stats: Stats,
+    def __init__(self, templates: TemplateAPI | None, procs: ProcessAPI, bus: ev.Bus,
                  next_number: Callable[[], int] = lambda: 0) -> None:
         self.templates = templates
         self.next_number = next_number   # the number the next generation will get
         self.procs = procs
-        self.stats = stats
+        self.bus = bus
         self.live: dict[int, int] = {}                 # generation number -> template pid
         self.owner: OrderedDict[int, Generation] = OrderedDict()   # template pid -> generation
         self.urls: dict[tuple[int, int], str | None] = {}          # pending (generation, slot) -> ready url
@@ -118,8 +118,7 @@ class Prefork:
             self.starts[gen.number] = (launch, env)
             self._remember(pid, gen)
             warm = pid in self.spares
-            self.stats.templates_started["warm" if warm else "cold"] += 1
-            log.info("generation %d: template pid %d started%s", gen.number, pid, " (warm standby)" if warm else "")
+            self.bus.emit(ev.TemplateStarted(gen.number, pid, "warm" if warm else "cold"))
             self.spares.discard(pid)
         self.templates.fork(pid, slot, launch.env, launch.fds)
         self.urls[(gen.number, slot)] = launch.ready_url

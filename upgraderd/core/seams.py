@@ -6,16 +6,18 @@ the master with fakes (tests/support/fakes.py) and the real implementations
 are assembled in one place, `system.posix.posix_system()`.
 
 Invariant: nothing in this module, or in any core module, opens a file,
-a socket or a process itself.
+a socket or a process itself. Every method a caller outside the core uses
+is on its Protocol here too (system/posix.py checks no concrete type).
 """
 
 from __future__ import annotations
 
 import signal as signal_mod
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
+from typing import Callable, Iterable, Mapping, Protocol, Sequence
 
-from upgraderd.config.schema import Config, ListenerSpec, MetricsSpec
+from upgraderd.config.schema import Config, ListenerSpec
+from upgraderd.core.handover import Handover
 
 # (host, port, mode, slot): a socket's identity, whatever listener name it has.
 # A Unix socket's is (path, 0, "shared", 0): a host never starts with "/".
@@ -199,14 +201,20 @@ class ListenerAPI(Protocol):
     def is_steered(self, cfg: Config) -> bool:
         """Return True if every socket group of `cfg` is steered now."""
 
-    def export(self) -> list[dict[str, Any]]:
+    def export(self) -> list[dict[str, object]]:
         """Return every socket as plain data, for a master re-exec."""
 
-    def adopt(self, entries: list[dict[str, Any]]) -> None:
+    def adopt(self, entries: list[dict[str, object]]) -> None:
         """Take over the sockets an old master exported."""
 
     def filenos(self) -> list[int]:
         """Return the fd of every open socket."""
+
+    def keys(self) -> set[SocketKey]:
+        """Return the key of every open socket (for the service manager's fd store)."""
+
+    def fileno_of(self, key: SocketKey) -> int | None:
+        """Return the fd of the socket `key`, or None if it is not open."""
 
     def close_all(self) -> None:
         """Close every socket."""
@@ -290,8 +298,13 @@ class OrphanAPI(Protocol):
     def kill(self) -> None:
         """SIGKILL each live one."""
 
+    def pidfds(self) -> list[int]:
+        """Return the pidfds that track them (kept open across daemonizing)."""
+
     def close(self) -> None:
         """Stop tracking them."""
+
+
 class WatcherAPI(Protocol):
     """inotify on the directories holding the watched paths (see system/inotify.py)."""
 
@@ -311,9 +324,32 @@ class WatcherAPI(Protocol):
         """Stop watching."""
 
 
-# Start the metrics endpoint: (spec, source of the latest view, clock, inherited export).
-MetricsStarter = Callable[[MetricsSpec, Callable[[], Any], Callable[[], float], "dict[str, object] | None"],
-                          "MetricsAPI | None"]
+class Loop(Protocol):
+    """What the select loop (system/posix.py `run`) drives: the master, seen from outside the core."""
+
+    @property
+    def running(self) -> bool:
+        """Return True while a generation is left: the loop ends when none is."""
+
+    @property
+    def exit_code(self) -> int:
+        """Return the code the master exits with."""
+
+    @property
+    def config(self) -> Config | None:
+        """Return the config of the serving generation."""
+
+    def start(self) -> None:
+        """Start the metrics and generation 1 (or adopt a USR2 predecessor's)."""
+
+    def step(self, signals: set[signal_mod.Signals]) -> None:
+        """Run one pass after `select` returned with `signals`."""
+
+    def timeout(self, now: float | None = None) -> float:
+        """Return how long the loop may block in select."""
+
+    def close(self) -> None:
+        """Release what the master started (at exit)."""
 
 
 @dataclass
@@ -336,7 +372,7 @@ class System:
     # Send a message to the service manager ($NOTIFY_SOCKET of the master itself).
     tell_systemd: Callable[[str], None]
     # Exec the master again with the hand-over; returns only if the exec failed.
-    exec_master: Callable[[Any, Sequence[int]], OSError]
+    exec_master: Callable[[Handover, Sequence[int]], OSError]
     # Reload on file change (config `reload.watch`); None: not available.
     watcher: WatcherAPI | None = None
     # Templates for prefork generations (None: not available, such configs fail to start).
