@@ -180,10 +180,15 @@ def _fork_batch(control: socket.socket, batch: list[Request], run: Callable[[], 
         os.waitpid(middle, 0)
         # The middle wrote every line before it exited, so one read takes them all.
         lines = os.read(pid_r, 1 << 16).decode(errors="replace").split()
+        forked = [int(line.partition(":")[0]) for line in lines]
         for line in lines:
             index, _, pid = line.partition(":")
             i = int(index)
             notify.notify(notify.spawned(batch[i][0], int(pid)), batch[i][1].get(contract.NOTIFY_SOCKET))
+        # Every SPAWNED first, then the gates: a worker let run takes the core from the
+        # template (wake-up preemption), so interleaved, the last SPAWNED of a batch
+        # waited for the start-up of all the workers before it.
+        for i in forked:
             os.write(gates[i][1], b"1")
     finally:
         os.close(pid_r)

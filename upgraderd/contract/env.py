@@ -1,6 +1,6 @@
 """The environment a worker is started with: the variables' names and how to read them.
 
-The master sets these in every worker's environment (core/launcher.py) and
+The master sets these in every worker's environment (core/launch.py) and
 the worker library reads them (upgraderd/worker/); docs/workers.md is the
 prose contract. Three groups:
 

@@ -21,10 +21,10 @@ is reported with pid 0.
 program for a TCP group it counts the group's sockets in the kernel, and a
 group with one it did not bind is not steered (its positions are a guess).
 
-`CheckedListeners.ensure` checks at the start and at every reload or grow: the start is refused (exit 3) and a reload fails (`upgraderd reload`
-exits 1), each naming the stranger, so the operator learns of it; the
-serving generation is left alone.
-"""
+`CheckedListeners.ensure` checks at the start and at every reload or grow:
+the start is refused (exit 3) and a reload fails (`upgraderd reload` exits
+1), each naming the stranger, so the operator learns of it; the serving
+generation is left alone. """
 
 from __future__ import annotations
 
