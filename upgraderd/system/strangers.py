@@ -24,7 +24,8 @@ group with one it did not bind is not steered (its positions are a guess).
 `CheckedListeners.ensure` checks at the start and at every reload or grow:
 the start is refused (exit 3) and a reload fails (`upgraderd reload` exits
 1), each naming the stranger, so the operator learns of it; the serving
-generation is left alone. """
+generation is left alone.
+"""
 
 from __future__ import annotations
 
