@@ -66,8 +66,11 @@ class Terminal:
     def wait_for(self, pattern: str, timeout: float = 20) -> re.Match[bytes]:
         """Wait until the terminal shows `pattern`."""
         rx = re.compile(pattern.encode())
-        return wait_until(lambda: rx.search(bytes(self.output)), timeout,  # type: ignore[return-value]
-                          f"{pattern!r} on the terminal; it shows {bytes(self.output)[-500:]!r}")
+        try:
+            return wait_until(lambda: rx.search(bytes(self.output)), timeout,  # type: ignore[return-value]
+                              f"{pattern!r} on the terminal")
+        except AssertionError as e:
+            raise AssertionError(f"{e}; it shows {bytes(self.output)[-500:]!r}") from None
 
     def hang_up(self) -> None:
         """Close the terminal, as a closed ssh session or xterm does: bash gets SIGHUP."""
@@ -87,7 +90,15 @@ def pgid(pid: int) -> int:
     return int(stat[stat.rindex(")") + 2:].split()[2])
 
 
+def try_it() -> list[str]:
+    """Return the commands of the README's "Try it" block, without their comments."""
+    block = (ROOT / "README.md").read_text().split("## Try it", 1)[1].split("```sh\n", 1)[1]
+    return [line.split("  #")[0].strip() for line in block.split("```", 1)[0].splitlines()]
+
+
 def test_try_it_kill_hup_job_from_interactive_bash_loses_nothing(tmp_path: Path) -> None:
+    start, echo, hup, stop = try_it()
+    assert (start, hup, stop) == ("scripts/run &", "kill -HUP %1", "kill -TERM %1")
     port = free_port()
     cfg = yaml.safe_load((ROOT / "config" / "upgraderd.yaml").read_text())
     cfg["listeners"][0]["port"] = port
@@ -111,11 +122,13 @@ def test_try_it_kill_hup_job_from_interactive_bash_loses_nothing(tmp_path: Path)
         logged(r"serving: generation 1 ACTIVE")
         seen |= children(master)
         assert seen and all(pgid(p) != pgid(master) for p in seen), "a worker shares the master's group"
+        term.type(echo.replace("8090", str(port)))            # a client a fresh Debian has: bash
+        term.wait_for(r"\nhello\r?\n")
         streams = Streams(port, 8).start()
         load = Load("127.0.0.1", port, threads=2, max_seconds=60).start("echo")
         try:
             assert streams.wait_ok(40) and load.wait_for_ok(40)
-            term.type("kill -HUP %1")                          # the README's line, as typed
+            term.type(hup)                                     # the README's line, as typed
             logged(r"reload done: generation 2 ACTIVE")
             logged(r"generation 1 DRAINING -> RETIRED")
             seen |= children(master)
@@ -132,7 +145,7 @@ def test_try_it_kill_hup_job_from_interactive_bash_loses_nothing(tmp_path: Path)
         assert load_result.failures == {}, load_result.examples
         assert "killed by SIGHUP" not in log.read_text()
         assert alive(master)
-        os.kill(master, signal.SIGTERM)                        # `kill -TERM %1`; bash is gone
+        os.kill(master, signal.SIGTERM)                        # the README's `stop`; bash is gone
         wait_until(lambda: not alive(master), 30, "the master to exit")
         assert "upgraderd stopped" in log.read_text()
         left = sorted(p for p in seen if alive(p))
