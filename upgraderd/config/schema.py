@@ -30,7 +30,7 @@ from upgraderd.config.watchlist import watch_paths
 from upgraderd.config.appspec import BUILTIN_APPS, app_name, boolean
 from upgraderd.errors import ConfigError
 from upgraderd.config.validators import (
-    REQUIRED, Invalid, opt, integer, string, name, one_of,
+    REQUIRED, Invalid, opt, integer, string, name, one_of, words,
     host, duration, grace, signal_name, argv, env_map, directory, dir_path, file_path, PATH_CHECKS,
     user_name, group_name, listen_address, default_pidfile, _show, _did_you_mean,
 )
@@ -305,6 +305,9 @@ class _Loader:
             return _BAD if sub is None else sub
         check = next(f for f in dataclasses.fields(cls) if f.name == k).metadata["check"]
         raw = self.value(vnode, key)
+        if isinstance(raw, bool) and words(check) and isinstance(vnode, yaml.ScalarNode):
+            # YAML 1.1 made `handoff: off` a boolean; a key that takes words gets the word.
+            raw = vnode.value.lower()
         if raw is _BAD:
             return _BAD
         if check in PATH_CHECKS and isinstance(raw, str) and raw:
