@@ -52,10 +52,10 @@ import sys
 import traceback
 from typing import Any, Callable
 
+from upgraderd.system import proctitle
 from upgraderd.system.notify import notify
 
 PR_SET_PDEATHSIG = 1
-PR_SET_NAME = 15
 CONTROL_FD = 3
 MAX_FDS = 64
 MAX_BATCH = 64
@@ -87,11 +87,6 @@ def _libc() -> ctypes.CDLL:
     if not _LIBC:
         _LIBC.append(ctypes.CDLL(None, use_errno=True))
     return _LIBC[0]
-
-
-def _name(comm: bytes) -> None:
-    """Set /proc/self/comm, so that `ps -o comm` tells a template from its workers."""
-    _libc().prctl(PR_SET_NAME, ctypes.c_char_p(comm[:15]), 0, 0, 0)
 
 
 def _die_with_parent() -> None:
@@ -214,10 +209,10 @@ def _become_worker(control: socket.socket, gate: int, env: dict[str, str], fds: 
         os.close(gate)
         if released:
             gc.enable()
-            _name(b"upgraderd-work")
             _place(fds)
             os.environ.clear()
             os.environ.update(env)
+            proctitle.worker(env)
             os.environ["LISTEN_PID"] = str(os.getpid())
             code = run()
     except SystemExit as e:
@@ -274,15 +269,16 @@ def main(argv: list[str]) -> int:
     # and the forked workers would then copy the pages it touched (gc.freeze's advice).
     gc.disable()
     _die_with_parent()
-    _name(b"upgraderd-tmpl")
     control = _control()
     app = argv[1]
     if app == "--standby":
+        proctitle.standby()
         preload()
         app, env = await_load(control)
         os.environ.clear()
         os.environ.update(env)
         importlib.invalidate_caches()   # a module added since we started must be found
+    proctitle.template()
     try:
         run = load(app)
     except Exception:

@@ -126,9 +126,11 @@ def addr_env_name(listener: str) -> str:
 
 
 def environment(cfg: Config, vals: Mapping[str, str]) -> dict[str, str]:
-    """Return the UPGRADERD_ADDR_<NAME>, UPGRADERD_WORKER_BIND and UPGRADERD_PROBE_PORT variables."""
+    """Return the UPGRADERD_ADDR_<NAME>, UPGRADERD_WORKER_BIND, UPGRADERD_PROBE_PORT and UPGRADERD_NAME variables."""
     env = {addr_env_name(spec.name): spec.address for spec in cfg.listeners}
     env["UPGRADERD_WORKER_BIND"] = ":".join(s.name for s in cfg.listeners if s.mode == "worker-bind")
     if "probe_port" in vals:
         env["UPGRADERD_PROBE_PORT"] = vals["probe_port"]
+    if cfg.name is not None:
+        env["UPGRADERD_NAME"] = cfg.name   # for process titles (system/proctitle.py)
     return env

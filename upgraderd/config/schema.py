@@ -184,6 +184,8 @@ class Config:
     log: LogSpec = opt(LogSpec(), lambda v: v, "Logging.")
     kernel: KernelSpec = opt(KernelSpec(), lambda v: v, "Kernel settings.")
     reload: ReloadSpec = opt(ReloadSpec(), lambda v: v, "Reload on file change.")
+    name: str | None = opt(None, name, "This instance's name, in its process titles "
+                           "(`upgraderd: master [NAME]`, `upgraderd: worker gen 7 slot 2 [NAME]`).")
     pidfile: str | None = opt(None, file_path, "Pidfile, written once the master serves "
                               "(default: /run/upgraderd.pid as root, else a per-user runtime path).")
     path: str = field(default="<string>", compare=False, metadata={"internal": True})

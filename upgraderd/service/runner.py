@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 
-from upgraderd.system import posix
+from upgraderd.system import posix, proctitle
 from upgraderd.config.schema import Config
 from upgraderd.errors import FatalError
 from upgraderd.service.logsetup import LogSetup
@@ -36,6 +36,7 @@ def run(config_path: str, cfg: Config, pidfile_path: str, daemon: bool = False,
 
     Raises AlreadyRunning, ConfigError or FatalError when the master cannot start.
     """
+    proctitle.master(cfg.name)
     pidfile = PidFile(pidfile_path)
     handover = posix.inherited_handover()
     lock_fd = handover.fds.get("pidfile_lock") if handover is not None else None
