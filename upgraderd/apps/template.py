@@ -281,9 +281,12 @@ def main(argv: list[str]) -> int:
     proctitle.template()
     try:
         run = load(app)
-    except Exception:
+    except Exception as e:
         print(f"upgraderd template {os.getpid()}: cannot load {app!r}:", file=sys.stderr)
         traceback.print_exc()
+        # The traceback's last line, for the master's failure reason (`upgraderd reload`).
+        last = traceback.format_exception_only(e)[-1].strip().replace("\n", " ")
+        notify(f"STATUS=cannot load {app!r}: {last}")
         return 3
     gc.freeze()   # the workers' collections leave the template's objects (and their pages) alone
     return serve(control, run)
