@@ -92,3 +92,21 @@ def test_reload_prints_why_the_template_could_not_load_the_app(tmp_path: Path) -
         assert "cannot load 'mymod:mkae': AttributeError: module 'mymod' has no attribute 'mkae'" \
             in r.stderr, r
         assert d.status()["generations"][0]["state"] == "ACTIVE"   # generation 1 still serves
+
+
+def test_keys_that_change_nothing_are_warnings_at_check_and_at_reload(tmp_path: Path) -> None:
+    (tmp_path / "mymod.py").write_text(APP)
+    port = free_port()
+    cfg = app_config(port, tmp_path, "mymod:make")
+    with Daemon(tmp_path, cfg).start() as d:
+        cfg["workers"]["prefork"] = False  # type: ignore[index]
+        d.write_config(cfg)
+        where = next(f"{d.config_path}:{i}:12" for i, line in enumerate(d.config_path.read_text().splitlines(), 1)
+                     if line.strip() == "prefork: false")
+        warning = (f"warning: {where}: workers.prefork: false has no effect: a `module:factory` app "
+                   "is always forked from its generation's template")
+        checked = upgraderd("check", "-c", str(d.config_path))
+        assert checked.returncode == 0 and checked.stderr.splitlines() == [warning], checked
+        r = upgraderd("reload", "-c", str(d.config_path), "--pidfile", str(d.pidfile))
+        assert r.returncode == 0 and r.stderr.splitlines() == [warning], r
+        assert warning.removeprefix("warning: ") in d.log()

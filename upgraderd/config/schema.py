@@ -189,6 +189,8 @@ class Config:
     pidfile: str | None = opt(None, file_path, "Pidfile, written once the master serves "
                               "(default: /run/upgraderd.pid as root, else a per-user runtime path).")
     path: str = field(default="<string>", compare=False, metadata={"internal": True})
+    # Keys the file sets that change nothing (checks.no_effect), located; `check` and reloads say so.
+    warnings: tuple[str, ...] = field(default=(), compare=False, metadata={"internal": True})
 
     @property
     def worker_argv(self) -> tuple[str, ...]:
@@ -385,7 +387,7 @@ def parse(text: str, path: str = "<string>") -> Config:
     if loader.problems:
         raise ConfigError(loader.problems)
     assert cfg is not None
-    return dataclasses.replace(cfg, path=path)
+    return dataclasses.replace(cfg, path=path, warnings=tuple(checks.no_effect(root, cfg, path)))
 
 
 def load(path: str) -> Config:

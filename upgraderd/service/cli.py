@@ -165,6 +165,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if isinstance(cfg, ExitCode):
         return cfg
+    for warning in cfg.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     deep = ""
     if args.deep:
         from upgraderd.service import deepcheck

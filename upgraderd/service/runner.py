@@ -37,6 +37,8 @@ def run(config_path: str, cfg: Config, pidfile_path: str, daemon: bool = False,
     Raises AlreadyRunning, ConfigError or FatalError when the master cannot start.
     """
     proctitle.master(cfg.name)
+    for warning in cfg.warnings:   # held (below) until the log is set up, like every start-up line
+        log.warning("%s", warning)
     pidfile = PidFile(pidfile_path)
     handover = posix.inherited_handover()
     lock_fd = handover.fds.get("pidfile_lock") if handover is not None else None
