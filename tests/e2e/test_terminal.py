@@ -150,6 +150,13 @@ def test_try_it_kill_hup_job_from_interactive_bash_loses_nothing(tmp_path: Path)
         assert "upgraderd stopped" in log.read_text()
         left = sorted(p for p in seen if alive(p))
         assert left == [], f"left behind: {left}"
+        # A clean stop leaves no pidfile, lock or status file behind.
+        assert sorted(p.name for p in tmp_path.glob("upgraderd.pid*")) == []
+        # Every line, the workers' own ("handed N of M connection(s)") included, has the daemon's format.
+        lines = log.read_text().splitlines()
+        assert any("handed" in line for line in lines)
+        odd = [line for line in lines if not re.match(r"\d{4}-\d\d-\d\dT\S+ upgraderd\[\d+\] [A-Z]+ ", line)]
+        assert odd == [], odd
     finally:
         for pid in [master, *seen]:
             if pid and alive(pid):

@@ -131,6 +131,7 @@ def environment(cfg: Config, vals: Mapping[str, str]) -> dict[str, str]:
     env["UPGRADERD_WORKER_BIND"] = ":".join(s.name for s in cfg.listeners if s.mode == "worker-bind")
     if "probe_port" in vals:
         env["UPGRADERD_PROBE_PORT"] = vals["probe_port"]
+    env["UPGRADERD_LOG_FORMAT"] = cfg.log.format   # built-in workers' own lines (apps/logline.py)
     if cfg.name is not None:
         env["UPGRADERD_NAME"] = cfg.name   # for process titles (system/proctitle.py)
     return env

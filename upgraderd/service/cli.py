@@ -216,7 +216,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return cfg
     if args.daemon and not cfg.log.file:
         print(f"{args.config}: log.file: must be set for --daemon (a daemon has no terminal "
-              "to log to)", file=sys.stderr)
+              "to log to); add e.g. `log: {file: /var/log/upgraderd.log}`, or run without --daemon",
+              file=sys.stderr)
         return ExitCode.FAILED
     try:
         return run(os.path.abspath(args.config), cfg, args.pidfile or cfg.pidfile_path,
