@@ -17,6 +17,8 @@ import os
 import sys
 import time
 
+from upgraderd.contract import env as contract
+
 PRIORITY = {"ERROR": 3, "WARNING": 4, "INFO": 6}
 
 
@@ -27,7 +29,7 @@ def line(message: str, level: str = "INFO", now: float | None = None,
     now = time.time() if now is None else now
     dt = datetime.datetime.fromtimestamp(int(now)).astimezone()
     msecs = int((now - int(now)) * 1000)
-    if env.get("UPGRADERD_LOG_FORMAT") == "json":
+    if env.get(contract.LOG_FORMAT) == "json":
         utc = datetime.datetime.fromtimestamp(int(now), datetime.timezone.utc)
         return json.dumps({"time": f"{utc:%Y-%m-%dT%H:%M:%S}.{msecs:03d}Z", "level": level.lower(),
                            "pid": os.getpid(), "message": message}, ensure_ascii=False)

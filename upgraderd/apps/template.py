@@ -1,7 +1,7 @@
 """A generation's template: import the app once, then fork its workers on the master's request.
 
 `python -m upgraderd.apps.template APP` is exec'd by the master once per
-generation (system/template.py), APP being `echo`, `http` or
+generation (system/templatectl.py), APP being `echo`, `http` or
 `package.module:factory`. It imports the app and everything a worker needs
 (the built-in event loop and its metric files' writer), freezes the heap so
 the workers share its pages, and then waits on its control channel
@@ -52,8 +52,9 @@ import sys
 import traceback
 from typing import Any, Callable
 
+from upgraderd.contract import env as contract
+from upgraderd.contract import notify
 from upgraderd.system import proctitle
-from upgraderd.system.notify import notify
 
 PR_SET_PDEATHSIG = 1
 CONTROL_FD = 3
@@ -93,7 +94,7 @@ def _die_with_parent() -> None:
     libc = _libc()
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     # The master may have died before the line above: then we were re-parented already.
-    if str(os.getppid()) != os.environ.get("UPGRADERD_TEMPLATE_PARENT", str(os.getppid())):
+    if str(os.getppid()) != os.environ.get(contract.TEMPLATE_PARENT, str(os.getppid())):
         os._exit(1)
 
 
@@ -173,7 +174,7 @@ def _fork_batch(control: socket.socket, batch: list[Request], run: Callable[[], 
         for line in lines:
             index, _, pid = line.partition(":")
             i = int(index)
-            notify(f"SPAWNED={batch[i][0]}:{int(pid)}", batch[i][1].get("NOTIFY_SOCKET"))
+            notify.notify(notify.spawned(batch[i][0], int(pid)), batch[i][1].get(contract.NOTIFY_SOCKET))
             os.write(gates[i][1], b"1")
     finally:
         os.close(pid_r)
@@ -213,7 +214,7 @@ def _become_worker(control: socket.socket, gate: int, env: dict[str, str], fds: 
             os.environ.clear()
             os.environ.update(env)
             proctitle.worker(env)
-            os.environ["LISTEN_PID"] = str(os.getpid())
+            os.environ[contract.LISTEN_PID] = str(os.getpid())
             code = run()
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
@@ -286,7 +287,7 @@ def main(argv: list[str]) -> int:
         traceback.print_exc()
         # The traceback's last line, for the master's failure reason (`upgraderd reload`).
         last = traceback.format_exception_only(e)[-1].strip().replace("\n", " ")
-        notify(f"STATUS=cannot load {app!r}: {last}")
+        notify.notify(notify.status(f"cannot load {app!r}: {last}"))
         return 3
     gc.freeze()   # the workers' collections leave the template's objects (and their pages) alone
     return serve(control, run)

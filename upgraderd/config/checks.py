@@ -18,6 +18,7 @@ import yaml
 from upgraderd.config import placeholders
 from upgraderd.config.appspec import BUILTIN_APPS, module_problem
 from upgraderd.config.validators import _show, parse_url, worker_ids
+from upgraderd.contract.env import addr_env_name
 
 if TYPE_CHECKING:
     from upgraderd.config.schema import Config, WorkerSpec
@@ -134,7 +135,7 @@ def check_templates(loader: Reporter, root: yaml.Node, cfg: Config) -> None:
     lnode = node_at(root, "listeners") or root
     seen: dict[str, str] = {}
     for i, spec in enumerate(cfg.listeners):
-        var = placeholders.addr_env_name(spec.name)
+        var = addr_env_name(spec.name)
         if var in seen:
             node = lnode.value[i] if isinstance(lnode, yaml.SequenceNode) else lnode
             loader.fail(node, f"listeners[{i}].name", f"{spec.name!r} and {seen[var]!r} would both "

@@ -25,6 +25,9 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Mapping
 
+from upgraderd.contract import env as contract
+from upgraderd.contract.env import addr_env_name
+
 if TYPE_CHECKING:
     from upgraderd.config.schema import Config
 
@@ -115,23 +118,18 @@ def problems(template: str, cfg: Config) -> list[str]:
 
 
 def _hint(key: str, concrete: list[str]) -> str:
-    import difflib   # here: every worker imports this module (addr_env_name), only `check` needs difflib
+    import difflib   # here: only `check` needs it
     close = difflib.get_close_matches(key, concrete, n=1, cutoff=0.6)
     return f" (did you mean {{{close[0]}}}?)" if close else ""
-
-
-def addr_env_name(listener: str) -> str:
-    """Return the variable that gives workers the address of `listener` (UPGRADERD_ADDR_WEB)."""
-    return "UPGRADERD_ADDR_" + re.sub(r"[^A-Za-z0-9]", "_", listener).upper()
 
 
 def environment(cfg: Config, vals: Mapping[str, str]) -> dict[str, str]:
     """Return the UPGRADERD_ADDR_<NAME>, UPGRADERD_WORKER_BIND, UPGRADERD_PROBE_PORT and UPGRADERD_NAME variables."""
     env = {addr_env_name(spec.name): spec.address for spec in cfg.listeners}
-    env["UPGRADERD_WORKER_BIND"] = ":".join(s.name for s in cfg.listeners if s.mode == "worker-bind")
+    env[contract.WORKER_BIND] = ":".join(s.name for s in cfg.listeners if s.mode == "worker-bind")
     if "probe_port" in vals:
-        env["UPGRADERD_PROBE_PORT"] = vals["probe_port"]
-    env["UPGRADERD_LOG_FORMAT"] = cfg.log.format   # built-in workers' own lines (apps/logline.py)
+        env[contract.PROBE_PORT] = vals["probe_port"]
+    env[contract.LOG_FORMAT] = cfg.log.format   # built-in workers' own lines (apps/logline.py)
     if cfg.name is not None:
-        env["UPGRADERD_NAME"] = cfg.name   # for process titles (system/proctitle.py)
+        env[contract.NAME] = cfg.name   # for process titles (system/proctitle.py)
     return env

@@ -4,7 +4,7 @@ A generation whose config is `prefork` (core/launcher.py asks) starts its
 template with its first worker: one fresh interpreter, so the code on disk at
 the HUP is what runs, that imports the app and then forks a worker per
 request. The template runs apps/template.py; the master talks to it through
-the `TemplateAPI` seam (system/template.py).
+the `TemplateAPI` seam (system/templatectl.py).
 
 Design note: a worker's pid is known only once the template has forked it, so
 a request returns no pid. The worker stays pending (pid None, STARTING) until
@@ -38,6 +38,8 @@ import logging
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Callable, Iterable
 
+from upgraderd.contract import env as contract
+from upgraderd.contract.notify import SPAWNED, STATUS
 from upgraderd.core.generation import Generation, GenerationState
 from upgraderd.core.notices import parse_fields
 from upgraderd.core.seams import Exit, ProcessAPI, TemplateAPI
@@ -159,7 +161,7 @@ class Prefork:
         # good, also in the workers it forks: hand-off peers read their generation there
         # (worker/peers.py), so the standby is exec'd as the generation it will serve.
         number = self.next_number()
-        env = {**env, "UPGRADERD_GENERATION": str(number)}
+        env = {**env, contract.GENERATION: str(number)}
         try:
             pid = self.templates.start((*launch.argv[:-1], "--standby"), env, launch.cwd, launch.user,
                                        launch.group)
@@ -202,9 +204,9 @@ class Prefork:
                 rest.append((pid, data))
                 continue
             fields = parse_fields(data)
-            if fields.get("STATUS"):
-                self.last_words[pid] = _printable(fields["STATUS"])
-            spawned = fields.get("SPAWNED")
+            if fields.get(STATUS):
+                self.last_words[pid] = _printable(fields[STATUS])
+            spawned = fields.get(SPAWNED)
             if spawned is not None:
                 self._spawned(gen, spawned, now)
         return rest

@@ -22,7 +22,7 @@ from upgraderd.service.logsetup import LogSetup
 from upgraderd.core.master import Master
 from upgraderd.core.takeover import Takeover
 from upgraderd.service import status
-from upgraderd.system.orphans import OrphanSet
+from upgraderd.system.orphanfds import OrphanSet
 from upgraderd.metrics.telemetry import Telemetry
 from upgraderd.service.pidfile import PidFile
 from upgraderd.service.hooks import Service

@@ -20,7 +20,7 @@ Hazards:
   must also know the title.
 - By default setproctitle also overwrites the environment's memory, and with
   it /proc/PID/environ, which peers, orphans and other masters read
-  (UPGRADERD_GENERATION: worker/peers.py, system/orphans.py, system/peers.py).
+  (UPGRADERD_GENERATION: worker/peers.py, system/orphanfds.py, system/conflict.py).
   SPT_NOENV, which the library reads at its first call only, keeps it: the
   title is then at most as long as the command line it replaces, and is cut
   there (a template's or worker's `python -m upgraderd.apps.template APP` is
@@ -34,7 +34,8 @@ from typing import Mapping
 
 from setproctitle import setproctitle, setthreadtitle
 
-NAME_ENV = "UPGRADERD_NAME"
+from upgraderd.contract import env as contract
+
 MASTER_TITLE = "upgraderd: master"
 
 
@@ -57,15 +58,15 @@ def master(name: str | None) -> None:
 
 def template(env: Mapping[str, str] = os.environ) -> None:
     """Title a template of the generation in `env`."""
-    set_title(f"template gen {env.get('UPGRADERD_GENERATION', '?')}", env.get(NAME_ENV), "upgraderd-tmpl")
+    set_title(f"template gen {env.get(contract.GENERATION, '?')}", env.get(contract.NAME), "upgraderd-tmpl")
 
 
 def standby(env: Mapping[str, str] = os.environ) -> None:
     """Title a standby (a template waiting to be given its generation)."""
-    set_title("standby", env.get(NAME_ENV), "upgraderd-tmpl")
+    set_title("standby", env.get(contract.NAME), "upgraderd-tmpl")
 
 
 def worker(env: Mapping[str, str] = os.environ) -> None:
     """Title a worker with its generation and slot from `env`."""
-    set_title(f"worker gen {env.get('UPGRADERD_GENERATION', '?')} slot {env.get('UPGRADERD_SLOT', '?')}",
-              env.get(NAME_ENV), "upgraderd-work")
+    set_title(f"worker gen {env.get(contract.GENERATION, '?')} slot {env.get(contract.SLOT, '?')}",
+              env.get(contract.NAME), "upgraderd-work")
