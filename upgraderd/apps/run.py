@@ -10,7 +10,7 @@ from upgraderd import worker
 from upgraderd.contract import env
 from upgraderd.apps import threaded
 from upgraderd.apps.server import ConnectionProtocol, Server
-from upgraderd.system import proctitle
+from upgraderd.worker import proctitle
 
 
 def main(factory: Callable[[str], ConnectionProtocol], idle_grace: float = 1.0,

@@ -54,7 +54,7 @@ from typing import Any, Callable
 
 from upgraderd.contract import env as contract
 from upgraderd.contract import notify
-from upgraderd.system import proctitle
+from upgraderd.worker import proctitle
 
 PR_SET_PDEATHSIG = 1
 CONTROL_FD = 3

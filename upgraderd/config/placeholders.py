@@ -131,5 +131,5 @@ def environment(cfg: Config, vals: Mapping[str, str]) -> dict[str, str]:
         env[contract.PROBE_PORT] = vals["probe_port"]
     env[contract.LOG_FORMAT] = cfg.log.format   # built-in workers' own lines (apps/logline.py)
     if cfg.name is not None:
-        env[contract.NAME] = cfg.name   # for process titles (system/proctitle.py)
+        env[contract.NAME] = cfg.name   # for process titles (worker/proctitle.py)
     return env

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 
-from upgraderd.system import posix, proctitle
+from upgraderd.system import posix
+from upgraderd.worker import proctitle
 from upgraderd.config.schema import Config
 from upgraderd.errors import FatalError
 from upgraderd.service.logsetup import LogSetup
