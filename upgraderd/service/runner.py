@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import logging
 
+from upgraderd.system import posix
+from upgraderd.worker import proctitle
 from upgraderd.config.schema import Config
 from upgraderd.core.events import Bus
 from upgraderd.core.master import assemble
@@ -44,6 +46,9 @@ def run(config_path: str, cfg: Config, pidfile_path: str, daemon: bool = False,
 
     Raises AlreadyRunning, ConfigError or FatalError when the master cannot start.
     """
+    proctitle.master(cfg.name)
+    for warning in cfg.warnings:   # held (below) until the log is set up, like every start-up line
+        log.warning("%s", warning)
     pidfile = PidFile(pidfile_path)
     handover = posix.inherited_handover()
     lock_fd = handover.fds.get("pidfile_lock") if handover is not None else None
