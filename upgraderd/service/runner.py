@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import logging
 
-from upgraderd.system import posix
-from upgraderd.worker import proctitle
 from upgraderd.config.schema import Config
 from upgraderd.core.events import Bus
 from upgraderd.core.master import assemble
@@ -36,6 +34,7 @@ from upgraderd.service.reporting import Service
 from upgraderd.system import posix
 from upgraderd.system.orphanfds import OrphanSet
 from upgraderd.system.signals import SignalInbox
+from upgraderd.worker import proctitle
 
 log = logging.getLogger("upgraderd")
 
