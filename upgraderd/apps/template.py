@@ -55,9 +55,9 @@ from typing import Any, Callable
 
 from upgraderd.contract import env as contract
 from upgraderd.contract import notify
+from upgraderd.worker import proctitle
 
 PR_SET_PDEATHSIG = 1
-PR_SET_NAME = 15
 CONTROL_FD = 3
 MAX_FDS = 64
 MAX_BATCH = 64
@@ -92,11 +92,6 @@ def _libc() -> ctypes.CDLL:
     if not _LIBC:
         _LIBC.append(ctypes.CDLL(None, use_errno=True))
     return _LIBC[0]
-
-
-def _name(comm: bytes) -> None:
-    """Set /proc/self/comm, so that `ps -o comm` tells a template from its workers."""
-    _libc().prctl(PR_SET_NAME, ctypes.c_char_p(comm[:15]), 0, 0, 0)
 
 
 def _die_with_parent() -> None:
@@ -224,10 +219,10 @@ def _become_worker(control: socket.socket, gate: int, env: dict[str, str], fds: 
         os.close(gate)
         if released:
             gc.enable()
-            _name(b"upgraderd-work")
             _place(fds)
             os.environ.clear()
             os.environ.update(env)
+            proctitle.worker(env)
             os.environ[contract.LISTEN_PID] = str(os.getpid())
             code = run()
     except SystemExit as e:
@@ -284,20 +279,24 @@ def main(argv: list[str]) -> int:
     # and the forked workers would then copy the pages it touched (gc.freeze's advice).
     gc.disable()
     _die_with_parent()
-    _name(b"upgraderd-tmpl")
     control = _control()
     app = argv[1]
     if app == "--standby":
+        proctitle.standby()
         preload()
         app, env = await_load(control)
         os.environ.clear()
         os.environ.update(env)
         importlib.invalidate_caches()   # a module added since we started must be found
+    proctitle.template()
     try:
         run = load(app)
-    except Exception:
+    except Exception as e:
         print(f"upgraderd template {os.getpid()}: cannot load {app!r}:", file=sys.stderr)
         traceback.print_exc()
+        # The traceback's last line, for the master's failure reason (`upgraderd reload`).
+        last = traceback.format_exception_only(e)[-1].strip().replace("\n", " ")
+        notify.notify(notify.status(f"cannot load {app!r}: {last}"))
         return 3
     gc.freeze()   # the workers' collections leave the template's objects (and their pages) alone
     return serve(control, run)

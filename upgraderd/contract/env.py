@@ -43,6 +43,8 @@ PROBE_PORT = "UPGRADERD_PROBE_PORT"        # the port {probe_port} reserved for 
 TEMPLATE_PARENT = "UPGRADERD_TEMPLATE_PARENT"  # the pid a prefork template must have as parent
 METRICS_DIR = "UPGRADERD_METRICS_DIR"      # where a built-in worker writes its metric files
 HTTP = "UPGRADERD_HTTP"                    # `asgi:`/`wsgi:` apps: the config's `http:` section as JSON
+LOG_FORMAT = "UPGRADERD_LOG_FORMAT"        # the master's log.format, for a worker's own lines
+NAME = "UPGRADERD_NAME"                    # the config's `name`, for process titles (when set)
 
 
 def addr_env_name(listener: str) -> str:

@@ -44,7 +44,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Callable, Iterable
 
 from upgraderd.contract import env as contract
-from upgraderd.contract.notify import SPAWNED
+from upgraderd.contract.notify import SPAWNED, STATUS
 from upgraderd.core import events as ev
 from upgraderd.core.generation import Generation, GenerationState
 from upgraderd.core.notices import parse_fields
@@ -61,6 +61,8 @@ log = logging.getLogger("upgraderd")
 UNKNOWN_EXITS = 256
 # Stopped or dead templates remembered, so their last SPAWNED can still be judged.
 REMEMBERED = 64
+# A template's STATUS= is the app's exception text: untrusted, so bounded and printable.
+LAST_WORDS = 300
 SERVING = (GenerationState.STARTING, GenerationState.ACTIVE)
 # Standbys that died on their own before the master gives up on them.
 STANDBY_DEATHS = 3
@@ -68,6 +70,11 @@ STANDBY_DEATHS = 3
 STANDBY_DELAY = 0.3
 # A template with queued requests that takes none for this long has stopped reading.
 STALL = 10.0
+
+
+def _printable(text: str) -> str:
+    """Return `text` cut to LAST_WORDS characters, control characters replaced (it goes to logs)."""
+    return "".join(c if c.isprintable() else "?" for c in text[:LAST_WORDS])
 
 
 def standby_key(cfg: Config) -> tuple[object, ...]:
@@ -94,6 +101,8 @@ class Prefork:
         self.urls: dict[tuple[int, int], str | None] = {}          # pending (generation, slot) -> ready url
         self.unknown: OrderedDict[int, Exit] = OrderedDict()
         self.stopped: set[int] = set()
+        # A template's STATUS= (why it could not load the app), for its exit's reason.
+        self.last_words: dict[int, str] = {}
         self.starts: dict[int, tuple[Launch, dict[str, str]]] = {}   # generation -> its template's start
         self.standby: int | None = None
         self.standby_key: tuple[object, ...] = ()
@@ -192,6 +201,7 @@ class Prefork:
         while len(self.owner) > REMEMBERED:
             old, _ = self.owner.popitem(last=False)
             self.stopped.discard(old)
+            self.last_words.pop(old, None)
 
     def on_notify(self, messages: list[tuple[int, bytes]], now: float) -> list[tuple[int, bytes]]:
         """Apply the templates' SPAWNED messages; return every other message."""
@@ -201,7 +211,10 @@ class Prefork:
             if gen is None:
                 rest.append((pid, data))
                 continue
-            spawned = parse_fields(data).get(SPAWNED)
+            fields = parse_fields(data)
+            if fields.get(STATUS):
+                self.last_words[pid] = _printable(fields[STATUS])
+            spawned = fields.get(SPAWNED)
             if spawned is not None:
                 self._spawned(gen, spawned, now)
         return rest
@@ -294,6 +307,8 @@ class Prefork:
         if self.templates is not None:
             self.templates.stop(pid)   # release its channel (and SIGKILL it if it still runs)
         self.stopped.add(pid)
+        if pid in self.last_words:   # e.g. cannot load 'mod:app': AttributeError: ...
+            why += f": {self.last_words.pop(pid)}"
         if gen.state is GenerationState.STARTING:
             gen.fail_start(now, why)
         elif gen.state is GenerationState.ACTIVE:

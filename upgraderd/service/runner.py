@@ -34,6 +34,7 @@ from upgraderd.service.reporting import Service
 from upgraderd.system import posix
 from upgraderd.system.orphanfds import OrphanSet
 from upgraderd.system.signals import SignalInbox
+from upgraderd.worker import proctitle
 
 log = logging.getLogger("upgraderd")
 
@@ -44,6 +45,9 @@ def run(config_path: str, cfg: Config, pidfile_path: str, daemon: bool = False,
 
     Raises AlreadyRunning, ConfigError or FatalError when the master cannot start.
     """
+    proctitle.master(cfg.name)
+    for warning in cfg.warnings:   # held (below) until the log is set up, like every start-up line
+        log.warning("%s", warning)
     pidfile = PidFile(pidfile_path)
     handover = posix.inherited_handover()
     lock_fd = handover.fds.get("pidfile_lock") if handover is not None else None

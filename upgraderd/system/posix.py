@@ -75,10 +75,18 @@ def posix_system(handover: Handover | None, argv: Sequence[str],
     return System(
         procs=procs, templates=PosixTemplates(procs), notify=notify_server or NotifyServer(),
         listeners=listeners,
-        probes=Prober(), kernel=PosixKernel(), environ=os.environ, load_config=schema.load,
+        probes=Prober(), kernel=PosixKernel(), environ=os.environ, load_config=_load_and_warn,
         user_env=user_env, reserve_port=reserve_port, self_command=(sys.executable, "-m", "upgraderd"),
         tell_systemd=tell_systemd, exec_master=exec_master, watcher=FileWatcher(),
         rescue=Rescuer(listeners.fileno_of))
+
+
+def _load_and_warn(path: str) -> schema.Config:
+    """Load the config at `path` for a reload; log each key it sets that changes nothing."""
+    cfg = schema.load(path)
+    for warning in cfg.warnings:
+        log.warning("%s", warning)
+    return cfg
 
 
 def inherited_handover() -> Handover | None:
