@@ -172,3 +172,40 @@ def check_protocols(loader: Reporter, root: yaml.Node, cfg: Config) -> None:
             loader.fail(backlog, f"listeners[{i}].backlog",
                         "backlog is the listen() queue of a TCP socket; a UDP socket has none "
                         "(its queue is the receive buffer): remove the key")
+
+
+def check_rollout(loader: Reporter, root: yaml.Node, cfg: Config) -> None:
+    """Check the `rollout` section against the rest: the canary's size, the checks' templates."""
+    r = cfg.rollout
+    rnode = node_at(root, "rollout") or root
+    if r.strategy != "canary":
+        for key in ("canary", "checks"):
+            if (node := node_at(rnode, key)) is not None:
+                loader.fail(node, f"rollout.{key}", f"only a canary has {key}; set rollout.strategy: "
+                            "canary (or remove the key)")
+        return
+    if r.canary.workers >= cfg.workers.count:
+        loader.fail(node_at(rnode, "canary", "workers") or rnode, "rollout.canary.workers",
+                    f"{r.canary.workers} is not less than workers.count ({cfg.workers.count}): "
+                    "the canary would be the whole generation")
+    http = r.checks.http
+    if http is not None:
+        unode = node_at(rnode, "checks", "http", "url") or rnode
+        found = placeholders.problems(http.url, cfg)
+        if not found:
+            try:
+                parse_url(placeholders.expand(http.url, placeholders.values(cfg, 0, 1, probe_port=1)))
+            except ValueError as e:
+                found = [str(e)]
+        for problem in found:
+            loader.fail(unode, "rollout.checks.http.url", problem)
+    for i, arg in enumerate(r.checks.command or ()):
+        cnode = node_at(rnode, "checks", "command", i) or node_at(rnode, "checks", "command") or rnode
+        try:
+            names = placeholders.fields(arg)
+        except placeholders.TemplateError as e:
+            loader.fail(cnode, f"rollout.checks.command[{i}]", str(e))
+            continue
+        for bad in (n for n in names if n != "generation"):
+            loader.fail(cnode, f"rollout.checks.command[{i}]", f"{{{bad}}}: the command runs once "
+                        "per rollout, not per worker; only {generation} is set")

@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import yaml
 
 from upgraderd.config import checks, source, unixlisten
+from upgraderd.config.rollout import RolloutSpec
 from upgraderd.config.source import MAX_BYTES, MAX_VALUES  # noqa: F401 (part of this module's API)
 from upgraderd.config.watchlist import watch_paths
 from upgraderd.config.appspec import BUILTIN_APPS, app_name, boolean
@@ -184,6 +185,8 @@ class Config:
     log: LogSpec = opt(LogSpec(), lambda v: v, "Logging.")
     kernel: KernelSpec = opt(KernelSpec(), lambda v: v, "Kernel settings.")
     reload: ReloadSpec = opt(ReloadSpec(), lambda v: v, "Reload on file change.")
+    rollout: RolloutSpec = opt(RolloutSpec(), lambda v: v, "Canary rollouts with checks and "
+                               "automatic rollback.")
     pidfile: str | None = opt(None, file_path, "Pidfile, written once the master serves "
                               "(default: /run/upgraderd.pid as root, else a per-user runtime path).")
     path: str = field(default="<string>", compare=False, metadata={"internal": True})
@@ -225,7 +228,7 @@ class Config:
 SECTIONS: dict[str, type] = {
     "listeners": ListenerSpec, "workers": WorkerSpec, "ready": ReadySpec,
     "drain": DrainSpec, "restart": RestartSpec, "metrics": MetricsSpec, "log": LogSpec,
-    "kernel": KernelSpec, "reload": ReloadSpec,
+    "kernel": KernelSpec, "reload": ReloadSpec, "rollout": RolloutSpec,
 }
 
 
@@ -285,6 +288,10 @@ class _Loader:
         fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
         kwargs: dict[str, Any] = {}
         for k, (knode, vnode) in items.items():
+            later: dict[str, str] = getattr(cls, "NOT_YET", {})
+            if k in later:
+                self.fail(knode, _join(key, k), f"not supported yet ({later[k]}); remove the key")
+                continue
             if k not in fields:
                 hint = _did_you_mean(k, fields)
                 self.fail(knode, _join(key, k), f"unknown key{hint}; allowed: {', '.join(fields)}")
@@ -303,7 +310,11 @@ class _Loader:
         if cls is Config and k in SECTIONS:
             sub = self.section(SECTIONS[k], vnode, key)
             return _BAD if sub is None else sub
-        check = next(f for f in dataclasses.fields(cls) if f.name == k).metadata["check"]
+        meta = next(f for f in dataclasses.fields(cls) if f.name == k).metadata
+        if "section" in meta:   # a nested mapping (config/rollout.py `section`)
+            sub = self.section(meta["section"], vnode, key)
+            return _BAD if sub is None else sub
+        check = meta["check"]
         raw = self.value(vnode, key)
         if raw is _BAD:
             return _BAD
@@ -377,6 +388,7 @@ def parse(text: str, path: str = "<string>") -> Config:
         checks.check_workers(loader, root, cfg)
         checks.check_templates(loader, root, cfg)
         checks.check_protocols(loader, root, cfg)
+        checks.check_rollout(loader, root, cfg)
     if loader.problems:
         raise ConfigError(loader.problems)
     assert cfg is not None
