@@ -104,6 +104,9 @@ class Generation:
     drain_started_at: float | None = None
     reason: str = ""
     readiness: Readiness | None = field(default=None, repr=False)
+    crashed: int = 0                     # worker exits while ACTIVE (a rollout's `crashes` check)
+    last_crash: str = ""
+    check_urls: dict[int, str] = field(default_factory=dict)   # slot -> rollout.checks.http.url
 
     def __post_init__(self) -> None:
         if self.readiness is None:
@@ -140,10 +143,10 @@ class Generation:
             gen.workers[worker.slot] = worker
         return gen
 
-    def start(self, now: float) -> None:
-        """Spawn every slot; a spawn error fails the generation at once."""
+    def start(self, now: float, slots: int | None = None) -> None:
+        """Spawn every slot (or the first `slots`: a canary); a spawn error fails the generation at once."""
         self.changed_at = now
-        for slot in range(self.config.workers.count):
+        for slot in range(self.config.workers.count if slots is None else slots):
             self.workers[slot] = Worker(slot)
             if not self._spawn(self.workers[slot], now):
                 return
@@ -256,6 +259,7 @@ class Generation:
         return w.slot
 
     def _crashed(self, w: Worker, now: float, why: str) -> None:
+        self.crashed, self.last_crash = self.crashed + 1, f"slot {w.slot} {why}"
         if now - w.started_at >= STABLE_AFTER:
             w.crashes = 0
         w.crashes += 1

@@ -86,7 +86,7 @@ def assemble(config_path: str, system: System, *, bus: ev.Bus | None = None,
         system.environ, system.user_env, system.templates, publisher.worker_env), bus, clock)
     slots = Slots(fleet, system.listeners, system.kernel, system.rescue, bus)
     reloads = Reloads(ReloadSeams(config_path, system.load_config, system.listeners.ensure, system.tell_systemd,
-                                  wall, system.watcher),
+                                  wall, system.watcher, system.procs, system.check_probes, system.environ),
                       fleet, bus, slots.check_kernel, (slots.warn_growth, publisher.check_reload))
     argv = argv if argv is not None else ["run", "-c", config_path]
     selfexec = SelfExec(SelfExecSeams(config_path, system.load_config, system.procs, system.self_command,
@@ -271,7 +271,7 @@ class Master:
 
     def reap(self, now: float) -> None:
         """Collect exited children: the re-exec's preflight, then templates and workers."""
-        self.fleet.reap(self.selfexec.claim(self.system.procs.reap()), now)
+        self.fleet.reap(self.reloads.claim(self.selfexec.claim(self.system.procs.reap())), now)
 
     def _settle(self, now: float) -> None:
         self.slots.steer()   # a predecessor's extra slots get nothing new before it drains
@@ -284,7 +284,7 @@ class Master:
         self.fleet.forget_retired(now)
         self.slots.close_unused()
         self.fleet.flush_notices(now)
-        if self.stopping or self.starting is not None:
+        if self.stopping or self.starting is not None or self.reloads.busy:
             return
         self.selfexec.settle(now, self._record)
         self.reloads.run_queued(now)

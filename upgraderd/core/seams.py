@@ -363,17 +363,23 @@ class System:
     templates: TemplateAPI | None = None
     # Save what queued on the socket of a slot that lost its worker (None: leave it queued).
     rescue: RescueAPI | None = None
+    # HTTP probes of rollout checks (core/checks.py `Http`), apart from readiness's (None: none).
+    check_probes: ProbeAPI | None = None
 
     def watched_fds(self) -> list[int]:
         """Return the fds the loop selects on besides the signal inbox."""
         inotify = self.watcher.fileno() if self.watcher is not None else None
-        return [self.notify.fileno(), self.probes.fileno(), *(() if inotify is None else (inotify,))]
+        checks = self.check_probes.fileno() if self.check_probes is not None else None
+        return [self.notify.fileno(), self.probes.fileno(),
+                *(fd for fd in (inotify, checks) if fd is not None)]
 
     def close(self) -> None:
         """Close every socket the master holds (only at exit)."""
         self.listeners.close_all()
         self.notify.close()
         self.probes.close()
+        if self.check_probes is not None:
+            self.check_probes.close()
         if self.rescue is not None:
             self.rescue.close()
         if self.watcher is not None:
