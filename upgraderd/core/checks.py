@@ -151,15 +151,15 @@ class Command:
                  window: float) -> None:
         self.procs, self.argv, self.environ, self.window = procs, argv, environ, window
         self.pid: int | None = None
-        self.ends = 0.0
+        self.shown, self.ends = " ".join(argv), 0.0
         self.result: str | None = None        # "" passed, else why it failed
 
     def begin(self, gen: Generation, now: float) -> None:
         """Start the command with {generation} expanded."""
         argv = [placeholders.expand(a, {"generation": str(gen.number)}) for a in self.argv]
-        self.ends = now + self.window
+        self.shown, self.ends = " ".join(argv), now + self.window
         try:
-            self.pid = self.procs.spawn(argv, dict(self.environ), ())
+            self.pid = self.procs.spawn(argv, {**self.environ, "UPGRADERD_GENERATION": str(gen.number)}, ())
         except SpawnError as e:
             self.result = str(e)
             return
@@ -171,7 +171,7 @@ class Command:
         for ex in exits:
             if self.pid is not None and ex.pid == self.pid:
                 self.pid = None
-                self.result = "" if ex.code == 0 else f"{' '.join(self.argv)} {ex.describe()}"
+                self.result = "" if ex.code == 0 else f"{self.shown} {ex.describe()}"
             else:
                 rest.append(ex)
         return rest
@@ -181,7 +181,7 @@ class Command:
         if self.result:
             return self.result
         if self.result is None and self.pid is not None and now >= self.ends:
-            return f"{' '.join(self.argv)} still running after the {self.window:g}s window"
+            return f"{self.shown} still running after the {self.window:g}s window"
         return None
 
     def passed(self) -> bool:

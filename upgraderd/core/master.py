@@ -294,4 +294,5 @@ class Master:
         configs = [g.config for g in self.fleet.generations] + ([self.config] if self.config else [])
         return snapshot.take(snapshot.Times(self.started_at, self.wall_started_at, now), self.config_path,
                              self.fleet.generations, self.config, self.tally.stats, self.stopping,
-                             self.slots.tcp_migrate_req, self.slots.worker_bind_reset_risk(configs))
+                             self.slots.tcp_migrate_req, self.slots.worker_bind_reset_risk(configs),
+                             self.reloads.progress())

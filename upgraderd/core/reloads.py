@@ -29,7 +29,7 @@ from upgraderd.config.schema import Config
 from upgraderd.core import events as ev
 from upgraderd.core.fleet import Fleet
 from upgraderd.core.generation import Generation, GenerationState
-from upgraderd.core.rollout import Rollouts, RolloutSeams
+from upgraderd.core.rollout import Progress, Rollouts, RolloutSeams
 from upgraderd.core.seams import Exit, ProbeAPI, ProcessAPI, WatcherAPI
 from upgraderd.core.watching import FileWatch
 from upgraderd.errors import ConfigError, ExitCode
@@ -212,6 +212,10 @@ class Reloads:
     def deadlines(self) -> Iterable[float | None]:
         """Return when the file watch or the rollout under way next needs the loop."""
         return (self.files.deadline, *(self.rollouts.deadlines() if self.rollouts is not None else ()))
+
+    def progress(self) -> Progress | None:
+        """Return the rollout under way, if any (for the snapshot)."""
+        return self.rollouts.progress() if self.rollouts is not None else None
 
     def claim(self, exits: Iterable[Exit]) -> list[Exit]:
         """Take the rollout check commands' exits out of `exits`; return the rest."""
