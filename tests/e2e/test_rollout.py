@@ -128,3 +128,39 @@ def test_a_failing_http_check_rolls_back(tmp_path):
         serving_only(d, 1)
         assert finish(load) == {}
         assert value(scrape(release(200)), "upgraderd_rollout_check_failures_total", check="http") == 1
+
+
+def test_rollback_aborts_a_window_and_promote_ends_one(tmp_path):
+    port = free_port()
+    v1 = echo_config(port, count=3)
+    with Daemon(tmp_path, v1).start() as d:
+        load = loaded(port)
+        d.write_config({**v1, "rollout": canary("120s")})
+        pidfile = ("--pidfile", str(d.pidfile))
+        for generation, action, verdict in ((2, "rollback", "rollback done: generation 2 rolled back, generation "
+                                             "1 serves\n"), (3, "promote", "promote done: generation 3 ACTIVE\n")):
+            reload = subprocess.Popen([sys.executable, "-m", "upgraderd", "reload", *pidfile],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+            try:
+                wait_until(lambda: ((d.status() or {}).get("rollout") or {}).get("generation") == generation, 20,
+                           f"the canary of generation {generation}")
+                r = upgraderd(action, *pidfile)
+                assert (r.returncode, r.stdout, r.stderr) == (0, verdict, ""), r
+                out, err = reload.communicate(timeout=30)
+            finally:
+                if reload.poll() is None:
+                    reload.kill()
+                    reload.wait()
+            if action == "rollback":
+                assert reload.returncode == 1
+                assert err.splitlines()[1] == "generation 2 rolled back: aborted by `upgraderd rollback`"
+                serving_only(d, 1)
+            else:
+                assert (reload.returncode, out) == (0, "reload done: generation 3 ACTIVE\n")
+                serving_only(d, 3)
+        r = upgraderd("promote", *pidfile)
+        assert (r.returncode, r.stderr) == (1, "upgraderd: no rollout is under way: nothing to promote\n")
+        assert finish(load) == {}
+        samples = scrape(v1)
+        assert value(samples, "upgraderd_rollouts_total", result="promoted") == 1
+        assert value(samples, "upgraderd_rollouts_total", result="rolled_back") == 1

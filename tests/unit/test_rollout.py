@@ -7,6 +7,7 @@ reload's outcome must follow exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import logging
 import signal
@@ -252,3 +253,56 @@ def test_status_shows_the_rollout_and_the_serving_generation(rig: Rig) -> None:
     assert doc["rollout"] is None
     assert status.describe_reload(doc).splitlines()[0] == \
         "failed: generation 2 was rolled back (the old one keeps serving)"
+
+
+WINCH = signal.SIGWINCH
+
+
+def ask(rig: Rig, request: str, at: float) -> None:
+    """Leave `request` where SIGWINCH makes the master read it (once), then send SIGWINCH."""
+    left = [request]
+    rig.master.reloads.seams = dataclasses.replace(rig.master.reloads.seams,
+                                                   requests=lambda: left.pop() if left else "")
+    rig.step(WINCH, at=at)
+
+
+def test_promote_ends_the_window_now_and_stops_an_unfinished_command(rig: Rig,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    start_canary(rig, **canary(command=["/bin/smoke"]))
+    cmd = rig.procs.spawns[-1].pid
+    ask(rig, "promote 2\n", at=T0 + 3)
+    assert (cmd, signal.SIGKILL) in rig.procs.kills
+    assert "upgraderd promote: generation 2 promoted before check command finished" in messages(caplog)
+    new = rig.procs.pids(2)[2:]
+    assert len(new) == 3
+    rig.procs.exit(cmd, signal=signal.SIGKILL)               # the killed command is claimed, not a worker
+    rig.ready(*new, at=T0 + 4)
+    m = rig.master
+    assert rig.states() == [(1, G.DRAINING), (2, G.ACTIVE)]
+    assert m.stats.rollouts == {"promoted": 1, "rolled_back": 0} and m.stats.reloads["success"] == 1
+    assert m.stats.worker_exits == {"clean": 0, "error": 0, "signal": 0}
+
+
+def test_rollback_aborts_the_window(rig: Rig) -> None:
+    start_canary(rig, **canary())
+    ask(rig, "rollback 2", at=T0 + 3)
+    m = rig.master
+    assert m.generations[1].state is G.DRAINING and m.active is m.generations[0]
+    assert rig.procs.kills_of(rig.procs.pids(1)) == []
+    assert m.stats.rollouts == {"promoted": 0, "rolled_back": 1}
+    assert m.stats.rollout_check_failures == {"crashes": 0, "http": 0, "command": 0, "ready": 0}
+    assert m.stats.last_reload_error == "generation 2 rolled back: aborted by `upgraderd rollback`"
+
+
+@pytest.mark.parametrize("request_text, logged", [
+    ("rollback 3", "upgraderd rollback: ignored, no rollout of generation 3 is under way"),
+    ("demote 2", "ignored a rollout request that is neither `promote N` nor `rollback N`: 'demote 2'"),
+    ("", "received SIGWINCH without a rollout request (see `upgraderd promote`): ignored"),
+])
+def test_a_request_for_no_rollout_under_way_changes_nothing(rig: Rig, caplog: pytest.LogCaptureFixture,
+                                                            request_text: str, logged: str) -> None:
+    start_canary(rig, **canary())
+    ask(rig, request_text, at=T0 + 3)
+    assert logged in messages(caplog)
+    assert rig.master.fleet.held is rig.master.generations[1]
+    assert rig.master.stats.rollouts == {"promoted": 0, "rolled_back": 0}

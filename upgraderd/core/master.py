@@ -86,7 +86,8 @@ def assemble(config_path: str, system: System, *, bus: ev.Bus | None = None,
         system.environ, system.user_env, system.templates, publisher.worker_env), bus, clock)
     slots = Slots(fleet, system.listeners, system.kernel, system.rescue, bus)
     reloads = Reloads(ReloadSeams(config_path, system.load_config, system.listeners.ensure, system.tell_systemd,
-                                  wall, system.watcher, system.procs, system.check_probes, system.environ),
+                                  wall, system.watcher, system.procs, system.check_probes, system.environ,
+                                  system.rollout_requests),
                       fleet, bus, slots.check_kernel, (slots.warn_growth, publisher.check_reload))
     argv = argv if argv is not None else ["run", "-c", config_path]
     selfexec = SelfExec(SelfExecSeams(config_path, system.load_config, system.procs, system.self_command,
@@ -113,6 +114,7 @@ class Master:
             signal.SIGHUP: reloads.hup, signal.SIGTERM: self._on_term, signal.SIGQUIT: self._on_term,
             signal.SIGINT: self._on_int, signal.SIGUSR1: self._on_usr1,
             signal.SIGUSR2: self._on_usr2, signal.SIGTTIN: slots.add_worker, signal.SIGTTOU: slots.remove_worker,
+            signal.SIGWINCH: reloads.ask,
         }
 
     # -- read-only views, for the loop and for tests --

@@ -53,6 +53,8 @@ class ReloadSeams:
     procs: ProcessAPI | None = None
     check_probes: ProbeAPI | None = None
     environ: Mapping[str, str] = field(default_factory=dict)
+    # Read and remove the operator's rollout request (`upgraderd promote|rollback`); "" if none.
+    requests: Callable[[], str] = lambda: ""
 
 
 class Reloads:
@@ -105,6 +107,14 @@ class Reloads:
             log.info("received SIGHUP: reload queued, generation %d is still starting", starting.number)
         else:
             log.info("received SIGHUP: reloading %s", self.seams.config_path)
+
+    def ask(self, now: float) -> None:
+        """Take SIGWINCH: the operator's `upgraderd promote` or `rollback` of the rollout under way."""
+        request = self.seams.requests()
+        if self.rollouts is None or not request:
+            log.warning("received SIGWINCH without a rollout request (see `upgraderd promote`): ignored")
+            return
+        self.rollouts.ask(request)
 
     def queue(self, now: float) -> None:
         """Queue a reload; `now` is kept as the oldest unserved request."""

@@ -52,6 +52,8 @@ from upgraderd.core.seams import Exit, ProbeAPI, ProcessAPI
 
 log = logging.getLogger("upgraderd")
 
+OPERATOR = "operator"   # the `check` of a rollback the operator asked for (not a check's failure)
+
 
 class Phase(enum.Enum):
     CANARY = "canary"
@@ -69,6 +71,7 @@ class Rollout:
     window_ends: float
     phase: Phase = Phase.CANARY
     promote_by: float = 0.0
+    asked: str = ""              # the operator's `promote` or `rollback`, taken at the next pass
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,10 @@ class Rollouts:
         """Advance the rollout of the held, ACTIVE `gen`; return None while it goes on, ""
         once it is promoted, or why it was rolled back."""
         r = self.current if self.current is not None and self.current.gen is gen else self._begin(gen, now)
+        if r.asked == "rollback":
+            return self._roll_back(r, OPERATOR, "aborted by `upgraderd rollback`", now)
+        if r.asked == "promote" and r.phase is Phase.CANARY:
+            self._end_window(r, now)
         for check in r.checks:
             why = check.poll(gen, now)
             if why:
@@ -133,6 +140,21 @@ class Rollouts:
                 return self._roll_back(r, "ready", f"slot(s) {', '.join(map(str, late))} not ready within "
                                        f"{gen.config.ready.timeout:g}s of the promotion", now)
         return None
+
+    def ask(self, request: str) -> None:
+        """Take the operator's request, "promote N" or "rollback N" (`upgraderd promote|rollback`)."""
+        action, _, number = request.strip().partition(" ")
+        r = self.current
+        if action not in ("promote", "rollback") or not number.isdigit():
+            log.warning("ignored a rollout request that is neither `promote N` nor `rollback N`: %r",
+                        request[:64])
+        elif r is None or r.gen.number != int(number):
+            log.warning("upgraderd %s: ignored, no rollout of generation %s is under way", action, number)
+        elif action == "promote" and r.phase is Phase.PROMOTING:
+            log.info("upgraderd promote: generation %d is already being promoted", r.gen.number)
+        else:
+            log.info("upgraderd %s: generation %d (asked by the operator)", action, r.gen.number)
+            r.asked = action
 
     def end(self, gen: Generation) -> None:
         """Forget the rollout of `gen`, which settled another way (its start failed, the master stops)."""
@@ -186,6 +208,15 @@ class Rollouts:
                                 f"{gen.config.workers.count} workers, verdict in {spec.canary.window:g}s")
         return r
 
+    def _end_window(self, r: Rollout, now: float) -> None:
+        """End the window now (`upgraderd promote`): checks with something left to prove stop."""
+        for check in [c for c in r.checks if not c.passed()]:
+            check.stop()
+            r.checks.remove(check)
+            log.warning("upgraderd promote: generation %d promoted before check %s finished", r.gen.number,
+                        check.name)
+        r.window_ends = now
+
     def _promote(self, r: Rollout, now: float) -> None:
         gen = r.gen
         self.seams.ensure_listeners(gen.config)
@@ -208,12 +239,14 @@ class Rollouts:
         self._stop(r)
         self.fleet.release(r.gen)
         r.gen.drain(now)
-        self.bus.emit(ev.RolloutCheckFailed(check))
+        if check != OPERATOR:
+            self.bus.emit(ev.RolloutCheckFailed(check))
         self.bus.emit(ev.RolloutSettled("rolled_back", r.gen.number, check=check, detail=why,
                                         took=now - r.began_at))
-        log.error("rollout: generation %d rolled back after %.3fs: check %s failed: %s; generation %d "
-                  "keeps serving", r.gen.number, now - r.began_at, check, why, r.previous)
-        return f"rolled back: check {check} failed: {why}"
+        what = why if check == OPERATOR else f"check {check} failed: {why}"
+        log.error("rollout: generation %d rolled back after %.3fs: %s; generation %d keeps serving",
+                  r.gen.number, now - r.began_at, what, r.previous)
+        return f"rolled back: {what}"
 
     def _stop(self, r: Rollout) -> None:
         for check in r.checks:

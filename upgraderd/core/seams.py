@@ -365,6 +365,8 @@ class System:
     rescue: RescueAPI | None = None
     # HTTP probes of rollout checks (core/checks.py `Http`), apart from readiness's (None: none).
     check_probes: ProbeAPI | None = None
+    # Read and remove the operator's rollout request, "promote N" or "rollback N" ("" if none).
+    rollout_requests: Callable[[], str] = lambda: ""
 
     def watched_fds(self) -> list[int]:
         """Return the fds the loop selects on besides the signal inbox."""
