@@ -184,6 +184,11 @@ def check_rollout(loader: Reporter, root: yaml.Node, cfg: Config) -> None:
                 loader.fail(node, f"rollout.{key}", f"only a canary has {key}; set rollout.strategy: "
                             "canary (or remove the key)")
         return
+    for i, spec in enumerate(cfg.listeners):
+        if spec.flows == "cookie":
+            loader.fail(node_at(rnode, "strategy") or rnode, "rollout.strategy",
+                        f"a canary cannot serve listeners[{i}] ({spec.name}, flows: cookie) yet: new flows "
+                        "go to the serving generation's own sockets only, so the canary would get none")
     if r.canary.workers >= cfg.workers.count:
         loader.fail(node_at(rnode, "canary", "workers") or rnode, "rollout.canary.workers",
                     f"{r.canary.workers} is not less than workers.count ({cfg.workers.count}): "
