@@ -114,10 +114,6 @@ class Rollouts:
             return None
         return cfg.rollout.canary.workers
 
-    def under_way(self) -> Generation | None:
-        """Return the generation whose rollout has no verdict yet (the held canary)."""
-        return self.fleet.held
-
     def judge(self, gen: Generation, now: float) -> str | None:
         """Advance the rollout of the held, ACTIVE `gen`; return None while it goes on, ""
         once it is promoted, or why it was rolled back."""
