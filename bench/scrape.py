@@ -1,6 +1,6 @@
 """Benchmark: scrape time after 10 and after 2,000 worker replacements.
 
-Each replacement is a real process that writes real multiprocess metric files
+Each replacement is a real process that writes real worker metric files
 with the built-in workers' own `ConnectionMetrics` code (forked from one
 factory process, see tests/support/mpworkers.py, so 2,000 of them take seconds), then
 exits and is handled as the master handles a reaped worker:

@@ -1,4 +1,4 @@
-"""A small ASGI app for the uvicorn example (config/examples/uvicorn.yaml).
+"""A small ASGI app for the uvicorn example (config/examples/uvicorn.yaml) and asgi.yaml.
 
 Every answer names the generation, slot and pid that served it, so a client
 can see a reload take effect, and echoes the client's port and the request
@@ -11,6 +11,7 @@ import os
 from typing import Any, Awaitable, Callable
 
 VERSION = os.environ.get("APP_VERSION", "1")
+SERVER = os.environ.get("APP_SERVER", "uvicorn")   # `upgraderd` when served as `app: asgi:asgi_app:app`
 
 
 async def app(scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]],
@@ -20,7 +21,7 @@ async def app(scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, A
         return
     body = (f"generation={os.environ.get('UPGRADERD_GENERATION', '?')} "
             f"slot={os.environ.get('UPGRADERD_SLOT', '?')} pid={os.getpid()} "
-            f"server=uvicorn version={VERSION} peer={(scope.get('client') or ('', 0))[1]} "
+            f"server={SERVER} version={VERSION} peer={(scope.get('client') or ('', 0))[1]} "
             f"path={scope['path']}\n").encode()
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"text/plain"),

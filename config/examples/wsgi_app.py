@@ -12,13 +12,14 @@ import os
 from typing import Callable, Iterable
 
 VERSION = os.environ.get("APP_VERSION", "1")
+SERVER = os.environ.get("APP_SERVER", "gunicorn")   # `upgraderd` when served as `app: wsgi:wsgi_app:app`
 
 
 def app(environ: dict[str, object], start_response: Callable[..., object]) -> Iterable[bytes]:
     """Answer every request with 200 and who served it."""
     body = (f"generation={os.environ.get('UPGRADERD_GENERATION', '?')} "
             f"slot={os.environ.get('UPGRADERD_SLOT', '?')} pid={os.getpid()} "
-            f"server=gunicorn version={VERSION} peer={environ.get('REMOTE_PORT', '')} "
+            f"server={SERVER} version={VERSION} peer={environ.get('REMOTE_PORT', '')} "
             f"path={environ.get('PATH_INFO', '')}\n").encode()
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]

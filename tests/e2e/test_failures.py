@@ -15,7 +15,7 @@ from tests.support import ROOT
 from tests.support.loadgen import Load
 from tests.support.scrape import scrape, value
 from tests.support.upgraderd_proc import Daemon, alive, echo_config, free_port, wait_until
-from upgraderd.system import notify
+from upgraderd.contract import notify
 
 pytestmark = pytest.mark.e2e
 

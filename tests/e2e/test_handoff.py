@@ -14,6 +14,7 @@ import pytest
 from tests.support.upgraderd_proc import ROOT, Daemon, alive, echo_config, free_port, wait_until
 from tests.support.persistent import Streams, generation_pids, worker_connections
 from tests.support.scrape import scrape, value
+from upgraderd.contract import wire
 from upgraderd.worker import peers
 
 pytestmark = pytest.mark.e2e
@@ -124,7 +125,7 @@ def test_a_stranger_and_garbage_on_the_channel_are_refused_and_counted(tmp_path)
         takers = [c for c in peers.listening_channels(d.pid) if c.generation == 2]
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
             s.settimeout(5)
-            s.connect(peers.address(takers[0].name))
+            s.connect(wire.address(takers[0].name))
             try:
                 s.send(b"let me in")
                 assert s.recv(100) == b""

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.e2e
 
 FIXTURE = str(ROOT / "tests" / "fixtures" / "echo_worker.py")
 HTTP_REQUEST = b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
-MP_ENV = "PROMETHEUS_MULTIPROC_DIR"
+MP_ENV = "UPGRADERD_METRICS_DIR"   # the built-in workers' metric files (contract/env.py)
+PROM_ENV = "PROMETHEUS_MULTIPROC_DIR"   # prometheus-client's multiprocess switch: never in the master
 
 
 
@@ -192,15 +193,16 @@ def test_metrics_address_in_use_exits_3_naming_it(tmp_path):
 def test_multiproc_dir_is_only_in_builtin_workers_env(tmp_path, monkeypatch):
     bogus = tmp_path / "bogus"
     bogus.mkdir()
-    monkeypatch.setenv(MP_ENV, str(bogus))
+    monkeypatch.setenv(PROM_ENV, str(bogus))
     port = free_port()
     cfg = echo_config(port, count=2)
     with Daemon(tmp_path, cfg).start() as d:
-        d.wait_log(rf"ignoring {MP_ENV} from the environment")
+        d.wait_log(rf"ignoring {PROM_ENV} from the environment")
         mp = d.wait_log(r"worker files in (\S+)\)")[0].group(1)
         assert mp != str(bogus)
         for pid in d.workers():
             assert worker_env(pid)[MP_ENV] == mp
+            assert PROM_ENV not in worker_env(pid)
         with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
             c.sendall(b"x")
             assert c.recv(1) == b"x"

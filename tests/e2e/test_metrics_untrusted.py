@@ -30,42 +30,47 @@ ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is N
 
 
 
+def entry_bytes(key: bytes, value_: float) -> bytes:
+    """One entry as docs/metrics.md lays it out: u32 length, key, zero padding to 8, f64 value."""
+    return struct.pack("<I", len(key)) + key + b"\0" * (-(len(key) + 4) % 8) + struct.pack("<d", value_)
+
+
 def entry_end(data: bytes, pos: int) -> int:
-    n = struct.unpack_from("i", data, pos)[0]
-    return pos + 4 + n + (8 - (n + 4) % 8) + 16
+    n = struct.unpack_from("<I", data, pos)[0]
+    return pos + (4 + n + 7) // 8 * 8 + 8
 
 
 def loop_forever(path: Path) -> None:
-    """Make the second entry's length send a trusting reader back to the same offset, forever."""
+    """Make the second entry's length (-24 as a signed int) send a trusting reader back here, forever."""
     with open(path, "r+b") as f:
         data = f.read()
         f.seek(entry_end(data, 8))
-        f.write(struct.pack("i", -24))
+        f.write(struct.pack("<I", (1 << 32) - 24))
 
 
 def append_non_json(path: Path) -> None:
     with open(path, "r+b") as f:
         data = f.read()
-        used = struct.unpack_from("i", data, 0)[0]
-        key = b"{not json"
-        body = struct.pack("i", len(key)) + key + b" " * (8 - (len(key) + 4) % 8) + struct.pack("dd", 1.0, 0.0)
+        used = struct.unpack_from("<I", data, 4)[0]
+        body = entry_bytes(b"{not json", 1.0)
         f.seek(used)
         f.write(body)
-        f.seek(0)
-        f.write(struct.pack("i", used + len(body)))
+        f.seek(4)
+        f.write(struct.pack("<I", used + len(body)))
 
 
 def huge_used(path: Path) -> None:
     with open(path, "r+b") as f:
-        f.write(struct.pack("i", 256 << 20))
+        f.seek(4)
+        f.write(struct.pack("<I", 256 << 20))
 
 
 def planted(mp: Path, pid: int, value_: float, truncate_to: int | None = None) -> Path:
     """Write a well-formed counter file for a pid that is no worker, then damage it."""
     key = json.dumps(["upgraderd_connections_accepted", "upgraderd_connections_accepted_total",
                       {"listener": "web"}, "Connections accepted by the built-in workers."]).encode()
-    entry = struct.pack("i", len(key)) + key + b" " * (8 - (len(key) + 4) % 8) + struct.pack("dd", value_, 0.0)
-    data = struct.pack("ii", 8 + len(entry), 0) + entry
+    entry = entry_bytes(key, value_)
+    data = b"UGM1" + struct.pack("<I", 8 + len(entry)) + entry
     p = mp / f"counter_{pid}.db"
     p.write_bytes(data[:truncate_to] if truncate_to else data)
     return p
@@ -87,7 +92,7 @@ def test_corrupt_files_of_live_workers_are_set_aside_and_metrics_keep_answering(
             status, body, _ = fetch(metrics_url(cfg))
             assert status == 200
         s = parse(body)
-        expected = {"entry": 1, "size": 2, "key": 1, "value": 1, "unreadable": 0, "slow": 0}
+        expected = {"entry": 1, "size": 2, "key": 1, "value": 1, "unreadable": 0, "format": 0, "slow": 0}
         assert {r: value(s, "upgraderd_metric_files_rejected_total", reason=r) for r in expected} == expected
         assert fetch(metrics_url(cfg, "/healthz"))[0] == 200
         assert sorted(p.name for p in mp.iterdir() if p.name.endswith(".rejected")) == sorted(
@@ -174,7 +179,7 @@ print("served", m.enabled, n.enabled)
 def test_a_worker_that_cannot_write_metrics_serves_on_and_says_so_once(tmp_path, setup):
     mp = tmp_path / "mp"
     mp.mkdir()
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(mp), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "UPGRADERD_METRICS_DIR": str(mp), "PYTHONPATH": str(ROOT)}
     out = subprocess.run([*unshared(setup, mp), sys.executable, "-c", WRITER], env=env, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr  # -7 would be SIGBUS

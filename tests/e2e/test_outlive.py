@@ -21,7 +21,7 @@ from tests.support import ROOT
 from tests.support.fdstore import FdStoreStandIn
 from tests.support.loadgen import Load
 from tests.support.upgraderd_proc import Daemon, alive, children, echo_config, free_port, stop_after_restart, wait_until
-from upgraderd.system import peers
+from upgraderd.system import conflict
 
 pytestmark = pytest.mark.e2e
 
@@ -256,7 +256,7 @@ def test_in_reuseport_mode_a_passed_socket_serves_slot_0_and_the_master_binds_th
         reached = load.wait_for_ok(150)
         result = load.stop()
         assert reached and result.failures == {}, (result.failures, result.examples)
-        inodes = {inode for _addr, p, inode in peers.listening() if p == port}
+        inodes = {inode for _addr, p, inode in conflict.listening() if p == port}
         assert len(inodes) == 2  # slot 0 passed, slot 1 bound by the master
     finally:
         early.close()

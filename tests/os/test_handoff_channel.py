@@ -12,7 +12,8 @@ import pytest
 
 from tests.support.fakes import FakeClock
 from upgraderd.apps.connmetrics import HANDOFF_FAILURES
-from upgraderd.worker import handoff, peers, wire
+from upgraderd.contract import wire
+from upgraderd.worker import handoff, peers
 
 # A master pid no real process has here: the channel names stay private to this test.
 MASTER = 4_000_000 + os.getpid()
@@ -42,7 +43,7 @@ def taker(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[handoff.Taker, Fake
 def connect(t: handoff.Taker) -> socket.socket:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     s.settimeout(5)
-    s.connect(peers.address(t.name))
+    s.connect(wire.address(t.name))
     return s
 
 
@@ -213,10 +214,10 @@ def test_a_silent_taker_times_out_and_the_giver_keeps_the_connection(taker, tcp_
 
 
 def test_channel_names_are_parsed_only_for_our_master():
-    assert peers.parse_name(peers.channel_name(42, 7, 3), 42) == peers.Channel(7, 3, "upgraderd-42-handoff-7-3")
+    assert wire.parse_name(wire.channel_name(42, 7, 3), 42) == wire.Channel(7, 3, "upgraderd-42-handoff-7-3")
     for bad in ("upgraderd-43-handoff-7-3", "upgraderd-42-handoff-x-3", "upgraderd-42-handoff-7",
                 "upgraderd-42-handoff-7-3-1", "upgraderd-42-handoff-99999999999-1"):
-        assert peers.parse_name(bad, 42) is None
+        assert wire.parse_name(bad, 42) is None
 
 
 def test_every_failure_reason_in_the_code_is_a_documented_series():

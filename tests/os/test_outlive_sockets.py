@@ -13,7 +13,7 @@ import pytest
 from tests.support.upgraderd_proc import free_port, wait_until
 from upgraderd.config import schema
 from upgraderd.errors import FatalError
-from upgraderd.system import activation, orphans, peers
+from upgraderd.system import activation, conflict, orphanfds
 
 
 def _cfg(tmp_path: Path, port: int, mode: str, count: int = 2) -> schema.Config:
@@ -92,7 +92,7 @@ def test_pidfd_getfd_duplicates_a_childs_listening_socket(tmp_path):
         target = int(child.stdout.readline())
         pidfd = os.pidfd_open(child.pid)
         try:
-            fd = orphans.pidfd_getfd(pidfd, target)
+            fd = orphanfds.pidfd_getfd(pidfd, target)
         finally:
             os.close(pidfd)
         with socket.socket(fileno=fd) as dup:
@@ -102,7 +102,7 @@ def test_pidfd_getfd_duplicates_a_childs_listening_socket(tmp_path):
             with socket.create_connection(("127.0.0.1", port), timeout=5):
                 conn, _ = dup.accept()
                 conn.close()
-        listed = wait_until(lambda: [x for x in peers.listening() if x[1] == port], 5, "the LISTEN entry")
+        listed = wait_until(lambda: [x for x in conflict.listening() if x[1] == port], 5, "the LISTEN entry")
         assert len(listed) == 1  # type: ignore[arg-type]
     finally:
         child.kill()

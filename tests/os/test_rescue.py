@@ -1,4 +1,4 @@
-"""system/rescue.py against real sockets: this test process plays the master, a child process the READY taker."""
+"""system/rescuer.py against real sockets: this test process plays the master, a child process the READY taker."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from tests.support import ROOT
 from tests.support.upgraderd_proc import wait_until
 from upgraderd.core.seams import Rescue
-from upgraderd.system.rescue import Rescuer, _Held
+from upgraderd.system.rescuer import Rescuer, _Held
 from upgraderd.worker import peers
 from upgraderd.worker.peers import Peer
 

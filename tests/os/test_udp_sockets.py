@@ -14,7 +14,7 @@ from upgraderd.config import schema
 from upgraderd.config.schema import Config
 from upgraderd.core.seams import key_for
 from upgraderd.errors import FatalError
-from upgraderd.system import activation, peers, udp
+from upgraderd.system import activation, conflict, udp
 from tests.support.udpload import free_udp_port
 from upgraderd.system.sockets import ListenerSet
 
@@ -168,10 +168,10 @@ def test_the_peer_check_lists_udp_sockets_apart_from_tcp_ones():
     port = free_udp_port()
     with udp.bind(config(port, 1).listeners[0]) as s:
         inode = os.fstat(s.fileno()).st_ino
-        assert (port, inode) in {(p, i) for _a, p, i in peers.listening("udp")}
-        assert port not in {p for _a, p, _i in peers.listening("tcp")}
+        assert (port, inode) in {(p, i) for _a, p, i in conflict.listening("udp")}
+        assert port not in {p for _a, p, _i in conflict.listening("tcp")}
         assert (port, inode) in {(p, i) for _a, p, i in
-                                 peers._proc_listening(("/proc/net/udp",), peers.UNCONNECTED)}
+                                 conflict._proc_listening(("/proc/net/udp",), conflict.UNCONNECTED)}
 
 
 def test_a_close_in_a_worker_leaves_the_socket_whole_where_shutdown_would_not(group):

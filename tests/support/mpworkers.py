@@ -1,13 +1,12 @@
-"""Short-lived processes that write real multiprocess metric files, for tests and bench.
+"""Short-lived processes that write real worker metric files, for tests and bench.
 
 Starting a Python worker per replacement costs ~0.1 s; forking one from a
-process that already imported prometheus-client in multiprocess mode costs a
-millisecond. The forked child runs the built-in workers' own
+process that already imported the writer costs a millisecond. The forked child runs the built-in workers' own
 `ConnectionMetrics` (so the files are exactly what a worker writes), flushes,
 and exits; the factory reaps it and reports its pid, which the caller then
 folds as the master would.
 
-    python -m tests.support.mpworkers      (from the repository root, with PROMETHEUS_MULTIPROC_DIR set)
+    python -m tests.support.mpworkers      (from the repository root, with UPGRADERD_METRICS_DIR set)
     stdin:  "<connections> <bytes> <open>\\n" per worker; stdout: its pid
 """
 
@@ -22,7 +21,6 @@ from tests.support import ROOT
 
 def _serve() -> int:
     from upgraderd.apps.connmetrics import ConnectionMetrics
-    import prometheus_client  # noqa: F401  (multiprocess mode is chosen here, once)
     for line in sys.stdin:
         conns, nbytes, still_open = (int(x) for x in line.split())
         pid = os.fork()
@@ -45,7 +43,7 @@ class WorkerFactory:
     """Drive a `python -m tests.support.mpworkers` process writing into `directory`."""
 
     def __init__(self, directory: str) -> None:
-        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": directory}
+        env = {**os.environ, "UPGRADERD_METRICS_DIR": directory}
         self.proc = subprocess.Popen([sys.executable, "-m", "tests.support.mpworkers"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, env=env, cwd=ROOT, text=True)
 

@@ -1,7 +1,7 @@
 """Worker-written metric files are untrusted: every corruption is bounded, set aside and counted.
 
-Each case starts from a real file (prometheus-client's own writer), corrupts it
-in one way, and checks that folding and collecting neither raise nor spend
+Each case starts from a real file (the workers' own writer, apps/metricfile.py),
+corrupts it in one way, and checks that folding and collecting neither raise nor spend
 more than 100 ms of CPU, that the good workers' counts are still all there,
 and that the bad file left the scrape set and was counted once, by reason.
 CPU time of the working thread is measured (not wall time), so a loaded
@@ -23,9 +23,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from prometheus_client.mmap_dict import MmapedDict, mmap_key
-
 from tests.support.mpworkers import WorkerFactory
+from upgraderd.apps import metricfile
 from tests.support.scrape import fetch, parse, value
 from upgraderd.config.schema import MetricsSpec
 from upgraderd.metrics import dbfile
@@ -35,8 +34,8 @@ from upgraderd.metrics.telemetry import Telemetry
 
 ACCEPTED = ("upgraderd_connections_accepted_total", (("listener", "web"),))
 BAD_PID = 4242
-KEY = mmap_key("upgraderd_connections_accepted", "upgraderd_connections_accepted_total",
-               ["listener"], ["web"], "Connections accepted.")
+KEY = metricfile.key("upgraderd_connections_accepted", "upgraderd_connections_accepted_total",
+                     {"listener": "web"}, "Connections accepted.")
 
 
 def sums(files: WorkerFiles) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -70,50 +69,58 @@ def bounded(fn: Callable[[], object]) -> float:
 
 
 def write_db(path: Path, entries: list[tuple[str, float]]) -> None:
-    """Write a real multiprocess file with prometheus-client's own writer."""
-    d = MmapedDict(str(path))
+    """Write a real metric file with the workers' own writer."""
+    with open(path, "wb") as f:
+        f.truncate(1 << 16)
+    d = metricfile.MetricFile(str(path))
     for key, v in entries:
-        d.write_value(key, v, 0.0)
-    d.close()
+        d.add(key, v)
+    d.map.close()
+    os.close(d.fd)
 
 
 def entry_size(key: str) -> int:
     n = len(key.encode())
-    return 4 + n + (8 - (n + 4) % 8) + 16
+    return (4 + n + 7) // 8 * 8 + 8
+
+
+def used_of(p: Path) -> int:
+    return struct.unpack_from("<I", p.read_bytes(), 4)[0]
 
 
 # Each corruption: (name, function(path) that damages a real file, expected reason).
 def looping_length(p: Path) -> None:
     data = bytearray(p.read_bytes())
-    struct.pack_into("i", data, 8 + entry_size(KEY), -24)  # the next offset is this one, forever
+    # As a signed int, -24: a reader doing signed arithmetic would step back to this entry forever.
+    struct.pack_into("<I", data, 8 + entry_size(KEY), (1 << 32) - 24)
     p.write_bytes(bytes(data))
 
 
 def non_json_key(p: Path) -> None:
     bad = b"{not json at all" + b" " * 8
     data = bytearray(p.read_bytes())
-    body = struct.pack("i", len(bad)) + bad + b" " * (8 - (len(bad) + 4) % 8) + struct.pack("dd", 1.0, 0.0)
-    used = struct.unpack_from("i", data, 0)[0]
+    body = struct.pack("<I", len(bad)) + bad + b"\0" * (-(len(bad) + 4) % 8) + struct.pack("<d", 1.0)
+    used = used_of(p)
     data[used:used + len(body)] = body
-    struct.pack_into("i", data, 0, used + len(body))
+    struct.pack_into("<I", data, 4, used + len(body))
     p.write_bytes(bytes(data))
 
 
 def nan_value(p: Path) -> None:
-    d = MmapedDict(str(p))
-    d.write_value(KEY, math.nan, 0.0)
-    d.close()
+    data = bytearray(p.read_bytes())
+    struct.pack_into("<d", data, 8 + entry_size(KEY) - 8, math.nan)  # the first entry's value
+    p.write_bytes(bytes(data))
 
 
 def huge_used(p: Path) -> None:
     with open(p, "r+b") as f:
-        f.write(struct.pack("i", 256 << 20))
+        f.seek(4)
+        f.write(struct.pack("<I", 256 << 20))
         f.truncate(300 << 20)  # sparse: a reader that trusts the header reads 256 MB
 
 
 def truncated(p: Path) -> None:
-    size = struct.unpack_from("i", p.read_bytes(), 0)[0]
-    os.truncate(p, size - 10)  # mid-entry: the header promises more than the file holds
+    os.truncate(p, used_of(p) - 10)  # mid-entry: the header promises more than the file holds
 
 
 def planted_symlink(p: Path) -> None:
@@ -137,6 +144,13 @@ def nested_key(p: Path) -> None:
     write_db(p, [(KEY, 1.0), ("[" * 2000 + "]" * 2000, 1.0)])
 
 
+def foreign_layout(p: Path) -> None:
+    # prometheus-client's multiprocess layout (int32 `used`, padding, entries): not ours.
+    raw = KEY.encode()
+    body = struct.pack("i", len(raw)) + raw + b" " * (8 - (len(raw) + 4) % 8) + struct.pack("dd", 7.0, 0.0)
+    p.write_bytes(struct.pack("i", 8 + len(body)) + b"\0" * 4 + body)
+
+
 def fifo(p: Path) -> None:
     p.unlink()
     os.mkfifo(p)  # an open() without O_NONBLOCK would wait for a writer forever
@@ -151,6 +165,7 @@ CASES = [
     ("counter", planted_symlink, "unreadable"),
     ("histogram", wrong_key_shape, "key"),
     ("counter", nested_key, "key"),
+    ("counter", foreign_layout, "format"),
     ("gauge_livesum", fifo, "unreadable"),
 ]
 

@@ -170,7 +170,7 @@ def test_disabled_and_builtin_only_env(tmp_path):
     try:
         app = parse_config("listeners: [{name: a, port: 1}]\nworkers: {app: echo}\n")
         cmd = parse_config("listeners: [{name: a, port: 1}]\nworkers: {command: [/bin/true]}\n")
-        assert t.worker_env(app) == {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "mp")}
+        assert t.worker_env(app) == {"UPGRADERD_METRICS_DIR": str(tmp_path / "mp")}
         assert t.worker_env(cmd) == {}
     finally:
         t.close()

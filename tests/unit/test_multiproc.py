@@ -144,7 +144,7 @@ b.draining(); b.flush()
 
 def test_servers_of_one_threaded_worker_add_up_instead_of_overwriting(tmp_path):
     files = WorkerFiles(str(tmp_path / "mp"))
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": files.path}
+    env = {**os.environ, "UPGRADERD_METRICS_DIR": files.path}
     subprocess.run([sys.executable, "-c", THREADS_SCRIPT], env=env, check=True, timeout=60)
     s = sums(files)
     assert s[ACCEPTED] == 7

@@ -17,8 +17,8 @@ from upgraderd.core.events import Bus
 from upgraderd.core.takeover import Takeover
 from upgraderd.core.master import Master, assemble
 from upgraderd.errors import ConfigError
-from upgraderd.system import activation, orphans, peers
-from upgraderd.worker.orphan import OrphanWatch, grace_from_env
+from upgraderd.system import activation, conflict, orphanfds
+from upgraderd.worker.outlive import OrphanWatch, grace_from_env
 
 
 class FakeOrphans:
@@ -132,7 +132,7 @@ def test_passed_socket_names_carry_the_slot(name, expected):
                                                {"pid": False}, None, {"pid": 9.5}]}, 3]}, (500, [])),
 ])
 def test_the_status_file_only_suggests_well_formed_pids(doc, expected):
-    assert orphans.suggested_pids(doc) == expected
+    assert orphanfds.suggested_pids(doc) == expected
 
 
 def test_a_status_file_that_is_a_symlink_is_not_read(tmp_path):
@@ -140,11 +140,11 @@ def test_a_status_file_that_is_a_symlink_is_not_read(tmp_path):
     real.write_text('{"pid": 500, "generations": []}')
     link = tmp_path / "upgraderd.pid.status.json"
     link.symlink_to(real)
-    assert orphans.read_status(str(link)) is None
-    assert orphans.read_status(str(real)) == {"pid": 500, "generations": []}
+    assert orphanfds.read_status(str(link)) is None
+    assert orphanfds.read_status(str(real)) == {"pid": 500, "generations": []}
     big = tmp_path / "big.json"
-    big.write_text(" " * (orphans.MAX_STATUS + 1) + "{}")
-    assert orphans.read_status(str(big)) is None
+    big.write_text(" " * (orphanfds.MAX_STATUS + 1) + "{}")
+    assert orphanfds.read_status(str(big)) is None
 
 
 @pytest.mark.parametrize("hexaddr, addr, port", [
@@ -153,12 +153,12 @@ def test_a_status_file_that_is_a_symlink_is_not_read(tmp_path):
     ("00000000:0016", "0.0.0.0", 22),
 ])
 def test_proc_net_tcp_addresses_decode(hexaddr, addr, port):
-    assert peers._decode(hexaddr) == (ipaddress.ip_address(addr), port)
+    assert conflict._decode(hexaddr) == (ipaddress.ip_address(addr), port)
 
 
 def test_a_wildcard_listener_overlaps_a_specific_one_of_its_family_only():
     a = ipaddress.ip_address
-    assert peers._overlaps(a("0.0.0.0"), a("127.0.0.1"))
-    assert peers._overlaps(a("127.0.0.1"), a("127.0.0.1"))
-    assert not peers._overlaps(a("127.0.0.1"), a("127.0.0.2"))
-    assert not peers._overlaps(a("::"), a("127.0.0.1"))
+    assert conflict._overlaps(a("0.0.0.0"), a("127.0.0.1"))
+    assert conflict._overlaps(a("127.0.0.1"), a("127.0.0.1"))
+    assert not conflict._overlaps(a("127.0.0.1"), a("127.0.0.2"))
+    assert not conflict._overlaps(a("::"), a("127.0.0.1"))

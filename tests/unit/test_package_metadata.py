@@ -1,7 +1,8 @@
-"""Packaging metadata that code depends on: the prometheus-client bound, the shipped files."""
+"""Packaging metadata that code depends on: the prometheus-client requirement, the shipped files."""
 
 from __future__ import annotations
 
+import ast
 import tomllib
 from importlib.metadata import version
 from pathlib import Path
@@ -19,11 +20,26 @@ def _requirement(name: str) -> Requirement:
     return next(r for r in reqs if r.name == name)
 
 
-def test_prometheus_client_has_an_upper_bound_that_the_installed_version_meets():
-    # multiproc.py reads prometheus-client's internal mmap_dict format: a new minor
-    # version may change it, so the range is closed and the tested version inside it.
+# prometheus-client's modules whose API is public and documented; the multiprocess file
+# format (mmap_dict, multiprocess, values) is not among them, and upgraderd owns its own.
+PUBLIC_PROMETHEUS = {"prometheus_client", "prometheus_client.metrics_core", "prometheus_client.exposition",
+                     "prometheus_client.registry"}
+
+
+def test_only_prometheus_clients_public_api_is_used_so_it_needs_no_upper_bound():
+    used = set()
+    for path in (ROOT / "upgraderd").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("prometheus_client"):
+                used.add(node.module)
+                assert not any(a.name.startswith("_") for a in node.names), (path, ast.unparse(node))
+            elif isinstance(node, ast.Import):
+                used.update(a.name for a in node.names if a.name.startswith("prometheus_client"))
+            elif isinstance(node, ast.Attribute) and node.attr in ("_accumulate_metrics", "_multiprocess_mode"):
+                raise AssertionError(f"{path}: uses prometheus-client's private {node.attr}")
+    assert used and used <= PUBLIC_PROMETHEUS, sorted(used - PUBLIC_PROMETHEUS)
     req = _requirement("prometheus-client")
-    assert any(s.operator == "<" for s in req.specifier), req
+    assert not any(s.operator in ("<", "<=", "==", "~=") for s in req.specifier), req
     assert req.specifier.contains(version("prometheus-client")), (req, version("prometheus-client"))
 
 

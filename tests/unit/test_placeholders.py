@@ -8,6 +8,7 @@ from upgraderd.config import schema as config
 from upgraderd.config import placeholders
 from upgraderd.errors import ConfigError
 from upgraderd.config.placeholders import TemplateError
+from upgraderd.contract import env
 
 CFG = config.parse("""\
 listeners:
@@ -55,7 +56,7 @@ def test_environment_names_every_listener_and_the_worker_bind_ones():
         "UPGRADERD_ADDR_V6": "[::1]:8002", "UPGRADERD_WORKER_BIND": "pub",
         "UPGRADERD_PROBE_PORT": "25000",
     }
-    assert placeholders.addr_env_name("web-2.a") == "UPGRADERD_ADDR_WEB_2_A"
+    assert env.addr_env_name("web-2.a") == "UPGRADERD_ADDR_WEB_2_A"
 
 
 BAD = """\

@@ -1,10 +1,11 @@
-"""Connection metrics of a built-in worker, in the files of prometheus-client's multiprocess mode.
+"""Connection metrics of a built-in worker, in the workers' metric files.
 
-The master sets `PROMETHEUS_MULTIPROC_DIR` in a built-in worker's environment
+The master sets `UPGRADERD_METRICS_DIR` in a built-in worker's environment
 (and nowhere else); the worker then writes its counts into mmap'ed files in
-that directory, which the master sums at scrape time and folds into an
-archive when the worker exits (see upgraderd/multiproc.py). Without the
-variable (a worker run by hand, or under systemd) nothing is recorded.
+that directory (contract/metricformat.py), which the master sums at scrape
+time and folds into an archive when the worker exits (see
+metrics/multiproc.py). Without the variable (a worker run by hand, or under
+systemd) nothing is recorded.
 
 Design note: the event loop only bumps plain integers (accepted, closed and
 byte counts straight in the list `tally()` returns); `flush()` writes the
@@ -25,9 +26,9 @@ allocates each whole with `posix_fallocate`, large enough for every series
 this worker writes (twice over). A full or read-only directory then fails
 that call, not a later write.
 
-The files are written by apps/metricfile.py in prometheus-client's layout,
-not by the library itself: importing it cost a prefork template about 40 ms
-of CPU before it could fork a worker.
+The files are written by apps/metricfile.py, without prometheus-client:
+importing it cost a prefork template about 40 ms of CPU before it could fork
+a worker.
 
 A worker with `threads: N` runs N `Server`s, each with its own
 `ConnectionMetrics`. They share one sink per process (`_shared_sink`), and
@@ -37,14 +38,15 @@ the gauge, so that their counts add up.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import threading
 
 from upgraderd.apps import metricfile
+from upgraderd.contract import metricformat as layout
+from upgraderd.contract.env import METRICS_DIR
 
-ENV = "PROMETHEUS_MULTIPROC_DIR"
+ENV = METRICS_DIR
 # Every reason a hand-off can fail for (docs/metrics.md); each series starts at 0.
 ACCEPTED, CLOSED, RX, TX = 0, 1, 2, 3  # indexes in a listener's tally (the loop adds to them directly)
 HANDOFF_FAILURES = ("refused", "timeout", "taker_gone", "untrusted_taker", "malformed_reply", "too_large",
@@ -178,7 +180,7 @@ class ConnectionMetrics:
 
 _SINKS: dict[tuple[int, tuple[str, ...]], _Sink | None] = {}   # by (pid, listeners): a fork reports apart
 _SINKS_LOCK = threading.Lock()
-_FILE_SIZE = 1 << 16  # prometheus-client's initial size; it doubles from there
+_FILE_SIZE = 1 << 16  # a file's initial size; it doubles from there
 
 
 def _shared_sink(listeners: tuple[str, ...], udp: bool = False) -> _Sink | None:
@@ -208,7 +210,7 @@ def _reserve(listeners: tuple[str, ...], udp: bool = False) -> None:
         size *= 2
     # The drop gauge (livemax) has its own file, written only by a worker with a UDP listener.
     for prefix in ("counter", "gauge_livesum", *(("gauge_livemax",) if udp else ())):
-        path = os.path.join(directory, f"{prefix}_{os.getpid()}.db")
+        path = os.path.join(directory, layout.file_name(prefix, os.getpid()))
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         try:
             if os.fstat(fd).st_size < size:
@@ -220,8 +222,8 @@ def _reserve(listeners: tuple[str, ...], udp: bool = False) -> None:
 def _entry_size(listener: str) -> int:
     """Return an upper bound of the bytes one series of `listener` takes in a file."""
     metric, help_text = "upgraderd_connections_accepted_draining", "h" * 200
-    key = json.dumps([metric, metric + "_total", {"listener": listener, "state": "draining"}, help_text])
-    return 4 + len(key.encode()) + 8 + 16
+    key = layout.key(metric, metric + "_total", {"listener": listener, "state": "draining"}, help_text)
+    return len(layout.entry(key))
 
 
 COUNTERS = (
@@ -253,10 +255,10 @@ class _Sink:
 
     def __init__(self, listeners: list[str]) -> None:
         directory = os.environ.get(ENV, "")
-        self.counters = metricfile.shared(os.path.join(directory, f"counter_{os.getpid()}.db"))
-        self.gauges = metricfile.shared(os.path.join(directory, f"gauge_livesum_{os.getpid()}.db"))
+        self.counters = metricfile.shared(os.path.join(directory, layout.file_name("counter", os.getpid())))
+        self.gauges = metricfile.shared(os.path.join(directory, layout.file_name("gauge_livesum", os.getpid())))
         # The drop gauge's file is opened on the first reading: only a UDP worker has one.
-        self.drops_path = os.path.join(directory, f"gauge_livemax_{os.getpid()}.db")
+        self.drops_path = os.path.join(directory, layout.file_name("gauge_livemax", os.getpid()))
         self._drops_max: dict[tuple[str, str], int] = {}
         self.keys = {name: [_counter(c, listener=name) for c in COUNTERS] for name in listeners}
         self.states = {name: {state: metricfile.key(ACTIVE[0], ACTIVE[0], {"listener": name, "state": state},

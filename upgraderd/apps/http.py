@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 
 from upgraderd.apps import run
+from upgraderd.contract import env
 
 MAX_HEAD = 64 * 1024
 
@@ -26,8 +27,8 @@ class Http:
         self.buf = bytearray()
         self.close = False
         self.draining = False
-        gen = os.environ.get("UPGRADERD_GENERATION", "0")
-        slot = os.environ.get("UPGRADERD_SLOT", "0")
+        gen = os.environ.get(env.GENERATION, "0")
+        slot = os.environ.get(env.SLOT, "0")
         self.body = f"generation={gen} slot={slot} pid={os.getpid()}\n".encode()
 
     def received(self, data: bytes) -> bytes:

@@ -1,19 +1,20 @@
-"""A worker's own metric file, written in prometheus-client's multiprocess layout.
+"""A worker's own metric file, in upgraderd's layout (contract/metricformat.py).
 
-The built-in workers report their connection counts in the files that
-prometheus-client's multiprocess mode writes (`counter_<pid>.db`,
-`gauge_livesum_<pid>.db` in PROMETHEUS_MULTIPROC_DIR); the master reads them
-with its own validating reader (upgraderd/metrics/dbfile.py, which documents
-the layout) and folds them when the worker exits.
+The built-in workers report their connection counts in files named
+`counter_<pid>.db`, `gauge_livesum_<pid>.db`, ... in $UPGRADERD_METRICS_DIR;
+the master reads them with its own validating reader (metrics/dbfile.py) and
+folds them when the worker exits. Any worker-side code may write counters,
+gauges and histogram buckets through `MetricFile` (docs/metrics.md, "The
+workers' metric files", shows how).
 
-Design note: the workers used to write them through prometheus-client's
-`Counter` and `Gauge`. Importing prometheus-client costs about 40 ms of CPU
-(it pulls in http.server, urllib, ssl and more for its exposition code),
-about a third of what a prefork template does before it can fork; and
-creating the metric objects was most of a forked worker's start-up. This
-writer does only what a worker needs: append an entry the first time a series
-is set, then overwrite its value in place. The bytes are the library's
-(tests/unit/test_metricfile.py compares the two).
+Design note: the workers used to write prometheus-client's multiprocess files
+(first through its `Counter` and `Gauge`, then in its private `mmap_dict`
+layout by hand). Importing prometheus-client costs about 40 ms of CPU (it
+pulls in http.server, urllib, ssl and more for its exposition code), about a
+third of what a prefork template does before it can fork, and its file layout
+carries no stability promise. This writer does only what a worker needs:
+append an entry the first time a series is set, then overwrite its value in
+place, in a layout upgraderd owns.
 
 Invariants:
 - The file is opened with O_NOFOLLOW and mapped whole; it is allocated by the
@@ -29,26 +30,23 @@ Invariants:
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
-import struct
 
-_USED = struct.Struct("i")
-_VALUE = struct.Struct("dd")   # the value and a timestamp (always 0.0, as the library writes it)
-HEADER = 8
+from upgraderd.contract import metricformat as layout
+
+HEADER = layout.HEADER_SIZE
+_VALUE = layout.VALUE
 
 
 def key(metric: str, sample: str, labels: dict[str, str], help_text: str) -> str:
-    """Return a series' key as prometheus-client writes it (`mmap_key`)."""
-    return json.dumps([metric, sample, labels, help_text], sort_keys=True)
+    """Return a series' key (contract/metricformat.py)."""
+    return layout.key(metric, sample, labels, help_text)
 
 
 def entry(series: str, value: float = 0.0) -> bytes:
-    """Return the bytes of one entry: key length, the key padded to 8 bytes with spaces, value, timestamp."""
-    encoded = series.encode()
-    padded = encoded + b" " * (8 - (len(encoded) + 4) % 8)
-    return _USED.pack(len(encoded)) + padded + _VALUE.pack(value, 0.0)
+    """Return the bytes of one entry (contract/metricformat.py)."""
+    return layout.entry(series, value)
 
 
 class MetricFile:
@@ -65,7 +63,7 @@ class MetricFile:
         self.values: dict[str, float] = {}
         # Start empty: anything there was left by an earlier process with our pid.
         self.used = HEADER
-        _USED.pack_into(self.map, 0, self.used)
+        self.map[:HEADER] = layout.header(self.used)
 
     def add(self, series: str, delta: float) -> None:
         """Add `delta` to `series` (0 creates it), adding the series to the file first if it is new."""
@@ -77,10 +75,10 @@ class MetricFile:
                 self._grow(self.used + len(raw))
             self.map[self.used:self.used + len(raw)] = raw
             self.used += len(raw)
-            _USED.pack_into(self.map, 0, self.used)
+            layout.USED.pack_into(self.map, layout.USED_AT, self.used)
             self.positions[series] = self.used - _VALUE.size
             return
-        _VALUE.pack_into(self.map, pos, value, 0.0)
+        _VALUE.pack_into(self.map, pos, value)
 
     def _grow(self, need: int) -> None:
         size = len(self.map)

@@ -1,6 +1,6 @@
 """Hand-off for the built-in workers: take connections while serving, give them at drain.
 
-With `drain.handoff: auto` (UPGRADERD_HANDOFF=auto) a built-in worker opens
+With `drain.handoff: auto` (UPGRADERD_HANDOFF=auto, contract/env.py) a built-in worker opens
 its hand-off channel before READY=1 and adopts whatever connection an older
 worker (or a retiring sibling) commits to it. When it drains, it offers every
 connection it can move to the ACTIVE generation, round-robin over its
@@ -18,15 +18,15 @@ offered again every RETRY seconds to whatever takers exist then.
 
 from __future__ import annotations
 
+import select
+import socket
 import sys
 import time
-from typing import TYPE_CHECKING, Callable, Protocol, runtime_checkable
+from typing import Callable, Protocol, runtime_checkable
 
-from upgraderd.apps.conn import Conn, full_socket
+from upgraderd.apps.conn import Conn, ConnectionProtocol, full_socket
+from upgraderd.apps.connmetrics import ConnectionMetrics
 from upgraderd.worker import handoff
-
-if TYPE_CHECKING:
-    from upgraderd.apps.server import Server
 
 
 @runtime_checkable
@@ -40,13 +40,36 @@ class Movable(Protocol):
         """Take over the state blob of a connection that moved here."""
 
 
+class Host(Protocol):
+    """What `Moves` uses of its event loop (apps/server.py's `Server`), and nothing more."""
+
+    listeners: dict[str, socket.socket]
+    factory: Callable[[str], ConnectionProtocol]
+    ep: select.epoll
+    conns: dict[int, Conn]
+    draining_since: float | None
+    metrics: ConnectionMetrics
+
+    def register_taker(self, taker: handoff.Taker) -> None:
+        """Watch the hand-off channel in the loop."""
+
+    def unregister_taker(self, taker: handoff.Taker) -> None:
+        """Stop watching the hand-off channel."""
+
+    def track(self, conn: Conn) -> None:
+        """Serve `conn` from the loop."""
+
+    def flush(self, conn: Conn) -> None:
+        """Send what `conn` has queued."""
+
+
 RETRY = 2.0  # seconds between two searches for takers while connections are left
 
 
 class Moves:
     """The hand-off side of one `Server`."""
 
-    def __init__(self, server: Server, take: bool,
+    def __init__(self, server: Host, take: bool,
                  giver: Callable[[], handoff.Giver] = handoff.Giver,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.server = server

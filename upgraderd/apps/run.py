@@ -7,6 +7,7 @@ import sys
 from typing import Callable
 
 from upgraderd import worker
+from upgraderd.contract import env
 from upgraderd.apps import threaded
 from upgraderd.apps.server import ConnectionProtocol, Server
 
@@ -19,7 +20,7 @@ def main(factory: Callable[[str], ConnectionProtocol], idle_grace: float = 1.0,
         print("error: no listening sockets (LISTEN_FDS/LISTEN_PID not set for this process); "
               "run me under upgraderd", file=sys.stderr)
         return 2
-    threads = int(os.environ.get("UPGRADERD_THREADS", "1") or "1")
+    threads = int(os.environ.get(env.THREADS, "1") or "1")
     if threads > 1:
         return threaded.serve(socks, factory, threads, idle_grace, announce)
     return Server(socks, factory, idle_grace, announce).serve()

@@ -18,7 +18,7 @@ generation (upgraderd/apps/moves.py); tell the protocol of every connection
 left (HTTP answers the next request with `Connection: close`), let idle
 connections go after a grace period, exit when none is left. SIGINT: exit
 at once. If the master dies (our parent changes) we serve on for
-`drain.orphan_grace`, then drain (upgraderd/worker/orphan.py).
+`drain.orphan_grace`, then drain (upgraderd/worker/outlive.py).
 
 With hand-off on, the worker also opens its hand-off channel before READY=1
 and serves the connections older workers give it (`Moves._adopt`, apps/moves.py).
@@ -41,7 +41,7 @@ from types import FrameType
 from typing import Callable
 
 from upgraderd import worker
-from upgraderd.worker.orphan import OrphanWatch
+from upgraderd.worker.outlive import OrphanWatch
 from upgraderd.apps.connmetrics import ACCEPTED, CLOSED, RX, TX, ConnectionMetrics
 from upgraderd.apps.datagrams import DatagramListener, is_udp
 from upgraderd.apps.conn import IN, NOWAIT, OUT, Conn as Conn, ConnectionProtocol as ConnectionProtocol, Listener, \

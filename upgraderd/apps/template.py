@@ -1,8 +1,9 @@
 """A generation's template: import the app once, then fork its workers on the master's request.
 
 `python -m upgraderd.apps.template APP` is exec'd by the master once per
-generation (system/template.py), APP being `echo`, `http` or
-`package.module:factory`. It imports the app and everything a worker needs
+generation (system/templatectl.py), APP being `echo`, `http`,
+`package.module:factory` or a web app, `asgi:package.module:app` or
+`wsgi:...` (upgraderd/apps/asgi/). It imports the app and everything a worker needs
 (the built-in event loop and its metric files' writer), freezes the heap so
 the workers share its pages, and then waits on its control channel
 (fd 3): one packet per worker, a JSON object (slot, environment) with the
@@ -52,7 +53,8 @@ import sys
 import traceback
 from typing import Any, Callable
 
-from upgraderd.system.notify import notify
+from upgraderd.contract import env as contract
+from upgraderd.contract import notify
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
@@ -65,6 +67,9 @@ HIGH_FD = 64
 def load(app: str) -> Callable[[], int]:
     """Import `app` now; return what runs one worker of it after a fork."""
     import upgraderd.apps.server  # noqa: F401  (imported before the fork, so its pages are shared)
+    if app.partition(":")[0] in ("asgi", "wsgi"):
+        from upgraderd.apps.asgi import entry   # upgraderd's HTTP server for a web app
+        return entry.load(app)
     if ":" not in app:
         module = importlib.import_module(f"upgraderd.apps.{app}")
         main: Callable[[], int] = module.main
@@ -98,7 +103,7 @@ def _die_with_parent() -> None:
     libc = _libc()
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     # The master may have died before the line above: then we were re-parented already.
-    if str(os.getppid()) != os.environ.get("UPGRADERD_TEMPLATE_PARENT", str(os.getppid())):
+    if str(os.getppid()) != os.environ.get(contract.TEMPLATE_PARENT, str(os.getppid())):
         os._exit(1)
 
 
@@ -178,7 +183,7 @@ def _fork_batch(control: socket.socket, batch: list[Request], run: Callable[[], 
         for line in lines:
             index, _, pid = line.partition(":")
             i = int(index)
-            notify(f"SPAWNED={batch[i][0]}:{int(pid)}", batch[i][1].get("NOTIFY_SOCKET"))
+            notify.notify(notify.spawned(batch[i][0], int(pid)), batch[i][1].get(contract.NOTIFY_SOCKET))
             os.write(gates[i][1], b"1")
     finally:
         os.close(pid_r)
@@ -218,7 +223,7 @@ def _become_worker(control: socket.socket, gate: int, env: dict[str, str], fds: 
             _place(fds)
             os.environ.clear()
             os.environ.update(env)
-            os.environ["LISTEN_PID"] = str(os.getpid())
+            os.environ[contract.LISTEN_PID] = str(os.getpid())
             code = run()
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1

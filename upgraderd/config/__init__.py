@@ -4,7 +4,8 @@ Owns: the schema and loader with located errors (schema.py), reusable value
 checks (validators.py), argv placeholders such as `{fd:web}` (placeholders.py),
 the reload plan (plan.py) and the generated reference (docgen.py).
 
-May import: `upgraderd.errors` and the standard library. Never another
-upgraderd package: loading a config is the same in `check`, at start and at
-reload, and must not depend on a running master.
+May import: `upgraderd.errors`, `upgraderd.contract` (the workers' variable
+names) and the standard library. Never another upgraderd package: loading a
+config is the same in `check`, at start and at reload, and must not depend on
+a running master.
 """

@@ -19,6 +19,7 @@ from upgraderd.config.validators import Invalid, _did_you_mean, _show, string
 
 BUILTIN_APPS = ("echo", "http")
 _FACTORY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
+WEB_KINDS = ("asgi", "wsgi")  # `asgi:package.module:app`: served by upgraderd's HTTP server (apps/asgi/)
 
 
 def boolean(v: Any) -> bool:
@@ -29,14 +30,25 @@ def boolean(v: Any) -> bool:
 
 
 def app_name(v: Any) -> str:
-    """echo | http | package.module:factory"""
+    """echo | http | package.module:factory | asgi:package.module:app | wsgi:package.module:app"""
     s = string(v)
+    kind, _, rest = s.partition(":")
+    if kind in WEB_KINDS:
+        if _FACTORY.fullmatch(rest):
+            return s
+        raise Invalid(f"{_show(v)} is not `{kind}:package.module:app` (dotted Python names, then the app's name)")
     if s in BUILTIN_APPS or _FACTORY.fullmatch(s):
         return s
     if ":" in s:
         raise Invalid(f"{_show(v)} is not `package.module:factory` (dotted Python names, one colon)")
     raise Invalid(f"{_show(v)} is not one of {', '.join(BUILTIN_APPS)}{_did_you_mean(s, BUILTIN_APPS)}"
                   " or `package.module:factory`")
+
+
+def app_module(app: str) -> str:
+    """Return the module an app spec imports: `pkg.mod` of `pkg.mod:f` and of `asgi:pkg.mod:app`."""
+    kind, _, rest = app.partition(":")
+    return rest.partition(":")[0] if kind in WEB_KINDS else kind
 
 
 def module_problem(module: str, cwd: str | None, env: Mapping[str, str]) -> str | None:

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Protocol
 import yaml
 
 from upgraderd.config import placeholders
-from upgraderd.config.appspec import BUILTIN_APPS, module_problem
+from upgraderd.config.appspec import BUILTIN_APPS, app_module, module_problem
 from upgraderd.config.validators import _show, parse_url, worker_ids
+from upgraderd.contract.env import addr_env_name
 
 if TYPE_CHECKING:
     from upgraderd.config.schema import Config, WorkerSpec
@@ -58,7 +59,7 @@ def check_workers(loader: Reporter, root: yaml.Node, cfg: Config) -> None:
         rnode = node_at(root, "ready") or root
         loader.fail(rnode, "ready.url", "ready.mode http needs a `url`")
     if w.app is not None and w.app not in BUILTIN_APPS:
-        problem = module_problem(w.app.partition(":")[0], w.cwd, w.env)
+        problem = module_problem(app_module(w.app), w.cwd, w.env)
         if problem:
             loader.fail(node_at(node, "app") or node, "workers.app", problem)
     if w.command is not None:
@@ -134,7 +135,7 @@ def check_templates(loader: Reporter, root: yaml.Node, cfg: Config) -> None:
     lnode = node_at(root, "listeners") or root
     seen: dict[str, str] = {}
     for i, spec in enumerate(cfg.listeners):
-        var = placeholders.addr_env_name(spec.name)
+        var = addr_env_name(spec.name)
         if var in seen:
             node = lnode.value[i] if isinstance(lnode, yaml.SequenceNode) else lnode
             loader.fail(node, f"listeners[{i}].name", f"{spec.name!r} and {seen[var]!r} would both "

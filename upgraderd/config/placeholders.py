@@ -25,6 +25,9 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Mapping
 
+from upgraderd.contract import env as contract
+from upgraderd.contract.env import addr_env_name
+
 if TYPE_CHECKING:
     from upgraderd.config.schema import Config
 
@@ -115,20 +118,19 @@ def problems(template: str, cfg: Config) -> list[str]:
 
 
 def _hint(key: str, concrete: list[str]) -> str:
-    import difflib   # here: every worker imports this module (addr_env_name), only `check` needs difflib
+    import difflib   # here: only `check` needs it
     close = difflib.get_close_matches(key, concrete, n=1, cutoff=0.6)
     return f" (did you mean {{{close[0]}}}?)" if close else ""
 
 
-def addr_env_name(listener: str) -> str:
-    """Return the variable that gives workers the address of `listener` (UPGRADERD_ADDR_WEB)."""
-    return "UPGRADERD_ADDR_" + re.sub(r"[^A-Za-z0-9]", "_", listener).upper()
-
-
 def environment(cfg: Config, vals: Mapping[str, str]) -> dict[str, str]:
-    """Return the UPGRADERD_ADDR_<NAME>, UPGRADERD_WORKER_BIND and UPGRADERD_PROBE_PORT variables."""
+    """Return the UPGRADERD_ADDR_<NAME>, UPGRADERD_WORKER_BIND, UPGRADERD_PROBE_PORT (and UPGRADERD_HTTP) variables."""
     env = {addr_env_name(spec.name): spec.address for spec in cfg.listeners}
-    env["UPGRADERD_WORKER_BIND"] = ":".join(s.name for s in cfg.listeners if s.mode == "worker-bind")
+    env[contract.WORKER_BIND] = ":".join(s.name for s in cfg.listeners if s.mode == "worker-bind")
     if "probe_port" in vals:
-        env["UPGRADERD_PROBE_PORT"] = vals["probe_port"]
+        env[contract.PROBE_PORT] = vals["probe_port"]
+    if cfg.workers.app is not None and cfg.workers.app.partition(":")[0] in ("asgi", "wsgi"):
+        # Imported here: only web apps need the http section's variable.
+        from upgraderd.config.httpspec import environment as http_environment
+        env.update(http_environment(cfg.http))
     return env

@@ -29,6 +29,7 @@ from upgraderd.config.rollout import RolloutSpec
 from upgraderd.config.source import MAX_BYTES, MAX_VALUES  # noqa: F401 (part of this module's API)
 from upgraderd.config.watchlist import watch_paths
 from upgraderd.config.appspec import BUILTIN_APPS, app_name, boolean
+from upgraderd.config.httpspec import HttpSpec
 from upgraderd.errors import ConfigError
 from upgraderd.config.validators import (
     REQUIRED, Invalid, opt, integer, string, name, one_of,
@@ -87,7 +88,8 @@ class WorkerSpec:
 
     count: int = opt(4, integer(1, 1024), "Number of worker processes (slots) per generation.")
     app: str | None = opt(None, app_name, "Built-in app (echo, http) or your own, "
-                          "`package.module:factory`, forked from a template (see `prefork`).")
+                          "`package.module:factory`, forked from a template (see `prefork`); "
+                          "`asgi:package.module:app` or `wsgi:...` for a web app (section `http`).")
     command: tuple[str, ...] | None = opt(None, argv, "argv of the worker program (instead of app).")
     env: dict[str, str] = opt({}, env_map, "Extra environment variables for the workers.")
     cwd: str | None = opt(None, directory, "Working directory of the workers (default: the master's; / in daemon mode).")
@@ -185,8 +187,8 @@ class Config:
     log: LogSpec = opt(LogSpec(), lambda v: v, "Logging.")
     kernel: KernelSpec = opt(KernelSpec(), lambda v: v, "Kernel settings.")
     reload: ReloadSpec = opt(ReloadSpec(), lambda v: v, "Reload on file change.")
-    rollout: RolloutSpec = opt(RolloutSpec(), lambda v: v, "Canary rollouts with checks and "
-                               "automatic rollback.")
+    http: HttpSpec = opt(HttpSpec(), lambda v: v, "HTTP server of `asgi:` and `wsgi:` apps.")
+    rollout: RolloutSpec = opt(RolloutSpec(), lambda v: v, "Canary rollouts (docs/rollouts.md).")
     pidfile: str | None = opt(None, file_path, "Pidfile, written once the master serves "
                               "(default: /run/upgraderd.pid as root, else a per-user runtime path).")
     path: str = field(default="<string>", compare=False, metadata={"internal": True})
@@ -228,7 +230,7 @@ class Config:
 SECTIONS: dict[str, type] = {
     "listeners": ListenerSpec, "workers": WorkerSpec, "ready": ReadySpec,
     "drain": DrainSpec, "restart": RestartSpec, "metrics": MetricsSpec, "log": LogSpec,
-    "kernel": KernelSpec, "reload": ReloadSpec, "rollout": RolloutSpec,
+    "kernel": KernelSpec, "reload": ReloadSpec, "http": HttpSpec, "rollout": RolloutSpec,
 }
 
 
@@ -288,8 +290,7 @@ class _Loader:
         fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
         kwargs: dict[str, Any] = {}
         for k, (knode, vnode) in items.items():
-            later: dict[str, str] = getattr(cls, "NOT_YET", {})
-            if k in later:
+            if k in (later := getattr(cls, "NOT_YET", {})):
                 self.fail(knode, _join(key, k), f"not supported yet ({later[k]}); remove the key")
                 continue
             if k not in fields:
@@ -307,12 +308,10 @@ class _Loader:
     def field(self, cls: type, k: str, vnode: yaml.Node, key: str) -> Any:
         if cls is Config and k == "listeners":
             return self.listeners(vnode, key)
-        if cls is Config and k in SECTIONS:
-            sub = self.section(SECTIONS[k], vnode, key)
-            return _BAD if sub is None else sub
         meta = next(f for f in dataclasses.fields(cls) if f.name == k).metadata
-        if "section" in meta:   # a nested mapping (config/rollout.py `section`)
-            sub = self.section(meta["section"], vnode, key)
+        nested = SECTIONS.get(k) if cls is Config else meta.get("section")   # config/rollout.py `section`
+        if nested is not None:
+            sub = self.section(nested, vnode, key)
             return _BAD if sub is None else sub
         check = meta["check"]
         raw = self.value(vnode, key)

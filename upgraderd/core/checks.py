@@ -31,6 +31,7 @@ from typing import Iterable, Mapping, Protocol
 
 from upgraderd.config import placeholders
 from upgraderd.config.rollout import ChecksSpec
+from upgraderd.contract import env as contract
 from upgraderd.core.generation import Generation, WorkerState
 from upgraderd.core.seams import Exit, ProbeAPI, ProcessAPI
 from upgraderd.errors import SpawnError
@@ -159,7 +160,7 @@ class Command:
         argv = [placeholders.expand(a, {"generation": str(gen.number)}) for a in self.argv]
         self.shown, self.ends = " ".join(argv), now + self.window
         try:
-            self.pid = self.procs.spawn(argv, {**self.environ, "UPGRADERD_GENERATION": str(gen.number)}, ())
+            self.pid = self.procs.spawn(argv, {**self.environ, contract.GENERATION: str(gen.number)}, ())
         except SpawnError as e:
             self.result = str(e)
             return

@@ -21,10 +21,11 @@ from typing import Mapping
 
 from upgraderd.config import placeholders
 from upgraderd.config.schema import Config
+from upgraderd.contract import env as contract
 from upgraderd.core.readiness import Readiness
 
 # Variables of the master's own environment that must not leak to workers.
-PRIVATE_ENV = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "PROMETHEUS_MULTIPROC_DIR")
+PRIVATE_ENV = (*contract.LISTEN_VARS, contract.NOTIFY_SOCKET, contract.METRICS_DIR)
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class Context:
     environ: Mapping[str, str]          # the master's own environment
     notify_address: str                 # NOTIFY_SOCKET for the workers
     user_env: Mapping[str, str]         # HOME, USER, LOGNAME of workers.user ({} for the master's own)
-    metrics_env: Mapping[str, str]      # what the metrics need (PROMETHEUS_MULTIPROC_DIR)
+    metrics_env: Mapping[str, str]      # what the metrics need (UPGRADERD_METRICS_DIR)
 
 
 def describe(cfg: Config, generation: int, slot: int, fds: tuple[int, ...],
@@ -63,13 +64,13 @@ def describe(cfg: Config, generation: int, slot: int, fds: tuple[int, ...],
     env.update(w.env)
     env.update(placeholders.environment(cfg, values))
     env.update({
-        "LISTEN_FDS": str(len(fds)), "LISTEN_FDNAMES": ":".join(s.name for s in cfg.fd_listeners),
-        "NOTIFY_SOCKET": ctx.notify_address,
-        "UPGRADERD_GENERATION": str(generation), "UPGRADERD_SLOT": str(slot),
-        "UPGRADERD_DRAIN_SIGNAL": cfg.drain.signal,
-        "UPGRADERD_HANDOFF": cfg.drain.handoff,
-        "UPGRADERD_ORPHAN_GRACE": f"{cfg.drain.orphan_grace:g}",
-        "UPGRADERD_THREADS": str(w.threads),
+        contract.LISTEN_FDS: str(len(fds)), contract.LISTEN_FDNAMES: ":".join(s.name for s in cfg.fd_listeners),
+        contract.NOTIFY_SOCKET: ctx.notify_address,
+        contract.GENERATION: str(generation), contract.SLOT: str(slot),
+        contract.DRAIN_SIGNAL: cfg.drain.signal,
+        contract.HANDOFF: cfg.drain.handoff,
+        contract.ORPHAN_GRACE: f"{cfg.drain.orphan_grace:g}",
+        contract.THREADS: str(w.threads),
     })
     env.update(ctx.metrics_env)
     argv = tuple(placeholders.expand(arg, values) for arg in cfg.worker_argv)

@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass
 from typing import Mapping
 
+from upgraderd.contract.notify import READY
 from upgraderd.core import events as ev
 from upgraderd.core.generation import Generation
 
@@ -61,7 +62,7 @@ class NotifyJudge:
             except ValueError as e:
                 self._ignore(now, f"bad notify message from pid {pid}: {e}")
                 continue
-            if fields.get("READY") == "1" and gen.ready_rule.trusts_notify():
+            if fields.get(READY) == "1" and gen.ready_rule.trusts_notify():
                 out.append((pid, gen))
         self.flush(now)
         return out

@@ -4,7 +4,7 @@ A generation whose config is `prefork` (core/fleet.py `FleetLauncher` asks) star
 template with its first worker: one fresh interpreter, so the code on disk at
 the HUP is what runs, that imports the app and then forks a worker per
 request. The template runs apps/template.py; the master talks to it through
-the `TemplateAPI` seam (system/template.py).
+the `TemplateAPI` seam (system/templatectl.py).
 
 Design note: a worker's pid is known only once the template has forked it, so
 a request returns no pid. The worker stays pending (pid None, STARTING) until
@@ -38,6 +38,8 @@ import logging
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Callable, Iterable
 
+from upgraderd.contract import env as contract
+from upgraderd.contract.notify import SPAWNED
 from upgraderd.core import events as ev
 from upgraderd.core.generation import Generation, GenerationState
 from upgraderd.core.notices import parse_fields
@@ -149,7 +151,7 @@ class Prefork:
         # good, also in the workers it forks: hand-off peers read their generation there
         # (worker/peers.py), so the standby is exec'd as the generation it will serve.
         number = self.next_number()
-        env = {**env, "UPGRADERD_GENERATION": str(number)}
+        env = {**env, contract.GENERATION: str(number)}
         try:
             pid = self.templates.start((*launch.argv[:-1], "--standby"), env, launch.cwd, launch.user,
                                        launch.group)
@@ -190,7 +192,7 @@ class Prefork:
             if gen is None:
                 rest.append((pid, data))
                 continue
-            spawned = parse_fields(data).get("SPAWNED")
+            spawned = parse_fields(data).get(SPAWNED)
             if spawned is not None:
                 self._spawned(gen, spawned, now)
         return rest

@@ -10,7 +10,7 @@ net.ipv4.tcp_migrate_req=0 the kernel resets them.
 So on every pass, before any socket closes (`Slots.close_unused`), the master
 takes what is queued on the sockets of the ACTIVE generation's slots in
 BACKOFF or FATAL, and hands it to that generation's READY workers over their
-hand-off channels (system/rescue.py). While a slot is in back-off it keeps
+hand-off channels (system/rescuer.py). While a slot is in back-off it keeps
 looking, every POLL seconds, for connections whose handshake finished after
 the steering changed. These functions decide; `Slots` (core/slots.py) owns
 the seam and reports what was rescued. Workers without a hand-off channel (any `command:`

@@ -94,7 +94,7 @@ class ProcessAPI(Protocol):
 
 
 class TemplateAPI(Protocol):
-    """Template processes that fork a generation's workers (see system/template.py)."""
+    """Template processes that fork a generation's workers (see system/templatectl.py)."""
 
     def start(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None = None,
               user: str | None = None, group: str | None = None) -> int:
@@ -134,7 +134,7 @@ class Rescue:
 
 
 class RescueAPI(Protocol):
-    """Connections queued on a slot socket nobody accepts on, handed to READY workers (system/rescue.py)."""
+    """Connections queued on a slot socket nobody accepts on, handed to READY workers (system/rescuer.py)."""
 
     def rescue(self, plan: Rescue) -> list[int]:
         """Accept what is queued on `plan.sockets` if a taker listens; return the count per socket.
@@ -268,7 +268,7 @@ class MetricsAPI(Protocol):
 
 
 class OrphanAPI(Protocol):
-    """Orphaned workers of a dead master that this master took over (system/orphans.py)."""
+    """Orphaned workers of a dead master that this master took over (system/orphanfds.py)."""
 
     def live(self) -> int:
         """Return how many of them have not exited yet."""

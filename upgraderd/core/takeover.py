@@ -1,7 +1,7 @@
 """Decide when a dead master's orphaned workers, taken over at start, drain and die.
 
 The orphans kept accepting on the sockets this master now shares with them
-(system/orphans.py found them and took the sockets). They must go only once
+(system/orphanfds.py found them and took the sockets). They must go only once
 something else accepts: so they get their drain signal when this master's
 first generation is ACTIVE (or when this master stops, so they do not outlive
 it by their whole grace period). Like a draining generation they get

@@ -1,10 +1,10 @@
-"""A bounded, validating reader of prometheus-client's multiprocess `.db` files.
+"""A bounded, validating reader of the workers' metric files (contract/metricformat.py).
 
 Workers run application code and can write anything into these files, so the
-master treats them as untrusted input. prometheus-client's own reader trusts
-them: a negative length field moves its offset backwards forever, a huge
-`used` header makes it read that many bytes, a key that is not JSON raises
-at every scrape, and a NaN sticks in a counter. This reader instead:
+master treats them as untrusted input: a length field could point backwards
+(a reader that followed it would loop forever), a huge `used` header ask for
+gigabytes, a key be something other than JSON, a NaN stick in a counter.
+This reader instead:
 
 - opens with O_NOFOLLOW and O_NONBLOCK (a symlink or a FIFO planted under a
   metric file's name is refused, never followed or waited on) and reads only
@@ -14,16 +14,11 @@ at every scrape, and a NaN sticks in a counter. This reader instead:
   size or that cap;
 - walks entries with offsets that must move forward and stay inside `used`,
   at most `MAX_ENTRIES` of them, and gives up past a time budget;
-- accepts only keys of the shape prometheus-client writes,
-  `[metric, sample, {label: value}, help]` with valid Prometheus names, whose
-  sample name fits the file's metric type, and only finite values
-  (non-negative in counter files).
-
-The layout (prometheus_client/mmap_dict.py, 0.2x): bytes 0-3 hold `used` as a
-native int32, 4-7 are padding; then entries until `used`, each an int32 key
-length, the UTF-8 JSON key padded with spaces so that length field plus key
-plus padding is a multiple of 8 (always at least one byte of padding), then
-two doubles: the value and a timestamp.
+- refuses a file whose header is not upgraderd's (MAGIC, version 1), such as
+  a prometheus-client multiprocess file;
+- accepts only keys of the shape `[metric, sample, {label: value}, help]`
+  with valid Prometheus names, whose sample name fits the file's metric type,
+  and only finite values (non-negative in counter files).
 
 Any violation raises `BadFile` with a short, bounded `reason` (a metric label)
 and a detail for the log. Nothing else escapes `read_file`.
@@ -37,32 +32,22 @@ import math
 import os
 import re
 import stat
-import struct
 import time
 from dataclasses import dataclass
 
+from upgraderd.contract import metricformat as layout
+
 MAX_BYTES = 1 << 20
 MAX_ENTRIES = 1024  # a built-in worker writes six per listener
-MAX_KEY = 4096
+MAX_KEY = layout.MAX_KEY
 # A file that a well-formed worker wrote parses in well under a millisecond per
 # hundred entries; past this budget the file is set aside instead of stalling the loop.
 TIME_BUDGET = 0.05
 
-_INT = struct.Struct("i")
-_TWO_DOUBLES = struct.Struct("dd")
 _NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
 _LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
-GAUGE_MODES = ("all", "liveall", "min", "livemin", "max", "livemax", "sum", "livesum",
-               "mostrecent", "livemostrecent")
-# The sample-name suffixes each metric type may carry (prometheus-client's own).
-_SUFFIXES = {
-    "counter": ("_total", "_created"),
-    "gauge": ("",),
-    "histogram": ("_bucket", "_count", "_sum", "_created", "_gcount", "_gsum"),
-    "summary": ("", "_count", "_sum", "_created"),
-}
-# `<type>_<pid>.db` or `gauge_<mode>_<pid>.db`.
-FILE_NAME = re.compile(r"(counter|histogram|summary|gauge_(?:%s))_([0-9]{1,10})\.db\Z" % "|".join(GAUGE_MODES))
+GAUGE_MODES = layout.GAUGE_MODES
+_LENGTH, _VALUE = layout.LENGTH, layout.VALUE   # bound once: _entry runs per entry
 
 Key = tuple[str, str, tuple[tuple[str, str], ...], str]  # metric, sample, sorted labels, help
 
@@ -88,7 +73,7 @@ class FileName:
 
 def parse_name(name: str) -> FileName | None:
     """Return what the base name of a worker's metric file says, or None if it is not one."""
-    m = FILE_NAME.match(name)
+    m = layout.FILE_NAME.match(name)
     if m is None:
         return None
     prefix = m.group(1)
@@ -133,18 +118,20 @@ def _read_bounded(path: str) -> bytes:
 def parse(data: bytes, kind: str, cache: dict[bytes, Key] | None = None,
           budget: float = TIME_BUDGET) -> list[tuple[Key, float]]:
     """Return the validated entries of a metric file's bytes; raise BadFile."""
-    if len(data) < 8:
-        raise BadFile("size", f"{len(data)} bytes, shorter than the 8-byte header")
-    used = _INT.unpack_from(data, 0)[0]
-    if used == 0:
+    if len(data) < layout.HEADER_SIZE:
+        raise BadFile("size", f"{len(data)} bytes, shorter than the {layout.HEADER_SIZE}-byte header")
+    magic, used = layout.HEADER.unpack_from(data, 0)
+    if magic == b"\0\0\0\0" and used == 0:
         return []  # sized, header not written yet
-    if used < 8 or used > len(data):
+    if magic != layout.MAGIC:
+        raise BadFile("format", f"not an upgraderd metric file (magic {magic!r}, want {layout.MAGIC!r})")
+    if used < layout.HEADER_SIZE or used > len(data) or used % 8:
         raise BadFile("size", f"header says {used} bytes used, the file holds {len(data)}"
                       f"{' (read cap)' if len(data) == MAX_BYTES else ''}")
     cache = {} if cache is None else cache
     deadline = time.monotonic() + budget
     out: list[tuple[Key, float]] = []
-    pos = 8
+    pos = layout.HEADER_SIZE
     while pos < used:
         if len(out) >= MAX_ENTRIES:
             raise BadFile("entry", f"more than {MAX_ENTRIES} entries")
@@ -159,11 +146,11 @@ def _entry(data: bytes, pos: int, used: int, kind: str, cache: dict[bytes, Key])
     """Return the entry at `pos` and the offset of the next one."""
     if pos + 4 > used:
         raise BadFile("entry", f"truncated length field at offset {pos}")
-    n = _INT.unpack_from(data, pos)[0]
+    n = _LENGTH.unpack_from(data, pos)[0]
     if n <= 0 or n > MAX_KEY:
         raise BadFile("entry", f"key length {n} at offset {pos}")
-    value_at = pos + 4 + n + (8 - (n + 4) % 8)
-    end = value_at + 16
+    value_at = pos + ((4 + n + 7) & ~7)   # layout.padded(n), inline
+    end = value_at + 8
     if end > used:
         raise BadFile("entry", f"entry at offset {pos} ends at {end}, past the {used} bytes used")
     raw = data[pos + 4:pos + 4 + n]
@@ -173,7 +160,7 @@ def _entry(data: bytes, pos: int, used: int, kind: str, cache: dict[bytes, Key])
         if len(cache) > 8 * MAX_ENTRIES:
             cache.clear()  # a churn of distinct keys must not grow the master
         cache[raw] = key
-    value = _TWO_DOUBLES.unpack_from(data, value_at)[0]
+    value = _VALUE.unpack_from(data, value_at)[0]
     if not math.isfinite(value):
         raise BadFile("value", f"{value} for {key[1]} at offset {pos}")
     if kind == "counter" and value < 0:
@@ -182,7 +169,7 @@ def _entry(data: bytes, pos: int, used: int, kind: str, cache: dict[bytes, Key])
 
 
 def _key(raw: bytes, kind: str, pos: int) -> Key:
-    """Return a key checked to have the shape prometheus-client writes for `kind`."""
+    """Return a key checked to have the shape contract/metricformat.py gives `kind`."""
     try:
         doc = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
@@ -193,7 +180,7 @@ def _key(raw: bytes, kind: str, pos: int) -> Key:
     metric, sample, labels, help_text = doc
     if not _NAME.match(metric) or not _NAME.match(sample):
         raise BadFile("key", f"invalid metric name {metric[:80]!r} / {sample[:80]!r} at offset {pos}")
-    if not any(sample == metric + s for s in _SUFFIXES.get(kind, ())):
+    if not any(sample == metric + s for s in layout.SAMPLES.get(kind, ())):
         raise BadFile("key", f"sample {sample[:80]!r} does not belong to {kind} {metric[:80]!r}")
     for k, v in labels.items():
         if not (isinstance(v, str) and _LABEL.match(k) and not k.startswith("__") and k != "pid"):

@@ -1,9 +1,10 @@
-"""The workers' multiprocess metric files: their directory, folding and collection.
+"""The workers' metric files: their directory, folding and collection.
 
-The built-in workers count connections and bytes with prometheus-client's
-multiprocess mode: each worker writes its values into mmap'ed files named
-after its pid in one directory (`PROMETHEUS_MULTIPROC_DIR`, set only in the
-workers' environment), and the master sums the files at scrape time.
+The built-in workers count connections and bytes in upgraderd's own metric
+files (contract/metricformat.py): each worker writes its values into mmap'ed
+files named after its pid in one directory (`UPGRADERD_METRICS_DIR`, set only
+in the built-in workers' environment), and the master sums the files at
+scrape time (families.py).
 
 Left alone, that directory grows by one file per worker per metric type for
 as long as the master lives: a counter file must outlive its worker, or the
@@ -45,25 +46,25 @@ from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client.metrics_core import Metric
-from prometheus_client.multiprocess import MultiProcessCollector
 
+from upgraderd.contract import metricformat as layout
+from upgraderd.contract.env import METRICS_DIR
 from upgraderd.metrics import dbfile, tmpdirs
 from upgraderd.metrics.dbfile import BadFile, FileName, Key
+from upgraderd.metrics.families import Reading, merge
 
 log = logging.getLogger("upgraderd")
 
-ENV = "PROMETHEUS_MULTIPROC_DIR"
+ENV = METRICS_DIR
 REJECTED = ".rejected"
 # File-name prefixes whose values add up across processes.
 ADDITIVE = ("counter", "histogram", "summary", "gauge_sum")
-REASONS = ("unreadable", "size", "entry", "key", "value", "slow")
+REASONS = ("unreadable", "format", "size", "entry", "key", "value", "slow")
 KEEP_REJECTED = 32
 MAX_ARCHIVE_KEYS = 20000
 MAX_FILES = 4096
 # What one reaped worker's files may cost the master's loop, all files together.
 FOLD_BUDGET = 0.05
-
-Reading = list[tuple[FileName, list[tuple[Key, float]]]]
 
 
 class WorkerFiles:
@@ -187,12 +188,12 @@ class WorkerFiles:
         if not self.enabled:
             return
         with self._lock:
-            for mode in dbfile.GAUGE_MODES:
+            for mode in layout.GAUGE_MODES:
                 if mode.startswith("live"):
-                    self._drop(f"gauge_{mode}_{pid}.db")
+                    self._drop(layout.file_name(f"gauge_{mode}", pid))
         deadline = time.monotonic() + FOLD_BUDGET
         for prefix in ADDITIVE:
-            name = f"{prefix}_{pid}.db"
+            name = layout.file_name(prefix, pid)
             budget = max(0.005, deadline - time.monotonic())
             try:
                 entries = dbfile.read_file(os.path.join(self.path, name), prefix.partition("_")[0], self._cache,
@@ -283,29 +284,6 @@ class WorkerFiles:
         with self._lock:
             if self.private and self.path:
                 tmpdirs.remove_private(self.path)
-
-
-def merge(reading: Reading, archive: dict[str, dict[Key, float]]) -> Iterable[Metric]:
-    """Sum validated file entries and the archive into metric families, as prometheus-client does."""
-    metrics: dict[str, Metric] = {}
-    kinds: dict[str, tuple[str, str]] = {}
-    rows: list[tuple[FileName, list[tuple[Key, float]]]] = list(reading)
-    for prefix, values in archive.items():
-        kind, _, mode = prefix.partition("_")
-        rows.append((FileName(prefix, kind, mode, 0), list(values.items())))
-    for name, entries in rows:
-        for (metric_name, sample, labels, help_text), value in entries:
-            seen = kinds.setdefault(metric_name, (name.kind, name.mode))
-            if seen != (name.kind, name.mode):
-                continue  # one name written as two types: keep the first, as prometheus-client does
-            metric = metrics.get(metric_name)
-            if metric is None:
-                metric = metrics[metric_name] = Metric(metric_name, help_text, name.kind)
-                setattr(metric, "_multiprocess_mode", name.mode)  # what _accumulate_metrics reads
-            if name.kind == "gauge":
-                labels = labels + (("pid", str(name.pid) if name.pid else "archive"),)
-            metric.add_sample(sample, labels, value)  # type: ignore[arg-type]  # labels as a tuple, as upstream
-    return list(MultiProcessCollector._accumulate_metrics(metrics, True))
 
 
 def _is_old_archive(name: str) -> bool:

@@ -4,7 +4,7 @@ Design note: nothing here holds a metric value of its own. Gauges and the
 master's counters are computed at scrape time from the latest `Snapshot` the
 loop published (client_python's custom-collector pattern), so they cannot
 drift from the state they describe and need no lock. The workers' connection
-counters come from their multiprocess files (see multiproc.py). Everything is
+counters come from their metric files (see multiproc.py). Everything is
 registered on a private `CollectorRegistry` built by `Telemetry.start()`;
 nothing touches prometheus-client's global registry, and importing this
 module configures nothing.

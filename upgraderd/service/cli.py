@@ -198,8 +198,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     # imported (below, with the runner); the master must never be in that mode.
     for var in ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir"):
         if os.environ.pop(var, None) is not None:
-            print(f"upgraderd: ignoring {var} from the environment: upgraderd sets it for its "
-                  "workers", file=sys.stderr)
+            print(f"upgraderd: ignoring {var} from the environment: the master keeps its own "
+                  "metrics in memory, and its workers' in upgraderd's files", file=sys.stderr)
     from upgraderd.service.runner import run
     cfg = _load(args)
     if isinstance(cfg, ExitCode):

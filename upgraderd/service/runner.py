@@ -35,7 +35,7 @@ from upgraderd.service.control import request_path, take_request
 from upgraderd.service.pidfile import PidFile
 from upgraderd.service.reporting import Service
 from upgraderd.system import posix
-from upgraderd.system.orphans import OrphanSet
+from upgraderd.system.orphanfds import OrphanSet
 from upgraderd.system.signals import SignalInbox
 
 log = logging.getLogger("upgraderd")

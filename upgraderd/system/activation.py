@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import MutableMapping
 
 from upgraderd.config.schema import Config, ListenerSpec
+from upgraderd.contract import env as contract
 from upgraderd.core.seams import SocketKey, key_for
 from upgraderd.errors import FatalError
 from upgraderd.system import udp, unixsock
@@ -38,7 +39,7 @@ from upgraderd.system.procfs import small_int
 
 log = logging.getLogger("upgraderd")
 
-SD_LISTEN_FDS_START = 3
+SD_LISTEN_FDS_START = contract.LISTEN_FDS_START
 # How an adopted socket's origin starts when its service manager passed it.
 PASSED = "passed fd"
 MAX_FDS = 4096
@@ -73,9 +74,9 @@ class Adopted:
 def take_passed(environ: MutableMapping[str, str] | None = None) -> list[Passed]:
     """Take the sockets passed to this process by LISTEN_FDS; remove the variables."""
     env = os.environ if environ is None else environ
-    raw_count, raw_pid = env.get("LISTEN_FDS", ""), env.get("LISTEN_PID", "")
-    names = env.get("LISTEN_FDNAMES", "").split(":")
-    for var in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+    raw_count, raw_pid = env.get(contract.LISTEN_FDS, ""), env.get(contract.LISTEN_PID, "")
+    names = env.get(contract.LISTEN_FDNAMES, "").split(":")
+    for var in contract.LISTEN_VARS:
         env.pop(var, None)
     count, pid = small_int(raw_count), small_int(raw_pid)
     if count is None or pid != os.getpid():

@@ -23,6 +23,7 @@ import socket
 from typing import Callable, Mapping
 
 from upgraderd.config.schema import Config
+from upgraderd.contract import env as contract
 from upgraderd.core.seams import SocketKey, key_for
 
 log = logging.getLogger("upgraderd")
@@ -50,7 +51,7 @@ class FdStore:
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> FdStore | None:
         """Return the store of $NOTIFY_SOCKET, or None when no service manager listens."""
-        address = environ.get("NOTIFY_SOCKET", "")
+        address = environ.get(contract.NOTIFY_SOCKET, "")
         return cls(address) if address else None
 
     def sync(self, wanted: dict[SocketKey, str], fileno_of: Callable[[SocketKey], int | None]) -> None:

@@ -1,12 +1,12 @@
-"""The sd_notify protocol, in both directions.
+"""The master's receiving end of the sd_notify protocol.
 
-- `NotifyServer` is the master's datagram socket that workers send `READY=1`
-  to. SO_PASSCRED makes the kernel attach the sender's pid to every message,
-  so the master can ignore (and count) messages that do not come from one of
-  its own workers. It is bound in the abstract namespace: nothing to unlink.
-- `notify()` sends a message to `$NOTIFY_SOCKET`: the master uses it to tell
-  systemd READY=1 / RELOADING=1 / STOPPING=1, and workers use it to tell the
-  master they are ready.
+`NotifyServer` is the master's datagram socket that workers send `READY=1`
+to. SO_PASSCRED makes the kernel attach the sender's pid to every message,
+so the master can ignore (and count) messages that do not come from one of
+its own workers. It is bound in the abstract namespace: nothing to unlink.
+
+The sending end, which workers, templates and the master (to systemd) use,
+is `upgraderd.contract.notify.notify`, with the messages themselves.
 """
 
 from __future__ import annotations
@@ -58,14 +58,3 @@ class NotifyServer:
         """Close the socket."""
         self.sock.close()
 
-
-def notify(message: str, address: str | None = None) -> bool:
-    """Send `message` to `address` (default $NOTIFY_SOCKET); return False if unset."""
-    address = address if address is not None else os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return False
-    target = "\0" + address[1:] if address.startswith("@") else address
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-        s.connect(target)
-        s.sendall(message.encode())
-    return True

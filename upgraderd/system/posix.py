@@ -15,18 +15,19 @@ import sys
 from typing import Sequence
 
 from upgraderd.config import schema
+from upgraderd.contract.notify import notify
 from upgraderd.core.handover import Handover
 from upgraderd.core.seams import KernelState, ListenerAPI, Loop, OrphanAPI, SocketKey, System
 from upgraderd.errors import FatalError
-from upgraderd.system import activation, fdstore, kernel, orphans, peers, reexec, sockets
+from upgraderd.system import activation, conflict, fdstore, kernel, orphanfds, reexec, sockets
 from upgraderd.system.inotify import FileWatcher
-from upgraderd.system.orphans import OrphanSet
-from upgraderd.system.notify import NotifyServer, notify
+from upgraderd.system.orphanfds import OrphanSet
+from upgraderd.system.notify import NotifyServer
 from upgraderd.system.probe import Prober, reserve_port
-from upgraderd.system.rescue import Rescuer
+from upgraderd.system.rescuer import Rescuer
 from upgraderd.system.process import PosixProcessAPI, user_env
 from upgraderd.system.signals import SignalInbox
-from upgraderd.system.template import PosixTemplates
+from upgraderd.system.templatectl import PosixTemplates
 
 log = logging.getLogger("upgraderd")
 
@@ -100,13 +101,13 @@ def outlive(cfg: schema.Config, status_path: str
     from a dead master's orphaned workers. Raise FatalError naming another
     live master that serves one of `cfg`'s addresses.
     """
-    conflict = peers.find_conflict(cfg)
-    if conflict is not None:
-        raise FatalError(conflict.message())
+    rival = conflict.find_conflict(cfg)
+    if rival is not None:
+        raise FatalError(rival.message())
     adopted = activation.Adopted()
     try:
         activation.match(cfg, activation.take_passed(), adopted)
-        found = orphans.find(status_path, cfg, adopted)
+        found = orphanfds.find(status_path, cfg, adopted)
     except BaseException:
         adopted.close()
         raise

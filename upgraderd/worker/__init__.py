@@ -1,9 +1,9 @@
 """The worker side: a library for a worker program's listeners, readiness, status and drain.
 
-This package runs inside workers, never in the master, and imports nothing of
-the master's (only `upgraderd.system.notify` for the sd_notify client and
-`upgraderd.config.placeholders` for a variable name). Its public API is
-`upgraderd.worker`, typed; the built-in apps in `upgraderd.apps` use it too.
+This package runs inside workers, never in the master (the master's rescue
+path uses its `Giver`), and imports nothing of the project but
+`upgraderd.contract`, the names and layouts both sides agree on. Its public
+API is `upgraderd.worker`, typed; the built-in apps in `upgraderd.apps` use it too.
 
 A worker started by upgraderd (or by systemd socket activation) gets its
 listening sockets as fds 3, 4, ... with `LISTEN_FDS`, `LISTEN_PID` and
@@ -38,10 +38,11 @@ import time
 from types import FrameType
 from typing import Callable
 
-from upgraderd.system.notify import notify
-from upgraderd.config.placeholders import addr_env_name
+from upgraderd.contract import env
+from upgraderd.contract import notify as messages
+from upgraderd.contract.notify import notify
 
-SD_LISTEN_FDS_START = 3
+SD_LISTEN_FDS_START = env.LISTEN_FDS_START   # public since 0.1; the contract names it
 
 
 def listeners(unset_env: bool = True, bind: bool = True) -> dict[str, socket.socket]:
@@ -56,8 +57,8 @@ def listeners(unset_env: bool = True, bind: bool = True) -> dict[str, socket.soc
     """
     out = _inherited(unset_env)
     if bind:
-        for name in filter(None, os.environ.get("UPGRADERD_WORKER_BIND", "").split(":")):
-            out[name] = bind_reuseport(os.environ[addr_env_name(name)])
+        for name in filter(None, os.environ.get(env.WORKER_BIND, "").split(":")):
+            out[name] = bind_reuseport(os.environ[env.addr_env_name(name)])
     return out
 
 
@@ -83,39 +84,38 @@ def bind_reuseport(address: str, backlog: int = socket.SOMAXCONN) -> socket.sock
 
 def _inherited(unset_env: bool) -> dict[str, socket.socket]:
     try:
-        count = int(os.environ.get("LISTEN_FDS", "0"))
-        pid = int(os.environ.get("LISTEN_PID", "0"))
+        count = int(os.environ.get(env.LISTEN_FDS, "0"))
+        pid = int(os.environ.get(env.LISTEN_PID, "0"))
     except ValueError:
         return {}
     if count <= 0 or pid != os.getpid():
         return {}
-    names = os.environ.get("LISTEN_FDNAMES", "").split(":")
+    names = os.environ.get(env.LISTEN_FDNAMES, "").split(":")
     out: dict[str, socket.socket] = {}
     for i in range(count):
-        fd = SD_LISTEN_FDS_START + i
+        fd = env.LISTEN_FDS_START + i
         os.set_inheritable(fd, False)
         name = names[i] if i < len(names) and names[i] else f"fd{fd}"
         out[name] = socket.socket(fileno=fd)
     if unset_env:
-        for var in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+        for var in env.LISTEN_VARS:
             os.environ.pop(var, None)
     return out
 
 
 def ready(status_text: str | None = None) -> bool:
     """Tell the master this worker is ready (READY=1); return False outside upgraderd."""
-    msg = "READY=1" + (f"\nSTATUS={status_text}" if status_text else "")
-    return notify(msg)
+    return notify(messages.ready(status_text))
 
 
 def status(text: str) -> bool:
     """Send a free-form STATUS= line to the master."""
-    return notify(f"STATUS={text}")
+    return notify(messages.status(text))
 
 
 def drain_signal() -> signal.Signals:
     """Return the signal the master drains this worker with (UPGRADERD_DRAIN_SIGNAL)."""
-    name = os.environ.get("UPGRADERD_DRAIN_SIGNAL", "TERM").upper()
+    name = os.environ.get(env.DRAIN_SIGNAL, "TERM").upper()
     try:
         return signal.Signals[name if name.startswith("SIG") else "SIG" + name]
     except KeyError:

@@ -21,9 +21,11 @@ import time
 from collections import Counter
 from typing import Callable
 
-from upgraderd.worker import peers, wire
+from upgraderd.contract import wire
+from upgraderd.worker import peers
 from upgraderd.worker.moved import Handed, identity
-from upgraderd.worker.peers import Channel, Peer
+from upgraderd.contract.wire import Channel
+from upgraderd.worker.peers import Peer
 
 BATCH = 64  # offers in flight to one taker (it holds at most MAX_PENDING = 128)
 
@@ -236,7 +238,7 @@ class Giver:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         target.sock = sock
         _timeout(sock, deadline, self.clock)
-        sock.connect(peers.address(target.channel.name))
+        sock.connect(wire.address(target.channel.name))
         return self.trust(peers.peer_of(sock), target.channel)
 
 

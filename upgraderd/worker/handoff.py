@@ -21,7 +21,7 @@ blob, the bytes read but not handled, and the output not yet sent.
     else:
         ... serve it on as if nothing happened ...
 
-The exchange is in upgraderd/worker/wire.py and docs/workers.md. `give()`
+The exchange is in upgraderd/contract/wire.py and docs/workers.md. `give()`
 blocks for at most `timeout` per receiver it tries. Every failure is counted
 by reason in `Giver.failures` / `Taker.failures` and never raised.
 """

@@ -6,18 +6,19 @@ import os
 import socket
 from dataclasses import dataclass
 
+from upgraderd.contract import env
+
 
 def enabled() -> bool:
     """Return True if the master asked for hand-off (UPGRADERD_HANDOFF=auto)."""
-    return os.environ.get("UPGRADERD_HANDOFF", "off") == "auto"
+    return os.environ.get(env.HANDOFF, "off") == env.HANDOFF_AUTO
 
 
 def identity() -> tuple[int, int]:
     """Return this worker's generation and slot from the environment (0 when unset)."""
     def num(var: str) -> int:
-        value = os.environ.get(var, "0")
-        return int(value) if value.isdigit() and len(value) <= 9 else 0
-    return num("UPGRADERD_GENERATION"), num("UPGRADERD_SLOT")
+        return env.small_number(os.environ.get(var, "0")) or 0
+    return num(env.GENERATION), num(env.SLOT)
 
 
 @dataclass

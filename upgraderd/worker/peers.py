@@ -18,39 +18,11 @@ import socket
 import struct
 from dataclasses import dataclass
 
-PREFIX = "upgraderd-"
+from upgraderd.contract import env as contract
+from upgraderd.contract.wire import Channel, parse_name
+
 _UCRED = struct.Struct("3i")
 _ENVIRON_LIMIT = 1 << 20
-
-
-def channel_name(master: int, generation: int, slot: int) -> str:
-    """Return the channel name (without the leading NUL) of one worker slot."""
-    return f"{PREFIX}{master}-handoff-{generation}-{slot}"
-
-
-def address(name: str) -> bytes:
-    """Return the abstract socket address for `name`."""
-    return b"\0" + name.encode()
-
-
-@dataclass(frozen=True)
-class Channel:
-    """A receiver's channel as listed in /proc/net/unix."""
-
-    generation: int
-    slot: int
-    name: str
-
-
-def parse_name(name: str, master: int) -> Channel | None:
-    """Return the channel `name` stands for if it belongs to `master`, else None."""
-    prefix = f"{PREFIX}{master}-handoff-"
-    if not name.startswith(prefix):
-        return None
-    gen, sep, slot = name[len(prefix):].partition("-")
-    if not sep or not gen.isdigit() or not slot.isdigit() or len(gen) > 9 or len(slot) > 9:
-        return None
-    return Channel(int(gen), int(slot), name)
 
 
 def listening_channels(master: int, net_unix: str = "/proc/net/unix") -> list[Channel]:
@@ -112,9 +84,8 @@ def generation_of(pid: int) -> int | None:
     except OSError:
         return None
     for entry in env.split(b"\0"):
-        if entry.startswith(b"UPGRADERD_GENERATION="):
-            value = entry.split(b"=", 1)[1]
-            return int(value) if value.isdigit() and len(value) <= 9 else None
+        if entry.startswith(contract.GENERATION.encode() + b"="):
+            return contract.small_number(entry.split(b"=", 1)[1].decode("ascii", "replace"))
     return None
 
 

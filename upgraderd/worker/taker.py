@@ -1,6 +1,6 @@
 """The receiving end of hand-offs: a worker's channel, and the offers that arrive on it.
 
-See upgraderd/worker/handoff.py for the API and upgraderd/worker/wire.py for
+See upgraderd/worker/handoff.py for the API and upgraderd/contract/wire.py for
 the exchange. Everything here is non-blocking: `Taker.poll()` does what the
 channel has for it and returns. A peer that is not a worker of our master,
 a malformed message, or a giver that stalls mid-offer is refused, counted in
@@ -18,7 +18,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from upgraderd.worker import peers, wire
+from upgraderd.contract import wire
+from upgraderd.worker import peers
 from upgraderd.worker.moved import Handed, identity
 from upgraderd.worker.peers import Peer
 
@@ -71,14 +72,14 @@ class Taker:
         self.listeners = None if listeners is None else set(listeners)
         self.trust = trust or (lambda p: peers.trusted(p, self.master, max_generation=gen)
                                or peers.is_master(p, self.master))
-        self.name = peers.channel_name(self.master, gen, slot)
+        self.name = wire.channel_name(self.master, gen, slot)
         self.max_peers, self.peer_timeout, self.clock = max_peers, peer_timeout, clock
         self.accepting = True
         self.failures: Counter[str] = Counter()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK
                                   | socket.SOCK_CLOEXEC)
         try:
-            self.sock.bind(peers.address(self.name))
+            self.sock.bind(wire.address(self.name))
             self.sock.listen(64)
         except OSError:
             self.sock.close()

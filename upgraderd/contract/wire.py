@@ -1,4 +1,9 @@
-"""The messages of the hand-off channel (a SOCK_SEQPACKET Unix socket).
+"""The hand-off channel: its address, and the frames that move one connection over it.
+
+A worker that takes connections listens on a SOCK_SEQPACKET Unix socket in
+the abstract namespace, `@upgraderd-<master pid>-handoff-<generation>-<slot>`
+(`channel_name`); givers find the channels in /proc/net/unix and check who
+owns them (worker/peers.py), since an abstract name proves nothing.
 
 One connection moves in one exchange:
 
@@ -36,6 +41,39 @@ MAX_PAYLOAD = 8 << 20
 MAX_REASON = 32
 RECV_SIZE = CHUNK + 1024
 _OFFER_HEAD = struct.Struct("!HIII")
+PREFIX = "upgraderd-"
+
+
+def channel_name(master: int, generation: int, slot: int) -> str:
+    """Return the channel name (without the leading NUL) of one worker slot."""
+    return f"{PREFIX}{master}-handoff-{generation}-{slot}"
+
+
+def address(name: str) -> bytes:
+    """Return the abstract socket address for `name`."""
+    return b"\0" + name.encode()
+
+
+@dataclass(frozen=True)
+class Channel:
+    """A taker's channel, as its name says: whose master, generation and slot."""
+
+    generation: int
+    slot: int
+    name: str
+
+
+def parse_name(name: str, master: int) -> Channel | None:
+    """Return the channel `name` stands for if it belongs to `master`, else None."""
+    prefix = f"{PREFIX}{master}-handoff-"
+    if not name.startswith(prefix):
+        return None
+    gen, sep, slot = name[len(prefix):].partition("-")
+    # isascii: str.isdigit() also takes digits int() refuses ('²'), and any local user may bind a name.
+    if not sep or not (gen + slot).isascii() or not gen.isdigit() or not slot.isdigit() or len(gen) > 9 \
+            or len(slot) > 9:
+        return None
+    return Channel(int(gen), int(slot), name)
 
 
 class Malformed(ValueError):

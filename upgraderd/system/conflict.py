@@ -17,7 +17,7 @@ What must not block, and does not:
 - this very process (a USR2 re-exec keeps its pid; socket activation hands
   the master its own sockets) and its own children;
 - the orphans of a dead master: their parent is gone (init or a subreaper
-  adopted them), so they are taken over instead (system/orphans.py);
+  adopted them), so they are taken over instead (system/orphanfds.py);
 - systemd, or any other service manager, holding a socket unit or fd store.
 
 Limits: without root, /proc/*/fd of other users' processes cannot be read,
@@ -36,6 +36,7 @@ import struct
 from dataclasses import dataclass
 
 from upgraderd.config.schema import Config
+from upgraderd.contract import env as contract
 from upgraderd.system import procfs
 
 LISTEN = "0A"
@@ -165,7 +166,7 @@ def _master_of(pid: int, me: int) -> int | None:
     if parent in (me, 0, 1):
         return None
     env = procfs.environ(pid) or {}
-    if "UPGRADERD_GENERATION" in env and procfs.is_master(parent):
+    if contract.GENERATION in env and procfs.is_master(parent):
         return parent
     return None
 

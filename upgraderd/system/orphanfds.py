@@ -1,7 +1,7 @@
 """Take over the listening sockets of a dead master's orphaned workers.
 
 A master that is SIGKILLed leaves its workers behind; they keep accepting for
-`drain.orphan_grace` (worker/orphan.py). A master restarted with the same
+`drain.orphan_grace` (worker/outlive.py). A master restarted with the same
 pidfile finds them, duplicates their listening sockets into itself with
 `pidfd_getfd(2)`, and adopts those instead of binding: the kernel's accept
 queues carry over, and nothing is refused while the masters change. Once its
@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 from upgraderd.config.schema import Config, ListenerSpec
 from upgraderd.config.validators import worker_ids
+from upgraderd.contract import env as contract
 from upgraderd.system import procfs
 from upgraderd.system.activation import Adopted, check, key_of, parse_name
 from upgraderd.errors import FatalError
@@ -123,8 +124,8 @@ def _checked(pid: int, dead_master: int, uids: set[int]) -> Orphan | None:
     if why is None and env is not None:
         try:
             signal.pidfd_send_signal(pidfd, 0)  # still the process we just looked at
-            return Orphan(pid, pidfd, int(env["UPGRADERD_SLOT"]), env.get("LISTEN_FDNAMES", "").split(":"),
-                          int(env["LISTEN_FDS"]), _signal_of(env.get("UPGRADERD_DRAIN_SIGNAL", "TERM")))
+            return Orphan(pid, pidfd, int(env[contract.SLOT]), env.get(contract.LISTEN_FDNAMES, "").split(":"),
+                          int(env[contract.LISTEN_FDS]), _signal_of(env.get(contract.DRAIN_SIGNAL, "TERM")))
         except OSError:
             why = "exited while being checked"
     log.info("orphans: pid %d is not taken over: %s", pid, why or "its environment is unreadable")
@@ -144,10 +145,10 @@ def _why_not(pid: int, dead_master: int, uids: set[int]) -> str | None:
     env = procfs.environ(pid)
     if env is None:
         return "its environment is unreadable"
-    for var in ("UPGRADERD_GENERATION", "UPGRADERD_SLOT", "LISTEN_FDS"):
+    for var in (contract.GENERATION, contract.SLOT, contract.LISTEN_FDS):
         if procfs.small_int(env.get(var, "")) is None:
             return f"{var} is missing from its environment or malformed: not an upgraderd worker"
-    if int(env["LISTEN_FDS"]) > MAX_LISTEN_FDS:
+    if int(env[contract.LISTEN_FDS]) > MAX_LISTEN_FDS:
         return "LISTEN_FDS is out of range"
     return None
 

@@ -7,7 +7,7 @@ master had bound and started its first generation: clients would be refused
 `UPGRADERD_ORPHAN_GRACE` seconds (config `drain.orphan_grace`, 30s by default).
 
 A restarted master of the same pidfile takes the orphans' listening sockets
-over (system/orphans.py) and sends them the drain signal once its own first
+over (system/orphanfds.py) and sends them the drain signal once its own first
 generation is ACTIVE: the grace period is only the upper bound, for the case
 where no master comes back.
 
@@ -23,7 +23,9 @@ import sys
 import time
 from typing import Callable
 
-ENV_GRACE = "UPGRADERD_ORPHAN_GRACE"
+from upgraderd.contract import env
+
+ENV_GRACE = env.ORPHAN_GRACE
 DEFAULT_GRACE = 30.0
 
 

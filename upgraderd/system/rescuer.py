@@ -32,6 +32,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
+from upgraderd.contract.wire import Channel
 from upgraderd.core.seams import Rescue, SocketKey
 from upgraderd.worker import peers
 from upgraderd.worker.giver import Giver
@@ -109,7 +110,7 @@ class Rescuer:
         with self._cond:
             return len(self._held)
 
-    def _channels(self, plan: Rescue) -> list[peers.Channel]:
+    def _channels(self, plan: Rescue) -> list[Channel]:
         return [c for c in peers.listening_channels(self.master)
                 if c.generation == plan.generation and c.slot in plan.takers]
 

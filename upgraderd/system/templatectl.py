@@ -31,6 +31,7 @@ import signal
 import socket
 from typing import Mapping, Sequence
 
+from upgraderd.contract import env as contract
 from upgraderd.errors import SpawnError
 from upgraderd.system.process import PosixProcessAPI
 
@@ -65,7 +66,7 @@ class PosixTemplates:
                 raise SpawnError("cannot become a child subreaper, so forked workers could not be reaped")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            env = {**env, "UPGRADERD_TEMPLATE_PARENT": str(os.getpid())}
+            env = {**env, contract.TEMPLATE_PARENT: str(os.getpid())}
             pid = self.procs.spawn(argv, env, [theirs.fileno()], cwd=cwd, user=user, group=group)
         except BaseException:
             ours.close()
