@@ -13,7 +13,8 @@ Invariants (the cross-generation ones of docs/architecture.md):
 - At most one STARTING generation: only the reloads (core/reloads.py) start
   one, and only while none is STARTING.
 - The predecessor is drained only once its successor is ACTIVE
-  (`drain_superseded`).
+  (`drain_superseded`), and not while that successor is a held canary
+  (`held`, core/rollout.py): `active` is then still the predecessor.
 - Once stopping, the fleet never leaves it; the loop ends when the list is empty.
 """
 

@@ -5,11 +5,14 @@ watched file (core/watching.py); it loads the config through the seam, binds
 what it needs, runs the checks it is built with (core/slots.py's, the
 metrics'), and has the fleet start a generation. Once that generation settles
 its outcome is reported to the bus (`ReloadSettled`): counters, the status
-file and `upgraderd reload` see it there.
+file and `upgraderd reload` see it there. With `rollout.strategy: canary` the
+generation starts as a canary held beside the serving one, and the reload
+settles only at the rollout's verdict (core/rollout.py, which the reloads own).
 
 Invariants:
-- At most one reload is under way (its generation is STARTING); HUPs (and
-  file changes) that arrive meanwhile coalesce into one queued reload.
+- At most one reload is under way (its generation is STARTING, or a canary
+  without a verdict); HUPs (and file changes) that arrive meanwhile coalesce
+  into one queued reload.
 - A settled reload records which HUPs it covers: `upgraderd reload` sends a
   HUP, then waits until a settled reload covers it (see service/status.py).
 - Every outcome is reported exactly once: success, failed (the generation did
