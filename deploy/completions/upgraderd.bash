@@ -5,7 +5,7 @@ _upgraderd() {
     COMPREPLY=()
     cur=${COMP_WORDS[COMP_CWORD]}
     prev=${COMP_WORDS[COMP_CWORD-1]}
-    local commands="run check preflight init reload upgrade scale reopen stop status docs"
+    local commands="run check preflight init reload upgrade scale promote rollback reopen stop status docs"
     cmd=""
     for ((i = 1; i < COMP_CWORD; i++)); do
         case ${COMP_WORDS[i]} in
@@ -30,7 +30,7 @@ _upgraderd() {
         check) opts="-c --config --deep --timeout --help" ;;
         preflight) opts="-c --config --help" ;;
         init) opts="--force --help" ;;
-        reload|upgrade|stop) opts="-c --config --pidfile --timeout --help"
+        reload|upgrade|promote|rollback|stop) opts="-c --config --pidfile --timeout --help"
             [ "$cmd" = stop ] && opts="$opts --fast" ;;
         scale) opts="-c --config --pidfile --timeout --help +1 -1" ;;
         reopen) opts="-c --config --pidfile --help" ;;

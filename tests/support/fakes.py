@@ -338,4 +338,5 @@ def fake_system(procs: FakeProcessAPI, notify: FakeNotify, watcher: FakeWatcher 
     return System(procs=procs, notify=notify, listeners=sockets.ListenerSet(), probes=Prober(),
                   kernel=posix.PosixKernel(), environ={"PATH": "/usr/bin:/bin"}, load_config=schema.load,
                   user_env=user_env, reserve_port=reserve_port, self_command=("/usr/bin/python3", "-m", "upgraderd"),
-                  tell_systemd=lambda message: None, exec_master=no_exec, watcher=watcher)
+                  tell_systemd=lambda message: None, exec_master=no_exec, watcher=watcher,
+                  check_probes=Prober(interval=0.05))

@@ -9,6 +9,7 @@ alike, so the three always agree.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 from typing import TYPE_CHECKING, Protocol
@@ -21,7 +22,7 @@ from upgraderd.config.validators import _show, parse_url, worker_ids
 from upgraderd.contract.env import addr_env_name
 
 if TYPE_CHECKING:
-    from upgraderd.config.schema import Config, WorkerSpec
+    from upgraderd.config.schema import Config, ListenerSpec, WorkerSpec
 
 
 class Reporter(Protocol):
@@ -193,3 +194,63 @@ def no_effect(root: yaml.Node, cfg: Config, path: str) -> list[str]:
             out.append(f"{path}:{node.start_mark.line + 1}:{node.start_mark.column + 1}: "
                        f"{'.'.join(keys)}: {msg}")
     return out
+
+
+def check_rollout(loader: Reporter, root: yaml.Node, cfg: Config) -> None:
+    """Check the `rollout` section against the rest: the canary's size, the checks' templates."""
+    r = cfg.rollout
+    rnode = node_at(root, "rollout") or root
+    if r.strategy != "canary":
+        for key in ("canary", "checks"):
+            if (node := node_at(rnode, key)) is not None:
+                loader.fail(node, f"rollout.{key}", f"only a canary has {key}; set rollout.strategy: "
+                            "canary (or remove the key)")
+        return
+    for i, spec in enumerate(cfg.listeners):
+        if spec.flows == "cookie":
+            loader.fail(node_at(rnode, "strategy") or rnode, "rollout.strategy",
+                        f"a canary cannot serve listeners[{i}] ({spec.name}, flows: cookie) yet: new flows "
+                        "go to the serving generation's own sockets only, so the canary would get none")
+    if r.canary.workers >= cfg.workers.count:
+        loader.fail(node_at(rnode, "canary", "workers") or rnode, "rollout.canary.workers",
+                    f"{r.canary.workers} is not less than workers.count ({cfg.workers.count}): "
+                    "the canary would be the whole generation")
+    http = r.checks.http
+    if http is not None:
+        unode = node_at(rnode, "checks", "http", "url") or rnode
+        found = placeholders.problems(http.url, cfg)
+        if not found:
+            try:
+                parse_url(placeholders.expand(http.url, placeholders.values(cfg, 0, 1, probe_port=1)))
+            except ValueError as e:
+                found = [str(e)]
+        for problem in found:
+            loader.fail(unode, "rollout.checks.http.url", problem)
+    for i, arg in enumerate(r.checks.command or ()):
+        cnode = node_at(rnode, "checks", "command", i) or node_at(rnode, "checks", "command") or rnode
+        try:
+            names = placeholders.fields(arg)
+        except placeholders.TemplateError as e:
+            loader.fail(cnode, f"rollout.checks.command[{i}]", str(e))
+            continue
+        for bad in (n for n in names if n != "generation"):
+            loader.fail(cnode, f"rollout.checks.command[{i}]", f"{{{bad}}}: the command runs once "
+                        "per rollout, not per worker; only {generation} is set")
+
+
+def unique_listeners(loader: Reporter, node: yaml.SequenceNode, key: str, listeners: list[ListenerSpec]) -> None:
+    """Report a listener name or address that a list gives twice."""
+    names: dict[str, int] = {}
+    addrs: dict[tuple[str, int | None, str], int] = {}
+    for i, spec in enumerate(listeners):
+        item = node.value[i]
+        if spec.name in names:
+            loader.fail(item, f"{key}[{i}].name",
+                        f"duplicate listener name {spec.name!r} (also {key}[{names[spec.name]}])")
+        names.setdefault(spec.name, i)
+        addr = (spec.path, 0, "unix") if spec.path else \
+            (str(ipaddress.ip_address(spec.host)), spec.port, spec.protocol)
+        if addr in addrs:
+            loader.fail(item, f"{key}[{i}]",
+                        f"duplicate address {spec.address} (also {key}[{addrs[addr]}])")
+        addrs.setdefault(addr, i)

@@ -57,8 +57,17 @@ def render() -> str:
     parts = [INTRO, _table("Top level", "", config.Config)]
     for name, cls in config.SECTIONS.items():
         key = f"{name}[]" if name == "listeners" else name
-        parts.append(_table(f"`{key}`", key, cls))
+        parts += _tables(key, cls)
     return "\n".join(parts)
+
+
+def _tables(key: str, cls: type) -> list[str]:
+    """Return the table of section `cls` at `key`, then those of its nested sections."""
+    out = [_table(f"`{key}`", key, cls)]
+    for f in dataclasses.fields(cls):
+        if "section" in f.metadata:
+            out += _tables(f"{key}.{f.name}", f.metadata["section"])
+    return out
 
 
 def _table(title: str, prefix: str, cls: type) -> str:
@@ -69,22 +78,27 @@ def _table(title: str, prefix: str, cls: type) -> str:
         if f.metadata.get("internal"):
             continue
         key = f"{prefix}.{f.name}" if prefix else f.name
-        lines.append(f"| `{key}` | {_type(f)} | {_default(f)} | {f.metadata['doc']} |")
+        top = cls is config.Config
+        lines.append(f"| `{key}` | {_type(f, top)} | {_default(f, top)} | {f.metadata['doc']} |")
     return "\n".join(lines) + "\n"
 
 
-def _type(f: dataclasses.Field[Any]) -> str:
-    if f.name in config.SECTIONS:
+def _type(f: dataclasses.Field[Any], top: bool) -> str:
+    if "section" in f.metadata:
+        return "mapping, see below"
+    if top and f.name in config.SECTIONS:
         kind = "list" if f.name == "listeners" else "mapping"
         return f"{kind}, see [below](#{f.name})"
     check = f.metadata["check"]
     return (check.__doc__ or "").strip().splitlines()[0].replace("|", "\\|")
 
 
-def _default(f: dataclasses.Field[Any]) -> str:
+def _default(f: dataclasses.Field[Any], top: bool) -> str:
     if f.metadata.get("required"):
         return "required"
-    if f.name in config.SECTIONS or f.name == "pidfile":
+    if "section" in f.metadata:
+        return "see below" if f.default is dataclasses.MISSING else "`null` (off)"
+    if top and (f.name in config.SECTIONS or f.name == "pidfile"):
         return "see below" if f.name in config.SECTIONS else "see description"
     value: Any = f.default_factory() if callable(f.default_factory) else f.default
     if value is None:

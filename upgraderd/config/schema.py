@@ -14,7 +14,6 @@ against the old (see plan.py); nothing ever mutates a loaded config.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import os
 import re
 import signal
@@ -25,6 +24,7 @@ from typing import Any, Mapping
 import yaml
 
 from upgraderd.config import checks, source, unixlisten
+from upgraderd.config.rollout import RolloutSpec
 from upgraderd.config.source import MAX_BYTES, MAX_VALUES  # noqa: F401 (part of this module's API)
 from upgraderd.config.watchlist import watch_paths
 from upgraderd.config.appspec import BUILTIN_APPS, app_name, boolean
@@ -189,6 +189,7 @@ class Config:
     http: HttpSpec = opt(HttpSpec(), lambda v: v, "HTTP server of `asgi:` and `wsgi:` apps.")
     name: str | None = opt(None, name, "This instance's name, in its process titles "
                            "(`upgraderd: master [NAME]`, `upgraderd: worker gen 7 slot 2 [NAME]`).")
+    rollout: RolloutSpec = opt(RolloutSpec(), lambda v: v, "Canary rollouts (docs/rollouts.md).")
     pidfile: str | None = opt(None, file_path, "Pidfile, written once the master serves "
                               "(default: /run/upgraderd.pid as root, else a per-user runtime path).")
     path: str = field(default="<string>", compare=False, metadata={"internal": True})
@@ -232,7 +233,7 @@ class Config:
 SECTIONS: dict[str, type] = {
     "listeners": ListenerSpec, "workers": WorkerSpec, "ready": ReadySpec,
     "drain": DrainSpec, "restart": RestartSpec, "metrics": MetricsSpec, "log": LogSpec,
-    "kernel": KernelSpec, "reload": ReloadSpec, "http": HttpSpec,
+    "kernel": KernelSpec, "reload": ReloadSpec, "http": HttpSpec, "rollout": RolloutSpec,
 }
 
 
@@ -292,6 +293,9 @@ class _Loader:
         fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
         kwargs: dict[str, Any] = {}
         for k, (knode, vnode) in items.items():
+            if k in (later := getattr(cls, "NOT_YET", {})):
+                self.fail(knode, _join(key, k), f"not supported yet ({later[k]}); remove the key")
+                continue
             if k not in fields:
                 hint = _did_you_mean(k, fields)
                 self.fail(knode, _join(key, k), f"unknown key{hint}; allowed: {', '.join(fields)}")
@@ -307,10 +311,12 @@ class _Loader:
     def field(self, cls: type, k: str, vnode: yaml.Node, key: str) -> Any:
         if cls is Config and k == "listeners":
             return self.listeners(vnode, key)
-        if cls is Config and k in SECTIONS:
-            sub = self.section(SECTIONS[k], vnode, key)
+        meta = next(f for f in dataclasses.fields(cls) if f.name == k).metadata
+        nested = SECTIONS.get(k) if cls is Config else meta.get("section")   # config/rollout.py `section`
+        if nested is not None:
+            sub = self.section(nested, vnode, key)
             return _BAD if sub is None else sub
-        check = next(f for f in dataclasses.fields(cls) if f.name == k).metadata["check"]
+        check = meta["check"]
         raw = self.value(vnode, key)
         if isinstance(raw, bool) and words(check) and isinstance(vnode, yaml.ScalarNode):
             # YAML 1.1 made `handoff: off` a boolean; a key that takes words gets the word.
@@ -339,24 +345,8 @@ class _Loader:
                           for i, n in enumerate(node.value)]
         if any(x is None for x in out):
             return _BAD
-        self.unique(node, key, out)
+        checks.unique_listeners(self, node, key, out)
         return tuple(out)
-
-    def unique(self, node: yaml.SequenceNode, key: str, listeners: list[ListenerSpec]) -> None:
-        names: dict[str, int] = {}
-        addrs: dict[tuple[str, int | None, str], int] = {}
-        for i, spec in enumerate(listeners):
-            item = node.value[i]
-            if spec.name in names:
-                self.fail(item, f"{key}[{i}].name",
-                          f"duplicate listener name {spec.name!r} (also {key}[{names[spec.name]}])")
-            names.setdefault(spec.name, i)
-            addr = (spec.path, 0, "unix") if spec.path else \
-                (str(ipaddress.ip_address(spec.host)), spec.port, spec.protocol)
-            if addr in addrs:
-                self.fail(item, f"{key}[{i}]",
-                          f"duplicate address {spec.address} (also {key}[{addrs[addr]}])")
-            addrs.setdefault(addr, i)
 
 
 _BAD: Any = object()
@@ -387,6 +377,7 @@ def parse(text: str, path: str = "<string>") -> Config:
         checks.check_workers(loader, root, cfg)
         checks.check_templates(loader, root, cfg)
         checks.check_protocols(loader, root, cfg)
+        checks.check_rollout(loader, root, cfg)
     if loader.problems:
         raise ConfigError(loader.problems)
     assert cfg is not None

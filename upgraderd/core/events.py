@@ -83,6 +83,24 @@ class ReloadSettled(Event):
 
 
 @dataclass(frozen=True)
+class RolloutSettled(Event):
+    """A canary's verdict (core/rollout.py): promoted, or rolled_back by a failing check."""
+
+    result: str = "promoted"
+    generation: int = 0
+    check: str = ""            # the failing check (rolled_back only): crashes, http, command, ready
+    detail: str = ""           # its figures
+    took: float = 0.0          # seconds since the canary began to serve
+
+
+@dataclass(frozen=True)
+class RolloutCheckFailed(Event):
+    """A rollout check failed and rolled the canary back (reported with its `RolloutSettled`)."""
+
+    check: str = "crashes"
+
+
+@dataclass(frozen=True)
 class ReexecFailed(Event):
     """The exec of a USR2 re-exec returned: the old master carries on (a failed reload)."""
 

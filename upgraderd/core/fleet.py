@@ -13,7 +13,8 @@ Invariants (the cross-generation ones of docs/architecture.md):
 - At most one STARTING generation: only the reloads (core/reloads.py) start
   one, and only while none is STARTING.
 - The predecessor is drained only once its successor is ACTIVE
-  (`drain_superseded`).
+  (`drain_superseded`), and not while that successor is a held canary
+  (`held`, core/rollout.py): `active` is then still the predecessor.
 - Once stopping, the fleet never leaves it; the loop ends when the list is empty.
 """
 
@@ -75,6 +76,8 @@ class FleetLauncher:
         except (OSError, ValueError) as e:
             raise SpawnError(f"cannot prepare the worker: {getattr(e, 'strerror', None) or e}") from None
         respawn = gen.state is GenerationState.ACTIVE and gen.workers[slot].state is WorkerState.BACKOFF
+        if spec.check_url is not None:
+            gen.check_urls[slot] = spec.check_url
         if gen.config.prefork:
             self.prefork.request(gen, slot, spec)
             pid = None
@@ -100,6 +103,9 @@ class Fleet:
         self.generations: list[Generation] = []
         self.next_number = 1
         self.stop_mode: str | None = None    # graceful, fast, or failed (generation 1 failed)
+        # A canary (core/rollout.py): ACTIVE beside its predecessor, which keeps serving and is
+        # not drained until the rollout releases it; `active` is the predecessor meanwhile.
+        self.held: Generation | None = None
         self.prefork = Prefork(seams.templates, seams.procs, bus, lambda: self.next_number)
         self.judge = NotifyJudge(bus)
         self.launcher = FleetLauncher(seams, self.prefork, bus, clock, lambda: self.stop_mode == "fast")
@@ -111,8 +117,9 @@ class Fleet:
 
     @property
     def active(self) -> Generation | None:
-        """Return the ACTIVE generation."""
-        return self.generation(GenerationState.ACTIVE)
+        """Return the serving ACTIVE generation (a canary's predecessor until it is released)."""
+        found = [g for g in self.generations if g.state is GenerationState.ACTIVE and g is not self.held]
+        return found[-1] if found else None
 
     @property
     def starting(self) -> Generation | None:
@@ -127,14 +134,23 @@ class Fleet:
     def _readiness(self, cfg: Config) -> readiness.Readiness:
         return readiness.for_spec(cfg.ready, self.seams.probes, self.seams.reserve_port)
 
-    def start_generation(self, cfg: Config, now: float) -> Generation:
-        """Create generation N+1 from `cfg` and spawn its workers."""
+    def start_generation(self, cfg: Config, now: float, canary: int | None = None) -> Generation:
+        """Create generation N+1 from `cfg` and spawn its workers (only `canary` of them, held
+        beside the serving generation until `release`)."""
         gen = Generation(self.next_number, cfg, self.launcher, created_at=now, readiness=self._readiness(cfg))
         self.next_number += 1
         self.generations.append(gen)
-        log.info("generation %d STARTING: %d x %s", gen.number, cfg.workers.count, " ".join(cfg.worker_argv))
-        gen.start(now)
+        count = cfg.workers.count if canary is None else canary
+        log.info("generation %d STARTING: %d x %s%s", gen.number, count, " ".join(cfg.worker_argv),
+                 f" (a canary of {cfg.workers.count})" if canary is not None else "")
+        self.held = gen if canary is not None else None
+        gen.start(now, canary)
         return gen
+
+    def release(self, gen: Generation) -> None:
+        """Stop holding the canary `gen`: promoted, it supersedes its predecessor; rolled back, it drains."""
+        if self.held is gen:
+            self.held = None
 
     def export(self) -> list[dict[str, object]]:
         """Return every generation, with its config, as plain data for a master re-exec."""
@@ -177,7 +193,7 @@ class Fleet:
 
     def drain_superseded(self, now: float) -> None:
         """Drain every ACTIVE generation but the newest: ACTIVE -> DRAINING once a successor serves."""
-        active = [g for g in self.generations if g.state is GenerationState.ACTIVE]
+        active = [g for g in self.generations if g.state is GenerationState.ACTIVE and g is not self.held]
         for old in active[:-1]:
             old.drain(now)
 
@@ -189,6 +205,8 @@ class Fleet:
                 self.bus.emit(ev.GenerationRetired(
                     g.number, now - g.drain_started_at if drained and g.drain_started_at is not None else None))
         self.generations = [g for g in self.generations if g.state is not GenerationState.RETIRED]
+        if self.held is not None and self.held not in self.generations:
+            self.held = None
 
     def stop(self, mode: str, now: float) -> None:
         """Begin to stop: graceful drains, fast signals SIGINT then SIGKILL, failed starts nothing."""

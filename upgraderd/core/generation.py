@@ -106,6 +106,9 @@ class Generation:
     readiness: Readiness | None = field(default=None, repr=False)
     _by_pid: dict[int, Worker] = field(default_factory=dict, init=False, repr=False, compare=False)  # see _set_pid
     _readied: int = field(default=0, init=False, repr=False, compare=False)   # READY while STARTING
+    crashed: int = 0                     # worker exits while ACTIVE (a rollout's `crashes` check)
+    last_crash: str = ""
+    check_urls: dict[int, str] = field(default_factory=dict)   # slot -> rollout.checks.http.url
 
     def __post_init__(self) -> None:
         if self.readiness is None:
@@ -132,11 +135,7 @@ class Generation:
 
     def export(self) -> dict[str, object]:
         """Return this generation's runtime state as plain data, for a master re-exec."""
-        workers = []
-        for w in self.workers.values():
-            d = dataclasses.asdict(w)
-            d["state"], d["last_exit"] = w.state.name, None
-            workers.append(d)
+        workers = [{**dataclasses.asdict(w), "state": w.state.name, "last_exit": None} for w in self.workers.values()]
         return {"number": self.number, "state": self.state.name, "created_at": self.created_at,
                 "changed_at": self.changed_at, "active_at": self.active_at,
                 "drain_started_at": self.drain_started_at, "reason": self.reason, "workers": workers}
@@ -157,10 +156,10 @@ class Generation:
             gen._set_pid(worker, None if pid is None else int(pid))
         return gen
 
-    def start(self, now: float) -> None:
-        """Spawn every slot; a spawn error fails the generation at once."""
+    def start(self, now: float, slots: int | None = None) -> None:
+        """Spawn every slot (or the first `slots`: a canary); a spawn error fails the generation at once."""
         self.changed_at = now
-        for slot in range(self.config.workers.count):
+        for slot in range(self.config.workers.count if slots is None else slots):
             self.workers[slot] = Worker(slot)
             if not self._spawn(self.workers[slot], now):
                 return
@@ -283,6 +282,7 @@ class Generation:
         return w.slot
 
     def _crashed(self, w: Worker, now: float, why: str) -> None:
+        self.crashed, self.last_crash = self.crashed + 1, f"slot {w.slot} {why}"
         if now - w.started_at >= STABLE_AFTER:
             w.crashes = 0
         w.crashes += 1

@@ -20,6 +20,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Mapping
 
+from upgraderd.config import rollout
 from upgraderd.config.schema import SECTIONS, Config, ListenerSpec
 
 VERSION = 1
@@ -56,12 +57,8 @@ def config_from_dict(data: Mapping[str, object]) -> Config:
     for name, value in data.items():
         if name == "listeners":
             kwargs[name] = tuple(ListenerSpec(**item) for item in records(value))  # type: ignore[arg-type]
-        elif name in SECTIONS:
-            section = dict(value) if isinstance(value, dict) else {}
-            for key in ("command", "watch"):   # tuples, which JSON turned into lists
-                if isinstance(section.get(key), list):
-                    section[key] = tuple(section[key])
-            kwargs[name] = SECTIONS[name](**section)
+        elif name in SECTIONS:   # nested sections rebuilt, tuples (JSON lists) made tuples again
+            kwargs[name] = rollout.from_dict(SECTIONS[name], value if isinstance(value, dict) else {})
         else:
             kwargs[name] = value
     return Config(**kwargs)  # type: ignore[arg-type]  # the fields `config_to_dict` wrote

@@ -39,6 +39,7 @@ class Launch:
     user: str | None
     group: str | None
     ready_url: str | None
+    check_url: str | None = None     # rollout.checks.http.url, expanded for this worker
 
 
 @dataclass(frozen=True)
@@ -74,4 +75,6 @@ def describe(cfg: Config, generation: int, slot: int, fds: tuple[int, ...],
     env.update(ctx.metrics_env)
     argv = tuple(placeholders.expand(arg, values) for arg in cfg.worker_argv)
     url = placeholders.expand(cfg.ready.url, values) if cfg.ready.url is not None else None
-    return Launch(argv, env, fds, w.cwd, w.user, w.group, url)
+    http = cfg.rollout.checks.http
+    check = placeholders.expand(http.url, values) if http is not None else None
+    return Launch(argv, env, fds, w.cwd, w.user, w.group, url, check)

@@ -86,7 +86,8 @@ def assemble(config_path: str, system: System, *, bus: ev.Bus | None = None,
         system.environ, system.user_env, system.templates, publisher.worker_env), bus, clock)
     slots = Slots(fleet, system.listeners, system.kernel, system.rescue, bus)
     reloads = Reloads(ReloadSeams(config_path, system.load_config, system.listeners.ensure, system.tell_systemd,
-                                  wall, system.watcher),
+                                  wall, system.watcher, system.procs, system.check_probes, system.environ,
+                                  system.rollout_requests),
                       fleet, bus, slots.check_kernel, (slots.warn_growth, publisher.check_reload))
     argv = argv if argv is not None else ["run", "-c", config_path]
     selfexec = SelfExec(SelfExecSeams(config_path, system.load_config, system.procs, system.self_command,
@@ -113,7 +114,7 @@ class Master:
             signal.SIGHUP: reloads.hup, signal.SIGTERM: self._on_term, signal.SIGQUIT: self._on_term,
             signal.SIGINT: self._on_int, signal.SIGUSR1: self._on_usr1,
             signal.SIGUSR2: self._on_usr2, signal.SIGTTIN: slots.add_worker, signal.SIGTTOU: slots.remove_worker,
-        }
+            signal.SIGWINCH: reloads.ask}
 
     # -- read-only views, for the loop and for tests --
 
@@ -272,7 +273,7 @@ class Master:
 
     def reap(self, now: float) -> None:
         """Collect exited children: the re-exec's preflight, then templates and workers."""
-        self.fleet.reap(self.selfexec.claim(self.system.procs.reap()), now)
+        self.fleet.reap(self.reloads.claim(self.selfexec.claim(self.system.procs.reap())), now)
 
     def _settle(self, now: float) -> None:
         self.slots.steer()   # a predecessor's extra slots get nothing new before it drains
@@ -285,7 +286,7 @@ class Master:
         self.fleet.forget_retired(now)
         self.slots.close_unused()
         self.fleet.flush_notices(now)
-        if self.stopping or self.starting is not None:
+        if self.stopping or self.starting is not None or self.reloads.busy:
             return
         self.selfexec.settle(now, self._record)
         self.reloads.run_queued(now)
@@ -295,4 +296,5 @@ class Master:
         configs = [g.config for g in self.fleet.generations] + ([self.config] if self.config else [])
         return snapshot.take(snapshot.Times(self.started_at, self.wall_started_at, now), self.config_path,
                              self.fleet.generations, self.config, self.tally.stats, self.stopping,
-                             self.slots.tcp_migrate_req, self.slots.worker_bind_reset_risk(configs))
+                             self.slots.tcp_migrate_req, self.slots.worker_bind_reset_risk(configs),
+                             self.reloads.progress())

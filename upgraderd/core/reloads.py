@@ -5,11 +5,14 @@ watched file (core/watching.py); it loads the config through the seam, binds
 what it needs, runs the checks it is built with (core/slots.py's, the
 metrics'), and has the fleet start a generation. Once that generation settles
 its outcome is reported to the bus (`ReloadSettled`): counters, the status
-file and `upgraderd reload` see it there.
+file and `upgraderd reload` see it there. With `rollout.strategy: canary` the
+generation starts as a canary held beside the serving one, and the reload
+settles only at the rollout's verdict (core/rollout.py, which the reloads own).
 
 Invariants:
-- At most one reload is under way (its generation is STARTING); HUPs (and
-  file changes) that arrive meanwhile coalesce into one queued reload.
+- At most one reload is under way (its generation is STARTING, or a canary
+  without a verdict); HUPs (and file changes) that arrive meanwhile coalesce
+  into one queued reload.
 - A settled reload records which HUPs it covers: `upgraderd reload` sends a
   HUP, then waits until a settled reload covers it (see service/status.py).
 - Every outcome is reported exactly once: success, failed (the generation did
@@ -20,8 +23,8 @@ Invariants:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Sequence
 
 from upgraderd import __version__
 from upgraderd.config import plan
@@ -29,7 +32,8 @@ from upgraderd.config.schema import Config
 from upgraderd.core import events as ev
 from upgraderd.core.fleet import Fleet
 from upgraderd.core.generation import Generation, GenerationState
-from upgraderd.core.seams import WatcherAPI
+from upgraderd.core.rollout import Progress, Rollouts, RolloutSeams
+from upgraderd.core.seams import Exit, ProbeAPI, ProcessAPI, WatcherAPI
 from upgraderd.core.watching import FileWatch
 from upgraderd.errors import ConfigError, ExitCode
 
@@ -48,6 +52,12 @@ class ReloadSeams:
     tell_systemd: Callable[[str], None]
     wall: Callable[[], float]
     watcher: WatcherAPI | None = None
+    # For the rollouts' checks (core/rollout.py): the command's process, the http probes.
+    procs: ProcessAPI | None = None
+    check_probes: ProbeAPI | None = None
+    environ: Mapping[str, str] = field(default_factory=dict)
+    # Read and remove the operator's rollout request (`upgraderd promote|rollback`); "" if none.
+    requests: Callable[[], str] = lambda: ""
 
 
 class Reloads:
@@ -57,6 +67,9 @@ class Reloads:
                  kernel_check: Callable[[Config], None],
                  reload_checks: Sequence[Callable[[Config], None]] = ()) -> None:
         self.seams, self.fleet, self.bus = seams, fleet, bus
+        self.rollouts = None if seams.procs is None else Rollouts(   # None: every reload is all-at-once
+            RolloutSeams(seams.procs, seams.check_probes, seams.environ, seams.ensure_listeners,
+                         seams.tell_systemd), fleet, bus)
         self.kernel_check = kernel_check       # at start and at every reload
         self.reload_checks = reload_checks     # at every reload, before the kernel check
         self.config: Config | None = None      # the config of the serving generation
@@ -89,10 +102,22 @@ class Reloads:
             return
         self.queue(now)
         starting = self.fleet.starting
-        if starting is not None:
+        canary = self.fleet.held
+        if canary is not None and starting is None:
+            log.info("received SIGHUP: reload queued, the rollout of generation %d has no verdict yet",
+                     canary.number)
+        elif starting is not None:
             log.info("received SIGHUP: reload queued, generation %d is still starting", starting.number)
         else:
             log.info("received SIGHUP: reloading %s", self.seams.config_path)
+
+    def ask(self, now: float) -> None:
+        """Take SIGWINCH: the operator's `upgraderd promote` or `rollback` of the rollout under way."""
+        request = self.seams.requests()
+        if self.rollouts is None or not request:
+            log.warning("received SIGWINCH without a rollout request (see `upgraderd promote`): ignored")
+            return
+        self.rollouts.ask(request)
 
     def queue(self, now: float) -> None:
         """Queue a reload; `now` is kept as the oldest unserved request."""
@@ -122,7 +147,8 @@ class Reloads:
             for check in self.reload_checks:
                 check(cfg)
             self.kernel_check(cfg)
-            self.watching, self.since = self.fleet.start_generation(cfg, now), since
+            canary = self.rollouts.canary_size(cfg) if self.rollouts is not None else None
+            self.watching, self.since = self.fleet.start_generation(cfg, now, canary), since
         except ConfigError as e:
             self.reject(str(e), "rejected")
         except OSError as e:
@@ -132,20 +158,32 @@ class Reloads:
             log.exception("internal error while reloading")
             self.reject(f"internal error: {e!r}", "rejected")
 
-    def reject(self, why: str, result: str, generation: int = 0) -> None:
+    @property
+    def busy(self) -> bool:
+        """Return True while a reload (or the start) awaits its outcome: a queued one waits."""
+        return self.watching is not None
+
+    def reject(self, why: str, result: str, generation: int = 0, status: str = "reload failed") -> None:
         """Report a rejected or failed reload and log it; the serving generation is untouched."""
         self.bus.emit(ev.ReloadSettled(result, generation, self.covers, why, at=self.seams.wall()))
         active = self.fleet.active
         log.error("reload failed, still serving generation %s%s: %s", active.number if active else "-",
                   self.queued(), one_line(why))
-        self.seams.tell_systemd("READY=1\nSTATUS=reload failed")
+        self.seams.tell_systemd(f"READY=1\nSTATUS={status}")
 
     def settle(self, now: float) -> None:
         """Record the outcome of the reload (or start) under way once its generation has settled."""
         gen = self.watching
         if gen is None or gen.state is GenerationState.STARTING:
             return
+        verdict = self._judge(gen, now)
+        if verdict is None:
+            return
         self.watching = None
+        if verdict:
+            self.reject(f"generation {gen.number} {verdict}", "failed", gen.number,
+                        status=f"generation {gen.number} {one_line(verdict)}")
+            return
         if self.fleet.stopping and gen.state is not GenerationState.ACTIVE:
             log.info("generation %d stopped before it became ready: the master is stopping", gen.number)
         elif gen.number == 1:
@@ -159,6 +197,15 @@ class Reloads:
             self.seams.tell_systemd(f"READY=1\nSTATUS=generation {gen.number} active")
         else:
             self.reject(f"generation {gen.number}: {gen.reason}", "failed", gen.number)
+
+    def _judge(self, gen: Generation, now: float) -> str | None:
+        """Return None while `gen`'s rollout has no verdict, "" to settle as usual, or why it rolled back."""
+        if self.rollouts is None or self.fleet.held is not gen:
+            return ""
+        if gen.state is not GenerationState.ACTIVE or self.fleet.stopping:
+            self.rollouts.end(gen)   # it failed to start, or the master stops: settled as usual
+            return ""
+        return self.rollouts.judge(gen, now)
 
     def _settle_first(self, gen: Generation, now: float) -> None:
         if gen.state is GenerationState.ACTIVE:
@@ -176,8 +223,16 @@ class Reloads:
         self.files.step(self.config, self.fleet.stopping, now)
 
     def deadlines(self) -> Iterable[float | None]:
-        """Return when the file watch next needs the loop."""
-        return (self.files.deadline,)
+        """Return when the file watch or the rollout under way next needs the loop."""
+        return (self.files.deadline, *(self.rollouts.deadlines() if self.rollouts is not None else ()))
+
+    def progress(self) -> Progress | None:
+        """Return the rollout under way, if any (for the snapshot)."""
+        return self.rollouts.progress() if self.rollouts is not None else None
+
+    def claim(self, exits: Iterable[Exit]) -> list[Exit]:
+        """Take the rollout check commands' exits out of `exits`; return the rest."""
+        return self.rollouts.claim(exits) if self.rollouts is not None else list(exits)
 
 
 def one_line(text: str) -> str:

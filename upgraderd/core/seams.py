@@ -324,34 +324,6 @@ class WatcherAPI(Protocol):
         """Stop watching."""
 
 
-class Loop(Protocol):
-    """What the select loop (system/posix.py `run`) drives: the master, seen from outside the core."""
-
-    @property
-    def running(self) -> bool:
-        """Return True while a generation is left: the loop ends when none is."""
-
-    @property
-    def exit_code(self) -> int:
-        """Return the code the master exits with."""
-
-    @property
-    def config(self) -> Config | None:
-        """Return the config of the serving generation."""
-
-    def start(self) -> None:
-        """Start the metrics and generation 1 (or adopt a USR2 predecessor's)."""
-
-    def step(self, signals: set[signal_mod.Signals]) -> None:
-        """Run one pass after `select` returned with `signals`."""
-
-    def timeout(self, now: float | None = None) -> float:
-        """Return how long the loop may block in select."""
-
-    def close(self) -> None:
-        """Release what the master started (at exit)."""
-
-
 @dataclass
 class System:
     """Every OS service the master uses, passed in whole."""
@@ -379,17 +351,25 @@ class System:
     templates: TemplateAPI | None = None
     # Save what queued on the socket of a slot that lost its worker (None: leave it queued).
     rescue: RescueAPI | None = None
+    # HTTP probes of rollout checks (core/checks.py `Http`), apart from readiness's (None: none).
+    check_probes: ProbeAPI | None = None
+    # Read and remove the operator's rollout request, "promote N" or "rollback N" ("" if none).
+    rollout_requests: Callable[[], str] = lambda: ""
 
     def watched_fds(self) -> list[int]:
         """Return the fds the loop selects on besides the signal inbox."""
         inotify = self.watcher.fileno() if self.watcher is not None else None
-        return [self.notify.fileno(), self.probes.fileno(), *(() if inotify is None else (inotify,))]
+        checks = self.check_probes.fileno() if self.check_probes is not None else None
+        return [self.notify.fileno(), self.probes.fileno(),
+                *(fd for fd in (inotify, checks) if fd is not None)]
 
     def close(self) -> None:
         """Close every socket the master holds (only at exit)."""
         self.listeners.close_all()
         self.notify.close()
         self.probes.close()
+        if self.check_probes is not None:
+            self.check_probes.close()
         if self.rescue is not None:
             self.rescue.close()
         if self.watcher is not None:

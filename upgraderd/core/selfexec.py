@@ -68,7 +68,14 @@ class SelfExec:
         self.killed = False
 
     def request(self) -> None:
-        """Take a SIGUSR2: preflight, then re-exec, once no generation starts."""
+        """Take a SIGUSR2: preflight, then re-exec, once no generation starts; refuse it during a rollout."""
+        canary = self.reloads.fleet.held
+        if canary is not None:
+            # The hand-over carries generations, not a canary's window and checks: the new
+            # master would promote it unjudged, or drop it.
+            log.warning("received SIGUSR2: refused, the rollout of generation %d has no verdict yet; "
+                        "send USR2 again once it is promoted or rolled back", canary.number)
+            return
         log.info("received SIGUSR2: upgrading the master in place")
         self.requested = True
 

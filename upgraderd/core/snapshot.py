@@ -21,6 +21,7 @@ from typing import Iterable
 from upgraderd.config.schema import Config
 from upgraderd.core.events import Event
 from upgraderd.core.generation import Generation, GenerationState, WorkerState
+from upgraderd.core.rollout import Progress
 from upgraderd.core.stats import Stats
 
 # Generations are forgotten in the same loop pass in which they retire, so a
@@ -74,11 +75,14 @@ class Snapshot:
     stopping: bool
     tcp_migrate_req: int                 # -1 where the kernel has no such setting
     worker_bind_reset_risk: bool
+    rollout: Progress | None = None      # a canary under way (core/rollout.py)
 
     @property
     def active_generation(self) -> int:
-        """Return the number of the ACTIVE generation, 0 while there is none."""
-        active = [g.number for g in self.generation_list if g.state is GenerationState.ACTIVE]
+        """Return the number of the serving ACTIVE generation (not a canary), 0 while there is none."""
+        canary = self.rollout.generation if self.rollout is not None else None
+        active = [g.number for g in self.generation_list if g.state is GenerationState.ACTIVE
+                  and g.number != canary]
         return active[-1] if active else 0
 
     @property
@@ -134,7 +138,8 @@ class Times:
 
 
 def take(times: Times, config_path: str, generations: Iterable[Generation], config: Config | None,
-         stats: Stats, stopping: bool, tcp_migrate_req: int | None, worker_bind_reset_risk: bool) -> Snapshot:
+         stats: Stats, stopping: bool, tcp_migrate_req: int | None, worker_bind_reset_risk: bool,
+         rollout: Progress | None = None) -> Snapshot:
     """Copy the reported state out of the owners' (call it in the loop thread)."""
     gens = tuple(GenerationInfo(
         g.number, g.state, g.changed_at, g.created_at, g.reason,
@@ -147,5 +152,5 @@ def take(times: Times, config_path: str, generations: Iterable[Generation], conf
         config_path=config_path, started_at=times.wall_started_at,
         generation_list=gens, listeners=listeners, stats=stats.copy(), stopping=stopping,
         tcp_migrate_req=-1 if tcp_migrate_req is None else tcp_migrate_req,
-        worker_bind_reset_risk=worker_bind_reset_risk,
+        worker_bind_reset_risk=worker_bind_reset_risk, rollout=rollout,
     )

@@ -87,6 +87,12 @@ class Stats:
     watch_triggers: int = counter(
         "upgraderd_watch_triggers", "Reloads queued because a path in reload.watch really changed (its "
         "fingerprint differs); the outcome is counted in upgraderd_reloads_total like a HUP's.")
+    rollouts: dict[str, int] = labelled(
+        "upgraderd_rollouts", "Canary rollouts by verdict: promoted, or rolled_back by a failing check "
+        "(each also counts as a reload, success or failed).", "result", ("promoted", "rolled_back"))
+    rollout_check_failures: dict[str, int] = labelled(
+        "upgraderd_rollout_check_failures", "Rollouts rolled back, by the check that failed: crashes, http, "
+        "command, or ready (a promoted worker not ready in time).", "check", ("crashes", "http", "command", "ready"))
     internal_errors: int = counter(
         "upgraderd_internal_errors", "Exceptions inside one pass of the master's loop that the master "
         "logged and survived (a bug: please report it with the log line).")
@@ -148,6 +154,8 @@ class Tally:
         on(bus, ev.ConnectionsRescued, "rescued_connections", by=lambda e: e.count)
         on(bus, ev.OrphansTakenOver, "orphans_taken_over", by=lambda e: e.count)
         on(bus, ev.WatchTriggered, "watch_triggers")
+        on(bus, ev.RolloutSettled, "rollouts", key=lambda e: e.result)
+        on(bus, ev.RolloutCheckFailed, "rollout_check_failures", key=lambda e: e.check)
         on(bus, ev.InternalError, "internal_errors")
         bus.subscribe(ev.HupReceived, self._hup)
         bus.subscribe(ev.ReloadSettled, self._settled)

@@ -25,7 +25,7 @@ PIDFILE_HELP = ("pidfile of the master (default: the config's `pidfile`, else /r
                 "as root and $XDG_RUNTIME_DIR/upgraderd.pid or /tmp/upgraderd-UID.pid otherwise)")
 CONFIG_HELP = (f"config file (default: ${defaults.ENV_VAR}, else config/upgraderd.yaml when run "
                f"from a source checkout, else {defaults.SYSTEM_PATH})")
-CLIENTS = ("reload", "upgrade", "scale", "reopen", "stop", "status")
+CLIENTS = ("reload", "upgrade", "scale", "reopen", "stop", "status", "promote", "rollback")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -81,6 +81,12 @@ def _parser() -> argparse.ArgumentParser:
                           "Send N x SIGTTIN (+N) or SIGTTOU (-N), one at a time, each once the "
                           "previous one took effect. The next reload goes back to workers.count."))
     scale.add_argument("delta", type=_delta, metavar="+N|-N")
+    _waiting(_sub(sub, "promote", "promote the canary under way now, and wait until it serves",
+                  "End the rollout's window now (checks still running are stopped) and grow the "
+                  "canary to workers.count; exit 0 once it is ACTIVE and the old generation drains."))
+    _waiting(_sub(sub, "rollback", "roll the canary under way back, and wait until it is",
+                  "Abort the rollout: the canary drains and the old generation serves on; exit 0 "
+                  "once the reload is reported rolled back."))
     _client_args(_sub(sub, "reopen", "make the master reopen its log file (USR1)",
                       "Send SIGUSR1, for logrotate's postrotate."))
 
@@ -274,6 +280,8 @@ def _dispatch(args: argparse.Namespace, pidfile: str) -> int:
         return c.scale(pidfile, args.delta, args.timeout)
     if args.command == "reopen":
         return c.reopen(pidfile)
+    if args.command in ("promote", "rollback"):
+        return c.verdict(pidfile, args.command, args.timeout)
     if args.command == "stop":
         return c.stop(pidfile, args.fast, args.timeout)
     return c.show_status(pidfile, args.json)

@@ -1,4 +1,5 @@
-"""Talk to a running master from another process: reload, upgrade, scale, reopen, stop, status.
+"""Talk to a running master from another process: reload, upgrade, scale, reopen, stop, status,
+promote and rollback (a canary under way).
 
 The master is found through its pidfile (pidfile.find_master checks that the
 pid holds the pidfile's lock, and pidfile.send_signal checks it again through
@@ -21,7 +22,7 @@ from typing import Any
 from upgraderd.config import schema as configmod
 from upgraderd.errors import ConfigError, ExitCode
 from upgraderd.service import status
-from upgraderd.service.pidfile import NotRunning, alive, find_master, send_signal
+from upgraderd.service.pidfile import NotRunning, alive, find_master, read_regular, send_signal, write_atomic
 
 POLL = 0.05
 
@@ -115,6 +116,47 @@ def upgrade(pidfile: str, timeout: float, config: str | None = None) -> int:
               "carries on as before; its log says why", file=sys.stderr)
         return ExitCode.FAILED
     print(f"upgraderd: upgrade {status.describe_reload(doc)}", file=sys.stderr)
+    return ExitCode.FAILED
+
+
+def request_path(pidfile: str) -> str:
+    """Return the file `upgraderd promote|rollback` leave their request in, beside the pidfile."""
+    return pidfile + ".rollout"
+
+
+def take_request(path: str) -> str:
+    """Return the request in `path` and remove it ("" if none). The master calls it on SIGWINCH;
+    only a regular file is read (never through a symlink), and only 64 bytes of it."""
+    data = read_regular(path, 64)
+    if data is None:
+        return ""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+    return data.decode("ascii", errors="replace")
+
+
+def verdict(pidfile: str, action: str, timeout: float) -> int:
+    """Ask for `action` (promote or rollback) of the rollout under way, then wait for its verdict."""
+    pid, path, doc = _observe(pidfile)
+    rollout = doc.get("rollout")
+    if not isinstance(rollout, dict):
+        print(f"upgraderd: no rollout is under way: nothing to {action.replace('rollback', 'roll back')}",
+              file=sys.stderr)
+        return ExitCode.FAILED
+    number, settled = rollout["generation"], sum(doc["reloads"].values())
+    write_atomic(request_path(pidfile), f"{action} {number}\n")
+    send_signal(pidfile, pid, signal.SIGWINCH)
+    after = _wait(pid, timeout, lambda d: sum(d["reloads"].values()) > settled, path)
+    if after is None:
+        return _no_outcome(pid, timeout, action)
+    last = after["last_reload"]
+    if last["generation"] == number and last["result"] == ("success" if action == "promote" else "failed"):
+        print(f"promote done: generation {number} ACTIVE" if action == "promote" else
+              f"rollback done: generation {number} rolled back, generation {rollout['previous']} serves")
+        return ExitCode.OK
+    print(f"upgraderd: {action}: {status.describe_reload(after)}", file=sys.stderr)
     return ExitCode.FAILED
 
 

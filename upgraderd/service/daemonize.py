@@ -31,7 +31,8 @@ from typing import Callable
 import daemon  # type: ignore[import-untyped]  # python-daemon ships no type hints
 
 from upgraderd.config.schema import Config
-from upgraderd.core.seams import Loop, System
+from upgraderd.core.loop import Loop
+from upgraderd.core.seams import System
 from upgraderd.errors import ExitCode
 from upgraderd.service.logsetup import LogSetup
 from upgraderd.service.pidfile import PidFile

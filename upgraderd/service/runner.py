@@ -19,7 +19,9 @@ config, and every bind happen before anything detaches.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from functools import partial
 
 from upgraderd.config.schema import Config
 from upgraderd.core.events import Bus
@@ -29,6 +31,7 @@ from upgraderd.errors import FatalError
 from upgraderd.metrics.telemetry import Telemetry
 from upgraderd.service import status
 from upgraderd.service.logsetup import LogSetup
+from upgraderd.service.control import request_path, take_request
 from upgraderd.service.pidfile import PidFile
 from upgraderd.service.reporting import Service
 from upgraderd.system import posix
@@ -71,7 +74,8 @@ def run(config_path: str, cfg: Config, pidfile_path: str, daemon: bool = False,
         with held:
             adopted, orphans = posix.outlive(cfg, status.path_for(pidfile.path)) if handover is None \
                 else ({}, OrphanSet())
-        system = posix.posix_system(handover, argv, adopted, cfg)
+        system = dataclasses.replace(posix.posix_system(handover, argv, adopted, cfg),
+                                     rollout_requests=partial(take_request, request_path(pidfile.path)))
         bus = Bus()
         service = Service(pidfile, logs, bus)
         inbox = SignalInbox()

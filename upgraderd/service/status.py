@@ -56,11 +56,30 @@ def document(snap: Snapshot) -> dict[str, Any]:
         "started_at": snap.started_at,
         "listeners": [{"name": x.name, "address": x.address, "mode": x.mode} for x in snap.listeners],
         "generations": gens,
-        "reloads": dict(s.reloads), "hups": s.hups,
+        "reloads": dict(s.reloads), "hups": s.hups, "rollout": _rollout(snap),
         "last_reload": {"result": s.last_reload_result, "generation": s.last_reload_generation,
                         "covers": s.last_reload_covers,
                         "error": "" if s.last_reload_ok else s.last_reload_error},
     }
+
+
+def _rollout(snap: Snapshot) -> dict[str, Any] | None:
+    r = snap.rollout
+    if r is None:
+        return None
+    return {"generation": r.generation, "previous": r.previous, "phase": r.phase, "workers": r.workers,
+            "of": r.of, "checks": list(r.checks), "began_at": r.began_at + snap.wall_offset,
+            "window_ends": r.window_ends + snap.wall_offset}
+
+
+def describe_rollout(r: dict[str, Any], now: float) -> str:
+    """Return a rollout under way in one line."""
+    checks = ", ".join(r["checks"])
+    if r["phase"] == "promoting":
+        return (f"rollout: generation {r['generation']} promoting, {r['workers']} of {r['of']} workers ready; "
+                f"generation {r['previous']} serves until all are (checks: {checks})")
+    return (f"rollout: generation {r['generation']} canary, {r['workers']} of {r['of']} workers ready beside "
+            f"generation {r['previous']}; verdict in {age(r['window_ends'] - now)} (checks: {checks})")
 
 
 def only_readiness_changed(before: dict[str, Any] | None, after: dict[str, Any]) -> bool:
@@ -127,6 +146,8 @@ def render(data: dict[str, Any], now: float | None = None) -> str:
         for w in g["workers"]:
             pid = w["pid"] if w["pid"] is not None else "-"
             lines.append(f"  slot {w['slot']}  pid {pid}  {w['state']}  age {age(now - w['started_at'])}")
+    if data.get("rollout"):
+        lines.append(describe_rollout(data["rollout"], now))
     lines.append(f"last reload: {describe_reload(data)}")
     r = data["reloads"]
     lines.append(f"reloads: {r['success']} succeeded, {r['failed']} failed, {r['rejected']} rejected")
@@ -142,4 +163,6 @@ def describe_reload(data: dict[str, Any]) -> str:
         return f"success: generation {last['generation']} ACTIVE"
     what = "rejected (the old generation keeps serving)" if last["result"] == "rejected" else \
         f"failed: generation {last['generation']} did not become ACTIVE (the old one keeps serving)"
+    if last["result"] == "failed" and " rolled back: " in last["error"]:
+        what = f"failed: generation {last['generation']} was rolled back (the old one keeps serving)"
     return f"{what}\n{last['error']}"

@@ -17,7 +17,8 @@ from typing import Sequence
 from upgraderd.config import schema
 from upgraderd.contract.notify import notify
 from upgraderd.core.handover import Handover
-from upgraderd.core.seams import KernelState, ListenerAPI, Loop, OrphanAPI, SocketKey, System
+from upgraderd.core.loop import Loop
+from upgraderd.core.seams import KernelState, ListenerAPI, OrphanAPI, SocketKey, System
 from upgraderd.errors import FatalError
 from upgraderd.system import activation, channeldir, conflict, fdstore, kernel, orphanfds, reexec, sockets, strangers
 from upgraderd.system.inotify import FileWatcher
@@ -78,7 +79,7 @@ def posix_system(handover: Handover | None, argv: Sequence[str],
         probes=Prober(), kernel=PosixKernel(), environ=os.environ, load_config=_load_and_warn,
         user_env=user_env, reserve_port=reserve_port, self_command=(sys.executable, "-m", "upgraderd"),
         tell_systemd=tell_systemd, exec_master=exec_master, watcher=FileWatcher(),
-        rescue=Rescuer(listeners.fileno_of))
+        rescue=Rescuer(listeners.fileno_of), check_probes=Prober(interval=0.05))
 
 
 def _load_and_warn(path: str) -> schema.Config:

@@ -16,7 +16,7 @@ from types import FrameType, TracebackType
 from typing import Any, Iterable
 
 HANDLED = (signal.SIGHUP, signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGCHLD,
-           signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
+           signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH)
 
 
 def _record(signum: int, frame: FrameType | None) -> None:

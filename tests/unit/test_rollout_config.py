@@ -1,0 +1,81 @@
+"""The `rollout:` section: located errors, and every key not built yet refused by name."""
+
+from __future__ import annotations
+
+import pytest
+
+from upgraderd.config import schema
+from upgraderd.core.handover import config_from_dict, config_to_dict
+from upgraderd.errors import ConfigError
+
+BASE = "listeners: [{name: web, port: 8080}]\nworkers: {app: echo, count: 4}\n"
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as e:
+        schema.parse(BASE + text, "r.yaml")
+    return e.value.problems
+
+
+def test_the_design_keys_not_built_yet_are_refused_by_name() -> None:
+    assert problems(
+        "rollout:\n"
+        "  strategy: canary\n"
+        "  batches: {size: 1, pause: 5s}\n"
+        "  keep_previous: 10m\n"
+        "  canary: {workers: \"10%\"}\n"
+        "  checks:\n"
+        "    error_ratio: {max: 0.02}\n"
+        "    latency_p99: {vs_previous: 1.5}\n"
+        "  rollback: manual\n") == [
+        "r.yaml:5:3: rollout.batches: not supported yet (replacing workers a few at a time); remove the key",
+        "r.yaml:6:3: rollout.keep_previous: not supported yet (keeping the previous release's template for an "
+        "instant rollback); remove the key",
+        "r.yaml:7:21: rollout.canary.workers: a share of new connections ('10%') is not supported yet; give a "
+        "number of workers, e.g. 1",
+        "r.yaml:9:5: rollout.checks.error_ratio: not supported yet (the 5xx share of the workers' counters); "
+        "remove the key",
+        "r.yaml:10:5: rollout.checks.latency_p99: not supported yet (the workers' latency quantile); remove the key",
+        "r.yaml:11:13: rollout.rollback: rollback manual is not supported yet (it needs `upgraderd promote` and "
+        "`upgraderd rollback`); use auto",
+    ]
+    assert problems("rollout: {strategy: batches}\n") == [
+        "r.yaml:3:21: rollout.strategy: strategy batches is not supported yet; use all-at-once or canary"]
+
+
+def test_cross_checks_name_their_lines() -> None:
+    assert problems(
+        "rollout:\n"
+        "  strategy: canary\n"
+        "  canary: {workers: 4, window: 5s}\n"
+        "  checks:\n"
+        "    http: {url: \"http://127.0.0.1:{probe_port}/healthz\"}\n"
+        "    command: [/bin/true, \"{slot}\"]\n") == [
+        "r.yaml:5:21: rollout.canary.workers: 4 is not less than workers.count (4): the canary would be the "
+        "whole generation",
+        "r.yaml:7:17: rollout.checks.http.url: {probe_port} is only set with ready.mode http",
+        "r.yaml:8:26: rollout.checks.command[1]: {slot}: the command runs once per rollout, not per worker; "
+        "only {generation} is set",
+    ]
+    assert problems("rollout: {checks: {crashes: 2}}\n") == [
+        "r.yaml:3:19: rollout.checks: only a canary has checks; set rollout.strategy: canary (or remove the key)"]
+    assert problems("rollout: {strategy: canary, canary: {window: 30}, checks: {http: {every: 1s}}}\n") == [
+        "r.yaml:3:66: rollout.checks.http.url: is required"]
+
+
+def test_a_canary_config_survives_a_usr2_hand_over() -> None:
+    cfg = schema.parse(BASE + "ready: {mode: http, url: \"http://127.0.0.1:{probe_port}/ready\"}\n"
+                       "rollout:\n  strategy: canary\n  canary: {workers: 2, window: 1m}\n"
+                       "  checks: {crashes: 1, http: {url: \"http://127.0.0.1:{probe_port}/h\", timeout: 2s},"
+                       " command: [/bin/true, \"{generation}\"]}\n")
+    assert cfg.rollout.canary.window == 60.0 and cfg.rollout.checks.command == ("/bin/true", "{generation}")
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_a_canary_is_refused_for_udp_cookie_flows() -> None:
+    with pytest.raises(ConfigError) as e:
+        schema.parse("listeners: [{name: u, port: 9000, protocol: udp, flows: cookie}]\n"
+                     "workers: {app: echo, count: 2}\nrollout: {strategy: canary}\n", "u.yaml")
+    assert e.value.problems == [
+        "u.yaml:3:21: rollout.strategy: a canary cannot serve listeners[0] (u, flows: cookie) yet: new flows go "
+        "to the serving generation's own sockets only, so the canary would get none"]
