@@ -1,4 +1,5 @@
-"""Ship the checkout's config/ folder inside the wheel as `upgraderd/defaults/`.
+"""Ship the checkout's config/ folder inside the wheel as `upgraderd/defaults/`, and deploy/'s
+systemd units, completions, logrotate and sysctl files as `upgraderd/defaults/deploy/`.
 
 Everything else is in pyproject.toml. config/ stays where operators and tests
 expect it in a checkout (scripts/run serves config/upgraderd.yaml); only the
@@ -15,6 +16,7 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).resolve().parent
+DEPLOY = ("systemd", "completions", "logrotate", "sysctl.d")
 
 
 class BuildWithDefaults(build_py):
@@ -26,6 +28,10 @@ class BuildWithDefaults(build_py):
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(HERE / "config", target,
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "node_modules"))
+        # What an installed (not checked-out) operator needs of deploy/: the systemd units,
+        # shell completions, logrotate and sysctl files (README, "Install").
+        for part in DEPLOY:
+            shutil.copytree(HERE / "deploy" / part, target / "deploy" / part)
 
 
 setup(cmdclass={"build_py": BuildWithDefaults})

@@ -27,7 +27,8 @@ _upgraderd() {
     case $cmd in
         "") COMPREPLY=($(compgen -W "$commands --help --version" -- "$cur")); return ;;
         run) opts="-c --config --daemon --pidfile --log-level --help" ;;
-        check|preflight) opts="-c --config --help" ;;
+        check) opts="-c --config --deep --timeout --help" ;;
+        preflight) opts="-c --config --help" ;;
         init) opts="--force --help" ;;
         reload|upgrade|stop) opts="-c --config --pidfile --timeout --help"
             [ "$cmd" = stop ] && opts="$opts --fast" ;;

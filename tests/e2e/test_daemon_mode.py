@@ -121,11 +121,14 @@ def test_daemon_reports_a_failed_start(tmp_path):
     assert r.stderr.startswith("upgraderd: the first generation failed: slot ")
     assert "exited at start-up: exit code 3" in r.stderr
     assert not (tmp_path / "upgraderd.pid").exists()
-    lock_owner = int((tmp_path / "upgraderd.pid.lock").read_text())
+    # The daemon removes its lock file (as at any clean stop) before it reports; its pid is
+    # in its log, whose first line is the master's.
+    assert not (tmp_path / "upgraderd.pid.lock").exists()
+    daemon_pid = int(json.loads((tmp_path / "upgraderd.log").read_text().splitlines()[0])["pid"])
     try:
-        wait_until(lambda: not alive(lock_owner), 15, "the failed daemon to exit")
+        wait_until(lambda: not alive(daemon_pid), 15, "the failed daemon to exit")
     finally:
-        kill_tree(lock_owner)
+        kill_tree(daemon_pid)
 
 
 def test_daemon_reports_a_bind_error_before_detaching(tmp_path):
@@ -140,12 +143,16 @@ def test_daemon_reports_a_bind_error_before_detaching(tmp_path):
     assert not (tmp_path / "upgraderd.pid").exists()
 
 
-def test_daemon_needs_a_log_file(tmp_path):
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(echo_config(free_port())))
+def test_daemon_needs_a_log_file_and_the_readme_says_so(tmp_path):
+    # The shipped config, as the README's `upgraderd run --daemon` uses it: refused before it binds.
+    path = ROOT / "config" / "upgraderd.yaml"
     r = upgraderd("run", "-c", str(path), "--daemon", "--pidfile", str(tmp_path / "p.pid"))
     assert r.returncode == 1
-    assert r.stderr == f"{path}: log.file: must be set for --daemon (a daemon has no terminal to log to)\n"
+    assert r.stderr == (f"{path}: log.file: must be set for --daemon (a daemon has no terminal to log "
+                        "to); add e.g. `log: {file: /var/log/upgraderd.log}`, or run without --daemon\n")
+    line = next(ln for ln in (ROOT / "README.md").read_text().splitlines()
+                if ln.startswith("upgraderd run --daemon"))
+    assert "log.file" in line, line
 
 
 def test_stale_pidfile_is_replaced_with_a_warning(tmp_path):

@@ -130,6 +130,20 @@ def test_counters_carry_on_across_usr2(tmp_path):
         assert value(after, "upgraderd_generation") == 3
 
 
+def test_templates_started_counts_on_after_usr2(tmp_path):
+    """A prefork generation rolled by the re-exec'd master counts its template (it stopped counting once)."""
+    from tests.support.scrape import scrape, value
+
+    port = free_port()
+    cfg = echo_config(port, workers={"count": 1, "app": "echo", "prefork": True})
+    with Daemon(tmp_path, cfg).start() as d:
+        assert value(scrape(cfg), "upgraderd_templates_started_total", kind="cold") == 1
+        d.send(signal.SIGUSR2)
+        d.wait_log(r"reload done: generation 2 ACTIVE")
+        assert re.search(r"generation 2: template pid \d+ started", d.log())
+        assert value(scrape(cfg), "upgraderd_templates_started_total", kind="cold") == 2
+
+
 def _socket_inodes(pid: int, skip: set[int] = frozenset()) -> set[str]:
     """Return the socket inodes `pid` holds open, leaving out the fd numbers in `skip`."""
     out = set()

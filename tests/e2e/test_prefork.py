@@ -198,7 +198,7 @@ def test_respawn_forks_from_its_own_template_never_newer_code(tmp_path):
 
 
 @pytest.mark.parametrize("how,reason", [
-    ("raise ImportError('broken release')", r"exit code 3"),
+    ("raise ImportError('broken release')", r"exit code 3: cannot load 'tagapp:make': ImportError: broken release"),
     ("os.kill(os.getpid(), 9)", r"killed by SIGKILL"),
 ])
 def test_template_that_dies_at_start_fails_the_reload_cleanly(tmp_path, how, reason):

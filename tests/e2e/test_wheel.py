@@ -47,6 +47,12 @@ def test_wheel_contents(installed):
     shipped = {f"upgraderd/defaults/{p.relative_to(ROOT / 'config')}" for p in (ROOT / "config").rglob("*")
                if p.is_file() and "__pycache__" not in p.parts}
     assert shipped and shipped <= names
+    # The operator's files of deploy/, for installed users (README, "Install").
+    deploy = {f"upgraderd/defaults/deploy/{p.relative_to(ROOT / 'deploy')}"
+              for part in ("systemd", "completions", "logrotate", "sysctl.d")
+              for p in (ROOT / "deploy" / part).rglob("*") if p.is_file()}
+    assert "upgraderd/defaults/deploy/systemd/upgraderd.service" in deploy and deploy <= names, \
+        sorted(deploy - names)
     assert "upgraderd/py.typed" in names
     assert any(n.endswith(".dist-info/licenses/LICENSE") or n.endswith(".dist-info/LICENSE") for n in names)
     meta = next(zipfile.ZipFile(wheel).read(n).decode() for n in names if n.endswith(".dist-info/METADATA"))

@@ -13,6 +13,7 @@ import pytest
 from tests.support.fakes import FakeClock
 from upgraderd.apps.connmetrics import HANDOFF_FAILURES
 from upgraderd.contract import wire
+from upgraderd.worker import giver as givermod
 from upgraderd.worker import handoff, peers
 
 # A master pid no real process has here: the channel names stay private to this test.
@@ -293,3 +294,27 @@ def test_a_refusal_in_a_batch_commits_the_acknowledged_ones_only(taker, tcp_pair
     other.close()
     other_mine.close()
     got[0].sock.close()
+
+
+def test_a_giver_connects_to_at_most_takers_starting_at_its_own_slot(monkeypatch):
+    monkeypatch.setenv("UPGRADERD_GENERATION", "2")
+    takers = []
+    try:
+        for slot in range(givermod.TAKERS + 4):
+            monkeypatch.setenv("UPGRADERD_SLOT", str(slot))
+            takers.append(handoff.Taker(["web"], master=MASTER, trust=lambda p: True))
+        monkeypatch.setenv("UPGRADERD_GENERATION", "1")
+        monkeypatch.setenv("UPGRADERD_SLOT", "5")
+        seen: list[int] = []
+        # The untrusted slot 6 is skipped and one more taker is connected in its place.
+        giver = handoff.Giver(master=MASTER, trust=lambda p, c: seen.append(c.slot) is None and c.slot != 6)
+        try:
+            assert giver.find() == givermod.TAKERS
+            assert seen == [5, 6, 7, 8, 9, 10, 11, 0, 1]
+            assert [t.channel.slot for t in giver._targets] == [5, 7, 8, 9, 10, 11, 0, 1]
+            assert giver.failures == {"untrusted_taker": 1}
+        finally:
+            giver.close()
+    finally:
+        for t in takers:
+            t.close()

@@ -6,6 +6,9 @@
 - `FakeNotify`: what the Master uses of `NotifyServer`; `receive()` returns
   scripted (pid, payload) pairs.
 - `FakeLauncher`: the `Launcher` a `Generation` is given, for testing it alone.
+- `FakeTemplates`: the `TemplateAPI` of system/templatectl.py; templates are fake
+  processes, fork requests are recorded, and `room` models a control channel
+  that fills: requests beyond it queue until the template `read()`s.
 - `FakeWatcher`: the `WatcherAPI` of system/inotify.py; events are scripted with
   `event()`, fingerprints are the files' real bytes (the tests write real files).
 - `fake_system()`: a `System` with fake processes and notify socket, and the
@@ -23,6 +26,7 @@ from typing import Any, Mapping, Sequence
 from upgraderd.errors import SpawnError
 from upgraderd.core.generation import Generation
 from upgraderd.config import schema
+from upgraderd.core.handover import Handover
 from upgraderd.core.seams import Exit, System
 from upgraderd.system import posix, sockets
 from upgraderd.system.probe import Prober, reserve_port
@@ -254,11 +258,83 @@ class FakeWatcher:
         self.closed = True
 
 
-def fake_system(procs: FakeProcessAPI, notify: FakeNotify, watcher: FakeWatcher | None = None) -> System:
-    """Return a `System` of `procs` and `notify` plus the real sockets, probes and kernel."""
-    def no_exec(record: Any, pending: Sequence[int]) -> OSError:
+Fork = tuple[int, int, dict[str, str], tuple[int, ...]]   # (template, slot, env, fds)
+
+
+class FakeTemplates:
+    """A `TemplateAPI` whose templates are fake processes; records the fork requests they took."""
+
+    def __init__(self, procs: FakeProcessAPI, room: int | None = None) -> None:
+        self.procs = procs
+        self.forks: list[Fork] = []         # requests the channels took, in order
+        self.queued: dict[int, list[Fork]] = {}   # template pid -> requests waiting for room
+        self.room = room                    # requests the channels take before they are full (None: any)
+        self.stopped: list[int] = []
+        self.loads: list[tuple[int, str]] = []
+        self.strangers: set[int] = {1, 4242}
+
+    def start(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None = None,
+              user: str | None = None, group: str | None = None) -> int:
+        return self.procs.spawn(argv, env, (), cwd, user, group)
+
+    def fork(self, pid: int, slot: int, env: Mapping[str, str], fds: Sequence[int]) -> None:
+        if pid in self.stopped:
+            raise SpawnError(f"template pid {pid} is gone")
+        self.queued.setdefault(pid, []).append((pid, slot, dict(env), tuple(fds)))
+        self._send(pid)
+
+    def read(self, n: int) -> None:
+        """Let the templates read `n` requests: that much room frees in the channels."""
+        assert self.room is not None
+        self.room += n
+
+    def _send(self, pid: int) -> int:
+        queue = self.queued[pid]
+        taken = 0
+        while queue and (self.room is None or self.room > 0):
+            self.forks.append(queue.pop(0))
+            taken += 1
+            if self.room is not None:
+                self.room -= 1
+        if not queue:
+            del self.queued[pid]
+        return taken
+
+    def flush(self) -> dict[int, int]:
+        taken = {pid: self._send(pid) for pid in list(self.queued)}
+        return {pid: n for pid, n in taken.items() if pid in self.queued}
+
+    def writers(self) -> list[int]:
+        return list(self.queued)
+
+    def load(self, pid: int, app: str, env: Mapping[str, str]) -> None:
+        self.loads.append((pid, app))
+
+    def stop(self, pid: int) -> None:
+        self.stopped.append(pid)
+        self.queued.pop(pid, None)
+
+    def is_child(self, pid: int) -> bool:
+        return pid not in self.strangers
+
+
+class FakeExec:
+    """The `exec_master` seam: records each hand-over and fails, like an exec that returned."""
+
+    def __init__(self) -> None:
+        self.records: list[Handover] = []
+        self.pending: list[list[int]] = []
+
+    def __call__(self, record: Handover, pending: Sequence[int]) -> OSError:
+        self.records.append(record)
+        self.pending.append(list(pending))
         return OSError(2, "exec is not available in unit tests")
 
+
+def fake_system(procs: FakeProcessAPI, notify: FakeNotify, watcher: FakeWatcher | None = None,
+                execs: FakeExec | None = None) -> System:
+    """Return a `System` of `procs` and `notify` plus the real sockets, probes and kernel."""
+    no_exec = execs if execs is not None else FakeExec()
     return System(procs=procs, notify=notify, listeners=sockets.ListenerSet(), probes=Prober(),
                   kernel=posix.PosixKernel(), environ={"PATH": "/usr/bin:/bin"}, load_config=schema.load,
                   user_env=user_env, reserve_port=reserve_port, self_command=("/usr/bin/python3", "-m", "upgraderd"),

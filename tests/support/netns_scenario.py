@@ -24,6 +24,16 @@ from tests.support.scrape import scrape, value
 from tests.support.upgraderd_proc import Daemon, free_port
 
 MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
+# TcpExt counters of this namespace that say where a reset came from.
+COUNTERS = ("TCPMigrateReqSuccess", "TCPMigrateReqFailure", "ListenOverflows", "ListenDrops")
+
+
+def tcp_counters() -> dict[str, int]:
+    """Return this namespace's TcpExt counters named in COUNTERS."""
+    lines = [line.split() for line in Path("/proc/net/netstat").read_text().splitlines()
+             if line.startswith("TcpExt:")]
+    table = dict(zip(lines[0][1:], map(int, lines[1][1:])))
+    return {name: table.get(name, -1) for name in COUNTERS}
 
 
 def main(workdir: str, initial: str, policy: str, reloads: str) -> int:
@@ -40,6 +50,7 @@ def main(workdir: str, initial: str, policy: str, reloads: str) -> int:
         report = reload_under_load(d, port, int(reloads))
         log = d.log()
         samples = scrape(cfg)
+        counters = tcp_counters()
     result = report.result
     print(json.dumps({
         "initial": int(initial),
@@ -55,6 +66,7 @@ def main(workdir: str, initial: str, policy: str, reloads: str) -> int:
         "set_logged": "set net.ipv4.tcp_migrate_req=1 (was 0)" in log,
         "risk_metric": value(samples, "upgraderd_worker_bind_reset_risk"),
         "migrate_req_metric": value(samples, "upgraderd_kernel_tcp_migrate_req"),
+        "tcp": counters,
     }))
     return 0
 

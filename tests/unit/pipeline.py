@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from tests.support.fakes import FakeClock, FakeNotify, FakeProcessAPI, fake_system
 from upgraderd.config import schema as configmod
 from upgraderd.core.generation import GenerationState as G, WorkerState as W
-from upgraderd.core.master import Master
+from upgraderd.core.master import Master, assemble
 from upgraderd.errors import ConfigError
 
 T0 = 100.0
@@ -38,7 +38,7 @@ T0 = 100.0
 
 def build_master(path: Path, procs: FakeProcessAPI, clock: FakeClock, notify: FakeNotify) -> Master:
     """Return a Master for `path` over the fakes (the one place that knows its constructor)."""
-    return Master(str(path), fake_system(procs, notify), clock=clock)
+    return assemble(str(path), fake_system(procs, notify), clock=clock)
 
 
 def check(path: Path) -> ConfigError | None:

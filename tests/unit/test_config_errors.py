@@ -116,7 +116,7 @@ CASES = [
     ("section-not-mapping", L + "workers: 4\n",
      "3:10: workers", "expected a mapping, got 4"),
     ("kernel-setting", L + "kernel: {tcp_migrate_req: yes}\n",
-     "3:27: kernel.tcp_migrate_req", "True is not one of check, set, ignore"),
+     "3:27: kernel.tcp_migrate_req", "'yes' is not one of check, set, ignore"),
     ("yaml-unclosed-bracket", "listeners: [{name: web, port: 1}\nworkers: {app: echo}\n",
      "2:1: YAML syntax error", "expected ',' or ']', but got '<scalar>' (while parsing a flow sequence at 1:12)"),
     ("yaml-bad-indent", "listeners:\n  - name: web\n   port: 1\n",

@@ -123,7 +123,7 @@ def test_a_few_aliases_are_fine() -> None:
     with pytest.raises(ConfigError) as e:  # `base` is no key of ours: the aliases themselves passed
         config.parse(text, "a.yaml")
     assert e.value.problems == ["a.yaml:1:1: base: unknown key; allowed: listeners, workers, ready, "
-                                "drain, restart, metrics, log, kernel, reload, http, pidfile"]
+                                "drain, restart, metrics, log, kernel, reload, http, name, pidfile"]
 
 
 @pytest.mark.parametrize("size", [config.MAX_BYTES + 1, 10 * 1024 * 1024])

@@ -38,3 +38,9 @@ def test_docs_command_prints_the_reference():
 def test_durations_are_written_as_the_config_writes_them():
     assert [docgen.format_duration(s) for s in (0.1, 1.0, 30.0, 120.0, 90.0)] == \
         ["100ms", "1s", "30s", "2m", "90s"]
+
+
+def test_the_generated_reference_names_files_that_exist():
+    import re
+    named = re.findall(r"upgraderd/[\w/]+\.py", docgen.render())
+    assert named and [p for p in named if not (ROOT / p).is_file()] == []

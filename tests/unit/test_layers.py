@@ -124,11 +124,10 @@ def test_no_cycle_inside_the_worker_side_even_through_type_checking_imports(pack
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
 
-@pytest.mark.xfail(strict=True, reason="the core's owners (issue 21, the other half) remove these cycles: "
-                   "drop this mark when that lands, and it must pass")
 def test_no_cycle_inside_the_core_even_through_type_checking_imports() -> None:
-    # The core's own half of the rule (issue 21): its modules import `Master` back
-    # only for annotations today, which this test counts.
+    # The core's own half of the rule (issue 21): no module imports `Master` back,
+    # not even for annotations (tests/unit/test_owners.py), and no two modules
+    # import each other.
     cycle = find_cycle(within("core"))
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 

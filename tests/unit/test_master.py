@@ -16,11 +16,11 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from tests.support.fakes import FakeClock, FakeNotify, FakeProcessAPI, fake_system
+from tests.support.fakes import FakeClock, FakeExec, FakeNotify, FakeProcessAPI, fake_system
 from tests.support.upgraderd_proc import free_port
 from upgraderd.core.generation import GenerationState as G, WorkerState as W
 from upgraderd.core.durations import Durations
-from upgraderd.core.master import FAST_STOP_GRACE, Master
+from upgraderd.core.master import FAST_STOP_GRACE, Master, assemble
 
 HUP, TERM, INT, KILL, QUIT = signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGKILL, signal.SIGQUIT
 T0 = 100.0
@@ -40,7 +40,9 @@ class Rig:
         self.clock = FakeClock(T0)
         self.procs = FakeProcessAPI()
         self.notify = FakeNotify()
-        self.master = Master(str(self.path), fake_system(self.procs, self.notify), clock=self.clock)
+        self.execs = FakeExec()
+        self.master = assemble(str(self.path), fake_system(self.procs, self.notify, execs=self.execs),
+                               clock=self.clock)
 
     def write(self, count: int = 2, **sections: Any) -> None:
         doc: dict[str, Any] = {
@@ -659,3 +661,14 @@ def test_failed_growing_reload_parks_its_new_slot_sockets_and_risks_nothing(rig:
 def _migrate_req_on_host() -> int:
     """Read net.ipv4.tcp_migrate_req straight from /proc (not through the code under test)."""
     return int(Path("/proc/sys/net/ipv4/tcp_migrate_req").read_text())
+
+
+def test_usr1_asks_the_subscribers_to_reopen_the_log(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    from upgraderd.core import events as ev
+    m = rig.serving()
+    asked: list[ev.LogReopenAsked] = []
+    m.bus.subscribe(ev.LogReopenAsked, asked.append)
+    rig.step(signal.SIGUSR1, at=T0 + 1)
+    assert asked == [ev.LogReopenAsked()]
+    assert "reopened the log file (SIGUSR1)" in caplog.messages
+    assert rig.states() == [(1, G.ACTIVE)]

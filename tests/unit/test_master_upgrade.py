@@ -1,29 +1,22 @@
-"""USR2 with fake processes: the preflight of the new code gates the exec, without blocking the loop."""
+"""USR2 with fake processes: the preflight of the new code gates the re-exec, without blocking the loop."""
 
 from __future__ import annotations
 
 import signal
-from typing import Any, Sequence
+from typing import Any
 
 import pytest
 
 from tests.unit.test_master import T0, Rig, messages, rig  # noqa: F401  (the fixture)
 from upgraderd.core.generation import GenerationState as G
-from upgraderd.core.upgrade import PREFLIGHT_TIMEOUT
+from upgraderd.core.selfexec import PREFLIGHT_TIMEOUT
 
 USR2 = signal.SIGUSR2
 
 
 def record_execs(rig: Rig) -> list[Any]:
-    """Replace the exec seam with one that records its hand-over and fails like a broken exec."""
-    calls: list[Any] = []
-
-    def exec_master(record: Any, pending: Sequence[int]) -> OSError:
-        calls.append(record)
-        return OSError(2, "No such file or directory")
-
-    rig.master.system.exec_master = exec_master
-    return calls
+    """Return the hand-overs the rig's exec seam records (it then fails like a broken exec)."""
+    return rig.execs.records
 
 
 def preflight_pid(rig: Rig) -> int:

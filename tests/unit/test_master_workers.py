@@ -7,7 +7,7 @@ from pathlib import Path
 from tests.support.fakes import FakeNotify, FakeProcessAPI, fake_system
 from tests.support.upgraderd_proc import free_port as _free_port
 from upgraderd.core.generation import GenerationState, WorkerState
-from upgraderd.core.master import Master
+from upgraderd.core.master import Master, assemble
 
 
 def _master(tmp_path, ready: str):
@@ -25,7 +25,7 @@ kernel: {{tcp_migrate_req: ignore}}
 """)
     procs, note = FakeProcessAPI(), FakeNotify()
     clock = [100.0]
-    m = Master(str(path), fake_system(procs, note), clock=lambda: clock[0])
+    m = assemble(str(path), fake_system(procs, note), clock=lambda: clock[0])
     m.start()
     return m, procs, note
 
@@ -46,8 +46,8 @@ def test_spawn_expands_argv_and_sets_the_worker_env(tmp_path):
         assert m.system.probes.pids() == set()
         # `ignore` still reads the setting (for the metric), and the config has a worker-bind listener.
         host_value = int(Path("/proc/sys/net/ipv4/tcp_migrate_req").read_text())  # not via kernel.read_int
-        assert m.tcp_migrate_req == host_value
-        assert m.worker_bind_reset_risk is (host_value != 1)
+        assert m.slots.tcp_migrate_req == host_value
+        assert m.snapshot(100.0).worker_bind_reset_risk is (host_value != 1)
     finally:
         m.system.listeners.close_all()
         m.system.probes.close()
@@ -60,12 +60,12 @@ def test_stranger_and_garbage_notify_are_counted_and_ignored(tmp_path):
         note.send(4242)
         note.send(1000, b"\x00garbage")
         note.send(1000)
-        m.read_notify(101.0)
+        m.fleet.read_notify(101.0)
         assert m.stats.notify_rejected == 2
         assert gen.workers[0].state is WorkerState.READY
         assert gen.workers[1].state is WorkerState.STARTING
         note.send(4242)
-        m.read_notify(101.0)
+        m.fleet.read_notify(101.0)
         assert m.stats.notify_rejected == 3
         assert gen.state is GenerationState.STARTING
     finally:
@@ -80,12 +80,12 @@ def test_http_mode_probes_each_worker_and_ignores_ready_1(tmp_path):
         ports = {procs.spawn_of(pid).env["UPGRADERD_PROBE_PORT"] for pid in (1000, 1001)}
         assert len(ports) == 2
         note.ready(1000, 1001)
-        m.read_notify(101.0)
+        m.fleet.read_notify(101.0)
         assert m.stats.notify_rejected == 0
         assert m.starting is not None and m.starting.workers[0].state is WorkerState.STARTING
         # A worker that is no longer starting is no longer probed.
         m.starting.workers[0].state = WorkerState.DRAINING
-        m.poll_probes(101.0)
+        m.fleet.poll_probes(101.0)
         assert m.system.probes.pids() == {1001}
     finally:
         m.system.listeners.close_all()

@@ -15,7 +15,7 @@ from upgraderd.service import status
 from upgraderd.config.schema import LogSpec
 from upgraderd.service.logsetup import JsonFormatter, LogSetup
 from upgraderd.service.pidfile import AlreadyRunning, NotRunning, PidFile, find_master, read_pid
-from upgraderd.service.hooks import StartupReport
+from upgraderd.service.reporting import StartupReport
 
 
 def test_lock_refuses_a_second_master_and_names_the_first(tmp_path):

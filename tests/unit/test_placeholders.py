@@ -54,7 +54,7 @@ def test_environment_names_every_listener_and_the_worker_bind_ones():
     assert placeholders.environment(CFG, v) == {
         "UPGRADERD_ADDR_WEB": "127.0.0.1:8000", "UPGRADERD_ADDR_PUB": "127.0.0.1:8001",
         "UPGRADERD_ADDR_V6": "[::1]:8002", "UPGRADERD_WORKER_BIND": "pub",
-        "UPGRADERD_PROBE_PORT": "25000",
+        "UPGRADERD_PROBE_PORT": "25000", "UPGRADERD_LOG_FORMAT": "text",
     }
     assert env.addr_env_name("web-2.a") == "UPGRADERD_ADDR_WEB_2_A"
 

@@ -3,45 +3,14 @@
 from __future__ import annotations
 
 import signal
-from typing import Mapping, Sequence
 
 import pytest
 
-from tests.support.fakes import FakeNotify, FakeProcessAPI, fake_system
+from tests.support.fakes import FakeNotify, FakeProcessAPI, FakeTemplates, fake_system
 from tests.support.upgraderd_proc import free_port
 from upgraderd.core.generation import GenerationState, WorkerState
-from upgraderd.core.master import Master
+from upgraderd.core.master import Master, assemble
 from upgraderd.core.seams import Exit
-from upgraderd.errors import SpawnError
-
-
-class FakeTemplates:
-    """A `TemplateAPI` whose templates are fake processes; records fork requests."""
-
-    def __init__(self, procs: FakeProcessAPI) -> None:
-        self.procs = procs
-        self.forks: list[tuple[int, int, dict[str, str], tuple[int, ...]]] = []  # (template, slot, env, fds)
-        self.stopped: list[int] = []
-        self.loads: list[tuple[int, str]] = []
-        self.strangers: set[int] = {1, 4242}
-
-    def start(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None = None,
-              user: str | None = None, group: str | None = None) -> int:
-        return self.procs.spawn(argv, env, (), cwd, user, group)
-
-    def fork(self, pid: int, slot: int, env: Mapping[str, str], fds: Sequence[int]) -> None:
-        if pid in self.stopped:
-            raise SpawnError(f"template pid {pid} is gone")
-        self.forks.append((pid, slot, dict(env), tuple(fds)))
-
-    def load(self, pid: int, app: str, env: Mapping[str, str]) -> None:
-        self.loads.append((pid, app))
-
-    def stop(self, pid: int) -> None:
-        self.stopped.append(pid)
-
-    def is_child(self, pid: int) -> bool:
-        return pid not in self.strangers
 
 
 @pytest.fixture
@@ -57,7 +26,7 @@ kernel: {{tcp_migrate_req: ignore}}
     procs, note, clock = FakeProcessAPI(), FakeNotify(), [100.0]
     system = fake_system(procs, note)
     system.templates = FakeTemplates(procs)
-    m = Master(str(path), system, clock=lambda: clock[0])
+    m = assemble(str(path), system, clock=lambda: clock[0])
     m.start()
     yield m, procs, note, system.templates, clock
     system.listeners.close_all()

@@ -19,7 +19,7 @@ from tests.support.fakes import FakeClock, FakeNotify, FakeProcessAPI, fake_syst
 from tests.support.upgraderd_proc import free_port
 from upgraderd.core import rescue
 from upgraderd.core.generation import WorkerState as W
-from upgraderd.core.master import Master
+from upgraderd.core.master import Master, assemble
 from upgraderd.core.seams import Rescue
 from upgraderd.system.sockets import ListenerSet
 
@@ -57,7 +57,7 @@ class Rig:
         assert isinstance(system.listeners, ListenerSet)
         self.saver = RecordingRescue(system.listeners)
         system.rescue = self.saver
-        self.master = Master(str(self.path), system, clock=self.clock)
+        self.master = assemble(str(self.path), system, clock=self.clock)
 
     def serving(self, count: int = 3, mode: str = "reuseport", protocol: str = "tcp", **sections: Any) -> Master:
         listener = {"name": "web", "host": "127.0.0.1", "port": self.port, "mode": mode, "protocol": protocol}
@@ -94,7 +94,7 @@ def test_nothing_to_rescue_while_every_slot_serves(rig: Rig) -> None:
     m = rig.serving()
     rig.step(T0 + 1)
     assert rig.saver.plans == []
-    assert rescue.deadline(m, T0 + 1) is None
+    assert m.slots.next_deadline(T0 + 1) is None
 
 
 def test_a_slot_in_backoff_is_drained_to_its_ready_siblings_and_watched(rig: Rig,
@@ -119,7 +119,7 @@ def test_a_slot_in_backoff_is_drained_to_its_ready_siblings_and_watched(rig: Rig
     plans = len(rig.saver.plans)
     rig.step(T0 + 1.6)
     assert len(rig.saver.plans) == plans
-    assert rescue.deadline(m, T0 + 1.6) is None
+    assert m.slots.next_deadline(T0 + 1.6) is None
 
 
 def test_a_fatal_slot_is_drained_before_its_socket_closes(rig: Rig) -> None:
@@ -138,7 +138,7 @@ def test_a_fatal_slot_is_drained_before_its_socket_closes(rig: Rig) -> None:
     assert m.system.listeners.keys() == {rig.key(0), rig.key(1)}
     assert m.stats.rescued_connections == 2
     # Closed: nothing left to watch, and no polling for a slot that will never come back.
-    assert rescue.deadline(m, T0 + 2) is None
+    assert m.slots.next_deadline(T0 + 2) is None
 
 
 def test_no_rescue_without_a_ready_sibling(rig: Rig) -> None:
@@ -147,7 +147,7 @@ def test_no_rescue_without_a_ready_sibling(rig: Rig) -> None:
     rig.step(T0 + 1)
     assert m.generations[0].workers[0].state is W.BACKOFF
     assert rig.saver.plans == []
-    assert rescue.deadline(m, T0 + 1) is None
+    assert m.slots.next_deadline(T0 + 1) is None
 
 
 def test_shared_mode_has_no_slot_socket_to_rescue(rig: Rig) -> None:
@@ -177,7 +177,7 @@ def test_a_retiring_slot_and_a_stopping_master_are_left_alone(rig: Rig) -> None:
     assert rig.saver.plans == [Rescue(1, ((rig.key(0), "web"),), (1,))]
     rig.step(T0 + 3.1, signal.SIGTERM)
     assert len(rig.saver.plans) == 1
-    assert rescue.plan(m) is None
+    assert m.slots.next_deadline(T0 + 3.1) is None   # nothing is rescued while the master stops
 
 
 def test_closing_the_system_closes_the_rescue(rig: Rig) -> None:

@@ -12,7 +12,7 @@ import yaml
 from tests.support.fakes import FakeClock, FakeNotify, FakeProcessAPI, FakeWatcher, fake_system
 from tests.support.upgraderd_proc import free_port
 from upgraderd.core.generation import GenerationState as G
-from upgraderd.core.master import Master
+from upgraderd.core.master import Master, assemble
 
 T0 = 100.0
 DEBOUNCE = 0.5
@@ -29,7 +29,7 @@ class Rig:
         self.procs = FakeProcessAPI()
         self.notify = FakeNotify()
         self.watcher = FakeWatcher(inotify)
-        self.master = Master(str(self.path), fake_system(self.procs, self.notify, self.watcher), clock=self.clock)
+        self.master = assemble(str(self.path), fake_system(self.procs, self.notify, self.watcher), clock=self.clock)
 
     def write(self, env: str = "a", watch: list[str] | None = None, raw: str | None = None) -> None:
         doc: dict[str, Any] = {
@@ -63,7 +63,7 @@ class Rig:
 
     def created(self) -> int:
         """Return how many generations the master has started."""
-        return self.master.next_number - 1
+        return self.master.fleet.next_number - 1
 
     def triggers(self) -> int:
         return self.master.stats.watch_triggers

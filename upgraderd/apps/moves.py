@@ -24,6 +24,7 @@ import sys
 import time
 from typing import Callable, Protocol, runtime_checkable
 
+from upgraderd.apps import logline
 from upgraderd.apps.conn import Conn, ConnectionProtocol, full_socket
 from upgraderd.apps.connmetrics import ConnectionMetrics
 from upgraderd.worker import handoff
@@ -115,9 +116,9 @@ class Moves:
         held = len(self.server.conns)
         self.give_ready()
         if held and self.take:  # one line per worker, not per thread
-            print(f"upgraderd worker generation {self.giver.generation} slot {self.giver.slot}: handed "
-                  f"{self.giver.given} of {held} connection(s) to {self.giver.targets} worker(s) in "
-                  f"{(self.clock() - started) * 1000:.0f} ms", file=sys.stderr, flush=True)
+            logline.log(f"worker generation {self.giver.generation} slot {self.giver.slot}: handed "
+                        f"{self.giver.given} of {held} connection(s) to {self.giver.targets} worker(s) "
+                        f"in {(self.clock() - started) * 1000:.0f} ms")
 
     @property
     def giving(self) -> bool:

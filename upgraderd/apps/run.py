@@ -10,6 +10,7 @@ from upgraderd import worker
 from upgraderd.contract import env
 from upgraderd.apps import threaded
 from upgraderd.apps.server import ConnectionProtocol, Server
+from upgraderd.worker import proctitle
 
 
 def main(factory: Callable[[str], ConnectionProtocol], idle_grace: float = 1.0,
@@ -20,6 +21,7 @@ def main(factory: Callable[[str], ConnectionProtocol], idle_grace: float = 1.0,
         print("error: no listening sockets (LISTEN_FDS/LISTEN_PID not set for this process); "
               "run me under upgraderd", file=sys.stderr)
         return 2
+    proctitle.worker()   # also when exec'd without a template (prefork: false)
     threads = int(os.environ.get(env.THREADS, "1") or "1")
     if threads > 1:
         return threaded.serve(socks, factory, threads, idle_grace, announce)

@@ -60,9 +60,9 @@ from upgraderd.apps.preload import Snapshot
 from upgraderd.contract import env as contract
 from upgraderd.contract import notify
 from upgraderd.contract.standby import parse
+from upgraderd.worker import proctitle
 
 PR_SET_PDEATHSIG = 1
-PR_SET_NAME = 15
 CONTROL_FD = 3
 MAX_FDS = 64
 MAX_BATCH = 64
@@ -97,11 +97,6 @@ def _libc() -> ctypes.CDLL:
     if not _LIBC:
         _LIBC.append(ctypes.CDLL(None, use_errno=True))
     return _LIBC[0]
-
-
-def _name(comm: bytes) -> None:
-    """Set /proc/self/comm, so that `ps -o comm` tells a template from its workers."""
-    _libc().prctl(PR_SET_NAME, ctypes.c_char_p(comm[:15]), 0, 0, 0)
 
 
 def _die_with_parent() -> None:
@@ -185,10 +180,15 @@ def _fork_batch(control: socket.socket, batch: list[Request], run: Callable[[], 
         os.waitpid(middle, 0)
         # The middle wrote every line before it exited, so one read takes them all.
         lines = os.read(pid_r, 1 << 16).decode(errors="replace").split()
+        forked = [int(line.partition(":")[0]) for line in lines]
         for line in lines:
             index, _, pid = line.partition(":")
             i = int(index)
             notify.notify(notify.spawned(batch[i][0], int(pid)), batch[i][1].get(contract.NOTIFY_SOCKET))
+        # Every SPAWNED first, then the gates: a worker let run takes the core from the
+        # template (wake-up preemption), so interleaved, the last SPAWNED of a batch
+        # waited for the start-up of all the workers before it.
+        for i in forked:
             os.write(gates[i][1], b"1")
     finally:
         os.close(pid_r)
@@ -224,10 +224,10 @@ def _become_worker(control: socket.socket, gate: int, env: dict[str, str], fds: 
         os.close(gate)
         if released:
             gc.enable()
-            _name(b"upgraderd-work")
             _place(fds)
             os.environ.clear()
             os.environ.update(env)
+            proctitle.worker(env)
             os.environ[contract.LISTEN_PID] = str(os.getpid())
             code = run()
     except SystemExit as e:
@@ -291,10 +291,10 @@ def main(argv: list[str]) -> int:
     # and the forked workers would then copy the pages it touched (gc.freeze's advice).
     gc.disable()
     _die_with_parent()
-    _name(b"upgraderd-tmpl")
     control = _control()
     app = argv[1]
     if app.startswith("--standby"):
+        proctitle.standby()
         preload()
         snapshot = Snapshot()
         snapshot.load(parse(app))   # the ASGI stack, workers.preload (apps/preload.py)
@@ -305,11 +305,15 @@ def main(argv: list[str]) -> int:
         stale = snapshot.changed()
         if stale is not None:
             _exec_fresh(control, app, stale)
+    proctitle.template()
     try:
         run = load(app)
-    except Exception:
+    except Exception as e:
         print(f"upgraderd template {os.getpid()}: cannot load {app!r}:", file=sys.stderr)
         traceback.print_exc()
+        # The traceback's last line, for the master's failure reason (`upgraderd reload`).
+        last = traceback.format_exception_only(e)[-1].strip().replace("\n", " ")
+        notify.notify(notify.status(f"cannot load {app!r}: {last}"))
         return 3
     gc.freeze()   # the workers' collections leave the template's objects (and their pages) alone
     return serve(control, run)

@@ -173,3 +173,23 @@ def check_protocols(loader: Reporter, root: yaml.Node, cfg: Config) -> None:
             loader.fail(backlog, f"listeners[{i}].backlog",
                         "backlog is the listen() queue of a TCP socket; a UDP socket has none "
                         "(its queue is the receive buffer): remove the key")
+
+
+def no_effect(root: yaml.Node, cfg: Config, path: str) -> list[str]:
+    """Return a located warning for each key written in the file that changes nothing."""
+    w = cfg.workers
+    found: list[tuple[tuple[str, ...], str]] = []
+    if not w.prefork and w.app is not None and ":" in w.app:
+        found.append((("workers", "prefork"), "false has no effect: a `module:factory` app is "
+                      "always forked from its generation's template"))
+    if w.warm and not cfg.prefork:
+        found.append((("workers", "warm"), "true has no effect without prefork: the standby is a "
+                      "template started ahead of the next generation (set prefork: true, or use "
+                      "a `module:factory` app)"))
+    out = []
+    for keys, msg in found:
+        node = node_at(root, *keys)
+        if node is not None:   # only keys the file sets: a default is no one's mistake
+            out.append(f"{path}:{node.start_mark.line + 1}:{node.start_mark.column + 1}: "
+                       f"{'.'.join(keys)}: {msg}")
+    return out

@@ -1,4 +1,4 @@
-"""Generate the configuration reference (docs/configuration.md) from config.py.
+"""Generate the configuration reference (docs/configuration.md) from config/schema.py's options.
 
 Every option is declared once, with `opt(default, validator, doc)`; this module
 only reads those declarations, so the reference cannot drift from the code. A
@@ -21,7 +21,7 @@ from upgraderd.config import validators
 INTRO = """\
 # Configuration reference
 
-<!-- Generated from upgraderd/config.py by `upgraderd docs -o docs/configuration.md`.
+<!-- Generated from upgraderd/config/schema.py by `upgraderd docs -o docs/configuration.md`.
      Do not edit by hand: a test fails when this file and the code disagree. -->
 
 upgraderd reads one YAML file (`upgraderd run -c FILE`). It is validated strictly

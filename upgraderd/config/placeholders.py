@@ -124,11 +124,14 @@ def _hint(key: str, concrete: list[str]) -> str:
 
 
 def environment(cfg: Config, vals: Mapping[str, str]) -> dict[str, str]:
-    """Return the UPGRADERD_ADDR_<NAME>, UPGRADERD_WORKER_BIND, UPGRADERD_PROBE_PORT (and UPGRADERD_HTTP) variables."""
+    """Return the UPGRADERD_ADDR_<NAME>, UPGRADERD_WORKER_BIND, UPGRADERD_PROBE_PORT, UPGRADERD_NAME (and UPGRADERD_HTTP) variables."""
     env = {addr_env_name(spec.name): spec.address for spec in cfg.listeners}
     env[contract.WORKER_BIND] = ":".join(s.name for s in cfg.listeners if s.mode == "worker-bind")
     if "probe_port" in vals:
         env[contract.PROBE_PORT] = vals["probe_port"]
+    env[contract.LOG_FORMAT] = cfg.log.format   # built-in workers' own lines (apps/logline.py)
+    if cfg.name is not None:
+        env[contract.NAME] = cfg.name   # for process titles (worker/proctitle.py)
     if cfg.workers.app is not None and cfg.workers.app.partition(":")[0] in ("asgi", "wsgi"):
         # Imported here: only web apps need the http section's variable.
         from upgraderd.config.httpspec import environment as http_environment

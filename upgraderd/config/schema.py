@@ -31,7 +31,7 @@ from upgraderd.config.appspec import BUILTIN_APPS, app_name, boolean, module_lis
 from upgraderd.config.httpspec import HttpSpec
 from upgraderd.errors import ConfigError
 from upgraderd.config.validators import (
-    REQUIRED, Invalid, opt, integer, string, name, one_of,
+    REQUIRED, Invalid, opt, integer, string, name, one_of, words,
     host, duration, grace, signal_name, argv, env_map, directory, dir_path, file_path, PATH_CHECKS,
     user_name, group_name, listen_address, default_pidfile, _show, _did_you_mean,
 )
@@ -100,9 +100,8 @@ class WorkerSpec:
     warm: bool = opt(False, boolean, "With prefork: keep a standby interpreter with the standard "
                      "library and upgraderd's worker library loaded; the next generation's template "
                      "imports only the app, fresh from disk.")
-    preload: tuple[str, ...] = opt((), module_list, "With warm: modules the standby imports ahead of the "
-                                   "HUP (e.g. [fastapi]); if any of their files changed on disk by the "
-                                   "HUP, a fresh template is started instead (docs/prefork.md).")
+    preload: tuple[str, ...] = opt((), module_list, "With warm: modules the standby imports before the HUP "
+                                   "(e.g. [fastapi]); changed on disk by then: a fresh template (docs/prefork.md).")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -190,9 +189,13 @@ class Config:
     kernel: KernelSpec = opt(KernelSpec(), lambda v: v, "Kernel settings.")
     reload: ReloadSpec = opt(ReloadSpec(), lambda v: v, "Reload on file change.")
     http: HttpSpec = opt(HttpSpec(), lambda v: v, "HTTP server of `asgi:` and `wsgi:` apps.")
+    name: str | None = opt(None, name, "This instance's name, in its process titles "
+                           "(`upgraderd: master [NAME]`, `upgraderd: worker gen 7 slot 2 [NAME]`).")
     pidfile: str | None = opt(None, file_path, "Pidfile, written once the master serves "
                               "(default: /run/upgraderd.pid as root, else a per-user runtime path).")
     path: str = field(default="<string>", compare=False, metadata={"internal": True})
+    # Keys the file sets that change nothing (checks.no_effect), located; `check` and reloads say so.
+    warnings: tuple[str, ...] = field(default=(), compare=False, metadata={"internal": True})
 
     @property
     def worker_argv(self) -> tuple[str, ...]:
@@ -311,6 +314,9 @@ class _Loader:
             return _BAD if sub is None else sub
         check = next(f for f in dataclasses.fields(cls) if f.name == k).metadata["check"]
         raw = self.value(vnode, key)
+        if isinstance(raw, bool) and words(check) and isinstance(vnode, yaml.ScalarNode):
+            # YAML 1.1 made `handoff: off` a boolean; a key that takes words gets the word.
+            raw = vnode.value.lower()
         if raw is _BAD:
             return _BAD
         if check in PATH_CHECKS and isinstance(raw, str) and raw:
@@ -386,7 +392,7 @@ def parse(text: str, path: str = "<string>") -> Config:
     if loader.problems:
         raise ConfigError(loader.problems)
     assert cfg is not None
-    return dataclasses.replace(cfg, path=path)
+    return dataclasses.replace(cfg, path=path, warnings=tuple(checks.no_effect(root, cfg, path)))
 
 
 def load(path: str) -> Config:

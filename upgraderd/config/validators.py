@@ -95,13 +95,25 @@ def name(v: Any) -> str:
 
 
 def one_of(*choices: str) -> Check:
+    """Return a check for one of the words `choices` (its `words` attribute names them).
+
+    YAML 1.1 reads an unquoted off, on, yes or no as a boolean; the loader
+    gives a key that takes words the word as written instead (see `words`).
+    """
     def check(v: Any) -> str:
         if v not in choices:
             hint = _did_you_mean(str(v), choices)
             raise Invalid(f"{_show(v)} is not one of {', '.join(choices)}{hint}")
         return str(v)
     check.__doc__ = " | ".join(choices)
+    setattr(check, "words", choices)
     return check
+
+
+def words(check: Check) -> tuple[str, ...]:
+    """Return the words a `one_of` check takes (() for any other check)."""
+    found: tuple[str, ...] = getattr(check, "words", ())
+    return found
 
 
 def host(v: Any) -> str:

@@ -1,6 +1,6 @@
 """The environment a worker is started with: the variables' names and how to read them.
 
-The master sets these in every worker's environment (core/launcher.py) and
+The master sets these in every worker's environment (core/launch.py) and
 the worker library reads them (upgraderd/worker/); docs/workers.md is the
 prose contract. Three groups:
 
@@ -42,6 +42,8 @@ PROBE_PORT = "UPGRADERD_PROBE_PORT"        # the port {probe_port} reserved for 
 TEMPLATE_PARENT = "UPGRADERD_TEMPLATE_PARENT"  # the pid a prefork template must have as parent
 METRICS_DIR = "UPGRADERD_METRICS_DIR"      # where a built-in worker writes its metric files
 HTTP = "UPGRADERD_HTTP"                    # `asgi:`/`wsgi:` apps: the config's `http:` section as JSON
+LOG_FORMAT = "UPGRADERD_LOG_FORMAT"        # the master's log.format, for a worker's own lines
+NAME = "UPGRADERD_NAME"                    # the config's `name`, for process titles (when set)
 
 
 def addr_env_name(listener: str) -> str:

@@ -4,7 +4,7 @@
        |                                                            '--drain deadline: SIGKILL--> RETIRED
        '--a worker exits / ready timeout / spawn error--> FAILED --all exited--> RETIRED
 
-Invariants (the master keeps the cross-generation ones):
+Invariants (the fleet, core/fleet.py, keeps the cross-generation ones):
 - At most one STARTING and one ACTIVE generation exist at a time.
 - A generation is drained only after its successor is ACTIVE.
 - A FAILED generation's workers are drained, not SIGKILLed at once: a worker
@@ -14,8 +14,10 @@ Invariants (the master keeps the cross-generation ones):
   after an exponential back-off; after `restart.crash_loop` consecutive quick
   crashes the slot is given up (FATAL) and reported, not respawned forever.
 
+Events cost O(1): live workers are indexed by pid (`_set_pid` alone changes a pid), and
+a STARTING generation counts READY workers, so the O(N) all-ready check runs once.
 Nothing here makes a syscall: processes are started and signalled through the
-`Launcher` the master passes in, and time is the `now` argument, so unit tests
+`Launcher` the fleet passes in, and time is the `now` argument, so unit tests
 drive it with a fake clock and a fake launcher.
 """
 
@@ -26,18 +28,18 @@ import enum
 import logging
 import signal
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Mapping, Protocol
 
 from upgraderd.config.schema import Config
 from upgraderd.errors import SpawnError
 from upgraderd.core import readiness as readinessmod
+from upgraderd.core.handover import number, optional_number, records
 from upgraderd.core.readiness import Readiness
 from upgraderd.core.seams import Exit
 
 log = logging.getLogger("upgraderd")
 
-# A worker that stayed up this long before dying is not part of a crash loop.
-STABLE_AFTER = 10.0
+STABLE_AFTER = 10.0   # a worker up this long before it died is not part of a crash loop
 
 
 class GenerationState(enum.Enum):
@@ -78,11 +80,10 @@ class Worker:
 
 
 class Launcher(Protocol):
-    """How a generation starts and signals its processes (the master implements it)."""
+    """How a generation starts and signals its processes (core/fleet.py `FleetLauncher` implements it)."""
 
     def spawn_worker(self, gen: Generation, slot: int) -> int | None:
-        """Start the worker for `slot` of `gen`; return its pid, None if it comes later
-        (`on_spawned`), or raise SpawnError."""
+        """Start `slot` of `gen`: return its pid, None if it comes later (`on_spawned`), or raise SpawnError."""
 
     def signal_worker(self, pid: int, sig: int) -> None:
         """Send `sig` to worker `pid`."""
@@ -103,10 +104,25 @@ class Generation:
     drain_started_at: float | None = None
     reason: str = ""
     readiness: Readiness | None = field(default=None, repr=False)
+    _by_pid: dict[int, Worker] = field(default_factory=dict, init=False, repr=False, compare=False)  # see _set_pid
+    _readied: int = field(default=0, init=False, repr=False, compare=False)   # READY while STARTING
 
     def __post_init__(self) -> None:
         if self.readiness is None:
             self.readiness = readinessmod.for_spec(self.config.ready)
+
+    def _set_pid(self, w: Worker, pid: int | None) -> None:
+        """Set (or clear) `w`'s pid and keep the pid index in step."""
+        if w.pid is not None and self._by_pid.get(w.pid) is w:
+            del self._by_pid[w.pid]
+        w.pid = pid
+        if pid is not None:
+            self._by_pid[pid] = w
+
+    def _live(self, pid: int) -> Worker | None:
+        """Return the live worker with `pid`, if it is one of ours."""
+        w = self._by_pid.get(pid)
+        return w if w is not None and w.pid == pid and w.state in LIVE_WORKER else None
 
     @property
     def ready_rule(self) -> Readiness:
@@ -126,15 +142,19 @@ class Generation:
                 "drain_started_at": self.drain_started_at, "reason": self.reason, "workers": workers}
 
     @classmethod
-    def adopt(cls, data: dict[str, Any], config: Config, launcher: Launcher,
+    def adopt(cls, data: Mapping[str, object], config: Config, launcher: Launcher,
               readiness: Readiness) -> Generation:
-        """Rebuild a generation that an old master exported."""
-        gen = cls(int(data["number"]), config, launcher, created_at=float(data["created_at"]),
-                  state=GenerationState[data["state"]], changed_at=float(data["changed_at"]),
-                  active_at=data["active_at"], drain_started_at=data["drain_started_at"],
+        """Rebuild a generation that an old master exported (`export()`, carried as JSON)."""
+        gen = cls(int(number(data["number"])), config, launcher, created_at=number(data["created_at"]),
+                  state=GenerationState[str(data["state"])], changed_at=number(data["changed_at"]),
+                  active_at=optional_number(data["active_at"]),
+                  drain_started_at=optional_number(data["drain_started_at"]),
                   reason=str(data["reason"]), readiness=readiness)
-        for w in data["workers"]:
-            gen.workers[int(w["slot"])] = Worker(**{**w, "state": WorkerState[w["state"]]})
+        for w in records(data["workers"]):
+            worker = Worker(**{**w, "state": WorkerState[str(w["state"])], "pid": None})  # type: ignore[arg-type]  # as exported
+            gen.workers[worker.slot] = worker
+            pid = optional_number(w["pid"])
+            gen._set_pid(worker, None if pid is None else int(pid))
         return gen
 
     def start(self, now: float) -> None:
@@ -148,14 +168,16 @@ class Generation:
     def _spawn(self, w: Worker, now: float) -> bool:
         w.started_at = now
         try:
-            w.pid = self.launcher.spawn_worker(self, w.slot)
+            pid = self.launcher.spawn_worker(self, w.slot)
         except SpawnError as e:
-            w.pid, w.state = None, WorkerState.EXITED
+            self._set_pid(w, None)
+            w.state = WorkerState.EXITED
             if self.state is GenerationState.STARTING:
                 self._fail(now, f"slot {w.slot}: {e}")
             else:
                 self._crashed(w, now, str(e))
             return False
+        self._set_pid(w, pid)
         w.state, w.ready_at, w.killed = WorkerState.STARTING, None, False
         log.debug("generation %d slot %d: spawned pid %s", self.number, w.slot, w.pid)
         return True
@@ -166,7 +188,7 @@ class Generation:
         if w is None or w.pid is not None or w.state is not WorkerState.STARTING \
                 or self.state not in (GenerationState.STARTING, GenerationState.ACTIVE):
             return False
-        w.pid = pid
+        self._set_pid(w, pid)
         return True
 
     def fail_start(self, now: float, why: str) -> None:
@@ -177,7 +199,11 @@ class Generation:
 
     def pids(self) -> dict[int, Worker]:
         """Return the live workers by pid."""
-        return {w.pid: w for w in self.workers.values() if w.pid is not None and w.state in LIVE_WORKER}
+        return {pid: w for pid, w in self._by_pid.items() if w.state in LIVE_WORKER}
+
+    def has(self, pid: int) -> bool:
+        """Return True if `pid` is a live worker of this generation."""
+        return self._live(pid) is not None
 
     def starting_pids(self) -> list[int]:
         """Return the pids of the workers that are not ready yet."""
@@ -194,11 +220,14 @@ class Generation:
 
     def on_ready(self, pid: int, now: float) -> bool:
         """Record READY=1 from `pid`; return False if it is not a starting worker here."""
-        w = self.pids().get(pid)
+        w = self._live(pid)
         if w is None or w.state is not WorkerState.STARTING:
             return False
         w.state, w.ready_at = WorkerState.READY, now
-        if self.state is GenerationState.STARTING and all(
+        if self.state is not GenerationState.STARTING:
+            return True
+        self._readied += 1   # a STARTING generation's workers only ever get READY, once
+        if self._readied >= len(self.workers) and all(
                 x.state is WorkerState.READY for x in self.workers.values()):
             # STARTING -> ACTIVE
             self._transition(GenerationState.ACTIVE, now, GenerationState.STARTING)
@@ -207,10 +236,11 @@ class Generation:
 
     def on_exit(self, pid: int, exit: Exit, now: float) -> bool:
         """Record that worker `pid` exited; return False if it is not ours."""
-        w = self.pids().get(pid)
+        w = self._live(pid)
         if w is None:
             return False
-        w.pid, w.last_exit, w.state = None, exit, WorkerState.EXITED
+        self._set_pid(w, None)
+        w.last_exit, w.state = exit, WorkerState.EXITED
         if w.retiring:
             del self.workers[w.slot]
             log.info("generation %d slot %d: retired (pid %d %s)", self.number, w.slot, pid, exit.describe())
@@ -309,7 +339,7 @@ class Generation:
             self.launcher.signal_worker(w.pid, sig)
 
     def _retire_if_empty(self, now: float) -> None:
-        if self.pids():
+        if any(w.state in LIVE_WORKER for w in self._by_pid.values()):   # the first one, as a rule
             return
         # DRAINING -> RETIRED, FAILED -> RETIRED
         self._transition(GenerationState.RETIRED, now, GenerationState.DRAINING, GenerationState.FAILED)
@@ -334,6 +364,8 @@ class Generation:
                             f"(slots {', '.join(map(str, late))} {self.ready_rule.failure})")
 
     def _ready_by_delay(self, now: float) -> None:
+        if self.ready_rule.ready_at(0.0) is None:   # time alone makes none ready: skip the O(N) walk
+            return
         for pid, w in list(self.pids().items()):
             due = self.ready_rule.ready_at(w.started_at)
             if w.state is WorkerState.STARTING and due is not None and now >= due:
@@ -348,7 +380,7 @@ class Generation:
                 self._spawn(w, now)
 
     def _tick_draining(self, now: float) -> None:
-        for pid, w in self.pids().items():
+        for pid, w in self._by_pid.items():   # every worker in the index is live
             if w.kill_at is not None and now >= w.kill_at and not w.killed:
                 log.warning("generation %d slot %d: pid %d still running after drain timeout "
                             "%gs; SIGKILL", self.number, w.slot, pid, self.config.drain.timeout)

@@ -1,4 +1,4 @@
-"""The hand-over record of a USR2 master upgrade: what the old master passes to the new one.
+"""The hand-over record of a USR2 re-exec of the master: what the old master passes to the new one.
 
 The old master serialises this record (JSON) and execs the new code in the
 same process (system/reexec.py). The new master adopts the listeners, the
@@ -18,52 +18,72 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Mapping
 
 from upgraderd.config.schema import SECTIONS, Config, ListenerSpec
 
 VERSION = 1
 
 
-def config_to_dict(cfg: Config) -> dict[str, Any]:
+def number(value: object) -> float:
+    """Return a number of a record; raise ValueError if `value` is none."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"malformed hand-over: {value!r} is not a number")
+    return float(value)
+
+
+def optional_number(value: object) -> float | None:
+    """Return a number of a record, or None."""
+    return None if value is None else number(value)
+
+
+def records(value: object) -> list[dict[str, object]]:
+    """Return a list of JSON objects of a record; raise ValueError if `value` is not one."""
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ValueError("malformed hand-over: not a list of objects")
+    return [dict(v) for v in value]
+
+
+def config_to_dict(cfg: Config) -> dict[str, object]:
     """Return `cfg` as JSON-able plain data."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))  # type: ignore[no-any-return]
+    data: dict[str, object] = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    return data
 
 
-def config_from_dict(data: dict[str, Any]) -> Config:
+def config_from_dict(data: Mapping[str, object]) -> Config:
     """Rebuild a Config from `config_to_dict` output, without re-validating it."""
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, object] = {}
     for name, value in data.items():
         if name == "listeners":
-            kwargs[name] = tuple(ListenerSpec(**item) for item in value)
+            kwargs[name] = tuple(ListenerSpec(**item) for item in records(value))  # type: ignore[arg-type]
         elif name in SECTIONS:
-            section = dict(value)
+            section = dict(value) if isinstance(value, dict) else {}
             for key in ("command", "watch"):   # tuples, which JSON turned into lists
-                if section.get(key) is not None:
+                if isinstance(section.get(key), list):
                     section[key] = tuple(section[key])
             kwargs[name] = SECTIONS[name](**section)
         else:
             kwargs[name] = value
-    return Config(**kwargs)
+    return Config(**kwargs)  # type: ignore[arg-type]  # the fields `config_to_dict` wrote
 
 
 @dataclass
 class Handover:
     """Everything a new master takes over from the old one."""
 
-    listeners: list[dict[str, Any]]          # ListenerAPI.export(): key, fd, backlog
+    listeners: list[dict[str, object]]       # ListenerAPI.export(): key, fd, backlog
     notify_fd: int
     next_number: int
-    stats: dict[str, Any]                    # Stats.export()
+    stats: dict[str, object]                 # Stats.export()
     started_at: float                        # monotonic
     wall_started_at: float
-    generations: list[dict[str, Any]]        # Generation.export() plus "config"
+    generations: list[dict[str, object]]     # Generation.export() plus "config"
     metrics: dict[str, object] | None = None
     fds: dict[str, int] = field(default_factory=dict)   # by name, e.g. the pidfile lock
 
     def inherited_fds(self) -> list[int]:
         """Return every fd the exec must keep open."""
-        return [int(e["fd"]) for e in self.listeners] + [self.notify_fd, *self.fds.values()]
+        return [int(number(e["fd"])) for e in self.listeners] + [self.notify_fd, *self.fds.values()]
 
     def to_json(self) -> bytes:
         """Serialise the record, with its version."""

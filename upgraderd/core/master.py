@@ -1,16 +1,22 @@
-"""The master: the one owner of upgraderd's mutable runtime state. It only decides.
+"""The master: it coordinates the phases of one pass of the loop, and owns no other state.
 
-Each pass of the loop (system/posix.py blocks in `select`, then calls `step`)
-applies signals, reads notify messages, reaps children, advances readiness
-probes, ticks every generation with `now`, then `_settle()`s: a
-level-triggered step that recomputes what to do from the generations' states
-(promote a new ACTIVE generation and drain its predecessor, record the
-reload's outcome, forget retired generations, close sockets nothing uses,
-start a queued reload). A missed event therefore cannot wedge the master.
+Each pass (system/posix.py blocks in `select`, then calls `step`) applies
+signals, reads notify messages, reaps children, advances readiness probes,
+ticks every generation with `now`, then settles: a level-triggered phase that
+recomputes what to do from the generations' states (promote a new ACTIVE
+generation and drain its predecessor, record the reload's outcome, forget
+retired generations, close sockets nothing uses, start a queued reload). A
+missed event therefore cannot wedge the master.
 
-Every action goes through a seam (core/seams.py): processes, sockets,
-probes, the kernel, systemd, exec. Worker launches are described by
-core/launcher.py, reloads tracked by core/reloads.py, USR2 by core/upgrade.py.
+The state belongs to owners, each the only writer of its fields, built by
+`assemble` (called by service/runner.py) with the narrow seams it needs:
+- the fleet (core/fleet.py): generations, launches, prefork templates, the stop;
+- the reloads (core/reloads.py): HUPs, the file watch, outcomes, the config in service;
+- the slots (core/slots.py): scaling, steering, rescue, retiring sockets;
+- the re-exec (core/selfexec.py): USR2;
+- the publisher (core/publish.py): the snapshot and the metrics endpoint;
+- the tally (core/stats.py): every counter, from the events the others report
+  on the bus (core/events.py).
 
 Invariants:
 - At most one STARTING generation; HUPs during STARTING coalesce into one more reload.
@@ -33,91 +39,130 @@ import signal
 import time
 from typing import TYPE_CHECKING, Callable, Iterable
 
-from upgraderd.core import launcher, readiness, reloads, slots, upgrade
-from upgraderd.core import snapshot as snapshotmod
-from upgraderd.core.generation import Generation, GenerationState
-from upgraderd.core.hooks import Hooks
-from upgraderd.core.notices import NotifyJudge
-from upgraderd.errors import ConfigError, ExitCode
+from upgraderd import __version__
+from upgraderd.core import events as ev
+from upgraderd.core import snapshot
+from upgraderd.core.eventlog import LogLines
+from upgraderd.core.fleet import FAST_STOP_GRACE, Fleet, FleetSeams
+from upgraderd.core.handover import Handover
+from upgraderd.core.publish import Publisher
+from upgraderd.core.reloads import Reloads, ReloadSeams
+from upgraderd.core.selfexec import SelfExec, SelfExecSeams
+from upgraderd.core.slots import Slots
+from upgraderd.core.stats import Tally
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:   # names for annotations only: the master needs no more modules than its owners'
     from upgraderd.config.schema import Config
-    from upgraderd.core.handover import Handover
-    from upgraderd.core.seams import MetricsAPI, MetricsStarter, System
+    from upgraderd.core.generation import Generation
+    from upgraderd.core.publish import MetricsStarter
+    from upgraderd.core.seams import System
+    from upgraderd.core.stats import Stats
     from upgraderd.core.takeover import Takeover
 
 log = logging.getLogger("upgraderd")
 
-FAST_STOP_GRACE = 1.0
+__all__ = ["FAST_STOP_GRACE", "Master", "assemble"]
+
+
+def assemble(config_path: str, system: System, *, bus: ev.Bus | None = None,
+             clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+             argv: list[str] | None = None, handover: Handover | None = None,
+             metrics: MetricsStarter | None = None, takeover: Takeover | None = None,
+             handover_fds: Callable[[], dict[str, int]] = dict,
+             pending_signals: Callable[[], Iterable[int]] = tuple) -> Master:
+    """Build the owners over `system` and the master that coordinates them.
+
+    `bus`: where the service around the master subscribed (a fresh one if
+    None); `metrics`: starts the endpoint (None: none, as in unit tests);
+    `takeover`: a dead master's workers to drain once we serve (built on the same bus);
+    `handover_fds` and `pending_signals`: what a USR2 re-exec passes on.
+    """
+    bus = bus or ev.Bus()
+    tally = Tally(bus)
+    LogLines(bus)
+    publisher = Publisher(metrics, clock, bus, handover.metrics if handover else None)
+    fleet = Fleet(FleetSeams(
+        system.procs, system.notify, system.probes, system.reserve_port, system.listeners.child_fds,
+        system.environ, system.user_env, system.templates, publisher.worker_env), bus, clock)
+    slots = Slots(fleet, system.listeners, system.kernel, system.rescue, bus)
+    reloads = Reloads(ReloadSeams(config_path, system.load_config, system.listeners.ensure, system.tell_systemd,
+                                  wall, system.watcher),
+                      fleet, bus, slots.check_kernel, (slots.warn_growth, publisher.check_reload))
+    argv = argv if argv is not None else ["run", "-c", config_path]
+    selfexec = SelfExec(SelfExecSeams(config_path, system.load_config, system.procs, system.self_command,
+                                      system.environ, system.exec_master, system.tell_systemd, argv,
+                                      pending_signals), reloads, bus, clock)
+    return Master(config_path, system, bus, clock, wall, tally, fleet, reloads, slots, selfexec, publisher,
+                  takeover, handover, handover_fds)
 
 
 class Master:
-    """Run generations of workers for one config file."""
+    """Run generations of workers for one config file: the phases of each pass, in order."""
 
-    def __init__(self, config_path: str, system: System, clock: Callable[[], float] = time.monotonic,
-                 hooks: Hooks | None = None, argv: list[str] | None = None,
-                 handover: Handover | None = None, metrics: MetricsStarter | None = None,
-                 wall: Callable[[], float] = time.time, takeover: Takeover | None = None) -> None:
-        self.config_path = config_path
-        self.system = system
-        self.clock = clock
-        self.hooks = hooks or Hooks()
-        self.argv = argv if argv is not None else ["run", "-c", config_path]
-        self.handover = handover
-        self.takeover = takeover    # a dead master's orphans, drained once we serve
-        self._start_metrics = metrics   # None: no endpoint (unit tests bind no port)
-        self.metrics: MetricsAPI | None = None
-        self.generations: list[Generation] = []
-        self.config: Config | None = None
-        self.reloads = reloads.ReloadTracker(wall)
-        self.stats, self.judge = self.reloads.stats, NotifyJudge(self.reloads.stats)
-        self.started_at, self.wall_started_at = clock(), wall()
-        self.tcp_migrate_req: int | None = None   # as last read; None: unavailable
-        self.next_number = 1
-        self.stopping_mode: str | None = None
-        self.upgrade, self.exit_code = upgrade.Upgrade(), ExitCode.OK
-        self.published: snapshotmod.Snapshot | None = None  # rebound by the loop, read by metrics
-        self.pending_signals: Callable[[], Iterable[int]] = lambda: ()  # set by the loop
+    def __init__(self, config_path: str, system: System, bus: ev.Bus, clock: Callable[[], float],
+                 wall: Callable[[], float], tally: Tally, fleet: Fleet, reloads: Reloads, slots: Slots,
+                 selfexec: SelfExec, publisher: Publisher, takeover: Takeover | None,
+                 handover: Handover | None, handover_fds: Callable[[], dict[str, int]]) -> None:
+        self.config_path, self.system, self.bus, self.clock = config_path, system, bus, clock
+        self.tally, self.fleet, self.reloads, self.slots = tally, fleet, reloads, slots
+        self.selfexec, self.publisher, self.takeover = selfexec, publisher, takeover
+        self.handover, self.handover_fds = handover, handover_fds
+        self.started_at, self.wall_started_at = clock(), wall()   # carried over a USR2 re-exec
         self._prepared: Config | None = None
-        self.spawner = launcher.Spawner(self)
-        self._handlers = {
-            signal.SIGHUP: self._on_hup, signal.SIGTERM: self._on_term, signal.SIGQUIT: self._on_term,
-            signal.SIGINT: self._on_int, signal.SIGUSR1: self._on_usr1, signal.SIGUSR2: self._on_usr2,
-            signal.SIGTTIN: lambda now: slots.add_worker(self, now),
-            signal.SIGTTOU: lambda now: slots.remove_worker(self, now),
+        self._handlers: dict[signal.Signals, Callable[[float], None]] = {
+            signal.SIGHUP: reloads.hup, signal.SIGTERM: self._on_term, signal.SIGQUIT: self._on_term,
+            signal.SIGINT: self._on_int, signal.SIGUSR1: self._on_usr1,
+            signal.SIGUSR2: self._on_usr2, signal.SIGTTIN: slots.add_worker, signal.SIGTTOU: slots.remove_worker,
         }
 
-    def generation(self, state: GenerationState) -> Generation | None:
-        """Return the newest generation in `state`, if any."""
-        found = [g for g in self.generations if g.state is state]
-        return found[-1] if found else None
+    # -- read-only views, for the loop and for tests --
+
+    @property
+    def generations(self) -> list[Generation]:
+        """Return the generations, oldest first."""
+        return self.fleet.generations
 
     @property
     def active(self) -> Generation | None:
         """Return the ACTIVE generation."""
-        return self.generation(GenerationState.ACTIVE)
+        return self.fleet.active
 
     @property
     def starting(self) -> Generation | None:
         """Return the STARTING generation."""
-        return self.generation(GenerationState.STARTING)
+        return self.fleet.starting
 
     @property
     def stopping(self) -> bool:
         """Return True once the master has begun to stop."""
-        return self.stopping_mode is not None
+        return self.fleet.stopping
 
     @property
-    def worker_bind_reset_risk(self) -> bool:
-        """Return True if draining a worker-bind listener can reset queued connections now."""
-        cfgs = [g.config for g in self.generations] + ([self.config] if self.config else [])
-        bound = any(s.mode == "worker-bind" for c in cfgs for s in c.listeners)
-        return bound and self.tcp_migrate_req != 1
+    def config(self) -> Config | None:
+        """Return the config of the serving generation."""
+        return self.reloads.config
+
+    @property
+    def stats(self) -> Stats:
+        """Return the counters (read them; the tally alone writes them)."""
+        return self.tally.stats
+
+    @property
+    def exit_code(self) -> int:
+        """Return the code the master exits with."""
+        return self.reloads.exit_code
+
+    @property
+    def running(self) -> bool:
+        """Return True while a generation is left: the loop ends when none is."""
+        return bool(self.fleet.generations)
+
+    # -- start and stop --
 
     def prepare(self, cfg: Config) -> None:
         """Bind `cfg`'s listeners (or adopt a USR2 predecessor's); raise OSError naming the address.
 
-        The CLI calls this before daemonizing, so that a bind error still
+        The runner calls this before daemonizing, so that a bind error still
         reaches the operator's terminal and the bound fds can be preserved.
         """
         if self.handover is not None:
@@ -132,93 +177,64 @@ class Master:
         if cfg is None:
             cfg = self.system.load_config(self.config_path)
             self.prepare(cfg)
-        if self._start_metrics is not None:
-            inherited = self.handover.metrics if self.handover else None
-            self.metrics = self._start_metrics(cfg.metrics, lambda: self.published, self.clock, inherited)
+        self.publisher.start(cfg.metrics)
         if self.handover is not None:
-            upgrade.adopt(self, self.handover)
-            return
-        log.info("upgraderd %s starting: %s", reloads.VERSION, reloads.plan_line(None, cfg))
-        slots.check_kernel(self, cfg)
-        self.config = cfg
-        now = self.clock()
-        self.reloads.watch(self.start_generation(cfg, now), now)
-
-    def new_readiness(self, cfg: Config) -> readiness.Readiness:
-        """Return the readiness strategy for a generation of `cfg`."""
-        return readiness.for_spec(cfg.ready, self.system.probes, self.system.reserve_port)
-
-    def start_generation(self, cfg: Config, now: float) -> Generation:
-        """Create generation N+1 from `cfg` and spawn its workers."""
-        gen = Generation(self.next_number, cfg, self.spawner, created_at=now, readiness=self.new_readiness(cfg))
-        self.next_number += 1
-        self.generations.append(gen)
-        log.info("generation %d STARTING: %d x %s", gen.number, cfg.workers.count, " ".join(cfg.worker_argv))
-        gen.start(now)
-        return gen
-
-    def _on_hup(self, now: float) -> None:
-        self.stats.hups += 1
-        if self.stopping:
-            log.info("received SIGHUP while stopping: ignored")
-            return
-        self.reloads.hup(now)
-        if self.starting is not None:
-            log.info("received SIGHUP: reload queued, generation %d is still starting", self.starting.number)
+            self._adopt(self.handover)
         else:
-            log.info("received SIGHUP: reloading %s", self.config_path)
+            self.reloads.first(cfg, self.clock())
 
-    def reload(self, now: float, since: float) -> None:
-        """Re-read the config and start a new generation; on any error keep serving."""
-        self.system.tell_systemd(f"RELOADING=1\nMONOTONIC_USEC={int(now * 1e6)}")
-        self.reloads.begin()
-        try:
-            cfg = self.system.load_config(self.config_path)
-            self.system.listeners.ensure(cfg)
-            log.info("reload: %s", reloads.plan_line(self.config, cfg))
-            slots.warn_growth(self, cfg)
-            if self.metrics is not None:
-                self.metrics.check_reload(cfg)
-            slots.check_kernel(self, cfg)
-            self.reloads.watch(self.start_generation(cfg, now), since)
-        except ConfigError as e:
-            reloads.failed(self, str(e), "rejected")
-        except OSError as e:
-            reloads.failed(self, e.strerror or str(e), "rejected")
-        except Exception as e:  # a bug: never let it take the serving generation down
-            self.stats.internal_errors += 1
-            log.exception("internal error while reloading")
-            reloads.failed(self, f"internal error: {e!r}", "rejected")
+    def _adopt(self, record: Handover) -> None:
+        """Take over the workers and figures of the master we were exec'd from, then queue a reload."""
+        self.tally.restore(record.stats)
+        self.started_at, self.wall_started_at = record.started_at, record.wall_started_at
+        self.fleet.adopt(record.generations, int(record.next_number))
+        active = self.fleet.active
+        hups = record.stats.get("hups", 0)
+        self.reloads.adopt(active.config if active else None, hups if isinstance(hups, int) else 0, self.clock())
+        pids = [p for g in self.fleet.generations for p in g.pids()]
+        log.info("upgraderd %s: upgraded the master in place (same pid); adopted %d workers of generations %s; "
+                 "rolling a new generation", __version__, len(pids),
+                 ", ".join(str(g.number) for g in self.fleet.generations) or "none")
+
+    def _record(self) -> Handover:
+        """Return the hand-over a USR2 re-exec passes to the new master, gathered from every owner."""
+        return Handover(
+            listeners=self.system.listeners.export(), notify_fd=self.system.notify.fileno(),
+            next_number=self.fleet.next_number, stats=self.tally.stats.export(),
+            started_at=self.started_at, wall_started_at=self.wall_started_at,
+            generations=self.fleet.export(), metrics=self.publisher.export(), fds=self.handover_fds())
+
+    def close(self) -> None:
+        """Release what the master started (the metrics endpoint); the loop calls it at exit."""
+        self.publisher.close()
+
+    # -- signals --
 
     def _on_usr1(self, now: float) -> None:
-        self.hooks.on_reopen_logs()
+        self.bus.emit(ev.LogReopenAsked())
         log.info("reopened the log file (SIGUSR1)")
 
     def _on_usr2(self, now: float) -> None:
         if self.stopping:
             log.info("received SIGUSR2 while stopping: ignored")
             return
-        log.info("received SIGUSR2: upgrading the master in place")
-        self.upgrade.requested = True
+        self.selfexec.request()
 
     def _on_term(self, now: float) -> None:
         if self.stopping:
             return
         log.info("graceful stop: draining every generation")
         self.system.tell_systemd("STOPPING=1")
-        self.stopping_mode = "graceful"
-        for g in self.generations:
-            if g.state in (GenerationState.STARTING, GenerationState.ACTIVE):
-                g.drain(now)
+        self.fleet.stop("graceful", now)
 
     def _on_int(self, now: float) -> None:
-        if self.stopping_mode == "fast":
+        if self.fleet.stop_mode == "fast":
             return
         log.info("fast stop: SIGKILL in %gs", FAST_STOP_GRACE)
         self.system.tell_systemd("STOPPING=1")
-        self.stopping_mode = "fast"
-        for g in self.generations:
-            g.stop_fast(now, signal.SIGINT, FAST_STOP_GRACE)
+        self.fleet.stop("fast", now)
+
+    # -- one pass --
 
     def step(self, signals: set[signal.Signals]) -> None:
         """Run one pass of the loop after `select` returned."""
@@ -227,74 +243,55 @@ class Master:
             handler = self._handlers.get(sig)
             if handler is not None:
                 self._guarded(f"handling {sig.name}", handler, now)
-        self._guarded("reading notify messages", self.read_notify, now)
+        self._guarded("reading notify messages", self.fleet.read_notify, now)
         self._guarded("reaping workers", self.reap, now)
-        self._guarded("polling readiness probes", self.poll_probes, now)
-        for g in list(self.generations):
+        self._guarded("polling readiness probes", self.fleet.poll_probes, now)
+        for g in list(self.fleet.generations):
             self._guarded(f"ticking generation {g.number}", g.tick, now)
-        self._guarded("watching files", lambda now: self.reloads.files.step(self, now), now)
+        self._guarded("watching files", self.reloads.watch_files, now)
         self._guarded("settling", self._settle, now)
-        self._guarded("steering", lambda _: slots.steer(self), now)
-        self.published = snapshotmod.take(self)
-        self.hooks.on_step(self.published, self.config)
+        self._guarded("steering", lambda _: self.slots.steer(), now)
+        snap = self.snapshot(self.clock())
+        self.publisher.publish(snap)
+        self.bus.emit(snapshot.PassEnded(snap, self.config))
 
     def _guarded(self, what: str, fn: Callable[[float], object], now: float) -> None:
         try:
             fn(now)
         except Exception:
-            self.stats.internal_errors += 1
+            self.bus.emit(ev.InternalError(what))
             log.exception("internal error while %s; the master carries on", what)
 
-    def timeout(self, now: float) -> float:
+    def timeout(self, now: float | None = None) -> float:
         """Return how long the loop may block in select."""
-        due = [g.next_deadline() for g in self.generations]
-        due += [self.system.probes.next_deadline(), self.upgrade.next_deadline(), self.reloads.files.deadline]
-        due += [*self.spawner.prefork.deadlines(self.generations), slots.next_deadline(self, now)]
+        now = self.clock() if now is None else now
+        due = [*self.fleet.deadlines(), self.selfexec.next_deadline(), *self.reloads.deadlines(),
+               self.slots.next_deadline(now)]
         return max(0.0, min(1.0, min((d for d in due if d is not None), default=now + 1.0) - now))
 
-    def read_notify(self, now: float) -> None:
-        """Apply every pending notify message from a worker; count strangers."""
-        messages = self.spawner.prefork.on_notify(self.system.notify.receive(), now)  # learns pids first
-        owners = {pid: g for g in self.generations for pid in g.pids()}
-        for pid, gen in self.judge.ready_pids(messages, owners, now):
-            gen.on_ready(pid, now)
-
-    def poll_probes(self, now: float) -> None:
-        """Advance the HTTP readiness probes; mark workers that answered 2xx ready."""
-        readiness.poll_probes(self.system.probes, self.generations, now)
-
     def reap(self, now: float) -> None:
-        """Collect exited children and hand each to its generation."""
-        for ex in self.spawner.prefork.on_exits(self.system.procs.reap(), self.generations, now):
-            if upgrade.on_exit(self, ex):
-                continue
-            self.stats.worker_exits[ex.reason] += 1
-            if self.metrics is not None:
-                self.metrics.on_reaped(ex.pid)
-            if not any(g.on_exit(ex.pid, ex, now) for g in self.generations):
-                log.debug("reaped pid %d that is not a worker", ex.pid)
+        """Collect exited children: the re-exec's preflight, then templates and workers."""
+        self.fleet.reap(self.selfexec.claim(self.system.procs.reap()), now)
 
     def _settle(self, now: float) -> None:
-        slots.steer(self)   # a predecessor's extra slots get nothing new before it drains
-        active = [g for g in self.generations if g.state is GenerationState.ACTIVE]
-        for old in active[:-1]:
-            old.drain(now)  # ACTIVE -> DRAINING: only ever once a successor is ACTIVE
-        reloads.settle(self, now)
+        self.slots.steer()   # a predecessor's extra slots get nothing new before it drains
+        self.fleet.drain_superseded(now)
+        self.reloads.settle(now)
         if self.takeover is not None:
-            self.takeover.settle(self, now)
-        self._forget_retired(now)
-        slots.close_unused(self)
-        self.judge.flush(now)
+            cfg = self.config
+            self.takeover.settle(now, self.active is not None or self.stopping,
+                                 cfg.drain.timeout if cfg is not None else None)
+        self.fleet.forget_retired(now)
+        self.slots.close_unused()
+        self.fleet.flush_notices(now)
         if self.stopping or self.starting is not None:
             return
-        upgrade.settle(self, now)
-        if (since := self.reloads.take()) is not None:
-            self.reload(now, since)
-            reloads.settle(self, now)
+        self.selfexec.settle(now, self._record)
+        self.reloads.run_queued(now)
 
-    def _forget_retired(self, now: float) -> None:
-        for g in self.generations:
-            if g.state is GenerationState.RETIRED and g.active_at is not None and g.drain_started_at is not None:
-                self.stats.drain_durations.observe(now - g.drain_started_at)
-        self.generations = [g for g in self.generations if g.state is not GenerationState.RETIRED]
-
+    def snapshot(self, now: float) -> snapshot.Snapshot:
+        """Return the reported state at `now` (what the metrics, the status file and `status` show)."""
+        configs = [g.config for g in self.fleet.generations] + ([self.config] if self.config else [])
+        return snapshot.take(snapshot.Times(self.started_at, self.wall_started_at, now), self.config_path,
+                             self.fleet.generations, self.config, self.tally.stats, self.stopping,
+                             self.slots.tcp_migrate_req, self.slots.worker_bind_reset_risk(configs))

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from upgraderd.contract.notify import READY
+from upgraderd.core import events as ev
 from upgraderd.core.generation import Generation
-from upgraderd.core.stats import Stats
 
 log = logging.getLogger("upgraderd")
 
@@ -44,7 +44,7 @@ def parse_fields(data: bytes) -> dict[str, str]:
 class NotifyJudge:
     """Sort datagrams into READY=1 of a worker and ignored ones, with rate-limited warnings."""
 
-    stats: Stats
+    bus: ev.Bus
     _unreported: int = 0
     _next_warning: float = 0.0
 
@@ -68,7 +68,7 @@ class NotifyJudge:
         return out
 
     def _ignore(self, now: float, why: str) -> None:
-        self.stats.notify_rejected += 1
+        self.bus.emit(ev.NotifyRejected())
         if now >= self._next_warning and self._unreported == 0:
             log.warning("ignored %s (further ones are counted in "
                         "upgraderd_notify_rejected_total, and summarised every %gs)", why, WARN_INTERVAL)

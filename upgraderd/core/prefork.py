@@ -1,6 +1,6 @@
 """Prefork generations: one exec'd template per generation forks every worker of it.
 
-A generation whose config is `prefork` (core/launcher.py asks) starts its
+A generation whose config is `prefork` (core/fleet.py `FleetLauncher` asks) starts its
 template with its first worker: one fresh interpreter, so the code on disk at
 the HUP is what runs, that imports the app and then forks a worker per
 request. The template runs apps/template.py; the master talks to it through
@@ -30,6 +30,11 @@ Invariants:
   fresh template is exec'd.
 - A SPAWNED the generation no longer wants (it failed, or a stray slot) gets
   the drain signal, so a released worker is never left serving untracked.
+- Flow control: a request the template's channel cannot take yet is queued
+  (system/templatectl.py) and sent as the template reads; a full channel is not
+  an error. A template that takes no request for STALL seconds while it has
+  some queued is given up as if it had died: its STARTING generation fails,
+  an ACTIVE one can no longer respawn.
 """
 
 from __future__ import annotations
@@ -40,7 +45,8 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 from upgraderd.contract import env as contract
 from upgraderd.contract import standby as preload
-from upgraderd.contract.notify import SPAWNED
+from upgraderd.contract.notify import SPAWNED, STATUS
+from upgraderd.core import events as ev
 from upgraderd.core.generation import Generation, GenerationState
 from upgraderd.core.notices import parse_fields
 from upgraderd.core.seams import Exit, ProcessAPI, TemplateAPI
@@ -48,8 +54,7 @@ from upgraderd.errors import SpawnError
 
 if TYPE_CHECKING:
     from upgraderd.config.schema import Config
-    from upgraderd.core.launcher import Launch
-    from upgraderd.core.stats import Stats
+    from upgraderd.core.launch import Launch
 
 log = logging.getLogger("upgraderd")
 
@@ -57,11 +62,20 @@ log = logging.getLogger("upgraderd")
 UNKNOWN_EXITS = 256
 # Stopped or dead templates remembered, so their last SPAWNED can still be judged.
 REMEMBERED = 64
+# A template's STATUS= is the app's exception text: untrusted, so bounded and printable.
+LAST_WORDS = 300
 SERVING = (GenerationState.STARTING, GenerationState.ACTIVE)
 # Standbys that died on their own before the master gives up on them.
 STANDBY_DEATHS = 3
 # How long after a generation became ACTIVE its successor's standby is started.
 STANDBY_DELAY = 0.3
+# A template with queued requests that takes none for this long has stopped reading.
+STALL = 10.0
+
+
+def _printable(text: str) -> str:
+    """Return `text` cut to LAST_WORDS characters, control characters replaced (it goes to logs)."""
+    return "".join(c if c.isprintable() else "?" for c in text[:LAST_WORDS])
 
 
 def standby_key(cfg: Config) -> tuple[object, ...]:
@@ -83,23 +97,26 @@ def standby_arg(cfg: Config) -> str:
 class Prefork:
     """Track templates by generation, and the workers they fork."""
 
-    def __init__(self, templates: TemplateAPI | None, procs: ProcessAPI, stats: Stats,
+    def __init__(self, templates: TemplateAPI | None, procs: ProcessAPI, bus: ev.Bus,
                  next_number: Callable[[], int] = lambda: 0) -> None:
         self.templates = templates
         self.next_number = next_number   # the number the next generation will get
         self.procs = procs
-        self.stats = stats
+        self.bus = bus
         self.live: dict[int, int] = {}                 # generation number -> template pid
         self.owner: OrderedDict[int, Generation] = OrderedDict()   # template pid -> generation
         self.urls: dict[tuple[int, int], str | None] = {}          # pending (generation, slot) -> ready url
         self.unknown: OrderedDict[int, Exit] = OrderedDict()
         self.stopped: set[int] = set()
+        # A template's STATUS= (why it could not load the app), for its exit's reason.
+        self.last_words: dict[int, str] = {}
         self.starts: dict[int, tuple[Launch, dict[str, str]]] = {}   # generation -> its template's start
         self.standby: int | None = None
         self.standby_key: tuple[object, ...] = ()
         self.standby_for = 0              # the generation the standby was started for
         self.spares: set[int] = set()     # standby pids not (yet) adopted, live or being stopped
         self.standby_deaths = 0
+        self.waiting: dict[int, float] = {}   # template pid with queued requests -> when it last took one
 
     def request(self, gen: Generation, slot: int, launch: Launch) -> None:
         """Ask `gen`'s template (started now if this is its first worker) for `slot`."""
@@ -117,8 +134,7 @@ class Prefork:
             self.starts[gen.number] = (launch, env)
             self._remember(pid, gen)
             warm = pid in self.spares
-            self.stats.templates_started["warm" if warm else "cold"] += 1
-            log.info("generation %d: template pid %d started%s", gen.number, pid, " (warm standby)" if warm else "")
+            self.bus.emit(ev.TemplateStarted(gen.number, pid, "warm" if warm else "cold"))
             self.spares.discard(pid)
         self.templates.fork(pid, slot, launch.env, launch.fds)
         self.urls[(gen.number, slot)] = launch.ready_url
@@ -161,8 +177,8 @@ class Prefork:
         number = self.next_number()
         env = {**env, contract.GENERATION: str(number)}
         try:
-            pid = self.templates.start((*launch.argv[:-1], standby_arg(active[-1].config)), env, launch.cwd, launch.user,
-                                       launch.group)
+            pid = self.templates.start((*launch.argv[:-1], standby_arg(active[-1].config)), env, launch.cwd,
+                                       launch.user, launch.group)
         except SpawnError as e:
             self.standby_deaths += 1
             log.warning("cannot start a standby template: %s", e)
@@ -171,10 +187,11 @@ class Prefork:
         self.spares.add(pid)
 
     def deadlines(self, gens: list[Generation]) -> list[float]:
-        """Return when a standby is due to start (or [] if none is)."""
+        """Return when a standby is due to start and when a stalled template is given up."""
+        stalls = [since + STALL for since in self.waiting.values()]
         if self.standby is not None or self.standby_deaths >= STANDBY_DEATHS:
-            return []
-        return [g.active_at + STANDBY_DELAY for g in gens[-1:] if g.state is GenerationState.ACTIVE
+            return stalls
+        return stalls + [g.active_at + STANDBY_DELAY for g in gens[-1:] if g.state is GenerationState.ACTIVE
                 and g.active_at is not None and g.config.prefork and g.config.workers.warm
                 and g.number in self.starts]
 
@@ -191,6 +208,7 @@ class Prefork:
         while len(self.owner) > REMEMBERED:
             old, _ = self.owner.popitem(last=False)
             self.stopped.discard(old)
+            self.last_words.pop(old, None)
 
     def on_notify(self, messages: list[tuple[int, bytes]], now: float) -> list[tuple[int, bytes]]:
         """Apply the templates' SPAWNED messages; return every other message."""
@@ -200,7 +218,10 @@ class Prefork:
             if gen is None:
                 rest.append((pid, data))
                 continue
-            spawned = parse_fields(data).get(SPAWNED)
+            fields = parse_fields(data)
+            if fields.get(STATUS):
+                self.last_words[pid] = _printable(fields[STATUS])
+            spawned = fields.get(SPAWNED)
             if spawned is not None:
                 self._spawned(gen, spawned, now)
         return rest
@@ -234,7 +255,7 @@ class Prefork:
         """Stop unneeded templates; handle templates' exits; return the other exits."""
         gens = list(generations)
         self._sweep(gens)
-        workers = {pid for g in gens for pid in g.pids()}
+        self._feed(now)
         out = []
         self._keep_standby(gens, now)
         for ex in exits:
@@ -244,12 +265,24 @@ class Prefork:
             if ex.pid in self.owner:
                 self._template_exited(ex, now)
                 continue
-            if ex.pid not in workers:
+            if not any(g.has(ex.pid) for g in gens):
                 self.unknown[ex.pid] = ex
                 while len(self.unknown) > UNKNOWN_EXITS:
                     self.unknown.popitem(last=False)
             out.append(ex)
         return out
+
+    def _feed(self, now: float) -> None:
+        """Send the templates the requests they can take; give up on one that stopped reading."""
+        if self.templates is None:
+            return
+        queued = self.templates.flush()
+        self.waiting = {pid: now if taken or pid not in self.waiting else self.waiting[pid]
+                        for pid, taken in queued.items()}
+        for pid, since in list(self.waiting.items()):
+            if now >= since + STALL and pid in self.owner and pid not in self.stopped:
+                del self.waiting[pid]
+                self._give_up(pid, f"template pid {pid} took no request for {STALL:g}s (queue full)", now)
 
     def _standby_exited(self, ex: Exit) -> None:
         self.spares.discard(ex.pid)
@@ -271,14 +304,18 @@ class Prefork:
             del self.starts[number]
 
     def _template_exited(self, ex: Exit, now: float) -> None:
-        gen = self.owner[ex.pid]
-        if ex.pid in self.stopped:
-            return
+        if ex.pid not in self.stopped:
+            self._give_up(ex.pid, f"template pid {ex.pid} {ex.describe()}", now)
+
+    def _give_up(self, pid: int, why: str, now: float) -> None:
+        """Stop template `pid` (dead or stalled): fail its STARTING generation, or log for an ACTIVE one."""
+        gen = self.owner[pid]
         self.live.pop(gen.number, None)
         if self.templates is not None:
-            self.templates.stop(ex.pid)   # release its channel
-        self.stopped.add(ex.pid)
-        why = f"template pid {ex.pid} {ex.describe()}"
+            self.templates.stop(pid)   # release its channel (and SIGKILL it if it still runs)
+        self.stopped.add(pid)
+        if pid in self.last_words:   # e.g. cannot load 'mod:app': AttributeError: ...
+            why += f": {self.last_words.pop(pid)}"
         if gen.state is GenerationState.STARTING:
             gen.fail_start(now, why)
         elif gen.state is GenerationState.ACTIVE:

@@ -18,16 +18,10 @@ through the `ProbeAPI` and `reserve_port` seams.
 
 from __future__ import annotations
 
-import logging
-from typing import TYPE_CHECKING, Callable, Iterable, Protocol
+from typing import Callable, Protocol
 
 from upgraderd.config.schema import ReadySpec
 from upgraderd.core.seams import ProbeAPI
-
-if TYPE_CHECKING:
-    from upgraderd.core.generation import Generation
-
-log = logging.getLogger("upgraderd")
 
 
 class Readiness(Protocol):
@@ -121,13 +115,3 @@ def for_spec(spec: ReadySpec, probes: ProbeAPI | None = None,
     if spec.mode == "delay":
         return Delay(spec.after)
     return Notify()
-
-
-def poll_probes(probes: ProbeAPI, generations: Iterable[Generation], now: float) -> None:
-    """Advance the HTTP readiness probes; mark workers that answered 2xx ready."""
-    starting = {pid: g for g in generations for pid in g.starting_pids()}
-    for pid in probes.pids() - set(starting):
-        url, why = probes.remove(pid) or ("", "")
-        log.info("stopped probing pid %d at %s (it is no longer starting); last attempt: %s", pid, url, why)
-    for pid in probes.poll(now):
-        starting[pid].on_ready(pid, now)

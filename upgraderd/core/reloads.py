@@ -1,141 +1,183 @@
-"""Track reloads: queued HUPs, which HUPs a reload covers, and its outcome.
+"""The reloads: the owner of queued HUPs, the reload under way, its outcome and the config in service.
+
+A reload is asked for by SIGHUP, `upgraderd reload` (which sends one) or a
+watched file (core/watching.py); it loads the config through the seam, binds
+what it needs, runs the checks it is built with (core/slots.py's, the
+metrics'), and has the fleet start a generation. Once that generation settles
+its outcome is reported to the bus (`ReloadSettled`): counters, the status
+file and `upgraderd reload` see it there.
 
 Invariants:
 - At most one reload is under way (its generation is STARTING); HUPs (and
-  file changes, see core/watching.py) that arrive meanwhile coalesce into one
-  queued reload.
+  file changes) that arrive meanwhile coalesce into one queued reload.
 - A settled reload records which HUPs it covers: `upgraderd reload` sends a
   HUP, then waits until a settled reload covers it (see service/status.py).
-- Every outcome is counted exactly once: success, failed (the generation did
-  not become ACTIVE) or rejected (nothing was started).
+- Every outcome is reported exactly once: success, failed (the generation did
+  not become ACTIVE) or rejected (nothing was started). A failed or rejected
+  reload leaves the serving generation and its sockets untouched.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
 
 from upgraderd import __version__
 from upgraderd.config import plan
 from upgraderd.config.schema import Config
+from upgraderd.core import events as ev
+from upgraderd.core.fleet import Fleet
 from upgraderd.core.generation import Generation, GenerationState
-from upgraderd.core.stats import Stats
+from upgraderd.core.seams import WatcherAPI
 from upgraderd.core.watching import FileWatch
-from upgraderd.errors import ExitCode
-
-if TYPE_CHECKING:
-    from upgraderd.core.master import Master
+from upgraderd.errors import ConfigError, ExitCode
 
 log = logging.getLogger("upgraderd")
 VERSION = __version__
 
 
-@dataclass
-class ReloadTracker:
-    """The reload under way, the one queued behind it, and their outcomes in `stats`."""
+@dataclass(frozen=True)
+class ReloadSeams:
+    """What a reload needs of the OS."""
 
+    config_path: str
+    load_config: Callable[[str], Config]
+    # Bind what a config needs and is not bound yet; raise OSError naming the address.
+    ensure_listeners: Callable[[Config], object]
+    tell_systemd: Callable[[str], None]
     wall: Callable[[], float]
-    stats: Stats = field(default_factory=Stats)
-    pending_since: float | None = None
-    watching: Generation | None = None
-    since: float = 0.0
-    covers: int = 0
-    # Reloads asked for by a file change (config `reload.watch`), the other source besides HUP.
-    files: FileWatch = field(default_factory=FileWatch)
+    watcher: WatcherAPI | None = None
+
+
+class Reloads:
+    """The reload under way, the one queued behind it, their outcomes, and the config in service."""
+
+    def __init__(self, seams: ReloadSeams, fleet: Fleet, bus: ev.Bus,
+                 kernel_check: Callable[[Config], None],
+                 reload_checks: Sequence[Callable[[Config], None]] = ()) -> None:
+        self.seams, self.fleet, self.bus = seams, fleet, bus
+        self.kernel_check = kernel_check       # at start and at every reload
+        self.reload_checks = reload_checks     # at every reload, before the kernel check
+        self.config: Config | None = None      # the config of the serving generation
+        self.exit_code = ExitCode.OK
+        self.pending_since: float | None = None
+        self.watching: Generation | None = None
+        self.since = 0.0
+        self.hups = 0                          # seen so far (carried over a USR2 re-exec)
+        self.covers = 0
+        self.files = FileWatch(seams.watcher, seams.config_path, seams.load_config, bus, self.queue)
+
+    def first(self, cfg: Config, now: float) -> None:
+        """Start generation 1 from `cfg` (already bound)."""
+        log.info("upgraderd %s starting: %s", VERSION, plan_line(None, cfg))
+        self.kernel_check(cfg)
+        self.config = cfg
+        self.watching, self.since = self.fleet.start_generation(cfg, now), now
+
+    def adopt(self, config: Config | None, hups: int, now: float) -> None:
+        """Carry on after a USR2 re-exec: the serving config, the HUP count, and one reload queued."""
+        self.config, self.hups = config, hups
+        self.queue(now)
 
     def hup(self, now: float) -> None:
-        """Queue a reload (HUPs coalesce); `now` is kept as the oldest unserved request."""
+        """Take a SIGHUP: queue a reload (HUPs coalesce), unless the master stops."""
+        self.hups += 1
+        self.bus.emit(ev.HupReceived())
+        if self.fleet.stopping:
+            log.info("received SIGHUP while stopping: ignored")
+            return
+        self.queue(now)
+        starting = self.fleet.starting
+        if starting is not None:
+            log.info("received SIGHUP: reload queued, generation %d is still starting", starting.number)
+        else:
+            log.info("received SIGHUP: reloading %s", self.seams.config_path)
+
+    def queue(self, now: float) -> None:
+        """Queue a reload; `now` is kept as the oldest unserved request."""
         if self.pending_since is None:
             self.pending_since = now
-
-    def take(self) -> float | None:
-        """Return when the queued reload was asked for, and unqueue it (None: nothing queued)."""
-        since, self.pending_since = self.pending_since, None
-        return since
 
     def queued(self) -> str:
         """Return a log suffix saying whether another reload is queued."""
         return "; another reload is queued" if self.pending_since is not None else ""
 
-    def begin(self) -> None:
-        """Note that a reload now reads its config: it covers every HUP and file change seen so far."""
-        self.covers = self.stats.hups
+    def run_queued(self, now: float) -> None:
+        """Run the queued reload, if any, and record its outcome if it settled at once."""
+        since, self.pending_since = self.pending_since, None
+        if since is not None:
+            self.reload(now, since)
+            self.settle(now)
+
+    def reload(self, now: float, since: float) -> None:
+        """Re-read the config and start a new generation; on any error keep serving."""
+        self.seams.tell_systemd(f"RELOADING=1\nMONOTONIC_USEC={int(now * 1e6)}")
+        self.covers = self.hups   # it covers every HUP and file change seen so far
         self.files.rebase()
+        try:
+            cfg = self.seams.load_config(self.seams.config_path)
+            self.seams.ensure_listeners(cfg)
+            log.info("reload: %s", plan_line(self.config, cfg))
+            for check in self.reload_checks:
+                check(cfg)
+            self.kernel_check(cfg)
+            self.watching, self.since = self.fleet.start_generation(cfg, now), since
+        except ConfigError as e:
+            self.reject(str(e), "rejected")
+        except OSError as e:
+            self.reject(e.strerror or str(e), "rejected")
+        except Exception as e:  # a bug: never let it take the serving generation down
+            self.bus.emit(ev.InternalError("reloading"))
+            log.exception("internal error while reloading")
+            self.reject(f"internal error: {e!r}", "rejected")
 
-    def watch(self, gen: Generation, since: float) -> None:
-        """Follow `gen` until it settles; `since` is when the reload was asked for."""
-        self.watching, self.since = gen, since
+    def reject(self, why: str, result: str, generation: int = 0) -> None:
+        """Report a rejected or failed reload and log it; the serving generation is untouched."""
+        self.bus.emit(ev.ReloadSettled(result, generation, self.covers, why, at=self.seams.wall()))
+        active = self.fleet.active
+        log.error("reload failed, still serving generation %s%s: %s", active.number if active else "-",
+                  self.queued(), one_line(why))
+        self.seams.tell_systemd("READY=1\nSTATUS=reload failed")
 
-    def settled(self) -> Generation | None:
-        """Return the watched generation once it is no longer STARTING, and stop watching it."""
+    def settle(self, now: float) -> None:
+        """Record the outcome of the reload (or start) under way once its generation has settled."""
         gen = self.watching
         if gen is None or gen.state is GenerationState.STARTING:
-            return None
+            return
         self.watching = None
-        return gen
+        if self.fleet.stopping and gen.state is not GenerationState.ACTIVE:
+            log.info("generation %d stopped before it became ready: the master is stopping", gen.number)
+        elif gen.number == 1:
+            self._settle_first(gen, now)
+        elif gen.state is GenerationState.ACTIVE:
+            self.config = gen.config
+            self.files.follow(self.config, now)   # the new config's watch list, from now on
+            took = now - self.since
+            self.bus.emit(ev.ReloadSettled("success", gen.number, self.covers, took=took, at=self.seams.wall()))
+            log.info("reload done: generation %d ACTIVE %.3fs after HUP%s", gen.number, took, self.queued())
+            self.seams.tell_systemd(f"READY=1\nSTATUS=generation {gen.number} active")
+        else:
+            self.reject(f"generation {gen.number}: {gen.reason}", "failed", gen.number)
 
-    def succeeded(self, gen: Generation, now: float) -> float:
-        """Count a successful reload to `gen`; return its duration since the HUP."""
-        took = now - self.since
-        self._record("success", gen.number)
-        self.stats.last_reload_ok = True
-        self.stats.last_reload_success_at = self.wall()
-        self.stats.reload_durations.observe(took)
-        return took
+    def _settle_first(self, gen: Generation, now: float) -> None:
+        if gen.state is GenerationState.ACTIVE:
+            log.info("serving: generation 1 ACTIVE %.3fs after start", now - gen.created_at)
+            self.seams.tell_systemd("READY=1\nSTATUS=generation 1 active")
+            self.bus.emit(ev.Serving())
+            return
+        log.error("the first generation failed (%s); stopping", gen.reason)
+        self.bus.emit(ev.StartFailed(gen.reason))
+        self.exit_code = ExitCode.FAILED
+        self.fleet.stop("failed", now)
 
-    def failed(self, why: str, result: str, generation: int = 0) -> None:
-        """Count a reload that was rejected or whose generation failed."""
-        self._record(result, generation)
-        self.stats.last_reload_ok = False
-        self.stats.last_reload_error = why
+    def watch_files(self, now: float) -> None:
+        """Follow the serving config's watch list and queue a reload on a real change."""
+        self.files.step(self.config, self.fleet.stopping, now)
 
-    def _record(self, result: str, generation: int) -> None:
-        self.stats.reloads[result] += 1
-        self.stats.last_reload_result = result
-        self.stats.last_reload_generation = generation
-        self.stats.last_reload_covers = self.covers
-
-
-def failed(master: Master, why: str, result: str, generation: int = 0) -> None:
-    """Count a rejected or failed reload and log it; the serving generation is untouched."""
-    master.reloads.failed(why, result, generation)
-    active = master.active
-    log.error("reload failed, still serving generation %s%s: %s", active.number if active else "-",
-              master.reloads.queued(), one_line(why))
-    master.system.tell_systemd("READY=1\nSTATUS=reload failed")
-
-
-def settle(master: Master, now: float) -> None:
-    """Record the outcome of the reload (or start) under way once its generation has settled."""
-    gen = master.reloads.settled()
-    if gen is None:
-        return
-    if master.stopping and gen.state is not GenerationState.ACTIVE:
-        log.info("generation %d stopped before it became ready: the master is stopping", gen.number)
-    elif gen.number == 1:
-        _settle_first(master, gen, now)
-    elif gen.state is GenerationState.ACTIVE:
-        master.config = gen.config
-        master.reloads.files.follow(master, now)   # the new config's watch list, from now on
-        took = master.reloads.succeeded(gen, now)
-        log.info("reload done: generation %d ACTIVE %.3fs after HUP%s", gen.number, took,
-                 master.reloads.queued())
-        master.system.tell_systemd(f"READY=1\nSTATUS=generation {gen.number} active")
-    else:
-        failed(master, f"generation {gen.number}: {gen.reason}", "failed", gen.number)
-
-
-def _settle_first(master: Master, gen: Generation, now: float) -> None:
-    if gen.state is GenerationState.ACTIVE:
-        log.info("serving: generation 1 ACTIVE %.3fs after start", now - gen.created_at)
-        master.system.tell_systemd("READY=1\nSTATUS=generation 1 active")
-        master.hooks.on_serving()
-        return
-    log.error("the first generation failed (%s); stopping", gen.reason)
-    master.hooks.on_start_failed(gen.reason)
-    master.exit_code = ExitCode.FAILED
-    master.stopping_mode = "failed"
+    def deadlines(self) -> Iterable[float | None]:
+        """Return when the file watch next needs the loop."""
+        return (self.files.deadline,)
 
 
 def one_line(text: str) -> str:

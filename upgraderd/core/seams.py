@@ -6,16 +6,18 @@ the master with fakes (tests/support/fakes.py) and the real implementations
 are assembled in one place, `system.posix.posix_system()`.
 
 Invariant: nothing in this module, or in any core module, opens a file,
-a socket or a process itself.
+a socket or a process itself. Every method a caller outside the core uses
+is on its Protocol here too (system/posix.py checks no concrete type).
 """
 
 from __future__ import annotations
 
 import signal as signal_mod
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
+from typing import Callable, Iterable, Mapping, Protocol, Sequence
 
-from upgraderd.config.schema import Config, ListenerSpec, MetricsSpec
+from upgraderd.config.schema import Config, ListenerSpec
+from upgraderd.core.handover import Handover
 
 # (host, port, mode, slot): a socket's identity, whatever listener name it has.
 # A Unix socket's is (path, 0, "shared", 0): a host never starts with "/".
@@ -45,8 +47,17 @@ def is_udp(key: SocketKey) -> bool:
 
 def keys_for(cfg: Config, slots: Iterable[int], gen: int = 0) -> set[SocketKey]:
     """Return every socket key that worker slots `slots` of a `cfg` generation (number `gen`) use."""
-    return {key_for(spec, slot, gen) for spec in cfg.listeners if spec.mode != "worker-bind"
-            for slot in slots}
+    slots = list(slots)
+    keys: set[SocketKey] = set()
+    for spec in cfg.listeners:   # one key_for per listener, not per slot: this runs every loop pass
+        if spec.mode == "worker-bind" or not slots:
+            continue
+        host, port, mode, _ = key_for(spec, 0, gen)
+        if spec.mode == "reuseport":
+            keys.update((host, port, mode, slot) for slot in slots)
+        else:
+            keys.add((host, port, mode, 0))
+    return keys
 
 
 @dataclass(frozen=True)
@@ -99,7 +110,14 @@ class TemplateAPI(Protocol):
         """Exec a template with its control channel; return its pid or raise SpawnError."""
 
     def fork(self, pid: int, slot: int, env: Mapping[str, str], fds: Sequence[int]) -> None:
-        """Ask template `pid` for a worker in `slot` with `env` and `fds` at 3, 4, ...; raise SpawnError."""
+        """Ask template `pid` for a worker in `slot` with `env` and `fds` at 3, 4, ...; queue the
+        request if its channel is full; raise SpawnError if the template is gone."""
+
+    def flush(self) -> dict[int, int]:
+        """Send queued requests; return {template pid: requests it took now} for each that still has a queue."""
+
+    def writers(self) -> list[int]:
+        """Return the fds of the channels with a queue, for the loop to select for writability."""
 
     def load(self, pid: int, app: str, env: Mapping[str, str]) -> None:
         """Make standby `pid` import `app` with `env` and become a template; raise SpawnError."""
@@ -183,14 +201,20 @@ class ListenerAPI(Protocol):
     def is_steered(self, cfg: Config) -> bool:
         """Return True if every socket group of `cfg` is steered now."""
 
-    def export(self) -> list[dict[str, Any]]:
+    def export(self) -> list[dict[str, object]]:
         """Return every socket as plain data, for a master re-exec."""
 
-    def adopt(self, entries: list[dict[str, Any]]) -> None:
+    def adopt(self, entries: list[dict[str, object]]) -> None:
         """Take over the sockets an old master exported."""
 
     def filenos(self) -> list[int]:
         """Return the fd of every open socket."""
+
+    def keys(self) -> set[SocketKey]:
+        """Return the key of every open socket (for the service manager's fd store)."""
+
+    def fileno_of(self, key: SocketKey) -> int | None:
+        """Return the fd of the socket `key`, or None if it is not open."""
 
     def close_all(self) -> None:
         """Close every socket."""
@@ -274,8 +298,13 @@ class OrphanAPI(Protocol):
     def kill(self) -> None:
         """SIGKILL each live one."""
 
+    def pidfds(self) -> list[int]:
+        """Return the pidfds that track them (kept open across daemonizing)."""
+
     def close(self) -> None:
         """Stop tracking them."""
+
+
 class WatcherAPI(Protocol):
     """inotify on the directories holding the watched paths (see system/inotify.py)."""
 
@@ -295,9 +324,32 @@ class WatcherAPI(Protocol):
         """Stop watching."""
 
 
-# Start the metrics endpoint: (spec, source of the latest view, clock, inherited export).
-MetricsStarter = Callable[[MetricsSpec, Callable[[], Any], Callable[[], float], "dict[str, object] | None"],
-                          "MetricsAPI | None"]
+class Loop(Protocol):
+    """What the select loop (system/posix.py `run`) drives: the master, seen from outside the core."""
+
+    @property
+    def running(self) -> bool:
+        """Return True while a generation is left: the loop ends when none is."""
+
+    @property
+    def exit_code(self) -> int:
+        """Return the code the master exits with."""
+
+    @property
+    def config(self) -> Config | None:
+        """Return the config of the serving generation."""
+
+    def start(self) -> None:
+        """Start the metrics and generation 1 (or adopt a USR2 predecessor's)."""
+
+    def step(self, signals: set[signal_mod.Signals]) -> None:
+        """Run one pass after `select` returned with `signals`."""
+
+    def timeout(self, now: float | None = None) -> float:
+        """Return how long the loop may block in select."""
+
+    def close(self) -> None:
+        """Release what the master started (at exit)."""
 
 
 @dataclass
@@ -320,7 +372,7 @@ class System:
     # Send a message to the service manager ($NOTIFY_SOCKET of the master itself).
     tell_systemd: Callable[[str], None]
     # Exec the master again with the hand-over; returns only if the exec failed.
-    exec_master: Callable[[Any, Sequence[int]], OSError]
+    exec_master: Callable[[Handover, Sequence[int]], OSError]
     # Reload on file change (config `reload.watch`); None: not available.
     watcher: WatcherAPI | None = None
     # Templates for prefork generations (None: not available, such configs fail to start).

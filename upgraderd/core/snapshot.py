@@ -3,7 +3,7 @@
 
 Design note: the master's state is owned and mutated by the loop thread only.
 Rather than lock it, the loop builds a `Snapshot` at the end of every pass and
-publishes it by rebinding one attribute (atomic in CPython); the metrics
+publishes it (core/publish.py) by rebinding one attribute (atomic in CPython); the metrics
 thread only ever reads the latest reference, and the status file is written
 from the same object. A snapshot therefore lags the master by at most one
 loop pass, and the loop passes at least once a second (its select timeout),
@@ -16,13 +16,12 @@ dicts and lists while a scrape reads this one.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Iterable
 
-from upgraderd.core.generation import GenerationState, WorkerState
+from upgraderd.config.schema import Config
+from upgraderd.core.events import Event
+from upgraderd.core.generation import Generation, GenerationState, WorkerState
 from upgraderd.core.stats import Stats
-
-if TYPE_CHECKING:
-    from upgraderd.core.master import Master
 
 # Generations are forgotten in the same loop pass in which they retire, so a
 # RETIRED count would always read 0: it is not reported.
@@ -117,20 +116,36 @@ class Snapshot:
         return self.stats.last_reload_success_at or self.started_at
 
 
-def take(master: Master) -> Snapshot:
-    """Copy the reported state out of `master` (call it in the loop thread)."""
+@dataclass(frozen=True)
+class PassEnded(Event):
+    """A pass of the loop ended; `snapshot` is what it published, `config` the one in service."""
+
+    snapshot: Snapshot
+    config: Config | None = None
+
+
+@dataclass(frozen=True)
+class Times:
+    """When the master started, on both clocks (carried over a USR2 re-exec), and now."""
+
+    started_at: float          # monotonic
+    wall_started_at: float
+    now: float                 # monotonic
+
+
+def take(times: Times, config_path: str, generations: Iterable[Generation], config: Config | None,
+         stats: Stats, stopping: bool, tcp_migrate_req: int | None, worker_bind_reset_risk: bool) -> Snapshot:
+    """Copy the reported state out of the owners' (call it in the loop thread)."""
     gens = tuple(GenerationInfo(
         g.number, g.state, g.changed_at, g.created_at, g.reason,
         tuple(WorkerInfo(w.slot, w.pid, w.state, w.started_at) for w in g.workers.values()),
-    ) for g in master.generations)
-    cfg = master.config
+    ) for g in generations)
     listeners = tuple(ListenerInfo(s.name, s.address, s.mode, "unix" if s.path is not None else s.protocol)
-                      for s in cfg.listeners) if cfg else ()
+                      for s in config.listeners) if config else ()
     return Snapshot(
-        taken_at=master.clock(), wall_offset=master.wall_started_at - master.started_at,
-        config_path=master.config_path, started_at=master.wall_started_at,
-        generation_list=gens, listeners=listeners, stats=master.stats.copy(),
-        stopping=master.stopping,
-        tcp_migrate_req=-1 if master.tcp_migrate_req is None else master.tcp_migrate_req,
-        worker_bind_reset_risk=master.worker_bind_reset_risk,
+        taken_at=times.now, wall_offset=times.wall_started_at - times.started_at,
+        config_path=config_path, started_at=times.wall_started_at,
+        generation_list=gens, listeners=listeners, stats=stats.copy(), stopping=stopping,
+        tcp_migrate_req=-1 if tcp_migrate_req is None else tcp_migrate_req,
+        worker_bind_reset_risk=worker_bind_reset_risk,
     )

@@ -4,10 +4,18 @@ Invariant: every count only grows while the master lives, and a USR2 re-exec
 hands them to the new master (`Stats.restore(stats.export())`), so the
 Prometheus counters built from them never reset.
 
-A counter is one field here, declared with `counter()`: its metric name, help
-text and label. The metrics collector (metrics/telemetry.py) walks these
-declarations, so a new counter touches this file, the line that increments it,
-and docs/metrics.md.
+A counter is one field here, declared with `counter()` (or `labelled()`): its
+metric name, help text and label. The metrics collector (metrics/telemetry.py)
+walks these declarations. It counts one kind of event (core/events.py): one
+line in `Tally.__init__` subscribes it. So a new counter touches this file (its
+declaration and its subscription), the owner that emits the event if the event
+is new, and docs/metrics.md.
+
+Invariant: `Tally` is the only writer of a `Stats`, and the only part of the
+master that keeps the master's one `Stats` object; everyone else reads it
+through the tally (`Master.stats`) or a copy (`Snapshot.stats`). A USR2 re-exec
+replaces that object in one place (`Tally.restore`), so no part of the master
+can go on counting into a stale one.
 """
 
 from __future__ import annotations
@@ -15,17 +23,23 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Callable, Iterator, Mapping, TypeVar
 
+from upgraderd.core import events as ev
 from upgraderd.core.durations import DRAIN_BUCKETS, RELOAD_BUCKETS, Durations
 
+E = TypeVar("E", bound=ev.Event)
 
-def counter(name: str, doc: str, label: str | None = None, values: tuple[str, ...] = ()) -> Any:
-    """Declare a counter field: an int, or a dict label value -> int when `label` is given."""
-    meta = {"metric": name, "doc": doc, "label": label}
-    if label is None:
-        return field(default=0, metadata=meta)
-    return field(default_factory=lambda: dict.fromkeys(values, 0), metadata=meta)
+
+def counter(name: str, doc: str) -> int:
+    """Declare a counter field without labels."""
+    return field(default=0, metadata={"metric": name, "doc": doc, "label": None})
+
+
+def labelled(name: str, doc: str, label: str, values: tuple[str, ...]) -> dict[str, int]:
+    """Declare a counter field with one label: a dict label value -> int, every value at 0."""
+    return field(default_factory=lambda: dict.fromkeys(values, 0),
+                 metadata={"metric": name, "doc": doc, "label": label})
 
 
 @dataclass(frozen=True)
@@ -42,15 +56,15 @@ class CounterSpec:
 class Stats:
     """Event counts and timings; they only ever grow while the master lives."""
 
-    reloads: dict[str, int] = counter(
+    reloads: dict[str, int] = labelled(
         "upgraderd_reloads", "Reloads by result: success, failed (the new generation did not become "
         "ACTIVE) or rejected (invalid config or bind error).", "result", ("success", "failed", "rejected"))
-    worker_exits: dict[str, int] = counter(
+    worker_exits: dict[str, int] = labelled(
         "upgraderd_worker_exits", "Worker processes reaped, by how they ended.", "reason",
         ("clean", "error", "signal"))
     worker_restarts: int = counter(
         "upgraderd_worker_restarts", "Workers respawned into the slot of a dead worker of an ACTIVE generation.")
-    templates_started: dict[str, int] = counter(
+    templates_started: dict[str, int] = labelled(
         "upgraderd_templates_started", "Prefork templates started for a generation: cold (a fresh exec) or "
         "warm (a standby took the generation).", "kind", ("cold", "warm"))
     notify_rejected: int = counter(
@@ -91,7 +105,7 @@ class Stats:
         """Return a deep copy the master will not mutate (for the metrics thread)."""
         return copy.deepcopy(self)
 
-    def export(self) -> dict[str, Any]:
+    def export(self) -> dict[str, object]:
         """Return every field as plain data, for a USR2 hand-over."""
         return dataclasses.asdict(self)
 
@@ -109,10 +123,69 @@ class Stats:
                 setattr(self, name, durations)
 
     @classmethod
-    def restore(cls, data: dict[str, Any]) -> Stats:
+    def restore(cls, data: Mapping[str, object]) -> Stats:
         """Rebuild Stats from `export()`, ignoring fields this master does not know."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        return cls(**{k: v for k, v in data.items() if k in names})  # type: ignore[arg-type]  # as exported
+
+
+class Tally:
+    """The one writer of the master's `Stats`: each counter subscribes to the event it counts."""
+
+    def __init__(self, bus: ev.Bus) -> None:
+        self.stats = Stats()
+        self.subscribed: dict[str, list[type[ev.Event]]] = {}   # counter field -> its event types
+        on = self._count
+        on(bus, ev.ReloadSettled, "reloads", key=lambda e: e.result)
+        on(bus, ev.ReexecFailed, "reloads", key=lambda e: "failed")
+        on(bus, ev.WorkerExited, "worker_exits", key=lambda e: e.reason)
+        on(bus, ev.WorkerRestarted, "worker_restarts")
+        on(bus, ev.TemplateStarted, "templates_started", key=lambda e: e.kind)
+        on(bus, ev.NotifyRejected, "notify_rejected")
+        on(bus, ev.DrainTimedOut, "drain_timeouts")
+        on(bus, ev.SlotsRetiredUnsafely, "slot_retire_risks", by=lambda e: e.count)
+        on(bus, ev.SteeringRefused, "steering_refused", by=lambda e: e.count)
+        on(bus, ev.ConnectionsRescued, "rescued_connections", by=lambda e: e.count)
+        on(bus, ev.OrphansTakenOver, "orphans_taken_over", by=lambda e: e.count)
+        on(bus, ev.WatchTriggered, "watch_triggers")
+        on(bus, ev.InternalError, "internal_errors")
+        bus.subscribe(ev.HupReceived, self._hup)
+        bus.subscribe(ev.ReloadSettled, self._settled)
+        bus.subscribe(ev.GenerationRetired, self._retired)
+
+    def restore(self, data: Mapping[str, object]) -> None:
+        """Count on from the figures a USR2 predecessor handed over."""
+        self.stats = Stats.restore(data)
+
+    def _count(self, bus: ev.Bus, kind: type[E], attr: str, key: Callable[[E], str] | None = None,
+               by: Callable[[E], int] = lambda e: 1) -> None:
+        def count(event: E) -> None:
+            # Looked up at each event: `restore` may have replaced `self.stats` since.
+            if key is None:
+                setattr(self.stats, attr, getattr(self.stats, attr) + by(event))
+            else:
+                getattr(self.stats, attr)[key(event)] += by(event)
+        self.subscribed.setdefault(attr, []).append(kind)
+        bus.subscribe(kind, count)
+
+    def _hup(self, event: ev.HupReceived) -> None:
+        self.stats.hups += 1
+
+    def _settled(self, event: ev.ReloadSettled) -> None:
+        s = self.stats
+        s.last_reload_result, s.last_reload_generation, s.last_reload_covers = \
+            event.result, event.generation, event.covers
+        s.last_reload_ok = event.result == "success"
+        if s.last_reload_ok:
+            s.last_reload_success_at = event.at
+            s.reload_durations.observe(event.took)
+        else:
+            s.last_reload_error = event.error
+
+    def _retired(self, event: ev.GenerationRetired) -> None:
+        if event.drained_for is not None:
+            self.stats.drain_durations.observe(event.drained_for)
+
 
 def counters() -> Iterator[CounterSpec]:
     """Yield every declared counter of `Stats`."""

@@ -12,11 +12,8 @@ cannot reap them, and the OrphanAPI seam tracks them by pidfd.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from upgraderd.core.master import Master
-    from upgraderd.core.seams import OrphanAPI
+from upgraderd.core import events as ev
+from upgraderd.core.seams import OrphanAPI
 
 log = logging.getLogger("upgraderd")
 
@@ -26,29 +23,31 @@ DEFAULT_TIMEOUT = 30.0
 class Takeover:
     """The orphans one master took over, and how far their drain has come."""
 
-    def __init__(self, orphans: OrphanAPI) -> None:
-        self.orphans = orphans
+    def __init__(self, orphans: OrphanAPI, bus: ev.Bus) -> None:
+        self.orphans, self.bus = orphans, bus
         self.drained_at: float | None = None
         self.deadline: float | None = None
         self.count = 0
         self.killed = False
         self.done = False
 
-    def settle(self, master: Master, now: float) -> None:
-        """Drain the orphans once a generation of ours serves; SIGKILL them at the deadline."""
+    def settle(self, now: float, serving: bool, drain_timeout: float | None) -> None:
+        """Drain the orphans once a generation of ours serves (or we stop); SIGKILL them at the deadline.
+
+        `serving`: a generation is ACTIVE or the master stops; `drain_timeout`:
+        the serving config's `drain.timeout`, if there is one.
+        """
         if self.done:
             return
         if self.drained_at is None:
-            if master.active is None and not master.stopping:
+            if not serving:
                 return
             pids = self.orphans.pids()
             self.count = len(pids)
-            master.stats.orphans_taken_over += len(pids)
             if pids:
-                log.info("draining %d orphaned worker(s) of the dead master: %s", len(pids),
-                         " ".join(map(str, pids)))
+                self.bus.emit(ev.OrphansTakenOver(len(pids), tuple(pids)))
             self.orphans.drain()
-            timeout = master.config.drain.timeout if master.config is not None else DEFAULT_TIMEOUT
+            timeout = drain_timeout if drain_timeout is not None else DEFAULT_TIMEOUT
             self.drained_at, self.deadline = now, now + timeout
         if self.orphans.live() == 0:
             if self.count:

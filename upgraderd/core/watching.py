@@ -9,8 +9,9 @@ directory" and fingerprints paths. This module debounces and decides:
   the deadline; nothing polls while inotify works.
 - At the deadline every path is fingerprinted (the config by content hash,
   other paths by resolved target, mtime and size) and compared with the
-  baseline. Only a real change triggers, and it takes exactly the HUP path:
-  `ReloadTracker.hup()`, so the outcome is reported as for a HUP.
+  baseline. Only a real change triggers (reported as `WatchTriggered`), and
+  it takes exactly the HUP path: `Reloads.queue()`, so the outcome is
+  reported as for a HUP.
 - A watched path that is missing is waited for (a delete, then a re-create).
 - A config that does not parse is checked once more one debounce later (a
   writer still busy); if it is still the same invalid file, the reload runs
@@ -25,15 +26,12 @@ directory" and fingerprints paths. This module debounces and decides:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Callable
 
+from upgraderd.config.schema import Config, ReloadSpec
+from upgraderd.core import events as ev
+from upgraderd.core.seams import WatcherAPI
 from upgraderd.errors import ConfigError
-
-if TYPE_CHECKING:
-    from upgraderd.config.schema import ReloadSpec
-    from upgraderd.core.master import Master
-    from upgraderd.core.seams import WatcherAPI
 
 log = logging.getLogger("upgraderd")
 
@@ -41,22 +39,24 @@ log = logging.getLogger("upgraderd")
 POLL_INTERVAL = 2.0
 
 
-@dataclass
 class FileWatch:
-    """The watched paths, their baseline fingerprints and the debounce deadline."""
+    """The watched paths, their baseline fingerprints and the debounce deadline (owned by core/reloads.py)."""
 
-    spec: ReloadSpec | None = None
-    config_path: str = ""
-    paths: tuple[str, ...] = ()
-    watcher: WatcherAPI | None = None
-    baseline: dict[str, str] = field(default_factory=dict)
-    deadline: float | None = None
-    held: str | None = None    # fingerprint of a config that did not parse at its first check
+    def __init__(self, seam: WatcherAPI | None, config_path: str, load_config: Callable[[str], Config],
+                 bus: ev.Bus, queue: Callable[[float], None]) -> None:
+        self.seam, self.config_path, self.load_config = seam, config_path, load_config
+        self.bus, self.queue = bus, queue
+        self.spec: ReloadSpec | None = None
+        self.paths: tuple[str, ...] = ()
+        self.watcher: WatcherAPI | None = None      # the seam, once a config is followed
+        self.baseline: dict[str, str] = {}
+        self.deadline: float | None = None
+        self.held: str | None = None    # fingerprint of a config that did not parse at its first check
 
-    def step(self, master: Master, now: float) -> None:
-        """Follow the config's watch list, read events, and check the paths once due."""
-        self.follow(master, now)
-        if self.watcher is None or self.spec is None or not self.paths or master.stopping:
+    def step(self, cfg: Config | None, stopping: bool, now: float) -> None:
+        """Follow `cfg`'s watch list, read events, and check the paths once due."""
+        self.follow(cfg, now)
+        if self.watcher is None or self.spec is None or not self.paths or stopping:
             return
         if self.watcher.changed():
             self.deadline = now + self.spec.debounce
@@ -65,15 +65,15 @@ class FileWatch:
         self.deadline = None
         if self.watcher.fileno() is None:
             self.deadline = now + max(self.spec.debounce, POLL_INTERVAL)
-        self.check(master, now)
+        self.check(now)
 
-    def follow(self, master: Master, now: float) -> None:
+    def follow(self, cfg: Config | None, now: float) -> None:
         """Re-target the watches when the serving config's `reload` section differs from ours."""
-        watcher, cfg = master.system.watcher, master.config
-        if watcher is None or cfg is None or (cfg.reload == self.spec and master.config_path == self.config_path):
+        watcher = self.seam
+        if watcher is None or cfg is None or (cfg.reload == self.spec and self.watcher is not None):
             return
-        self.spec, self.watcher, self.config_path = cfg.reload, watcher, master.config_path
-        self.paths = tuple(master.config_path if p == "config" else p for p in cfg.reload.watch)
+        self.spec, self.watcher = cfg.reload, watcher
+        self.paths = tuple(self.config_path if p == "config" else p for p in cfg.reload.watch)
         self._watch()
         # Paths watched before keep their baseline: a change seen meanwhile is not lost.
         self.baseline = {p: self.baseline[p] if p in self.baseline else self._print(p) for p in self.paths}
@@ -88,7 +88,7 @@ class FileWatch:
             self.baseline = {p: self._print(p) for p in self.paths}
             self.held = None
 
-    def check(self, master: Master, now: float) -> None:
+    def check(self, now: float) -> None:
         """Compare fingerprints with the baseline; queue a reload on a real change."""
         self._watch()   # a swapped symlink may now resolve into other directories
         prints = {p: self._print(p) for p in self.paths}
@@ -99,17 +99,16 @@ class FileWatch:
         if missing:
             log.info("watched path missing: %s; waiting for it to come back", ", ".join(missing))
             return
-        if self._wait_for_parse(master, prints.get(self.config_path, ""), now):
+        if self._wait_for_parse(prints.get(self.config_path, ""), now):
             return
         self.baseline, self.held = prints, None
-        master.stats.watch_triggers += 1
-        log.info("watched path changed: %s; reloading %s", ", ".join(changed), self.config_path)
-        master.reloads.hup(now)
+        self.bus.emit(ev.WatchTriggered(tuple(changed), self.config_path))
+        self.queue(now)
 
-    def _wait_for_parse(self, master: Master, config_print: str, now: float) -> bool:
+    def _wait_for_parse(self, config_print: str, now: float) -> bool:
         """Return True (and re-arm) the first time a changed config does not parse."""
         try:
-            master.system.load_config(self.config_path)
+            self.load_config(self.config_path)
         except ConfigError as e:
             if config_print and config_print != self.held and self.spec is not None:
                 self.held = config_print

@@ -191,10 +191,10 @@ class WorkerFiles:
             for mode in layout.GAUGE_MODES:
                 if mode.startswith("live"):
                     self._drop(layout.file_name(f"gauge_{mode}", pid))
-        deadline = time.monotonic() + FOLD_BUDGET
+        deadline = time.thread_time() + FOLD_BUDGET   # CPU, as dbfile's budget
         for prefix in ADDITIVE:
             name = layout.file_name(prefix, pid)
-            budget = max(0.005, deadline - time.monotonic())
+            budget = max(0.005, deadline - time.thread_time())
             try:
                 entries = dbfile.read_file(os.path.join(self.path, name), prefix.partition("_")[0], self._cache,
                                            budget)

@@ -51,6 +51,11 @@ def _parser() -> argparse.ArgumentParser:
                  "Validate FILE without touching a running master, like nginx -t, and print "
                  "every problem as file:line:column: key.path: message.")
     _config_arg(check, CONFIG_HELP)
+    check.add_argument("--deep", action="store_true",
+                       help="also import a `module:factory` app in a child process, as its "
+                            "template will, and report its error at the `app:` key")
+    check.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                       help="how long --deep waits for the import (default: 30)")
 
     preflight = _sub(sub, "preflight", "check that this upgraderd can run a master for FILE (USR2 runs it)",
                      "Import every module of this upgraderd and load FILE; exit 0 if both work. A "
@@ -160,7 +165,18 @@ def cmd_check(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if isinstance(cfg, ExitCode):
         return cfg
-    print(f"{args.config}: ok ({len(cfg.listeners)} listener(s), {cfg.workers.count} worker(s))")
+    for warning in cfg.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    deep = ""
+    if args.deep:
+        from upgraderd.service import deepcheck
+        problem = deepcheck.app_problem(cfg, args.timeout)
+        if problem is not None:
+            _print_problems(args.config, ConfigError([problem]))
+            return ExitCode.FAILED
+    elif cfg.workers.app is not None and ":" in cfg.workers.app:
+        deep = f"; {cfg.workers.app} not imported: --deep imports it"
+    print(f"{args.config}: ok ({len(cfg.listeners)} listener(s), {cfg.workers.count} worker(s){deep})")
     return ExitCode.OK
 
 
@@ -200,7 +216,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return cfg
     if args.daemon and not cfg.log.file:
         print(f"{args.config}: log.file: must be set for --daemon (a daemon has no terminal "
-              "to log to)", file=sys.stderr)
+              "to log to); add e.g. `log: {file: /var/log/upgraderd.log}`, or run without --daemon",
+              file=sys.stderr)
         return ExitCode.FAILED
     try:
         return run(os.path.abspath(args.config), cfg, args.pidfile or cfg.pidfile_path,

@@ -18,7 +18,8 @@ import sys
 import time
 from typing import Any
 
-from upgraderd.errors import ExitCode
+from upgraderd.config import schema as configmod
+from upgraderd.errors import ConfigError, ExitCode
 from upgraderd.service import status
 from upgraderd.service.pidfile import NotRunning, alive, find_master, send_signal
 
@@ -66,6 +67,7 @@ def reload(pidfile: str, timeout: float, config: str | None = None) -> int:
     if isinstance(found, ExitCode):
         return found
     pid, path, before = found
+    _warn_no_effect(before.get("config"))
     send_signal(pidfile, pid, signal.SIGHUP)
     doc = _wait(pid, timeout, lambda d: d["last_reload"]["covers"] > before["hups"], path)
     if doc is None:
@@ -75,6 +77,18 @@ def reload(pidfile: str, timeout: float, config: str | None = None) -> int:
         return ExitCode.OK
     print(f"upgraderd: reload {status.describe_reload(doc)}", file=sys.stderr)
     return ExitCode.FAILED
+
+
+def _warn_no_effect(config: object) -> None:
+    """Print the keys of the master's config file that change nothing (the master logs them too)."""
+    if not isinstance(config, str):
+        return
+    try:
+        cfg = configmod.load(config)
+    except (ConfigError, OSError):
+        return   # the master rejects it and the outcome says why
+    for warning in cfg.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def upgrade(pidfile: str, timeout: float, config: str | None = None) -> int:

@@ -9,8 +9,8 @@ Order, and why:
    lock and a report pipe in `files_preserve`, an empty `signal_map`, working
    directory / and umask 022, stdin on /dev/null and stdout/stderr on the log
    file. DaemonContext closes every other fd.
-3. The daemon installs upgraderd's own signal handlers (Master.run does,
-   after open()) and starts generation 1.
+3. The daemon installs upgraderd's own signal handlers (system/posix.py
+   `run` does, entering the signal inbox after open()) and starts generation 1.
 4. Once generation 1 is ACTIVE the pidfile is written and one line goes back
    through the pipe; the waiting command prints it and exits 0. If the daemon
    fails first, the line carries the reason and exit code; if it dies without
@@ -25,26 +25,39 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from typing import Callable
 
 import daemon  # type: ignore[import-untyped]  # python-daemon ships no type hints
 
 from upgraderd.config.schema import Config
+from upgraderd.core.seams import Loop, System
 from upgraderd.errors import ExitCode
 from upgraderd.service.logsetup import LogSetup
-from upgraderd.core.master import Master
-from upgraderd.system import posix
 from upgraderd.service.pidfile import PidFile
-from upgraderd.service.hooks import Service, StartupReport
+from upgraderd.service.reporting import Service, StartupReport
+from upgraderd.system import posix
+from upgraderd.system.signals import SignalInbox
 
 log = logging.getLogger("upgraderd")
 
 
-def run_detached(master: Master, cfg: Config, pidfile: PidFile, logs: LogSetup,
+@dataclass(frozen=True)
+class Detached:
+    """What the runner wired, to serve once detached; `keep`: the fds DaemonContext must not close."""
+
+    master: Loop
+    system: System
+    inbox: SignalInbox
+    service: Service
+    keep: list[int]
+
+
+def run_detached(wired: Detached, cfg: Config, pidfile: PidFile, logs: LogSetup,
                  stale: str | None, replay: Callable[[], None] = lambda: None) -> int:
     """Detach and serve in the background; return the exit code for the starting command.
 
-    `master` has been prepared (config loaded, listeners bound) from `cfg`,
+    The master has been prepared (config loaded, listeners bound) from `cfg`,
     whose `log.file` must be set: a daemon has no terminal to log to.
     """
     assert cfg.log.file is not None
@@ -58,7 +71,7 @@ def run_detached(master: Master, cfg: Config, pidfile: PidFile, logs: LogSetup,
     report = StartupReport(w)
     code: int = ExitCode.CRASHED
     try:
-        code = _serve(master, cfg, pidfile, logs, stale, report, replay)
+        code = _serve(wired, cfg, pidfile, logs, stale, report, replay)
     except BaseException as e:  # the daemon has no caller to raise to: log and report it
         log.exception("upgraderd crashed")
         report.fail(ExitCode.CRASHED, f"crashed: {e!r}; see {log_file}")
@@ -67,13 +80,13 @@ def run_detached(master: Master, cfg: Config, pidfile: PidFile, logs: LogSetup,
         os._exit(code)
 
 
-def _serve(master: Master, cfg: Config, pidfile: PidFile, logs: LogSetup,
+def _serve(wired: Detached, cfg: Config, pidfile: PidFile, logs: LogSetup,
            stale: str | None, report: StartupReport, replay: Callable[[], None]) -> int:
     log_file = cfg.log.file or os.devnull
     with open(log_file, "a", encoding="utf-8") as out:
         ctx = daemon.DaemonContext(
             working_directory="/", umask=0o022, detach_process=True, signal_map={},
-            files_preserve=[report.fd, pidfile.fileno(), *posix.fds_to_keep(master)],
+            files_preserve=[report.fd, pidfile.fileno(), *wired.keep],
             stdin=None, stdout=out, stderr=out)
         ctx.open()
     # DaemonContext closes fd 0 before opening /dev/null for stdin, so it gets
@@ -86,10 +99,10 @@ def _serve(master: Master, cfg: Config, pidfile: PidFile, logs: LogSetup,
     replay()  # what start-up logged before the log existed (adopted sockets, orphans)
     if stale:
         log.warning("%s", stale)
-    service = Service(pidfile, logs, report)
-    master.hooks = service
+    service = wired.service
+    service.report_to(report)
     try:
-        code = posix.run(master)
+        code = posix.run(wired.master, wired.system, wired.inbox)
     finally:
         service.close()
     report.fail(code, service.first_failure or f"the master exited with code {code} before "

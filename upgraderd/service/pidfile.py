@@ -210,12 +210,18 @@ class PidFile:
 
     def acquire(self) -> str | None:
         """Take the lock; raise AlreadyRunning, UnsafeFile or OSError; return a stale-pidfile warning."""
-        fd = open_lock(self.lock_path)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise AlreadyRunning(read_pid(self.lock_path) or read_pid(self.path), self.path) from None
+        for _ in range(8):
+            fd = open_lock(self.lock_path)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise AlreadyRunning(read_pid(self.lock_path) or read_pid(self.path), self.path) from None
+            if _is_at(fd, self.lock_path):
+                break
+            os.close(fd)   # a master that stopped unlinked it after our open: lock the file there now
+        else:
+            raise UnsafeFile(f"{self.lock_path} keeps being replaced; refusing to use it")
         self._lock_fd = fd
         self.claim()
         if not os.path.lexists(self.path):
@@ -244,15 +250,36 @@ class PidFile:
         write_atomic(self.path, f"{os.getpid()}\n")
 
     def remove(self) -> None:
-        """Remove the pidfile if it is ours, and release the lock."""
+        """Remove the pidfile if it is ours, then the lock file while still holding it, and release it.
+
+        The lock file goes before the lock is released, and `acquire` locks only
+        the file still at the path: a master that opened the old file just
+        before the unlink sees the change and starts over, so two masters can
+        never each hold a lock.
+        """
         if read_pid(self.path) == os.getpid():
             try:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
         if self._lock_fd is not None:
+            if _is_at(self._lock_fd, self.lock_path):
+                try:
+                    os.unlink(self.lock_path)
+                except FileNotFoundError:
+                    pass
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+def _is_at(fd: int, path: str) -> bool:
+    """Return True if `path` (not followed) is the file open as `fd`."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 def write_atomic(path: str, text: str, token: Callable[[], str] = lambda: secrets.token_hex(8)) -> None:

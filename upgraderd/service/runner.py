@@ -1,5 +1,11 @@
 """`upgraderd run`: take the pidfile lock, bind, then serve in the foreground or detached.
 
+This is the one place that wires the daemon, start to finish and in this
+order: the system (system/posix.py `posix_system`), the event bus and what
+subscribes to it besides the counters (`Service`: pidfile, status file, log
+settings), the signal inbox, then the owners and the master
+(core/master.py `assemble`). Nothing is assigned into any of them afterwards.
+
 Before it binds, the master refuses to start next to another live master on
 one of its addresses (exit 3), then adopts the listening sockets that outlived
 the previous master: those passed to it (socket activation, the fd store) and
@@ -15,17 +21,20 @@ from __future__ import annotations
 
 import logging
 
-from upgraderd.system import posix
 from upgraderd.config.schema import Config
-from upgraderd.errors import FatalError
-from upgraderd.service.logsetup import LogSetup
-from upgraderd.core.master import Master
+from upgraderd.core.events import Bus
+from upgraderd.core.master import assemble
 from upgraderd.core.takeover import Takeover
-from upgraderd.service import status
-from upgraderd.system.orphanfds import OrphanSet
+from upgraderd.errors import FatalError
 from upgraderd.metrics.telemetry import Telemetry
+from upgraderd.service import status
+from upgraderd.service.logsetup import LogSetup
 from upgraderd.service.pidfile import PidFile
-from upgraderd.service.hooks import Service
+from upgraderd.service.reporting import Service
+from upgraderd.system import posix
+from upgraderd.system.orphanfds import OrphanSet
+from upgraderd.system.signals import SignalInbox
+from upgraderd.worker import proctitle
 
 log = logging.getLogger("upgraderd")
 
@@ -36,6 +45,9 @@ def run(config_path: str, cfg: Config, pidfile_path: str, daemon: bool = False,
 
     Raises AlreadyRunning, ConfigError or FatalError when the master cannot start.
     """
+    proctitle.master(cfg.name)
+    for warning in cfg.warnings:   # held (below) until the log is set up, like every start-up line
+        log.warning("%s", warning)
     pidfile = PidFile(pidfile_path)
     handover = posix.inherited_handover()
     lock_fd = handover.fds.get("pidfile_lock") if handover is not None else None
@@ -59,9 +71,14 @@ def run(config_path: str, cfg: Config, pidfile_path: str, daemon: bool = False,
         with held:
             adopted, orphans = posix.outlive(cfg, status.path_for(pidfile.path)) if handover is None \
                 else ({}, OrphanSet())
-        master = Master(config_path, posix.posix_system(handover, argv, adopted, cfg), argv=argv,
-                        handover=handover, metrics=Telemetry.start,
-                        takeover=Takeover(orphans) if orphans.orphans else None)
+        system = posix.posix_system(handover, argv, adopted, cfg)
+        bus = Bus()
+        service = Service(pidfile, logs, bus)
+        inbox = SignalInbox()
+        taken = orphans if orphans.orphans else None
+        master = assemble(config_path, system, bus=bus, argv=argv, handover=handover, metrics=Telemetry.start,
+                          takeover=Takeover(taken, bus) if taken is not None else None,
+                          handover_fds=service.handover_fds, pending_signals=inbox.drain)
         try:
             master.prepare(cfg)
         except OSError as e:
@@ -74,14 +91,13 @@ def run(config_path: str, cfg: Config, pidfile_path: str, daemon: bool = False,
         pidfile.remove()
         raise
     if daemon:
-        from upgraderd.service.daemonize import run_detached
-        return run_detached(master, cfg, pidfile, logs, stale, held.replay)
+        from upgraderd.service.daemonize import Detached, run_detached
+        return run_detached(Detached(master, system, inbox, service, posix.fds_to_keep(system, taken)),
+                            cfg, pidfile, logs, stale, held.replay)
     if stale:
         log.warning("%s", stale)
-    service = Service(pidfile, logs)
-    master.hooks = service
     try:
-        return posix.run(master)
+        return posix.run(master, system, inbox)
     finally:
         service.close()
 

@@ -12,13 +12,12 @@ import os
 import selectors
 import socket
 import sys
-from typing import Any, Sequence
+from typing import Sequence
 
 from upgraderd.config import schema
 from upgraderd.contract.notify import notify
 from upgraderd.core.handover import Handover
-from upgraderd.core.master import Master
-from upgraderd.core.seams import KernelState, SocketKey, System
+from upgraderd.core.seams import KernelState, ListenerAPI, Loop, OrphanAPI, SocketKey, System
 from upgraderd.errors import FatalError
 from upgraderd.system import activation, conflict, fdstore, kernel, orphanfds, reexec, sockets
 from upgraderd.system.inotify import FileWatcher
@@ -64,7 +63,7 @@ def posix_system(handover: Handover | None, argv: Sequence[str],
         os.set_inheritable(handover.notify_fd, False)  # it was inheritable only for the exec
         notify_server = NotifyServer(socket.socket(fileno=handover.notify_fd))
 
-    def exec_master(record: Any, pending: Sequence[int]) -> OSError:
+    def exec_master(record: Handover, pending: Sequence[int]) -> OSError:
         return reexec.exec_master(record.to_json(), record.inherited_fds(), argv, pending)
 
     procs = PosixProcessAPI()
@@ -76,10 +75,18 @@ def posix_system(handover: Handover | None, argv: Sequence[str],
     return System(
         procs=procs, templates=PosixTemplates(procs), notify=notify_server or NotifyServer(),
         listeners=listeners,
-        probes=Prober(), kernel=PosixKernel(), environ=os.environ, load_config=schema.load,
+        probes=Prober(), kernel=PosixKernel(), environ=os.environ, load_config=_load_and_warn,
         user_env=user_env, reserve_port=reserve_port, self_command=(sys.executable, "-m", "upgraderd"),
         tell_systemd=tell_systemd, exec_master=exec_master, watcher=FileWatcher(),
         rescue=Rescuer(listeners.fileno_of))
+
+
+def _load_and_warn(path: str) -> schema.Config:
+    """Load the config at `path` for a reload; log each key it sets that changes nothing."""
+    cfg = schema.load(path)
+    for warning in cfg.warnings:
+        log.warning("%s", warning)
+    return cfg
 
 
 def inherited_handover() -> Handover | None:
@@ -88,11 +95,10 @@ def inherited_handover() -> Handover | None:
     return Handover.from_json(raw) if raw is not None else None
 
 
-def fds_to_keep(master: Master) -> list[int]:
+def fds_to_keep(system: System, orphans: OrphanAPI | None) -> list[int]:
     """Return every fd the master must keep across daemonizing."""
-    orphans = master.takeover.orphans if master.takeover is not None else None
-    pidfds = orphans.pidfds() if isinstance(orphans, OrphanSet) else []
-    return [*master.system.listeners.filenos(), *master.system.watched_fds(), *pidfds]
+    pidfds = orphans.pidfds() if orphans is not None else []
+    return [*system.listeners.filenos(), *system.watched_fds(), *pidfds]
 
 
 def outlive(cfg: schema.Config, status_path: str
@@ -116,41 +122,55 @@ def outlive(cfg: schema.Config, status_path: str
     return dict(adopted.sockets), found
 
 
-def _store(master: Master, store: fdstore.FdStore | None) -> None:
+def _store(config: schema.Config | None, listeners: ListenerAPI, store: fdstore.FdStore | None) -> None:
     """Keep the service manager's fd store in step with the master's sockets."""
-    listeners = master.system.listeners
-    if store is None or master.config is None or not isinstance(listeners, sockets.ListenerSet):
+    if store is None or config is None:
         return
     try:
-        store.sync(fdstore.names(master.config, listeners.keys()), listeners.fileno_of)
+        store.sync(fdstore.names(config, listeners.keys()), listeners.fileno_of)
     except Exception:
         log.exception("internal error while storing sockets with the service manager; carrying on")
 
 
-def run(master: Master) -> int:
+def _watch_writes(sel: selectors.BaseSelector, system: System, before: list[int]) -> list[int]:
+    """Select the template channels that have requests queued for writability, and only those.
+
+    Re-registered each pass, not diffed: a channel closed since may have left its
+    number to a new one, which the kernel's epoll set does not hold.
+    """
+    for fd in before:
+        sel.unregister(fd)   # the selector ignores the kernel's error for a closed fd
+    now = system.templates.writers() if system.templates is not None else []
+    for fd in now:
+        sel.register(fd, selectors.EVENT_WRITE)
+    return now
+
+
+def run(master: Loop, system: System, inbox: SignalInbox) -> int:
     """Serve until the master has no generation left; return its exit code.
 
-    The loop blocks only in `select`, on the signal wakeup socket and the
-    master's own fds (notify socket, probe epoll), at most until the master's
-    next deadline.
+    The loop blocks only in `select`, on the signal wakeup socket of `inbox`
+    (the one whose `drain` the master was built with) and the master's own fds
+    (notify socket, probe epoll, inotify), at most until the master's next
+    deadline. The master releases what it started (`close`); the loop then
+    closes the system's sockets.
     """
     store = fdstore.FdStore.from_env(os.environ)
     try:
-        with SignalInbox() as inbox, selectors.DefaultSelector() as sel:
-            master.pending_signals = inbox.drain
-            for fd in (inbox.fileno(), *master.system.watched_fds()):
+        with inbox, selectors.DefaultSelector() as sel:
+            for fd in (inbox.fileno(), *system.watched_fds()):
                 sel.register(fd, selectors.EVENT_READ)
             master.start()
             master.step(set())
-            _store(master, store)
-            while master.generations:
-                sel.select(master.timeout(master.clock()))
+            _store(master.config, system.listeners, store)
+            writing = _watch_writes(sel, system, [])
+            while master.running:
+                sel.select(master.timeout())
                 master.step(inbox.drain())
-                _store(master, store)
+                _store(master.config, system.listeners, store)
+                writing = _watch_writes(sel, system, writing)
     finally:
-        if master.metrics is not None:
-            master.metrics.close()
-            master.metrics = None
-    master.system.close()
+        master.close()
+    system.close()
     log.info("upgraderd stopped")
     return master.exit_code

@@ -16,6 +16,15 @@ Privilege drop: posix_spawn cannot change the user, so a worker that runs as
 the real and effective ids and the supplementary groups, then execs the
 shim (same pid again). The master itself stays root, so it can still bind
 low ports on a reload.
+
+Process groups: every process spawned here (worker, template, standby) leads
+a process group of its own (posix_spawn's setpgroup, i.e. setpgid(0, 0)
+before the exec), and a template's forked workers stay in the template's.
+A shell's job control (`kill -HUP %1`), a terminal's Ctrl-C or Ctrl-Z and a
+session leader's hang-up signal the master's group only: the master decides
+what a signal means for its workers, and gunicorn-like `command:` workers
+never take a terminal's SIGHUP as their own reload. So nothing may signal a
+group: the master stops each worker by its pid.
 """
 
 from __future__ import annotations
@@ -45,7 +54,7 @@ class PosixProcessAPI:
             args = ["/bin/sh", "-c", 'cd "$0" || exit 127; exec "$@"', cwd, *args]
         args = [*privilege_argv(user, group), *args]
         try:
-            return os.posix_spawn(args[0], args, dict(env), file_actions=actions)
+            return os.posix_spawn(args[0], args, dict(env), file_actions=actions, setpgroup=0)
         except OSError as e:
             raise SpawnError(f"cannot start {argv[0]!r}: {e.strerror}") from None
         except ValueError as e:  # an embedded NUL byte in argv or env

@@ -103,6 +103,8 @@ def is_master(pid: int) -> bool:
     if facts is None or facts[2] in ("Z", "X"):
         return False
     args = cmdline(pid)
+    if args and args[0].startswith(b"upgraderd: master"):   # its title (worker/proctitle.py)
+        return True
     if any(os.path.basename(a) == b"upgraderd" for a in args[:2]):
         return b"run" in args
     module = any(a == b"-m" and b == b"upgraderd" for a, b in zip(args[:3], args[1:4]))

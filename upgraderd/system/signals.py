@@ -27,14 +27,19 @@ class SignalInbox:
     """A context manager that routes `signals` to a socketpair the loop can select on."""
 
     def __init__(self, signals: Iterable[signal.Signals] = HANDLED) -> None:
+        # The socketpair is made on entry, not here: the inbox is built (and its
+        # `drain` handed to the master) before a --daemon master detaches, which
+        # closes every fd it is not told to keep.
         self.signals = tuple(signals)
-        self._rsock, self._wsock = socket.socketpair()
-        self._rsock.setblocking(False)
-        self._wsock.setblocking(False)
+        self._rsock: socket.socket | None = None
+        self._wsock: socket.socket | None = None
         self._old_handlers: dict[signal.Signals, Any] = {}
         self._old_wakeup = -1
 
     def __enter__(self) -> SignalInbox:
+        self._rsock, self._wsock = socket.socketpair()
+        self._rsock.setblocking(False)
+        self._wsock.setblocking(False)
         self._old_wakeup = signal.set_wakeup_fd(self._wsock.fileno(), warn_on_full_buffer=False)
         for sig in self.signals:
             self._old_handlers[sig] = signal.signal(sig, _record)
@@ -48,16 +53,21 @@ class SignalInbox:
         for sig, old in self._old_handlers.items():
             signal.signal(sig, old)
         signal.set_wakeup_fd(self._old_wakeup)
-        self._rsock.close()
-        self._wsock.close()
+        if self._rsock is not None and self._wsock is not None:
+            self._rsock.close()
+            self._wsock.close()
+        self._rsock = self._wsock = None
 
     def fileno(self) -> int:
-        """Return the fd to select on."""
+        """Return the fd to select on (inside the `with` block only)."""
+        assert self._rsock is not None, "the inbox is not open"
         return self._rsock.fileno()
 
     def drain(self) -> set[signal.Signals]:
-        """Return the set of signals received since the last call."""
+        """Return the set of signals received since the last call (none outside the `with` block)."""
         got: set[signal.Signals] = set()
+        if self._rsock is None:
+            return got
         while True:
             try:
                 data = self._rsock.recv(4096)

@@ -229,7 +229,9 @@ class ListenerSet(cookiepool.Lending):
         for spec in cfg.listeners:
             if spec.mode == "worker-bind":
                 continue
-            ready = {self._pool.socket_of(key_for(spec, s, gen)) for s in slots} - self._parked
+            host, port, mode, _ = key_for(spec, 0, gen)   # once per listener: this runs every pass
+            per_slot = spec.mode == "reuseport"
+            ready = {self._pool.socket_of((host, port, mode, s if per_slot else 0)) for s in slots} - self._parked
             for key in self._socks:
                 if _kind(key) == _kind(key_for(spec, 0)):
                     keys = wanted.setdefault(self._group_of[key], set())

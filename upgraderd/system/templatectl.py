@@ -12,8 +12,16 @@ socket (core/prefork.py judges it).
 The master becomes a child subreaper (prctl PR_SET_CHILD_SUBREAPER) before
 its first template: the template double-forks each worker, so the worker is
 re-parented to the master, which then waits for it as for any worker. The
-setting survives a USR2 re-exec. Sends never block: a template that stops
-reading fills its queue and the request fails with SpawnError.
+setting survives a USR2 re-exec.
+
+Flow control: sends never block. A request the channel cannot take now (the
+template is still importing, or forking an earlier batch) waits in the
+template's queue, in order, with duplicates of its fds (the master may close a
+slot's socket meanwhile, and its number could then name another socket).
+`flush()` sends what the channels take; the loop selects the channels with a
+queue for writability (`writers()`), so it wakes as soon as a template has
+read. Whether a template that takes nothing has stalled is core/prefork.py's
+decision, with its clock; a full buffer is not an error here.
 
 Hazard: the control channel's fd is close-on-exec, so a USR2 re-exec of the
 master closes it; the templates see EOF and exit. Generations the new master
@@ -29,6 +37,7 @@ import logging
 import os
 import signal
 import socket
+from collections import deque
 from typing import Mapping, Sequence
 
 from upgraderd.contract import env as contract
@@ -55,6 +64,8 @@ class PosixTemplates:
     def __init__(self, procs: PosixProcessAPI) -> None:
         self.procs = procs
         self.channels: dict[int, socket.socket] = {}
+        # Requests a channel could not take yet: (payload, fds this object owns), in order.
+        self.queues: dict[int, deque[tuple[bytes, list[int]]]] = {}
         self.subreaper = False
 
     def start(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None = None,
@@ -86,13 +97,57 @@ class PosixTemplates:
         if channel is None:
             raise SpawnError(f"template pid {pid} is gone")
         payload = json.dumps(request).encode()
+        queue = self.queues.get(pid)
+        if not queue:
+            try:
+                if self._try(channel, payload, fds):
+                    return
+            except OSError as e:
+                raise SpawnError(f"cannot reach template pid {pid}: {e.strerror or e}") from None
+        try:
+            owned = [os.dup(fd) for fd in fds]   # close-on-exec, as os.dup makes them
+        except OSError as e:
+            raise SpawnError(f"cannot queue a request for template pid {pid}: {e.strerror or e}") from None
+        self.queues.setdefault(pid, deque()).append((payload, owned))
+
+    @staticmethod
+    def _try(channel: socket.socket, payload: bytes, fds: Sequence[int]) -> bool:
+        """Send one request; return False if the channel is full (raise OSError if it is broken)."""
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
         try:
             channel.sendmsg([payload], anc)
         except BlockingIOError:
-            raise SpawnError(f"template pid {pid} is not taking requests (queue full)") from None
-        except OSError as e:
-            raise SpawnError(f"cannot reach template pid {pid}: {e.strerror or e}") from None
+            return False
+        return True
+
+    def flush(self) -> dict[int, int]:
+        """Send queued requests the channels take now; return, for each template that still
+        has a queue, how many it took in this call."""
+        left: dict[int, int] = {}
+        for pid, queue in list(self.queues.items()):
+            taken = 0
+            try:
+                while queue and self._try(self.channels[pid], *queue[0]):
+                    _closeall(queue.popleft()[1])
+                    taken += 1
+            except OSError as e:   # the template died: its exit fails what waited for it
+                log.warning("template pid %d: channel broken (%s); %d requests dropped",
+                            pid, e.strerror or e, len(queue))
+                self._drop(pid)
+                continue
+            if queue:
+                left[pid] = taken
+            else:
+                del self.queues[pid]
+        return left
+
+    def writers(self) -> list[int]:
+        """Return the channels' fds that have requests waiting (select them for writability)."""
+        return [self.channels[pid].fileno() for pid in self.queues]
+
+    def _drop(self, pid: int) -> None:
+        for _payload, fds in self.queues.pop(pid, ()):
+            _closeall(fds)
 
     def load(self, pid: int, app: str, env: Mapping[str, str]) -> None:
         """Make standby `pid` import `app` with `env` and become a template; raise SpawnError."""
@@ -100,6 +155,7 @@ class PosixTemplates:
 
     def stop(self, pid: int) -> None:
         """Close template `pid`'s channel and SIGKILL it; workers it forked live on."""
+        self._drop(pid)
         channel = self.channels.pop(pid, None)
         if channel is not None:
             channel.close()
@@ -124,3 +180,8 @@ class PosixTemplates:
         for pid in list(self.channels):
             self.stop(pid)
 
+
+
+def _closeall(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)

@@ -10,6 +10,12 @@ is dropped for the rest of this drain, and the connection is offered to the
 next one; when none is left, `give()` returns False and the caller serves the
 connection on. A connection is never lost here: its fd stays open in this
 process until the taker has answered ACK and our COMMIT went out.
+
+A giver connects to at most TAKERS takers, starting at its own slot's place
+in the list: with N workers per generation, connecting (and checking the
+credentials of) every taker cost N connects per giver, N * N per reload,
+seconds of CPU at 128 workers; the givers of a generation still spread their
+connections over all the takers, each starting at a different one.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from upgraderd.contract.wire import Channel
 from upgraderd.worker.peers import Peer
 
 BATCH = 64  # offers in flight to one taker (it holds at most MAX_PENDING = 128)
+TAKERS = 8  # takers one giver connects to, at most (more only replace those that fail)
 
 
 class _Target:
@@ -71,15 +78,22 @@ class Giver:
         channels = peers.listening_channels(self.master)
         self._targets = []
         for gen in sorted({c.generation for c in channels if c.generation > self.generation}):
-            self._targets = self._trusted([c for c in channels if c.generation == gen])
+            self._targets = self._trusted(self._from_own_slot([c for c in channels if c.generation == gen]),
+                                          TAKERS)
             if self._targets:
                 break
         else:
-            self._targets = self._trusted([c for c in channels
-                                           if c.generation == self.generation and c.slot != self.slot])
-        # Start at our own slot: the givers of one generation then spread evenly.
-        self._next = self.slot % len(self._targets) if self._targets else 0
+            self._targets = self._trusted(self._from_own_slot(
+                [c for c in channels if c.generation == self.generation and c.slot != self.slot]), TAKERS)
+        self._next = 0
         return len(self._targets)
+
+    def _from_own_slot(self, channels: list[Channel]) -> list[Channel]:
+        """Return `channels` by slot, rotated to start at our slot: the givers of one
+        generation then start at different takers and spread evenly."""
+        ordered = sorted(channels, key=lambda c: c.slot)
+        start = self.slot % len(ordered) if ordered else 0
+        return ordered[start:] + ordered[:start]
 
     def aim(self, channels: list[Channel]) -> int:
         """Connect to exactly `channels`, checking each; return how many takers passed."""
@@ -88,10 +102,12 @@ class Giver:
         self._next = 0
         return len(self._targets)
 
-    def _trusted(self, channels: list[Channel]) -> list[_Target]:
-        """Return the channels we could connect to and whose owner passed the check."""
-        out = []
+    def _trusted(self, channels: list[Channel], limit: int | None = None) -> list[_Target]:
+        """Return the channels we could connect to and whose owner passed the check (the first `limit`)."""
+        out: list[_Target] = []
         for channel in channels:
+            if limit is not None and len(out) >= limit:
+                break
             target = _Target(channel)
             try:
                 ok = self._connect(target, self.clock() + self.timeout)

@@ -1,9 +1,11 @@
 """A master run as a service: pidfile, status file, log settings, start-up report.
 
-`Service` implements the master's hooks. Everything here runs inside the
-master's loop, so nothing may raise into it: a pidfile or status file that
-cannot be written, or a log file that cannot be opened, is logged and the
-master carries on serving.
+`Service` subscribes to the master's events (core/events.py) on the bus it is
+built with: each pass's end (the status file, a reloaded `log` section),
+generation 1 serving or failing (the pidfile, the start-up report), SIGUSR1
+(reopen the log). Everything here runs inside the master's loop, so nothing
+may raise into it: a pidfile or status file that cannot be written, or a log
+file that cannot be opened, is logged and the master carries on serving.
 """
 
 from __future__ import annotations
@@ -12,11 +14,11 @@ import json
 import logging
 import os
 
+from upgraderd.config.schema import LogSpec
+from upgraderd.core import events as ev
+from upgraderd.core.snapshot import PassEnded
 from upgraderd.service import status
-from upgraderd.config.schema import Config, LogSpec
-from upgraderd.core.hooks import Hooks
 from upgraderd.service.logsetup import LogSetup
-from upgraderd.core.snapshot import Snapshot
 from upgraderd.service.pidfile import PidFile
 
 log = logging.getLogger("upgraderd")
@@ -53,24 +55,32 @@ class StartupReport:
             os.close(fd)
 
 
-class Service(Hooks):
-    """The master's hooks for `upgraderd run`."""
+class Service:
+    """What `upgraderd run` does with the master's events."""
 
-    def __init__(self, pidfile: PidFile, logs: LogSetup, report: StartupReport | None = None) -> None:
+    def __init__(self, pidfile: PidFile, logs: LogSetup, bus: ev.Bus) -> None:
         self.pidfile = pidfile
         self.status_path = status.path_for(pidfile.path)
         self.logs = logs
-        self.report = report
+        self.report: StartupReport | None = None
         self.first_failure = ""
         self._last: dict[str, object] | None = None
         self._status_ok = True
         self._log_spec: LogSpec | None = None
+        bus.subscribe(PassEnded, self.on_pass)
+        bus.subscribe(ev.Serving, lambda _: self.on_serving())
+        bus.subscribe(ev.StartFailed, lambda e: self.on_start_failed(e.reason))
+        bus.subscribe(ev.LogReopenAsked, lambda _: self.on_reopen_logs())
 
-    def on_step(self, snap: Snapshot, config: Config | None) -> None:
+    def report_to(self, report: StartupReport) -> None:
+        """Tell the command that started a detached master whether it serves, through `report`."""
+        self.report = report
+
+    def on_pass(self, event: PassEnded) -> None:
         """Apply a reloaded `log` section, write the status file if it changed."""
-        if config is not None:
-            self._apply_logs(config.log)
-        data = status.document(snap)
+        if event.config is not None:
+            self._apply_logs(event.config.log)
+        data = status.document(event.snapshot)
         if data != self._last and not status.only_readiness_changed(self._last, data):
             self._write_status(data)
 
