@@ -197,3 +197,32 @@ def test_edits_within_the_debounce_window_coalesce_into_one_generation(tmp_path:
     assert log.count("watched path changed:") == 1
     assert value(samples, "upgraderd_watch_triggers_total") == 1
     assert value(samples, "upgraderd_reloads_total", result="success") == 1
+
+
+def test_a_busy_file_beside_the_config_does_not_delay_an_edit(tmp_path: Path) -> None:
+    """Issue 25: a log written every 0.1-0.3 s in the config's directory kept pushing the
+    debounce back, and an edit waited more than 15 s (until the writer stopped)."""
+    import random
+    import threading
+    cfg = http_config(free_port(), ["config"], debounce=0.5)
+    with Daemon(tmp_path, cfg).start() as d:
+        stop = threading.Event()
+
+        def busy() -> None:
+            for n in range(200):   # at most 200 writes, ~40 s
+                (tmp_path / "busy.log").write_text(f"line {n}\n")
+                if stop.wait(random.uniform(0.1, 0.3)):
+                    return
+        writer = threading.Thread(target=busy, daemon=True)
+        writer.start()
+        try:
+            d.wait_log(r"watching for changes")
+            d.write_config(dump(cfg, 1))
+            # Seen after its debounce (0.5 s), while the writer still writes: the old
+            # watcher saw it only once the writer stopped (~40 s here).
+            d.wait_log(r"watched path changed: .*upgraderd\.yaml", timeout=5)
+            assert writer.is_alive()
+            d.wait_log(r"reload done: generation 2 ACTIVE")
+        finally:
+            stop.set()
+            writer.join(5)

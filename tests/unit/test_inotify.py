@@ -106,3 +106,51 @@ def test_a_fifo_in_place_of_the_config_does_not_block(tmp_path: Path) -> None:
     os.mkfifo(fifo)
     assert fingerprint(str(fifo), content=True).startswith(str(fifo))   # metadata only, no open()
     assert fingerprint(str(tmp_path / "missing"), content=True) == ""
+
+
+def test_only_events_on_the_way_to_a_watched_path_count(tmp_path):
+    """Issue 25: a busy file next to the config pushed a real edit's debounce back forever."""
+    from upgraderd.system.inotify import FileWatcher
+    config = tmp_path / "upgraderd.yaml"
+    config.write_text("a")
+    w = FileWatcher()
+    try:
+        assert w.watch([str(config)]) == []
+        (tmp_path / "busy.log").write_text("x")
+        (tmp_path / "busy.log").write_text("y")
+        assert w.changed() is False
+        config.write_text("b")
+        assert w.changed() is True
+    finally:
+        w.close()
+
+
+def test_the_names_that_matter_follow_the_symlinks(tmp_path):
+    from upgraderd.system.inotify import names
+    (tmp_path / "..2024").mkdir()
+    (tmp_path / "..2024" / "upgraderd.yaml").write_text("a")
+    (tmp_path / "..data").symlink_to("..2024")
+    (tmp_path / "upgraderd.yaml").symlink_to("..data/upgraderd.yaml")
+    found = names(str(tmp_path / "upgraderd.yaml"))
+    assert found[str(tmp_path)] == {"upgraderd.yaml", "..data", "..2024"}
+    assert found[str(tmp_path / "..2024")] == {"upgraderd.yaml"}
+    # A loop stops after MAX_HOPS links, and a missing entry ends the walk with its own name.
+    (tmp_path / "a").symlink_to("b")
+    (tmp_path / "b").symlink_to("a")
+    assert names(str(tmp_path / "a"))[str(tmp_path)] == {"a", "b"}
+    assert names(str(tmp_path / "gone" / "x"))[str(tmp_path)] == {"gone"}
+
+
+def test_a_symlink_loop_is_logged_once(tmp_path, caplog):
+    import logging
+    from upgraderd.system.inotify import FileWatcher
+    caplog.set_level(logging.WARNING, logger="upgraderd")
+    (tmp_path / "a").symlink_to("b")
+    (tmp_path / "b").symlink_to("a")
+    w = FileWatcher()
+    try:
+        for _ in range(3):
+            assert w.fingerprint(str(tmp_path / "a"), False) == ""
+        assert sum("symlink loop" in r.getMessage() for r in caplog.records) == 1
+    finally:
+        w.close()

@@ -46,10 +46,11 @@ def test_the_kustomization_lists_every_manifest() -> None:
     listed = set(yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"])
     on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
     assert listed == on_disk
-    assert set(docs()) == {"ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "ServiceMonitor"}
+    assert set(docs()) == {"ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "ServiceMonitor",
+                           "NetworkPolicy"}
 
 
-@pytest.mark.parametrize("kind", ["ConfigMap", "Deployment", "Service", "PodDisruptionBudget"])
+@pytest.mark.parametrize("kind", ["ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy"])
 def test_each_builtin_manifest_validates_against_the_kubernetes_schema(kind: str) -> None:
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     kubernetes_validate.validate(docs()[kind], KUBE_VERSION, strict=True)
@@ -134,3 +135,21 @@ def test_kubectl_kustomize_builds_the_same_five_objects() -> None:
     built = list(yaml.safe_load_all(out.stdout))
     assert sorted(d["kind"] for d in built) == sorted(docs())
     assert all(d["metadata"]["labels"]["app.kubernetes.io/name"] == "upgraderd" for d in built)
+
+
+def test_only_prometheus_reaches_the_port_the_probes_use() -> None:
+    """A stranger in the cluster must not be able to starve /healthz and /readyz (issue 25)."""
+    policy = docs()["NetworkPolicy"]["spec"]
+    pod_labels = docs()["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert policy["policyTypes"] == ["Ingress"]
+    probed = {container()[p]["httpGet"]["port"] for p in ("readinessProbe", "livenessProbe")}
+    assert probed == {"metrics"}
+    for rule in policy["ingress"]:
+        ports = {p["port"] for p in rule["ports"]}
+        if ports & probed:
+            # Restricted to named peers: no empty `from`, no ipBlock open to every address.
+            assert rule.get("from") and all("ipBlock" not in peer for peer in rule["from"]), rule
+        else:
+            assert ports == {"http"}, rule
+    assert any({p["port"] for p in r["ports"]} == {"http"} and "from" not in r for r in policy["ingress"])

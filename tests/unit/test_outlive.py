@@ -124,12 +124,17 @@ def test_passed_socket_names_carry_the_slot(name, expected):
 
 
 @pytest.mark.parametrize("doc, expected", [
-    ({"pid": 500, "generations": [{"workers": [{"pid": 501}, {"pid": 502}]}, {"workers": [{"pid": 501}]}]},
-     (500, [501, 502])),
-    ({"pid": True, "generations": []}, (0, [])),
-    ({"pid": 500, "generations": "x"}, (0, [])),
+    ({"pid": 500, "generations": [{"workers": [{"pid": 501, "slot": 0}, {"pid": 502, "slot": 1}]},
+                                  {"workers": [{"pid": 501, "slot": 1}]}]},
+     (500, {501: 0, 502: 1})),
+    # A slot that is not a small non-negative int is not recorded (the pid still is).
+    ({"pid": 500, "generations": [{"workers": [{"pid": 501, "slot": "1"}, {"pid": 502, "slot": -1},
+                                               {"pid": 503, "slot": 1 << 40}, {"pid": 504}]}]},
+     (500, {501: None, 502: None, 503: None, 504: None})),
+    ({"pid": True, "generations": []}, (0, {})),
+    ({"pid": 500, "generations": "x"}, (0, {})),
     ({"pid": 500, "generations": [{"workers": [{"pid": -1}, {"pid": 1}, {"pid": "7"}, {"pid": 1 << 40},
-                                               {"pid": False}, None, {"pid": 9.5}]}, 3]}, (500, [])),
+                                               {"pid": False}, None, {"pid": 9.5}]}, 3]}, (500, {})),
 ])
 def test_the_status_file_only_suggests_well_formed_pids(doc, expected):
     assert orphanfds.suggested_pids(doc) == expected

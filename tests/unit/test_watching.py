@@ -219,3 +219,27 @@ def test_the_reload_section_survives_a_master_upgrade_hand_over() -> None:
                        "reload: {watch: [config, /srv/app/current], debounce: 250ms}\n")
     back = config_from_dict(json.loads(json.dumps(config_to_dict(cfg))))
     assert back.reload == cfg.reload and back.reload.watch == ("config", "/srv/app/current")
+
+
+def test_a_missing_watched_path_does_not_hold_up_a_config_edit(rig: Rig) -> None:
+    """Issue 25: one missing path used to block every watch-triggered reload."""
+    rig.serve(watch=["config", str(rig.extra)])   # `current` does not exist
+    rig.edit(at=T0 + 1, env="b", watch=["config", str(rig.extra)])
+    rig.step(at=T0 + 2)
+    assert rig.triggers() == 1 and [n for n, _ in rig.states()] == [1, 2]
+    # It appearing later is a change of its own.
+    rig.extra.write_text("release 1")  # (the fake fingerprints files only)
+    rig.watcher.event()
+    rig.step(at=T0 + 3)
+    rig.step(at=T0 + 4)
+    assert rig.triggers() == 2
+
+
+def test_a_symlink_loop_is_treated_as_missing_and_holds_up_nothing(rig: Rig) -> None:
+    loop = rig.extra.parent / "loop"
+    loop.symlink_to(rig.extra.parent / "loop2")
+    (rig.extra.parent / "loop2").symlink_to(loop)
+    rig.serve(watch=["config", str(loop)])
+    rig.edit(at=T0 + 1, env="b", watch=["config", str(loop)])
+    rig.step(at=T0 + 2)
+    assert rig.triggers() == 1 and [n for n, _ in rig.states()] == [1, 2]

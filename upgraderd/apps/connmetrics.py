@@ -50,7 +50,8 @@ ENV = METRICS_DIR
 # Every reason a hand-off can fail for (docs/metrics.md); each series starts at 0.
 ACCEPTED, CLOSED, RX, TX = 0, 1, 2, 3  # indexes in a listener's tally (the loop adds to them directly)
 HANDOFF_FAILURES = ("refused", "timeout", "taker_gone", "untrusted_taker", "malformed_reply", "too_large",
-                    "untrusted_giver", "malformed", "abandoned", "stalled_giver", "busy", "channel_in_use")
+                    "untrusted_giver", "malformed", "abandoned", "stalled_giver", "busy", "channel_in_use",
+                    "idle_giver")
 
 
 class ConnectionMetrics:

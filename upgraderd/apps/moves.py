@@ -1,7 +1,8 @@
 """Hand-off for the built-in workers: take connections while serving, give them at drain.
 
 With `drain.handoff: auto` (UPGRADERD_HANDOFF=auto, contract/env.py) a built-in worker opens
-its hand-off channel before READY=1 and adopts whatever connection an older
+its hand-off channel before READY=1 (or exits, failing its generation, if it
+cannot) and adopts whatever connection an older
 worker (or a retiring sibling) commits to it. When it drains, it offers every
 connection it can move to the ACTIVE generation, round-robin over its
 workers, instead of waiting for the connection to end. A connection moves:
@@ -81,17 +82,22 @@ class Moves:
         self.found_at = 0.0
 
     def open(self) -> None:
-        """Open this worker's channel (before READY=1); without it, we only give."""
+        """Open this worker's channel (before READY=1); exit if it cannot be opened.
+
+        A worker without its channel would be counted ready while its
+        predecessors could give it nothing, and their connections would be cut
+        at drain.timeout. Failing before READY=1 fails the new generation
+        instead: the reload is reported failed and the old workers keep their
+        connections.
+        """
         if not self.take:
             return
         try:
             self.taker = handoff.Taker(list(self.server.listeners))
         except OSError as e:
-            # Another process holds our name (abstract names are global): take nothing.
-            print(f"upgraderd worker: hand-off channel unavailable, taking no connections: {e}",
-                  file=sys.stderr)
             self.server.metrics.handoff_failed("channel_in_use")
-            return
+            self.server.metrics.flush()
+            raise SystemExit(f"upgraderd worker: hand-off channel unavailable, not starting: {e}") from None
         self.server.register_taker(self.taker)
 
     def poll(self) -> None:

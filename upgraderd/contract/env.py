@@ -34,6 +34,7 @@ SLOT = "UPGRADERD_SLOT"                    # its slot in the generation, 0-based
 DRAIN_SIGNAL = "UPGRADERD_DRAIN_SIGNAL"    # the signal it is drained with, e.g. TERM
 HANDOFF = "UPGRADERD_HANDOFF"              # "auto": give connections away at drain
 HANDOFF_AUTO = "auto"
+HANDOFF_DIR = "UPGRADERD_HANDOFF_DIR"      # the master's private directory of hand-off channels
 ORPHAN_GRACE = "UPGRADERD_ORPHAN_GRACE"    # seconds to serve on after the master died
 THREADS = "UPGRADERD_THREADS"              # event loops of a built-in app
 WORKER_BIND = "UPGRADERD_WORKER_BIND"      # ':'-separated listeners the worker binds itself

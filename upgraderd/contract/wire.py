@@ -1,9 +1,15 @@
 """The hand-off channel: its address, and the frames that move one connection over it.
 
-A worker that takes connections listens on a SOCK_SEQPACKET Unix socket in
-the abstract namespace, `@upgraderd-<master pid>-handoff-<generation>-<slot>`
-(`channel_name`); givers find the channels in /proc/net/unix and check who
-owns them (worker/peers.py), since an abstract name proves nothing.
+A worker that takes connections listens on a SOCK_SEQPACKET Unix socket at
+`DIR/handoff-<generation>-<slot>` (`channel_name`), where DIR is the master's
+channel directory (UPGRADERD_HANDOFF_DIR, made by system/channeldir.py: a
+fresh random name `upgraderd-<master pid>-handoff-XXXXXXXX`, mode 0700, owned
+by the workers' user), so no other user can bind or connect there. The old
+abstract names, `@upgraderd-<master pid>-handoff-<generation>-<slot>`, open
+to every local user, are still understood where no directory is known (a
+worker of an older master across a USR2 re-exec, the library on its own).
+Givers find the channels in /proc/net/unix and check who owns them
+(worker/peers.py), since a name proves nothing.
 
 One connection moves in one exchange:
 
@@ -38,20 +44,30 @@ CHUNK = 32 * 1024
 MAX_LISTENER = 255
 MAX_STATE = 1 << 20
 MAX_PAYLOAD = 8 << 20
+# Payload bytes (state, unhandled, unsent) one giver may have offered and not yet
+# committed on one channel connection: a giver plans its rounds by it and a taker
+# drops a giver that sends more. Two of the largest offers fit.
+MAX_PENDING_BYTES = 2 * MAX_PAYLOAD
 MAX_REASON = 32
 RECV_SIZE = CHUNK + 1024
 _OFFER_HEAD = struct.Struct("!HIII")
 PREFIX = "upgraderd-"
 
 
-def channel_name(master: int, generation: int, slot: int) -> str:
-    """Return the channel name (without the leading NUL) of one worker slot."""
+DIR_PREFIX = "upgraderd-{master}-handoff-"  # the channel directory's name, before its random part
+
+
+def channel_name(master: int, generation: int, slot: int, directory: str | None = None) -> str:
+    """Return the channel name of one worker slot: a path in `directory`, else an abstract name
+    (without the leading NUL)."""
+    if directory is not None:
+        return f"{directory.rstrip('/')}/handoff-{generation}-{slot}"
     return f"{PREFIX}{master}-handoff-{generation}-{slot}"
 
 
 def address(name: str) -> bytes:
-    """Return the abstract socket address for `name`."""
-    return b"\0" + name.encode()
+    """Return the socket address for `name`: the path itself, or the abstract name."""
+    return name.encode() if name.startswith("/") else b"\0" + name.encode()
 
 
 @dataclass(frozen=True)
@@ -63,12 +79,26 @@ class Channel:
     name: str
 
 
-def parse_name(name: str, master: int) -> Channel | None:
-    """Return the channel `name` stands for if it belongs to `master`, else None."""
-    prefix = f"{PREFIX}{master}-handoff-"
-    if not name.startswith(prefix):
+def parse_name(name: str, master: int, directory: str | None = None) -> Channel | None:
+    """Return the channel `name` stands for if it belongs to `master`, else None.
+
+    With `directory` (a worker: its master told it), only a path in that
+    directory is a channel. Without (a process outside the master, such as an
+    operator's tool), a path in any directory named for `master`, or an old
+    abstract name, is listed; the peer check still decides whom to trust.
+    """
+    if name.startswith("/"):
+        parent, _, base = name.rpartition("/")
+        ours = (parent == (directory or "").rstrip("/") if directory is not None
+                else parent.rpartition("/")[2].startswith(DIR_PREFIX.format(master=master)))
+        if not ours or not base.startswith("handoff-"):
+            return None
+        rest = base[len("handoff-"):]
+    elif directory is None and name.startswith(f"{PREFIX}{master}-handoff-"):
+        rest = name[len(f"{PREFIX}{master}-handoff-"):]
+    else:
         return None
-    gen, sep, slot = name[len(prefix):].partition("-")
+    gen, sep, slot = rest.partition("-")
     # isascii: str.isdigit() also takes digits int() refuses ('²'), and any local user may bind a name.
     if not sep or not (gen + slot).isascii() or not gen.isdigit() or not slot.isdigit() or len(gen) > 9 \
             or len(slot) > 9:

@@ -154,8 +154,9 @@ class Master:
 
     @property
     def running(self) -> bool:
-        """Return True while a generation is left: the loop ends when none is."""
-        return bool(self.fleet.generations)
+        """Return True while a generation is left, or a dead master's orphans we took over still
+        drain (`stop` after a restart must not leave them serving): the loop ends when neither is."""
+        return bool(self.fleet.generations) or (self.takeover is not None and not self.takeover.done)
 
     # -- start and stop --
 

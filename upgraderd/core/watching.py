@@ -12,7 +12,10 @@ directory" and fingerprints paths. This module debounces and decides:
   baseline. Only a real change triggers (reported as `WatchTriggered`), and
   it takes exactly the HUP path: `Reloads.queue()`, so the outcome is
   reported as for a HUP.
-- A watched path that is missing is waited for (a delete, then a re-create).
+- A watched path that is missing is waited for (a delete, then a re-create):
+  its going does not trigger, its coming back does. It never holds up a
+  change of another path (a config edit while an optional file is absent,
+  or a symlink loop among the watched paths, which fingerprints as missing).
 - A config that does not parse is checked once more one debounce later (a
   writer still busy); if it is still the same invalid file, the reload runs
   and is rejected, logged with the error's location and counted, as on HUP.
@@ -52,6 +55,7 @@ class FileWatch:
         self.baseline: dict[str, str] = {}
         self.deadline: float | None = None
         self.held: str | None = None    # fingerprint of a config that did not parse at its first check
+        self.absent: set[str] = set()   # watched paths missing at the last check
 
     def step(self, cfg: Config | None, stopping: bool, now: float) -> None:
         """Follow `cfg`'s watch list, read events, and check the paths once due."""
@@ -92,16 +96,18 @@ class FileWatch:
         """Compare fingerprints with the baseline; queue a reload on a real change."""
         self._watch()   # a swapped symlink may now resolve into other directories
         prints = {p: self._print(p) for p in self.paths}
-        missing = [p for p, fp in prints.items() if not fp]
-        changed = [p for p in self.paths if prints[p] != self.baseline.get(p)]
+        missing = {p for p, fp in prints.items() if not fp}
+        if missing - self.absent:
+            log.info("watched path missing: %s; waiting for it to come back", ", ".join(sorted(missing - self.absent)))
+        self.absent = missing
+        # A missing path keeps its baseline: its going is no change, and back as it was is none either.
+        changed = [p for p in self.paths if p not in missing and prints[p] != self.baseline.get(p)]
         if not changed:
-            return
-        if missing:
-            log.info("watched path missing: %s; waiting for it to come back", ", ".join(missing))
             return
         if self._wait_for_parse(prints.get(self.config_path, ""), now):
             return
-        self.baseline, self.held = prints, None
+        self.baseline = {p: self.baseline.get(p, "") if p in missing else fp for p, fp in prints.items()}
+        self.held = None
         self.bus.emit(ev.WatchTriggered(tuple(changed), self.config_path))
         self.queue(now)
 

@@ -14,11 +14,19 @@ snapshot) and a health callback; they never touch the master's state.
 Any local user can connect, so the endpoint is bounded and can never starve
 the master of fds, threads or CPU:
 - at most `MAX_CONNECTIONS` connections are served at once (one thread
-  each); a connection beyond that is accepted and closed at once, and counted;
-- each socket operation times out after `IO_TIMEOUT` (so an idle keep-alive
-  connection ends then), and a connection whose request is not answered
-  `MAX_LIFETIME` after it was accepted (or after its previous answer) is
-  shut down, however it trickles;
+  each);
+- a connection must send its whole request head within `HEAD_TIMEOUT` of
+  being accepted (or of its previous answer, for keep-alive): an idle or
+  slowloris connection holds its place that long at most. Once the head is
+  in, the request has until `MAX_LIFETIME` to be answered. Each socket
+  operation also times out after `IO_TIMEOUT`;
+- when every place is taken, a new connection takes the place of the oldest
+  one still waiting for its head (counted as expired): idle and slow clients
+  cannot keep a prober out, who sends its request at once and is answered
+  at once. Only with every place in the middle of a request is a new
+  connection closed at once, and counted (refused). So /healthz and /readyz
+  answer under 70 slowloris connections, 2,000 idle ones or connect churn
+  (tests/e2e/test_health_abuse.py);
 - the listen backlog is `BACKLOG`;
 - when accept() fails for lack of fds (EMFILE, ENFILE) or memory, the server
   sheds the pending connection with a spare fd (nginx's and libuv's trick),
@@ -52,6 +60,7 @@ Health = Callable[[], tuple[bool, bool, str]]  # (alive, ready, reason)
 MAX_CONNECTIONS = 64
 BACKLOG = 128
 IO_TIMEOUT = 10.0
+HEAD_TIMEOUT = 2.0
 MAX_LIFETIME = 30.0
 MAX_BACKOFF = 0.5
 MAX_COLLECTING = 4
@@ -77,7 +86,8 @@ class _Server(ThreadingHTTPServer):
         """Bind and listen; keep one spare fd for shedding connections when out of fds."""
         self.counts = {"refused": 0, "expired": 0, "accept_errors": 0}
         self.collecting = threading.BoundedSemaphore(MAX_COLLECTING)
-        self._conns: dict[socket.socket, float] = {}
+        # connection -> (deadline, accepted or last answered, waiting for its head)
+        self._conns: dict[socket.socket, tuple[float, float, bool]] = {}
         self._conns_lock = threading.Lock()
         self._backoff = 0.0
         self._spare: int | None = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
@@ -113,19 +123,34 @@ class _Server(ThreadingHTTPServer):
         time.sleep(self._backoff)  # this thread only: the master's loop is elsewhere
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
-        """Refuse (close at once) a connection beyond the cap."""
+        """Admit a connection, in place of the oldest one still waiting for its head if all are taken."""
+        now = time.monotonic()
         with self._conns_lock:
             if len(self._conns) >= MAX_CONNECTIONS:
-                self.counts["refused"] += 1
-                return False
-            self._conns[request] = time.monotonic() + MAX_LIFETIME
+                waiting = [(since, c) for c, (_, since, head) in self._conns.items() if head]
+                if not waiting:
+                    self.counts["refused"] += 1
+                    return False
+                victim = min(waiting, key=lambda w: w[0])[1]
+                self._conns.pop(victim)
+                self.counts["expired"] += 1
+                _cut(victim)
+            self._conns[request] = (now + HEAD_TIMEOUT, now, True)
             return True
 
-    def renew(self, request: Any) -> None:
-        """Give a keep-alive connection a fresh deadline for its next request."""
+    def head_read(self, request: Any) -> None:
+        """The request head is in: give it until MAX_LIFETIME to be answered."""
+        now = time.monotonic()
         with self._conns_lock:
             if request in self._conns:
-                self._conns[request] = time.monotonic() + MAX_LIFETIME
+                self._conns[request] = (now + MAX_LIFETIME, now, False)
+
+    def renew(self, request: Any) -> None:
+        """Answered: a keep-alive connection has HEAD_TIMEOUT for its next request's head."""
+        now = time.monotonic()
+        with self._conns_lock:
+            if request in self._conns:
+                self._conns[request] = (now + HEAD_TIMEOUT, now, True)
 
     def shutdown_request(self, request: Any) -> None:
         """Close a connection and forget it."""
@@ -137,13 +162,10 @@ class _Server(ThreadingHTTPServer):
         """Shut down connections that outlived MAX_LIFETIME (their thread then ends)."""
         now = time.monotonic()
         with self._conns_lock:
-            expired = [c for c, deadline in self._conns.items() if deadline < now]
+            expired = [c for c, (deadline, _, _) in self._conns.items() if deadline < now]
         for conn in expired:
             self.counts["expired"] += 1
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            _cut(conn)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Log a failed connection at debug level: clients that vanish or time out are routine."""
@@ -157,10 +179,25 @@ class _Server(ThreadingHTTPServer):
             self._spare = None
 
 
+def _cut(conn: socket.socket) -> None:
+    """Shut a connection down; its thread sees the end and finishes."""
+    try:
+        conn.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
     timeout = IO_TIMEOUT
+
+    def parse_request(self) -> bool:
+        """Parse the head; once it is in, the connection is no longer one to make room with."""
+        ok = super().parse_request()
+        if ok:
+            self.server.head_read(self.connection)
+        return ok
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]

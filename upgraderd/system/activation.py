@@ -79,7 +79,10 @@ def take_passed(environ: MutableMapping[str, str] | None = None) -> list[Passed]
     for var in contract.LISTEN_VARS:
         env.pop(var, None)
     count, pid = small_int(raw_count), small_int(raw_pid)
-    if count is None or pid != os.getpid():
+    if count is not None and pid != os.getpid():
+        _close_not_ours(min(count, MAX_FDS), raw_pid)
+        return []
+    if count is None:
         return []
     if count > MAX_FDS:
         raise FatalError(f"LISTEN_FDS={count}: more than {MAX_FDS} passed sockets")
@@ -95,6 +98,32 @@ def take_passed(environ: MutableMapping[str, str] | None = None) -> list[Passed]
         except OSError as e:
             raise FatalError(f"passed fd {fd} ({name!r}): {e.strerror}") from None
     return out
+
+
+def _close_not_ours(count: int, raw_pid: str) -> None:
+    """Close the listening sockets at the fds LISTEN_FDS names for another process.
+
+    They were passed to some other pid (a wrapper that did not exec, or a
+    LISTEN_PID left over): not ours to serve. Kept open, a SO_REUSEPORT one
+    stays in its port group and the kernel queues a share of the new
+    connections on it that nobody accepts. Fds that are not listening
+    sockets are left alone: they may be anything.
+    """
+    closed = []
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count):
+        try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            with socket.socket(fileno=os.dup(fd)) as probe:
+                listening = probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            if listening:
+                os.close(fd)
+                closed.append(fd)
+        except OSError:
+            continue
+    if closed:
+        log.warning("LISTEN_PID=%.20s is not this process (pid %d): closed the listening socket(s) passed "
+                    "for it at fd %s", raw_pid, os.getpid(), ", ".join(map(str, closed)))
 
 
 def parse_name(name: str) -> tuple[str, int | None]:

@@ -128,6 +128,26 @@ def _proc_listening(table_paths: tuple[str, ...] = ("/proc/net/tcp", "/proc/net/
     return out
 
 
+def unverified(gid: tuple[int, str, int, int], members: int) -> str | None:
+    """Return why the kernel's group at `gid` is not the `members` sockets we know of, or None.
+
+    The kernel's LISTEN sockets on exactly this TCP address (sock_diag) are
+    the group; a count that differs means a stranger joined it (strangers.py finds who),
+    and the positions a program would name are a guess. UDP groups are not
+    checked here.
+    """
+    family, host, port, kind = gid
+    if kind != socket.SOCK_STREAM or family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        found = sum(1 for addr, p, _ in listening("tcp") if p == port and str(addr) == host)
+    except (OSError, ValueError):
+        return None
+    if found == members:
+        return None
+    return f"{found} sockets listen in the group and this master holds {members} (a stranger joined it)"
+
+
 def _overlaps(a: IPAddress, b: IPAddress) -> bool:
     if a.version != b.version:
         return False

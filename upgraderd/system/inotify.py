@@ -15,6 +15,16 @@ directory that does not exist (yet) is replaced by its nearest existing
 ancestor, so its re-creation is seen. Events only say "look again": the core
 compares fingerprints to decide.
 
+Only events that name an entry on the way to a watched path count (`names`):
+the path's own name, and each symlink met while resolving it (kubelet's
+`..data`, a deploy's `current`). Another file in the same directory, written
+every 0.1 s, must not push a real config edit's debounce back forever (it
+did: more than 15 s). A directory whose entry names are not known (the
+nearest existing ancestor of a missing one) counts every event.
+
+A symlink loop among the watched paths is logged once (until it resolves);
+the loop's path then fingerprints as missing, like a deleted file.
+
 A watched directory (a release behind `current`) is fingerprinted by its
 resolved path and inode only, never by its mtime: workers write into their
 release directory, and that must not roll a generation that writes again.
@@ -98,6 +108,43 @@ def dirs_for(path: str) -> set[str]:
     return {_existing(d) for d in out}
 
 
+MAX_HOPS = 40  # symlinks followed while resolving one path, as the kernel's limit
+
+
+def names(path: str) -> dict[str, set[str]]:
+    """Return {directory: entry names in it} met while resolving `path`, symlinks followed.
+
+    Resolution stops at the first missing entry (it is still listed: its
+    creation is what to wait for) and after MAX_HOPS symlinks (a loop).
+    """
+    out: dict[str, set[str]] = {}
+    pending = os.path.abspath(path).split("/")[1:]
+    cur, hops = "/", 0
+    while pending:
+        name = pending.pop(0)
+        if name in ("", "."):
+            continue
+        if name == "..":
+            cur = os.path.dirname(cur)
+            continue
+        out.setdefault(cur, set()).add(name)
+        nxt = os.path.join(cur, name)
+        try:
+            target = os.readlink(nxt)
+        except OSError:
+            if not os.path.lexists(nxt):
+                break
+            cur = nxt
+            continue
+        hops += 1
+        if hops > MAX_HOPS:
+            break
+        if target.startswith("/"):
+            cur = "/"
+        pending = target.split("/") + pending
+    return out
+
+
 def _existing(d: str) -> str:
     """Return `d`, or its nearest existing ancestor: watching that reveals `d`'s creation."""
     while not os.path.isdir(d) and d != os.path.dirname(d):
@@ -132,6 +179,15 @@ def fingerprint(path: str, content: bool) -> str:
         os.close(fd)
 
 
+def _interest(dirs: set[str], paths: Sequence[str]) -> dict[str, set[str] | None]:
+    """Return, for each watched directory, the entry names whose events count (None: all)."""
+    found: dict[str, set[str]] = {}
+    for p in paths:
+        for d, entries in names(p).items():
+            found.setdefault(d, set()).update(entries)
+    return {d: found.get(d) for d in dirs}
+
+
 class FileWatcher:
     """The `WatcherAPI` of core/seams.py on inotify; fingerprints by stat and sha256."""
 
@@ -139,6 +195,8 @@ class FileWatcher:
         self._inotify: Inotify | None = None
         self._wds: dict[str, int] = {}
         self._failed: set[str] = set()
+        self._names: dict[str, set[str] | None] = {}  # per watched directory; None: every name
+        self._loops: set[str] = set()
         try:
             self._inotify = Inotify()
         except (OSError, AttributeError) as e:
@@ -156,6 +214,7 @@ class FileWatcher:
             warned, self._error = self._error, ""
             return [warned] if warned and paths else []
         wanted = set().union(*(dirs_for(p) for p in paths)) if paths else set()
+        self._names = _interest(wanted, paths)
         for d in set(self._wds) - wanted:
             self._inotify.remove(self._wds.pop(d))
         warnings = []
@@ -171,20 +230,35 @@ class FileWatcher:
         return warnings
 
     def changed(self) -> bool:
-        """Drain the pending events; return True if there was any."""
+        """Drain the pending events; return True if any names an entry on the way to a watched path."""
         if self._inotify is None:
             return False
         events = self._inotify.read()
+        dir_of = {wd: d for d, wd in self._wds.items()}
         gone = {wd for wd, mask, _ in events if mask & (IN_DELETE_SELF | IN_MOVE_SELF)}
         for wd in gone:   # re-resolved and re-added by the next `watch`
             self._inotify.remove(wd)
         self._wds = {d: wd for d, wd in self._wds.items() if wd not in gone}
         if any(mask & IN_Q_OVERFLOW for _, mask, _ in events):
             log.warning("inotify queue overflowed: events were lost; the watched paths are re-checked")
-        return bool(events)
+            return True
+        return any(wd in gone or self._counts(dir_of.get(wd), name) for wd, _, name in events)
+
+    def _counts(self, d: str | None, name: bytes) -> bool:
+        """Return True if an event on entry `name` of watched directory `d` may change a watched path."""
+        wanted = self._names.get(d) if d is not None else None
+        return wanted is None or not name or os.fsdecode(name) in wanted
 
     def fingerprint(self, path: str, content: bool) -> str:
-        """Return the fingerprint of `path` ('' if missing)."""
+        """Return the fingerprint of `path` ('' if missing); log a symlink loop once."""
+        try:
+            os.stat(path)
+        except OSError as e:
+            if e.errno == errno.ELOOP and path not in self._loops:
+                self._loops.add(path)
+                log.warning("reload.watch: %s is a symlink loop: treated as missing until it resolves", path)
+        else:
+            self._loops.discard(path)
         return fingerprint(path, content)
 
     def close(self) -> None:

@@ -19,6 +19,16 @@ variables. Only then is the pidfd checked again (the checks were about that
 very process) and used. A pid that fails anything is left alone and never
 signalled.
 
+Forked workers (prefork, the default with `warm`) show their template's
+environment in /proc/PID/environ: UPGRADERD_GENERATION, but no LISTEN_FDS
+and the slot of whichever worker started the template. So the slot is the
+dead master's own record of that pid (the status file's `slot`), and the
+sockets are found where every worker has them: a forked worker's listening
+sockets sit at fds 3, 4, ... (apps/template.py `_place`), and each is
+matched to a listener by its address, as a passed socket is checked
+(activation.check). The first fd that is not such a socket ends the list.
+An exec'd worker's LISTEN_FDS and LISTEN_FDNAMES are used as before.
+
 Permissions: `pidfd_getfd` needs PTRACE_MODE_ATTACH on the orphan: root, or
 the same uid with kernel.yama.ptrace_scope 0 (and no dumpable restriction).
 Without it the orphans are still drained at once, and the master binds anew:
@@ -61,7 +71,7 @@ class Orphan:
     pid: int
     pidfd: int
     slot: int
-    names: list[str]
+    names: list[str] | None  # None: a forked worker, its sockets matched by address
     listen_fds: int
     drain_signal: int
     exited: bool = False
@@ -90,18 +100,20 @@ def read_status(path: str) -> dict[str, object] | None:
     return doc if isinstance(doc, dict) else None
 
 
-def suggested_pids(doc: dict[str, object]) -> tuple[int, list[int]]:
-    """Return (the dead master's pid, its workers' pids) from a status document; (0, []) if malformed."""
+def suggested_pids(doc: dict[str, object]) -> tuple[int, dict[int, int | None]]:
+    """Return (the dead master's pid, {worker pid: its slot or None}) from a status document;
+    (0, {}) if malformed."""
     master, gens = doc.get("pid"), doc.get("generations")
     if not procfs.valid_pid(master) or not isinstance(gens, list):
-        return 0, []
-    pids: list[int] = []
+        return 0, {}
+    pids: dict[int, int | None] = {}
     for g in gens[:MAX_PIDS]:
         workers = g.get("workers") if isinstance(g, dict) else None
         for w in workers if isinstance(workers, list) else []:
             pid = w.get("pid") if isinstance(w, dict) else None
             if isinstance(pid, int) and procfs.valid_pid(pid) and pid not in pids and len(pids) < MAX_PIDS:
-                pids.append(pid)
+                slot = w.get("slot")
+                pids[pid] = slot if isinstance(slot, int) and 0 <= slot < MAX_PIDS else None
     return (master if isinstance(master, int) else 0), pids
 
 
@@ -113,8 +125,11 @@ def _signal_of(name: str) -> int:
         return int(signal.SIGTERM)
 
 
-def _checked(pid: int, dead_master: int, uids: set[int]) -> Orphan | None:
-    """Pin `pid` and return it as an Orphan if every check passes, else None."""
+def _checked(pid: int, slot: int | None, dead_master: int, uids: set[int]) -> Orphan | None:
+    """Pin `pid` and return it as an Orphan if every check passes, else None.
+
+    `slot` is the dead master's record of the pid's slot (None: not recorded).
+    """
     try:
         pidfd = os.pidfd_open(pid)
     except OSError:
@@ -122,15 +137,31 @@ def _checked(pid: int, dead_master: int, uids: set[int]) -> Orphan | None:
     why = _why_not(pid, dead_master, uids)
     env = procfs.environ(pid) if why is None else None
     if why is None and env is not None:
+        orphan = _orphan(pid, pidfd, slot, env)
         try:
-            signal.pidfd_send_signal(pidfd, 0)  # still the process we just looked at
-            return Orphan(pid, pidfd, int(env[contract.SLOT]), env.get(contract.LISTEN_FDNAMES, "").split(":"),
-                          int(env[contract.LISTEN_FDS]), _signal_of(env.get(contract.DRAIN_SIGNAL, "TERM")))
+            if orphan is None:
+                why = "its slot is neither in the status file nor in its environment"
+            else:
+                signal.pidfd_send_signal(pidfd, 0)  # still the process we just looked at
+                return orphan
         except OSError:
             why = "exited while being checked"
     log.info("orphans: pid %d is not taken over: %s", pid, why or "its environment is unreadable")
     os.close(pidfd)
     return None
+
+
+def _orphan(pid: int, pidfd: int, slot: int | None, env: dict[str, str]) -> Orphan | None:
+    """Return the Orphan for a checked pid: an exec'd worker's layout from its environment,
+    a forked one's (no LISTEN_FDS there) found at its fds by address."""
+    drain = _signal_of(env.get(contract.DRAIN_SIGNAL, "TERM"))
+    listen = procfs.small_int(env.get(contract.LISTEN_FDS, ""))
+    if listen is not None:
+        return Orphan(pid, pidfd, int(env[contract.SLOT]) if slot is None else slot,
+                      env.get(contract.LISTEN_FDNAMES, "").split(":"), listen, drain)
+    if slot is None:
+        return None
+    return Orphan(pid, pidfd, slot, None, MAX_LISTEN_FDS, drain)
 
 
 def _why_not(pid: int, dead_master: int, uids: set[int]) -> str | None:
@@ -145,11 +176,15 @@ def _why_not(pid: int, dead_master: int, uids: set[int]) -> str | None:
     env = procfs.environ(pid)
     if env is None:
         return "its environment is unreadable"
-    for var in (contract.GENERATION, contract.SLOT, contract.LISTEN_FDS):
-        if procfs.small_int(env.get(var, "")) is None:
-            return f"{var} is missing from its environment or malformed: not an upgraderd worker"
-    if int(env[contract.LISTEN_FDS]) > MAX_LISTEN_FDS:
-        return "LISTEN_FDS is out of range"
+    # A forked worker has its template's environment: UPGRADERD_GENERATION, no LISTEN_FDS.
+    if procfs.small_int(env.get(contract.GENERATION, "")) is None:
+        return f"{contract.GENERATION} is missing from its environment or malformed: not an upgraderd worker"
+    if contract.LISTEN_FDS in env:
+        for var in (contract.SLOT, contract.LISTEN_FDS):
+            if procfs.small_int(env.get(var, "")) is None:
+                return f"{var} is missing from its environment or malformed: not an upgraderd worker"
+        if int(env[contract.LISTEN_FDS]) > MAX_LISTEN_FDS:
+            return "LISTEN_FDS is out of range"
     return None
 
 
@@ -165,23 +200,47 @@ def pidfd_getfd(pidfd: int, target: int) -> int:
     return fd  # the kernel sets O_CLOEXEC on it
 
 
-def _fetch(o: Orphan) -> list[tuple[str, socket.socket, str]]:
-    """Return (name, socket, origin) of every listening socket `o` was started with."""
+def _fetch(o: Orphan, cfg: Config) -> list[tuple[str, socket.socket, str]]:
+    """Return (name, socket, origin) of every listening socket `o` was started with.
+
+    A forked worker's (no names) end at the first fd that is not a socket
+    some listener of `cfg` is bound like: that is an fd the app opened itself.
+    """
     out = []
     for i in range(o.listen_fds):
-        target, name = 3 + i, o.names[i] if i < len(o.names) else ""
+        target = 3 + i
         try:
             fd = pidfd_getfd(o.pidfd, target)
         except OSError as e:
+            if o.names is None and e.errno == errno.EBADF:
+                break
             log.info("orphans: cannot take fd %d of pid %d: %s", target, o.pid, e.strerror)
             if e.errno == errno.EPERM:
                 break
             continue
         if not stat.S_ISSOCK(os.fstat(fd).st_mode):
             os.close(fd)
+            if o.names is None:
+                break
             continue
-        out.append((name, socket.socket(fileno=fd), f"fd {target} of orphan pid {o.pid}"))
+        sock, origin = socket.socket(fileno=fd), f"fd {target} of orphan pid {o.pid}"
+        name = o.names[i] if o.names is not None and i < len(o.names) else _listener_of(sock, cfg, origin)
+        if name is None:
+            sock.close()
+            break
+        out.append((name, sock, origin))
     return out
+
+
+def _listener_of(sock: socket.socket, cfg: Config, origin: str) -> str | None:
+    """Return the name of the listener of `cfg` that `sock` is bound like, or None."""
+    for spec in cfg.listeners:
+        try:
+            check(sock, spec, origin)
+        except (FatalError, OSError):
+            continue
+        return spec.name
+    return None
 
 
 @dataclass
@@ -249,7 +308,7 @@ def find(status_path: str, cfg: Config, adopted: Adopted) -> OrphanSet:
     found = OrphanSet()
     if doc is None:
         return found
-    dead, pids = suggested_pids(doc)
+    dead, slots = suggested_pids(doc)
     if dead == os.getpid():
         return found  # our own status file (a USR2 re-exec never gets here)
     uids = {os.getuid()}
@@ -257,8 +316,8 @@ def find(status_path: str, cfg: Config, adopted: Adopted) -> OrphanSet:
         uids.add(worker_ids(cfg.workers.user, cfg.workers.group)[0])
     except (ValueError, KeyError, OSError):
         pass
-    for pid in pids:
-        o = _checked(pid, dead, uids)
+    for pid, slot in slots.items():
+        o = _checked(pid, slot, dead, uids)
         if o is not None:
             found.orphans.append(o)
     for o in found.orphans:
@@ -271,7 +330,7 @@ def find(status_path: str, cfg: Config, adopted: Adopted) -> OrphanSet:
 
 def _adopt(o: Orphan, cfg: Config, adopted: Adopted) -> None:
     by_name: dict[str, ListenerSpec] = {s.name: s for s in cfg.listeners}
-    for name, sock, origin in _fetch(o):
+    for name, sock, origin in _fetch(o, cfg):
         spec = by_name.get(parse_name(name)[0])
         key = key_of(spec, o.slot if spec.mode == "reuseport" else 0, cfg) if spec else None
         if spec is None or key is None:

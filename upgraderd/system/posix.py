@@ -19,7 +19,7 @@ from upgraderd.contract.notify import notify
 from upgraderd.core.handover import Handover
 from upgraderd.core.seams import KernelState, ListenerAPI, Loop, OrphanAPI, SocketKey, System
 from upgraderd.errors import FatalError
-from upgraderd.system import activation, conflict, fdstore, kernel, orphanfds, reexec, sockets
+from upgraderd.system import activation, channeldir, conflict, fdstore, kernel, orphanfds, reexec, sockets, strangers
 from upgraderd.system.inotify import FileWatcher
 from upgraderd.system.orphanfds import OrphanSet
 from upgraderd.system.notify import NotifyServer
@@ -67,7 +67,7 @@ def posix_system(handover: Handover | None, argv: Sequence[str],
         return reexec.exec_master(record.to_json(), record.inherited_fds(), argv, pending)
 
     procs = PosixProcessAPI()
-    listeners = sockets.ListenerSet()
+    listeners = strangers.CheckedListeners()
     if adopted and cfg is not None:
         # A dead master's socket file is ours to remove at a clean stop; a passed one is not.
         own = {k for k, (_, origin) in adopted.items() if not origin.startswith(activation.PASSED)}
@@ -156,6 +156,9 @@ def run(master: Loop, system: System, inbox: SignalInbox) -> int:
     closes the system's sockets.
     """
     store = fdstore.FdStore.from_env(os.environ)
+    # After daemonizing (the directory is named for the pid that keeps it across USR2),
+    # before the first worker: the workers inherit its path from our environment.
+    channels = channeldir.prepare(os.environ)
     try:
         with inbox, selectors.DefaultSelector() as sel:
             for fd in (inbox.fileno(), *system.watched_fds()):
@@ -172,5 +175,6 @@ def run(master: Loop, system: System, inbox: SignalInbox) -> int:
     finally:
         master.close()
     system.close()
+    channeldir.remove(channels)
     log.info("upgraderd stopped")
     return master.exit_code

@@ -38,6 +38,8 @@ from typing import Mapping, Sequence
 from upgraderd.config.validators import worker_ids
 from upgraderd.core.seams import Exit
 from upgraderd.errors import SpawnError
+from upgraderd.system import channeldir
+from upgraderd.contract.env import HANDOFF_DIR as ENV_DIR
 
 SHIM = ("/bin/sh", "-c", 'LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@"')
 
@@ -53,6 +55,8 @@ class PosixProcessAPI:
         if cwd is not None:
             args = ["/bin/sh", "-c", 'cd "$0" || exit 127; exec "$@"', cwd, *args]
         args = [*privilege_argv(user, group), *args]
+        if user is not None or group is not None:
+            channeldir.grant(env.get(ENV_DIR), *worker_ids(user, group))
         try:
             return os.posix_spawn(args[0], args, dict(env), file_actions=actions, setpgroup=0)
         except OSError as e:

@@ -35,7 +35,7 @@ from typing import Any, Iterable
 
 from upgraderd.config.schema import Config, ListenerSpec
 from upgraderd.core.seams import Retired, SocketKey, is_udp, key_for
-from upgraderd.system import cookiepool, flowcookie, steering, udp, unixsock
+from upgraderd.system import conflict, cookiepool, flowcookie, steering, udp, unixsock
 
 log = logging.getLogger("upgraderd")
 
@@ -259,6 +259,10 @@ class ListenerSet(cookiepool.Lending):
             return _once(group, f"{where}: no ready slot; new connections go where they went before")
         if keys == group.allowed and group.attached is not None and group.order == group.members:
             return None  # the usual pass: nothing changed, so nothing to build
+        if (stranger := conflict.unverified(gid, len(group.members))) is not None:
+            group.known = False  # a position the master did not give out: steering would guess
+            self._load(group, None)
+            return _once(group, f"{where}: {stranger}: not steered")
         group.allowed, group.note = keys, None
         note = self._load(group, group.want())
         group.order = list(group.members)

@@ -34,6 +34,7 @@ from upgraderd.contract.wire import Channel
 from upgraderd.worker.peers import Peer
 
 BATCH = 64  # offers in flight to one taker (it holds at most MAX_PENDING = 128)
+BATCH_BYTES = wire.MAX_PENDING_BYTES  # payload in flight to one taker (it drops a giver that sends more)
 TAKERS = 8  # takers one giver connects to, at most (more only replace those that fail)
 
 
@@ -147,8 +148,9 @@ class Giver:
             except ValueError:
                 self.failures["too_large"] += 1
         pending = list(msgs)
+        sizes = [len(m.state) + len(m.unhandled) + len(m.unsent) for m in moving]
         while pending and self._targets:
-            plan = self._plan(pending)
+            plan = self._plan(pending, sizes)
             failed = self._round(plan, [m.sock.fileno() for m in moving], msgs, given)
             for target, reason in failed.items():
                 self.failures[reason] += 1
@@ -163,14 +165,17 @@ class Giver:
         for t in self._targets:
             t.close()
 
-    def _plan(self, pending: list[int]) -> dict[_Target, list[int]]:
-        """Spread `pending` round-robin over the takers, at most BATCH each this round."""
+    def _plan(self, pending: list[int], sizes: list[int]) -> dict[_Target, list[int]]:
+        """Spread `pending` round-robin over the takers, at most BATCH offers and BATCH_BYTES
+        of payload each this round (every offer fits alone: wire.MAX_PAYLOAD < BATCH_BYTES)."""
         plan: dict[_Target, list[int]] = {}
+        held: dict[_Target, int] = {}
         for i in pending:
             target = self._targets[self._next % len(self._targets)]
-            if len(plan.get(target, ())) >= BATCH:
+            if len(plan.get(target, ())) >= BATCH or held.get(target, 0) + sizes[i] > BATCH_BYTES:
                 break
             plan.setdefault(target, []).append(i)
+            held[target] = held.get(target, 0) + sizes[i]
             self._next += 1
         return plan
 

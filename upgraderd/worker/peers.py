@@ -1,14 +1,23 @@
 """Who is on the other end of a hand-off channel: names, credentials, /proc lookups.
 
-A hand-off channel is an abstract-namespace Unix socket. Abstract names are
-global to the network namespace and carry no permissions, so any local
-process could bind one of our names first or connect to one. Neither side
-trusts a name: each reads its peer's credentials from the kernel
-(SO_PEERCRED) and checks that the peer runs as the same uid, is a child of
-the same master (its parent in /proc/PID/stat), and belongs to the right
-generation (UPGRADERD_GENERATION in /proc/PID/environ, which the kernel lets
-only the same uid read). Every /proc read is bounded and every parse error
-means "not trusted", never an exception.
+A hand-off channel is a SOCK_SEQPACKET Unix socket bound at
+`DIR/handoff-<generation>-<slot>`, where DIR is the master's channel
+directory (UPGRADERD_HANDOFF_DIR, made by system/channeldir.py: a fresh
+random name, mode 0700, owned by the workers' user). Other users can neither
+bind a name there (no write permission on DIR) nor connect to one (no search
+permission), so a local user cannot squat the next generation's channels or
+flood them with connects. The names used to be abstract
+(`@upgraderd-<master>-handoff-<gen>-<slot>`): global to the network
+namespace, predictable and open to every user. They are still read when no
+channel directory is known (a worker started by another master, or the
+library used on its own), nowhere else.
+
+Neither side trusts a name anyway: each reads its peer's credentials from the
+kernel (SO_PEERCRED) and checks that the peer runs as the same uid, is a
+child of the same master (its parent in /proc/PID/stat), and belongs to the
+right generation (UPGRADERD_GENERATION in /proc/PID/environ, which the kernel
+lets only the same uid read). Every /proc read is bounded and every parse
+error means "not trusted", never an exception.
 """
 
 from __future__ import annotations
@@ -25,8 +34,17 @@ _UCRED = struct.Struct("3i")
 _ENVIRON_LIMIT = 1 << 20
 
 
-def listening_channels(master: int, net_unix: str = "/proc/net/unix") -> list[Channel]:
-    """Return the hand-off channels of `master` that some process listens on now."""
+def channel_dir() -> str | None:
+    """Return the master's channel directory (UPGRADERD_HANDOFF_DIR), or None if it gave none."""
+    value = os.environ.get(contract.HANDOFF_DIR, "")
+    return value if value.startswith("/") else None
+
+
+def listening_channels(master: int, net_unix: str = "/proc/net/unix", directory: str | None = None
+                       ) -> list[Channel]:
+    """Return the hand-off channels of `master` that some process listens on now (see
+    contract/wire.py `parse_name`; `directory` defaults to ours, from the environment)."""
+    directory = channel_dir() if directory is None else directory
     found: dict[str, Channel] = {}
     try:
         with open(net_unix, encoding="utf-8", errors="replace") as f:
@@ -35,13 +53,14 @@ def listening_channels(master: int, net_unix: str = "/proc/net/unix") -> list[Ch
                 fields = line.split()
                 # Num RefCount Protocol Flags Type St Inode [Path]; a listener has
                 # __SO_ACCEPTCON (0x10000) in Flags.
-                if len(fields) < 8 or not fields[7].startswith("@"):
+                if len(fields) < 8 or not fields[7].startswith(("@", "/")):
                     continue
                 try:
                     listening = int(fields[3], 16) & 0x10000
                 except ValueError:
                     continue
-                chan = parse_name(fields[7][1:], master)
+                name = fields[7][1:] if fields[7].startswith("@") else fields[7]
+                chan = parse_name(name, master, directory)
                 if listening and chan is not None:
                     found[chan.name] = chan
     except OSError:

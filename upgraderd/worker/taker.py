@@ -13,6 +13,7 @@ import array
 import os
 import selectors
 import socket
+import stat
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from upgraderd.worker.peers import Peer
 
 MAX_FDS = 4
 MAX_PENDING = 128  # offers acknowledged on one channel connection and not committed yet
+MAX_PENDING_BYTES = wire.MAX_PENDING_BYTES
 
 
 @dataclass
@@ -37,6 +39,7 @@ class _Inbound:
     conn: socket.socket | None = None
     payload: bytearray = field(default_factory=bytearray)
     acked: list[Handed] = field(default_factory=list)  # ACK sent, COMMIT due, in offer order
+    held: int = 0  # payload bytes of `acked` and of the offer being received
 
     @property
     def busy(self) -> bool:
@@ -58,7 +61,7 @@ class _Inbound:
             moved.sock.close()
         if self.conn is not None:
             self.conn.close()
-        self.head, self.conn, self.payload, self.acked = None, None, bytearray(), []
+        self.head, self.conn, self.payload, self.acked, self.held = None, None, bytearray(), [], 0
 
 
 class Taker:
@@ -66,24 +69,19 @@ class Taker:
 
     def __init__(self, listeners: Iterable[str] | None = None, *, master: int | None = None,
                  trust: Callable[[Peer], bool] | None = None, max_peers: int = 64,
-                 peer_timeout: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 peer_timeout: float = 5.0, idle_timeout: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         gen, slot = identity()
         self.master = os.getppid() if master is None else master
         self.listeners = None if listeners is None else set(listeners)
         self.trust = trust or (lambda p: peers.trusted(p, self.master, max_generation=gen)
                                or peers.is_master(p, self.master))
-        self.name = wire.channel_name(self.master, gen, slot)
+        self.name = wire.channel_name(self.master, gen, slot, peers.channel_dir())
         self.max_peers, self.peer_timeout, self.clock = max_peers, peer_timeout, clock
+        self.idle_timeout = idle_timeout
         self.accepting = True
         self.failures: Counter[str] = Counter()
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK
-                                  | socket.SOCK_CLOEXEC)
-        try:
-            self.sock.bind(wire.address(self.name))
-            self.sock.listen(64)
-        except OSError:
-            self.sock.close()
-            raise
+        self.sock, self._inode = _bind(self.name)
         self._sel = selectors.EpollSelector()
         self._sel.register(self.sock, selectors.EVENT_READ, None)
         self._peers: dict[int, _Inbound] = {}
@@ -104,6 +102,8 @@ class Taker:
         for inb in list(self._peers.values()):
             if inb.busy and now - inb.since > self.peer_timeout:
                 self._drop(inb, out, "stalled_giver")
+            elif not inb.busy and now - inb.since > self.idle_timeout:
+                self._drop(inb, out, "idle_giver")
         return out
 
     def close(self) -> list[Handed]:
@@ -113,6 +113,7 @@ class Taker:
         if self.sock.fileno() >= 0:
             self._sel.unregister(self.sock)
             self.sock.close()
+            _unlink_if(self.name, self._inode)
         for inb in list(self._peers.values()):
             self._drop(inb, out, None)
         self._sel.close()
@@ -126,7 +127,7 @@ class Taker:
                 return
             except OSError:
                 return  # ECONNABORTED and friends: that giver is gone
-            if len(self._peers) >= self.max_peers:
+            if len(self._peers) >= self.max_peers and not self._evict_idle():
                 self.failures["busy"] += 1
                 conn.close()
                 continue
@@ -143,6 +144,14 @@ class Taker:
             inb = _Inbound(conn, self.clock())
             self._peers[conn.fileno()] = inb
             self._sel.register(conn, selectors.EVENT_READ, inb)
+
+    def _evict_idle(self) -> bool:
+        """Close the longest-idle peer with nothing in flight to make room; return False if none."""
+        idle = [inb for inb in self._peers.values() if not inb.busy]
+        if not idle:
+            return False
+        self._drop(min(idle, key=lambda inb: inb.since), [], "idle_giver")
+        return True
 
     def _serve_peer(self, inb: _Inbound, out: list[Handed]) -> None:
         while inb.sock.fileno() >= 0:
@@ -173,13 +182,18 @@ class Taker:
         inb.since = self.clock()
         if kind == wire.OFFER and inb.head is None and len(fds) == 1 and len(inb.acked) < MAX_PENDING:
             head, first = wire.decode_offer(msg)
+            if inb.held + head.total > MAX_PENDING_BYTES:
+                raise wire.Malformed("more pending payload than a giver may hold")
             inb.conn = _tcp_connection(fds.pop())
             inb.head = head
+            inb.held += head.total
             inb.payload += first
         elif kind == wire.DATA and inb.head is not None and not fds:
             inb.payload += wire.data_of(msg)
         elif kind == wire.COMMIT and inb.acked and not fds and msg == wire.encode(wire.COMMIT):
-            out.append(inb.acked.pop(0))
+            moved = inb.acked.pop(0)
+            inb.held -= len(moved.state) + len(moved.unhandled) + len(moved.unsent)
+            out.append(moved)
             return
         else:
             raise wire.Malformed(f"unexpected {kind!r}")
@@ -201,6 +215,7 @@ class Taker:
             reason = "giver_gone"  # it still holds the connection; our copy goes
         if reason:
             moved.sock.close()
+            inb.held -= len(moved.state) + len(moved.unhandled) + len(moved.unsent)
         else:
             inb.acked.append(moved)
 
@@ -218,6 +233,39 @@ class Taker:
             self._sel.unregister(inb.sock)
             self._peers.pop(fd, None)
             inb.sock.close()
+
+
+def _bind(name: str) -> tuple[socket.socket, int | None]:
+    """Bind and listen on channel `name`; return the socket and, for a path, its inode.
+
+    A path left by a worker of this slot that died is removed first: the
+    channel directory is writable by our user alone, so it is ours.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    try:
+        if name.startswith("/"):
+            try:
+                if stat.S_ISSOCK(os.lstat(name).st_mode):
+                    os.unlink(name)
+            except FileNotFoundError:
+                pass
+        sock.bind(wire.address(name))
+        sock.listen(64)
+        return sock, os.lstat(name).st_ino if name.startswith("/") else None
+    except OSError:
+        sock.close()
+        raise
+
+
+def _unlink_if(name: str, inode: int | None) -> None:
+    """Remove our channel's path, unless a successor in our slot has bound it since."""
+    if inode is None:
+        return
+    try:
+        if os.lstat(name).st_ino == inode:
+            os.unlink(name)
+    except OSError:
+        pass
 
 
 def _receive(sock: socket.socket) -> tuple[bytes, list[int]]:

@@ -44,18 +44,21 @@ class WebMoves:
         self.giver: handoff.Giver | None = None
         self.found_at = 0.0
 
-    def open(self) -> None:
-        """Open our channel (before READY=1), so the older generation can give to us."""
+    def open(self) -> bool:
+        """Open our channel (before READY=1), so the older generation can give to us; return False
+        if it cannot be opened: the worker then must not start (apps/moves.py `open` says why)."""
         if not self.enabled:
-            return
+            return True
         try:
             self.taker = handoff.Taker(list(self.server.listeners))
         except OSError as e:
-            print(f"upgraderd worker: hand-off channel unavailable, taking no connections: {e}",
+            print(f"upgraderd worker: hand-off channel unavailable, not starting: {e}",
                   file=sys.stderr, flush=True)
             self.server.metrics.handoff_failed("channel_in_use")
-            return
+            self.server.metrics.flush()
+            return False
         self.server.loop.add_reader(self.taker.fileno(), self.poll)
+        return True
 
     def poll(self) -> None:
         """Serve what the channel committed to us."""

@@ -85,7 +85,9 @@ class WebServer:
         lifespan = Lifespan(self.app, self.settings.lifespan, self.state)
         if not await lifespan.startup():
             return 3
-        self.moves.open()
+        if not self.moves.open():
+            await lifespan.shutdown()
+            return 1   # before READY=1: the generation fails, the old workers keep their connections
         for name, lsock in self.listeners.items():
             lsock.setblocking(False)
             self.loop.add_reader(lsock.fileno(), self._accept, name, lsock)
