@@ -170,9 +170,11 @@ def reloads(client: Path, tmp: Path, system: str, mode: str, hups: int, interval
             think_ms: float) -> dict[str, float]:
     """HUP an upgraderd serving the FastAPI app `hups` times under load; return the figures."""
     port = free_port()
-    if system == "app":
+    if system.startswith("app"):
         workers: dict[str, object] = {"count": WORKERS, "app": "asgi:fastapi_app:app", "cwd": str(EXAMPLES),
                                       "warm": True}
+        if system == "app+preload":
+            workers["preload"] = ["fastapi"]   # the standby imports FastAPI (and pydantic, starlette) before the HUP
     else:
         workers = {"count": WORKERS, "cwd": str(EXAMPLES),
                    "command": [str(BIN / "python"), "uvicorn_server.py", "--loop", "uvloop", "--app-dir", ".",
@@ -213,6 +215,8 @@ def reloads(client: Path, tmp: Path, system: str, mode: str, hups: int, interval
     ratios = [rate(h, h + WINDOW) / base for h in sent] if base and sent else [0.0]
     return {"errors": report["errors"], "reconnects": report["closes"],
             "active_p50_ms": statistics.median(active) * 1000 if active else -1.0,
+            "active_p95_ms": statistics.quantiles(active, n=20)[-1] * 1000 if len(active) > 1 else -1.0,
+            "stale_standbys": float(log.count("exec'ing a fresh template")),
             "start_p50_ms": statistics.median(starts) * 1000 if starts else -1.0,
             "first_250ms_median": statistics.median(ratios), "first_250ms_min": min(ratios),
             "requests": report["requests"], "hups": len(active), "sent": len(sent)}
@@ -225,6 +229,10 @@ def main() -> int:
     parser.add_argument("--hups", type=int, default=20)
     parser.add_argument("--interval", type=float, default=1.0)
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--modes", default="keepalive,close", help="reload runs' client modes")
+    parser.add_argument("--systems", default="app,app+preload,uvicorn_server.py",
+                        help="reload runs: app (warm standby), app+preload (workers.preload: [fastapi]), "
+                             "uvicorn_server.py (a command: worker)")
     parser.add_argument("--think", type=float, default=100.0,
                         help="ms each reload-run client waits between requests (default 100: a load that leaves "
                              "the machine room, as a saturating one makes every new process wait for a core)")
@@ -248,14 +256,16 @@ def main() -> int:
             return 0
         print(f"\nreloads, FastAPI app, {args.hups} HUPs {args.interval} s apart, {CONNS} clients, "
               f"{args.think:g} ms between requests:")
-        for system in ("app", "uvicorn_server.py"):
-            for mode in ("keepalive", "close"):
+        for mode in args.modes.split(","):
+            for system in args.systems.split(","):
                 r = reloads(client, tmp, system, mode, args.hups, args.interval, args.think)
                 print(f"  {system:18} {mode:9} requests {r['requests']:7.0f} failed {r['errors']:3.0f} "
                       f"reconnects {r['reconnects']:4.0f}  HUP->ACTIVE p50 {r['active_p50_ms']:6.0f} ms "
+                      f"p95 {r['active_p95_ms']:6.0f} ms "
                       f"(STARTING->ACTIVE {r['start_p50_ms']:5.0f} ms)  "
                       f"first 250 ms / steady: median {r['first_250ms_median']:.2f} min {r['first_250ms_min']:.2f} "
-                      f"({r['hups']:.0f} reloads for {r['sent']:.0f} HUPs)", flush=True)
+                      f"({r['hups']:.0f} reloads for {r['sent']:.0f} HUPs; stale standbys {r['stale_standbys']:.0f}; "
+                      f"load average {os.getloadavg()[0]:.1f})", flush=True)
     return 0
 
 

@@ -26,9 +26,12 @@ Invariants:
   in the worker, so each worker writes its own.
 - The template dies with the master (PR_SET_PDEATHSIG) and on EOF of its channel.
 - A standby (`--standby`, workers.warm) imports only what a HUP does not
-  change (the standard library, the worker library, the built-in apps' loop),
-  never an app module, built-in ones included: the app is imported when the
-  master hands the standby its generation, fresh from disk.
+  change (the standard library, the worker library, the built-in apps' loop,
+  the ASGI server's stack for a web app), never an app module, built-in ones
+  included: the app is imported when the master hands the standby its
+  generation, fresh from disk. Modules of `workers.preload` are imported too,
+  and checked against the disk at the HUP: if any changed, the standby
+  exec's itself as a fresh template (apps/preload.py).
 
 Hazard: the template must stay single-threaded; an app module that starts a
 thread at import time makes every fork unsafe. `factory` is called in the
@@ -53,8 +56,10 @@ import sys
 import traceback
 from typing import Any, Callable
 
+from upgraderd.apps.preload import Snapshot
 from upgraderd.contract import env as contract
 from upgraderd.contract import notify
+from upgraderd.contract.standby import parse
 from upgraderd.worker import proctitle
 
 PR_SET_PDEATHSIG = 1
@@ -270,10 +275,17 @@ def await_load(control: socket.socket) -> tuple[str, dict[str, str]]:
             return str(request["load"]), dict(request["env"])
 
 
+def _exec_fresh(control: socket.socket, app: str, why: str) -> None:
+    """Become a fresh (cold) template of `app` in place: same pid, same channel, nothing preloaded."""
+    print(f"upgraderd template {os.getpid()}: {why}; exec'ing a fresh template", file=sys.stderr, flush=True)
+    os.dup2(control.fileno(), CONTROL_FD, inheritable=True)
+    os.execv(sys.executable, [*sys.orig_argv[:-1], app])
+
+
 def main(argv: list[str]) -> int:
     """Run a template for the app named in argv[1] (`--standby`: the master names it later)."""
     if len(argv) != 2:
-        print("usage: python -m upgraderd.apps.template APP|--standby", file=sys.stderr)
+        print("usage: python -m upgraderd.apps.template APP|--standby[=MODULE,...]", file=sys.stderr)
         return 2
     # No collections in the template: a collection writes to every object's header,
     # and the forked workers would then copy the pages it touched (gc.freeze's advice).
@@ -281,13 +293,18 @@ def main(argv: list[str]) -> int:
     _die_with_parent()
     control = _control()
     app = argv[1]
-    if app == "--standby":
+    if app.startswith("--standby"):
         proctitle.standby()
         preload()
+        snapshot = Snapshot()
+        snapshot.load(parse(app))   # the ASGI stack, workers.preload (apps/preload.py)
         app, env = await_load(control)
         os.environ.clear()
         os.environ.update(env)
         importlib.invalidate_caches()   # a module added since we started must be found
+        stale = snapshot.changed()
+        if stale is not None:
+            _exec_fresh(control, app, stale)
     proctitle.template()
     try:
         run = load(app)

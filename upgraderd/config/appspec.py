@@ -45,6 +45,19 @@ def app_name(v: Any) -> str:
                   " or `package.module:factory`")
 
 
+_MODULE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def module_list(v: Any) -> tuple[str, ...]:
+    """a list of dotted module names (e.g. [fastapi, pydantic])"""
+    if not isinstance(v, list):
+        raise Invalid(f"expected a list of module names, got {_show(v)}")
+    for i, name in enumerate(v):
+        if not isinstance(name, str) or not _MODULE.fullmatch(name):
+            raise Invalid(f"item {i}: {_show(name)} is not a dotted Python module name")
+    return tuple(v)
+
+
 def app_module(app: str) -> str:
     """Return the module an app spec imports: `pkg.mod` of `pkg.mod:f` and of `asgi:pkg.mod:app`."""
     kind, _, rest = app.partition(":")

@@ -27,7 +27,7 @@ from upgraderd.config import checks, source, unixlisten
 from upgraderd.config.rollout import RolloutSpec
 from upgraderd.config.source import MAX_BYTES, MAX_VALUES  # noqa: F401 (part of this module's API)
 from upgraderd.config.watchlist import watch_paths
-from upgraderd.config.appspec import BUILTIN_APPS, app_name, boolean
+from upgraderd.config.appspec import BUILTIN_APPS, app_name, boolean, module_list
 from upgraderd.config.httpspec import HttpSpec
 from upgraderd.errors import ConfigError
 from upgraderd.config.validators import (
@@ -100,6 +100,8 @@ class WorkerSpec:
     warm: bool = opt(False, boolean, "With prefork: keep a standby interpreter with the standard "
                      "library and upgraderd's worker library loaded; the next generation's template "
                      "imports only the app, fresh from disk.")
+    preload: tuple[str, ...] = opt((), module_list, "With warm: modules the standby imports before the HUP "
+                                   "(e.g. [fastapi]); changed on disk by then: a fresh template (docs/prefork.md).")
 
 
 @dataclass(frozen=True, kw_only=True)

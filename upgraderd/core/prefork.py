@@ -44,6 +44,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Callable, Iterable
 
 from upgraderd.contract import env as contract
+from upgraderd.contract import standby as preload
 from upgraderd.contract.notify import SPAWNED, STATUS
 from upgraderd.core import events as ev
 from upgraderd.core.generation import Generation, GenerationState
@@ -84,7 +85,13 @@ def standby_key(cfg: Config) -> tuple[object, ...]:
     it starts; everything else in the environment is replaced at the load.
     """
     w = cfg.workers
-    return (w.cwd, w.user, w.group, tuple(sorted(w.env.items())), cfg.metrics)
+    return (w.cwd, w.user, w.group, tuple(sorted(w.env.items())), cfg.metrics, standby_arg(cfg))
+
+
+def standby_arg(cfg: Config) -> str:
+    """Return the standby's argument: what it preloads (apps/preload.py), for `cfg`'s app and `workers.preload`."""
+    web = (cfg.workers.app or "").partition(":")[0] in ("asgi", "wsgi")
+    return preload.arg([*((preload.ASGI,) if web else ()), *cfg.workers.preload])
 
 
 class Prefork:
@@ -170,8 +177,8 @@ class Prefork:
         number = self.next_number()
         env = {**env, contract.GENERATION: str(number)}
         try:
-            pid = self.templates.start((*launch.argv[:-1], "--standby"), env, launch.cwd, launch.user,
-                                       launch.group)
+            pid = self.templates.start((*launch.argv[:-1], standby_arg(active[-1].config)), env, launch.cwd,
+                                       launch.user, launch.group)
         except SpawnError as e:
             self.standby_deaths += 1
             log.warning("cannot start a standby template: %s", e)

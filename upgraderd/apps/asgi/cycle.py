@@ -46,7 +46,7 @@ class Cycle:
 
     __slots__ = ("conn", "scope", "chunks", "buffered", "more_body", "waiter", "started", "finished",
                  "status", "chunked", "length_left", "keep_alive", "disconnected", "head_only",
-                 "expect_continue", "sent_bytes", "task")
+                 "expect_continue", "sent_bytes", "task", "body_sent")
 
     def __init__(self, conn: HttpConn, scope: dict[str, Any], keep_alive: bool, expect_continue: bool) -> None:
         self.conn = conn
@@ -54,6 +54,7 @@ class Cycle:
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
         self.more_body = True
+        self.body_sent = False   # the app has had the last body event: only a disconnect is left to tell it
         self.waiter: asyncio.Future[None] | None = None
         self.started = False
         self.finished = False
@@ -103,8 +104,10 @@ class Cycle:
             self.waiter = self.conn.loop.create_future()
             await self.waiter
             self.waiter = None
-        if self.disconnected or (self.finished and not self.chunks and not self.more_body):
-            if not self.disconnected:
+        if self.disconnected or self.body_sent or (self.finished and not self.chunks and not self.more_body):
+            # Apps such as Django listen for a disconnect while the view runs: that receive()
+            # waits here; never a second `http.request` after the last one.
+            while not self.disconnected:
                 self.waiter = self.conn.loop.create_future()
                 await self.waiter   # the spec: after the response, disconnect is reported when it happens
             return {"type": "http.disconnect"}
@@ -114,6 +117,8 @@ class Cycle:
         more = self.more_body
         if more:
             self.conn.resume()
+        else:
+            self.body_sent = True
         return {"type": "http.request", "body": body, "more_body": more}
 
     async def send(self, message: dict[str, Any]) -> None:

@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 from upgraderd import worker
 from upgraderd.apps.asgi import accesslog
+from upgraderd.apps.asgi.reqmetrics import RequestMetrics
 from upgraderd.apps.asgi.cycle import Cycle
 from upgraderd.apps.asgi.h1 import HttpProtocol, decode_path
 from upgraderd.apps.asgi.lifespan import App, Lifespan
@@ -64,6 +65,7 @@ class WebServer:
         self.websockets_open: set[Any] = set()   # websocket.WebSocketProtocol (imported with wsproto)
         self.metrics = ConnectionMetrics(list(listeners))
         self.tally = {name: self.metrics.tally(name) for name in listeners}
+        self.requests = RequestMetrics(list(listeners), self.metrics.enabled)
         self.moves = WebMoves(self)
         self.orphan = OrphanWatch()
         self.log = accesslog.AccessLog(settings.access_log)
@@ -94,7 +96,7 @@ class WebServer:
         if code == 0:
             await lifespan.shutdown()
         self.moves.close()
-        self.metrics.flush()
+        self._flush_metrics()
         return int(code)
 
     # -- accepting --
@@ -226,11 +228,14 @@ class WebServer:
 
     def log_request(self, proto: HttpProtocol, cycle: Cycle) -> None:
         """One access-log line for an answered request."""
-        self.log.request(proto.client, cycle.scope, cycle.status, cycle.sent_bytes,
-                         time.monotonic() - proto.started_at)
+        seconds = time.monotonic() - proto.started_at
+        self.requests.request(proto.listener, cycle.status, seconds)
+        self.log.request(proto.client, cycle.scope, cycle.status, cycle.sent_bytes, seconds)
 
     def log_error(self, proto: HttpProtocol, status: int) -> None:
         """One access-log line for a request refused without the app."""
+        seconds = time.monotonic() - proto.started_at if proto.started_at else 0.0
+        self.requests.request(proto.listener, status, seconds)
         self.log.refused(proto.client, status)
 
     # -- draining --
@@ -265,6 +270,14 @@ class WebServer:
         """A connection just became idle: move it if we drain; return True if it is gone."""
         return self.draining and proto.idle() and self.moves.give([proto]) == 1
 
+    def _flush_metrics(self) -> None:
+        self.metrics.flush()
+        if self.requests.enabled:
+            open_ws: dict[str, int] = {}
+            for ws in self.websockets_open:
+                open_ws[ws.listener] = open_ws.get(ws.listener, 0) + 1
+            self.requests.flush(open_ws, self.draining)
+
     def _stop_now(self) -> None:
         if not self.done.done():
             self.done.set_result(1)
@@ -274,7 +287,7 @@ class WebServer:
         now = self.loop.time()
         for proto in list(self.conns):
             proto.expire(now)   # timeouts are checked here, to within TICK (h1.py)
-        self.metrics.flush()
+        self._flush_metrics()
         if not self.draining and self.orphan.should_drain():
             self.drain()
         if self.draining:

@@ -36,6 +36,7 @@ from wsproto.events import (AcceptConnection, BytesMessage, CloseConnection, Mes
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from upgraderd.apps.asgi import wsmove
+from upgraderd.apps.asgi.wsframes import FrameScanner
 
 if TYPE_CHECKING:
     from upgraderd.apps.asgi.roles import WebHost
@@ -63,6 +64,7 @@ class WebSocketProtocol(asyncio.Protocol):
         self.gone = False            # the TCP connection is over
         self.moved_away = False      # handed to another worker: the app's sends are dropped
         self.parts: list[Any] = []   # the fragments of the message being received
+        self.frames = FrameScanner()  # where the bytes given to wsproto end: at a message boundary or not
         self.size = 0
         self.denial: bool = False    # a denial response is being sent
         self.task: asyncio.Task[None] | None = None
@@ -102,6 +104,7 @@ class WebSocketProtocol(asyncio.Protocol):
     # -- asyncio.Protocol (after the hand-over of the transport) --
 
     def data_received(self, data: bytes) -> None:
+        self.frames.feed(data)
         try:
             self.ws.receive_data(data)
         except RemoteProtocolError:
@@ -213,12 +216,10 @@ class WebSocketProtocol(asyncio.Protocol):
 
     def idle(self) -> bool:
         """Return True if the app opted in and the connection is at a message boundary."""
-        conn = self.ws.connection if isinstance(self.ws, WSConnection) else self.ws
         # The app waits in receive() with nothing queued: it has done all it does for the last message.
         waiting = not self.inbox and self.waiter is not None and not self.waiter.done()
         return (self.opted_in() and waiting and not self.closed and not self.gone and not self.parts
-                and conn is not None
-                and wsmove.at_message_boundary(conn) and self.transport.get_write_buffer_size() == 0)
+                and self.frames.at_boundary() and self.transport.get_write_buffer_size() == 0)
 
     def handoff_state(self) -> bytes | None:
         """Ask the app for its state; return what moves (None: it failed, close with 1012 instead)."""

@@ -19,7 +19,9 @@ that does not opt in gets close code 1012 instead.
 
 What moves: wsproto's protocol state at a message boundary is fixed (OPEN,
 no fragment pending, no extension), so it is rebuilt as a fresh
-`wsproto.connection.Connection`; the scope goes as JSON (bytes as latin-1);
+`wsproto.connection.Connection`; the boundary is known from upgraderd's own
+scan of the frame headers it feeds wsproto (wsframes.py), not from wsproto's
+internals; the scope goes as JSON (bytes as latin-1);
 bytes the old worker read but had not parsed move as unparsed bytes.
 `save()` runs in the event loop and must not block. Sends that another task of
 the app makes after `save()` returned are dropped: what the app still owes the
@@ -75,17 +77,3 @@ def decode(state: bytes, base: dict[str, Any]) -> tuple[dict[str, Any], str | No
     scope["extensions"] = {"websocket.http.response": {}, EXTENSION: {"resumed": saved, "on_move": None}}
     return scope, doc.get("subprotocol")
 
-
-def at_message_boundary(conn: Any) -> bool:
-    """Return True if wsproto holds no part of an incoming frame or message.
-
-    This reads wsproto's frame decoder, which has no public accessor for it;
-    anything unexpected there answers False, and the connection is closed
-    with 1012 instead of moved.
-    """
-    try:
-        proto = conn._proto
-        frames, messages = proto._frame_decoder, proto._message_decoder
-        return frames.header is None and len(frames.buffer.buffer) == 0 and messages.opcode is None
-    except AttributeError:
-        return False
