@@ -97,6 +97,21 @@ def test_an_oversized_head_gets_431_and_a_close(server):
     still_serves(port)
 
 
+def test_an_error_answer_is_not_reset_away_while_the_client_still_sends(server):
+    # The server half-closes after the 431 and reads and drops what still comes: a close with
+    # unread bytes would send RST, and the client could lose the answer or get EPIPE sending.
+    _d, port = server
+    with connect(port) as sock:
+        sock.sendall(b"GET /api/who HTTP/1.1\r\nHost: t\r\nX-Big: " + b"v" * 20000)
+        answer = read_response(sock, bytearray())
+        assert answer.status == b"HTTP/1.1 431 Request Header Fields Too Large"
+        for _ in range(20):
+            sock.sendall(b"v" * 1000)
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(100) == b""
+    still_serves(port)
+
+
 def test_an_oversized_body_gets_413_whether_announced_or_chunked(server):
     _d, port = server
     announced = b"POST /api/echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5000\r\n\r\n"

@@ -28,6 +28,12 @@ import httptools
 
 from upgraderd.apps.asgi.cycle import Cycle, status_line
 
+# After an error answer the client may still be sending (a head or body we refused): closing
+# with unread bytes makes the kernel send RST, which can destroy the answer before the client
+# reads it. So half-close and read-and-drop for a while first (nginx's lingering close).
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 1 << 20
+
 if TYPE_CHECKING:
     from upgraderd.apps.asgi.roles import WebHost
 
@@ -63,6 +69,7 @@ class HttpProtocol(asyncio.Protocol):
         self.head_fed = 0
         self.oversize = False
         self.upgrade: dict[str, Any] | None = None   # the scope of a WebSocket handshake
+        self.linger = 0   # bytes still dropped before the close, after an error answer
 
     # -- asyncio.Protocol --
 
@@ -87,6 +94,9 @@ class HttpProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
+            self.linger -= len(data)
+            if self.linger < 0 and self.transport is not None:
+                self.transport.close()
             return
         if self.cycle is not None and not self.in_message:
             self.pending += data   # pipelined: parsed once the current response is done
@@ -245,14 +255,32 @@ class HttpProtocol(asyncio.Protocol):
         self.write(status_line(status) + self.server.date_header + b"content-type: text/plain\r\n"
                    b"content-length: %d\r\nconnection: close\r\n\r\n%b" % (len(body), body))
         self.server.log_error(self, status)
-        self.close()
+        self._linger()
 
-    def close(self) -> None:
-        """Close once what is queued is written."""
+    def _linger(self) -> None:
+        """Half-close once the answer is written, drop what the client still sends, then close."""
+        transport = self.transport
+        if transport is None or not transport.can_write_eof():
+            self.close()
+            return
+        self.close_soon()
+        self.linger = LINGER_BYTES
+        transport.write_eof()   # FIN after the queued answer; the client's EOF then closes us
+        if self.paused_reading:
+            self.paused_reading = False
+            transport.resume_reading()
+        self._arm(LINGER_SECONDS, transport.close)
+
+    def close_soon(self) -> None:
+        """Stop serving: no more parsing, the app's task cancelled."""
         self.closing = True
         self._disarm()
         if self.cycle is not None and self.cycle.task is not None and not self.cycle.task.done():
             self.cycle.task.cancel()
+
+    def close(self) -> None:
+        """Close once what is queued is written."""
+        self.close_soon()
         if self.transport is not None:
             self.transport.close()
 
