@@ -50,7 +50,10 @@ async def chat(websocket: WebSocket, room: str, name: str = "anonymous") -> None
             line = f"{user['room']} {user['name']} {user['sent']}: {text}"
             for member in list(members):
                 if member is not websocket:
-                    await member.send_text(line)
+                    try:
+                        await member.send_text(line)
+                    except (RuntimeError, OSError, WebSocketDisconnect):
+                        members.discard(member)   # that member left (or is leaving): not this sender's failure
             await websocket.send_text(f"ack {user['sent']} generation={generation}")
     except WebSocketDisconnect:
         pass
