@@ -1,4 +1,4 @@
-"""Canary rollouts (core/rollout.py, core/checks.py) with the fake clock and fake processes.
+"""Canary rollouts (core/rollout.py, core/rolloutchecks.py) with the fake clock and fake processes.
 
 Each test serves generation 1 with a canary config, sends HUP, and scripts the
 canary's readiness, exits and the clock: the verdict, what is drained, and the

@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import yaml
 
 from upgraderd.config import checks, source, unixlisten
-from upgraderd.config.rollout import RolloutSpec
+from upgraderd.config.rolloutspec import RolloutSpec
 from upgraderd.config.source import MAX_BYTES, MAX_VALUES  # noqa: F401 (part of this module's API)
 from upgraderd.config.watchlist import watch_paths
 from upgraderd.config.appspec import BUILTIN_APPS, app_name, boolean, module_list
@@ -314,7 +314,7 @@ class _Loader:
         if cls is Config and k == "listeners":
             return self.listeners(vnode, key)
         meta = next(f for f in dataclasses.fields(cls) if f.name == k).metadata
-        nested = SECTIONS.get(k) if cls is Config else meta.get("section")   # config/rollout.py `section`
+        nested = SECTIONS.get(k) if cls is Config else meta.get("section")   # config/rolloutspec.py `section`
         if nested is not None:
             sub = self.section(nested, vnode, key)
             return _BAD if sub is None else sub

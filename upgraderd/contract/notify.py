@@ -9,7 +9,7 @@ STOPPING=1), through the same `notify()`.
 
 A message is newline-separated KEY=VALUE lines, UTF-8. The master receives
 with SO_PASSCRED, so the kernel, not the message, says who sent it
-(system/notify.py). `@` at the start of an address stands for the abstract
+(system/notifysock.py). `@` at the start of an address stands for the abstract
 namespace's leading NUL, as in systemd.
 """
 

@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from upgraderd.config import rollout
+from upgraderd.config import rolloutspec as rollout
 from upgraderd.config.schema import SECTIONS, Config, ListenerSpec
 
 VERSION = 1

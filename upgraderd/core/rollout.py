@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 
 from upgraderd.config.schema import Config
-from upgraderd.core import checks as checksmod
+from upgraderd.core import rolloutchecks as checksmod
 from upgraderd.core import events as ev
 from upgraderd.core.fleet import Fleet
 from upgraderd.core.generation import Generation, WorkerState

@@ -351,7 +351,7 @@ class System:
     templates: TemplateAPI | None = None
     # Save what queued on the socket of a slot that lost its worker (None: leave it queued).
     rescue: RescueAPI | None = None
-    # HTTP probes of rollout checks (core/checks.py `Http`), apart from readiness's (None: none).
+    # HTTP probes of rollout checks (core/rolloutchecks.py `Http`), apart from readiness's (None: none).
     check_probes: ProbeAPI | None = None
     # Read and remove the operator's rollout request, "promote N" or "rollback N" ("" if none).
     rollout_requests: Callable[[], str] = lambda: ""

@@ -23,7 +23,7 @@ from upgraderd.errors import FatalError
 from upgraderd.system import activation, channeldir, conflict, fdstore, kernel, orphanfds, reexec, sockets, strangers
 from upgraderd.system.inotify import FileWatcher
 from upgraderd.system.orphanfds import OrphanSet
-from upgraderd.system.notify import NotifyServer
+from upgraderd.system.notifysock import NotifyServer
 from upgraderd.system.probe import Prober, reserve_port
 from upgraderd.system.rescuer import Rescuer
 from upgraderd.system.process import PosixProcessAPI, user_env

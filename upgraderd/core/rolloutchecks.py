@@ -30,7 +30,7 @@ import signal
 from typing import Iterable, Mapping, Protocol
 
 from upgraderd.config import placeholders
-from upgraderd.config.rollout import ChecksSpec
+from upgraderd.config.rolloutspec import ChecksSpec
 from upgraderd.contract import env as contract
 from upgraderd.core.generation import Generation, WorkerState
 from upgraderd.core.seams import Exit, ProbeAPI, ProcessAPI

@@ -10,7 +10,7 @@
       rollback: auto
 
 The decisions live in upgraderd/core/rollout.py and the checks in
-upgraderd/core/checks.py; this module only declares and validates the keys.
+upgraderd/core/rolloutchecks.py; this module only declares and validates the keys.
 
 Invariant: a key of the design that is not built yet (`batches`,
 `keep_previous`, `error_ratio`, `latency_p99`, a "10%" share, `rollback:
