@@ -235,9 +235,12 @@ def test_two_thousand_idle_metrics_connections_do_not_starve_the_master(tmp_path
             for s in held:
                 s.close()
         s = scrape(cfg)
-        # 64 are served at a time; a served idle one times out after 10 s and frees a slot, so
-        # a slow machine opening the 2,000 serves more than 64 of them in all.
-        assert 1000 < value(s, "upgraderd_metrics_connections_refused_total") <= 2000 - 64
+        # 64 are held at a time; a 65th takes the place of the oldest one still waiting for its
+        # head (expired), and an idle one is cut 2 s after its accept (expired): each of the
+        # 2,000 is counted once at most, and all but the last 64 at least.
+        cut = value(s, "upgraderd_metrics_connections_refused_total") + \
+            value(s, "upgraderd_metrics_connections_expired_total")
+        assert 2000 - 64 <= cut <= 2000
         assert "Too many open files" not in d.log()
 
 
