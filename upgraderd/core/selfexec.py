@@ -98,10 +98,7 @@ class SelfExec:
             return
         self.requested = False
         s = self.seams
-        try:
-            s.load_config(s.config_path)
-        except ConfigError as e:
-            self.reloads.reject(f"master upgrade refused, the config is invalid: {e}", "rejected")
+        if not self._config_valid():
             return
         argv = [*s.self_command, "preflight", "-c", s.config_path]
         try:
@@ -131,13 +128,20 @@ class SelfExec:
     def _refused(self, why: str) -> None:
         self.reloads.reject(f"master upgrade refused: {why}", "failed")
 
+    def _config_valid(self) -> bool:
+        """Check the config file now (before the preflight, and again before the exec: it may
+        have changed in between); a bad one refuses the re-exec as rejected."""
+        try:
+            self.seams.load_config(self.seams.config_path)
+        except ConfigError as e:
+            self.reloads.reject(f"master upgrade refused, the config is invalid: {e}", "rejected")
+            return False
+        return True
+
     def reexec(self, record: Callable[[], Handover]) -> None:
         """Exec the upgraderd now on disk in this process; on failure, carry on."""
         s = self.seams
-        try:
-            s.load_config(s.config_path)
-        except ConfigError as e:
-            self.reloads.reject(f"master upgrade refused, the config is invalid: {e}", "rejected")
+        if not self._config_valid():
             return
         handover = record()
         s.tell_systemd(f"RELOADING=1\nMONOTONIC_USEC={int(self.clock() * 1e6)}")
