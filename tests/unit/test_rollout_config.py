@@ -21,26 +21,24 @@ def test_the_design_keys_not_built_yet_are_refused_by_name() -> None:
     assert problems(
         "rollout:\n"
         "  strategy: canary\n"
-        "  batches: {size: 1, pause: 5s}\n"
         "  keep_previous: 10m\n"
         "  canary: {workers: \"10%\"}\n"
         "  checks:\n"
         "    error_ratio: {max: 0.02}\n"
         "    latency_p99: {vs_previous: 1.5}\n"
         "  rollback: manual\n") == [
-        "r.yaml:5:3: rollout.batches: not supported yet (replacing workers a few at a time); remove the key",
-        "r.yaml:6:3: rollout.keep_previous: not supported yet (keeping the previous release's template for an "
+        "r.yaml:5:3: rollout.keep_previous: not supported yet (keeping the previous release's template for an "
         "instant rollback); remove the key",
-        "r.yaml:7:21: rollout.canary.workers: a share of new connections ('10%') is not supported yet; give a "
+        "r.yaml:6:21: rollout.canary.workers: a share of new connections ('10%') is not supported yet; give a "
         "number of workers, e.g. 1",
-        "r.yaml:9:5: rollout.checks.error_ratio: not supported yet (the 5xx share of the workers' counters); "
+        "r.yaml:8:5: rollout.checks.error_ratio: not supported yet (the 5xx share of the workers' counters); "
         "remove the key",
-        "r.yaml:10:5: rollout.checks.latency_p99: not supported yet (the workers' latency quantile); remove the key",
-        "r.yaml:11:13: rollout.rollback: rollback manual is not supported yet (it needs `upgraderd promote` and "
+        "r.yaml:9:5: rollout.checks.latency_p99: not supported yet (the workers' latency quantile); remove the key",
+        "r.yaml:10:13: rollout.rollback: rollback manual is not supported yet (it needs `upgraderd promote` and "
         "`upgraderd rollback`); use auto",
     ]
-    assert problems("rollout: {strategy: batches}\n") == [
-        "r.yaml:3:21: rollout.strategy: strategy batches is not supported yet; use all-at-once or canary"]
+    assert problems("rollout: {strategy: blue-green}\n") == [
+        "r.yaml:3:21: rollout.strategy: 'blue-green' is not allowed; allowed: all-at-once, canary, batches"]
 
 
 def test_cross_checks_name_their_lines() -> None:
@@ -58,7 +56,10 @@ def test_cross_checks_name_their_lines() -> None:
         "only {generation} is set",
     ]
     assert problems("rollout: {checks: {crashes: 2}}\n") == [
-        "r.yaml:3:19: rollout.checks: only a canary has checks; set rollout.strategy: canary (or remove the key)"]
+        "r.yaml:3:19: rollout.checks: only a canary or batches have checks; set rollout.strategy: canary (or "
+        "remove the key)"]
+    assert problems("rollout: {strategy: canary, batches: {size: 2}}\n") == [
+        "r.yaml:3:38: rollout.batches: only batches have batches; set rollout.strategy: batches (or remove the key)"]
     assert problems("rollout: {strategy: canary, canary: {window: 30}, checks: {http: {every: 1s}}}\n") == [
         "r.yaml:3:66: rollout.checks.http.url: is required"]
 
@@ -79,3 +80,13 @@ def test_a_canary_is_refused_for_udp_cookie_flows() -> None:
     assert e.value.problems == [
         "u.yaml:3:21: rollout.strategy: a canary cannot serve listeners[0] (u, flows: cookie) yet: new flows go "
         "to the serving generation's own sockets only, so the canary would get none"]
+
+
+def test_batches_are_declared_with_their_size_and_pause() -> None:
+    cfg = schema.parse(BASE + "rollout: {strategy: batches, batches: {size: 2, pause: 500ms}, checks: {crashes: 1}}\n",
+                       "r.yaml")
+    assert (cfg.rollout.strategy, cfg.rollout.batches.size, cfg.rollout.batches.pause) == ("batches", 2, 0.5)
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+    assert schema.parse(BASE + "rollout: {strategy: batches}\n", "r.yaml").rollout.batches.pause == 5.0
+    assert problems("rollout: {strategy: batches, batches: {size: 0}}\n") == [
+        "r.yaml:3:46: rollout.batches.size: 0 is out of range; allowed: 1..1024"]

@@ -200,18 +200,20 @@ def check_rollout(loader: Reporter, root: yaml.Node, cfg: Config) -> None:
     """Check the `rollout` section against the rest: the canary's size, the checks' templates."""
     r = cfg.rollout
     rnode = node_at(root, "rollout") or root
-    if r.strategy != "canary":
-        for key in ("canary", "checks"):
-            if (node := node_at(rnode, key)) is not None:
-                loader.fail(node, f"rollout.{key}", f"only a canary has {key}; set rollout.strategy: "
-                            "canary (or remove the key)")
+    for key, owners in (("canary", ("canary",)), ("batches", ("batches",)), ("checks", ("canary", "batches"))):
+        if r.strategy not in owners and (node := node_at(rnode, key)) is not None:
+            who = " or ".join("a canary" if o == "canary" else o for o in owners)
+            loader.fail(node, f"rollout.{key}", f"only {who} {'has' if owners == ('canary',) else 'have'} "
+                        f"{key}; set rollout.strategy: {owners[0]} (or remove the key)")
+    if r.strategy == "all-at-once":
         return
     for i, spec in enumerate(cfg.listeners):
         if spec.flows == "cookie":
             loader.fail(node_at(rnode, "strategy") or rnode, "rollout.strategy",
-                        f"a canary cannot serve listeners[{i}] ({spec.name}, flows: cookie) yet: new flows "
-                        "go to the serving generation's own sockets only, so the canary would get none")
-    if r.canary.workers >= cfg.workers.count:
+                        f"{'a canary' if r.strategy == 'canary' else 'batches'} cannot serve listeners[{i}] "
+                        f"({spec.name}, flows: cookie) yet: new flows go to the serving generation's own "
+                        f"sockets only, so the {'canary' if r.strategy == 'canary' else 'new workers'} would get none")
+    if r.strategy == "canary" and r.canary.workers >= cfg.workers.count:
         loader.fail(node_at(rnode, "canary", "workers") or rnode, "rollout.canary.workers",
                     f"{r.canary.workers} is not less than workers.count ({cfg.workers.count}): "
                     "the canary would be the whole generation")

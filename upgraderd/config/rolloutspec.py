@@ -1,8 +1,9 @@
 """The `rollout:` section: how a reload hands traffic to the new generation, and what judges it.
 
     rollout:
-      strategy: canary          # all-at-once (the default: today's reload) | canary
+      strategy: canary          # all-at-once (the default: today's reload) | canary | batches
       canary: {workers: 1, window: 30s}
+      batches: {size: 1, pause: 5s}   # strategy batches: replace `size` workers at a time
       checks:
         crashes: 0              # worker exits of the new generation tolerated
         http: {url: "http://127.0.0.1:{probe_port}/healthz", every: 1s, timeout: 500ms}
@@ -12,8 +13,7 @@
 The decisions live in upgraderd/core/rollout.py and the checks in
 upgraderd/core/rolloutchecks.py; this module only declares and validates the keys.
 
-Invariant: a key of the design that is not built yet (`batches`,
-`keep_previous`, `error_ratio`, `latency_p99`, a "10%" share, `rollback:
+Invariant: a key of the design that is not built yet (`keep_previous`, `error_ratio`, `latency_p99`, a "10%" share, `rollback:
 manual`) is refused with an error that names it and says "not supported yet";
 it is never accepted and silently ignored, because an operator who writes
 `error_ratio` believes the release is judged by it.
@@ -32,7 +32,7 @@ from typing import Any, ClassVar, Mapping
 
 from upgraderd.config.validators import REQUIRED, Invalid, argv, duration, integer, opt, string, _show
 
-STRATEGIES = ("all-at-once", "canary")
+STRATEGIES = ("all-at-once", "canary", "batches")
 CHECK_NAMES = ("crashes", "http", "command")   # the metric's label values, in order
 
 
@@ -47,9 +47,7 @@ def optional_section(cls: type, doc: str) -> Any:
 
 
 def strategy(v: Any) -> str:
-    """all-at-once or canary"""
-    if v == "batches":
-        raise Invalid("strategy batches is not supported yet; use all-at-once or canary")
+    """all-at-once, canary or batches"""
     if v not in STRATEGIES:
         raise Invalid(f"{_show(v)} is not allowed; allowed: {', '.join(STRATEGIES)}")
     return str(v)
@@ -86,6 +84,17 @@ class CanarySpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class BatchesSpec:
+    """Batches: the new generation replaces the old one `size` workers at a time (core/batches.py)."""
+
+    NOT_YET: ClassVar[dict[str, str]] = {}
+    size: int = opt(1, integer(1, 1024), "Workers replaced per batch: at most workers.count + size "
+                    "workers are alive at any moment of the roll.")
+    pause: float = opt(5.0, duration, "How long the checks watch each batch, once its workers are "
+                       "ready, before the old workers it replaces drain.")
+
+
+@dataclass(frozen=True, kw_only=True)
 class HttpCheckSpec:
     """An HTTP GET of each canary worker, answered 2xx, or the rollout fails."""
 
@@ -116,13 +125,14 @@ class RolloutSpec:
     """How a reload hands traffic to the new generation (docs/rollouts.md)."""
 
     NOT_YET: ClassVar[dict[str, str]] = {
-        "batches": "replacing workers a few at a time",
         "keep_previous": "keeping the previous release's template for an instant rollback",
     }
     strategy: str = opt("all-at-once", strategy, "all-at-once: every worker at once, the old "
-                        "generation drains as soon as the new one is ready; canary: see `canary`.")
+                        "generation drains as soon as the new one is ready; canary: see `canary`; "
+                        "batches: see `batches`.")
     canary: CanarySpec = section(CanarySpec, "The canary's size and window.")
-    checks: ChecksSpec = section(ChecksSpec, "What fails a canary.")
+    batches: BatchesSpec = section(BatchesSpec, "The batches' size and pause.")
+    checks: ChecksSpec = section(ChecksSpec, "What fails a canary, or a batch.")
     rollback: str = opt("auto", rollback_mode, "What a failing check does: auto drains the canary "
                         "and the previous generation carries on.")
 

@@ -260,19 +260,19 @@ class Generation:
             return []
         return [s for s, w in self.workers.items() if w.state is not WorkerState.FATAL and not w.retiring]
 
-    def add_slot(self, now: float) -> int:
-        """Start one more worker in a new slot of this ACTIVE generation; return the slot."""
-        slot = max(self.workers, default=-1) + 1
+    def add_slot(self, now: float, slot: int | None = None) -> int:
+        """Start one more worker in a new slot (or in the free `slot`) of this ACTIVE generation; return it."""
+        slot = max(self.workers, default=-1) + 1 if slot is None else slot
         self.workers[slot] = Worker(slot)
         self._spawn(self.workers[slot], now)
         return slot
 
-    def remove_slot(self, now: float) -> int | None:
-        """Drain the highest slot of this ACTIVE generation; return it, or None if only one is left."""
+    def remove_slot(self, now: float, slot: int | None = None) -> int | None:
+        """Drain the highest slot (or `slot`) of this ACTIVE generation; return it, or None if only one is left."""
         candidates = [s for s, w in self.workers.items() if not w.retiring]
-        if len(candidates) <= 1:
+        if len(candidates) <= 1 or (slot is not None and slot not in candidates):
             return None
-        w = self.workers[max(candidates)]
+        w = self.workers[max(candidates) if slot is None else slot]
         w.retiring = True
         if w.pid is None or w.state not in LIVE_WORKER:
             del self.workers[w.slot]

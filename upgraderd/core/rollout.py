@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 
 from upgraderd.config.schema import Config
+from upgraderd.core import batches as batchesmod
 from upgraderd.core import rolloutchecks as checksmod
 from upgraderd.core import events as ev
 from upgraderd.core.fleet import Fleet
@@ -58,6 +59,7 @@ OPERATOR = "operator"   # the `check` of a rollback the operator asked for (not 
 class Phase(enum.Enum):
     CANARY = "canary"
     PROMOTING = "promoting"
+    BATCHES = "batches"          # strategy batches (core/batches.py)
 
 
 @dataclass
@@ -72,6 +74,7 @@ class Rollout:
     phase: Phase = Phase.CANARY
     promote_by: float = 0.0
     asked: str = ""              # the operator's `promote` or `rollback`, taken at the next pass
+    batches: batchesmod.Batches | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,8 @@ class Progress:
     workers: int
     of: int
     checks: tuple[str, ...] = field(default=())
+    batch: int = 0               # strategy batches: the batch under way, of `batches`
+    batches: int = 0
 
 
 class Rollouts:
@@ -110,9 +115,9 @@ class Rollouts:
 
     def canary_size(self, cfg: Config) -> int | None:
         """Return how many workers a reload to `cfg` starts with (None: all, no rollout)."""
-        if cfg.rollout.strategy != "canary" or self.fleet.active is None or self.fleet.stopping:
+        if cfg.rollout.strategy == "all-at-once" or self.fleet.active is None or self.fleet.stopping:
             return None
-        return cfg.rollout.canary.workers
+        return batchesmod.first_size(cfg) if cfg.rollout.strategy == "batches" else cfg.rollout.canary.workers
 
     def judge(self, gen: Generation, now: float) -> str | None:
         """Advance the rollout of the held, ACTIVE `gen`; return None while it goes on, ""
@@ -120,6 +125,8 @@ class Rollouts:
         r = self.current if self.current is not None and self.current.gen is gen else self._begin(gen, now)
         if r.asked == "rollback":
             return self._roll_back(r, OPERATOR, "aborted by `upgraderd rollback`", now)
+        if r.batches is not None:
+            return self._judge_batches(r, r.batches, now)
         if r.asked == "promote" and r.phase is Phase.CANARY:
             self._end_window(r, now)
         for check in r.checks:
@@ -171,7 +178,7 @@ class Rollouts:
         r = self.current
         if r is None:
             return []
-        own = r.window_ends if r.phase is Phase.CANARY else r.promote_by
+        own = r.batches.deadline() if r.batches else r.window_ends if r.phase is Phase.CANARY else r.promote_by
         probes = self.seams.probes.next_deadline() if self.seams.probes is not None else None
         return [own, probes, *(c.deadline() for c in r.checks)]
 
@@ -182,27 +189,44 @@ class Rollouts:
             return None
         live = sum(1 for w in r.gen.workers.values() if w.state is WorkerState.READY)
         return Progress(r.gen.number, r.previous, r.phase.value, r.began_at, r.window_ends, live,
-                        r.gen.config.workers.count, tuple(c.name for c in r.checks))
+                        r.gen.config.workers.count, tuple(c.name for c in r.checks),
+                        *((r.batches.number, r.batches.total) if r.batches else (0, 0)))
 
     # -- the steps --
 
     def _begin(self, gen: Generation, now: float) -> Rollout:
         spec = gen.config.rollout
         previous = self.fleet.active
-        checks = checksmod.for_spec(spec.checks, spec.canary.window, self.seams.probes, self.seams.procs,
-                                    self.seams.environ)
-        r = Rollout(gen, previous.number if previous else 0, checks, now, now + spec.canary.window)
+        window = spec.batches.pause if spec.strategy == "batches" else spec.canary.window
+        checks = checksmod.for_spec(spec.checks, window, self.seams.probes, self.seams.procs, self.seams.environ)
+        r = Rollout(gen, previous.number if previous else 0, checks, now, now + window)
         self.current = r
         for check in checks:
             check.begin(gen, now)
             if isinstance(check, checksmod.Command):
                 self.commands.append(check)
+        if spec.strategy == "batches":
+            r.phase, r.batches = Phase.BATCHES, batchesmod.Batches.first(gen, now, self.seams.ensure_listeners,
+                                                                         self.seams.tell_systemd)
+            return r
         log.info("rollout: generation %d canary serving with %d of %d workers beside generation %d; "
                  "checks %s for %gs", gen.number, len(gen.workers), gen.config.workers.count, r.previous,
                  ", ".join(c.name for c in checks), spec.canary.window)
         self.seams.tell_systemd(f"STATUS=generation {gen.number} canary: {len(gen.workers)} of "
                                 f"{gen.config.workers.count} workers, verdict in {spec.canary.window:g}s")
         return r
+
+    def _judge_batches(self, r: Rollout, b: batchesmod.Batches, now: float) -> str | None:
+        """Advance a rollout in batches (core/batches.py) and act on its verdict."""
+        if r.asked == "promote":
+            self._end_window(r, now)
+            b.end_pauses(now)
+            r.asked = ""
+        failed = next(((c.name, why) for c in r.checks if (why := c.poll(r.gen, now))), None)
+        verdict = b.step(r.gen, self.fleet.active, failed, all(c.passed() for c in r.checks), now)
+        if verdict == batchesmod.PROMOTE:
+            return self._promoted(r, now)
+        return None if not isinstance(verdict, tuple) else self._roll_back(r, *verdict, now)
 
     def _end_window(self, r: Rollout, now: float) -> None:
         """End the window now (`upgraderd promote`): checks with something left to prove stop."""
@@ -235,6 +259,9 @@ class Rollouts:
         self._stop(r)
         self.fleet.release(r.gen)
         r.gen.drain(now)
+        if r.batches is not None:
+            log.info("rollout: generation %d gets back slot(s) %s", r.previous,
+                     ", ".join(map(str, r.batches.regrow(self.fleet.active, now))) or "none")
         if check != OPERATOR:
             self.bus.emit(ev.RolloutCheckFailed(check))
         self.bus.emit(ev.RolloutSettled("rolled_back", r.gen.number, check=check, detail=why,

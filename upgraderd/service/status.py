@@ -69,12 +69,16 @@ def _rollout(snap: Snapshot) -> dict[str, Any] | None:
         return None
     return {"generation": r.generation, "previous": r.previous, "phase": r.phase, "workers": r.workers,
             "of": r.of, "checks": list(r.checks), "began_at": r.began_at + snap.wall_offset,
-            "window_ends": r.window_ends + snap.wall_offset}
+            "window_ends": r.window_ends + snap.wall_offset, "batch": r.batch, "batches": r.batches}
 
 
 def describe_rollout(r: dict[str, Any], now: float) -> str:
     """Return a rollout under way in one line."""
     checks = ", ".join(r["checks"])
+    if r["phase"] == "batches":
+        return (f"rollout: generation {r['generation']} batch {r.get('batch')} of {r.get('batches')}, "
+                f"{r['workers']} of {r['of']} workers ready; generation {r['previous']} serves the rest "
+                f"(checks: {checks})")
     if r["phase"] == "promoting":
         return (f"rollout: generation {r['generation']} promoting, {r['workers']} of {r['of']} workers ready; "
                 f"generation {r['previous']} serves until all are (checks: {checks})")
