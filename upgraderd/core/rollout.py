@@ -15,6 +15,11 @@ but its predecessor keeps serving and is not drained.
                                              ▼ all ready
                                           PROMOTED: released; the predecessor drains as after any reload
 
+With `rollout.strategy: batches` the held generation starts with
+`batches.size` workers and core/batches.py grows it batch by batch over its
+predecessor (`Rollout.batches`); the checks, the verdict and the rollback are
+this module's, as for a canary.
+
 Which connections reach the canary: it serves from the same sockets as its
 predecessor, so
 - `shared` mode: one accept queue for both generations; the canary's share of
