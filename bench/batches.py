@@ -132,7 +132,7 @@ def main() -> int:
     a = p.parse_args()
     rows = run(a)
     print(f"{a.count} echo workers{' (prefork)' if a.prefork else ''}, median of {a.repeats} reloads each, "
-          f"pause {a.pause:g}s, sampled every {a.every:g}s (children of the master{', a template included' if a.prefork else ''})")
+          f"pause {a.pause:g}s, sampled every {a.every:g}s (children of the master{', the templates included' if a.prefork else ''})")
     print("| strategy | peak workers | peak PSS, MiB | peak / steady PSS | reload, s |")
     print("|---|---|---|---|---|")
     for name, runs in rows.items():
