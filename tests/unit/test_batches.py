@@ -29,9 +29,11 @@ def batches(size: int = 1, pause: str = "1s", **checks: Any) -> dict[str, Any]:
 class Roll:
     """Drive a rollout in batches; record the peak of live workers after every pass."""
 
-    def __init__(self, rig: Rig, count: int, **sections: Any) -> None:
+    def __init__(self, rig: Rig, count: int, to: int | None = None, **sections: Any) -> None:
         self.rig, self.count, self.peak, self.now = rig, count, 0, T0
         rig.serving(count, **sections)
+        if to is not None:
+            rig.write(to, **sections)
         self.step(HUP)
 
     def step(self, *signals: signal.Signals, dt: float = 0.1) -> None:
@@ -192,3 +194,15 @@ def test_promote_ends_the_pauses(rig: Rig) -> None:
     rig.notify.ready(*roll.new_workers()[2:])
     roll.step()
     assert rig.master.stats.rollouts["promoted"] == 1
+
+
+@pytest.mark.parametrize("before, after, size, peak", [(4, 6, 2, 7), (8, 4, 1, 9), (8, 8, 3, 11)])
+def test_the_peak_is_the_larger_count_plus_size_when_a_reload_changes_the_count(
+        rig: Rig, before: int, after: int, size: int, peak: int) -> None:
+    roll = Roll(rig, before, to=after, **batches(size=size))
+    while rig.master.stats.rollouts["promoted"] == 0:
+        assert len(roll.new_workers()) <= after
+        roll.batch()
+    assert [roll.slot(p) for p in roll.new_workers()] == list(range(after))
+    assert rig.states() == [(2, G.ACTIVE)] and rig.procs.live(1) == []   # the last old ones drained, exited
+    assert roll.peak == peak <= max(before, after) + size
