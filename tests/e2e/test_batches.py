@@ -24,6 +24,7 @@ from tests.e2e.test_cli import upgraderd
 from tests.support import ROOT
 from tests.support.loadgen import Load
 from tests.support.persistent import Streams
+from tests.support.scrape import scrape, value
 from tests.support.upgraderd_proc import Daemon, children, echo_config, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -94,6 +95,10 @@ def test_batches_of_one_replace_eight_workers_with_at_most_nine_alive(tmp_path):
         serving_only(d, 2, 8)
         assert peak.stop() == 9 and peak.samples > 100
         assert len(d.wait_log(r"rollout: generation 2 batch \d of 8: slot\(s\) \d starting", count=8)) == 8
+        samples = scrape(v1)
+        assert value(samples, "upgraderd_rollouts_total", result="promoted") == 1
+        assert value(samples, "upgraderd_reloads_total", result="success") == 1
+        assert value(samples, "upgraderd_generation") == 2
         assert streams.wait_ok(streams.result.ok + 200) and load.wait_for_ok(load.result.ok + 200, timeout=30)
         moved = streams.stop()
         assert (moved.failures, moved.ports_kept) == ({}, True)
@@ -118,5 +123,9 @@ def test_a_crash_at_a_later_batch_rolls_back_and_the_old_generation_grows_back(t
                             r"\(allowed: 0\); last: slot \d pid \d+ exit code 1", r.stderr.splitlines()[1]), r.stderr
         assert d.wait_log(r"rollout: generation 1 gets back slot\(s\) 0")
         serving_only(d, 1, 2)
+        samples = scrape(v1)
+        assert value(samples, "upgraderd_rollouts_total", result="rolled_back") == 1
+        assert value(samples, "upgraderd_rollout_check_failures_total", check="crashes") == 1
+        assert value(samples, "upgraderd_generation") == 1
         assert load.wait_for_ok(load.result.ok + 200, timeout=30)
         assert load.stop().failures == {}
