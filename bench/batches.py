@@ -131,8 +131,9 @@ def main() -> int:
     p.add_argument("--prefork", action="store_true", help="fork the workers from a template per generation")
     a = p.parse_args()
     rows = run(a)
+    templates = ", the templates included" if a.prefork else ""
     print(f"{a.count} echo workers{' (prefork)' if a.prefork else ''}, median of {a.repeats} reloads each, "
-          f"pause {a.pause:g}s, sampled every {a.every:g}s (children of the master{', the templates included' if a.prefork else ''})")
+          f"pause {a.pause:g}s, sampled every {a.every:g}s (children of the master{templates})")
     print("| strategy | peak workers | peak PSS, MiB | peak / steady PSS | reload, s |")
     print("|---|---|---|---|---|")
     for name, runs in rows.items():

@@ -13,10 +13,11 @@
 The decisions live in upgraderd/core/rollout.py and the checks in
 upgraderd/core/rolloutchecks.py; this module only declares and validates the keys.
 
-Invariant: a key of the design that is not built yet (`keep_previous`, `error_ratio`, `latency_p99`, a "10%" share, `rollback:
-manual`) is refused with an error that names it and says "not supported yet";
-it is never accepted and silently ignored, because an operator who writes
-`error_ratio` believes the release is judged by it.
+Invariant: a key of the design that is not built yet (`keep_previous`,
+`error_ratio`, `latency_p99`, a "10%" share, `rollback: manual`) is refused
+with an error that names it and says "not supported yet"; it is never
+accepted and silently ignored, because an operator who writes `error_ratio`
+believes the release is judged by it.
 
 Nested sections are fields declared with `section()`: the loader
 (schema.py) recurses into them with the same located errors, docgen.py

@@ -140,7 +140,7 @@ class Slots:
         return rescue.deadline(gen, now)
 
     def steer(self, without: int | None = None) -> None:
-        """Confine new connections to the READY slots of the ACTIVE generation and of a rollout's (reuseport steering)."""
+        """Confine new connections to the READY slots of the ACTIVE and the held generation (reuseport steering)."""
         gen = self.fleet.active
         if gen is None or self.fleet.stopping:
             return
@@ -148,7 +148,8 @@ class Slots:
                  if w.state is WorkerState.READY and not w.retiring and s != without]
         held = self.fleet.held   # a rollout's new generation: its READY slots accept too (batches
         if held is not None:     # hand the old generation's slots over to it one by one)
-            ready += [s for s, w in held.workers.items() if w.state is WorkerState.READY and s not in ready]
+            ready += [s for s, w in held.workers.items()
+                      if w.state is WorkerState.READY and s not in ready and s != without]
         before = self.listeners.steer_refused
         note = self.listeners.steer(gen.config, ready, gen.number)
         if (refused := self.listeners.steer_refused - before) > 0:
