@@ -9,6 +9,7 @@ workers.count + batches.size, and the verdict must follow exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 from pathlib import Path
@@ -34,6 +35,10 @@ class Roll:
         rig.serving(count, **sections)
         if to is not None:
             rig.write(to, **sections)
+        rollouts = rig.master.reloads.rollouts
+        assert rollouts is not None
+        self.told: list[str] = []   # what systemd is told (STATUS=)
+        rollouts.seams = dataclasses.replace(rollouts.seams, tell_systemd=self.told.append)
         self.step(HUP)
 
     def step(self, *signals: signal.Signals, dt: float = 0.1) -> None:
@@ -94,6 +99,8 @@ def test_batches_of_one_replace_eight_workers_with_at_most_nine_alive(rig: Rig,
     assert [roll.slot(p) for p in roll.drained()] == [7]     # the last old worker drains after the verdict
     assert m.stats.reloads["success"] == 1 and m.stats.rollouts == {"promoted": 1, "rolled_back": 0}
     assert roll.peak == 9
+    assert [t for t in roll.told if "batch" in t] == [
+        f"STATUS=generation 2 batch {n} of 8: {n} of 8 workers" for n in range(1, 9)]
 
 
 def test_a_batch_waits_for_its_pause_and_for_the_old_workers_to_exit(rig: Rig) -> None:
@@ -179,7 +186,6 @@ def test_hup_is_queued_usr2_refused_and_status_shows_the_batch(rig: Rig, caplog:
 
 
 def test_promote_ends_the_pauses(rig: Rig) -> None:
-    import dataclasses
     roll = Roll(rig, 4, **batches(size=2, pause="60s"))
     rig.notify.ready(*roll.new_workers())
     roll.step()
