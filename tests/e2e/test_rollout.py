@@ -82,7 +82,7 @@ def test_a_good_release_is_promoted_after_its_window(tmp_path):
     with Daemon(tmp_path, v1).start() as d:
         load = loaded(port)
         d.write_config({**v1, "workers": {"count": 4, "app": "echo", "env": {"RELEASE": "2"}},
-                        "rollout": canary("3s")})
+                        "rollout": canary("5s")})   # room for a slow `status` under CI's load
         reload = subprocess.Popen([sys.executable, "-m", "upgraderd", "reload", "--pidfile", str(d.pidfile)],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
         try:
@@ -90,7 +90,7 @@ def test_a_good_release_is_promoted_after_its_window(tmp_path):
                        "the status to show the canary")
             shown = upgraderd("status", "--pidfile", str(d.pidfile)).stdout
             assert re.search(r"^rollout: generation 2 canary, 1 of 4 workers ready beside generation 1; "
-                             r"verdict in [0-3]s \(checks: crashes\)$", shown, re.M), shown
+                             r"verdict in [0-5]s \(checks: crashes\)$", shown, re.M), shown
             assert value(scrape(v1), "upgraderd_generation") == 1
             out, err = reload.communicate(timeout=60)
         finally:
@@ -99,7 +99,7 @@ def test_a_good_release_is_promoted_after_its_window(tmp_path):
                 reload.wait()
         assert (reload.returncode, out, err) == (0, "reload done: generation 2 ACTIVE\n", "")
         took = float(d.wait_log(r"rollout: generation 2 promoted after ([0-9.]+)s")[0].group(1))
-        assert took >= 3.0
+        assert took >= 5.0
         serving_only(d, 2)
         assert finish(load) == {}
         samples = scrape(v1)
