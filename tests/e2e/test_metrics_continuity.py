@@ -1,4 +1,11 @@
-"""Counters never reset: 200 reloads and a worker crash every 25, scraped all along."""
+"""Counters never reset: 50 reloads and a worker crash every 10, scraped all along.
+
+Each dead worker's counts go to the master's archive, and every reload and
+crash is a chance for a series to drop. The suite runs 50 reloads and 5
+crashes (it ran 200 and 8, four times as long); longer runs belong to
+bench/soak.py. How full the archive may get is tested in
+tests/unit/test_metric_files_untrusted.py.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +23,8 @@ from tests.support.upgraderd_proc import Daemon, echo_config, free_port, wait_un
 
 pytestmark = pytest.mark.e2e
 
-RELOADS = 200
-CRASH_EVERY = 25
+RELOADS = 50
+CRASH_EVERY = 10
 # Per live worker: one counter file and one livesum gauge file (the archive is in the master's memory).
 FILES_PER_WORKER = 2
 
@@ -68,7 +75,7 @@ class Scraper:
         self._thread.join(30)
 
 
-def test_counters_are_monotonic_over_200_reloads_and_crashes(tmp_path):
+def test_counters_are_monotonic_over_50_reloads_and_crashes(tmp_path):
     port, mp = free_port(), tmp_path / "mp"
     cfg = echo_config(port, count=1, metrics={"listen": f"127.0.0.1:{free_port()}", "dir": str(mp)})
     with Daemon(tmp_path, cfg).start() as d:
@@ -121,7 +128,7 @@ def test_counters_are_monotonic_over_200_reloads_and_crashes(tmp_path):
     lost_at_most = crashes * (2 + math.ceil(result.ok / elapsed * 0.1))
     assert result.ok - lost_at_most <= accepted <= result.ok + sum(result.failures.values())
 
-    # 400+ workers came and went; the directory holds only the live worker's files.
+    # 100+ workers came and went; the directory holds only the live worker's files.
     print(f"\n{RELOADS} reloads, {crashes} crashes, {len(scrapes)} scrapes, {result.ok} round trips, "
           f"metric files max {max(scraper.file_counts)}")
     assert files == sorted([f"counter_{live}.db", f"gauge_livesum_{live}.db"]), files

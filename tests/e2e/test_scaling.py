@@ -23,7 +23,7 @@ pytestmark = pytest.mark.e2e
 
 def test_ttin_ttou_shared_mode_drops_nothing(tmp_path):
     out = scaling.run(tmp_path, "shared")
-    assert out["failures"] == {}
+    assert out["failures"] == {}, out
     assert out["warned"] is False  # a shared socket is never closed by TTOU
 
 
@@ -42,7 +42,7 @@ def test_ttin_ttou_reuseport_drops_nothing_with_or_without_tcp_migrate_req(tmp_p
                           timeout=240, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["failures"] == {}
+    assert out["failures"] == {}, out
     assert out["ok"] > 500
     assert out["warned"] is False
 

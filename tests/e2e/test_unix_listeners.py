@@ -1,7 +1,7 @@
 """Unix socket listeners: the master holds the socket file across reloads and USR2.
 
 Real clients speak HTTP over AF_UNIX (tests/support/loadgen.py `Load(unix=...)`)
-while the master is HUPed 20 times and then upgraded with USR2: not one request
+while the master is HUPed 10 times and then upgraded with USR2: not one request
 may fail, for the built-in http app and for gunicorn (config/examples/unix_socket.yaml).
 The socket file keeps its inode through all of it and is removed at a clean stop.
 A stale file is replaced with a warning; a live socket, a file that is no socket, a
@@ -33,7 +33,7 @@ from tests.support.upgraderd_proc import Daemon, alive, stop_after_restart, free
 
 pytestmark = pytest.mark.e2e
 
-RELOADS = 20
+RELOADS = 10
 
 
 def unix_config(path: Path, app: str = "http", count: int = 2) -> dict[str, object]:
@@ -75,7 +75,7 @@ def assert_zero_drop(report: Report, reloads: int) -> None:
 
 
 def hups_then_usr2(d: Daemon, sock: Path) -> None:
-    """20 HUPs, then a USR2, each under HTTP load over the socket: nothing fails, the file stays."""
+    """RELOADS HUPs, then a USR2, each under HTTP load over the socket: nothing fails, the file stays."""
     before = file_id(sock)
     report = reload_under_load(d, 0, RELOADS, load=Load("", 0, threads=4, max_seconds=600, unix=str(sock)))
     assert_zero_drop(report, RELOADS)

@@ -2,9 +2,17 @@
 
 Whether a reload drops anything depends on net.ipv4.tcp_migrate_req, which is
 per network namespace. Each test therefore runs the scenario
-(tests/support/netns_scenario.py: the worker-bind example, 20 HUPs under
+(tests/support/netns_scenario.py: the worker-bind example, 10 HUPs under
 connection-per-request load) in a network namespace it creates with
 `unshare -n`, and checks that the host's own setting did not change.
+
+With tcp_migrate_req=1 a rare reset remains possible: a handshake completing
+while its listener closes is not moved by the kernel, and no TcpExt counter
+shows it (measured by bench/migrate_req_race.py; docs/operations.md, "Kernel
+setting tcp_migrate_req"). Its odds grow with the closes and the connection
+rate, so the zero-drop test does 10 reloads (20 before: twice the time and
+twice the odds of that kernel race, for no other check). With 0, 20 reloads
+reset ~50 connections, so 10 still show the hazard every time.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ pytestmark = [
 ]
 
 MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
-RELOADS = 20
+RELOADS = 10
 
 
 def run_in_netns(workdir, initial: int, policy: str) -> dict[str, object]:

@@ -182,7 +182,13 @@ class Daemon:
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=self.cwd,
                 start_new_session=self.new_session, pass_fds=self.pass_fds)
         if wait:
-            self.wait_log(r"serving: generation 1 ACTIVE", timeout=20)
+            try:
+                self.wait_log(r"serving: generation 1 ACTIVE", timeout=20)
+            except BaseException:
+                # `with Daemon(...).start() as d` never reaches __exit__ when start() raises:
+                # stop the master here, or it outlives the test (and loads the next ones).
+                self.stop()
+                raise
         return self
 
     @property

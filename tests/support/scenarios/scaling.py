@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from tests.support.loadgen import Load
+from tests.support.scrape import scrape
 from tests.support.upgraderd_proc import Daemon, echo_config, free_port, wait_until
 
 
@@ -26,7 +27,8 @@ def listening_sockets(port: int) -> int:
 def run(workdir: Path, mode: str) -> dict[str, object]:
     """Run the scenario; raise AssertionError on any wrong state; return the load outcome."""
     port = free_port()
-    with Daemon(workdir, echo_config(port, mode=mode, count=2)).start() as d:
+    cfg = echo_config(port, mode=mode, count=2)
+    with Daemon(workdir, cfg).start() as d:
         load = Load("127.0.0.1", port, threads=4, max_seconds=60).start("echo")
         assert load.wait_for_ok(100)
         for expected in (3, 4):
@@ -53,7 +55,13 @@ def run(workdir: Path, mode: str) -> dict[str, object]:
         result = load.stop()
         wait_until(lambda: len(d.workers()) == 2, 15, "2 workers of generation 2")
         warned = "tcp_migrate_req is not 1" in d.log()
-    return {"ok": result.ok, "failures": result.failures, "warned": warned}
+        # What tells a stall apart from a starved machine when a round trip fails: hand-offs
+        # that timed out (a taker that did not answer within the giver's 2 s) or none at all.
+        handoff_failures = {dict(labels)["reason"]: v for (name, labels), v in scrape(cfg).items()
+                            if name == "upgraderd_handoff_failures_total" and v}
+    return {"ok": result.ok, "failures": result.failures, "warned": warned, "examples": result.examples,
+            "slowest_ok": round(max(result.latencies, default=0.0), 3), "handoff_failures": handoff_failures,
+            "load": open("/proc/loadavg").read().split()[0]}
 
 
 if __name__ == "__main__":
