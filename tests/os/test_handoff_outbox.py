@@ -12,8 +12,7 @@ import pytest
 
 from tests.support.fakes import FakeClock
 from upgraderd.worker import handoff
-from upgraderd.worker.giver import BATCH
-from upgraderd.worker.outbox import Outbox
+from upgraderd.worker.outbox import WINDOW, Outbox
 
 MASTER = 4_100_000 + os.getpid()   # a master pid no real process has: the channel names stay private
 
@@ -34,8 +33,8 @@ def takers(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[handoff.Taker]]:
 
 @pytest.fixture
 def pairs() -> Iterator[list[tuple[socket.socket, socket.socket]]]:
-    """300 connections: (client end, our end), more than two takers take in one batch."""
-    made = [socket.socketpair() for _ in range(300)]
+    """600 connections: (client end, our end), more than two takers take in one window."""
+    made = [socket.socketpair() for _ in range(600)]
     yield made
     for a, b in made:
         a.close()
@@ -57,7 +56,7 @@ def test_every_connection_moves_in_batches_while_the_takers_answer_in_their_own_
     left, given, taken = list(range(len(pairs))), [], {0: [], 1: []}
     for _ in range(100):
         offer_all(box, pairs, left)
-        assert box.in_flight <= 2 * BATCH   # flow control: no taker is sent more than it can answer
+        assert box.in_flight <= 2 * WINDOW   # flow control: no taker is sent more than it can answer
         done, back = box.pump()
         assert back == []
         given += done
@@ -81,7 +80,7 @@ def test_a_silent_taker_gives_back_what_it_held_after_the_timeout_and_the_other_
     giver = handoff.Giver(master=MASTER, trust=lambda p, c: True, clock=clock)
     giver.find()
     box = Outbox(giver, timeout=5.0, clock=clock)
-    left = list(range(2 * BATCH))
+    left = list(range(2 * WINDOW))
     offer_all(box, pairs, left)
     assert left == [] and not box.has_room()
     done, adopted = [], []
@@ -90,14 +89,14 @@ def test_a_silent_taker_gives_back_what_it_held_after_the_timeout_and_the_other_
         got, back = box.pump()
         assert back == []
         done += got
-        if len(done) == BATCH and len(adopted) == BATCH:
+        if len(done) == WINDOW and len(adopted) == WINDOW:
             break
-    assert box.in_flight == BATCH          # the silent taker's offers wait...
+    assert box.in_flight == WINDOW          # the silent taker's offers wait...
     clock.advance(5.1)
     late, back = box.pump()                # ...until the timeout: back to serve on, nothing lost
-    assert sorted(back) == list(range(1, 2 * BATCH, 2)) and box.failures == {"timeout": 1}
+    assert sorted(back) == list(range(1, 2 * WINDOW, 2)) and box.failures == {"timeout": 1}
     assert box.targets == 1 and box.in_flight == 0 and late == []
-    assert sorted(done) == list(range(0, 2 * BATCH, 2))
+    assert sorted(done) == list(range(0, 2 * WINDOW, 2))
     for m in adopted:
         m.sock.close()
     box.close()

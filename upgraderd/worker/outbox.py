@@ -11,7 +11,7 @@ now and those that come back to us. The loop calls `pump()` when
 `fileno()` is readable, and on each pass while draining. Connections not
 in flight are served on meanwhile.
 
-Flow control: a lane holds at most `giver.BATCH` offers and `BATCH_BYTES` of
+Flow control: a lane holds at most WINDOW offers and `BATCH_BYTES` of
 payload that are not answered yet (the taker holds at most MAX_PENDING
 acknowledged ones), so a slow taker gets no more than it can answer.
 
@@ -36,8 +36,14 @@ from collections import Counter, deque
 from typing import Callable
 
 from upgraderd.contract import wire
-from upgraderd.worker.giver import BATCH, BATCH_BYTES, Giver
+from upgraderd.worker.giver import BATCH_BYTES, Giver
 from upgraderd.worker.moved import Handed
+from upgraderd.worker.taker import MAX_PENDING
+
+# Offers in flight to one taker: as many as it may hold acknowledged (a COMMIT follows each ACK
+# at once). The throughput of a lane is WINDOW per round trip, and a round trip between two
+# loops on a loaded machine takes 50-100 ms (measured at load average 40).
+WINDOW = MAX_PENDING
 
 _COMMIT = wire.encode(wire.COMMIT)
 
@@ -53,7 +59,7 @@ class _Lane:
         self.progress = now                                 # last answer (or first offer) time
 
     def room(self) -> bool:
-        return len(self.waiting) < BATCH and self.held < BATCH_BYTES
+        return len(self.waiting) < WINDOW and self.held < BATCH_BYTES
 
 
 class Outbox:
