@@ -22,7 +22,8 @@ Invariants (those of the blocking giver, contract/wire.py):
   reads no later COMMIT.
 - A lane fails when its taker refuses, stops reading, vanishes, answers
   out of turn, or has not answered for `timeout` seconds while offers were
-  in flight. It is then dropped for the rest of this drain, counted by reason
+  in flight (10 s: a new worker answers 8 givers' windows at once, and at a
+  load average of 60 a process gets a few percent of a core). It is then dropped for the rest of this drain, counted by reason
   in `failures`.
 """
 
@@ -36,14 +37,13 @@ from collections import Counter, deque
 from typing import Callable
 
 from upgraderd.contract import wire
-from upgraderd.worker.giver import BATCH_BYTES, Giver
+from upgraderd.worker.giver import BATCH, BATCH_BYTES, Giver
 from upgraderd.worker.moved import Handed
-from upgraderd.worker.taker import MAX_PENDING
 
-# Offers in flight to one taker: as many as it may hold acknowledged (a COMMIT follows each ACK
-# at once). The throughput of a lane is WINDOW per round trip, and a round trip between two
-# loops on a loaded machine takes 50-100 ms (measured at load average 40).
-WINDOW = MAX_PENDING
+# Offers in flight to one taker. A lane moves a window per round trip (50-100 ms between two
+# loops at load average 40). 128 (the taker's MAX_PENDING) lost every lane after its first
+# window at 50,000 connections over 16 workers; 64, the blocking giver's batch, moved 10,000.
+WINDOW = BATCH
 
 _COMMIT = wire.encode(wire.COMMIT)
 
@@ -65,7 +65,7 @@ class _Lane:
 class Outbox:
     """Offers connections to a `Giver`'s takers without blocking (see the module docstring)."""
 
-    def __init__(self, giver: Giver, timeout: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, giver: Giver, timeout: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.timeout, self.clock = timeout, clock
         self.failures: Counter[str] = Counter()
         self.given = 0
