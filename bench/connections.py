@@ -14,7 +14,7 @@ reports, per HUP: HUP -> ACTIVE and the old generation's time from DRAINING
 figures; the master's RSS before and after each HUP; and in the end, the
 round trips and failures of every connection, after one last full round.
 
-    .venv/bin/python -m bench.connections [--connections 50000] [--clients 5] [--hups 5]
+    .venv/bin/python -m bench.connections [--connections 50000] [--clients 5] [--hups 5] [--keep-log PATH]
 
 Bounded: clients stop at --max-seconds; every process started is stopped by
 its pid (clients by SIGTERM then SIGKILL, the daemon by Daemon.stop). CI
@@ -157,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
                 d.wait_log(rf"generation {n - 1} DRAINING -> RETIRED", timeout=120)
                 rss.append(kib(f"/proc/{d.pid}/status", "VmRSS"))
             log = d.log()
+            if args.keep_log:
+                Path(args.keep_log).write_text(log)
         finally:
             for p in procs:
                 p.send_signal(signal.SIGTERM)
@@ -200,6 +202,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=15.0, help="seconds a connection may stay silent")
     ap.add_argument("--pause", type=float, default=1.0, help="seconds between a client's rounds")
     ap.add_argument("--max-seconds", type=float, default=600.0)
+    ap.add_argument("--keep-log", help="write the daemon's log (the workers' `handed N of M` lines) here")
     raise SystemExit(run(ap.parse_args()))
 
 

@@ -21,36 +21,63 @@ from upgraderd.apps.server import Conn, Server
 
 
 class ScriptedGiver:
-    """A Giver whose takers accept or refuse by script: one list of answers per batch."""
+    """A Giver whose takers accept or refuse by script, through the outboxes it opens (`ScriptedOutbox`).
+
+    One script entry per offered connection: True taken, False refused, None no
+    takers left (a timeout). The connections offered between two pumps make one batch.
+    """
 
     def __init__(self, script: list[bool | None], targets: int = 2) -> None:
-        self.script = script  # per offered connection: True taken, False refused, None no takers
-        self.targets = targets
+        self.script = script
         self.generation, self.slot = 1, 0
         self.failures: Counter[str] = Counter()
-        self.given = 0
         self.batches: list[list[bytes]] = []
         self.finds = 0
 
     def find(self) -> int:
         self.finds += 1
-        self.targets = 2
-        return self.targets
-
-    def give_many(self, moving: list) -> list[bool]:
-        self.batches.append([m.unsent for m in moving])
-        out = []
-        for _ in moving:
-            answer = self.script.pop(0)
-            if answer is None:
-                self.targets = 0
-                self.failures["timeout"] += 1
-            out.append(bool(answer) and self.targets > 0)
-        self.given += sum(out)
-        return out
+        return 2
 
     def close(self) -> None:
         pass
+
+
+class ScriptedOutbox:
+    """The non-blocking side (worker/outbox.py) of a `ScriptedGiver`: every offer settles at the next pump."""
+
+    def __init__(self, giver: ScriptedGiver) -> None:
+        self.giver, self.targets, self.given = giver, 2, 0
+        self.failures: Counter[str] = Counter()
+        self.offered: list[int] = []
+
+    def fileno(self) -> int:
+        return self.giver.sink.fileno()
+
+    def has_room(self) -> bool:
+        return self.targets > 0
+
+    def offer(self, key: int, moving) -> bool:
+        if not self.offered:
+            self.giver.batches.append([])
+        self.giver.batches[-1].append(moving.unsent)
+        self.offered.append(key)
+        return True
+
+    def pump(self) -> tuple[list[int], list[int]]:
+        done, back = [], []
+        for key in self.offered:
+            answer = self.giver.script.pop(0)
+            if answer is None:
+                self.targets = 0
+                self.failures["timeout"] += 1
+            (done if answer and self.targets else back).append(key)
+        self.offered = []
+        self.given += len(done)
+        return done, back
+
+    def close(self) -> list[int]:
+        back, self.offered = self.offered, []
+        return back
 
 
 @pytest.fixture
@@ -69,7 +96,8 @@ def pairs():
 def server_with(giver: ScriptedGiver, clock: FakeClock, protos: list, pairs) -> tuple[Server, list]:
     listener = socket.create_server(("127.0.0.1", 0))  # named only: this Server never serves
     server = Server({"echo": listener}, lambda name: Echo())
-    server.moves = moves.Moves(server, take=False, giver=lambda: giver, clock=clock)
+    giver.sink = pairs()[0]  # an fd the loop can watch (closed with the pairs)
+    server.moves = moves.Moves(server, take=False, giver=lambda: giver, clock=clock, outbox=ScriptedOutbox)
     clients = []
     for proto in protos:
         client, mine = pairs()

@@ -19,6 +19,13 @@ price, if the worker is SIGKILLed, of losing at most 20 ms of its counts.
 this worker sees it: `active` until it is asked to drain, `draining` after.
 It is a `livesum` gauge: a worker's share disappears when it is reaped.
 
+The files are made at the first flush, which the loop runs after READY=1:
+made before, they were about 2 ms of CPU per worker (two files created,
+allocated and mapped, two dozen series written at 0, each page a first
+touch) on the path to READY, which a generation of N workers pays N times
+before it is ACTIVE. The counts are kept in memory until then, as between
+any two flushes.
+
 A worker that cannot write its metrics keeps serving without them and says
 so once on stderr. A file sized with `truncate` on a full tmpfs has pages that
 raise SIGBUS when first written; so before the files are mapped, `_reserve`
@@ -59,9 +66,10 @@ class ConnectionMetrics:
 
     def __init__(self, listeners: list[str], enabled: bool | None = None, udp: bool = False) -> None:
         self.listeners = list(listeners)
-        enabled = bool(os.environ.get(ENV)) if enabled is None else enabled
-        self._sink: _Sink | None = _shared_sink(tuple(self.listeners), udp) if enabled else None
-        self.enabled = self._sink is not None
+        # The files are made at the first flush, after READY=1, not here (see the docstring).
+        self._wanted = bool(os.environ.get(ENV)) if enabled is None else enabled
+        self._udp = udp
+        self._sink: _Sink | None = None
         self.is_draining = False
         # accepted, closed, rx, tx, handed off, taken over, datagrams in, out, replies unsent
         self._counts = {name: [0] * 9 for name in self.listeners}
@@ -147,6 +155,17 @@ class ConnectionMetrics:
         self._dirty = True
 
     @property
+    def enabled(self) -> bool:
+        """Return True if this worker reports (its files are made now if they were not yet)."""
+        return self._open() is not None
+
+    def _open(self) -> _Sink | None:
+        if self._wanted:
+            self._wanted = False
+            self._sink = _shared_sink(tuple(self.listeners), self._udp)
+        return self._sink
+
+    @property
     def dirty(self) -> bool:
         """Return True if a count other than bytes changed since the last flush."""
         return self._dirty
@@ -158,7 +177,8 @@ class ConnectionMetrics:
 
     def flush(self) -> None:
         """Write what changed since the last flush to the metric files."""
-        if self._sink is None:
+        sink = self._open()
+        if sink is None:
             return
         dirty, self._dirty = self._dirty, False
         for name in self.listeners:
@@ -171,12 +191,12 @@ class ConnectionMetrics:
             want = {"active": 0 if self.is_draining else open_now, "draining": open_now if self.is_draining else 0}
             gauge = {state: want[state] - self._reported[name][state] for state in want}
             self._reported[name] = want
-            self._sink.write(name, deltas, gauge)
+            sink.write(name, deltas, gauge)
         for reason, n in self._failures.items():
-            self._sink.failed(reason, n)
+            sink.failed(reason, n)
         self._failures.clear()
         for (name, socket_id), total in self._drops.items():
-            self._sink.drops_seen(name, socket_id, total)
+            sink.drops_seen(name, socket_id, total)
 
 
 _SINKS: dict[tuple[int, tuple[str, ...]], _Sink | None] = {}   # by (pid, listeners): a fork reports apart

@@ -55,6 +55,7 @@ HIGH_WATER = 1 << 20
 HOUSEKEEPING = 0.02
 _TAKER = object()  # what the hand-off channel's fd is watched for
 _WAKE = object()  # the signal wake-up socket's
+_GIVER = object()  # the hand-off outbox's: it wakes the loop, whose passes give on while draining
 
 
 class Server:
@@ -372,13 +373,13 @@ class Server:
 
     # -- hand-off (upgraderd/apps/moves.py) --
 
-    def register_taker(self, taker: handoff.Taker) -> None:
-        """Watch the hand-off channel in this loop."""
-        self._watch(taker.fileno(), _TAKER)
+    def watch_handoff(self, fd: int, taker: bool) -> None:
+        """Watch the hand-off channel's fd (`taker`) or the outbox's in this loop."""
+        self._watch(fd, _TAKER if taker else _GIVER)
 
-    def unregister_taker(self, taker: handoff.Taker) -> None:
-        """Stop watching the hand-off channel."""
-        self._unwatch(taker.fileno())
+    def unwatch_handoff(self, fd: int) -> None:
+        """Stop watching a hand-off fd."""
+        self._unwatch(fd)
 
     def _drained(self) -> bool:
         assert self.draining_since is not None
@@ -387,7 +388,7 @@ class Server:
             if conn.proto.idle() and not conn.out and now - max(conn.last_io, self.draining_since) >= self.idle_grace \
                     and not has_unread(conn.sock):
                 self._close(conn)
-        return not self.conns
+        return not self.conns and not (self.moves is not None and self.moves.moving)
 
     def _drain_timeout(self) -> float:
         """Wake for the next idle connection's grace deadline while draining, not at the next 0.5 s poll."""

@@ -64,12 +64,27 @@ class FleetLauncher:
     def __init__(self, seams: FleetSeams, prefork: Prefork, bus: ev.Bus, clock: Callable[[], float],
                  fast_stop: Callable[[], bool]) -> None:
         self.seams, self.prefork, self.bus, self.clock, self.fast_stop = seams, prefork, bus, clock, fast_stop
+        self._context: tuple[int, Context] | None = None   # (generation number, its workers' context)
+
+    def context(self, gen: Generation) -> Context:
+        """Return the launch context of `gen`'s workers, made once per generation.
+
+        Made per worker, copying the master's environment (os.environ decodes
+        every name and value) and looking up the user was most of the master's
+        CPU per spawn. Once per generation, its workers (respawns too) all
+        see the environment the master had when the generation started.
+        """
+        if self._context is None or self._context[0] != gen.number:
+            s = self.seams
+            self._context = (gen.number, Context(dict(s.environ), s.notify.address,
+                                                 s.user_env(gen.config.workers.user), s.worker_env(gen.config)))
+        return self._context[1]
 
     def spawn_worker(self, gen: Generation, slot: int) -> int | None:
         """Start worker `slot` of `gen` with its sockets; return the pid (None: a template
         forks it, see core/prefork.py) or raise SpawnError."""
         s = self.seams
-        ctx = Context(s.environ, s.notify.address, s.user_env(gen.config.workers.user), s.worker_env(gen.config))
+        ctx = self.context(gen)
         try:
             spec = describe(gen.config, gen.number, slot, s.child_fds(gen.config, slot, gen.number),
                             gen.ready_rule, ctx)

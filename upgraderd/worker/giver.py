@@ -123,6 +123,14 @@ class Giver:
                 target.close()
         return out
 
+    def take_sockets(self) -> list[socket.socket]:
+        """Hand over the sockets of the takers found and checked (worker/outbox.py); keep none."""
+        socks = [t.sock for t in self._targets if t.sock is not None]
+        for t in self._targets:
+            t.sock = None
+        self._targets = []
+        return socks
+
     @property
     def targets(self) -> int:
         """Return how many takers are still in play."""

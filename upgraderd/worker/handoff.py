@@ -22,7 +22,8 @@ blob, the bytes read but not handled, and the output not yet sent.
         ... serve it on as if nothing happened ...
 
 The exchange is in upgraderd/contract/wire.py and docs/workers.md. `give()`
-blocks for at most `timeout` per receiver it tries. Every failure is counted
+blocks for at most `timeout` per receiver it tries; an event loop gives
+through an `Outbox` (upgraderd/worker/outbox.py) instead, which never blocks. Every failure is counted
 by reason in `Giver.failures` / `Taker.failures` and never raised.
 """
 

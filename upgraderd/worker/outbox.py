@@ -1,0 +1,205 @@
+"""Non-blocking giving: offers in flight to the takers a `Giver` found, driven by the worker's loop.
+
+A draining worker with thousands of connections cannot give them in one
+blocking batch: while it waits on its takers' answers it serves none of its
+connections, and a taker slow under load (2 s without an answer) was
+dropped with everything that worker still held. An `Outbox` never blocks.
+`offer()` queues a connection on one taker's lane, `pump()` sends what
+the lane's socket takes, reads the answers that have arrived, and sends a
+COMMIT for each ACK at once. It returns the connections that are the takers'
+now and those that come back to us. The loop calls `pump()` when
+`fileno()` is readable, and on each pass while draining. Connections not
+in flight are served on meanwhile.
+
+Flow control: a lane holds at most WINDOW offers and `BATCH_BYTES` of
+payload that are not answered yet (the taker holds at most MAX_PENDING
+acknowledged ones), so a slow taker gets no more than it can answer.
+
+Invariants (those of the blocking giver, contract/wire.py):
+- A connection is the taker's only once its COMMIT went out (the kernel took
+  it). Until then its fd stays open here, and a lane that fails hands it
+  back: the lane's socket is closed first, so the taker drops its copy and
+  reads no later COMMIT.
+- A lane fails when its taker refuses, stops reading, vanishes, answers
+  out of turn, or has not answered for `timeout` seconds while offers were
+  in flight (10 s: a new worker answers 8 givers' windows at once, and at a
+  load average of 60 a process gets a few percent of a core). It is then dropped for the rest of this drain, counted by reason
+  in `failures`.
+"""
+
+from __future__ import annotations
+
+import array
+import selectors
+import socket
+import time
+from collections import Counter, deque
+from typing import Callable
+
+from upgraderd.contract import wire
+from upgraderd.worker.giver import BATCH, BATCH_BYTES, Giver
+from upgraderd.worker.moved import Handed
+
+# Offers in flight to one taker. A lane moves a window per round trip (50-100 ms between two
+# loops at load average 40). 128 (the taker's MAX_PENDING) lost every lane after its first
+# window at 50,000 connections over 16 workers; 64, the blocking giver's batch, moved 10,000.
+WINDOW = BATCH
+
+_COMMIT = wire.encode(wire.COMMIT)
+
+
+class _Lane:
+    """One taker: the messages not sent yet, and the offers not answered yet, in order."""
+
+    def __init__(self, sock: socket.socket, now: float) -> None:
+        self.sock = sock
+        self.out: deque[tuple[bytes, int, int]] = deque()   # (message, fd to attach or -1, key committed or -1)
+        self.waiting: deque[tuple[int, int]] = deque()      # (key, payload size) sent or queued, unanswered
+        self.held = 0                                       # payload bytes of `waiting`
+        self.progress = now                                 # last answer (or first offer) time
+
+    def room(self) -> bool:
+        return len(self.waiting) < WINDOW and self.held < BATCH_BYTES
+
+
+class Outbox:
+    """Offers connections to a `Giver`'s takers without blocking (see the module docstring)."""
+
+    def __init__(self, giver: Giver, timeout: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.timeout, self.clock = timeout, clock
+        self.failures: Counter[str] = Counter()
+        self.given = 0
+        self._sel = selectors.EpollSelector()
+        self._lanes: list[_Lane] = []
+        self._next = 0
+        self._pending: dict[int, Handed] = {}    # key -> connection in flight (not committed yet)
+        self._done: list[int] = []
+        self._back: list[int] = []
+        for sock in giver.take_sockets():
+            sock.setblocking(False)
+            lane = _Lane(sock, clock())
+            self._lanes.append(lane)
+            self._sel.register(sock, selectors.EVENT_READ, lane)
+
+    def fileno(self) -> int:
+        """Return an fd that is readable whenever a taker has answered (or gone)."""
+        return self._sel.fileno()
+
+    @property
+    def targets(self) -> int:
+        """Return how many takers are still in play."""
+        return len(self._lanes)
+
+    @property
+    def in_flight(self) -> int:
+        """Return how many connections are offered and not settled yet."""
+        return len(self._pending)
+
+    def has_room(self) -> bool:
+        """Return True if some taker can take another offer now."""
+        return any(lane.room() for lane in self._lanes)
+
+    def offer(self, key: int, moving: Handed) -> bool:
+        """Queue `moving` (stop reading it first) on the next taker with room; False: serve it on."""
+        try:
+            msgs = wire.encode_offer(moving.listener, moving.state, moving.unhandled, moving.unsent)
+        except ValueError:
+            self.failures["too_large"] += 1
+            return False
+        for _ in range(len(self._lanes)):
+            lane = self._lanes[self._next % len(self._lanes)]
+            self._next += 1
+            if lane.room():
+                size = len(moving.state) + len(moving.unhandled) + len(moving.unsent)
+                if not lane.waiting:
+                    lane.progress = self.clock()
+                lane.waiting.append((key, size))
+                lane.held += size
+                lane.out.append((msgs[0], moving.sock.fileno(), -1))
+                lane.out.extend((m, -1, -1) for m in msgs[1:])
+                self._pending[key] = moving
+                return True
+        return False
+
+    def pump(self) -> tuple[list[int], list[int]]:
+        """Send, read and commit what can be now; return (keys given, keys back to serve on)."""
+        for key, _ in self._sel.select(0):
+            self._read(key.data)
+        now = self.clock()
+        for lane in list(self._lanes):
+            if lane.sock.fileno() >= 0:
+                self._send(lane)
+            if lane.sock.fileno() >= 0 and lane.waiting and now - lane.progress > self.timeout:
+                self._fail(lane, "timeout")
+        done, back, self._done, self._back = self._done, self._back, [], []
+        self.given += len(done)
+        return done, back
+
+    def close(self) -> list[int]:
+        """Drop every taker; return the keys of the connections in flight (serve them on)."""
+        for lane in list(self._lanes):
+            self._fail(lane, None)
+        self._sel.close()
+        back, self._back = self._back, []
+        return back
+
+    def _send(self, lane: _Lane) -> None:
+        while lane.out:
+            msg, fd, committed = lane.out[0]
+            try:
+                if fd >= 0:
+                    lane.sock.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))],
+                                      socket.MSG_DONTWAIT)
+                else:
+                    lane.sock.send(msg, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._fail(lane, "taker_gone")
+                return
+            lane.out.popleft()
+            if committed >= 0:
+                self._pending.pop(committed, None)
+                self._done.append(committed)
+
+    def _read(self, lane: _Lane) -> None:
+        while lane.sock.fileno() >= 0:
+            try:
+                reply = lane.sock.recv(wire.RECV_SIZE, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._fail(lane, "taker_gone")
+                return
+            try:
+                kind = wire.kind_of(reply) if reply else b""
+            except wire.Malformed:
+                kind = b"?"
+            if not reply or kind not in (wire.ACK, wire.REFUSE) or not lane.waiting:
+                self._fail(lane, "taker_gone" if not reply else "malformed_reply")
+                return
+            key, size = lane.waiting.popleft()
+            lane.held -= size
+            lane.progress = self.clock()
+            if kind == wire.REFUSE:
+                self._pending.pop(key, None)
+                self._back.append(key)
+                self._send(lane)        # the COMMITs of the offers it acknowledged before
+                self._fail(lane, "refused")
+                return
+            lane.out.append((_COMMIT, -1, key))
+
+    def _fail(self, lane: _Lane, reason: str | None) -> None:
+        """Close the lane's socket (the taker drops whatever we did not commit), take those back."""
+        if reason is not None:
+            self.failures[reason] += 1
+        if lane.sock.fileno() >= 0:
+            self._sel.unregister(lane.sock)
+            lane.sock.close()
+        for key in [k for k, _ in lane.waiting] + [k for _, _, k in lane.out if k >= 0]:
+            if self._pending.pop(key, None) is not None:
+                self._back.append(key)
+        lane.waiting.clear()
+        lane.out.clear()
+        if lane in self._lanes:
+            self._lanes.remove(lane)
