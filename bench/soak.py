@@ -36,7 +36,13 @@ warm standby off: the standby starts STANDBY_DELAY (0.3 s) after a generation
 is ACTIVE, so back-to-back reloads that do not wait for it find none ready and
 pay a fresh template anyway, plus a standby started and stopped for nothing.
 The drain itself is the hand-off (tens of ms), so `drain.timeout` (5 s here)
-only bounds a failure.
+only bounds a failure. Measured during the 10,000-reload run (--prefork --cold,
+1 client thread, 8 persistent clients 0.05 s apart): the master used 0.02 s
+of CPU per reload and its children (the template, and the 4 workers serving
+the load for their generation's life) 0.29 s, from /proc/PID/stat of the
+master (its utime and stime, and the cutime and cstime of what it reaped); the
+wall time was 2.4-2.9 s per reload at nice 10 on 2 shared cores at load
+average 50-90, where a reload is waiting for CPU, not for the daemon.
 
 `--max-seconds` bounds the run: once it has passed, no new reload starts and
 the table and verdict cover the reloads done. CI runs a small sample
