@@ -125,3 +125,27 @@ def test_steering_never_guesses_positions_a_stranger_shifted(tmp_path, foreign):
         # stranger) into its place. The master counts the group first and stops steering.
         d.send(signal.SIGTTOU)
         d.wait_log(r"4 sockets listen in the group and this master holds 3 \(a stranger joined it\): not steered")
+
+
+def test_a_foreign_listener_between_reloads_is_reported_by_readyz_and_the_metric_until_it_leaves(tmp_path, foreign):
+    from tests.support.scrape import fetch, metrics_url, scrape, value
+    port = free_port()
+    cfg = echo_config(port, count=2)
+    readyz = metrics_url(cfg, "/readyz")
+    with Daemon(tmp_path, cfg).start() as d:
+        assert fetch(readyz)[0] == 200
+        assert value(scrape(cfg), "upgraderd_reuseport_foreign_listeners") == 0
+        f = foreign(port)  # no reload: only the master's periodic check can see it
+
+        def reported() -> str | None:
+            code, body, _ = fetch(readyz)
+            return body if code == 503 and f"pid {f.pid}" in body else None
+        body = wait_until(reported, 15, "/readyz to name the stranger")
+        assert f"127.0.0.1:{port}" in str(body), body
+        assert value(scrape(cfg), "upgraderd_reuseport_foreign_listeners") == 1
+        d.wait_log(rf"port group shared: pid {f.pid} ")
+        f.kill()
+        f.wait()
+        wait_until(lambda: fetch(readyz)[0] == 200, 15, "/readyz to answer 200 once the stranger left")
+        assert value(scrape(cfg), "upgraderd_reuseport_foreign_listeners") == 0
+        d.wait_log(r"port group: no stranger listens on this master's addresses any more")

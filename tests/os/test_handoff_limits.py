@@ -165,3 +165,90 @@ def subprocess_pid_gone() -> int:
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
     return p.pid
+
+
+MIB = 1 << 20
+
+
+def test_givers_together_over_the_takers_total_are_refused_counted_and_keep_their_connections(monkeypatch):
+    """Each giver is within its own limit; together they are not: the taker refuses what is over."""
+    from tests.support.fakes import FakeClock
+    monkeypatch.setenv("UPGRADERD_GENERATION", "2")
+    monkeypatch.setenv("UPGRADERD_SLOT", "0")
+    t = handoff.Taker(["web"], master=MASTER, trust=lambda p: True, max_held_bytes=3 * MIB, clock=FakeClock(1.0))
+    with socket.create_server(("127.0.0.1", 0)) as ls:
+        pairs = []
+        for _ in range(5):
+            client = socket.create_connection(ls.getsockname())
+            pairs.append((client, ls.accept()[0]))
+    peers = [connect(t) for _ in range(4)]
+    try:
+        t.poll()
+        for s, (_, server) in zip(peers[:3], pairs):   # three givers, 1 MiB each: exactly the total
+            offer(t, s, server.fileno(), MIB)
+            assert s.recv(100) == wire.encode(wire.ACK)
+        assert t.held == 3 * MIB and t.failures == {}
+        offer(t, peers[3], pairs[3][1].fileno(), MIB)  # a fourth: read to its end, refused, not kept
+        assert peers[3].recv(100) == wire.encode(wire.REFUSE, "over_capacity")
+        assert t.held == 3 * MIB and t.failures == {"over_capacity": 1}
+        # A real giver over the total: a failed give, and the connection is still its own.
+        monkeypatch.setenv("UPGRADERD_GENERATION", "1")
+        _, server = pairs[4]
+        assert not give_polling(t, server, MIB)
+        assert t.failures == {"over_capacity": 2} and t.held == 3 * MIB
+        server.sendall(b"still ours")
+        assert pairs[4][0].recv(100) == b"still ours"
+        # Nobody was dropped for it: a COMMIT frees room, and the same connection then moves.
+        peers[0].send(wire.encode(wire.COMMIT))
+        moved = t.poll()
+        assert [len(h.unsent) for h in moved] == [MIB] and t.held == 2 * MIB
+        assert give_polling(t, server, MIB)
+        assert t.failures == {"over_capacity": 2}
+        for h in moved:
+            h.sock.close()
+    finally:
+        for s in peers:
+            s.close()
+        for h in t.close():
+            h.sock.close()
+        for client, server in pairs:
+            client.close()
+            server.close()
+
+
+def give_polling(t: handoff.Taker, server: socket.socket, size: int) -> bool:
+    """Give `server` with `size` unsent bytes from a fresh giver while the taker polls; return give()'s answer."""
+    import threading
+    giver = handoff.Giver(master=MASTER, trust=lambda p, c: True, timeout=5)
+    assert giver.find() == 1
+    got: list[handoff.Handed] = []
+    done = threading.Event()
+
+    def take() -> None:
+        while not done.is_set():
+            got.extend(t.poll())
+    th = threading.Thread(target=take)
+    th.start()
+    try:
+        ok = giver.give(handoff.Handed(server, "web", b"", b"", b"z" * size))
+    finally:
+        done.set()
+        th.join()
+        giver.close()
+    got.extend(t.poll())
+    assert giver.failures == ({} if ok else {"refused": 1}), giver.failures
+    assert [len(h.unsent) for h in got] == ([size] if ok else [])
+    for h in got:
+        h.sock.close()
+    return bool(ok)
+
+
+def test_a_refusal_over_capacity_is_counted_and_logged_by_the_worker(capsys):
+    from upgraderd.apps.connmetrics import ConnectionMetrics
+    m = ConnectionMetrics(["web"], enabled=False)
+    m.handoff_failed("over_capacity", 2)
+    m.handoff_failed("refused", 1)
+    assert m._failures == {"over_capacity": 2, "refused": 1}
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and " WARNING refused 2 hand-off offer(s) over capacity: " in err[0], err
+    assert "more than 32 MiB" in err[0] and "the givers keep those connections" in err[0]

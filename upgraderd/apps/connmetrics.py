@@ -49,16 +49,17 @@ import os
 import sys
 import threading
 
-from upgraderd.apps import metricfile
+from upgraderd.apps import logline, metricfile
 from upgraderd.contract import metricformat as layout
 from upgraderd.contract.env import METRICS_DIR
+from upgraderd.worker.taker import MAX_HELD_BYTES
 
 ENV = METRICS_DIR
 # Every reason a hand-off can fail for (docs/metrics.md); each series starts at 0.
 ACCEPTED, CLOSED, RX, TX = 0, 1, 2, 3  # indexes in a listener's tally (the loop adds to them directly)
 HANDOFF_FAILURES = ("refused", "timeout", "taker_gone", "untrusted_taker", "malformed_reply", "too_large",
                     "untrusted_giver", "malformed", "abandoned", "stalled_giver", "busy", "channel_in_use",
-                    "idle_giver")
+                    "idle_giver", "over_capacity")
 
 
 class ConnectionMetrics:
@@ -148,6 +149,10 @@ class ConnectionMetrics:
         if n:
             self._failures[reason] = self._failures.get(reason, 0) + n
             self._dirty = True
+        if n and reason == "over_capacity":  # the one refusal that says the worker is full, not the giver wrong
+            logline.log(f"refused {n} hand-off offer(s) over capacity: with them this worker would hold more "
+                        f"than {MAX_HELD_BYTES >> 20} MiB offered by its givers and not committed; the givers "
+                        f"keep those connections and serve them on", "WARNING")
 
     def draining(self) -> None:
         """This worker was asked to drain: its open connections now count as draining."""

@@ -84,7 +84,7 @@ def assemble(config_path: str, system: System, *, bus: ev.Bus | None = None,
     fleet = Fleet(FleetSeams(
         system.procs, system.notify, system.probes, system.reserve_port, system.listeners.child_fds,
         system.environ, system.user_env, system.templates, publisher.worker_env), bus, clock)
-    slots = Slots(fleet, system.listeners, system.kernel, system.rescue, bus)
+    slots = Slots(fleet, system.listeners, system.kernel, system.rescue, bus, system.strangers)
     reloads = Reloads(ReloadSeams(config_path, system.load_config, system.listeners.ensure, system.tell_systemd,
                                   wall, system.watcher, system.procs, system.check_probes, system.environ,
                                   system.rollout_requests),
@@ -252,7 +252,7 @@ class Master:
             self._guarded(f"ticking generation {g.number}", g.tick, now)
         self._guarded("watching files", self.reloads.watch_files, now)
         self._guarded("settling", self._settle, now)
-        self._guarded("steering", lambda _: self.slots.steer(), now)
+        self._guarded("steering and checking the port groups", self.slots.steer_and_check, now)
         snap = self.snapshot(self.clock())
         self.publisher.publish(snap)
         self.bus.emit(snapshot.PassEnded(snap, self.config))
@@ -297,4 +297,4 @@ class Master:
         return snapshot.take(snapshot.Times(self.started_at, self.wall_started_at, now), self.config_path,
                              self.fleet.generations, self.config, self.tally.stats, self.stopping,
                              self.slots.tcp_migrate_req, self.slots.worker_bind_reset_risk(configs),
-                             self.reloads.progress())
+                             self.reloads.progress(), self.slots.strangers)

@@ -355,6 +355,9 @@ class System:
     check_probes: ProbeAPI | None = None
     # Read and remove the operator's rollout request, "promote N" or "rollback N" ("" if none).
     rollout_requests: Callable[[], str] = lambda: ""
+    # One line per process not this master's that listens on a TCP address of the config, naming its
+    # pid (system/strangers.py: one sock_diag dump, /proc only when there is one); [] if not checked.
+    strangers: Callable[[Config], list[str]] = lambda cfg: []
 
     def watched_fds(self) -> list[int]:
         """Return the fds the loop selects on besides the signal inbox."""

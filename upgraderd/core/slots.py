@@ -12,12 +12,20 @@ A change of scale (TTIN/TTOU) lasts until the next reload, which goes back to
 - a retiring slot's socket is closed once nothing serves it, and the kernel
   resets what is still queued on it unless net.ipv4.tcp_migrate_req=1
   (counted in upgraderd_slot_retire_risks_total).
+
+The port groups are checked for strangers (another process listening on one
+of the ACTIVE config's TCP addresses, system/strangers.py) at every reload,
+which a stranger fails, and every STRANGER_CHECK seconds in between: what
+the last check found is `strangers`, which the snapshot carries to /readyz
+(503 while there is one) and to upgraderd_reuseport_foreign_listeners. A
+stranger is logged when it appears and its leaving once. The check is one
+sock_diag dump; /proc is read only while there is a stranger to name.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+from typing import Callable, Iterable
 
 from upgraderd.config.schema import Config
 from upgraderd.core import events as ev
@@ -28,14 +36,20 @@ from upgraderd.core.seams import KernelAPI, ListenerAPI, RescueAPI, SocketKey, k
 
 log = logging.getLogger("upgraderd")
 
+# Seconds between two checks of the port groups for strangers, between reloads.
+STRANGER_CHECK = 2.0
+
 
 class Slots:
     """Scale, steer, rescue and retire the slots of the fleet's generations."""
 
     def __init__(self, fleet: Fleet, listeners: ListenerAPI, kernel: KernelAPI, rescuer: RescueAPI | None,
-                 bus: ev.Bus) -> None:
+                 bus: ev.Bus, find_strangers: Callable[[Config], list[str]] = lambda cfg: []) -> None:
         self.fleet, self.listeners, self.kernel, self.rescuer, self.bus = fleet, listeners, kernel, rescuer, bus
         self.tcp_migrate_req: int | None = None   # as last read; None: unavailable
+        self.find_strangers = find_strangers
+        self.strangers: tuple[str, ...] = ()       # as the last check found them
+        self._check_at = 0.0
 
     def add_worker(self, now: float) -> None:
         """Start one more worker, in a new slot of the ACTIVE generation (SIGTTIN)."""
@@ -133,11 +147,31 @@ class Slots:
             self.bus.emit(rescued)
 
     def next_deadline(self, now: float) -> float | None:
-        """Return when a slot needs the loop again (a dead slot's socket is watched for late arrivals)."""
+        """Return when a slot needs the loop again (a dead slot's socket is watched for late arrivals).
+
+        Not the check of the port groups: the loop passes at least once a second anyway.
+        """
         gen = self.fleet.active
         if gen is None or self.fleet.stopping or self.rescuer is None:
             return None
         return rescue.deadline(gen, now)
+
+    def steer_and_check(self, now: float) -> None:
+        """Steer (every pass), and check the port groups for strangers when that is due."""
+        gen = self.fleet.active
+        due = gen is not None and not self.fleet.stopping and now >= self._check_at
+        if due:
+            self._check_at = now + STRANGER_CHECK   # first: a check that raises is not retried at once
+        self.steer()
+        if gen is None or not due:
+            return
+        found = tuple(self.find_strangers(gen.config))
+        for line in found:
+            if line not in self.strangers:
+                log.warning("port group shared: %s (/readyz answers 503 until it leaves)", line)
+        if self.strangers and not found:
+            log.info("port group: no stranger listens on this master's addresses any more")
+        self.strangers = found
 
     def steer(self, without: int | None = None) -> None:
         """Confine new connections to the READY slots of the ACTIVE and the held generation (reuseport steering)."""

@@ -76,6 +76,7 @@ class Snapshot:
     tcp_migrate_req: int                 # -1 where the kernel has no such setting
     worker_bind_reset_risk: bool
     rollout: Progress | None = None      # a canary under way (core/rollout.py)
+    foreign_listeners: tuple[str, ...] = ()  # strangers in the ACTIVE config's port groups (core/slots.py)
 
     @property
     def active_generation(self) -> int:
@@ -139,7 +140,7 @@ class Times:
 
 def take(times: Times, config_path: str, generations: Iterable[Generation], config: Config | None,
          stats: Stats, stopping: bool, tcp_migrate_req: int | None, worker_bind_reset_risk: bool,
-         rollout: Progress | None = None) -> Snapshot:
+         rollout: Progress | None = None, foreign_listeners: tuple[str, ...] = ()) -> Snapshot:
     """Copy the reported state out of the owners' (call it in the loop thread)."""
     gens = tuple(GenerationInfo(
         g.number, g.state, g.changed_at, g.created_at, g.reason,
@@ -152,5 +153,5 @@ def take(times: Times, config_path: str, generations: Iterable[Generation], conf
         config_path=config_path, started_at=times.wall_started_at,
         generation_list=gens, listeners=listeners, stats=stats.copy(), stopping=stopping,
         tcp_migrate_req=-1 if tcp_migrate_req is None else tcp_migrate_req,
-        worker_bind_reset_risk=worker_bind_reset_risk, rollout=rollout,
+        worker_bind_reset_risk=worker_bind_reset_risk, rollout=rollout, foreign_listeners=foreign_listeners,
     )

@@ -9,7 +9,7 @@ snapshot) and a health callback; they never touch the master's state.
 - /metrics: the Prometheus text format, or OpenMetrics when the scraper's
   Accept header asks for it; gzip when Accept-Encoding allows it.
 - /healthz: 200 while the master loop runs (its snapshot is fresh).
-- /readyz: 200 only while an ACTIVE generation exists.
+- /readyz: 200 only while an ACTIVE generation exists (and no stranger shares a port group).
 
 Any local user can connect, so the endpoint is bounded and can never starve
 the master of fds, threads or CPU:

@@ -88,6 +88,10 @@ class UpgraderdCollector:
         yield GaugeMetricFamily("upgraderd_kernel_tcp_migrate_req",
                                 "net.ipv4.tcp_migrate_req as last read by the master (-1: not available).",
                                 value=snap.tcp_migrate_req)
+        yield GaugeMetricFamily("upgraderd_reuseport_foreign_listeners",
+                                "Processes not this master's that listen on one of its TCP addresses (checked "
+                                "every few seconds): they take a share of the new connections.",
+                                value=len(snap.foreign_listeners))
         yield GaugeMetricFamily("upgraderd_worker_bind_reset_risk",
                                 "1 while a worker-bind listener is configured and tcp_migrate_req is not 1: "
                                 "a draining worker's queued connections can be reset.",
@@ -126,11 +130,12 @@ def health(snap: Snapshot | None, now: float) -> tuple[bool, bool, str]:
         return False, False, "starting"
     stalled = now - snap.taken_at
     alive = stalled < STALL_AFTER
-    ready = alive and snap.ready_workers > 0 and not snap.stopping
+    ready = alive and snap.ready_workers > 0 and not snap.stopping and not snap.foreign_listeners
     why = (f"generation {snap.active_generation} active" if ready else
            f"master loop stalled for {stalled:.0f}s" if not alive else
            "stopping" if snap.stopping else "no ACTIVE generation" if not snap.active_generation
-           else f"no READY worker in generation {snap.active_generation}")
+           else f"no READY worker in generation {snap.active_generation}" if not snap.ready_workers
+           else "a port group is shared: " + "; ".join(snap.foreign_listeners[:3]))
     return alive, ready, why
 
 

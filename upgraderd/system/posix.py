@@ -79,7 +79,7 @@ def posix_system(handover: Handover | None, argv: Sequence[str],
         probes=Prober(), kernel=PosixKernel(), environ=os.environ, load_config=_load_and_warn,
         user_env=user_env, reserve_port=reserve_port, self_command=(sys.executable, "-m", "upgraderd"),
         tell_systemd=tell_systemd, exec_master=exec_master, watcher=FileWatcher(),
-        rescue=Rescuer(listeners.fileno_of), check_probes=Prober(interval=0.05))
+        rescue=Rescuer(listeners.fileno_of), check_probes=Prober(interval=0.05), strangers=listeners.strangers)
 
 
 def _load_and_warn(path: str) -> schema.Config:

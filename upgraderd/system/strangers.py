@@ -24,7 +24,10 @@ group with one it did not bind is not steered (its positions are a guess).
 `CheckedListeners.ensure` checks at the start and at every reload or grow:
 the start is refused (exit 3) and a reload fails (`upgraderd reload` exits
 1), each naming the stranger, so the operator learns of it; the serving
-generation is left alone.
+generation is left alone. Between reloads the master asks
+`CheckedListeners.strangers` every few seconds (core/slots.py): a stranger
+that joined since is reported by /readyz (503, naming it) and by the gauge
+`upgraderd_reuseport_foreign_listeners` until it leaves.
 """
 
 from __future__ import annotations
@@ -120,9 +123,16 @@ class CheckedListeners(ListenerSet):
         stranger listens on one of `cfg`'s TCP addresses."""
         opened = super().ensure(cfg, count, slots)
         try:
-            refuse(cfg, {os.fstat(fd).st_ino for fd in self.filenos()})
+            refuse(cfg, self._inodes())
         except OSError:
             for key in reversed(opened):
                 self._release(key)
             raise
         return opened
+
+    def strangers(self, cfg: Config) -> list[str]:
+        """Return the operator's line for each stranger listening on one of `cfg`'s TCP addresses now."""
+        return [f.message() for f in find(cfg, self._inodes())]
+
+    def _inodes(self) -> set[int]:
+        return {os.fstat(fd).st_ino for fd in self.filenos()}

@@ -5,6 +5,15 @@ the exchange. Everything here is non-blocking: `Taker.poll()` does what the
 channel has for it and returns. A peer that is not a worker of our master,
 a malformed message, or a giver that stalls mid-offer is refused, counted in
 `Taker.failures` and closed; nothing raises.
+
+Memory: one giver may have MAX_PENDING_BYTES of payload offered and not
+committed (more drops it), and all givers together `max_held_bytes`
+(MAX_HELD_BYTES by default). An offer that would take the total past it is
+read to its end without keeping its bytes, its fd closed, and REFUSEd with
+`over_capacity`: the giver keeps that connection and serves it on (a refused
+offer is a failed give, never a lost connection), and the refusal is counted.
+Without the total, 64 trusted givers at their own limit could make one worker
+hold 1 GiB.
 """
 
 from __future__ import annotations
@@ -27,6 +36,9 @@ from upgraderd.worker.peers import Peer
 MAX_FDS = 4
 MAX_PENDING = 128  # offers acknowledged on one channel connection and not committed yet
 MAX_PENDING_BYTES = wire.MAX_PENDING_BYTES
+# Payload offered and not committed over all givers at once: two givers at their limit.
+MAX_HELD_BYTES = 2 * MAX_PENDING_BYTES
+OVER_CAPACITY = "over_capacity"
 
 
 @dataclass
@@ -38,8 +50,10 @@ class _Inbound:
     head: wire.OfferHead | None = None  # the offer being received, until its payload is complete
     conn: socket.socket | None = None
     payload: bytearray = field(default_factory=bytearray)
+    got: int = 0  # payload bytes of the offer being received, kept in `payload` unless `refusing`
+    refusing: bool = False  # the offer being received is over the taker's total: read, not kept
     acked: list[Handed] = field(default_factory=list)  # ACK sent, COMMIT due, in offer order
-    held: int = 0  # payload bytes of `acked` and of the offer being received
+    held: int = 0  # payload bytes of `acked` and of the offer being received (unless refused)
 
     @property
     def busy(self) -> bool:
@@ -52,7 +66,7 @@ class _Inbound:
         h, p = self.head, bytes(self.payload)
         moved = Handed(self.conn, h.listener, p[:h.state_len],
                        p[h.state_len:h.state_len + h.unhandled_len], p[h.state_len + h.unhandled_len:])
-        self.head, self.conn, self.payload = None, None, bytearray()
+        self.head, self.conn, self.payload, self.got, self.refusing = None, None, bytearray(), 0, False
         return moved
 
     def discard(self) -> None:
@@ -62,6 +76,7 @@ class _Inbound:
         if self.conn is not None:
             self.conn.close()
         self.head, self.conn, self.payload, self.acked, self.held = None, None, bytearray(), [], 0
+        self.got, self.refusing = 0, False
 
 
 class Taker:
@@ -70,7 +85,7 @@ class Taker:
     def __init__(self, listeners: Iterable[str] | None = None, *, master: int | None = None,
                  trust: Callable[[Peer], bool] | None = None, max_peers: int = 64,
                  peer_timeout: float = 5.0, idle_timeout: float = 10.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 max_held_bytes: int = MAX_HELD_BYTES, clock: Callable[[], float] = time.monotonic) -> None:
         gen, slot = identity()
         self.master = os.getppid() if master is None else master
         self.listeners = None if listeners is None else set(listeners)
@@ -78,13 +93,18 @@ class Taker:
                                or peers.is_master(p, self.master))
         self.name = wire.channel_name(self.master, gen, slot, peers.channel_dir())
         self.max_peers, self.peer_timeout, self.clock = max_peers, peer_timeout, clock
-        self.idle_timeout = idle_timeout
+        self.idle_timeout, self.max_held_bytes = idle_timeout, max_held_bytes
         self.accepting = True
         self.failures: Counter[str] = Counter()
         self.sock, self._inode = _bind(self.name)
         self._sel = selectors.EpollSelector()
         self._sel.register(self.sock, selectors.EVENT_READ, None)
         self._peers: dict[int, _Inbound] = {}
+
+    @property
+    def held(self) -> int:
+        """Return the payload bytes offered to us by every giver and not committed yet."""
+        return sum(inb.held for inb in self._peers.values())
 
     def fileno(self) -> int:
         """Return an fd that is readable whenever `poll()` has work."""
@@ -186,10 +206,11 @@ class Taker:
                 raise wire.Malformed("more pending payload than a giver may hold")
             inb.conn = _tcp_connection(fds.pop())
             inb.head = head
-            inb.held += head.total
-            inb.payload += first
+            inb.refusing = self.held + head.total > self.max_held_bytes
+            inb.held += 0 if inb.refusing else head.total
+            self._keep(inb, first)
         elif kind == wire.DATA and inb.head is not None and not fds:
-            inb.payload += wire.data_of(msg)
+            self._keep(inb, wire.data_of(msg))
         elif kind == wire.COMMIT and inb.acked and not fds and msg == wire.encode(wire.COMMIT):
             moved = inb.acked.pop(0)
             inb.held -= len(moved.state) + len(moved.unhandled) + len(moved.unsent)
@@ -198,14 +219,22 @@ class Taker:
         else:
             raise wire.Malformed(f"unexpected {kind!r}")
         assert inb.head is not None
-        if len(inb.payload) > inb.head.total:
+        if inb.got > inb.head.total:
             raise wire.Malformed("more payload than announced")
-        if len(inb.payload) == inb.head.total:
+        if inb.got == inb.head.total:
             self._decide(inb)
+
+    @staticmethod
+    def _keep(inb: _Inbound, data: bytes) -> None:
+        """Count `data` as received; keep it unless the offer is being refused."""
+        inb.got += len(data)
+        if not inb.refusing:
+            inb.payload += data
 
     def _decide(self, inb: _Inbound) -> None:
         assert inb.head is not None
-        reason = ("draining" if not self.accepting else
+        refusing = inb.refusing
+        reason = (OVER_CAPACITY if refusing else "draining" if not self.accepting else
                   "unknown_listener" if self.listeners is not None and inb.head.listener not in self.listeners
                   else "")
         moved = inb.complete()
@@ -213,9 +242,11 @@ class Taker:
             inb.sock.send(wire.encode(wire.REFUSE if reason else wire.ACK, reason))
         except OSError:
             reason = "giver_gone"  # it still holds the connection; our copy goes
+        if refusing:
+            self.failures["over_capacity"] += 1  # its bytes were never kept nor counted in `held`
         if reason:
             moved.sock.close()
-            inb.held -= len(moved.state) + len(moved.unhandled) + len(moved.unsent)
+            inb.held -= 0 if refusing else len(moved.state) + len(moved.unhandled) + len(moved.unsent)
         else:
             inb.acked.append(moved)
 
