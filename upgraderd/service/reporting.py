@@ -3,7 +3,7 @@
 `Service` subscribes to the master's events (core/events.py) on the bus it is
 built with: each pass's end (the status file, a reloaded `log` section),
 generation 1 serving or failing (the pidfile, the start-up report), SIGUSR1
-(reopen the log). Everything here runs inside the master's loop, so nothing
+(reopen the log), the stop beginning (the stop marker draining workers read). Everything here runs inside the master's loop, so nothing
 may raise into it: a pidfile or status file that cannot be written, or a log
 file that cannot be opened, is logged and the master carries on serving.
 """
@@ -20,6 +20,8 @@ from upgraderd.core.snapshot import PassEnded
 from upgraderd.service import status
 from upgraderd.service.logsetup import LogSetup
 from upgraderd.service.pidfile import PidFile
+from upgraderd.system import channeldir
+from upgraderd.contract.env import HANDOFF_DIR
 
 log = logging.getLogger("upgraderd")
 
@@ -71,6 +73,11 @@ class Service:
         bus.subscribe(ev.Serving, lambda _: self.on_serving())
         bus.subscribe(ev.StartFailed, lambda e: self.on_start_failed(e.reason))
         bus.subscribe(ev.LogReopenAsked, lambda _: self.on_reopen_logs())
+        bus.subscribe(ev.StopBegun, lambda _: self.on_stop_begun())
+
+    def on_stop_begun(self) -> None:
+        """Mark the stop in the hand-off channel directory, before any worker is told to drain."""
+        channeldir.mark_stopping(os.environ.get(HANDOFF_DIR, ""))
 
     def report_to(self, report: StartupReport) -> None:
         """Tell the command that started a detached master whether it serves, through `report`."""
