@@ -10,6 +10,8 @@ server that offers its connections on a reload closes them at once on a stop
 
 from __future__ import annotations
 
+import re
+import subprocess
 import sys
 
 import pytest
@@ -54,5 +56,33 @@ def test_100_subscribers_get_every_message_once_in_order_across_reloads(tmp_path
             assert clients.problems() == []
             assert clients.published >= 80
             assert "SIGKILL" not in d.log()
+        finally:
+            clients.close()
+
+
+def test_a_stop_closes_the_clients_at_once_where_a_reload_hands_them_over(tmp_path):
+    """`upgraderd stop` with 10 subscribers and drain.timeout 60s: the worker reads the stop
+    (Drain.reason == "stop"), attempts no hand-off, closes its clients and exits; the master
+    is gone long before drain.timeout and SIGKILLs nobody. A reload first shows the other
+    reason: the same clients are handed over."""
+    port = free_port()
+    with Daemon(tmp_path, pubsub_config(port, drain_timeout="60s")).start() as d:
+        clients = Broadcast(port, 10)
+        try:
+            d.hup()
+            d.wait_log(r"generation 1 DRAINING -> RETIRED")
+            assert "reload: handed 11 of 11 connection(s)" in d.log()
+            stop = subprocess.run([sys.executable, "-m", "upgraderd", "stop", "--pidfile", str(d.pidfile)],
+                                  capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, cwd=ROOT)
+            assert stop.returncode == 0, stop.stderr
+            assert d.proc is not None
+            d.proc.wait(30)   # a bound for a hang, half of drain.timeout; not a measurement
+            log = d.log()
+            assert re.search(r"pubsub generation 2 pid \d+: stop: closing 11 connection\(s\), no hand-off", log), log
+            assert log.count("reload: handed") == 1, log   # generation 1's only: the stop tried no hand-off
+            assert "SIGKILL" not in log
+            for sub in clients.subs:
+                sub.sock.settimeout(5)
+                assert sub.sock.recv(100) == b"", "a subscriber's connection stayed open"
         finally:
             clients.close()
