@@ -46,6 +46,7 @@ from upgraderd.contract import notify as messages
 from upgraderd.contract.notify import notify
 
 SD_LISTEN_FDS_START = env.LISTEN_FDS_START   # public since 0.1; the contract names it
+RELOAD, STOP = "reload", "stop"   # the values of `Drain.reason` once the drain signal came
 
 
 def listeners(unset_env: bool = True, bind: bool = True) -> dict[str, socket.socket]:
@@ -156,7 +157,7 @@ class Drain:
         """Return None before the drain signal, then "stop" if the master is stopping, else "reload"."""
         if not self.requested:
             return None
-        return "stop" if stopping() else "reload"
+        return STOP if stopping() else RELOAD
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.requested = True
