@@ -14,7 +14,10 @@ workers, instead of waiting for the connection to end. A connection moves:
 - for good only once the taker acknowledged; if the taker refuses, stays
   silent or dies, the connection is registered again and served on.
 When no taker is left, the remaining connections are drained as before, and
-offered again every RETRY seconds to whatever takers exist then.
+offered again every RETRY seconds to whatever takers exist then. At the
+master's stop (`worker.stopping()`) nothing is offered: no generation will
+take over, and siblings still to get their own drain signal would only pass
+the connections around; they are drained as without hand-off.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Callable, Protocol, runtime_checkable
 from upgraderd.apps import logline
 from upgraderd.apps.conn import Conn, ConnectionProtocol, full_socket
 from upgraderd.apps.connmetrics import ConnectionMetrics
+from upgraderd import worker
 from upgraderd.worker import handoff
 
 
@@ -117,11 +121,16 @@ class Moves:
             self.taker = None
         started = self.clock()
         self.giver = self.new_giver()
-        self.giver.find()
+        stopping = worker.stopping()
+        if not stopping:  # at the master's stop nobody takes: drain as without hand-off
+            self.giver.find()
         self.found_at = started
         held = len(self.server.conns)
         self.give_ready()
-        if held and self.take:  # one line per worker, not per thread
+        if held and self.take and stopping:
+            logline.log(f"worker generation {self.giver.generation} slot {self.giver.slot}: the master stops: "
+                        f"draining {held} connection(s), no hand-off")
+        elif held and self.take:  # one line per worker, not per thread
             logline.log(f"worker generation {self.giver.generation} slot {self.giver.slot}: handed "
                         f"{self.giver.given} of {held} connection(s) to {self.giver.targets} worker(s) "
                         f"in {(self.clock() - started) * 1000:.0f} ms")
@@ -141,7 +150,8 @@ class Moves:
         """
         if self.giver is None:
             return
-        if not self.giving and self.server.conns and self.clock() - self.found_at >= RETRY:
+        if not self.giving and self.server.conns and self.clock() - self.found_at >= RETRY \
+                and not worker.stopping():
             self.giver.find()
             self.found_at = self.clock()
         movable = [conn for conn in self.server.conns.values() if self._movable(conn)] if self.giving else []
