@@ -28,10 +28,10 @@ import sys
 import time
 from typing import Callable, Protocol, runtime_checkable
 
+from upgraderd import worker
 from upgraderd.apps import logline
 from upgraderd.apps.conn import Conn, ConnectionProtocol, full_socket
 from upgraderd.apps.connmetrics import ConnectionMetrics
-from upgraderd import worker
 from upgraderd.worker import handoff
 
 
