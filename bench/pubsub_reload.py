@@ -30,6 +30,7 @@ publisher every 2 ms):
 |---|---|---|---|---|---|---|---|
 | before (main's pubsub.py, `command:`) | 1,467 | 10 | 421 of 146,700 (0.29%) | 88 | 0 | 20 | 113 s |
 | now (`app: "pubsub:make"`, warm) | 1,593 | 0 | 0 of 159,300 | 0 | 0 | 20 | 74 s |
+| now as a `command:` (`--command config/examples/pubsub.py`, a later run) | 1,644 | 0 | 0 of 164,400 | 0 | 0 | 20 | 52 s |
 """
 
 from __future__ import annotations
