@@ -185,10 +185,12 @@ def test_handoff_off_drains_as_before(tmp_path):
 
 
 def example_config(name: str, port: int) -> dict[str, object]:
-    """Return config/examples/<name>.yaml on a free port, run by this interpreter."""
+    """Return config/examples/<name>.yaml on a free port, run by this interpreter as a `command:`."""
     import yaml
     cfg = yaml.safe_load((ROOT / "config" / "examples" / f"{name}.yaml").read_text())
     cfg["listeners"][0]["port"] = port
+    cfg["workers"].pop("app", None)   # a module:factory example runs as an exec'd worker here
+    cfg["workers"].pop("cwd", None)
     cfg["workers"]["command"] = [sys.executable, str(ROOT / "config" / "examples" / f"{name}.py")]
     return cfg
 

@@ -151,3 +151,18 @@ def test_a_half_read_http_request_is_answered_before_the_connection_moves(pairs)
     assert b"Connection: keep-alive" in conn.out
     server.moves.give_ready()
     assert giver.batches == [[bytes(conn.out)]] and server.conns == {}
+
+
+def test_at_the_masters_stop_nothing_is_offered_and_every_connection_drains(pairs, tmp_path, monkeypatch):
+    """The stop marker (contract/wire.py) is there: no taker is looked for, now or RETRY later."""
+    (tmp_path / "stopping").touch()
+    monkeypatch.setenv("UPGRADERD_HANDOFF_DIR", str(tmp_path))
+    giver, clock = ScriptedGiver([], targets=0), FakeClock()
+    server, clients = server_with(giver, clock, [Echo(), Http("echo")], pairs)
+    server.moves.start_giving()
+    assert giver.finds == 0 and giver.batches == []
+    assert len(server.conns) == 2 and all(c.stay for c in server.conns.values())
+    assert all(c.proto.draining for c in server.conns.values() if isinstance(c.proto, Http))
+    clock.advance(moves.RETRY + 1)
+    server.moves.give_ready()
+    assert giver.finds == 0 and len(server.conns) == 2

@@ -19,7 +19,10 @@ workers, instead of waiting for the connection to end. A connection moves:
   meanwhile. A blocking give of thousands of connections served none of them
   for seconds, its takers timed out, and what was left waited for drain.timeout.
 When no taker is left, the remaining connections are drained as before, and
-offered again every RETRY seconds to whatever takers exist then.
+offered again every RETRY seconds to whatever takers exist then. At the
+master's stop (`worker.stopping()`) nothing is offered: no generation will
+take over, and siblings still to get their own drain signal would only pass
+the connections around; they are drained as without hand-off.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import time
 from collections import Counter
 from typing import Callable, Protocol, runtime_checkable
 
+from upgraderd import worker
 from upgraderd.apps import logline
 from upgraderd.apps.conn import Conn, ConnectionProtocol, full_socket
 from upgraderd.apps.connmetrics import ConnectionMetrics
@@ -162,7 +166,11 @@ class Moves:
         self.giver = self.new_giver()
         self.found_at = started
         held = len(self.server.conns)
-        if held:
+        if held and worker.stopping():  # nobody takes at the master's stop: drain as without hand-off
+            if self.take:  # one line per worker, not per thread
+                logline.log(f"worker generation {self.giver.generation} slot {self.giver.slot}: the master "
+                            f"stops: draining {held} connection(s), no hand-off")
+        elif held:
             self._find()
             self._report = (started, held, self.outbox.targets if self.outbox is not None else 0)
         self.give_ready()
@@ -183,7 +191,8 @@ class Moves:
         """
         if self.giver is None:
             return
-        if not self.giving and not self.moving and self.server.conns and self.clock() - self.found_at >= RETRY:
+        if not self.giving and not self.moving and self.server.conns and self.clock() - self.found_at >= RETRY \
+                and not worker.stopping():
             self._find()
         self._settle()
         if self.giving:

@@ -19,6 +19,22 @@ One connection moves in one exchange:
     DATA   (rest of the payload, if any) ->
                                          <-  ACK, or REFUSE <reason>
     COMMIT                               ->
+    ...                                      (more exchanges)
+    END    (after the last COMMIT of a give) ->
+
+A giver sends END to each taker it offered to once a give (one
+`give_many` call, one or more pipelined rounds) is over: a taker then knows
+that every connection this giver meant for it has arrived, so a broadcast
+server can hold delivery while connections are still on their way
+(worker/taker.py `Taker.arriving`). END is optional: a giver of an older
+release never sends it, and its hand-off ends when it closes the channel.
+A taker of an older release reads END as malformed and closes the channel
+after every COMMIT, so nothing is lost either way.
+
+The master marks a stop (not a reload) by creating STOP_MARKER in the
+channel directory before it sends the drain signal (system/channeldir.py
+`mark_stopping`): a draining worker that finds it knows that no successor
+will take its connections (worker/__init__.py `stopping`).
 
 Every message starts with MAGIC and a one-byte kind. SEQPACKET keeps message
 boundaries, so a message is never split or merged; a long payload (the state
@@ -39,7 +55,7 @@ import struct
 from dataclasses import dataclass
 
 MAGIC = b"UPH1"
-OFFER, DATA, ACK, REFUSE, COMMIT = b"O", b"D", b"A", b"R", b"C"
+OFFER, DATA, ACK, REFUSE, COMMIT, END = b"O", b"D", b"A", b"R", b"C", b"E"
 CHUNK = 32 * 1024
 MAX_LISTENER = 255
 MAX_STATE = 1 << 20
@@ -55,6 +71,7 @@ PREFIX = "upgraderd-"
 
 
 DIR_PREFIX = "upgraderd-{master}-handoff-"  # the channel directory's name, before its random part
+STOP_MARKER = "stopping"  # made in the channel directory when the master stops (never a channel name)
 
 
 def channel_name(master: int, generation: int, slot: int, directory: str | None = None) -> str:
@@ -106,6 +123,11 @@ def parse_name(name: str, master: int, directory: str | None = None) -> Channel 
     return Channel(int(gen), int(slot), name)
 
 
+def stop_marker(directory: str) -> str:
+    """Return the path whose existence says the master of `directory` is stopping."""
+    return f"{directory.rstrip('/')}/{STOP_MARKER}"
+
+
 class Malformed(ValueError):
     """A message that does not follow this protocol."""
 
@@ -142,7 +164,7 @@ def encode_offer(listener: str, state: bytes, unhandled: bytes, unsent: bytes) -
 
 
 def encode(kind: bytes, reason: str = "") -> bytes:
-    """Return an ACK, REFUSE or COMMIT message."""
+    """Return an ACK, REFUSE, COMMIT or END message."""
     return MAGIC + kind + reason.encode("ascii", "replace")[:MAX_REASON]
 
 
@@ -151,7 +173,7 @@ def kind_of(msg: bytes) -> bytes:
     if len(msg) < len(MAGIC) + 1 or not msg.startswith(MAGIC):
         raise Malformed("not a hand-off message")
     kind = msg[len(MAGIC):len(MAGIC) + 1]
-    if kind not in (OFFER, DATA, ACK, REFUSE, COMMIT):
+    if kind not in (OFFER, DATA, ACK, REFUSE, COMMIT, END):
         raise Malformed(f"unknown message kind {kind!r}")
     return kind
 

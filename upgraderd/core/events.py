@@ -164,6 +164,14 @@ class StartFailed(Event):
     reason: str = ""
 
 
+@dataclass(frozen=True)
+class StopBegun(Event):
+    """The master begins to stop (graceful, fast, or failed), before it signals any worker:
+    the service marks it where draining workers look (contract/wire.py `stop_marker`)."""
+
+    mode: str = ""
+
+
 # -- the slots (core/slots.py, core/rescue.py) --
 
 @dataclass(frozen=True)

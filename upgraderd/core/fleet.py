@@ -224,8 +224,13 @@ class Fleet:
             self.held = None
 
     def stop(self, mode: str, now: float) -> None:
-        """Begin to stop: graceful drains, fast signals SIGINT then SIGKILL, failed starts nothing."""
+        """Begin to stop: graceful drains, fast signals SIGINT then SIGKILL, failed starts nothing.
+
+        StopBegun goes out first, so a worker that gets the drain signal can
+        already tell it is a stop, not a reload (worker/__init__.py `stopping`).
+        """
         self.stop_mode = mode
+        self.bus.emit(ev.StopBegun(mode))
         if mode == "graceful":
             for g in self.generations:
                 if g.state in (GenerationState.STARTING, GenerationState.ACTIVE):

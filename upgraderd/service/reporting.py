@@ -3,9 +3,11 @@
 `Service` subscribes to the master's events (core/events.py) on the bus it is
 built with: each pass's end (the status file, a reloaded `log` section),
 generation 1 serving or failing (the pidfile, the start-up report), SIGUSR1
-(reopen the log). Everything here runs inside the master's loop, so nothing
-may raise into it: a pidfile or status file that cannot be written, or a log
-file that cannot be opened, is logged and the master carries on serving.
+(reopen the log), the stop beginning (the marker by which draining workers
+tell a stop from a reload). Everything here runs inside the master's loop, so
+nothing may raise into it: a pidfile or status file that cannot be written, a
+log file that cannot be opened, or a stop marker that cannot be made is logged
+and the master carries on.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import logging
 import os
 
 from upgraderd.config.schema import LogSpec
+from upgraderd.contract.env import HANDOFF_DIR
 from upgraderd.core import events as ev
 from upgraderd.core.snapshot import PassEnded
 from upgraderd.service import status
 from upgraderd.service.logsetup import LogSetup
 from upgraderd.service.pidfile import PidFile
+from upgraderd.system import channeldir
 
 log = logging.getLogger("upgraderd")
 
@@ -71,6 +75,11 @@ class Service:
         bus.subscribe(ev.Serving, lambda _: self.on_serving())
         bus.subscribe(ev.StartFailed, lambda e: self.on_start_failed(e.reason))
         bus.subscribe(ev.LogReopenAsked, lambda _: self.on_reopen_logs())
+        bus.subscribe(ev.StopBegun, lambda _: self.on_stop_begun())
+
+    def on_stop_begun(self) -> None:
+        """Mark the stop in the hand-off channel directory, before any worker is told to drain."""
+        channeldir.mark_stopping(os.environ.get(HANDOFF_DIR, ""))
 
     def report_to(self, report: StartupReport) -> None:
         """Tell the command that started a detached master whether it serves, through `report`."""

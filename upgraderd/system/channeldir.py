@@ -13,6 +13,9 @@ Workers bind their hand-off channels at `DIR/handoff-<gen>-<slot>`
   next master that makes one in the same place (their orphans take nothing:
   no generation of a dead master starts again).
 
+The master marks a stop there (`mark_stopping`) before it drains for it,
+so a worker can tell a stop from a reload (contract/wire.py `stop_marker`).
+
 Hazard: a Unix socket path is at most 107 bytes. A TMPDIR whose path would
 not leave room for the channel names (or that holds whitespace, which
 /proc/net/unix cannot show unambiguously) is passed over for /tmp.
@@ -28,7 +31,7 @@ import tempfile
 from typing import MutableMapping
 
 from upgraderd.contract.env import HANDOFF_DIR as ENV_DIR
-from upgraderd.contract.wire import DIR_PREFIX
+from upgraderd.contract.wire import DIR_PREFIX, stop_marker
 
 log = logging.getLogger("upgraderd")
 
@@ -113,6 +116,27 @@ def grant(path: str | None, uid: int, gid: int) -> None:
             os.chown(path, uid, gid, follow_symlinks=False)
     except OSError as e:
         log.warning("cannot give the hand-off channel directory %s to uid %d: %s", path, uid, e)
+
+
+def mark_stopping(path: str) -> bool:
+    """Create the stop marker in the directory (before a stop's drain signals); return True if it is there.
+
+    The workers' user may write in the directory, so nothing there is
+    followed: O_EXCL|O_NOFOLLOW never opens what a worker put at that name
+    (a symlink to a file of root's), and a name already taken counts as
+    marked (a worker can only fool itself and its siblings).
+    """
+    if not path.startswith("/") or path != os.environ.get(ENV_DIR):
+        return False
+    try:
+        os.close(os.open(stop_marker(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o644))
+    except FileExistsError:
+        return True
+    except OSError as e:
+        log.warning("cannot mark the stop in %s: %s (draining workers will take it for a reload)", path, e)
+        return False
+    return True
 
 
 def remove(path: str) -> None:

@@ -19,7 +19,10 @@ Python server those abilities (docs/workers.md is the full contract):
     ... start serving in threads ...
     worker.ready()                        # ... then say ready
     drain.wait()                          # main thread: until the drain signal
-    ... stop accepting, finish requests, exit ...
+    if drain.reason == "stop":            # the master stops: nobody takes connections,
+        ... close them now ...            # so don't wait for them (or for drain.timeout)
+    else:                                 # "reload": a successor serves (hand-off, docs/workers.md §8)
+        ... stop accepting, finish requests, exit ...
 
 config/examples/python_worker.py is a complete example.
 
@@ -38,11 +41,12 @@ import time
 from types import FrameType
 from typing import Callable
 
-from upgraderd.contract import env
+from upgraderd.contract import env, wire
 from upgraderd.contract import notify as messages
 from upgraderd.contract.notify import notify
 
 SD_LISTEN_FDS_START = env.LISTEN_FDS_START   # public since 0.1; the contract names it
+RELOAD, STOP = "reload", "stop"   # the values of `Drain.reason` once the drain signal came
 
 
 def listeners(unset_env: bool = True, bind: bool = True) -> dict[str, socket.socket]:
@@ -122,12 +126,38 @@ def drain_signal() -> signal.Signals:
         return signal.SIGTERM
 
 
+def stopping() -> bool:
+    """Return True once the master is stopping (not reloading): no generation will take over.
+
+    The master creates a marker in its hand-off channel directory before it
+    sends a stop's drain signal (contract/wire.py `stop_marker`); a reload, a
+    failed generation or a slot retired by TTOU leaves it absent. Outside
+    upgraderd (no directory) this is always False.
+    """
+    directory = os.environ.get(env.HANDOFF_DIR, "")
+    return directory.startswith("/") and os.path.lexists(wire.stop_marker(directory))
+
+
 class Drain:
-    """A drain request: `requested` turns True when the drain signal arrives."""
+    """A drain request: `requested` turns True when the drain signal arrives.
+
+    `reason` says why: None before the signal, then "reload" (a successor, or
+    a sibling, may take your connections: hand them off or finish them) or
+    "stop" (the master stops: nobody will take them; close them now instead
+    of serving on until `drain.timeout`). It is read anew on each access, so
+    a worker still draining from a reload sees "stop" once the master stops.
+    """
 
     def __init__(self, callback: Callable[[], None] | None = None) -> None:
         self.requested = False
         self._callback = callback
+
+    @property
+    def reason(self) -> str | None:
+        """Return None before the drain signal, then "stop" if the master is stopping, else "reload"."""
+        if not self.requested:
+            return None
+        return STOP if stopping() else RELOAD
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.requested = True
@@ -156,7 +186,8 @@ def on_drain(callback: Callable[[], None] | None = None) -> Drain:
     to setting flags or writing to a pipe. Taking a lock there (even
     `threading.Event.set()`) can deadlock against the main thread. After the
     drain signal the master waits `drain.timeout`, then sends SIGKILL. If the
-    drain signal is not SIGTERM, SIGTERM drains too.
+    drain signal is not SIGTERM, SIGTERM drains too. `Drain.reason` tells a
+    reload's drain ("reload") from the master's stop ("stop").
     """
     drain = Drain(callback)
     signal.signal(drain_signal(), drain._on_signal)

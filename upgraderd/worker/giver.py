@@ -1,4 +1,4 @@
-"""The giving end of hand-offs: find the takers, offer one connection at a time.
+"""The giving end of hand-offs: find the takers, offer them connections, say when a give is over.
 
 A draining worker gives to the oldest generation newer than its own that
 still has its channels open: the ACTIVE one. When
@@ -16,6 +16,9 @@ in the list: with N workers per generation, connecting (and checking the
 credentials of) every taker cost N connects per giver, N * N per reload,
 seconds of CPU at 128 workers; the givers of a generation still spread their
 connections over all the takers, each starting at a different one.
+
+Each `give_many` ends with an END to every taker it offered to that is still
+in play (contract/wire.py): the taker then knows this give is complete.
 """
 
 from __future__ import annotations
@@ -157,16 +160,32 @@ class Giver:
                 self.failures["too_large"] += 1
         pending = list(msgs)
         sizes = [len(m.state) + len(m.unhandled) + len(m.unsent) for m in moving]
+        offered: list[_Target] = []
         while pending and self._targets:
             plan = self._plan(pending, sizes)
+            offered += [t for t in plan if t not in offered]
             failed = self._round(plan, [m.sock.fileno() for m in moving], msgs, given)
             for target, reason in failed.items():
                 self.failures[reason] += 1
                 target.close()
                 self._targets.remove(target)
             pending = [i for i in pending if not given[i]]
+        self._end([t for t in offered if t in self._targets])
         self.given += sum(given)
         return given
+
+    def _end(self, targets: list[_Target]) -> None:
+        """Tell each taker we offered to that this give is over (END), so it stops holding.
+
+        A taker that cannot take END now is left alone: it stops holding when
+        it sees the channel close or times us out, and nothing of ours is at stake.
+        """
+        for target in targets:
+            try:
+                if target.sock is not None:
+                    target.sock.send(wire.encode(wire.END), socket.MSG_DONTWAIT)
+            except OSError:
+                pass
 
     def close(self) -> None:
         """Close every channel socket (a taker that had not seen COMMIT drops its copy)."""

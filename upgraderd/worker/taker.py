@@ -14,6 +14,15 @@ read to its end without keeping its bytes, its fd closed, and REFUSEd with
 offer is a failed give, never a lost connection), and the refusal is counted.
 Without the total, 64 trusted givers at their own limit could make one worker
 hold 1 GiB.
+
+The end of a hand-off: a giver sends END once it has offered us everything
+it meant to in one give (contract/wire.py). `Taker.arriving` counts the
+givers that have begun to offer and not ended (by END, by closing the
+channel, or by being dropped), so a broadcast server can hold delivery
+until every moved connection has arrived: while a connection is still on
+its way, a message delivered to those already here would miss it. A giver
+that stalls holds nobody for long: `peer_timeout` drops it mid-offer,
+`idle_timeout` between offers.
 """
 
 from __future__ import annotations
@@ -54,6 +63,7 @@ class _Inbound:
     refusing: bool = False  # the offer being received is over the taker's total: read, not kept
     acked: list[Handed] = field(default_factory=list)  # ACK sent, COMMIT due, in offer order
     held: int = 0  # payload bytes of `acked` and of the offer being received (unless refused)
+    arriving: bool = False  # it offered since its last END: more may come
 
     @property
     def busy(self) -> bool:
@@ -109,6 +119,13 @@ class Taker:
     def fileno(self) -> int:
         """Return an fd that is readable whenever `poll()` has work."""
         return self._sel.fileno()
+
+    @property
+    def arriving(self) -> int:
+        """Return how many givers are handing connections to us now: each has offered one and
+        has not yet said END nor gone. 0 after `poll()` means every connection offered so far
+        has arrived (or stayed with its giver)."""
+        return sum(inb.arriving for inb in self._peers.values())
 
     def poll(self) -> list[Handed]:
         """Do whatever the channel has for us without blocking; return the connections now ours."""
@@ -200,7 +217,11 @@ class Taker:
     def _on_message(self, inb: _Inbound, msg: bytes, fds: list[int], out: list[Handed]) -> None:
         kind = wire.kind_of(msg)
         inb.since = self.clock()
+        if kind == wire.END and not inb.busy and not fds and msg == wire.encode(wire.END):
+            inb.arriving = False
+            return
         if kind == wire.OFFER and inb.head is None and len(fds) == 1 and len(inb.acked) < MAX_PENDING:
+            inb.arriving = True
             head, first = wire.decode_offer(msg)
             if inb.held + head.total > MAX_PENDING_BYTES:
                 raise wire.Malformed("more pending payload than a giver may hold")
