@@ -133,7 +133,8 @@ def _shared_dirs() -> tuple[str, ...]:
     paths = sysconfig.get_paths()
     dirs = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
     dirs.update(site.getsitepackages())
-    return tuple(os.path.join(os.path.realpath(d), "") for d in dirs)
+    # Both spellings, so a module's own path needs no realpath (no system call per module).
+    return tuple({os.path.join(p, "") for d in dirs for p in (d, os.path.realpath(d))})
 
 
 def _record_path() -> str | None:
@@ -157,7 +158,7 @@ def record(app_module: str) -> None:
         where = getattr(module, "__file__", None)
         if top in (own, "upgraderd", "__main__") or not isinstance(where, str) or not _NAME.fullmatch(name):
             continue
-        if os.path.realpath(where).startswith(shared):
+        if where.startswith(shared) and "/../" not in where:
             names.append(name)
     tmp = f"{path}.{os.getpid()}"
     try:

@@ -117,8 +117,9 @@ def _control() -> socket.socket:
     return socket.socket(fileno=high)
 
 
-def serve(control: socket.socket, run: Callable[[], int]) -> int:
-    """Fork a worker per request until the master closes the channel."""
+def serve(control: socket.socket, run: Callable[[], int], then: Callable[[], None] = lambda: None) -> int:
+    """Fork a worker per request until the master closes the channel; `then` after the first batch
+    (off the path from the HUP to the workers' start)."""
     while True:
         batch = _receive(control)
         if batch is None:
@@ -129,6 +130,8 @@ def serve(control: socket.socket, run: Callable[[], int]) -> int:
             for _slot, _env, fds in batch:
                 for fd in fds:
                     os.close(fd)
+        then, later = (lambda: None), then
+        later()
 
 
 Request = tuple[int, dict[str, str], list[int]]
@@ -330,9 +333,8 @@ def main(argv: list[str]) -> int:
         return 3
     print(f"upgraderd template {os.getpid()}: loaded {app} in {(time.monotonic() - started) * 1000:.0f} ms",
           file=sys.stderr, flush=True)
-    record(_app_module(app))   # for the next standby (apps/preload.py)
     gc.freeze()   # the workers' collections leave the template's objects (and their pages) alone
-    return serve(control, run)
+    return serve(control, run, lambda: record(_app_module(app)))   # for the next standby (apps/preload.py)
 
 
 if __name__ == "__main__":
