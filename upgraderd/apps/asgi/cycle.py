@@ -208,6 +208,11 @@ class Cycle:
             self.finished = True
             conn.response_done(self)
 
+    def cut(self) -> None:
+        """The drain deadline is near: end a chunked response in progress properly (the last chunk)."""
+        if self.started and self.chunked and not self.finished and not self.moved:
+            self._body(b"", False)
+
     # -- moving a stream (streammove.py) --
 
     def movable(self) -> bool:

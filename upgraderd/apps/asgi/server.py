@@ -45,6 +45,7 @@ from upgraderd.apps.connmetrics import ACCEPTED, CLOSED, ConnectionMetrics
 from upgraderd.worker.outlive import OrphanWatch
 
 IDLE_GRACE = 1.0     # seconds an idle connection is kept after the drain starts (no taker)
+END_MARGIN = 1.0     # at most: seconds before drain.timeout (the master's SIGKILL) that responses in progress end
 ACCEPT_BATCH = 32    # connections accepted per listener wake-up
 WS_MOVE_WAIT = 2.0   # seconds a WebSocket that opted in may take to reach a message boundary, else 1012
 TICK = 0.5           # housekeeping: timeouts, the date header, metric files, the parent check, drain progress
@@ -275,6 +276,18 @@ class WebServer:
         if not self.giving:
             self.no_takers()
         self.moves.give_websockets(self.drained_at + WS_MOVE_WAIT)
+        limit = self.settings.drain_timeout
+        if limit > 0:
+            self.loop.call_later(max(0.0, limit - min(END_MARGIN, limit / 10)), self._end_responses)
+
+    def _end_responses(self) -> None:
+        """Just before drain.timeout: end what is still in progress (a stream that did not move) with
+        its last chunk and close, so the client sees a complete response and the app its lifespan
+        shutdown, rather than a SIGKILL's cut."""
+        for proto in list(self.conns):
+            if proto.cycle is not None:
+                proto.cycle.cut()
+                proto.refuse(503, b"service restarting\n")   # a 503 if nothing was sent yet, else a close
 
     def no_takers(self) -> None:
         """No worker takes our connections (now): the idle ones close after the grace period."""
