@@ -12,6 +12,9 @@ import os
 import pytest
 
 from upgraderd.apps import preload
+from upgraderd.config.schema import parse as parse_config
+from upgraderd.contract.standby import parse
+from upgraderd.core.prefork import standby_arg
 from upgraderd.apps.asgi import streammove, wsmove
 from upgraderd.contract import env as contract
 
@@ -56,3 +59,9 @@ def test_record_keeps_the_stdlib_and_site_packages_never_the_apps_own(tmp_path, 
     os.unlink(tmp_path / preload.RECORD)
     os.symlink("/etc/passwd", tmp_path / preload.RECORD)
     assert preload._recorded() == []   # never through a symlink
+
+
+def test_the_standby_imports_the_record_unless_the_config_says_not() -> None:
+    text = "listeners: [{name: web, host: 127.0.0.1, port: 8000}]\nworkers: {count: 1, app: 'asgi:json:loads', warm: true%s}\n"
+    assert parse(standby_arg(parse_config(text % ", preload: [fastapi]"))) == ["asgi", "fastapi", "+recorded"]
+    assert parse(standby_arg(parse_config(text % ", preload_recorded: false"))) == ["asgi"]

@@ -48,7 +48,7 @@ import time
 import traceback
 
 from upgraderd.contract import env as contract
-from upgraderd.contract.standby import ASGI
+from upgraderd.contract.standby import ASGI, RECORDED
 
 STACK = ("httptools", "wsproto", "uvloop", "upgraderd.apps.asgi.entry", "upgraderd.apps.asgi.websocket",
          "upgraderd.apps.asgi.wsgi")
@@ -77,6 +77,11 @@ class Snapshot:
     def load(self, modules: list[str]) -> None:
         """Import `modules` (ASGI: the server's stack); record the files of every module that came with them."""
         if not modules:
+            return
+        if RECORDED in modules:
+            modules = [m for m in modules if m != RECORDED]
+            self.load(modules)
+            self.load_recorded()
             return
         started, before = time.monotonic(), set(sys.modules)
         names = [m for name in modules for m in (STACK if name == ASGI else (name,))]

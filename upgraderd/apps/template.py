@@ -311,8 +311,7 @@ def main(argv: list[str]) -> int:
         proctitle.standby()
         preload()
         snapshot = Snapshot()
-        snapshot.load(parse(app))   # the ASGI stack, workers.preload (apps/preload.py)
-        snapshot.load_recorded()    # what the previous template had from the stdlib and site-packages
+        snapshot.load(parse(app))   # the ASGI stack, workers.preload, the record (apps/preload.py)
         app, env = await_load(control)
         os.environ.clear()
         os.environ.update(env)
