@@ -217,9 +217,30 @@ def reloads(client: Path, tmp: Path, system: str, mode: str, hups: int, interval
             "active_p50_ms": statistics.median(active) * 1000 if active else -1.0,
             "active_p95_ms": statistics.quantiles(active, n=20)[-1] * 1000 if len(active) > 1 else -1.0,
             "stale_standbys": float(log.count("exec'ing a fresh template")),
+            **standby_timing(log),
             "start_p50_ms": statistics.median(starts) * 1000 if starts else -1.0,
             "first_250ms_median": statistics.median(ratios), "first_250ms_min": min(ratios),
             "requests": report["requests"], "hups": len(active), "sent": len(sent)}
+
+
+def standby_timing(log: str) -> dict[str, float]:
+    """From the master's log: warm and cold template starts, how many warm ones were handed their
+    generation before they had finished importing (the HUP then waits for the rest), and the
+    template's app import (median ms)."""
+    lines = log.splitlines()
+    hup_at, done_at, warm, cold, late = -1, {}, 0, 0, 0
+    for i, line in enumerate(lines):
+        m = re.match(r"upgraderd template (\d+): standby (?:preloaded|imported)", line)
+        if m:
+            done_at[m[1]] = i
+        if "received SIGHUP: reloading" in line:
+            hup_at = i
+        m = re.search(r"template pid (\d+) started( \(warm standby\))?", line)
+        if m and hup_at >= 0:
+            warm, cold = warm + bool(m[2]), cold + (not m[2])
+            late += bool(m[2]) and done_at.get(m[1], len(lines)) > hup_at
+    loads = [float(x) for x in re.findall(r"upgraderd template \d+: loaded \S+ in (\d+) ms", log)]
+    return {"warm": warm, "cold": cold, "late": late, "load_ms": statistics.median(loads) if loads else -1.0}
 
 
 def main() -> int:
@@ -265,6 +286,8 @@ def main() -> int:
                       f"(STARTING->ACTIVE {r['start_p50_ms']:5.0f} ms)  "
                       f"first 250 ms / steady: median {r['first_250ms_median']:.2f} min {r['first_250ms_min']:.2f} "
                       f"({r['hups']:.0f} reloads for {r['sent']:.0f} HUPs; stale standbys {r['stale_standbys']:.0f}; "
+                      f"templates warm {r['warm']:.0f} (still importing at the HUP {r['late']:.0f}) cold {r['cold']:.0f}, "
+                      f"app import p50 {r['load_ms']:.0f} ms; "
                       f"load average {os.getloadavg()[0]:.1f})", flush=True)
     return 0
 

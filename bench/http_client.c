@@ -102,6 +102,7 @@ static void answered(struct conn *c) {
     }
     epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
     close(c->fd);
+    c->fd = -1;   /* a keep-alive client told Connection: close reconnects for its next request */
     if (think > 0) { c->due = now() + think; return; }   /* reconnected by the main loop when due */
     if (open_conn(c) < 0) errors++;
 }
@@ -152,7 +153,7 @@ int main(int argc, char **argv) {
                 if (c->due > 0 && t >= c->due) {
                     c->due = 0;
                     c->start = t;
-                    if (!keepalive) { if (open_conn(c) < 0) errors++; }
+                    if (!keepalive || c->fd < 0) { if (open_conn(c) < 0) errors++; }
                     else if (write(c->fd, request, request_len) != (ssize_t)request_len) errors++;
                 }
             }

@@ -1,7 +1,9 @@
 """A warm standby for an `asgi:` app preloads the ASGI stack and `workers.preload`, never stale code.
 
 The standby of an `asgi:` config imports upgraderd's ASGI server and its
-libraries, and the modules of `workers.preload`, before the HUP. A HUP with
+libraries, the modules of `workers.preload`, and what the previous template
+imported from the standard library and site-packages (never the app's own
+modules), before the HUP. A HUP with
 those files unchanged is served by the standby (a warm template); a deploy
 that rewrote a preloaded module makes the standby exec a fresh template
 (logged with the module), and the new generation answers with the new code.
@@ -22,6 +24,7 @@ from tests.support.upgraderd_proc import Daemon, free_port
 pytestmark = pytest.mark.e2e
 
 APP = '''
+import decimal   # the standard library: recorded by the template, imported by the next standby
 import os
 import deplib
 
@@ -58,8 +61,13 @@ def test_standby_preloads_and_is_replaced_when_a_preloaded_module_changed(tmp_pa
         found = d.wait_log(r"upgraderd template (\d+): standby preloaded asgi, deplib \(\d+ modules\)")
         pid = int(found[0].group(1))
         assert pid in d.workers()
+        d.wait_log(rf"upgraderd template {pid}: standby imported [1-9]\d* modules the previous template had")
         maps = Path(f"/proc/{pid}/maps").read_text()
         assert "httptools" in maps   # the ASGI stack's C extension is in the standby already
+        assert "_decimal" in maps    # the app's import of decimal (a C extension), from the record
+        channels = dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in v)
+        recorded = (Path(channels["UPGRADERD_HANDOFF_DIR"]) / "template-modules").read_text().split()
+        assert "decimal" in recorded and "webapp" not in recorded and "deplib" not in recorded
 
         d.reload_to(2)    # nothing changed on disk: the standby takes the generation
         assert re.search(r"generation 2: template pid \d+ started \(warm standby\)", d.log())

@@ -35,6 +35,7 @@ def test_an_asgi_app_is_forked_from_a_template_and_gets_its_http_settings():
     assert settings.trusted_proxies == ("10.0.0.1/32", "192.168.0.0/16")
     assert settings.trusts("192.168.3.4") and not settings.trusts("10.0.0.2")
     assert json.loads(env["UPGRADERD_HTTP"])["header_timeout"] == 10.0
+    assert settings.drain_timeout == cfg.drain.timeout   # when the worker ends what is still in progress
 
 
 def test_a_command_worker_gets_no_http_variable():

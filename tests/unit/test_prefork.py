@@ -157,7 +157,7 @@ def test_a_warm_standby_takes_the_next_generation_only_if_it_fits(rig, tmp_path)
     clock[0] += 0.3
     m.step(set())
     standby = procs.pids()[-1]
-    assert procs.spawn_of(standby).argv[-1] == "--standby" and m.active.number == 2
+    assert procs.spawn_of(standby).argv[-1] == "--standby=+recorded" and m.active.number == 2
     # Exec'd as the generation it will serve: hand-off peers read it in /proc/PID/environ.
     assert procs.spawn_of(standby).env["UPGRADERD_GENERATION"] == "3"
     m.step({signal.SIGHUP})      # generation 3 takes the standby: no exec
@@ -170,7 +170,7 @@ def test_a_warm_standby_takes_the_next_generation_only_if_it_fits(rig, tmp_path)
     clock[0] += 0.3
     m.step(set())
     second = procs.pids()[-1]
-    assert procs.spawn_of(second).argv[-1] == "--standby"
+    assert procs.spawn_of(second).argv[-1] == "--standby=+recorded"
     assert procs.spawn_of(second).env["UPGRADERD_GENERATION"] == "4"
     # A changed worker environment: the standby's interpreter does not fit; a fresh exec.
     path.write_text(path.read_text().replace("warm: true", "warm: true, env: {A: b}"))

@@ -30,8 +30,10 @@ Invariants:
   the ASGI server's stack for a web app), never an app module, built-in ones
   included: the app is imported when the master hands the standby its
   generation, fresh from disk. Modules of `workers.preload` are imported too,
-  and checked against the disk at the HUP: if any changed, the standby
-  exec's itself as a fresh template (apps/preload.py).
+  and so are those the previous template imported from the standard library
+  and site-packages (its record); all are checked against the disk at the
+  HUP: if any changed, the standby exec's itself as a fresh template
+  (apps/preload.py).
 
 Hazard: the template must stay single-threaded; an app module that starts a
 thread at import time makes every fork unsafe. `factory` is called in the
@@ -53,10 +55,11 @@ import os
 import signal
 import socket
 import sys
+import time
 import traceback
 from typing import Any, Callable
 
-from upgraderd.apps.preload import Snapshot
+from upgraderd.apps.preload import Snapshot, record
 from upgraderd.contract import env as contract
 from upgraderd.contract import notify
 from upgraderd.contract.standby import parse
@@ -114,8 +117,9 @@ def _control() -> socket.socket:
     return socket.socket(fileno=high)
 
 
-def serve(control: socket.socket, run: Callable[[], int]) -> int:
-    """Fork a worker per request until the master closes the channel."""
+def serve(control: socket.socket, run: Callable[[], int], then: Callable[[], None] = lambda: None) -> int:
+    """Fork a worker per request until the master closes the channel; `then` after the first batch
+    (off the path from the HUP to the workers' start)."""
     while True:
         batch = _receive(control)
         if batch is None:
@@ -126,6 +130,8 @@ def serve(control: socket.socket, run: Callable[[], int]) -> int:
             for _slot, _env, fds in batch:
                 for fd in fds:
                     os.close(fd)
+        then, later = (lambda: None), then
+        later()
 
 
 Request = tuple[int, dict[str, str], list[int]]
@@ -260,6 +266,14 @@ def preload() -> None:
     import upgraderd.apps.run  # noqa: F401  (the built-in apps' loop: server, threaded)
 
 
+def _app_module(app: str) -> str:
+    """Return the module an app spec names (`asgi:pkg.mod:app` -> `pkg.mod`; `echo` -> upgraderd's)."""
+    kind, _, rest = app.partition(":")
+    if kind in ("asgi", "wsgi"):
+        return rest.partition(":")[0]
+    return kind if rest else f"upgraderd.apps.{kind}"
+
+
 def await_load(control: socket.socket) -> tuple[str, dict[str, str]]:
     """Wait, as a standby, for the app to import and the environment to take."""
     while True:
@@ -297,7 +311,7 @@ def main(argv: list[str]) -> int:
         proctitle.standby()
         preload()
         snapshot = Snapshot()
-        snapshot.load(parse(app))   # the ASGI stack, workers.preload (apps/preload.py)
+        snapshot.load(parse(app))   # the ASGI stack, workers.preload, the record (apps/preload.py)
         app, env = await_load(control)
         os.environ.clear()
         os.environ.update(env)
@@ -306,6 +320,7 @@ def main(argv: list[str]) -> int:
         if stale is not None:
             _exec_fresh(control, app, stale)
     proctitle.template()
+    started = time.monotonic()
     try:
         run = load(app)
     except Exception as e:
@@ -315,8 +330,10 @@ def main(argv: list[str]) -> int:
         last = traceback.format_exception_only(e)[-1].strip().replace("\n", " ")
         notify.notify(notify.status(f"cannot load {app!r}: {last}"))
         return 3
+    print(f"upgraderd template {os.getpid()}: loaded {app} in {(time.monotonic() - started) * 1000:.0f} ms",
+          file=sys.stderr, flush=True)
     gc.freeze()   # the workers' collections leave the template's objects (and their pages) alone
-    return serve(control, run)
+    return serve(control, run, lambda: record(_app_module(app)))   # for the next standby (apps/preload.py)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ class HttpSpec:
                                      "A WebSocket message larger than this closes the connection (1009).")
 
 
-def environment(spec: HttpSpec) -> dict[str, str]:
-    """Return the worker's variable that carries `spec`."""
-    return {ENV: json.dumps(dataclasses.asdict(spec), separators=(",", ":"))}
+def environment(spec: HttpSpec, drain_timeout: float = 0.0) -> dict[str, str]:
+    """Return the worker's variable that carries `spec`, and drain.timeout (when a response still
+    in progress must end: apps/asgi/server.py)."""
+    return {ENV: json.dumps({**dataclasses.asdict(spec), "drain_timeout": drain_timeout}, separators=(",", ":"))}

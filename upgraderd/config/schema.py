@@ -102,6 +102,9 @@ class WorkerSpec:
                      "imports only the app, fresh from disk.")
     preload: tuple[str, ...] = opt((), module_list, "With warm: modules the standby imports before the HUP "
                                    "(e.g. [fastapi]); changed on disk by then: a fresh template (docs/prefork.md).")
+    preload_recorded: bool = opt(True, boolean, "With warm: the standby also imports what the previous "
+                                 "template imported from the standard library and site-packages, checked "
+                                 "the same way (docs/prefork.md, \"Recorded imports\").")
 
 
 @dataclass(frozen=True, kw_only=True)

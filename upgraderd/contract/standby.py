@@ -2,14 +2,16 @@
 
 The master (core/prefork.py) starts a standby as
 `python -m upgraderd.apps.template --standby[=NAME,...]`: NAME is a module
-to import now, or `asgi`, upgraderd's ASGI server stack (for an `asgi:` or
-`wsgi:` app). Module names are dotted Python names (config/appspec.py checks
+to import now, `asgi`, upgraderd's ASGI server stack (for an `asgi:` or
+`wsgi:` app), or `+recorded`, the modules the previous template recorded
+(`workers.preload_recorded`). Module names are dotted Python names (config/appspec.py checks
 `workers.preload`), so they never contain `,` or `=`.
 """
 
 from __future__ import annotations
 
 ASGI = "asgi"   # the token for upgraderd's ASGI server and the libraries it runs on
+RECORDED = "+recorded"   # the token for what the previous template recorded (never a module name)
 
 
 def arg(modules: list[str]) -> str:

@@ -91,7 +91,8 @@ def standby_key(cfg: Config) -> tuple[object, ...]:
 def standby_arg(cfg: Config) -> str:
     """Return the standby's argument: what it preloads (apps/preload.py), for `cfg`'s app and `workers.preload`."""
     web = (cfg.workers.app or "").partition(":")[0] in ("asgi", "wsgi")
-    return preload.arg([*((preload.ASGI,) if web else ()), *cfg.workers.preload])
+    return preload.arg([*((preload.ASGI,) if web else ()), *cfg.workers.preload,
+                        *((preload.RECORDED,) if cfg.workers.preload_recorded else ())])
 
 
 class Prefork:

@@ -18,8 +18,11 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections import deque
 from typing import TYPE_CHECKING, Any
+
+from upgraderd.apps.asgi.streammove import EXTENSION, encode
 
 if TYPE_CHECKING:
     from upgraderd.apps.asgi.roles import HttpConn
@@ -46,9 +49,10 @@ class Cycle:
 
     __slots__ = ("conn", "scope", "chunks", "buffered", "more_body", "waiter", "started", "finished",
                  "status", "chunked", "length_left", "keep_alive", "disconnected", "head_only",
-                 "expect_continue", "sent_bytes", "task", "body_sent")
+                 "expect_continue", "sent_bytes", "task", "body_sent", "resumed", "in_send", "moved")
 
-    def __init__(self, conn: HttpConn, scope: dict[str, Any], keep_alive: bool, expect_continue: bool) -> None:
+    def __init__(self, conn: HttpConn, scope: dict[str, Any], keep_alive: bool, expect_continue: bool,
+                 resumed: int = 0) -> None:
         self.conn = conn
         self.scope = scope
         self.chunks: deque[bytes] = deque()
@@ -67,6 +71,12 @@ class Cycle:
         self.expect_continue = expect_continue
         self.sent_bytes = 0
         self.task: asyncio.Task[None] | None = None
+        # A response moved here from another worker (streammove.py): its status, its head long sent.
+        self.resumed = resumed
+        self.in_send = False   # the app waits in send() for room to write: not a moment to move
+        self.moved = False
+        if resumed:
+            self.more_body = False   # the request body stayed behind: the app gets an empty one
 
     # -- fed by the connection --
 
@@ -135,13 +145,20 @@ class Cycle:
                 raise RuntimeError("http.response.body before http.response.start or after the last body")
             self._body(bytes(message.get("body", b"")), bool(message.get("more_body", False)))
             if self.conn.paused_writing:
-                await self.conn.writable()
+                self.in_send = True
+                try:
+                    await self.conn.writable()
+                finally:
+                    self.in_send = False
         else:
             raise RuntimeError(f"unexpected ASGI message {kind!r} in an HTTP request")
 
     def _start(self, status: int, headers: Any) -> None:
         self.started = True
         self.status = status
+        if self.resumed:   # the client has had this head from the worker the response moved from
+            self.status, self.chunked = self.resumed, True
+            return
         conn = self.conn
         out = [status_line(status), conn.server.date_header]
         for name, value in headers:
@@ -190,3 +207,33 @@ class Cycle:
                 self.keep_alive = False   # shorter than announced: the client cannot find the next response
             self.finished = True
             conn.response_done(self)
+
+    def cut(self) -> None:
+        """The drain deadline is near: end a chunked response in progress properly (the last chunk)."""
+        if self.started and self.chunked and not self.finished and not self.moved:
+            self._body(b"", False)
+
+    # -- moving a stream (streammove.py) --
+
+    def movable(self) -> bool:
+        """Return True if the response opted in to move and is between two sends."""
+        ext = self.scope["extensions"].get(EXTENSION)
+        return (self.chunked and self.started and not self.finished and not self.more_body and not self.chunks
+                and not self.in_send and not self.disconnected and not self.moved and ext is not None
+                and callable(ext.get("on_move")))
+
+    def handoff(self) -> bytes | None:
+        """Return what moves with the response: its scope and the app's position (None: the app failed)."""
+        try:
+            saved = self.scope["extensions"][EXTENSION]["on_move"]()
+        except Exception as e:
+            print(f"upgraderd worker: the app's on_move failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            return None
+        if not isinstance(saved, (bytes, bytearray)):
+            return None
+        return encode(self.scope, self.status, self.keep_alive, bytes(saved))
+
+    def gone(self) -> None:
+        """The response moved: the app here sees a disconnect, and its sends fail."""
+        self.moved = True
+        self.disconnect()

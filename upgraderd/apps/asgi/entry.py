@@ -23,10 +23,13 @@ def load(spec: str) -> Callable[[], int]:
     if not callable(app):
         raise TypeError(f"{spec}: {attr} is not callable")
     import httptools  # noqa: F401  (before the fork: its pages are shared)
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        pass
+    for optional in ("uvloop", "upgraderd.apps.asgi.websocket"):
+        try:
+            # The WebSocket side too: wsproto's import builds a 64 KiB XOR table, which each of
+            # the workers of a cold template paid after the fork, before READY=1 (tens of ms each).
+            importlib.import_module(optional)
+        except ImportError:
+            pass
     if kind == "wsgi":
         from upgraderd.apps.asgi.wsgi import WsgiApp
         app = WsgiApp(app)

@@ -11,7 +11,9 @@ written (pipelining) are kept in `pending`, unparsed, and reading pauses;
 they are parsed once the response is done. So between two requests the
 connection's state is exactly (nothing, `pending`), which is what a hand-off
 moves (`detach()`): the socket, and `pending` as the bytes read but not
-handled. A connection in the middle of a request never moves.
+handled. A connection in the middle of a request never moves, but for a
+streaming response whose app opted in (streammove.py): it moves between two
+sends, and the app here is told it is gone (`Cycle.gone`).
 
 Hazard: a protocol is also the transport's; `abort()` after a hand-off must
 not report the client as gone to an app (no cycle is running then).
@@ -22,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import time
 from typing import TYPE_CHECKING, Any, Callable, cast
-from urllib.parse import unquote
 
 import httptools
 
@@ -182,10 +183,17 @@ class HttpProtocol(asyncio.Protocol):
             self.upgrade = scope   # the parser raises HttpParserUpgrade next
             return
         expect = version == "1.1" and any(n == b"expect" and v.lower() == b"100-continue" for n, v in self.headers)
-        self.cycle = Cycle(self, scope, keep_alive and not self.draining_close(), expect)
+        self._run(Cycle(self, scope, keep_alive and not self.draining_close(), expect))
+
+    def _run(self, cycle: Cycle) -> None:
+        self.cycle = cycle
         self.started_at = time.monotonic()
         self._arm(self.settings.request_timeout, self._request_timeout)
-        self.cycle.task = self.loop.create_task(self.server.run_app(self.cycle))
+        cycle.task = self.loop.create_task(self.server.run_app(cycle))
+
+    def resume_stream(self, scope: dict[str, Any], status: int, keep_alive: bool) -> None:
+        """Continue a response another worker started and moved here (streammove.py)."""
+        self._run(Cycle(self, scope, keep_alive, False, resumed=status))
 
     def on_body(self, body: bytes) -> None:
         if self.cycle is None:
@@ -300,17 +308,25 @@ class HttpProtocol(asyncio.Protocol):
 
     def idle(self) -> bool:
         """Return True between requests with nothing queued to write: the moment a connection can move."""
+        return self.cycle is None and self._quiet()
+
+    def movable(self) -> bool:
+        """Return True if it can move now: idle, or a response that opted in is between two sends."""
+        return (self.cycle is None or self.cycle.movable()) and self._quiet()
+
+    def _quiet(self) -> bool:
         t = self.transport
-        return (self.cycle is None and not self.in_message and not self.closing and t is not None
-                and not t.is_closing() and t.get_write_buffer_size() == 0)
+        return (not self.in_message and not self.closing and t is not None and not t.is_closing()
+                and t.get_write_buffer_size() == 0)
 
     def draining_close(self) -> bool:
         """Return True if the next response should say `Connection: close` (draining, no taker)."""
         return self.server.draining and (self.stay or not self.server.giving)
 
-    def handoff_state(self) -> bytes:
-        """Between two requests an HTTP/1.1 connection has no state but its unparsed bytes."""
-        return b""
+    def handoff_state(self) -> bytes | None:
+        """Between two requests an HTTP/1.1 connection has no state but its unparsed bytes; a moving
+        response has its scope and the app's position (None if the app's `on_move` failed)."""
+        return b"" if self.cycle is None else self.cycle.handoff()
 
     def not_moved(self) -> None:
         """The hand-off failed: serve on here, and drain (Connection: close on the next answer)."""
@@ -326,6 +342,8 @@ class HttpProtocol(asyncio.Protocol):
 
     def moved(self) -> None:
         """Another worker serves this connection now: drop ours without a word."""
+        if self.cycle is not None:
+            self.cycle.gone()
         self.closing = True
         self._disarm()
         if self.transport is not None:
@@ -377,12 +395,3 @@ def _content_length(headers: list[tuple[bytes, bytes]]) -> int:
         if name == b"content-length":
             return int(value)   # llhttp has checked it: digits, only one
     return 0
-
-
-def decode_path(url: bytes) -> tuple[str, bytes, bytes] | None:
-    """Split a request target into (path, raw path, query); None if it is not origin-form."""
-    parsed = httptools.parse_url(url)
-    raw = parsed.path or b"/"
-    if not raw.startswith(b"/"):
-        return None
-    return unquote(raw.decode("latin-1")), raw, parsed.query or b""

@@ -74,8 +74,8 @@ class WebMoves:
             self.server.metrics.taken_over(m.listener)
             if wsmove.is_websocket(m.state):
                 self.server.adopt_websocket(m.sock, m.listener, m.state, m.unhandled)
-            else:
-                self.server.adopt(m.sock, m.listener, m.unhandled)
+            else:   # an idle connection (no state) or a moving response (streammove.py)
+                self.server.adopt(m.sock, m.listener, m.unhandled, m.state)
 
     @property
     def giving(self) -> bool:
@@ -96,7 +96,7 @@ class WebMoves:
         self.giver.find()
         self.found_at = started
         held = len(self.server.conns)
-        moved = self.give([p for p in self.server.conns if p.idle()])
+        moved = self.give([p for p in self.server.conns if p.movable()])
         print(f"upgraderd worker generation {self.giver.generation} slot {self.giver.slot}: handed "
               f"{moved} of {held} connection(s) to {self.giver.targets} worker(s) in "
               f"{(time.monotonic() - started) * 1000:.0f} ms", file=sys.stderr, flush=True)
@@ -149,7 +149,7 @@ class WebMoves:
         if not self.enabled or self.giver is None or not self.server.conns:
             return
         if self.giving:   # those that were busy writing when they became idle
-            self.give([p for p in self.server.conns if p.idle() and not p.stay])
+            self.give([p for p in self.server.conns if p.movable() and not p.stay])
             return
         if time.monotonic() - self.found_at < RETRY:
             return
@@ -157,7 +157,7 @@ class WebMoves:
         if self.giver.find():
             for proto in self.server.conns:
                 proto.stay = False
-            self.give([p for p in self.server.conns if p.idle()])
+            self.give([p for p in self.server.conns if p.movable()])
 
     def close(self) -> None:
         """Release the channel sockets at exit."""

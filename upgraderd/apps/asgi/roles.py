@@ -120,8 +120,8 @@ class WebHost(Protocol):
     def log_error(self, proto: Any, status: int) -> None:
         """Log a refused request."""
 
-    def adopt(self, sock: socket.socket, listener: str, unhandled: bytes) -> None:
-        """Serve a connection accepted or moved here."""
+    def adopt(self, sock: socket.socket, listener: str, unhandled: bytes, state: bytes = b"") -> None:
+        """Serve a connection accepted or moved here (with a moving response's `state`)."""
 
     def adopt_websocket(self, sock: socket.socket, listener: str, state: bytes, unhandled: bytes) -> None:
         """Serve a WebSocket moved here."""

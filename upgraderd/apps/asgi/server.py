@@ -29,12 +29,15 @@ import sys
 import time
 from email.utils import formatdate
 from typing import Any, Callable
+from urllib.parse import unquote
+
+import httptools
 
 from upgraderd import worker
-from upgraderd.apps.asgi import accesslog
+from upgraderd.apps.asgi import accesslog, streammove
 from upgraderd.apps.asgi.reqmetrics import RequestMetrics
 from upgraderd.apps.asgi.cycle import Cycle
-from upgraderd.apps.asgi.h1 import HttpProtocol, decode_path
+from upgraderd.apps.asgi.h1 import HttpProtocol
 from upgraderd.apps.asgi.lifespan import App, Lifespan
 from upgraderd.apps.asgi.moves import WebMoves
 from upgraderd.apps.asgi.settings import Settings
@@ -42,6 +45,7 @@ from upgraderd.apps.connmetrics import ACCEPTED, CLOSED, ConnectionMetrics
 from upgraderd.worker.outlive import OrphanWatch
 
 IDLE_GRACE = 1.0     # seconds an idle connection is kept after the drain starts (no taker)
+END_MARGIN = 1.0     # at most: seconds before drain.timeout (the master's SIGKILL) that responses in progress end
 ACCEPT_BATCH = 32    # connections accepted per listener wake-up
 WS_MOVE_WAIT = 2.0   # seconds a WebSocket that opted in may take to reach a message boundary, else 1012
 TICK = 0.5           # housekeeping: timeouts, the date header, metric files, the parent check, drain progress
@@ -114,12 +118,21 @@ class WebServer:
             self.tally[name][ACCEPTED] += 1
             self.adopt(sock, name, b"")
 
-    def adopt(self, sock: socket.socket, listener: str, unhandled: bytes) -> None:  # noqa: D401
-        """Serve `sock` (accepted here, or moved here with `unhandled` bytes)."""
+    def adopt(self, sock: socket.socket, listener: str, unhandled: bytes, state: bytes = b"") -> None:  # noqa: D401
+        """Serve `sock` (accepted here, or moved here with `unhandled` bytes and, for a response
+        in progress, its `state`: streammove.py)."""
+        stream = None
+        if state:
+            try:
+                stream = streammove.decode(state, {"asgi": ASGI, "state": self.state.copy()})
+            except ValueError:
+                sock.close()   # not ours to read: the client sees the connection end
+                return
         self.attaching += 1
-        self.loop.create_task(self._attach(sock, listener, unhandled))
+        self.loop.create_task(self._attach(sock, listener, unhandled, stream))
 
-    async def _attach(self, sock: socket.socket, listener: str, unhandled: bytes) -> None:
+    async def _attach(self, sock: socket.socket, listener: str, unhandled: bytes,
+                      stream: tuple[dict[str, Any], int, bool] | None = None) -> None:
         try:
             _t, proto = await self.loop.connect_accepted_socket(lambda: HttpProtocol(self, listener), sock)
         except OSError:
@@ -127,6 +140,8 @@ class WebServer:
             return
         finally:
             self.attaching -= 1
+        if stream is not None:
+            proto.resume_stream(*stream)
         if unhandled:
             proto.data_received(unhandled)
 
@@ -159,7 +174,7 @@ class WebServer:
                 "path": root + path if root and not path.startswith(root) else path,
                 "raw_path": raw_path, "query_string": query, "root_path": root, "headers": headers,
                 "client": client, "server": server, "state": self.state.copy(),
-                "extensions": {}}
+                "extensions": {streammove.EXTENSION: streammove.extension()} if self.moves.enabled else {}}
 
     async def run_app(self, cycle: Cycle) -> None:
         """Run the app for one request; a failure is a 500 (or a close, once answering)."""
@@ -169,9 +184,10 @@ class WebServer:
         except asyncio.CancelledError:
             pass
         except Exception as e:
-            print(f"upgraderd worker: the app failed on {cycle.scope['method']} {cycle.scope['path']}: "
-                  f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
-            proto.refuse(500, b"internal server error\n")
+            if not cycle.moved:   # else its response goes on in another worker, and sends here fail
+                print(f"upgraderd worker: the app failed on {cycle.scope['method']} {cycle.scope['path']}: "
+                      f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                proto.refuse(500, b"internal server error\n")
         else:
             if not cycle.started:
                 proto.refuse(500, b"the application sent no response\n")
@@ -260,6 +276,18 @@ class WebServer:
         if not self.giving:
             self.no_takers()
         self.moves.give_websockets(self.drained_at + WS_MOVE_WAIT)
+        limit = self.settings.drain_timeout
+        if limit > 0:
+            self.loop.call_later(max(0.0, limit - min(END_MARGIN, limit / 10)), self._end_responses)
+
+    def _end_responses(self) -> None:
+        """Just before drain.timeout: end what is still in progress (a stream that did not move) with
+        its last chunk and close, so the client sees a complete response and the app its lifespan
+        shutdown, rather than a SIGKILL's cut."""
+        for proto in list(self.conns):
+            if proto.cycle is not None:
+                proto.cycle.cut()
+                proto.refuse(503, b"service restarting\n")   # a 503 if nothing was sent yet, else a close
 
     def no_takers(self) -> None:
         """No worker takes our connections (now): the idle ones close after the grace period."""
@@ -313,6 +341,15 @@ def main(app: App, settings: Settings, loop_factory: Callable[[], asyncio.Abstra
         return loop.run_until_complete(WebServer(app, settings, socks).serve())
     finally:
         sys.stderr.flush()
+
+
+def decode_path(url: bytes) -> tuple[str, bytes, bytes] | None:
+    """Split a request target into (path, raw path, query); None if it is not origin-form."""
+    parsed = httptools.parse_url(url)
+    raw = parsed.path or b"/"
+    if not raw.startswith(b"/"):
+        return None
+    return unquote(raw.decode("latin-1")), raw, parsed.query or b""
 
 
 def _have_wsproto() -> bool:

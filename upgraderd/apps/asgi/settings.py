@@ -32,6 +32,7 @@ class Settings:
     lifespan: str = "auto"
     wsgi_threads: int = 8
     websocket_max_message: int = 16 << 20
+    drain_timeout: float = 0.0   # drain.timeout (0: unknown), not an `http:` key
 
     def trusts(self, peer: str) -> bool:
         """Return True if X-Forwarded-* headers from `peer` (an IP address) are believed."""
