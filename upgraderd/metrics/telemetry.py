@@ -71,6 +71,9 @@ class UpgraderdCollector:
         yield GaugeMetricFamily("upgraderd_serving_release", "The generation whose release (code) the ACTIVE "
                                 "generation runs: its own number, or a rollback's kept one (0: none serves).",
                                 value=snap.serving_release)
+        yield GaugeMetricFamily("upgraderd_rollout_waiting_for_operator", "1 while a canary whose check failed is "
+                                "held for `upgraderd promote` or `upgraderd rollback` (rollback: manual), else 0.",
+                                value=1 if snap.rollout is not None and snap.rollout.held else 0)
         yield GaugeMetricFamily("upgraderd_previous_release_kept", "The generation whose release's template is "
                                 "kept for `upgraderd rollback` (rollout.keep_previous; 0: none).",
                                 value=snap.previous.release if snap.previous is not None else 0)

@@ -68,7 +68,7 @@ def _rollout(snap: Snapshot) -> dict[str, Any] | None:
     if r is None:
         return None
     return {"generation": r.generation, "previous": r.previous, "phase": r.phase, "workers": r.workers,
-            "of": r.of, "checks": list(r.checks), "began_at": r.began_at + snap.wall_offset,
+            "of": r.of, "checks": list(r.checks), "began_at": r.began_at + snap.wall_offset, "held": r.held,
             "window_ends": r.window_ends + snap.wall_offset}
 
 
@@ -83,6 +83,9 @@ def _previous(snap: Snapshot) -> dict[str, Any] | None:
 def describe_rollout(r: dict[str, Any], now: float) -> str:
     """Return a rollout under way in one line."""
     checks = ", ".join(r["checks"])
+    if r.get("held"):
+        return (f"rollout: generation {r['generation']} canary held, {r['workers']} of {r['of']} workers beside "
+                f"generation {r['previous']}: {r['held']}; waiting for `upgraderd promote` or `upgraderd rollback`")
     if r["phase"] == "promoting":
         return (f"rollout: generation {r['generation']} promoting, {r['workers']} of {r['of']} workers ready; "
                 f"generation {r['previous']} serves until all are (checks: {checks})")
