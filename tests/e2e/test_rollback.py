@@ -99,3 +99,42 @@ def test_rollback_forks_the_previous_release_again(tmp_path):
         assert r.stderr.strip() == ("upgraderd: no rollout is under way and no previous release is kept "
                                     "(rollout.keep_previous): nothing to roll back to")
         assert alive(template1)
+
+
+def test_a_rolled_back_canary_hands_its_connections_back(tmp_path):
+    (tmp_path / "out").mkdir()
+    write_app(tmp_path, "v1")
+    port = free_port()
+    cfg = app_config(port, tmp_path)
+    with Daemon(tmp_path, cfg).start() as d:
+        gen1 = forked(d)
+        write_app(tmp_path, "version-two")
+        d.write_config({**cfg, "rollout": {"strategy": "canary", "canary": {"workers": 1, "window": "120s"}}})
+        d.hup()
+        d.wait_log(r"rollout: generation 2 canary serving with 1 of 2 workers")
+        (canary,) = wait_until(lambda: forked(d) - gen1 or None, 10, "the canary's worker")
+        # Keep-alive connections, opened until 3 of them landed on the canary (at most 300).
+        held: list[tuple[socket.socket, int]] = []
+        on_canary = 0
+        while on_canary < 3 and len(held) < 300:
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            version, pid = round_trip(s)
+            held.append((s, int(pid)))
+            on_canary += int(pid) == canary
+        assert on_canary == 3, f"{on_canary} of {len(held)} connections reached the canary"
+        asker = Asker(port)
+        asker.wait_for_ok(asker.ok + 50)
+        r = upgraderd("rollback", "--pidfile", str(d.pidfile))
+        assert (r.returncode, r.stdout) == (0, "rollback done: generation 2 rolled back, generation 1 serves\n"), r
+        # The 3 held ones, and any of the load's that the canary had open then: all of them.
+        (handed,) = d.wait_log(r"worker generation 2 slot 0: handed (\d+) of (\d+) connection\(s\) to \d worker")
+        assert int(handed.group(1)) == int(handed.group(2)) >= 3, handed.group(0)
+        wait_until(lambda: not alive(canary), 10, "the canary to exit")
+        # Every held connection answers again, on its own local port, from release 1 (generation 1).
+        for s, _pid in held:
+            port_before = s.getsockname()[1]
+            version, pid = round_trip(s)
+            assert (version, int(pid) in gen1, s.getsockname()[1]) == ("v1", True, port_before)
+            s.close()
+        asker.wait_for_ok(asker.ok + 100)
+        assert asker.stop() == []

@@ -27,6 +27,7 @@ from upgraderd.worker.peers import Peer
 MAX_FDS = 4
 MAX_PENDING = 128  # offers acknowledged on one channel connection and not committed yet
 MAX_PENDING_BYTES = wire.MAX_PENDING_BYTES
+MAX_GENERATION = 999_999_999  # the largest UPGRADERD_GENERATION (contract/env.py `small_number`)
 
 
 @dataclass
@@ -74,7 +75,9 @@ class Taker:
         gen, slot = identity()
         self.master = os.getppid() if master is None else master
         self.listeners = None if listeners is None else set(listeners)
-        self.trust = trust or (lambda p: peers.trusted(p, self.master, max_generation=gen)
+        # Any generation of our master may give to us: an older one at its drain, a newer one
+        # (a rolled-back canary) giving back to the generation it served beside.
+        self.trust = trust or (lambda p: peers.trusted(p, self.master, max_generation=MAX_GENERATION)
                                or peers.is_master(p, self.master))
         self.name = wire.channel_name(self.master, gen, slot, peers.channel_dir())
         self.max_peers, self.peer_timeout, self.clock = max_peers, peer_timeout, clock
