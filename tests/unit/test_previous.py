@@ -218,3 +218,20 @@ def test_rollback_while_a_reload_starts_is_refused(rig: Rig) -> None:
 
 
 
+
+
+def test_keep_previous_and_manual_are_refused_where_they_mean_nothing() -> None:
+    from upgraderd.config import schema
+    from upgraderd.errors import ConfigError
+    with pytest.raises(ConfigError) as e:
+        schema.parse("listeners: [{name: web, port: 8080}]\nworkers: {command: [/bin/true], count: 2}\n"
+                     "rollout: {keep_previous: 1m, rollback: manual}\n", "r.yaml")
+    assert e.value.problems == [
+        "r.yaml:3:26: rollout.keep_previous: only a prefork app has a template to keep (workers.app with prefork, "
+        "or a module:factory or asgi:/wsgi: app); a command is exec'd anew at each start",
+        "r.yaml:3:40: rollout.rollback: manual holds a failing canary for the operator; set rollout.strategy: "
+        "canary",
+    ]
+    cfg = schema.parse("listeners: [{name: web, port: 8080}]\nworkers: {app: 'mod:make', count: 2}\n"
+                       "rollout: {keep_previous: 10m}\n", "r.yaml")
+    assert cfg.rollout.keep_previous == 600.0 and cfg.prefork

@@ -34,6 +34,10 @@ Invariants:
   until the canary is promoted; a rollback leaves it exactly as it was.
 - The verdict is reported once (`RolloutSettled`), and the reload's outcome
   follows it: success when promoted, failed (naming the check) when rolled back.
+- With `rollback: manual` a failing check holds the rollout instead of rolling
+  it back, until the operator decides (core/rollouthold.py). A rolled-back
+  canary's workers give their connections back to the predecessor where they
+  can hand off (worker/giver.py: no newer generation, so the newest older one).
 """
 
 from __future__ import annotations
