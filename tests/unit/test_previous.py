@@ -232,6 +232,6 @@ def test_keep_previous_and_manual_are_refused_where_they_mean_nothing() -> None:
         "r.yaml:3:40: rollout.rollback: manual holds a failing canary for the operator; set rollout.strategy: "
         "canary",
     ]
-    cfg = schema.parse("listeners: [{name: web, port: 8080}]\nworkers: {app: 'mod:make', count: 2}\n"
+    cfg = schema.parse("listeners: [{name: web, port: 8080}]\nworkers: {app: 'tests.fixtures.echo_worker:main', count: 2}\n"
                        "rollout: {keep_previous: 10m}\n", "r.yaml")
     assert cfg.rollout.keep_previous == 600.0 and cfg.prefork
