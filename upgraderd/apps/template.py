@@ -60,6 +60,7 @@ import traceback
 from typing import Any, Callable
 
 from upgraderd.apps.preload import Snapshot, record
+from upgraderd.apps.relabel import relabel
 from upgraderd.contract import env as contract
 from upgraderd.contract import notify
 from upgraderd.contract.standby import parse
@@ -235,6 +236,7 @@ def _become_worker(control: socket.socket, gate: int, env: dict[str, str], fds: 
             os.environ.update(env)
             proctitle.worker(env)
             os.environ[contract.LISTEN_PID] = str(os.getpid())
+            relabel(env.get(contract.GENERATION))   # a kept template forks a later generation
             code = run()
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1

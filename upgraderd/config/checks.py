@@ -200,6 +200,13 @@ def check_rollout(loader: Reporter, root: yaml.Node, cfg: Config) -> None:
     """Check the `rollout` section against the rest: the canary's size, the checks' templates."""
     r = cfg.rollout
     rnode = node_at(root, "rollout") or root
+    if r.keep_previous > 0 and not cfg.prefork:
+        loader.fail(node_at(rnode, "keep_previous") or rnode, "rollout.keep_previous",
+                    "only a prefork app has a template to keep (workers.app with prefork, or a "
+                    "module:factory or asgi:/wsgi: app); a command is exec'd anew at each start")
+    if r.rollback == "manual" and r.strategy != "canary":
+        loader.fail(node_at(rnode, "rollback") or rnode, "rollout.rollback",
+                    "manual holds a failing canary for the operator; set rollout.strategy: canary")
     for key, owners in (("canary", ("canary",)), ("batches", ("batches",)), ("checks", ("canary", "batches"))):
         if r.strategy not in owners and (node := node_at(rnode, key)) is not None:
             who = " or ".join("a canary" if o == "canary" else o for o in owners)

@@ -8,16 +8,16 @@
         crashes: 0              # worker exits of the new generation tolerated
         http: {url: "http://127.0.0.1:{probe_port}/healthz", every: 1s, timeout: 500ms}
         command: ["/usr/local/bin/smoke-test", "{generation}"]
-      rollback: auto
+      rollback: auto            # or manual: a failing check holds the rollout for the operator
+      keep_previous: 10m        # keep the previous release's template for `upgraderd rollback`
 
 The decisions live in upgraderd/core/rollout.py and the checks in
 upgraderd/core/rolloutchecks.py; this module only declares and validates the keys.
 
-Invariant: a key of the design that is not built yet (`keep_previous`,
-`error_ratio`, `latency_p99`, a "10%" share, `rollback: manual`) is refused
-with an error that names it and says "not supported yet"; it is never
-accepted and silently ignored, because an operator who writes `error_ratio`
-believes the release is judged by it.
+Invariant: a key of the design that is not built yet (`error_ratio`,
+`latency_p99`, a "10%" share) is refused with an error that names it and
+says "not supported yet"; it is never accepted and silently ignored,
+because an operator who writes `error_ratio` believes the release is judged by it.
 
 Nested sections are fields declared with `section()`: the loader
 (schema.py) recurses into them with the same located errors, docgen.py
@@ -64,13 +64,10 @@ def canary_workers(v: Any) -> int:
 
 
 def rollback_mode(v: Any) -> str:
-    """auto (a failing check rolls back at once)"""
-    if v == "manual":
-        raise Invalid("rollback manual is not supported yet (it needs `upgraderd promote` and "
-                      "`upgraderd rollback`); use auto")
-    if v != "auto":
-        raise Invalid(f"{_show(v)} is not allowed; allowed: auto")
-    return "auto"
+    """auto (a failing check rolls back at once) or manual (the rollout holds for the operator)"""
+    if v not in ("auto", "manual"):
+        raise Invalid(f"{_show(v)} is not allowed; allowed: auto, manual")
+    return str(v)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -125,9 +122,7 @@ class ChecksSpec:
 class RolloutSpec:
     """How a reload hands traffic to the new generation (docs/rollouts.md)."""
 
-    NOT_YET: ClassVar[dict[str, str]] = {
-        "keep_previous": "keeping the previous release's template for an instant rollback",
-    }
+    NOT_YET: ClassVar[dict[str, str]] = {}
     strategy: str = opt("all-at-once", strategy, "all-at-once: every worker at once, the old "
                         "generation drains as soon as the new one is ready; canary: see `canary`; "
                         "batches: see `batches`.")
@@ -135,7 +130,11 @@ class RolloutSpec:
     batches: BatchesSpec = section(BatchesSpec, "The batches' size and pause.")
     checks: ChecksSpec = section(ChecksSpec, "What fails a canary, or a batch.")
     rollback: str = opt("auto", rollback_mode, "What a failing check does: auto drains the canary "
-                        "and the previous generation carries on.")
+                        "and the previous generation carries on; manual holds the rollout (both "
+                        "generations serve) until `upgraderd promote` or `upgraderd rollback`.")
+    keep_previous: float = opt(0.0, duration, "After a reload or promotion, keep the previous release's "
+                               "template this long (0: not at all), so that `upgraderd rollback` forks "
+                               "it again: no import, no exec (prefork apps only; docs/rollouts.md).")
 
 
 def from_dict(cls: type, data: Mapping[str, object]) -> Any:

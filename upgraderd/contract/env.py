@@ -57,3 +57,10 @@ def small_number(value: str | None) -> int | None:
     if value is None or not (value.isascii() and value.isdigit()) or len(value) > 9:
         return None
     return int(value)
+
+
+def template_generation(number: int, relabel: bool) -> str:
+    """Return the GENERATION a prefork template is exec'd with: the number, or (`relabel`: its
+    template may fork a later rollback generation) the number in 9 digits, so that a worker can
+    overwrite it in place with its own (apps/relabel.py); `small_number` reads both alike."""
+    return str(number).zfill(9) if relabel else str(number)

@@ -33,6 +33,7 @@ from upgraderd.core.handover import config_from_dict, config_to_dict
 from upgraderd.core.launch import Context, describe
 from upgraderd.core.notices import NotifyJudge
 from upgraderd.core.prefork import Prefork
+from upgraderd.core.previous import Kept, Previous
 from upgraderd.core.seams import Exit, NotifyAPI, ProbeAPI, ProcessAPI, TemplateAPI
 from upgraderd.errors import SpawnError
 
@@ -122,6 +123,7 @@ class Fleet:
         # not drained until the rollout releases it; `active` is the predecessor meanwhile.
         self.held: Generation | None = None
         self.prefork = Prefork(seams.templates, seams.procs, bus, lambda: self.next_number)
+        self.previous = Previous(self.prefork)   # the previous release's kept template
         self.judge = NotifyJudge(bus)
         self.launcher = FleetLauncher(seams, self.prefork, bus, clock, lambda: self.stop_mode == "fast")
 
@@ -149,12 +151,16 @@ class Fleet:
     def _readiness(self, cfg: Config) -> readiness.Readiness:
         return readiness.for_spec(cfg.ready, self.seams.probes, self.seams.reserve_port)
 
-    def start_generation(self, cfg: Config, now: float, canary: int | None = None) -> Generation:
+    def start_generation(self, cfg: Config, now: float, canary: int | None = None,
+                         kept: Kept | None = None) -> Generation:
         """Create generation N+1 from `cfg` and spawn its workers (only `canary` of them, held
-        beside the serving generation until `release`)."""
-        gen = Generation(self.next_number, cfg, self.launcher, created_at=now, readiness=self._readiness(cfg))
+        beside the serving generation until `release`; or forked from the `kept` template)."""
+        gen = Generation(self.next_number, cfg, self.launcher, created_at=now, readiness=self._readiness(cfg),
+                         runs=kept.release if kept is not None else 0)
         self.next_number += 1
         self.generations.append(gen)
+        if kept is not None:
+            self.prefork.lend(kept.template, gen)
         count = cfg.workers.count if canary is None else canary
         log.info("generation %d STARTING: %d x %s%s", gen.number, count, " ".join(cfg.worker_argv),
                  f" (a canary of {cfg.workers.count})" if canary is not None else "")
@@ -210,7 +216,9 @@ class Fleet:
         """Drain every ACTIVE generation but the newest: ACTIVE -> DRAINING once a successor serves."""
         active = [g for g in self.generations if g.state is GenerationState.ACTIVE and g is not self.held]
         for old in active[:-1]:
+            self.previous.keep(old, active[-1], now)
             old.drain(now)
+        self.previous.expire(now)
 
     def forget_retired(self, now: float) -> None:
         """Drop the RETIRED generations, reporting how long each served one drained."""
@@ -231,6 +239,7 @@ class Fleet:
         """
         self.stop_mode = mode
         self.bus.emit(ev.StopBegun(mode))
+        self.previous.release("the master stops")
         if mode == "graceful":
             for g in self.generations:
                 if g.state in (GenerationState.STARTING, GenerationState.ACTIVE):
@@ -242,4 +251,4 @@ class Fleet:
     def deadlines(self) -> list[float | None]:
         """Return when the generations, probes or templates next need the loop."""
         return [*(g.next_deadline() for g in self.generations), self.seams.probes.next_deadline(),
-                *self.prefork.deadlines(self.generations)]
+                *self.prefork.deadlines(self.generations), self.previous.deadline()]

@@ -16,9 +16,8 @@ Invariants (the fleet, core/fleet.py, keeps the cross-generation ones):
 
 Events cost O(1): live workers are indexed by pid (`_set_pid` alone changes a pid), and
 a STARTING generation counts READY workers, so the O(N) all-ready check runs once.
-Nothing here makes a syscall: processes are started and signalled through the
-`Launcher` the fleet passes in, and time is the `now` argument, so unit tests
-drive it with a fake clock and a fake launcher.
+Nothing here makes a syscall: processes go through the fleet's `Launcher`, and time is
+the `now` argument, so unit tests drive it with a fake clock and a fake launcher.
 """
 
 from __future__ import annotations
@@ -108,6 +107,7 @@ class Generation:
     _readied: int = field(default=0, init=False, repr=False, compare=False)   # READY while STARTING
     crashed: int = 0                     # worker exits while ACTIVE (a rollout's `crashes` check)
     last_crash: str = ""
+    runs: int = 0        # the generation whose release it runs: a rollback's (core/previous.py); 0: its own
     check_urls: dict[int, str] = field(default_factory=dict)   # slot -> rollout.checks.http.url
 
     def __post_init__(self) -> None:
@@ -138,7 +138,7 @@ class Generation:
         workers = [{**dataclasses.asdict(w), "state": w.state.name, "last_exit": None} for w in self.workers.values()]
         return {"number": self.number, "state": self.state.name, "created_at": self.created_at,
                 "changed_at": self.changed_at, "active_at": self.active_at,
-                "drain_started_at": self.drain_started_at, "reason": self.reason, "workers": workers}
+                "drain_started_at": self.drain_started_at, "reason": self.reason, "workers": workers, "runs": self.runs}
 
     @classmethod
     def adopt(cls, data: Mapping[str, object], config: Config, launcher: Launcher,
@@ -148,7 +148,7 @@ class Generation:
                   state=GenerationState[str(data["state"])], changed_at=number(data["changed_at"]),
                   active_at=optional_number(data["active_at"]),
                   drain_started_at=optional_number(data["drain_started_at"]),
-                  reason=str(data["reason"]), readiness=readiness)
+                  reason=str(data["reason"]), readiness=readiness, runs=int(number(data.get("runs", 0))))
         for w in records(data["workers"]):
             worker = Worker(**{**w, "state": WorkerState[str(w["state"])], "pid": None})  # type: ignore[arg-type]  # as exported
             gen.workers[worker.slot] = worker

@@ -297,4 +297,4 @@ class Master:
         return snapshot.take(snapshot.Times(self.started_at, self.wall_started_at, now), self.config_path,
                              self.fleet.generations, self.config, self.tally.stats, self.stopping,
                              self.slots.tcp_migrate_req, self.slots.worker_bind_reset_risk(configs),
-                             self.reloads.progress(), self.slots.strangers)
+                             self.reloads.progress(), self.slots.strangers, self.fleet.previous.live())

@@ -78,6 +78,11 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else "?" for c in text[:LAST_WORDS])
 
 
+def _relabel(cfg: Config) -> bool:
+    """Return True if a template of `cfg` may be kept to fork a later (rollback) generation."""
+    return cfg.rollout.keep_previous > 0
+
+
 def standby_key(cfg: Config) -> tuple[object, ...]:
     """Return what a standby must share with a generation to become its template.
 
@@ -118,6 +123,7 @@ class Prefork:
         self.spares: set[int] = set()     # standby pids not (yet) adopted, live or being stopped
         self.standby_deaths = 0
         self.waiting: dict[int, float] = {}   # template pid with queued requests -> when it last took one
+        self.kept: set[int] = set()   # templates kept for a rollback (core/previous.py): not in `live`
 
     def request(self, gen: Generation, slot: int, launch: Launch) -> None:
         """Ask `gen`'s template (started now if this is its first worker) for `slot`."""
@@ -128,6 +134,7 @@ class Prefork:
             if gen.state is not GenerationState.STARTING or gen.number in self._had_template():
                 raise SpawnError("the generation's template is gone; send HUP to start a fresh generation")
             env = {k: v for k, v in launch.env.items() if not k.startswith("LISTEN_")}
+            env[contract.GENERATION] = contract.template_generation(gen.number, _relabel(gen.config))
             pid = self._adopt_standby(gen, env)
             if pid is None:
                 pid = self.templates.start(launch.argv, env, launch.cwd, launch.user, launch.group)
@@ -139,6 +146,23 @@ class Prefork:
             self.spares.discard(pid)
         self.templates.fork(pid, slot, launch.env, launch.fds)
         self.urls[(gen.number, slot)] = launch.ready_url
+
+    def keep(self, number: int) -> None:
+        """Keep generation `number`'s template past its generation (neither stopped nor forked from)."""
+        self.kept.add(self.live.pop(number))
+
+    def unkeep(self, pid: int, stop: bool) -> None:
+        """Stop keeping template `pid` (and stop it: released; or not: lent to a rollback)."""
+        self.kept.discard(pid)
+        if stop and self.templates is not None:
+            self.stopped.add(pid)
+            self.templates.stop(pid)
+
+    def lend(self, pid: int, gen: Generation) -> None:
+        """Make the kept template `pid` the template of the rollback generation `gen`."""
+        self.unkeep(pid, stop=False)
+        self.live[gen.number] = pid
+        self._remember(pid, gen)
 
     def _adopt_standby(self, gen: Generation, env: dict[str, str]) -> int | None:
         """Hand the standby `gen`'s app if it was started for the same user, cwd and env."""
@@ -176,7 +200,7 @@ class Prefork:
         # good, also in the workers it forks: hand-off peers read their generation there
         # (worker/peers.py), so the standby is exec'd as the generation it will serve.
         number = self.next_number()
-        env = {**env, contract.GENERATION: str(number)}
+        env = {**env, contract.GENERATION: contract.template_generation(number, _relabel(active[-1].config))}
         try:
             pid = self.templates.start((*launch.argv[:-1], standby_arg(active[-1].config)), env, launch.cwd,
                                        launch.user, launch.group)
@@ -305,7 +329,11 @@ class Prefork:
             del self.starts[number]
 
     def _template_exited(self, ex: Exit, now: float) -> None:
-        if ex.pid not in self.stopped:
+        if ex.pid in self.kept:
+            self.kept.discard(ex.pid)
+            log.warning("the kept template pid %d %s: `upgraderd rollback` has nothing to roll back to",
+                        ex.pid, ex.describe())
+        elif ex.pid not in self.stopped:
             self._give_up(ex.pid, f"template pid {ex.pid} {ex.describe()}", now)
 
     def _give_up(self, pid: int, why: str, now: float) -> None:

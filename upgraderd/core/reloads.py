@@ -114,10 +114,33 @@ class Reloads:
     def ask(self, now: float) -> None:
         """Take SIGWINCH: the operator's `upgraderd promote` or `rollback` of the rollout under way."""
         request = self.seams.requests()
+        if request.startswith("previous"):
+            self.roll_back(now)
+            return
         if self.rollouts is None or not request:
             log.warning("received SIGWINCH without a rollout request (see `upgraderd promote`): ignored")
             return
         self.rollouts.ask(request)
+
+    def roll_back(self, now: float) -> None:
+        """Take `upgraderd rollback` with no rollout under way: fork the previous release's kept
+        template into a new generation (core/previous.py); it settles as a reload does."""
+        kept = self.fleet.previous.live()
+        why = ("a reload or the stop is under way; try again once it settles" if self.busy or self.fleet.stopping
+               else "no previous release is kept (rollout.keep_previous)" if kept is None else "")
+        if kept is not None and not why:
+            try:
+                self.seams.ensure_listeners(kept.config)
+            except OSError as e:
+                why = f"cannot bind the previous release's listeners: {e.strerror or e}"
+        self.covers = self.hups
+        if why or kept is None:
+            self.reject(f"upgraderd rollback: {why}", "rejected")
+            return
+        self.fleet.previous.take()
+        log.info("upgraderd rollback: forking generation %d's release from its kept template (pid %d)",
+                 kept.release, kept.template)
+        self.watching, self.since = self.fleet.start_generation(kept.config, now, kept=kept), now
 
     def queue(self, now: float) -> None:
         """Queue a reload; `now` is kept as the oldest unserved request."""
@@ -193,8 +216,10 @@ class Reloads:
             self.files.follow(self.config, now)   # the new config's watch list, from now on
             took = now - self.since
             self.bus.emit(ev.ReloadSettled("success", gen.number, self.covers, took=took, at=self.seams.wall()))
-            log.info("reload done: generation %d ACTIVE %.3fs after HUP%s", gen.number, took, self.queued())
-            self.seams.tell_systemd(f"READY=1\nSTATUS=generation {gen.number} active")
+            runs = f" (a rollback: it runs generation {gen.runs}'s release)" if gen.runs else ""
+            log.info("reload done: generation %d ACTIVE %.3fs after %s%s%s", gen.number, took,
+                     "`upgraderd rollback`" if gen.runs else "HUP", runs, self.queued())
+            self.seams.tell_systemd(f"READY=1\nSTATUS=generation {gen.number} active{runs}")
         else:
             self.reject(f"generation {gen.number}: {gen.reason}", "failed", gen.number)
 

@@ -39,6 +39,10 @@ Invariants:
   until the canary is promoted; a rollback leaves it exactly as it was.
 - The verdict is reported once (`RolloutSettled`), and the reload's outcome
   follows it: success when promoted, failed (naming the check) when rolled back.
+- With `rollback: manual` a failing check holds the rollout instead of rolling
+  it back, until the operator decides (core/rollouthold.py). A rolled-back
+  canary's workers give their connections back to the predecessor where they
+  can hand off (worker/giver.py: no newer generation, so the newest older one).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from typing import Callable, Iterable, Mapping
 from upgraderd.config.schema import Config
 from upgraderd.core import batches as batchesmod
 from upgraderd.core import rolloutchecks as checksmod
+from upgraderd.core import rollouthold as hold
 from upgraderd.core import events as ev
 from upgraderd.core.fleet import Fleet
 from upgraderd.core.generation import Generation, WorkerState
@@ -80,6 +85,7 @@ class Rollout:
     promote_by: float = 0.0
     asked: str = ""              # the operator's `promote` or `rollback`, taken at the next pass
     batches: batchesmod.Batches | None = None
+    held: str = ""               # rollback: manual: the failed check it waits on (core/rollouthold.py)
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,7 @@ class Progress:
     checks: tuple[str, ...] = field(default=())
     batch: int = 0               # strategy batches: the batch under way, of `batches`
     batches: int = 0
+    held: str = ""                   # rollback: manual: why it waits for the operator
 
 
 class Rollouts:
@@ -129,13 +136,20 @@ class Rollouts:
         once it is promoted, or why it was rolled back."""
         r = self.current if self.current is not None and self.current.gen is gen else self._begin(gen, now)
         if r.asked == "rollback":
-            return self._roll_back(r, OPERATOR, "aborted by `upgraderd rollback`", now)
+            return self._roll_back(r, OPERATOR, "aborted by `upgraderd rollback`" + (
+                f" ({r.held})" if r.held else ""), now)
         if r.batches is not None:
             return self._judge_batches(r, r.batches, now)
         if r.asked == "promote" and r.phase is Phase.CANARY:
+            r.held = ""
             self._end_window(r, now)
+        if r.held:
+            return None   # rollback: manual, a check failed: the operator decides
         for check in r.checks:
             why = check.poll(gen, now)
+            if why and hold.holds(gen, check.name):
+                r.held = hold.hold(gen, r.previous, r.checks, check.name, why, self.bus, self.seams.tell_systemd)
+                return None
             if why:
                 return self._roll_back(r, check.name, why, now)
         if r.phase is Phase.CANARY and now >= r.window_ends and all(c.passed() for c in r.checks):
@@ -181,7 +195,7 @@ class Rollouts:
     def deadlines(self) -> list[float | None]:
         """Return when the rollout next needs the loop."""
         r = self.current
-        if r is None:
+        if r is None or r.held:
             return []
         own = r.batches.deadline() if r.batches else r.window_ends if r.phase is Phase.CANARY else r.promote_by
         probes = self.seams.probes.next_deadline() if self.seams.probes is not None else None
@@ -195,7 +209,7 @@ class Rollouts:
         live = sum(1 for w in r.gen.workers.values() if w.state is WorkerState.READY)
         return Progress(r.gen.number, r.previous, r.phase.value, r.began_at, r.window_ends, live,
                         r.gen.config.workers.count, tuple(c.name for c in r.checks),
-                        *((r.batches.number, r.batches.total) if r.batches else (0, 0)))
+                        *((r.batches.number, r.batches.total) if r.batches else (0, 0)), held=r.held)
 
     # -- the steps --
 

@@ -21,6 +21,7 @@ from typing import Iterable
 from upgraderd.config.schema import Config
 from upgraderd.core.events import Event
 from upgraderd.core.generation import Generation, GenerationState, WorkerState
+from upgraderd.core.previous import Kept
 from upgraderd.core.rollout import Progress
 from upgraderd.core.stats import Stats
 
@@ -59,6 +60,7 @@ class GenerationInfo:
     created_at: float
     reason: str
     workers: tuple[WorkerInfo, ...]
+    runs: int = 0                        # a rollback's: the generation whose release it runs
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,13 @@ class Snapshot:
     worker_bind_reset_risk: bool
     rollout: Progress | None = None      # a canary under way (core/rollout.py)
     foreign_listeners: tuple[str, ...] = ()  # strangers in the ACTIVE config's port groups (core/slots.py)
+    previous: Kept | None = None         # the previous release's kept template (core/previous.py)
+
+    @property
+    def serving_release(self) -> int:
+        """Return the generation whose release the serving generation runs (its own, or a rollback's)."""
+        number = self.active_generation
+        return next((g.runs or g.number for g in self.generation_list if g.number == number), 0)
 
     @property
     def active_generation(self) -> int:
@@ -140,11 +149,12 @@ class Times:
 
 def take(times: Times, config_path: str, generations: Iterable[Generation], config: Config | None,
          stats: Stats, stopping: bool, tcp_migrate_req: int | None, worker_bind_reset_risk: bool,
-         rollout: Progress | None = None, foreign_listeners: tuple[str, ...] = ()) -> Snapshot:
+         rollout: Progress | None = None, foreign_listeners: tuple[str, ...] = (),
+         previous: Kept | None = None) -> Snapshot:
     """Copy the reported state out of the owners' (call it in the loop thread)."""
     gens = tuple(GenerationInfo(
         g.number, g.state, g.changed_at, g.created_at, g.reason,
-        tuple(WorkerInfo(w.slot, w.pid, w.state, w.started_at) for w in g.workers.values()),
+        tuple(WorkerInfo(w.slot, w.pid, w.state, w.started_at) for w in g.workers.values()), g.runs,
     ) for g in generations)
     listeners = tuple(ListenerInfo(s.name, s.address, s.mode, "unix" if s.path is not None else s.protocol)
                       for s in config.listeners) if config else ()
@@ -154,4 +164,5 @@ def take(times: Times, config_path: str, generations: Iterable[Generation], conf
         generation_list=gens, listeners=listeners, stats=stats.copy(), stopping=stopping,
         tcp_migrate_req=-1 if tcp_migrate_req is None else tcp_migrate_req,
         worker_bind_reset_risk=worker_bind_reset_risk, rollout=rollout, foreign_listeners=foreign_listeners,
+        previous=previous,
     )

@@ -68,6 +68,15 @@ class UpgraderdCollector:
     def _state(self, snap: Snapshot) -> Iterator[Metric]:
         yield GaugeMetricFamily("upgraderd_generation", "Number of the ACTIVE generation (0 while there is none).",
                                 value=snap.active_generation)
+        yield GaugeMetricFamily("upgraderd_serving_release", "The generation whose release (code) the ACTIVE "
+                                "generation runs: its own number, or a rollback's kept one (0: none serves).",
+                                value=snap.serving_release)
+        yield GaugeMetricFamily("upgraderd_rollout_waiting_for_operator", "1 while a canary whose check failed is "
+                                "held for `upgraderd promote` or `upgraderd rollback` (rollback: manual), else 0.",
+                                value=1 if snap.rollout is not None and snap.rollout.held else 0)
+        yield GaugeMetricFamily("upgraderd_previous_release_kept", "The generation whose release's template is "
+                                "kept for `upgraderd rollback` (rollout.keep_previous; 0: none).",
+                                value=snap.previous.release if snap.previous is not None else 0)
         yield _by_label("upgraderd_generations", "Generations by state.", "state", snap.generations, gauge=True)
         yield _by_label("upgraderd_workers", "Worker slots by state, over every generation the master tracks.",
                         "state", snap.workers, gauge=True)

@@ -84,9 +84,11 @@ def _parser() -> argparse.ArgumentParser:
     _waiting(_sub(sub, "promote", "promote the canary under way now, and wait until it serves",
                   "End the rollout's window now (checks still running are stopped) and grow the "
                   "canary to workers.count; exit 0 once it is ACTIVE and the old generation drains."))
-    _waiting(_sub(sub, "rollback", "roll the canary under way back, and wait until it is",
+    _waiting(_sub(sub, "rollback", "roll the canary under way back, or return to the previous release",
                   "Abort the rollout: the canary drains and the old generation serves on; exit 0 "
-                  "once the reload is reported rolled back."))
+                  "once the reload is reported rolled back. With no rollout under way, fork the "
+                  "previous release from its kept template (rollout.keep_previous) into a new "
+                  "generation; exit 0 once it is ACTIVE, 1 if no template is kept."))
     _client_args(_sub(sub, "reopen", "make the master reopen its log file (USR1)",
                       "Send SIGUSR1, for logrotate's postrotate."))
 

@@ -141,9 +141,10 @@ def verdict(pidfile: str, action: str, timeout: float) -> int:
     """Ask for `action` (promote or rollback) of the rollout under way, then wait for its verdict."""
     pid, path, doc = _observe(pidfile)
     rollout = doc.get("rollout")
+    if not isinstance(rollout, dict) and action == "rollback":
+        return _to_previous(pidfile, pid, path, doc, timeout)
     if not isinstance(rollout, dict):
-        print(f"upgraderd: no rollout is under way: nothing to {action.replace('rollback', 'roll back')}",
-              file=sys.stderr)
+        print("upgraderd: no rollout is under way: nothing to promote", file=sys.stderr)
         return ExitCode.FAILED
     number, settled = rollout["generation"], sum(doc["reloads"].values())
     write_atomic(request_path(pidfile), f"{action} {number}\n")
@@ -157,6 +158,28 @@ def verdict(pidfile: str, action: str, timeout: float) -> int:
               f"rollback done: generation {number} rolled back, generation {rollout['previous']} serves")
         return ExitCode.OK
     print(f"upgraderd: {action}: {status.describe_reload(after)}", file=sys.stderr)
+    return ExitCode.FAILED
+
+
+def _to_previous(pidfile: str, pid: int, path: str, doc: dict[str, Any], timeout: float) -> int:
+    """Roll back to the previous release's kept template (no rollout under way), and wait until it serves."""
+    kept = doc.get("previous")
+    if not isinstance(kept, dict):
+        print("upgraderd: no rollout is under way and no previous release is kept (rollout.keep_previous): "
+              "nothing to roll back to", file=sys.stderr)
+        return ExitCode.FAILED
+    settled, newest = sum(doc["reloads"].values()), max((g["number"] for g in doc["generations"]), default=0)
+    write_atomic(request_path(pidfile), f"previous {kept['release']}\n")
+    send_signal(pidfile, pid, signal.SIGWINCH)
+    after = _wait(pid, timeout, lambda d: sum(d["reloads"].values()) > settled, path)
+    if after is None:
+        return _no_outcome(pid, timeout, "rollback")
+    last = after["last_reload"]
+    if last["result"] == "success" and last["generation"] > newest:
+        print(f"rollback done: generation {last['generation']} ACTIVE, running generation {kept['release']}'s "
+              "release again")
+        return ExitCode.OK
+    print(f"upgraderd: rollback: {status.describe_reload(after)}", file=sys.stderr)
     return ExitCode.FAILED
 
 

@@ -47,7 +47,7 @@ def document(snap: Snapshot) -> dict[str, Any]:
     s, off = snap.stats, snap.wall_offset
     gens = [{
         "number": g.number, "state": g.state.name, "since": g.changed_at + off,
-        "created_at": g.created_at + off, "reason": g.reason,
+        "created_at": g.created_at + off, "reason": g.reason, "runs": g.runs,
         "workers": [{"slot": w.slot, "pid": w.pid, "state": w.state.name,
                      "started_at": w.started_at + off} for w in g.workers],
     } for g in snap.generation_list]
@@ -56,7 +56,7 @@ def document(snap: Snapshot) -> dict[str, Any]:
         "started_at": snap.started_at,
         "listeners": [{"name": x.name, "address": x.address, "mode": x.mode} for x in snap.listeners],
         "generations": gens,
-        "reloads": dict(s.reloads), "hups": s.hups, "rollout": _rollout(snap),
+        "reloads": dict(s.reloads), "hups": s.hups, "rollout": _rollout(snap), "previous": _previous(snap),
         "last_reload": {"result": s.last_reload_result, "generation": s.last_reload_generation,
                         "covers": s.last_reload_covers,
                         "error": "" if s.last_reload_ok else s.last_reload_error},
@@ -68,13 +68,24 @@ def _rollout(snap: Snapshot) -> dict[str, Any] | None:
     if r is None:
         return None
     return {"generation": r.generation, "previous": r.previous, "phase": r.phase, "workers": r.workers,
-            "of": r.of, "checks": list(r.checks), "began_at": r.began_at + snap.wall_offset,
+            "of": r.of, "checks": list(r.checks), "began_at": r.began_at + snap.wall_offset, "held": r.held,
             "window_ends": r.window_ends + snap.wall_offset, "batch": r.batch, "batches": r.batches}
+
+
+def _previous(snap: Snapshot) -> dict[str, Any] | None:
+    p = snap.previous
+    if p is None:
+        return None
+    return {"release": p.release, "generation": p.superseded, "template": p.template,
+            "until": p.until + snap.wall_offset}
 
 
 def describe_rollout(r: dict[str, Any], now: float) -> str:
     """Return a rollout under way in one line."""
     checks = ", ".join(r["checks"])
+    if r.get("held"):
+        return (f"rollout: generation {r['generation']} canary held, {r['workers']} of {r['of']} workers beside "
+                f"generation {r['previous']}: {r['held']}; waiting for `upgraderd promote` or `upgraderd rollback`")
     if r["phase"] == "batches":
         return (f"rollout: generation {r['generation']} batch {r.get('batch')} of {r.get('batches')}, "
                 f"{r['workers']} of {r['of']} workers ready; generation {r['previous']} serves the rest "
@@ -146,12 +157,17 @@ def render(data: dict[str, Any], now: float | None = None) -> str:
         live = [w for w in g["workers"] if w["pid"] is not None]
         lines.append(f"generation {g['number']} {g['state']} for {age(now - g['since'])}, "
                      f"age {age(now - g['created_at'])}, {len(live)} worker(s)"
+                     + (f", runs generation {g['runs']}'s release (a rollback)" if g.get("runs") else "")
                      + (f": {g['reason']}" if g["reason"] else ""))
         for w in g["workers"]:
             pid = w["pid"] if w["pid"] is not None else "-"
             lines.append(f"  slot {w['slot']}  pid {pid}  {w['state']}  age {age(now - w['started_at'])}")
     if data.get("rollout"):
         lines.append(describe_rollout(data["rollout"], now))
+    if data.get("previous"):
+        p = data["previous"]
+        lines.append(f"previous release: generation {p['release']}'s template pid {p['template']} kept "
+                     f"{age(p['until'] - now)} more for `upgraderd rollback`")
     lines.append(f"last reload: {describe_reload(data)}")
     r = data["reloads"]
     lines.append(f"reloads: {r['success']} succeeded, {r['failed']} failed, {r['rejected']} rejected")

@@ -1,9 +1,10 @@
 """The giving end of hand-offs: find the takers, offer them connections, say when a give is over.
 
 A draining worker gives to the oldest generation newer than its own that
-still has its channels open: the ACTIVE one. When
-there is none (its slot was retired by TTOU, or the master is stopping) it
-gives to its siblings of the same generation; siblings that are draining
+still has its channels open: the ACTIVE one. When there is none, to the
+newest older one that has (a rolled-back canary gives back to the generation
+it served beside). When there is neither (its slot was retired by TTOU, or
+the master is stopping) it gives to its siblings of the same generation; siblings that are draining
 themselves have closed their channel or refuse. A taker that fails once (it
 refused, fell silent past `timeout`, vanished, or is not who its name says)
 is dropped for the rest of this drain, and the connection is offered to the
@@ -75,13 +76,17 @@ class Giver:
         The oldest newer generation with a trusted taker wins: a generation
         closes its channels when it drains, and ours drains only once its
         successor is ACTIVE, so that is the ACTIVE one, not a STARTING one that
-        may yet fail. Names bound by a stranger (abstract names are free for
+        may yet fail. With no newer one, the newest older one: a canary rolled
+        back (core/rollout.py) gives back to the generation it served beside,
+        which is ACTIVE; older ones that drain have closed their channels. Names bound by a stranger (abstract names are free for
         all) fail the check and are skipped, so they cannot hide the real takers.
         """
         self.close()
         channels = peers.listening_channels(self.master)
         self._targets = []
-        for gen in sorted({c.generation for c in channels if c.generation > self.generation}):
+        newer = sorted({c.generation for c in channels if c.generation > self.generation})
+        older = sorted({c.generation for c in channels if c.generation < self.generation}, reverse=True)
+        for gen in [*newer, *older]:
             self._targets = self._trusted(self._from_own_slot([c for c in channels if c.generation == gen]),
                                           TAKERS)
             if self._targets:

@@ -48,6 +48,7 @@ MAX_PENDING_BYTES = wire.MAX_PENDING_BYTES
 # Payload offered and not committed over all givers at once: two givers at their limit.
 MAX_HELD_BYTES = 2 * MAX_PENDING_BYTES
 OVER_CAPACITY = "over_capacity"
+MAX_GENERATION = 999_999_999  # the largest UPGRADERD_GENERATION (contract/env.py `small_number`)
 
 
 @dataclass
@@ -99,7 +100,9 @@ class Taker:
         gen, slot = identity()
         self.master = os.getppid() if master is None else master
         self.listeners = None if listeners is None else set(listeners)
-        self.trust = trust or (lambda p: peers.trusted(p, self.master, max_generation=gen)
+        # Any generation of our master may give to us: an older one at its drain, a newer one
+        # (a rolled-back canary) giving back to the generation it served beside.
+        self.trust = trust or (lambda p: peers.trusted(p, self.master, max_generation=MAX_GENERATION)
                                or peers.is_master(p, self.master))
         self.name = wire.channel_name(self.master, gen, slot, peers.channel_dir())
         self.max_peers, self.peer_timeout, self.clock = max_peers, peer_timeout, clock
