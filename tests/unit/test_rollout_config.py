@@ -24,19 +24,13 @@ def test_the_design_keys_not_built_yet_are_refused_by_name() -> None:
         "  batches: {size: 1, pause: 5s}\n"
         "  keep_previous: 10m\n"
         "  canary: {workers: \"10%\"}\n"
-        "  checks:\n"
-        "    error_ratio: {max: 0.02}\n"
-        "    latency_p99: {vs_previous: 1.5}\n"
         "  rollback: manual\n") == [
         "r.yaml:5:3: rollout.batches: not supported yet (replacing workers a few at a time); remove the key",
         "r.yaml:6:3: rollout.keep_previous: not supported yet (keeping the previous release's template for an "
         "instant rollback); remove the key",
         "r.yaml:7:21: rollout.canary.workers: a share of new connections ('10%') is not supported yet; give a "
         "number of workers, e.g. 1",
-        "r.yaml:9:5: rollout.checks.error_ratio: not supported yet (the 5xx share of the workers' counters); "
-        "remove the key",
-        "r.yaml:10:5: rollout.checks.latency_p99: not supported yet (the workers' latency quantile); remove the key",
-        "r.yaml:11:13: rollout.rollback: rollback manual is not supported yet (it needs `upgraderd promote` and "
+        "r.yaml:8:13: rollout.rollback: rollback manual is not supported yet (it needs `upgraderd promote` and "
         "`upgraderd rollback`); use auto",
     ]
     assert problems("rollout: {strategy: batches}\n") == [
