@@ -49,6 +49,7 @@ class Outcome:
     verdict_at: float          # monotonic: `upgraderd reload` returned
     tally: Tally
     settled: int               # the generation serving alone at the end
+    log: str = ""              # the master's log
 
     def canary_share(self) -> tuple[int, int]:
         """Return (answers of generation 2, all answers) during the window."""
@@ -58,8 +59,8 @@ class Outcome:
         return [f for f in self.tally.failures if f[0] > self.verdict_at]
 
 
-def run(tmp: Path, v1: dict[str, Any], v2: dict[str, Any], keepalive: int, fresh: int, warm: int = 200,
-        after: int = 200, timeout: float = 120.0) -> Outcome:
+def run(tmp: Path, v1: dict[str, Any], v2: dict[str, Any], keepalive: int, fresh: int, warm: int = 100,
+        after: int = 100, timeout: float = 120.0) -> Outcome:
     """Serve `v1` under load, reload to `v2`, let `after` more answers come; return what happened."""
     with Daemon(tmp, v1).start() as d:
         load = RolloutLoad(v1["listeners"][0]["port"], keepalive, fresh, max_seconds=timeout + 60).start()
@@ -77,7 +78,8 @@ def run(tmp: Path, v1: dict[str, Any], v2: dict[str, Any], keepalive: int, fresh
             wait_until(lambda: load.count() >= base + after, 30, f"{after} answers after the verdict")
         finally:
             tally = load.stop()
-    return Outcome(reload.returncode, out, err, serving_at, verdict_at, tally, settled)
+        log = d.log()
+    return Outcome(reload.returncode, out, err, serving_at, verdict_at, tally, settled, log)
 
 
 def _when_logged(d: Daemon, pattern: str, reload: subprocess.Popen[str]) -> float:
