@@ -195,10 +195,10 @@ def test_an_unchanged_p99_is_promoted_and_logged(rig: TrafficRig, caplog: pytest
            "over 400" in messages(caplog)
 
 
-def test_p99s_under_the_histograms_first_bound_are_not_compared(rig: TrafficRig) -> None:
-    old, new = start(rig, latency_p99={"vs_previous": 1.5})
-    rig.serve(old, 100, buckets=((0.001, 100.0), (INF, 0.0)))
-    rig.serve([new], 100, buckets=((0.0005, 0.0), (0.001, 100.0), (INF, 0.0)))
+def test_p99s_under_the_floor_count_as_the_floor(rig: TrafficRig) -> None:
+    old, new = start(rig, latency_p99={"vs_previous": 1.5, "floor": "5ms"})
+    rig.serve(old, 100, buckets=((0.001, 100.0), (INF, 0.0)))                 # p99 about 1 ms
+    rig.serve([new], 100, buckets=((0.001, 0.0), (0.005, 100.0), (INF, 0.0)))  # about 4.96 ms: under 1.5 x 5 ms
     rig.step(at=T0 + 12)
     assert rig.master.stats.rollouts["rolled_back"] == 0 and len(rig.procs.pids(2)) == 4
 

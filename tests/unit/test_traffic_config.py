@@ -26,7 +26,7 @@ def problems(workers: str, checks: str, extra: str = "") -> list[str]:
 def test_defaults_and_a_usr2_hand_over() -> None:
     cfg = parse("{app: http, count: 4}", "    error_ratio: {max: 0.02, vs_previous: 2}\n    latency_p99: {}\n")
     assert cfg.rollout.checks.error_ratio == ErrorRatioSpec(max=0.02, vs_previous=2.0, min_requests=100)
-    assert cfg.rollout.checks.latency_p99 == LatencySpec(vs_previous=1.5, min_requests=100)
+    assert cfg.rollout.checks.latency_p99 == LatencySpec(vs_previous=1.5, min_requests=100, floor=0.01)
     assert config_from_dict(config_to_dict(cfg)) == cfg
     assert parse('{app: "asgi:tests.fixtures.asgi_routes:app", count: 2}', "    error_ratio: {}\n").rollout.checks.error_ratio == \
         ErrorRatioSpec(max=1.0, vs_previous=None, min_requests=100)

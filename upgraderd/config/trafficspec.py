@@ -2,7 +2,7 @@
 
     checks:
       error_ratio: {max: 0.02, vs_previous: 2.0, min_requests: 100}
-      latency_p99: {vs_previous: 1.5, min_requests: 100}
+      latency_p99: {vs_previous: 1.5, min_requests: 100, floor: 10ms}
 
 Both judge the new generation by the request counts its workers write into
 their metric files (`upgraderd_http_requests_total` and
@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from upgraderd.config.validators import Invalid, integer, opt, _show
+from upgraderd.config.validators import Invalid, duration, integer, opt, _show
 
 
 def share(v: Any) -> float:
@@ -78,3 +78,5 @@ class LatencySpec:
                              "generation's over the same time (judged at the window's end).")
     min_requests: int = opt(100, integer(1, 10_000_000), "Judge only when both generations answered this "
                             "many requests in the window.")
+    floor: float = opt(0.01, duration, "A p99 below this counts as this: on a busy host, being scheduled "
+                       "late alone costs a few ms, which would make a fast release's p99 look many times worse.")
