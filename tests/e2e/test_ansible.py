@@ -2,10 +2,14 @@
 
 Each host is an inventory host with a local connection and its own port,
 config, pidfile and app root; the masters run here as subprocesses (the role's
-service management is off: `upgraderd_service: none`). A good release must roll
+service management is off: `upgraderd_service: none`). Every host reloads
+through a canary (1 of 2 workers, a 2 s window). A good release must roll
 everywhere with 0 failed requests; a release whose workers die at start-up must
 stop at the first host, which keeps its old generation, and leave the later
-hosts untouched, with the play exiting non-zero and saying why.
+hosts untouched, with the play exiting non-zero and saying why. A release whose
+canary fails on the second host only (it crashes there, 1 s after it serves)
+must be promoted on the first, rolled back on the second (`upgraderd reload`
+exits 1 naming the crashes check), and never reach the third.
 """
 
 from __future__ import annotations
@@ -33,7 +37,15 @@ HOSTS = ("h1", "h2", "h3")
 
 GOOD_APP = """\
 # release {rid}: the built-in HTTP app stands in for the application's code
-import runpy
+import os, runpy, signal, threading
+if os.environ.get("FAULTY_RELEASE") == "{rid}":
+    # This release fails on a host that says so (think of a host-local dependency it breaks):
+    # its workers drain what they accepted 1 s after start-up and exit 1.
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    try:
+        runpy.run_module("upgraderd.apps.http", run_name="__main__", alter_sys=True)
+    finally:
+        os._exit(1)
 runpy.run_module("upgraderd.apps.http", run_name="__main__", alter_sys=True)
 """
 BAD_APP = """\
@@ -66,8 +78,9 @@ def inventory(tmp: Path) -> dict[str, Any]:
             "upgraderd_config": {
                 "listeners": [{"name": "web", "host": "127.0.0.1", "port": port}],
                 "workers": {"count": 2, "command": [sys.executable, str(work / "app" / "current" / "app.py")],
-                            "env": {"RELEASE": "{{ release_id }}"}},
+                            "env": {"RELEASE": "{{ release_id }}", "FAULTY_RELEASE": "r4" if h == "h2" else ""}},
                 "ready": {"timeout": "10s"}, "drain": {"timeout": "10s"},
+                "rollout": {"strategy": "canary", "canary": {"workers": 1, "window": "2s"}},
                 "metrics": {"listen": metrics}, "pidfile": str(work / "upgraderd.pid"),
             },
         }
@@ -88,6 +101,7 @@ def current(tmp: Path, host: str) -> str:
     return os.readlink(tmp / "hosts" / host / "app" / "current")
 
 
+@pytest.mark.timeout(600)   # three plays of ansible-playbook over three hosts
 @pytest.mark.skipif(PLAYBOOK is None, reason="ansible-core is not installed (pip install -e '.[test]')")
 def test_a_good_release_rolls_everywhere_and_a_bad_one_stops_at_its_host(tmp_path: Path) -> None:
     inv = inventory(tmp_path)
@@ -106,7 +120,7 @@ def test_a_good_release_rolls_everywhere_and_a_bad_one_stops_at_its_host(tmp_pat
     try:
         for h, d in daemons.items():
             d.start()
-            loads[h] = Load("127.0.0.1", inv["upgraderd"]["hosts"][h]["port"], threads=1, max_seconds=240).start("http")
+            loads[h] = Load("127.0.0.1", inv["upgraderd"]["hosts"][h]["port"], threads=1, max_seconds=570).start("http")
         assert all(load.wait_for_ok(30) for load in loads.values())
 
         t0 = time.monotonic()
@@ -142,6 +156,27 @@ def test_a_good_release_rolls_everywhere_and_a_bad_one_stops_at_its_host(tmp_pat
             mark = load.mark()
             assert load.wait_for_ok(load.result.ok + 20)
             assert all(b.startswith("generation=2 ") for b in load.answers_since(mark))
+
+        # r4 fails on h2 only, in its canary's window: promoted on h1, rolled back on h2, h3 never touched.
+        t0 = time.monotonic()
+        canary = play(tmp_path, "release.yml", release_id="r4", release_src=str(make_release(src, "r4", True)))
+        took_canary = time.monotonic() - t0
+        assert canary.returncode != 0
+        assert "h1: release r4 serving as generation 4" in canary.stdout, canary.stdout
+        assert "release r4 failed on h2" in canary.stdout, canary.stdout
+        assert "check crashes failed: 1 worker exit(s) of generation 3" in canary.stdout, canary.stdout
+        assert "h2 keeps serving generation 2" in canary.stdout
+        print(next(line for line in canary.stdout.splitlines() if "release r4 failed on h2" in line))
+        assert daemons["h1"].settled() == 4 and current(tmp_path, "h1").endswith("/releases/r4")
+        d2 = daemons["h2"]
+        d2.wait_log(r"rollout: generation 3 rolled back after [0-9.]+s: check crashes failed")
+        assert d2.settled() == 2
+        assert current(tmp_path, "h2").endswith("/releases/r2")
+        assert "RELEASE: r2" in (tmp_path / "hosts" / "h2" / "upgraderd.yaml").read_text()
+        assert "generation 3" not in daemons["h3"].log()
+        assert current(tmp_path, "h3").endswith("/releases/r2")
+        assert not (tmp_path / "hosts" / "h3" / "app" / "releases" / "r4").exists()
+        assert "RELEASE: r2" in (tmp_path / "hosts" / "h3" / "upgraderd.yaml").read_text()
     finally:
         results = {h: load.stop() for h, load in loads.items()}
         for d in daemons.values():
@@ -150,7 +185,7 @@ def test_a_good_release_rolls_everywhere_and_a_bad_one_stops_at_its_host(tmp_pat
         assert result.failures == {}, (h, result.failures, result.examples)
         assert result.ok > 0
     print(f"\nansible: good release over 3 hosts {took_good:.1f}s, bad release stopped at h1 after "
-          f"{took_bad:.1f}s; requests per host {({h: r.ok for h, r in results.items()})}, 0 failed")
+          f"{took_bad:.1f}s, a canary failing on h2 stopped there after {took_canary:.1f}s; requests per host {({h: r.ok for h, r in results.items()})}, 0 failed")
 
 
 @pytest.mark.skipif(PLAYBOOK is None, reason="ansible-core is not installed (pip install -e '.[test]')")

@@ -89,7 +89,8 @@ def test_a_crash_in_the_window_rolls_back_and_names_the_check(rig: Rig, caplog: 
     assert rig.procs.kills_of(rig.procs.pids(1)) == []
     assert m.stats.reloads == {"success": 0, "failed": 1, "rejected": 0}
     assert m.stats.rollouts == {"promoted": 0, "rolled_back": 1}
-    assert m.stats.rollout_check_failures == {"crashes": 1, "http": 0, "command": 0, "ready": 0}
+    assert m.stats.rollout_check_failures == {"crashes": 1, "http": 0, "command": 0, "error_ratio": 0, "latency_p99": 0,
+                                             "ready": 0}
     assert m.stats.last_reload_error == ("generation 2 rolled back: check crashes failed: 1 worker exit(s) of "
                                          f"generation 2 (allowed: 0); last: slot 0 pid {pid} exit code 3")
     rig.step(at=T0 + 30)
@@ -290,7 +291,8 @@ def test_rollback_aborts_the_window(rig: Rig) -> None:
     assert m.generations[1].state is G.DRAINING and m.active is m.generations[0]
     assert rig.procs.kills_of(rig.procs.pids(1)) == []
     assert m.stats.rollouts == {"promoted": 0, "rolled_back": 1}
-    assert m.stats.rollout_check_failures == {"crashes": 0, "http": 0, "command": 0, "ready": 0}
+    assert m.stats.rollout_check_failures == {"crashes": 0, "http": 0, "command": 0, "error_ratio": 0,
+                                              "latency_p99": 0, "ready": 0}
     assert m.stats.last_reload_error == "generation 2 rolled back: aborted by `upgraderd rollback`"
 
 

@@ -21,15 +21,9 @@ def test_the_design_keys_not_built_yet_are_refused_by_name() -> None:
     assert problems(
         "rollout:\n"
         "  strategy: canary\n"
-        "  canary: {workers: \"10%\"}\n"
-        "  checks:\n"
-        "    error_ratio: {max: 0.02}\n"
-        "    latency_p99: {vs_previous: 1.5}\n") == [
+        "  canary: {workers: \"10%\"}\n") == [
         "r.yaml:5:21: rollout.canary.workers: a share of new connections ('10%') is not supported yet; give a "
         "number of workers, e.g. 1",
-        "r.yaml:7:5: rollout.checks.error_ratio: not supported yet (the 5xx share of the workers' counters); "
-        "remove the key",
-        "r.yaml:8:5: rollout.checks.latency_p99: not supported yet (the workers' latency quantile); remove the key",
     ]
     assert problems("rollout: {strategy: blue-green}\n") == [
         "r.yaml:3:21: rollout.strategy: 'blue-green' is not allowed; allowed: all-at-once, canary, batches"]

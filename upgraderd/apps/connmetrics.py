@@ -49,7 +49,7 @@ import os
 import sys
 import threading
 
-from upgraderd.apps import logline, metricfile
+from upgraderd.apps import httpcounts, logline, metricfile
 from upgraderd.contract import metricformat as layout
 from upgraderd.contract.env import METRICS_DIR
 from upgraderd.worker.taker import MAX_HELD_BYTES
@@ -202,6 +202,7 @@ class ConnectionMetrics:
         self._failures.clear()
         for (name, socket_id), total in self._drops.items():
             sink.drops_seen(name, socket_id, total)
+        httpcounts.flush_thread(self.is_draining)   # the http app's, this thread's: same tick
 
 
 _SINKS: dict[tuple[int, tuple[str, ...]], _Sink | None] = {}   # by (pid, listeners): a fork reports apart
@@ -291,7 +292,7 @@ class _Sink:
                                                     ACTIVE[1]) for state in ("active", "draining")}
                        for name in listeners}
         self.failure_keys = {reason: _counter(FAILURES, reason=reason) for reason in HANDOFF_FAILURES}
-        self.lock = threading.Lock()
+        self.lock = metricfile.WRITE_LOCK   # the request counts write the counter file too
         with self.lock:
             # Create every series at 0 so that rate() and increase() see its start.
             for name in listeners:

@@ -1,7 +1,10 @@
 """The built-in HTTP/1.1 worker: a small responder for health checks and load tests.
 
 Every request gets `200 OK` with a short text body naming the generation,
-slot and pid that answered (so a test can tell generations apart). Keep-alive
+slot and pid that answered (so a test can tell generations apart). Answers
+are counted as the asgi: server counts them (`upgraderd_http_requests_total`
+and the duration histogram, apps/httpcounts.py), from the read that completed
+the request's head to the answer made. Keep-alive
 is honoured. With `drain.handoff: auto`, a draining worker hands each
 keep-alive connection to the new generation between two requests. Without
 it (or if no worker takes it), the next response carries `Connection: close`
@@ -12,8 +15,9 @@ is about to reuse a connection is never cut off mid-request.
 from __future__ import annotations
 
 import os
+import time
 
-from upgraderd.apps import run
+from upgraderd.apps import httpcounts, run
 from upgraderd.contract import env
 
 MAX_HEAD = 64 * 1024
@@ -30,20 +34,25 @@ class Http:
         gen = os.environ.get(env.GENERATION, "0")
         slot = os.environ.get(env.SLOT, "0")
         self.body = f"generation={gen} slot={slot} pid={os.getpid()}\n".encode()
+        self.counts = httpcounts.for_thread(listener)
 
     def received(self, data: bytes) -> bytes:
         """Answer every complete request in the buffer."""
         self.buf += data
         out = bytearray()
+        began = time.perf_counter()
         while not self.close:
             end = self.buf.find(b"\r\n\r\n")
             if end < 0:
                 if len(self.buf) > MAX_HEAD:
                     out += self._response(b"431 Request Header Fields Too Large", b"", False, close=True)
+                    self.counts.request(self.listener, 431, time.perf_counter() - began)
                 break
             head = bytes(self.buf[:end]).decode("latin-1")
             del self.buf[:end + 4]
-            out += self._answer(head)
+            answer = self._answer(head)
+            self.counts.request(self.listener, int(answer[9:12]), time.perf_counter() - began)
+            out += answer
         return bytes(out)
 
     def _answer(self, head: str) -> bytes:

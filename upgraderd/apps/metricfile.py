@@ -25,17 +25,22 @@ Invariants:
 - One `MetricFile` per path and process (`shared`), holding every series'
   value: two writers of one series in a process add up instead of
   overwriting each other. A forked child opens its own.
-- Not thread-safe: the caller holds a lock.
+- Not thread-safe: the caller holds `WRITE_LOCK`, one per process, which
+  every writer of these files in the process shares (the connection counts
+  and the request counts write the same counter file, from each thread of a
+  `threads: N` worker).
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import threading
 
 from upgraderd.contract import metricformat as layout
 
 HEADER = layout.HEADER_SIZE
+WRITE_LOCK = threading.Lock()
 _VALUE = layout.VALUE
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import yaml
 
-from upgraderd.config import placeholders
+from upgraderd.config import placeholders, trafficspec
 from upgraderd.config.appspec import BUILTIN_APPS, app_module, module_problem
 from upgraderd.config.validators import _show, parse_url, worker_ids
 from upgraderd.contract.env import addr_env_name
@@ -235,6 +235,10 @@ def check_rollout(loader: Reporter, root: yaml.Node, cfg: Config) -> None:
                 found = [str(e)]
         for problem in found:
             loader.fail(unode, "rollout.checks.http.url", problem)
+    for key in ("error_ratio", "latency_p99"):
+        why = trafficspec.unmet(cfg.workers.app, cfg.metrics.listen) if getattr(r.checks, key) else None
+        if why:
+            loader.fail(node_at(rnode, "checks", key) or rnode, f"rollout.checks.{key}", why)
     for i, arg in enumerate(r.checks.command or ()):
         cnode = node_at(rnode, "checks", "command", i) or node_at(rnode, "checks", "command") or rnode
         try:

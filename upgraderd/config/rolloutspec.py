@@ -8,16 +8,18 @@
         crashes: 0              # worker exits of the new generation tolerated
         http: {url: "http://127.0.0.1:{probe_port}/healthz", every: 1s, timeout: 500ms}
         command: ["/usr/local/bin/smoke-test", "{generation}"]
+        error_ratio: {max: 0.02, vs_previous: 2.0}   # config/trafficspec.py
+        latency_p99: {vs_previous: 1.5}
       rollback: auto            # or manual: a failing check holds the rollout for the operator
       keep_previous: 10m        # keep the previous release's template for `upgraderd rollback`
 
 The decisions live in upgraderd/core/rollout.py and the checks in
 upgraderd/core/rolloutchecks.py; this module only declares and validates the keys.
 
-Invariant: a key of the design that is not built yet (`error_ratio`,
-`latency_p99`, a "10%" share) is refused with an error that names it and
-says "not supported yet"; it is never accepted and silently ignored,
-because an operator who writes `error_ratio` believes the release is judged by it.
+Invariant: a key of the design that is not built yet (a "10%" share) is
+refused with an error that names it and says "not supported yet"; it is
+never accepted and silently ignored, because an operator who writes it
+believes the release is judged by it.
 
 Nested sections are fields declared with `section()`: the loader
 (schema.py) recurses into them with the same located errors, docgen.py
@@ -31,10 +33,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
+from upgraderd.config.trafficspec import ErrorRatioSpec, LatencySpec
 from upgraderd.config.validators import REQUIRED, Invalid, argv, duration, integer, opt, string, _show
 
 STRATEGIES = ("all-at-once", "canary", "batches")
-CHECK_NAMES = ("crashes", "http", "command")   # the metric's label values, in order
+CHECK_NAMES = ("crashes", "http", "command", "error_ratio", "latency_p99")   # the metric's label values, in order
 
 
 def section(cls: type, doc: str) -> Any:
@@ -107,15 +110,16 @@ class HttpCheckSpec:
 class ChecksSpec:
     """What fails a rollout while the canary is watched (any one failing check does)."""
 
-    NOT_YET: ClassVar[dict[str, str]] = {
-        "error_ratio": "the 5xx share of the workers' counters",
-        "latency_p99": "the workers' latency quantile",
-    }
+    NOT_YET: ClassVar[dict[str, str]] = {}
     crashes: int = opt(0, integer(0, 1000), "Worker exits of the new generation tolerated "
                        "during the rollout; one more fails it.")
     http: HttpCheckSpec | None = optional_section(HttpCheckSpec, "Probe each canary worker over HTTP.")
     command: tuple[str, ...] | None = opt(None, argv, "Run this once the canary serves; it must exit 0 "
                                           "within the window ({generation} is the new generation).")
+    error_ratio: ErrorRatioSpec | None = optional_section(ErrorRatioSpec, "The new generation's 5xx share, "
+                                                          "from its workers' request counts.")
+    latency_p99: LatencySpec | None = optional_section(LatencySpec, "The new generation's p99 request "
+                                                       "duration against the serving generation's.")
 
 
 @dataclass(frozen=True, kw_only=True)

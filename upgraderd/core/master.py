@@ -87,7 +87,7 @@ def assemble(config_path: str, system: System, *, bus: ev.Bus | None = None,
     slots = Slots(fleet, system.listeners, system.kernel, system.rescue, bus, system.strangers)
     reloads = Reloads(ReloadSeams(config_path, system.load_config, system.listeners.ensure, system.tell_systemd,
                                   wall, system.watcher, system.procs, system.check_probes, system.environ,
-                                  system.rollout_requests),
+                                  system.rollout_requests, publisher.read_requests),
                       fleet, bus, slots.check_kernel, (slots.warn_growth, publisher.check_reload))
     argv = argv if argv is not None else ["run", "-c", config_path]
     selfexec = SelfExec(SelfExecSeams(config_path, system.load_config, system.procs, system.self_command,

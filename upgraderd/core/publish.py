@@ -13,10 +13,11 @@ published snapshot, a private copy, never the owners' live state.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 from upgraderd.config.schema import Config, MetricsSpec
 from upgraderd.core import events as ev
+from upgraderd.core.requestcounts import RequestCounts
 from upgraderd.core.seams import MetricsAPI
 from upgraderd.core.snapshot import Snapshot
 
@@ -47,6 +48,10 @@ class Publisher:
     def worker_env(self, cfg: Config) -> Mapping[str, str]:
         """Return the environment a worker of `cfg` needs to report its metrics."""
         return self.metrics.worker_env(cfg) if self.metrics is not None else {}
+
+    def read_requests(self, pids: Sequence[int]) -> Mapping[int, RequestCounts]:
+        """Return the request counts of worker `pids` ({} without an endpoint: no files are read)."""
+        return self.metrics.read_requests(pids) if self.metrics is not None else {}
 
     def check_reload(self, cfg: Config) -> None:
         """Warn about metrics settings only a restart applies."""

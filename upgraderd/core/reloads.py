@@ -32,6 +32,7 @@ from upgraderd.config.schema import Config
 from upgraderd.core import events as ev
 from upgraderd.core.fleet import Fleet
 from upgraderd.core.generation import Generation, GenerationState
+from upgraderd.core.requestcounts import RequestReader
 from upgraderd.core.rollout import Progress, Rollouts, RolloutSeams
 from upgraderd.core.seams import Exit, ProbeAPI, ProcessAPI, WatcherAPI
 from upgraderd.core.watching import FileWatch
@@ -58,6 +59,8 @@ class ReloadSeams:
     environ: Mapping[str, str] = field(default_factory=dict)
     # Read and remove the operator's rollout request (`upgraderd promote|rollback`); "" if none.
     requests: Callable[[], str] = lambda: ""
+    # The workers' request counts, for the rollouts' traffic checks (None: not available).
+    read_requests: RequestReader | None = None
 
 
 class Reloads:
@@ -69,7 +72,7 @@ class Reloads:
         self.seams, self.fleet, self.bus = seams, fleet, bus
         self.rollouts = None if seams.procs is None else Rollouts(   # None: every reload is all-at-once
             RolloutSeams(seams.procs, seams.check_probes, seams.environ, seams.ensure_listeners,
-                         seams.tell_systemd), fleet, bus)
+                         seams.tell_systemd, seams.read_requests), fleet, bus)
         self.kernel_check = kernel_check       # at start and at every reload
         self.reload_checks = reload_checks     # at every reload, before the kernel check
         self.config: Config | None = None      # the config of the serving generation

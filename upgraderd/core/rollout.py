@@ -59,6 +59,7 @@ from upgraderd.core import rollouthold as hold
 from upgraderd.core import events as ev
 from upgraderd.core.fleet import Fleet
 from upgraderd.core.generation import Generation, WorkerState
+from upgraderd.core.requestcounts import RequestReader
 from upgraderd.core.seams import Exit, ProbeAPI, ProcessAPI
 
 log = logging.getLogger("upgraderd")
@@ -98,6 +99,8 @@ class RolloutSeams:
     # Bind the sockets of a config's slots (a promotion's new slots may need theirs).
     ensure_listeners: Callable[[Config], object]
     tell_systemd: Callable[[str], None]
+    # The workers' request counts, for the traffic checks (None: no metrics, they cannot run).
+    read_requests: RequestReader | None = None
 
 
 @dataclass(frozen=True)
@@ -217,7 +220,8 @@ class Rollouts:
         spec = gen.config.rollout
         previous = self.fleet.active
         window = spec.batches.pause if spec.strategy == "batches" else spec.canary.window
-        checks = checksmod.for_spec(spec.checks, window, self.seams.probes, self.seams.procs, self.seams.environ)
+        checks = checksmod.for_spec(spec.checks, window, self.seams.probes, self.seams.procs, self.seams.environ,
+                                    self.seams.read_requests, previous)
         r = Rollout(gen, previous.number if previous else 0, checks, now, now + window)
         self.current = r
         for check in checks:

@@ -12,6 +12,8 @@ with code 1"), which reaches the log, the status file and `upgraderd reload`.
   at its launch, `Generation.check_urls`) must answer 2xx within `timeout`;
   the probes are the non-blocking ones of readiness (system/probe.py, through
   the `ProbeAPI` seam), a separate instance keyed by worker pid.
+- `error_ratio`, `latency_p99`: the new generation's answers against the
+  serving generation's, from the workers' request counts (core/trafficchecks.py).
 - `command`: started once through the `ProcessAPI` seam when the canary
   serves, it must exit 0 before the window ends. Its exit is claimed from the
   reaped children before the fleet sees them (`claim`), because the master
@@ -32,7 +34,9 @@ from typing import Iterable, Mapping, Protocol
 from upgraderd.config import placeholders
 from upgraderd.config.rolloutspec import ChecksSpec
 from upgraderd.contract import env as contract
+from upgraderd.core import trafficchecks as traffic
 from upgraderd.core.generation import Generation, WorkerState
+from upgraderd.core.requestcounts import RequestReader
 from upgraderd.core.seams import Exit, ProbeAPI, ProcessAPI
 from upgraderd.errors import SpawnError
 
@@ -200,9 +204,18 @@ class Command:
 
 
 def for_spec(spec: ChecksSpec, window: float, probes: ProbeAPI | None, procs: ProcessAPI,
-             environ: Mapping[str, str]) -> list[Check]:
-    """Return the checks `spec` (the `rollout.checks` section) selects."""
+             environ: Mapping[str, str], read: RequestReader | None = None,
+             previous: Generation | None = None) -> list[Check]:
+    """Return the checks `spec` (the `rollout.checks` section) selects; `read` and `previous` (the
+    serving generation) are what the traffic checks compare."""
     out: list[Check] = [Crashes(spec.crashes)]
+    no_counts = "this master reads no worker request counts (metrics.listen is null)"
+    if spec.error_ratio is not None:
+        out.append(traffic.ErrorRatio(spec.error_ratio, read, previous, window) if read is not None
+                   else Unavailable("error_ratio", no_counts))
+    if spec.latency_p99 is not None:
+        out.append(traffic.LatencyP99(spec.latency_p99, read, previous, window) if read is not None
+                   else Unavailable("latency_p99", no_counts))
     if spec.http is not None:
         out.append(Http(probes, spec.http.every, spec.http.timeout) if probes is not None
                    else Unavailable("http", "this master has no probes for http checks"))

@@ -18,6 +18,7 @@ from typing import Callable, Iterable, Mapping, Protocol, Sequence
 
 from upgraderd.config.schema import Config, ListenerSpec
 from upgraderd.core.handover import Handover
+from upgraderd.core.requestcounts import RequestCounts
 
 # (host, port, mode, slot): a socket's identity, whatever listener name it has.
 # A Unix socket's is (path, 0, "shared", 0): a host never starts with "/".
@@ -269,6 +270,9 @@ class MetricsAPI(Protocol):
 
     def worker_env(self, cfg: Config) -> dict[str, str]:
         """Return the environment a worker of `cfg` needs to report its metrics."""
+
+    def read_requests(self, pids: Sequence[int]) -> Mapping[int, RequestCounts]:
+        """Return the request counts of worker `pids` from their metric files (those readable)."""
 
     def on_reaped(self, pid: int) -> None:
         """Fold the files of a reaped worker."""

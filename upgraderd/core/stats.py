@@ -92,7 +92,8 @@ class Stats:
         "(each also counts as a reload, success or failed).", "result", ("promoted", "rolled_back"))
     rollout_check_failures: dict[str, int] = labelled(
         "upgraderd_rollout_check_failures", "Rollouts rolled back, by the check that failed: crashes, http, "
-        "command, or ready (a promoted worker not ready in time).", "check", ("crashes", "http", "command", "ready"))
+        "command, error_ratio, latency_p99, or ready (a promoted worker not ready in time).", "check",
+        ("crashes", "http", "command", "error_ratio", "latency_p99", "ready"))
     internal_errors: int = counter(
         "upgraderd_internal_errors", "Exceptions inside one pass of the master's loop that the master "
         "logged and survived (a bug: please report it with the log line).")

@@ -109,6 +109,11 @@ class WorkerFiles:
             tmpdirs.probe_writable(path)
         return path
 
+    @property
+    def cache(self) -> dict[bytes, Key]:
+        """Return the parsed keys shared by every reader of this directory's files."""
+        return self._cache
+
     def export(self) -> dict[str, object]:
         """Return what a re-exec'd master needs to adopt this directory and archive."""
         with self._lock:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import platform
 import signal
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.metrics_core import (
@@ -28,7 +28,9 @@ from prometheus_client.metrics_core import (
 from upgraderd import __version__
 from upgraderd.config.schema import Config, MetricsSpec
 from upgraderd.core.durations import HistogramData
+from upgraderd.core.requestcounts import RequestCounts
 from upgraderd.core.stats import counters
+from upgraderd.metrics import requestfiles
 from upgraderd.metrics.endpoint import MetricsServer
 from upgraderd.errors import FatalError
 from upgraderd.metrics.multiproc import ENV, WorkerFiles
@@ -246,6 +248,10 @@ class Telemetry:
         """Return the environment a worker of `cfg` needs to report its metrics."""
         # Only the built-in apps: a user's command keeps its own metrics setup.
         return {ENV: self.files.path} if cfg.workers.app is not None and self.files.enabled else {}
+
+    def read_requests(self, pids: Sequence[int]) -> Mapping[int, RequestCounts]:
+        """Return the request counts of worker `pids` (metrics/requestfiles.py)."""
+        return requestfiles.read(self.files, pids)
 
     def on_reaped(self, pid: int) -> None:
         """Fold the files of a reaped worker into the archive."""

@@ -13,13 +13,17 @@ Labels are bounded (the listeners of the config, five classes, two states):
 no pid, no generation number (it grows without end; the state says whether a
 WebSocket is held by a draining generation), no path.
 
+The built-in `http` app counts the same two series through this class
+(apps/httpcounts.py), so the rollouts' traffic checks read every HTTP worker
+alike; it has no WebSockets and passes `websockets=None` to `flush`.
+
 Design note: a request costs a `bisect` and three list increments in the
 event loop; `flush()` writes what changed at the server's tick (every 0.5 s,
 every 50 ms while draining) and at exit, so a worker killed with SIGKILL loses
 at most its last tick of counts. Only the event loop's thread writes here
-(the WSGI pool threads never do), and connmetrics writes the same files from
-that thread too, so no lock is needed; `metricfile.shared` gives both one
-`MetricFile` per path.
+(the WSGI pool threads never do); the file writes hold `metricfile.WRITE_LOCK`,
+as connmetrics' do, since `metricfile.shared` gives both one `MetricFile` per
+path and a built-in worker with `threads: N` writes from N threads.
 
 A worker that cannot create the histogram file reports without it (and says
 so once); without `UPGRADERD_METRICS_DIR` nothing is recorded.
@@ -54,22 +58,31 @@ class RequestMetrics:
     def __init__(self, listeners: list[str], enabled: bool) -> None:
         self.enabled = enabled
         # Per listener one list: counts by status // 100 at 1..5, the buckets from BUCKET (+Inf last), the sum.
-        self.slots: dict[str, list[float]] = {name: [0.0] * SIZE for name in listeners}
-        self._flushed = {name: [0.0] * SIZE for name in listeners}
+        self.slots: dict[str, list[float]] = {}
+        self._flushed: dict[str, list[float]] = {}
         self._ws_reported: dict[tuple[str, str], int] = {}
         self._files: tuple[metricfile.MetricFile, metricfile.MetricFile | None, metricfile.MetricFile] | None = None
         if enabled:
             self._files = _open_files()
             self.enabled = self._files is not None
-        if self._files is not None:
-            for name in listeners:   # every series from 0, so that rate() and increase() see its start
-                for status_class in CLASSES[1:]:
-                    self._files[0].add(_requests(name, status_class), 0)
-                histograms = self._files[1]
-                if histograms is not None:   # every bucket, so that each bound shows (cumulative) from the start
-                    for i in range(len(BOUNDS) + 1):
-                        histograms.add(_bucket(name, i), 0)
-                    histograms.add(_sum(name), 0)
+        for name in listeners:
+            self.add_listener(name)
+
+    def add_listener(self, name: str) -> None:
+        """Count the requests of listener `name` too, each series from 0 (rate() and increase() see its start)."""
+        if name in self.slots:
+            return
+        self.slots[name], self._flushed[name] = [0.0] * SIZE, [0.0] * SIZE
+        if self._files is None:
+            return
+        with metricfile.WRITE_LOCK:
+            for status_class in CLASSES[1:]:
+                self._files[0].add(_requests(name, status_class), 0)
+            histograms = self._files[1]
+            if histograms is not None:   # every bucket, so that each bound shows (cumulative) from the start
+                for i in range(len(BOUNDS) + 1):
+                    histograms.add(_bucket(name, i), 0)
+                histograms.add(_sum(name), 0)
 
     def request(self, listener: str, status: int, seconds: float) -> None:
         """Count one answered request."""
@@ -80,11 +93,17 @@ class RequestMetrics:
             slot[BUCKET + bisect_left(BOUNDS, seconds)] += 1
             slot[SUM] += seconds
 
-    def flush(self, websockets: dict[str, int], draining: bool) -> None:
-        """Write what changed since the last flush; `websockets` is the open ones per listener now."""
+    def flush(self, websockets: dict[str, int] | None, draining: bool) -> None:
+        """Write what changed since the last flush; `websockets` is the open ones per listener now
+        (None: this worker has none, and no gauge)."""
         if self._files is None:
             return
-        counters, histograms, gauges = self._files
+        with metricfile.WRITE_LOCK:
+            self._write(self._files, websockets, draining)
+
+    def _write(self, files: tuple[metricfile.MetricFile, metricfile.MetricFile | None, metricfile.MetricFile],
+               websockets: dict[str, int] | None, draining: bool) -> None:
+        counters, histograms, gauges = files
         for name, slot in self.slots.items():
             before = self._flushed[name]
             if slot == before:
@@ -98,6 +117,8 @@ class RequestMetrics:
                         histograms.add(_bucket(name, i - BUCKET), slot[i] - before[i])
                 histograms.add(_sum(name), slot[SUM] - before[SUM])
             self._flushed[name] = list(slot)
+        if websockets is None:
+            return
         for name in self.slots:
             open_now = websockets.get(name, 0)
             for state, want in (("active", 0 if draining else open_now), ("draining", open_now if draining else 0)):
