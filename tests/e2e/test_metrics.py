@@ -77,10 +77,12 @@ def test_scrape_tracks_reloads_and_connections(tmp_path):
         # Six workers came and went; their counts live on in the archive.
         assert value(s, "upgraderd_connections_accepted_total", listener="web") == ok
         assert value(s, "upgraderd_bytes_received_total", listener="web") == ok * len(HTTP_REQUEST)
-        files = sorted(p.name for p in mp.iterdir())
+        # The archive is in the master's memory; each live worker makes its two files at its first
+        # flush, within 0.5 s of READY=1 (apps/connmetrics.py: not on the path to READY).
         live = sorted(d.workers())
-        assert files == sorted([*(f"counter_{p}.db" for p in live),  # the archive is in the master's memory
-                                *(f"gauge_livesum_{p}.db" for p in live)]), (files, live)
+        want = sorted([*(f"counter_{p}.db" for p in live), *(f"gauge_livesum_{p}.db" for p in live)])
+        wait_until(lambda: sorted(p.name for p in mp.iterdir()) == want, 5,
+                   f"the metric files of exactly the live workers {live}")
 
 
 def test_draining_connections_are_labelled_draining(tmp_path):

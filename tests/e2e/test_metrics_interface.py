@@ -40,6 +40,10 @@ def exposition(tmp_path_factory):
         d.wait_log(r"reload done: generation 2 ACTIVE")
         wait_until(lambda: value(parse(fetch(metrics_url(cfg))[1]), "upgraderd_drain_duration_seconds_count") == 1,
                    15, "generation 1 to drain")
+        # Generation 2's workers make their metric files at their first flush, within 0.5 s of READY=1.
+        wait_until(lambda: all(f"\n{name}{{" in fetch(metrics_url(cfg))[1]
+                               for name in ("upgraderd_connections_active", "upgraderd_udp_receive_drops")),
+                   5, "generation 2's workers' series")
         text = fetch(metrics_url(cfg))[1]
         om = fetch(metrics_url(cfg), OPENMETRICS)[1]
     return text, om
