@@ -47,6 +47,7 @@ import sysconfig
 import time
 import traceback
 
+from upgraderd.apps import logline
 from upgraderd.contract import env as contract
 from upgraderd.contract.standby import ASGI, RECORDED
 
@@ -90,14 +91,13 @@ class Snapshot:
                 importlib.import_module(name)
             except ImportError as e:
                 if name not in STACK or name.startswith("upgraderd"):
-                    print(f"upgraderd template {os.getpid()}: cannot preload {name}: {e}", file=sys.stderr, flush=True)
+                    logline.log(f"upgraderd template {os.getpid()}: cannot preload {name}: {e}", "WARNING")
             except Exception:
                 print(f"upgraderd template {os.getpid()}: cannot preload {name}:", file=sys.stderr, flush=True)
                 traceback.print_exc()
         self._stamp(before)
-        print(f"upgraderd template {os.getpid()}: standby preloaded {', '.join(modules)} "
-              f"({len(set(sys.modules) - before)} modules) in {(time.monotonic() - started) * 1000:.0f} ms",
-              file=sys.stderr, flush=True)
+        logline.log(f"upgraderd template {os.getpid()}: standby preloaded {', '.join(modules)} "
+                    f"({len(set(sys.modules) - before)} modules) in {(time.monotonic() - started) * 1000:.0f} ms")
 
     def load_recorded(self) -> None:
         """Import what the previous template imported from the shared directories (`record`), quietly."""
@@ -113,9 +113,9 @@ class Snapshot:
             except (Exception, SystemExit):   # noqa: B036  (a hint: the app's own import decides)
                 continue
         self._stamp(before)
-        print(f"upgraderd template {os.getpid()}: standby imported {len(set(sys.modules) - before)} modules "
-              f"the previous template had from the standard library and site-packages in "
-              f"{(time.monotonic() - started) * 1000:.0f} ms", file=sys.stderr, flush=True)
+        logline.log(f"upgraderd template {os.getpid()}: standby imported {len(set(sys.modules) - before)} modules "
+                    f"the previous template had from the standard library and site-packages in "
+                    f"{(time.monotonic() - started) * 1000:.0f} ms")
 
     def _stamp(self, before: set[str]) -> None:
         for name in set(sys.modules) - before:

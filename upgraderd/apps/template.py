@@ -59,6 +59,7 @@ import time
 import traceback
 from typing import Any, Callable
 
+from upgraderd.apps import logline
 from upgraderd.apps.preload import Snapshot, record
 from upgraderd.apps.relabel import relabel
 from upgraderd.contract import env as contract
@@ -293,7 +294,7 @@ def await_load(control: socket.socket) -> tuple[str, dict[str, str]]:
 
 def _exec_fresh(control: socket.socket, app: str, why: str) -> None:
     """Become a fresh (cold) template of `app` in place: same pid, same channel, nothing preloaded."""
-    print(f"upgraderd template {os.getpid()}: {why}; exec'ing a fresh template", file=sys.stderr, flush=True)
+    logline.log(f"upgraderd template {os.getpid()}: {why}; exec'ing a fresh template")
     os.dup2(control.fileno(), CONTROL_FD, inheritable=True)
     os.execv(sys.executable, [*sys.orig_argv[:-1], app])
 
@@ -332,8 +333,7 @@ def main(argv: list[str]) -> int:
         last = traceback.format_exception_only(e)[-1].strip().replace("\n", " ")
         notify.notify(notify.status(f"cannot load {app!r}: {last}"))
         return 3
-    print(f"upgraderd template {os.getpid()}: loaded {app} in {(time.monotonic() - started) * 1000:.0f} ms",
-          file=sys.stderr, flush=True)
+    logline.log(f"upgraderd template {os.getpid()}: loaded {app} in {(time.monotonic() - started) * 1000:.0f} ms")
     gc.freeze()   # the workers' collections leave the template's objects (and their pages) alone
     return serve(control, run, lambda: record(_app_module(app)))   # for the next standby (apps/preload.py)
 
