@@ -49,7 +49,7 @@ class Cycle:
 
     __slots__ = ("conn", "scope", "chunks", "buffered", "more_body", "waiter", "started", "finished",
                  "status", "chunked", "length_left", "keep_alive", "disconnected", "head_only",
-                 "expect_continue", "sent_bytes", "task", "body_sent", "resumed", "in_send", "moved")
+                 "expect_continue", "sent_bytes", "task", "body_sent", "resumed", "in_send", "moved", "cut_off")
 
     def __init__(self, conn: HttpConn, scope: dict[str, Any], keep_alive: bool, expect_continue: bool,
                  resumed: int = 0) -> None:
@@ -75,6 +75,7 @@ class Cycle:
         self.resumed = resumed
         self.in_send = False   # the app waits in send() for room to write: not a moment to move
         self.moved = False
+        self.cut_off = False   # the server ended the response at the drain deadline (cut)
         if resumed:
             self.more_body = False   # the request body stayed behind: the app gets an empty one
 
@@ -134,6 +135,8 @@ class Cycle:
     async def send(self, message: dict[str, Any]) -> None:
         """Write a response event (ASGI `send`)."""
         kind = message.get("type")
+        if self.cut_off:   # the spec's "send on a closed connection": an OSError, as for a client gone
+            raise OSError("the response was ended at the worker's drain deadline")
         if self.disconnected and not self.finished:
             raise OSError("the client disconnected")
         if kind == "http.response.start":
@@ -212,6 +215,8 @@ class Cycle:
         """The drain deadline is near: end a chunked response in progress properly (the last chunk)."""
         if self.started and self.chunked and not self.finished and not self.moved:
             self._body(b"", False)
+            self.cut_off = True   # the app's next send raises OSError, and its receive says disconnect
+            self.disconnect()
 
     # -- moving a stream (streammove.py) --
 

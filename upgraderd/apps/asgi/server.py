@@ -184,7 +184,8 @@ class WebServer:
         except asyncio.CancelledError:
             pass
         except Exception as e:
-            if not cycle.moved:   # else its response goes on in another worker, and sends here fail
+            # Not an app failure: its response goes on in another worker (moved), or we ended it (cut_off).
+            if not cycle.moved and not cycle.cut_off:
                 print(f"upgraderd worker: the app failed on {cycle.scope['method']} {cycle.scope['path']}: "
                       f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
                 proto.refuse(500, b"internal server error\n")
