@@ -74,6 +74,10 @@ def run(tmp: Path, v1: dict[str, Any], v2: dict[str, Any], keepalive: int, fresh
             out, err = reload.communicate(timeout=timeout + 30)
             verdict_at = time.monotonic()
             settled = d.settled()
+            # The generation that lost drains meanwhile (its requests in flight finish there): count
+            # the answers after it is gone, so that they all come from the one left.
+            wait_until(lambda: len((d.status() or {}).get("generations", [None, None])) == 1, 30,
+                       "one generation left")
             base = load.count()
             wait_until(lambda: load.count() >= base + after, 30, f"{after} answers after the verdict")
         finally:
