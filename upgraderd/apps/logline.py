@@ -40,8 +40,11 @@ def line(message: str, level: str = "INFO", now: float | None = None,
 
 
 def log(message: str, level: str = "INFO") -> None:
-    """Write `message` to stderr in the master's format."""
-    print(line(message, level), file=sys.stderr, flush=True)
+    """Write `message` to stderr in the master's format, as one write: stderr to a file is
+    unbuffered (write-through to the raw file), where `print` writes the line and its newline
+    apart, and two workers logging at once then interleave (`line Aline B\n\n`)."""
+    sys.stderr.write(line(message, level) + "\n")
+    sys.stderr.flush()
 
 
 def _journal(env: dict[str, str]) -> bool:
