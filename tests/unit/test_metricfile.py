@@ -13,6 +13,8 @@ import math
 import os
 import struct
 
+import pytest
+
 from upgraderd.apps import metricfile
 from upgraderd.metrics import dbfile
 from upgraderd.metrics.families import merge
@@ -112,3 +114,18 @@ def test_histogram_buckets_add_up_over_workers_and_turn_cumulative(tmp_path):
     }
     assert math.isclose(got[("app_request_duration_seconds_sum", None)], 3.67)
     assert all(s.labels["status"] == "2xx" for s in family.samples)
+
+
+def test_a_file_made_but_never_allocated_is_an_oserror_not_a_crash(tmp_path, monkeypatch):
+    """A full tmpfs leaves connmetrics' file at 0 bytes; the request metrics opening it after
+    must get the OSError they handle (metrics off), not mmap's ValueError that killed the worker."""
+    from upgraderd.apps import metricfile as mf
+    from upgraderd.apps.asgi import reqmetrics
+    from upgraderd.contract import metricformat as layout
+    from upgraderd.contract.env import METRICS_DIR
+    for kind in ("counter", "gauge_livesum"):
+        (tmp_path / layout.file_name(kind, os.getpid())).write_bytes(b"")
+    with pytest.raises(OSError):
+        mf.MetricFile(str(tmp_path / layout.file_name("counter", os.getpid())))
+    monkeypatch.setenv(METRICS_DIR, str(tmp_path))
+    assert reqmetrics._open_files() is None

@@ -33,6 +33,7 @@ Invariants:
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import threading
@@ -60,8 +61,11 @@ class MetricFile:
     def __init__(self, path: str) -> None:
         fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
+            size = os.fstat(fd).st_size
+            if size < HEADER:   # made, but its space never reserved (a full tmpfs): an OSError, as ENOSPC
+                raise OSError(errno.ENOSPC, f"metric file has {size} bytes, not allocated", path)
             self.fd = os.dup(fd)
-            self.map = mmap.mmap(fd, os.fstat(fd).st_size)
+            self.map = mmap.mmap(fd, size)
         finally:
             os.close(fd)
         self.positions: dict[str, int] = {}
