@@ -10,14 +10,13 @@ workers.count + batches.size, and the verdict must follow exactly.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import signal
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 from tests.unit.test_master import HUP, T0, TERM, Rig, messages
+from tests.unit.conftest import RigMaker
 from upgraderd.core.generation import GenerationState as G
 
 USR2 = signal.SIGUSR2
@@ -72,14 +71,8 @@ class Roll:
 
 
 @pytest.fixture
-def rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> Iterator[Rig]:
-    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    caplog.set_level(logging.DEBUG, logger="upgraderd")
-    r = Rig(tmp_path)
-    try:
-        yield r
-    finally:
-        r.master.system.listeners.close_all()
+def rig(rigs: RigMaker[Rig]) -> Rig:
+    return rigs(Rig)
 
 
 def test_batches_of_one_replace_eight_workers_with_at_most_nine_alive(rig: Rig,

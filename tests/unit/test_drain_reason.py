@@ -9,13 +9,13 @@ library reads it as `Drain.reason` (upgraderd/worker/__init__.py).
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.fakes import FakeClock, FakeNotify, FakeProcessAPI, fake_system
 from tests.unit.test_master import Rig
+from tests.unit.conftest import RigMaker
 from upgraderd import worker
 from upgraderd.contract import env, wire
 from upgraderd.core import events as ev
@@ -40,13 +40,8 @@ class BusRig(Rig):
 
 
 @pytest.fixture
-def bus_rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[BusRig]:
-    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    r = BusRig(tmp_path)
-    try:
-        yield r
-    finally:
-        r.master.system.listeners.close_all()
+def bus_rig(rigs: RigMaker[BusRig]) -> BusRig:
+    return rigs(BusRig)
 
 
 @pytest.mark.parametrize("sig, mode", [(TERM, "graceful"), (INT, "fast")])

@@ -7,17 +7,17 @@ exits and clock moves and calls `master.step(signals)`, as `run()` would after
 
 from __future__ import annotations
 
-import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
 
 from tests.support.fakes import FakeClock, FakeExec, FakeNotify, FakeProcessAPI, fake_system
 from tests.support.upgraderd_proc import free_port
+from tests.unit.conftest import RigMaker
 from upgraderd.core.generation import GenerationState as G, WorkerState as W
 from upgraderd.core.durations import Durations
 from upgraderd.core.master import FAST_STOP_GRACE, Master, assemble
@@ -78,14 +78,8 @@ class Rig:
 
 
 @pytest.fixture
-def rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> Iterator[Rig]:
-    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)   # keep notify_systemd() a no-op
-    caplog.set_level(logging.DEBUG, logger="upgraderd")
-    r = Rig(tmp_path)
-    try:
-        yield r
-    finally:
-        r.master.system.listeners.close_all()
+def rig(rigs: RigMaker[Rig]) -> Rig:
+    return rigs(Rig)
 
 
 def messages(caplog: pytest.LogCaptureFixture) -> list[str]:

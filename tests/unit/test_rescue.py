@@ -7,16 +7,16 @@ to drain, for which READY slots, and whether each socket was still open then.
 
 from __future__ import annotations
 
-import logging
 import signal
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
 
 from tests.support.fakes import FakeClock, FakeNotify, FakeProcessAPI, fake_system
 from tests.support.upgraderd_proc import free_port
+from tests.unit.conftest import RigMaker
 from upgraderd.core import rescue
 from upgraderd.core.generation import WorkerState as W
 from upgraderd.core.master import Master, assemble
@@ -80,14 +80,8 @@ class Rig:
 
 
 @pytest.fixture
-def rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> Iterator[Rig]:
-    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    caplog.set_level(logging.INFO, logger="upgraderd")
-    r = Rig(tmp_path)
-    try:
-        yield r
-    finally:
-        r.master.system.listeners.close_all()
+def rig(rigs: RigMaker[Rig]) -> Rig:
+    return rigs(Rig)
 
 
 def test_nothing_to_rescue_while_every_slot_serves(rig: Rig) -> None:

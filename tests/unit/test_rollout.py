@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import http.server
-import logging
 import signal
 import threading
-from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
 from tests.unit.test_master import HUP, T0, TERM, Rig, messages
+from tests.unit.conftest import RigMaker
 from upgraderd.core.generation import GenerationState as G
 
 USR2 = signal.SIGUSR2
@@ -29,14 +28,8 @@ def canary(window: str = "10s", workers: int = 1, **checks: Any) -> dict[str, An
 
 
 @pytest.fixture
-def rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> Iterator[Rig]:
-    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    caplog.set_level(logging.DEBUG, logger="upgraderd")
-    r = Rig(tmp_path)
-    try:
-        yield r
-    finally:
-        r.master.system.listeners.close_all()
+def rig(rigs: RigMaker[Rig]) -> Rig:
+    return rigs(Rig)
 
 
 def start_canary(rig: Rig, count: int = 4, **sections: Any) -> int:

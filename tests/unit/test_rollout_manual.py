@@ -3,14 +3,13 @@ with the fake clock and fake processes."""
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 from tests.unit.test_master import T0, TERM, Rig, messages
 from tests.unit.test_rollout import ask, canary, start_canary
+from tests.unit.conftest import RigMaker
 from upgraderd.core.generation import GenerationState as G
 from upgraderd.service import status
 
@@ -22,14 +21,8 @@ def manual(**checks: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-def rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> Iterator[Rig]:
-    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    caplog.set_level(logging.DEBUG, logger="upgraderd")
-    r = Rig(tmp_path)
-    try:
-        yield r
-    finally:
-        r.master.system.listeners.close_all()
+def rig(rigs: RigMaker[Rig]) -> Rig:
+    return rigs(Rig)
 
 
 def held_canary(rig: Rig) -> int:

@@ -9,15 +9,15 @@ the verdict and its figures exactly.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import pytest
 
 from tests.support.fakes import FakeClock, FakeExec, FakeNotify, FakeProcessAPI, fake_system
 from tests.unit.test_master import HUP, T0, Rig, messages
 from tests.unit.test_rollout import canary
+from tests.unit.conftest import RigMaker
 from upgraderd.config.schema import Config
 from upgraderd.core.generation import GenerationState as G
 from upgraderd.core.master import assemble
@@ -76,14 +76,8 @@ class TrafficRig(Rig):
 
 
 @pytest.fixture
-def rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> Iterator[TrafficRig]:
-    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    caplog.set_level(logging.DEBUG, logger="upgraderd")
-    r = TrafficRig(tmp_path)
-    try:
-        yield r
-    finally:
-        r.master.system.listeners.close_all()
+def rig(rigs: RigMaker[TrafficRig]) -> TrafficRig:
+    return rigs(TrafficRig)
 
 
 def start(rig: TrafficRig, **checks: Any) -> tuple[list[int], int]:

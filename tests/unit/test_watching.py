@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
 
 from tests.support.fakes import FakeClock, FakeNotify, FakeProcessAPI, FakeWatcher, fake_system
 from tests.support.upgraderd_proc import free_port
+from tests.unit.conftest import RigMaker
 from upgraderd.core.generation import GenerationState as G
 from upgraderd.core.master import Master, assemble
 
@@ -70,14 +70,8 @@ class Rig:
 
 
 @pytest.fixture
-def rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> Iterator[Rig]:
-    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    caplog.set_level(logging.DEBUG, logger="upgraderd")
-    r = Rig(tmp_path)
-    try:
-        yield r
-    finally:
-        r.master.system.listeners.close_all()
+def rig(rigs: RigMaker[Rig]) -> Rig:
+    return rigs(Rig)
 
 
 def test_a_change_reloads_once_the_debounce_has_passed_and_the_select_timeout_says_when(rig: Rig) -> None:
