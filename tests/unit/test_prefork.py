@@ -10,6 +10,7 @@ from tests.support.fakes import FakeNotify, FakeProcessAPI, FakeTemplates, fake_
 from tests.support.upgraderd_proc import free_port
 from upgraderd.core.generation import GenerationState, WorkerState
 from upgraderd.core.master import Master, assemble
+from upgraderd.core.prefork import STANDBY_DELAY
 from upgraderd.core.seams import Exit
 
 
@@ -153,8 +154,8 @@ def test_a_warm_standby_takes_the_next_generation_only_if_it_fits(rig, tmp_path)
     spawned(note, t2, (0, 6000), (1, 6001))
     note.ready(6000, 6001)
     m.step(set())
-    assert procs.pids()[-1] == t2 and m.timeout(clock[0]) == pytest.approx(0.3)   # not at once
-    clock[0] += 0.3
+    assert procs.pids()[-1] == t2 and m.timeout(clock[0]) == pytest.approx(STANDBY_DELAY)   # not at once
+    clock[0] += STANDBY_DELAY
     m.step(set())
     standby = procs.pids()[-1]
     assert procs.spawn_of(standby).argv[-1] == "--standby=+recorded" and m.active.number == 2
@@ -167,7 +168,7 @@ def test_a_warm_standby_takes_the_next_generation_only_if_it_fits(rig, tmp_path)
     spawned(note, standby, (0, 7000), (1, 7001))
     note.ready(7000, 7001)
     m.step(set())
-    clock[0] += 0.3
+    clock[0] += STANDBY_DELAY
     m.step(set())
     second = procs.pids()[-1]
     assert procs.spawn_of(second).argv[-1] == "--standby=+recorded"
@@ -177,3 +178,53 @@ def test_a_warm_standby_takes_the_next_generation_only_if_it_fits(rig, tmp_path)
     m.step({signal.SIGHUP})
     assert second in tpl.stopped and tpl.loads == [(standby, "echo")]
     assert procs.spawn_of(procs.pids()[-1]).argv[-1] == "echo"
+
+
+def test_the_next_standby_starts_while_the_new_generation_is_still_starting(rig, tmp_path):
+    """HUPs a second apart: the standby for the generation after starts once the new template
+    has forked every slot, not once its workers are ready, so a quick series of reloads finds
+    every standby warm."""
+    m, procs, note, tpl, clock = rig
+    path = tmp_path / "u.yaml"
+    path.write_text(path.read_text().replace("prefork: true", "prefork: true, warm: true"))
+    (t1,) = procs.pids()
+    spawned(note, t1, (0, 5000), (1, 5001))
+    note.ready(5000, 5001)
+    m.step(set())
+    m.step({signal.SIGHUP})                   # generation 2: a fresh template, nothing forked yet
+    t2 = procs.pids()[-1]
+    clock[0] += 1.0
+    m.step(set())
+    assert procs.pids()[-1] == t2 and m.timeout(clock[0]) == pytest.approx(1.0)   # no standby due
+    spawned(note, t2, (0, 6000))
+    m.step(set())
+    clock[0] += 1.0
+    m.step(set())
+    assert procs.pids()[-1] == t2             # slot 1 not forked yet: the template is still busy
+    spawned(note, t2, (1, 6001))
+    m.step(set())
+    assert m.starting is not None and m.starting.number == 2
+    assert m.timeout(clock[0]) == pytest.approx(STANDBY_DELAY)
+    clock[0] += STANDBY_DELAY
+    m.step(set())
+    standby = procs.pids()[-1]
+    assert procs.spawn_of(standby).argv[-1] == "--standby=+recorded"
+    assert procs.spawn_of(standby).env["UPGRADERD_GENERATION"] == "3"
+    assert m.starting is not None and m.starting.number == 2     # generation 2's workers are not ready yet
+    note.ready(6000, 6001)
+    m.step(set())
+    assert m.active.number == 2 and procs.pids()[-1] == standby  # ACTIVE starts no second standby
+    m.step({signal.SIGHUP})                   # generation 3 takes it
+    assert tpl.loads == [(standby, "echo")] and m.stats.templates_started == {"cold": 2, "warm": 1}
+    spawned(note, standby, (0, 7000), (1, 7001))
+    m.step(set())
+    clock[0] += STANDBY_DELAY
+    m.step(set())
+    fourth = procs.pids()[-1]
+    assert procs.spawn_of(fourth).env["UPGRADERD_GENERATION"] == "4"
+    note.ready(7000, 7001)
+    m.step(set())
+    assert m.active.number == 3
+    path.write_text(path.read_text().replace("warm: true", "warm: true, env: {A: b}"))
+    m.step({signal.SIGHUP})                   # generation 4 with a new env: the standby does not fit
+    assert fourth in tpl.stopped and procs.spawn_of(procs.pids()[-1]).argv[-1] == "echo"

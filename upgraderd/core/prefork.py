@@ -67,8 +67,13 @@ LAST_WORDS = 300
 SERVING = (GenerationState.STARTING, GenerationState.ACTIVE)
 # Standbys that died on their own before the master gives up on them.
 STANDBY_DEATHS = 3
-# How long after a generation became ACTIVE its successor's standby is started.
-STANDBY_DELAY = 0.3
+# How long after a generation's template forked its last worker (or the generation
+# became ACTIVE, if that came first) its successor's standby is started. Not at once,
+# so the fork and the new workers' first moments do not share the CPU with an exec.
+# Not later than this either: a standby that imports a framework takes most of a
+# second on a busy small machine, and one still importing at the next HUP makes that
+# reload wait for the rest (bench/asgi.py: HUPs 1 s apart).
+STANDBY_DELAY = 0.05
 # A template with queued requests that takes none for this long has stopped reading.
 STALL = 10.0
 
@@ -122,6 +127,7 @@ class Prefork:
         self.standby_for = 0              # the generation the standby was started for
         self.spares: set[int] = set()     # standby pids not (yet) adopted, live or being stopped
         self.standby_deaths = 0
+        self.forked_at: dict[int, float] = {}   # generation -> when its template had forked every slot
         self.waiting: dict[int, float] = {}   # template pid with queued requests -> when it last took one
         self.kept: set[int] = set()   # templates kept for a rollback (core/previous.py): not in `live`
 
@@ -180,35 +186,47 @@ class Prefork:
             return None
         return pid
 
+    def _newest_warm(self, gens: list[Generation]) -> Generation | None:
+        """Return the newest STARTING or ACTIVE generation if it is a warm prefork one."""
+        serving = [g for g in gens if g.state in SERVING]
+        if serving and serving[-1].config.prefork and serving[-1].config.workers.warm:
+            return serving[-1]
+        return None
+
     def _keep_standby(self, gens: list[Generation], now: float) -> None:
-        """Keep one standby while the newest generation is a warm prefork one and nothing starts."""
-        active = [g for g in gens if g.state is GenerationState.ACTIVE]
-        want = bool(active) and active[-1].config.prefork and active[-1].config.workers.warm \
-            and not any(g.state is GenerationState.STARTING for g in gens)
-        if self.standby is not None and (not want or self.standby_key != standby_key(active[-1].config)):
+        """Keep one standby for the generation after the newest warm prefork one, started
+        once the newest one's template has forked its workers: while it is still STARTING,
+        so that a quick series of reloads finds every standby warm."""
+        basis = self._newest_warm(gens)
+        if self.standby is not None and (basis is None or self.standby_key != standby_key(basis.config)):
             self._stop_standby()
-        start = self.starts.get(active[-1].number) if want else None
-        if not want or self.standby is not None or start is None or self.templates is None:
+        if basis is None or basis.number not in self.starts or self.standby is not None or self.templates is None:
             return
-        # Not at once: the new generation's first moments belong to its clients, not to an import.
-        if now < (active[-1].active_at or now) + STANDBY_DELAY:
+        if basis.number not in self.forked_at:
+            if basis.state is GenerationState.ACTIVE and basis.active_at is not None:
+                self.forked_at[basis.number] = basis.active_at
+            elif basis.workers and all(w.pid is not None for w in basis.workers.values()):
+                self.forked_at[basis.number] = now
+            else:
+                return
+        if now < self.forked_at[basis.number] + STANDBY_DELAY:
             return
         if self.standby_deaths >= STANDBY_DEATHS:
             return
-        launch, env = start
+        launch, env = self.starts[basis.number]
         # The environment a process was exec'd with is what /proc/PID/environ shows for
         # good, also in the workers it forks: hand-off peers read their generation there
         # (worker/peers.py), so the standby is exec'd as the generation it will serve.
         number = self.next_number()
-        env = {**env, contract.GENERATION: contract.template_generation(number, _relabel(active[-1].config))}
+        env = {**env, contract.GENERATION: contract.template_generation(number, _relabel(basis.config))}
         try:
-            pid = self.templates.start((*launch.argv[:-1], standby_arg(active[-1].config)), env, launch.cwd,
+            pid = self.templates.start((*launch.argv[:-1], standby_arg(basis.config)), env, launch.cwd,
                                        launch.user, launch.group)
         except SpawnError as e:
             self.standby_deaths += 1
             log.warning("cannot start a standby template: %s", e)
             return
-        self.standby, self.standby_key, self.standby_for = pid, standby_key(active[-1].config), number
+        self.standby, self.standby_key, self.standby_for = pid, standby_key(basis.config), number
         self.spares.add(pid)
 
     def deadlines(self, gens: list[Generation]) -> list[float]:
@@ -216,9 +234,10 @@ class Prefork:
         stalls = [since + STALL for since in self.waiting.values()]
         if self.standby is not None or self.standby_deaths >= STANDBY_DEATHS:
             return stalls
-        return stalls + [g.active_at + STANDBY_DELAY for g in gens[-1:] if g.state is GenerationState.ACTIVE
-                and g.active_at is not None and g.config.prefork and g.config.workers.warm
-                and g.number in self.starts]
+        basis = self._newest_warm(gens)
+        if basis is None or basis.number not in self.forked_at:
+            return stalls
+        return [*stalls, self.forked_at[basis.number] + STANDBY_DELAY]
 
     def _stop_standby(self) -> None:
         if self.standby is not None and self.templates is not None:
@@ -327,6 +346,8 @@ class Prefork:
                 log.info("generation %d: template pid %d stopped", number, pid)
         for number in [n for n in self.starts if n not in serving]:
             del self.starts[number]
+        for number in [n for n in self.forked_at if n not in serving]:
+            del self.forked_at[number]
 
     def _template_exited(self, ex: Exit, now: float) -> None:
         if ex.pid in self.kept:
