@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support.channel import connect, send_fd, taker_of
 from tests.support.fakes import FakeClock
 from upgraderd.apps.connmetrics import HANDOFF_FAILURES
 from upgraderd.contract import wire
@@ -33,23 +34,7 @@ def tcp_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
 
 @pytest.fixture
 def taker(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[handoff.Taker, FakeClock]]:
-    monkeypatch.setenv("UPGRADERD_GENERATION", "2")
-    monkeypatch.setenv("UPGRADERD_SLOT", "0")
-    clock = FakeClock(100.0)
-    t = handoff.Taker(["web"], master=MASTER, trust=lambda p: True, clock=clock)
-    yield t, clock
-    t.close()
-
-
-def connect(t: handoff.Taker) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    s.settimeout(5)
-    s.connect(wire.address(t.name))
-    return s
-
-
-def send_fd(s: socket.socket, msg: bytes, fd: int) -> None:
-    s.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
+    yield from taker_of(MASTER, monkeypatch)
 
 
 def closed(s: socket.socket) -> bool:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 import socket
-import struct
 import threading
 from collections.abc import Iterator
 
 import pytest
 
+from tests.support.channel import connect, send_fd, taker_of
 from tests.support.fakes import FakeClock
 from upgraderd.contract import wire
 from upgraderd.worker import handoff
@@ -24,12 +24,7 @@ MASTER = 4_100_000 + os.getpid()
 
 @pytest.fixture
 def taker(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[handoff.Taker, FakeClock]]:
-    monkeypatch.setenv("UPGRADERD_GENERATION", "2")
-    monkeypatch.setenv("UPGRADERD_SLOT", "0")
-    clock = FakeClock(100.0)
-    t = handoff.Taker(["web"], master=MASTER, trust=lambda p: True, clock=clock)
-    yield t, clock
-    t.close()
+    yield from taker_of(MASTER, monkeypatch)
 
 
 @pytest.fixture
@@ -47,16 +42,13 @@ def conns() -> Iterator[list[tuple[socket.socket, socket.socket]]]:
 
 
 def channel(t: handoff.Taker) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    s.settimeout(5)
-    s.connect(wire.address(t.name))
+    s = connect(t)
     t.poll()
     return s
 
 
 def offer(s: socket.socket, conn: socket.socket) -> None:
-    s.sendmsg([wire.encode_offer("web", b"", b"", b"")[0]],
-              [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", conn.fileno()))])
+    send_fd(s, wire.encode_offer("web", b"", b"", b"")[0], conn.fileno())
 
 
 def test_a_give_of_two_batches_is_arriving_until_its_end(taker, conns, monkeypatch):
