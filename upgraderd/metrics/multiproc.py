@@ -186,6 +186,10 @@ class WorkerFiles:
                             break
         except OSError as e:
             log.warning("cannot list metric directory %s: %s", self.path, e.strerror or e)
+        # By name: every counter file is read before any histogram file. A worker writes a
+        # request's duration before its count (apps/asgi/reqmetrics.py), so a scrape never
+        # shows more requests counted than observed in the duration histogram.
+        out.sort()
         return out
 
     def fold(self, pid: int) -> None:

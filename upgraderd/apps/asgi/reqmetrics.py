@@ -108,14 +108,16 @@ class RequestMetrics:
             before = self._flushed[name]
             if slot == before:
                 continue
-            for i in range(1, BUCKET):
-                if slot[i] != before[i]:
-                    counters.add(_requests(name, CLASSES[i - 1]), slot[i] - before[i])
+            # The durations first: the master reads the files without a lock, and a scrape
+            # between the two writes then never sees a request counted that is not observed.
             if histograms is not None:
                 for i in range(BUCKET, SUM):
                     if slot[i] != before[i]:
                         histograms.add(_bucket(name, i - BUCKET), slot[i] - before[i])
                 histograms.add(_sum(name), slot[SUM] - before[SUM])
+            for i in range(1, BUCKET):
+                if slot[i] != before[i]:
+                    counters.add(_requests(name, CLASSES[i - 1]), slot[i] - before[i])
             self._flushed[name] = list(slot)
         if websockets is None:
             return
