@@ -230,7 +230,7 @@ def standby_timing(log: str) -> dict[str, float]:
     lines = log.splitlines()
     hup_at, done_at, warm, cold, late = -1, {}, 0, 0, 0
     for i, line in enumerate(lines):
-        m = re.match(r"upgraderd template (\d+): standby (?:preloaded|imported)", line)
+        m = re.search(r"upgraderd template (\d+): standby (?:preloaded|imported)", line)
         if m:
             done_at[m[1]] = i
         if "received SIGHUP: reloading" in line:
