@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.scrape import scrape, value
-from tests.support.upgraderd_proc import Daemon, free_port
+from tests.support.upgraderd_proc import Daemon, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -49,6 +49,23 @@ def ask(port: int) -> str:
         conn.close()
 
 
+def serving_pids(d: Daemon) -> set[int]:
+    """Return the worker pids of the ACTIVE generations, from the status file."""
+    return {w["pid"] for g in (d.status() or {})["generations"] if g["state"] == "ACTIVE"
+            for w in g["workers"] if w["pid"] is not None}
+
+
+def reload_to(d: Daemon, generation: int) -> None:
+    """Reload, and wait until the previous generation's workers have exited. In `reuseport`
+    mode a slot's socket is the same for both generations, so an old worker accepts until it
+    has read its drain signal, which can come a few ms after `reload done` (CI: a connection
+    made right after `reload done: generation 2 ACTIVE` was answered by generation 1)."""
+    old = serving_pids(d)
+    assert old
+    d.reload_to(generation)
+    wait_until(lambda: not d.workers() & old, 20, f"generation {generation - 1}'s workers {sorted(old)} gone")
+
+
 def test_standby_preloads_and_is_replaced_when_a_preloaded_module_changed(tmp_path):
     (tmp_path / "deplib.py").write_text("VERSION = 'lib-1'\n")
     (tmp_path / "webapp.py").write_text(textwrap.dedent(APP))
@@ -69,14 +86,14 @@ def test_standby_preloads_and_is_replaced_when_a_preloaded_module_changed(tmp_pa
         recorded = (Path(channels["UPGRADERD_HANDOFF_DIR"]) / "template-modules").read_text().split()
         assert "decimal" in recorded and "webapp" not in recorded and "deplib" not in recorded
 
-        d.reload_to(2)    # nothing changed on disk: the standby takes the generation
+        reload_to(d, 2)    # nothing changed on disk: the standby takes the generation
         assert re.search(r"generation 2: template pid \d+ started \(warm standby\)", d.log())
         assert "exec'ing a fresh template" not in d.log()
         assert ask(port) == "lib-1 2"
 
         d.wait_log(r"standby preloaded asgi, deplib", count=2)
         (tmp_path / "deplib.py").write_text("VERSION = 'lib-two'\n")   # a deploy rewrites a preloaded module
-        d.reload_to(3)
+        reload_to(d, 3)
         assert re.search(r"module deplib \(.*deplib\.py\) changed on disk since the standby imported it; "
                          r"exec'ing a fresh template", d.log())
         assert ask(port) == "lib-two 3"
