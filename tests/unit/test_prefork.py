@@ -141,15 +141,22 @@ def test_the_old_template_stops_and_a_late_spawned_is_drained(rig):
     assert (5999, signal.SIGTERM) in procs.kills
 
 
-def test_a_warm_standby_takes_the_next_generation_only_if_it_fits(rig, tmp_path):
-    m, procs, note, tpl, clock = rig
+def warm_and_hup(rig, tmp_path):
+    """Serve generation 1, make the config warm and HUP; return the config's path."""
+    m, procs, note, _, _ = rig
     path = tmp_path / "u.yaml"
     path.write_text(path.read_text().replace("prefork: true", "prefork: true, warm: true"))
     (t1,) = procs.pids()
     spawned(note, t1, (0, 5000), (1, 5001))
     note.ready(5000, 5001)
     m.step(set())
-    m.step({signal.SIGHUP})      # generation 2, warm: a fresh template (no standby yet)
+    m.step({signal.SIGHUP})
+    return path
+
+
+def test_a_warm_standby_takes_the_next_generation_only_if_it_fits(rig, tmp_path):
+    m, procs, note, tpl, clock = rig
+    path = warm_and_hup(rig, tmp_path)   # generation 2, warm: a fresh template (no standby yet)
     t2 = procs.pids()[-1]
     spawned(note, t2, (0, 6000), (1, 6001))
     note.ready(6000, 6001)
@@ -185,13 +192,7 @@ def test_the_next_standby_starts_while_the_new_generation_is_still_starting(rig,
     has forked every slot, not once its workers are ready, so a quick series of reloads finds
     every standby warm."""
     m, procs, note, tpl, clock = rig
-    path = tmp_path / "u.yaml"
-    path.write_text(path.read_text().replace("prefork: true", "prefork: true, warm: true"))
-    (t1,) = procs.pids()
-    spawned(note, t1, (0, 5000), (1, 5001))
-    note.ready(5000, 5001)
-    m.step(set())
-    m.step({signal.SIGHUP})                   # generation 2: a fresh template, nothing forked yet
+    path = warm_and_hup(rig, tmp_path)        # generation 2: a fresh template, nothing forked yet
     t2 = procs.pids()[-1]
     clock[0] += 1.0
     m.step(set())
