@@ -7,6 +7,7 @@ exits and clock moves and calls `master.step(signals)`, as `run()` would after
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 from pathlib import Path
@@ -122,6 +123,43 @@ def test_all_ready_goes_active(rig: Rig, caplog: pytest.LogCaptureFixture) -> No
     assert m.stats.notify_rejected == 0
     assert m.exit_code == 0
     assert rig.procs.kills == []
+
+
+class Said(logging.Handler):
+    """Record each outcome line with what the published snapshot showed when it was logged."""
+
+    def __init__(self, m: Master) -> None:
+        super().__init__()
+        self.m, self.lines = m, []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        said = [p for p in ("serving", "reload done", "reload failed") if record.getMessage().startswith(p)]
+        snap = self.m.publisher.published
+        if said:   # (a failed assert would be swallowed by logging: record what was there instead)
+            self.lines.append((said[0], snap.active_generation if snap else None,
+                               dict(snap.stats.reloads) if snap else None))
+
+
+def test_outcomes_are_said_only_once_the_snapshot_that_shows_them_is_published(rig: Rig) -> None:
+    # CI: "serving: generation 1 ACTIVE" was in the log, and /readyz still answered "no ACTIVE
+    # generation": the line was written mid-pass, the snapshot at the pass's end.
+    m = rig.start(count=2)
+    said = Said(m)
+    logging.getLogger("upgraderd").addHandler(said)
+    try:
+        rig.ready(*rig.procs.pids(1), at=T0 + 0.5)
+        rig.step(HUP, at=T0 + 1)
+        rig.ready(*rig.procs.pids(2), at=T0 + 1.5)
+        rig.step(HUP, at=T0 + 2)
+        rig.procs.exit(rig.procs.pids(3)[0], code=1)
+        rig.step(at=T0 + 2.5)
+    finally:
+        logging.getLogger("upgraderd").removeHandler(said)
+    assert said.lines == [
+        ("serving", 1, {"success": 0, "failed": 0, "rejected": 0}),
+        ("reload done", 2, {"success": 1, "failed": 0, "rejected": 0}),
+        ("reload failed", 2, {"success": 1, "failed": 1, "rejected": 0}),
+    ]
 
 
 def test_first_generation_failing_sets_exit_code_1(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:

@@ -6,7 +6,8 @@ ticks every generation with `now`, then settles: a level-triggered phase that
 recomputes what to do from the generations' states (promote a new ACTIVE
 generation and drain its predecessor, record the reload's outcome, forget
 retired generations, close sockets nothing uses, start a queued reload). A
-missed event therefore cannot wedge the master.
+missed event therefore cannot wedge the master. The pass publishes its
+snapshot, then says the outcomes it settled (the log, systemd, the pidfile).
 
 The state belongs to owners, each the only writer of its fields, built by
 `assemble` (called by service/runner.py) with the narrow seams it needs:
@@ -15,8 +16,7 @@ The state belongs to owners, each the only writer of its fields, built by
 - the slots (core/slots.py): scaling, steering, rescue, retiring sockets;
 - the re-exec (core/selfexec.py): USR2;
 - the publisher (core/publish.py): the snapshot and the metrics endpoint;
-- the tally (core/stats.py): every counter, from the events the others report
-  on the bus (core/events.py).
+- the tally (core/stats.py): every counter, from the events on the bus (core/events.py).
 
 Invariants:
 - At most one STARTING generation; HUPs during STARTING coalesce into one more reload.
@@ -112,9 +112,8 @@ class Master:
         self._prepared: Config | None = None
         self._handlers: dict[signal.Signals, Callable[[float], None]] = {
             signal.SIGHUP: reloads.hup, signal.SIGTERM: self._on_term, signal.SIGQUIT: self._on_term,
-            signal.SIGINT: self._on_int, signal.SIGUSR1: self._on_usr1,
-            signal.SIGUSR2: self._on_usr2, signal.SIGTTIN: slots.add_worker, signal.SIGTTOU: slots.remove_worker,
-            signal.SIGWINCH: reloads.ask}
+            signal.SIGINT: self._on_int, signal.SIGUSR1: self._on_usr1, signal.SIGUSR2: self._on_usr2,
+            signal.SIGTTIN: slots.add_worker, signal.SIGTTOU: slots.remove_worker, signal.SIGWINCH: reloads.ask}
 
     # -- read-only views, for the loop and for tests --
 
@@ -256,6 +255,7 @@ class Master:
         snap = self.snapshot(self.clock())
         self.publisher.publish(snap)
         self.bus.emit(snapshot.PassEnded(snap, self.config))
+        self._guarded("saying the reloads' outcomes", lambda _: self.reloads.announce(), now)
 
     def _guarded(self, what: str, fn: Callable[[float], object], now: float) -> None:
         try:

@@ -83,6 +83,24 @@ class Reloads:
         self.hups = 0                          # seen so far (carried over a USR2 re-exec)
         self.covers = 0
         self.files = FileWatch(seams.watcher, seams.config_path, seams.load_config, bus, self.queue)
+        # Outcomes settled in this pass, said (logged, told to systemd, the pidfile written) only
+        # once the pass's snapshot is published: whoever reads "serving" or "reload done" and
+        # then asks /readyz, the status file or the metrics finds what the line says.
+        self._unsaid: list[Callable[[], None]] = []
+
+    def _say(self, level: int, line: str, systemd: str, event: ev.Event | None = None) -> None:
+        def say() -> None:
+            log.log(level, "%s", line)
+            self.seams.tell_systemd(systemd)
+            if event is not None:
+                self.bus.emit(event)
+        self._unsaid.append(say)
+
+    def announce(self) -> None:
+        """Say the outcomes settled this pass; the master calls it after publishing the pass's snapshot."""
+        unsaid, self._unsaid = self._unsaid, []
+        for say in unsaid:
+            say()
 
     def first(self, cfg: Config, now: float) -> None:
         """Start generation 1 from `cfg` (already bound)."""
@@ -193,9 +211,9 @@ class Reloads:
         """Report a rejected or failed reload and log it; the serving generation is untouched."""
         self.bus.emit(ev.ReloadSettled(result, generation, self.covers, why, at=self.seams.wall()))
         active = self.fleet.active
-        log.error("reload failed, still serving generation %s%s: %s", active.number if active else "-",
-                  self.queued(), one_line(why))
-        self.seams.tell_systemd(f"READY=1\nSTATUS={status}")
+        line = (f"reload failed, still serving generation {active.number if active else '-'}{self.queued()}: "
+                f"{one_line(why)}")
+        self._say(logging.ERROR, line, f"READY=1\nSTATUS={status}")
 
     def settle(self, now: float) -> None:
         """Record the outcome of the reload (or start) under way once its generation has settled."""
@@ -220,9 +238,9 @@ class Reloads:
             took = now - self.since
             self.bus.emit(ev.ReloadSettled("success", gen.number, self.covers, took=took, at=self.seams.wall()))
             runs = f" (a rollback: it runs generation {gen.runs}'s release)" if gen.runs else ""
-            log.info("reload done: generation %d ACTIVE %.3fs after %s%s%s", gen.number, took,
-                     "`upgraderd rollback`" if gen.runs else "HUP", runs, self.queued())
-            self.seams.tell_systemd(f"READY=1\nSTATUS=generation {gen.number} active{runs}")
+            line = (f"reload done: generation {gen.number} ACTIVE {took:.3f}s after "
+                    f"{'`upgraderd rollback`' if gen.runs else 'HUP'}{runs}{self.queued()}")
+            self._say(logging.INFO, line, f"READY=1\nSTATUS=generation {gen.number} active{runs}")
         else:
             self.reject(f"generation {gen.number}: {gen.reason}", "failed", gen.number)
 
@@ -237,9 +255,8 @@ class Reloads:
 
     def _settle_first(self, gen: Generation, now: float) -> None:
         if gen.state is GenerationState.ACTIVE:
-            log.info("serving: generation 1 ACTIVE %.3fs after start", now - gen.created_at)
-            self.seams.tell_systemd("READY=1\nSTATUS=generation 1 active")
-            self.bus.emit(ev.Serving())
+            line = f"serving: generation 1 ACTIVE {now - gen.created_at:.3f}s after start"
+            self._say(logging.INFO, line, "READY=1\nSTATUS=generation 1 active", ev.Serving())
             return
         log.error("the first generation failed (%s); stopping", gen.reason)
         self.bus.emit(ev.StartFailed(gen.reason))
