@@ -329,3 +329,23 @@ def test_the_kernel_takes_the_largest_table_the_builder_makes():
         prog = steering.program(range(0, 2 * steering.MAX_ALLOWED + 10, 2))
         assert len(prog) == 4 + 2 * (steering.MAX_ALLOWED - 1) + 1
         steering.attach(s, prog)
+
+
+def test_the_same_ready_slots_after_a_park_still_leave_the_parked_socket_out(group):
+    # steer() keeps what it worked out from its arguments and the set's sockets; the same
+    # ready slots once a socket is parked (or a socket joined) must not reuse the old answer.
+    ls, cfg = group
+    key2 = key_for(cfg.listeners[0], 2)
+    assert ls.steer(cfg, (0, 1, 2)) is None
+    slots = Slots(ls, cfg, range(3))
+    assert ls.retire(keys_for(cfg, [0, 1]), held={key2}).parked == [key2]
+    assert ls.steer(cfg, (0, 1, 2)) is None        # slot 2 still READY in this call: parked wins
+    assert landed(slots.connect()) == {0, 1}
+    assert ls.steer(cfg, (0, 1, 2, 3)) is None     # slot 3 has no socket yet
+    assert landed(slots.connect()) == {0, 1}
+    ls.ensure(cfg, slots=[3])                      # now it has: the same call must take it in
+    slots.close_all()
+    slots = Slots(ls, cfg, range(4))
+    assert ls.steer(cfg, (0, 1, 2, 3)) is None
+    assert landed(slots.connect()) == {0, 1, 3}
+    slots.close_all()

@@ -48,3 +48,25 @@ def test_stats_from_an_older_master_keep_their_samples():
     copy = Stats(reload_durations=[0.3, 4.0], drain_durations=[])  # type: ignore[arg-type]
     assert copy.reload_durations.data().buckets[3:6] == ((0.5, 1), (1.0, 1), (2.5, 1))
     assert copy.reload_durations.count == 2 and copy.drain_durations.count == 0
+
+
+def test_a_snapshot_copy_of_the_stats_shares_nothing_the_master_mutates():
+    # Stats.copy runs every loop pass for the metrics thread: one level deep, not deepcopy.
+    # It is a deep copy only while every field is immutable, a dict of ints or a Durations.
+    stats = Stats()
+    for f in dataclasses.fields(Stats):
+        value = getattr(stats, f.name)
+        assert isinstance(value, (bool, int, float, str, Durations)) or (
+            isinstance(value, dict) and all(isinstance(v, int) for v in value.values())), f.name
+    stats.reloads["success"] = 3
+    stats.reload_durations.observe(0.3)
+    copy = stats.copy()
+    assert copy == stats
+    stats.reloads["success"] += 1
+    stats.worker_exits["error"] += 1
+    stats.reload_durations.observe(0.3)
+    stats.drain_durations.observe(1.0)
+    stats.hups += 1
+    assert copy.reloads["success"] == 3 and copy.worker_exits["error"] == 0 and copy.hups == 0
+    assert copy.reload_durations.count == 1 and copy.drain_durations.count == 0
+    assert copy.reload_durations.bounds == stats.reload_durations.bounds

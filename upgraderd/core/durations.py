@@ -10,6 +10,7 @@ because changing them would break the series an operator's dashboards query.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 from dataclasses import dataclass, field
 
 # HUP -> ACTIVE: a Python worker is ready in a fraction of a second; the
@@ -49,6 +50,10 @@ class Durations:
             self.counts = [0] * (len(self.bounds) + 1)
         if len(self.counts) != len(self.bounds) + 1:
             raise ValueError(f"{len(self.counts)} counts for {len(self.bounds)} bounds")
+
+    def copy(self) -> Durations:
+        """Return a copy that later observations leave alone."""
+        return dataclasses.replace(self, counts=list(self.counts))
 
     def observe(self, seconds: float) -> None:
         """Count one duration (negative clock noise counts as 0)."""

@@ -50,6 +50,7 @@ class Pool:
     def __init__(self) -> None:
         self.owner: dict[SocketKey, SocketKey] = {}     # pool socket -> worker key
         self._socket: dict[SocketKey, SocketKey] = {}   # worker key -> pool socket
+        self.changes = 0                                # bumped by own() and free()
 
     def socket_of(self, key: SocketKey) -> SocketKey:
         """Return the pool socket worker `key` owns; any other key as it is."""
@@ -70,6 +71,7 @@ class Pool:
 
     def own(self, key: SocketKey, worker: SocketKey) -> None:
         """Record that pool socket `key` serves `worker`."""
+        self.changes += 1
         self.owner[key] = worker
         self._socket[worker] = key
 
@@ -77,6 +79,7 @@ class Pool:
         """Return `key` to the pool."""
         worker = self.owner.pop(key, None)
         if worker is not None:
+            self.changes += 1
             self._socket.pop(worker, None)
             log.info("listener %s (%s, slot %d): its socket #%d is back in the pool",
                      key_address(worker), worker[2], worker[3], key[3])

@@ -14,7 +14,7 @@ still queued on it, unless net.ipv4.tcp_migrate_req=1 (Linux 5.14+). So a
 socket is closed only when no live generation and not the current config use
 it: a reload that keeps an address never closes or re-binds its sockets.
 
-Steering (steering.py): `steer()` attaches to each port group a classic BPF
+Steering (steering.py, steerer.py): `steer()` attaches to each port group a classic BPF
 program that sends new connections only to the ready slots' sockets, so a
 socket nobody accepts on (a new slot whose worker is not ready, a slot in
 back-off, a retiring slot) queues nothing, and closing it later resets
@@ -35,13 +35,10 @@ from typing import Any, Iterable
 
 from upgraderd.config.schema import Config, ListenerSpec
 from upgraderd.core.seams import Retired, SocketKey, is_udp, key_for
-from upgraderd.system import conflict, cookiepool, flowcookie, steering, udp, unixsock
+from upgraderd.system import cookiepool, flowcookie, steering, udp, unixsock
+from upgraderd.system.steerer import GroupId, Steerer
 
 log = logging.getLogger("upgraderd")
-
-# A kernel SO_REUSEPORT group: family, bound address (as getsockname() says) and type.
-GroupId = tuple[int, str, int, int]
-
 
 def bind(spec: ListenerSpec) -> socket.socket:
     """Bind and listen one TCP socket for `spec`, with SO_REUSEADDR and SO_REUSEPORT."""
@@ -60,7 +57,7 @@ def bind(spec: ListenerSpec) -> socket.socket:
     return sock
 
 
-class ListenerSet(cookiepool.Lending):
+class ListenerSet(Steerer, cookiepool.Lending):
     """The master's sockets, by key. Only the master calls its methods."""
 
     def __init__(self) -> None:
@@ -74,6 +71,10 @@ class ListenerSet(cookiepool.Lending):
         # Steering programs the kernel refused; each such group is left unsteered.
         self.steer_refused = 0
         self._pool = cookiepool.Pool()   # a `flows: cookie` listener's sockets (cookiepool.py)
+        # Bumped when a socket joins or leaves: with the pool's and the parked set, what the
+        # last steer's wanted keys were computed from (steer runs every pass; most change nothing).
+        self._membership = 0
+        self._wanted: tuple[object, dict[GroupId, set[SocketKey]]] | None = None
 
     def ensure(self, cfg: Config, count: int | None = None,
                slots: Iterable[int] | None = None) -> list[SocketKey]:
@@ -110,6 +111,7 @@ class ListenerSet(cookiepool.Lending):
         return opened
 
     def _add(self, key: SocketKey, sock: socket.socket, backlog: int) -> None:
+        self._membership += 1
         self._socks[key] = sock
         self._backlog[key] = backlog
         name = sock.getsockname()
@@ -189,6 +191,7 @@ class ListenerSet(cookiepool.Lending):
         steered = group.attached is not None
         if steered:
             self._load(group, group.leave_plan(key))
+        self._membership += 1
         del self._group_of[key]
         sock = self._socks.pop(key)
         if key in self._files:
@@ -216,85 +219,6 @@ class ListenerSet(cookiepool.Lending):
             self._load(group, group.want())
         else:
             del self._groups[gid]
-
-    def steer(self, cfg: Config, ready_slots: Iterable[int], gen: int = 0) -> str | None:
-        """Send new connections of `cfg`'s port groups only to `ready_slots`' sockets.
-
-        Returns what to log when something changed for the worse (nothing
-        ready on a group, a program refused), else None. With no ready slot a
-        group keeps its program. Cheap when nothing changed: no system call.
-        """
-        slots = list(ready_slots)
-        wanted: dict[GroupId, set[SocketKey]] = {}
-        for spec in cfg.listeners:
-            if spec.mode == "worker-bind":
-                continue
-            host, port, mode, _ = key_for(spec, 0, gen)   # once per listener: this runs every pass
-            per_slot = spec.mode == "reuseport"
-            ready = {self._pool.socket_of((host, port, mode, s if per_slot else 0)) for s in slots} - self._parked
-            for key in self._socks:
-                if _kind(key) == _kind(key_for(spec, 0)):
-                    keys = wanted.setdefault(self._group_of[key], set())
-                    if key in ready:
-                        keys.add(key)
-        notes = [note for gid, keys in wanted.items()
-                 if (note := self._steer_group(gid, frozenset(keys))) is not None]
-        return "; ".join(notes) or None
-
-    def is_steered(self, cfg: Config) -> bool:
-        """Return True if every socket group of `cfg`'s listeners is steered now."""
-        gids = {self._group_of[k] for k in self._socks for spec in cfg.listeners
-                if spec.mode != "worker-bind" and spec.path is None and _kind(k) == _kind(key_for(spec, 0))}
-        return bool(gids) and all(self._groups[g].attached is not None for g in gids)
-
-    def _steer_group(self, gid: GroupId, keys: frozenset[SocketKey]) -> str | None:
-        group = self._groups[gid]
-        where = f"{gid[1]}:{gid[2]}"
-        if group.refused:
-            return None
-        if not group.known:
-            return _once(group, f"{where}: the order of its sockets is not known (adopted from an "
-                                f"older master, or a socket left while a worker held it): not steered")
-        if not keys:
-            return _once(group, f"{where}: no ready slot; new connections go where they went before")
-        if keys == group.allowed and group.attached is not None and group.order == group.members:
-            return None  # the usual pass: nothing changed, so nothing to build
-        if (stranger := conflict.unverified(gid, len(group.members))) is not None:
-            group.known = False  # a position the master did not give out: steering would guess
-            self._load(group, None)
-            return _once(group, f"{where}: {stranger}: not steered")
-        group.allowed, group.note = keys, None
-        note = self._load(group, group.want())
-        group.order = list(group.members)
-        return note
-
-    def _load(self, group: steering.Group[SocketKey], prog: steering.Program | None) -> str | None:
-        """Make `prog` the group's program (None: none); on refusal, unsteer the group."""
-        if prog == group.attached:
-            return None
-        via = self._socks[group.members[0]]
-        try:
-            if prog is None:
-                steering.detach(via)
-            else:
-                steering.attach(via, prog)
-        except OSError as e:
-            if prog is None:
-                group.attached = None  # ENOENT: nothing was attached
-                return None
-            self.steer_refused += 1
-            group.refused, group.allowed, group.attached = True, None, None
-            try:
-                steering.detach(via)
-            except OSError:
-                pass
-            name = via.getsockname()
-            why = (f"the kernel refused the steering program on {name[0]}:{name[1]} "
-                   f"({e.strerror or e}): new connections go to every socket of the group")
-            log.warning("%s", why)
-            return why
-        group.attached = prog
-        return None
 
     def export(self) -> list[dict[str, Any]]:
         """Return every socket as {key, fd, backlog, pos, parked}, for a master re-exec."""
@@ -379,20 +303,8 @@ class ListenerSet(cookiepool.Lending):
         self._groups.clear()
         self._parked.clear()
         self._pool = cookiepool.Pool()
-
-
-def _kind(key: SocketKey) -> tuple[str, int, str]:
-    """Return host, port and mode of `key`, without a cookie listener's generation."""
-    return (key[0], key[1], key[2].partition("@")[0])
+        self._membership += 1
 
 
 def _tuple(k: list[Any]) -> SocketKey:
     return (str(k[0]), int(k[1]), str(k[2]), int(k[3]))
-
-
-def _once(group: steering.Group[SocketKey], note: str) -> str | None:
-    """Return `note` unless it is what this group said last."""
-    if group.note == note:
-        return None
-    group.note = note
-    return note
