@@ -6,8 +6,8 @@ ticks every generation with `now`, then settles: a level-triggered phase that
 recomputes what to do from the generations' states (promote a new ACTIVE
 generation and drain its predecessor, record the reload's outcome, forget
 retired generations, close sockets nothing uses, start a queued reload). A
-missed event therefore cannot wedge the master. The pass publishes its
-snapshot, then says the outcomes it settled (the log, systemd, the pidfile).
+missed event therefore cannot wedge the master. A pass publishes its snapshot,
+says the outcomes it settled (log, systemd, pidfile), then ends (status file, `log`).
 
 The state belongs to owners, each the only writer of its fields, built by
 `assemble` (called by service/runner.py) with the narrow seams it needs:
@@ -254,8 +254,8 @@ class Master:
         self._guarded("steering and checking the port groups", self.slots.steer_and_check, now)
         snap = self.snapshot(self.clock())
         self.publisher.publish(snap)
-        self.bus.emit(snapshot.PassEnded(snap, self.config))
         self._guarded("saying the reloads' outcomes", lambda _: self.reloads.announce(), now)
+        self.bus.emit(snapshot.PassEnded(snap, self.config))   # then a reloaded `log` section applies
 
     def _guarded(self, what: str, fn: Callable[[float], object], now: float) -> None:
         try:
