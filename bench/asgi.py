@@ -9,7 +9,9 @@ connections) for every server, 4 workers each:
   upgraderd (`app: asgi:...`, forked from a template, access log off), uvicorn
   (`--workers 4 --loop uvloop --http httptools --no-access-log`), granian
   (`--interface asgi --workers 4 --loop uvloop --no-access-log`), one after the
-  other, `--repeats` rounds interleaved, each figure the median;
+  other, `--repeats` rounds interleaved, each figure the median; `--servers` may
+  add `upgraderd-shared` (the listener in `mode: shared`: one accept queue for
+  all workers, as uvicorn's, not one per slot);
 - memory: PSS per forked upgraderd worker with FastAPI loaded, and RSS per
   exec'd uvicorn worker serving the same app;
 - reloads, FastAPI app, `--hups` HUPs `--interval` s apart, under 64 keep-alive
@@ -94,8 +96,8 @@ def comm(pid: int) -> str:
 
 
 @contextmanager
-def upgraderd(tmp: Path, module: str, port: int) -> Iterator[list[int]]:
-    cfg = {"listeners": [{"name": "web", "host": "127.0.0.1", "port": port}],
+def upgraderd(tmp: Path, module: str, port: int, mode: str = "reuseport") -> Iterator[list[int]]:
+    cfg = {"listeners": [{"name": "web", "host": "127.0.0.1", "port": port, "mode": mode}],
            "workers": {"count": WORKERS, "app": f"asgi:{module}:app", "cwd": str(EXAMPLES)},
            "http": {"access_log": False}, "metrics": {"listen": None}}
     with Daemon(tmp, cfg).start() as d:
@@ -140,27 +142,35 @@ def granian(module: str, port: int) -> Any:
                            f"{module}:app"], port, EXAMPLES)
 
 
-def throughput(client: Path, tmp: Path, seconds: float, repeats: int) -> dict[tuple[str, str], dict[str, list[float]]]:
+def server(name: str, tmp: Path, module: str, port: int) -> Any:
+    """Start server `name`: upgraderd (reuseport slots), upgraderd-shared (one shared socket), uvicorn, granian."""
+    if name.startswith("upgraderd"):
+        return upgraderd(tmp, module, port, "shared" if name == "upgraderd-shared" else "reuseport")
+    return uvicorn(module, port) if name == "uvicorn" else granian(module, port)
+
+
+def throughput(client: Path, tmp: Path, seconds: float, repeats: int, servers: list[str],
+               apps: list[str]) -> dict[tuple[str, str], dict[str, list[float]]]:
     """Every server on every app, `repeats` interleaved rounds."""
     out: dict[tuple[str, str], dict[str, list[float]]] = {}
     for r in range(repeats):
-        for app, (module, path) in APPS.items():
-            for name in ("upgraderd", "uvicorn", "granian"):
+        for app in apps:
+            module, path = APPS[app]
+            for name in servers:
                 port = free_port()
-                ctx = upgraderd(tmp / f"{name}-{app}-{r}", module, port) if name == "upgraderd" else \
-                    uvicorn(module, port) if name == "uvicorn" else granian(module, port)
+                ctx = server(name, tmp / f"{name}-{app}-{r}", module, port)
                 (tmp / f"{name}-{app}-{r}").mkdir(exist_ok=True)
                 with ctx as pids:
                     load(client, port, 1.0, "keepalive", path)   # warm-up
                     ka = load(client, port, seconds, "keepalive", path)
                     nc = load(client, port, seconds, "close", path)
-                    mem = statistics.mean(kb(p, "Pss" if name == "upgraderd" else "Rss") for p in pids)
+                    mem = statistics.mean(kb(p, "Pss" if name.startswith("upgraderd") else "Rss") for p in pids)
                 row = out.setdefault((app, name), {})
                 for key, value in (("ka_rps", ka["requests"] / seconds), ("ka_p99", ka["p99_us"]),
                                    ("nc_rps", nc["requests"] / seconds), ("nc_p99", nc["p99_us"]),
                                    ("errors", ka["errors"] + nc["errors"]), ("mem_kb", mem)):
                     row.setdefault(key, []).append(float(value))
-                print(f"  round {r + 1} {app:8} {name:10} keep-alive {ka['requests'] / seconds:8.0f}/s "
+                print(f"  round {r + 1} {app:8} {name:16} keep-alive {ka['requests'] / seconds:8.0f}/s "
                       f"p99 {ka['p99_us']}us  new-conn {nc['requests'] / seconds:7.0f}/s p99 {nc['p99_us']}us "
                       f"errors {ka['errors'] + nc['errors']}  mem {mem / 1024:.1f} MiB", flush=True)
     return out
@@ -250,6 +260,10 @@ def main() -> int:
     parser.add_argument("--hups", type=int, default=20)
     parser.add_argument("--interval", type=float, default=1.0)
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--servers", default="upgraderd,uvicorn,granian",
+                        help="throughput: upgraderd, upgraderd-shared (mode: shared), uvicorn, granian "
+                             "(uvicorn is the ratios' reference: keep it)")
+    parser.add_argument("--apps", default=",".join(APPS), help="throughput: hello, fastapi")
     parser.add_argument("--modes", default="keepalive,close", help="reload runs' client modes")
     parser.add_argument("--systems", default="app,app+preload,uvicorn_server.py",
                         help="reload runs: app (warm standby), app+preload (workers.preload: [fastapi]), "
@@ -262,14 +276,15 @@ def main() -> int:
         tmp = Path(t)
         client = build_client(tmp)
         if not args.skip_throughput:
-            table = throughput(client, tmp, args.seconds, args.repeats)
+            table = throughput(client, tmp, args.seconds, args.repeats, args.servers.split(","),
+                               args.apps.split(","))
             print(f"\nthroughput, {WORKERS} workers each, {CONNS} connections, median of {args.repeats}:")
-            print(f"{'app':8} {'server':10} {'keep-alive/s':>12} {'p99 us':>7} {'new-conn/s':>10} {'p99 us':>7} "
+            print(f"{'app':8} {'server':16} {'keep-alive/s':>12} {'p99 us':>7} {'new-conn/s':>10} {'p99 us':>7} "
                   f"{'errors':>6} {'mem MiB':>8}  ratios to uvicorn (ka, nc)")
             for (app, name), row in table.items():
                 med = {k: statistics.median(v) for k, v in row.items()}
                 uv = {k: statistics.median(v) for k, v in table[(app, "uvicorn")].items()}
-                print(f"{app:8} {name:10} {med['ka_rps']:12.0f} {med['ka_p99']:7.0f} {med['nc_rps']:10.0f} "
+                print(f"{app:8} {name:16} {med['ka_rps']:12.0f} {med['ka_p99']:7.0f} {med['nc_rps']:10.0f} "
                       f"{med['nc_p99']:7.0f} {sum(row['errors']):6.0f} {med['mem_kb'] / 1024:8.1f}  "
                       f"{med['ka_rps'] / uv['ka_rps']:.2f} {med['nc_rps'] / uv['nc_rps']:.2f}")
             print("(mem: PSS per worker for upgraderd's forked workers, RSS per worker for the others)")

@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import socket
+import time
 
 import pytest
 
@@ -108,22 +109,31 @@ def test_slots_that_retire_lose_no_datagram(tmp_path):
     cfg = udp_config(port, count=3)
     with Daemon(tmp_path, cfg) as d:
         d.start()
+        t0 = time.monotonic()
+        marks: dict[str, float] = {}   # when each step began, in s after t0: for a failure's message
         load = UdpLoad(port, flows=4, timeout=1.0).start()
         try:
             floor = load.answered + ANSWERS_BETWEEN
             wait_until(lambda: load.answered >= floor, 20, "answers from three slots")
             d.write_config(udp_config(port, count=2) | {"metrics": cfg["metrics"]})
+            marks["HUP"] = round(time.monotonic() - t0, 3)
             d.reload_to(2)
             d.wait_log(r"closed listener 127\.0\.0\.1:\d+ \(udp/reuseport, slot 2\)")
+            marks["slot 2 closed"] = round(time.monotonic() - t0, 3)
             floor = load.answered + ANSWERS_BETWEEN
             wait_until(lambda: load.answered >= floor, 20, "answers from two slots")
+            marks["TTOU"] = round(time.monotonic() - t0, 3)
             d.send(signal.SIGTTOU)
             d.wait_log(r"closed listener 127\.0\.0\.1:\d+ \(udp/reuseport, slot 1\)")
+            marks["slot 1 closed"] = round(time.monotonic() - t0, 3)
             floor = load.answered + ANSWERS_BETWEEN
             wait_until(lambda: load.answered >= floor, 20, "answers from one slot")
         finally:
             load.stop()
-        assert load.lost == [], f"lost {len(load.lost)} of {load.sent}: {load.lost[:20]}"
+        # Seen once in a full run (1 of 16,497; not reproduced in 52 runs beside two CPU hogs):
+        # the message says when each loss was sent, beside the steps and the master's log.
+        assert load.lost == [], (f"lost {len(load.lost)} of {load.sent} (flow, seq, sent at s): "
+                                 f"{load.lost_since(t0)[:20]}; steps at s: {marks}\n{d.log()[-4000:]}")
         assert load.answered + load.late == load.sent > 3 * ANSWERS_BETWEEN
         assert "slot socket(s)" not in d.log()  # no close while datagrams could still arrive
         assert d.stop() == 0

@@ -31,6 +31,7 @@ class FlowStats:
     sent: int = 0
     answered: int = 0
     lost: list[int] = field(default_factory=list)   # sequence numbers never answered in time
+    sent_at: dict[int, float] = field(default_factory=dict)  # when each lost one was sent (monotonic)
     late: list[int] = field(default_factory=list)   # answered, but after their timeout
     stray: int = 0                                   # answers that are not ours
     cookies: list[tuple[int, bytes]] = field(default_factory=list)  # (seq, cookie) where it changed
@@ -85,6 +86,10 @@ class UdpLoad:
         """Return (flow, sequence number) of every datagram not answered in time."""
         return [(i, seq) for i, s in enumerate(self.stats) for seq in s.lost]
 
+    def lost_since(self, t0: float) -> list[tuple[int, int, float]]:
+        """Return (flow, sequence number, seconds after `t0` it was sent) of every datagram lost."""
+        return [(i, seq, round(s.sent_at.get(seq, t0) - t0, 3)) for i, s in enumerate(self.stats) for seq in s.lost]
+
     def _run(self, flow: int) -> None:
         st = self.stats[flow]
         cookie = self.first_cookie
@@ -101,9 +106,11 @@ class UdpLoad:
                     st.lost.append(seq)
                     continue
                 st.sent += 1
+                sent_at = time.monotonic()
                 reply = self._await(s, out, head, st)
                 if reply is None:
                     st.lost.append(seq)
+                    st.sent_at[seq] = sent_at
                     continue
                 st.answered += 1
                 if self.reply_check is not None:
