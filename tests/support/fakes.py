@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import signal as signal_mod
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from upgraderd.errors import SpawnError
 from upgraderd.core.generation import Generation
@@ -332,11 +332,12 @@ class FakeExec:
 
 
 def fake_system(procs: FakeProcessAPI, notify: FakeNotify, watcher: FakeWatcher | None = None,
-                execs: FakeExec | None = None) -> System:
-    """Return a `System` of `procs` and `notify` plus the real sockets, probes and kernel."""
+                execs: FakeExec | None = None, tell_systemd: Callable[[str], None] = lambda message: None) -> System:
+    """Return a `System` of `procs` and `notify` plus the real sockets, probes and kernel;
+    what the master tells systemd goes to `tell_systemd`."""
     no_exec = execs if execs is not None else FakeExec()
     return System(procs=procs, notify=notify, listeners=sockets.ListenerSet(), probes=Prober(),
                   kernel=posix.PosixKernel(), environ={"PATH": "/usr/bin:/bin"}, load_config=schema.load,
                   user_env=user_env, reserve_port=reserve_port, self_command=("/usr/bin/python3", "-m", "upgraderd"),
-                  tell_systemd=lambda message: None, exec_master=no_exec, watcher=watcher,
+                  tell_systemd=tell_systemd, exec_master=no_exec, watcher=watcher,
                   check_probes=Prober(interval=0.05))

@@ -18,7 +18,7 @@ import yaml
 
 from tests.support.fakes import FakeClock, FakeExec, FakeNotify, FakeProcessAPI, fake_system
 from tests.support.upgraderd_proc import free_port
-from tests.unit.conftest import RigMaker
+from tests.unit.conftest import RigMaker, passes
 from upgraderd.core.generation import GenerationState as G, WorkerState as W
 from upgraderd.core.durations import Durations
 from upgraderd.core.master import FAST_STOP_GRACE, Master, assemble
@@ -42,8 +42,9 @@ class Rig:
         self.procs = FakeProcessAPI()
         self.notify = FakeNotify()
         self.execs = FakeExec()
-        self.master = assemble(str(self.path), fake_system(self.procs, self.notify, execs=self.execs),
-                               clock=self.clock)
+        self.told: list[str] = []   # what the master told systemd, in order
+        self.master = assemble(str(self.path), fake_system(self.procs, self.notify, execs=self.execs,
+                                                           tell_systemd=self.told.append), clock=self.clock)
 
     def write(self, count: int = 2, **sections: Any) -> None:
         doc: dict[str, Any] = {
@@ -59,9 +60,10 @@ class Rig:
         return self.master
 
     def step(self, *signals: signal.Signals, at: float | None = None) -> None:
+        """One pass, then the passes the master asks for at once, as run() does."""
         if at is not None:
             self.clock.set(at)
-        self.master.step(set(signals))
+        passes(self.master, set(signals))
 
     def ready(self, *pids: int, at: float | None = None) -> None:
         self.notify.ready(*pids)
@@ -281,10 +283,19 @@ def test_hups_during_starting_coalesce_into_one_more_generation(rig: Rig, caplog
     assert rig.states() == [(1, G.ACTIVE), (2, G.STARTING)]
     assert messages(caplog).count("received SIGHUP: reload queued, generation 2 is still starting") == 3
     assert len(rig.procs.spawns) == 2
+    rig.told.clear()
     rig.ready(*rig.procs.pids(2), at=T0 + 5)
-    # Gen 2 settles; the queued HUPs start exactly one more generation in the same pass.
+    # Gen 2 settles and its outcome is said; the queued HUPs start exactly one more
+    # generation in the pass right after (no wait: Rig.step runs it, the loop's timeout is 0).
     assert rig.states() == [(1, G.DRAINING), (2, G.ACTIVE), (3, G.STARTING)]
     assert rig.procs.kills == [(1000, TERM)]
+    # systemd (Type=notify-reload) hears the first reload end before the next begins, and the
+    # log says it in the same order.
+    assert [t.partition("\n")[0] for t in rig.told] == ["READY=1", "RELOADING=1"]
+    said = messages(caplog)
+    assert said.index("reload done: generation 2 ACTIVE 4.000s after HUP; another reload is queued") < \
+        max(i for i, line in enumerate(said) if line.startswith("reload: "))   # gen 3's plan
+    assert m.timeout() > 0.0
     rig.step(at=T0 + 6)
     rig.step(at=T0 + 7)
     assert [s.generation for s in rig.procs.spawns] == [1, 2, 3]

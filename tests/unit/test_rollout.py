@@ -191,7 +191,10 @@ class Health(http.server.BaseHTTPRequestHandler):
 def health() -> Iterator[http.server.HTTPServer]:
     class Handler(Health):
         pass
-    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    # A thread per connection: a probe still connected when the test ends (its rig is torn down
+    # after this fixture) must not keep shutdown() waiting for the request it never sends.
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.block_on_close = False
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()
     yield server

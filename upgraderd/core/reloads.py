@@ -87,6 +87,9 @@ class Reloads:
         # once the pass's snapshot is published: whoever reads "serving" or "reload done" and
         # then asks /readyz, the status file or the metrics finds what the line says.
         self._unsaid: list[Callable[[], None]] = []
+        # Set when outcomes were said: the pass after it comes at once (what `busy` held back:
+        # a queued reload, a USR2's exec) and clears it in settle().
+        self._said = False
 
     def _say(self, level: int, line: str, systemd: str, event: ev.Event | None = None) -> None:
         def say() -> None:
@@ -98,9 +101,9 @@ class Reloads:
 
     def announce(self) -> None:
         """Say the outcomes settled this pass; the master calls it after publishing the pass's snapshot."""
-        unsaid, self._unsaid = self._unsaid, []
-        for say in unsaid:
-            say()
+        self._said = self._said or bool(self._unsaid)
+        while self._unsaid:   # one that raises leaves the rest for the next pass, in order
+            self._unsaid.pop(0)()
 
     def first(self, cfg: Config, now: float) -> None:
         """Start generation 1 from `cfg` (already bound)."""
@@ -204,8 +207,9 @@ class Reloads:
 
     @property
     def busy(self) -> bool:
-        """Return True while a reload (or the start) awaits its outcome: a queued one waits."""
-        return self.watching is not None
+        """Return True while a reload (or the start) awaits its outcome, or its outcome is not said
+        yet: a queued reload or a USR2 waits (its RELOADING=1 must follow the last READY=1)."""
+        return self.watching is not None or bool(self._unsaid)
 
     def reject(self, why: str, result: str, generation: int = 0, status: str = "reload failed") -> None:
         """Report a rejected or failed reload and log it; the serving generation is untouched."""
@@ -217,6 +221,7 @@ class Reloads:
 
     def settle(self, now: float) -> None:
         """Record the outcome of the reload (or start) under way once its generation has settled."""
+        self._said = False
         gen = self.watching
         if gen is None or gen.state is GenerationState.STARTING:
             return
@@ -268,8 +273,9 @@ class Reloads:
         self.files.step(self.config, self.fleet.stopping, now)
 
     def deadlines(self) -> Iterable[float | None]:
-        """Return when the file watch or the rollout under way next needs the loop."""
-        return (self.files.deadline, *(self.rollouts.deadlines() if self.rollouts is not None else ()))
+        """Return when the file watch, the rollout under way or a pass after outcomes were said needs the loop."""
+        return (self.files.deadline, 0.0 if self._said else None,
+                *(self.rollouts.deadlines() if self.rollouts is not None else ()))
 
     def progress(self) -> Progress | None:
         """Return the rollout under way, if any (for the snapshot)."""
