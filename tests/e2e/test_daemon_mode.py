@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from tests.support import ROOT
-from tests.support.upgraderd_proc import Daemon, alive, children, echo_config, free_port, wait_until
+from tests.support.upgraderd_proc import alive, children, Daemon, echo_config, free_port, text_of, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -164,7 +164,7 @@ def test_stale_pidfile_is_replaced_with_a_warning(tmp_path):
     with Daemon(tmp_path, echo_config(port)).start() as d:
         assert f"WARNING stale pidfile {pidfile} (pid {dead.pid} is not running); it will be " \
                "replaced once this master serves" in d.log()
-        wait_until(lambda: pidfile.read_text() == f"{d.pid}\n", 10, "the pidfile to name the master")
+        wait_until(lambda: text_of(pidfile) == f"{d.pid}\n", 10, "the pidfile to name the master")
     assert d.proc.returncode == 0
     assert not pidfile.exists()
 

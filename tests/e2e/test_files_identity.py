@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.upgraderd_proc import ROOT, Daemon, echo_config, free_port, wait_until
+from tests.support.upgraderd_proc import Daemon, echo_config, free_port, ROOT, text_of, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -113,7 +113,7 @@ def test_stale_pidfile_naming_a_process_called_upgraderd_is_not_signalled(tmp_pa
         assert f.read().split(b"\0")[1].endswith(b"/upgraderd")
     with Daemon(tmp_path, echo_config(free_port(), count=1)).start() as d:
         # The master writes its pidfile just after it logs "serving": overwrite it only then.
-        wait_until(lambda: d.pidfile.read_text().strip() == str(d.pid), 10, "the master's pidfile")
+        wait_until(lambda: (text_of(d.pidfile) or "").strip() == str(d.pid), 10, "the master's pidfile")
         d.pidfile.write_text(f"{pid}\n")  # stale: the lock is held, by the real master
         why = f"no master is running: pid {pid} in {d.pidfile} does not hold {d.pidfile}.lock (stale pidfile)"
         # LSB: `stop` of a stopped service succeeds, `status` says 3, the others 7 (not running).
@@ -130,7 +130,7 @@ def test_pidfile_naming_another_instances_master_is_not_signalled(tmp_path: Path
     (tmp_path / "b").mkdir()
     with Daemon(tmp_path / "a", echo_config(free_port(), count=1)).start() as a, \
             Daemon(tmp_path / "b", echo_config(free_port(), count=1)).start() as b:
-        wait_until(lambda: a.pidfile.read_text().strip() == str(a.pid), 10, "A's pidfile")
+        wait_until(lambda: (text_of(a.pidfile) or "").strip() == str(a.pid), 10, "A's pidfile")
         a.pidfile.write_text(f"{b.pid}\n")
         for cmd, code in ((["reload"], 7), (["stop"], 0), (["status"], 3)):
             r = upgraderd(*cmd, "--pidfile", str(a.pidfile))

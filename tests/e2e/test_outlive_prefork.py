@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from tests.support.upgraderd_proc import ROOT, Daemon, alive, children, echo_config, free_port, wait_until
+from tests.support.upgraderd_proc import alive, children, Daemon, echo_config, free_port, ROOT, text_of, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -86,7 +86,7 @@ def test_ten_restarts_of_a_prefork_master_take_over_every_orphan_and_stop_leaves
         d.wait_log(r"took over \d+ orphaned worker\(s\)")
         # `stop` finds the master by its pidfile, written once it serves; the orphan with the
         # client is then still draining (an echo stream never ends by itself: drain.timeout).
-        wait_until(lambda: d.pidfile.read_text().strip() == str(d.pid), 20, "the new master's pidfile")
+        wait_until(lambda: (text_of(d.pidfile) or "").strip() == str(d.pid), 20, "the new master's pidfile")
         seen |= family(d)
         assert any(alive(p) for p in old), "the orphans were gone before `stop`: nothing tested"
         r = subprocess.run([sys.executable, "-m", "upgraderd", "stop", "--pidfile", str(d.pidfile)],

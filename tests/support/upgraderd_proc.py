@@ -79,6 +79,14 @@ def _signal_pending(pid: int, sig: int) -> bool:
     return any(m & (1 << (sig - 1)) for m in masks)
 
 
+def text_of(path: Path) -> str | None:
+    """Return the file's text, or None while it does not exist (a condition for wait_until)."""
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None
+
+
 def wait_until(cond: Callable[[], object], timeout: float, what: str, interval: float = 0.02) -> object:
     """Poll `cond` until it returns something truthy; fail the test after `timeout`."""
     end = time.monotonic() + timeout
