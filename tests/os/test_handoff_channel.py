@@ -112,7 +112,7 @@ def test_malformed_messages_are_refused_counted_and_survived(taker, tcp_pair, wh
     t.poll()
     send_fd(good, wire.encode_offer("web", b"", b"", b"")[0], tcp_pair[1].fileno())
     t.poll()
-    assert good.recv(100) == wire.encode(wire.ACK)
+    assert good.recv(100) == wire.encode(wire.ACK, wire.TAKES_BATCHES)
     for fd in (r, w):
         os.close(fd)
     s.close()
@@ -147,7 +147,7 @@ def test_a_commit_already_queued_when_the_taker_closes_is_kept(taker, tcp_pair):
     t.poll()
     send_fd(s, wire.encode_offer("web", b"st", b"", b"")[0], tcp_pair[1].fileno())
     t.poll()
-    assert s.recv(100) == wire.encode(wire.ACK)
+    assert s.recv(100) == wire.encode(wire.ACK, wire.TAKES_BATCHES)
     s.send(wire.encode(wire.COMMIT))
     moved = t.close()
     assert [(h.listener, h.state) for h in moved] == [("web", b"st")]
@@ -160,7 +160,7 @@ def test_after_the_taker_closes_a_late_commit_fails_so_the_giver_serves_on(taker
     t.poll()
     send_fd(s, wire.encode_offer("web", b"", b"", b"")[0], tcp_pair[1].fileno())
     t.poll()
-    assert s.recv(100) == wire.encode(wire.ACK)
+    assert s.recv(100) == wire.encode(wire.ACK, wire.TAKES_BATCHES)
     assert t.close() == []
     with pytest.raises(OSError):
         s.send(wire.encode(wire.COMMIT))

@@ -89,7 +89,7 @@ def test_end_ends_the_arrival_and_the_channel_stays_for_the_next_give(taker, con
     assert t.arriving == 0          # connected, nothing offered: nobody to wait for
     offer(s, conns[0][1])
     t.poll()
-    assert s.recv(100) == wire.encode(wire.ACK)
+    assert s.recv(100) == wire.encode(wire.ACK, wire.TAKES_BATCHES)
     assert t.arriving == 1
     s.send(wire.encode(wire.COMMIT))
     assert len(t.poll()) == 1 and t.arriving == 1    # committed, but the give is not over
@@ -107,7 +107,7 @@ def test_a_giver_that_goes_without_end_ends_its_arrival(taker, conns):
     s = channel(t)
     offer(s, conns[0][1])
     t.poll()
-    assert s.recv(100) == wire.encode(wire.ACK)
+    assert s.recv(100) == wire.encode(wire.ACK, wire.TAKES_BATCHES)
     s.send(wire.encode(wire.COMMIT))
     assert len(t.poll()) == 1 and t.arriving == 1
     s.close()
@@ -134,7 +134,7 @@ def test_end_while_a_commit_is_due_is_malformed(taker, conns):
     s = channel(t)
     offer(s, conns[0][1])
     t.poll()
-    assert s.recv(100) == wire.encode(wire.ACK)
+    assert s.recv(100) == wire.encode(wire.ACK, wire.TAKES_BATCHES)
     s.send(wire.encode(wire.END))
     assert t.poll() == []
     assert t.failures == {"malformed": 1} and t.arriving == 0

@@ -32,7 +32,7 @@ def test_a_giver_holding_more_than_the_pending_bytes_is_dropped(taker, tcp_pair)
     t.poll()
     for _ in range(2):  # two of the largest offers: exactly the limit
         offer(t, s, tcp_pair[1].fileno(), wire.MAX_PAYLOAD)
-        assert s.recv(100) == wire.encode(wire.ACK)
+        assert s.recv(100) == wire.encode(wire.ACK, wire.TAKES_BATCHES)
     assert t.failures == {}
     send_fd(s, wire.encode_offer("web", b"", b"", b"y")[0], tcp_pair[1].fileno())
     assert t.poll() == []
@@ -71,7 +71,7 @@ def test_a_full_house_makes_room_by_closing_the_longest_idle_giver(monkeypatch, 
         assert closed(first)
         send_fd(third, wire.encode_offer("web", b"", b"", b"")[0], tcp_pair[1].fileno())
         t.poll()
-        assert third.recv(100) == wire.encode(wire.ACK)
+        assert third.recv(100) == wire.encode(wire.ACK, wire.TAKES_BATCHES)
         second.close()
     finally:
         t.close()
@@ -186,7 +186,7 @@ def test_givers_together_over_the_takers_total_are_refused_counted_and_keep_thei
         t.poll()
         for s, (_, server) in zip(peers[:3], pairs):   # three givers, 1 MiB each: exactly the total
             offer(t, s, server.fileno(), MIB)
-            assert s.recv(100) == wire.encode(wire.ACK)
+            assert s.recv(100) == wire.encode(wire.ACK, wire.TAKES_BATCHES)
         assert t.held == 3 * MIB and t.failures == {}
         offer(t, peers[3], pairs[3][1].fileno(), MIB)  # a fourth: read to its end, refused, not kept
         assert peers[3].recv(100) == wire.encode(wire.REFUSE, "over_capacity")

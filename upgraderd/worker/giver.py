@@ -18,6 +18,11 @@ credentials of) every taker cost N connects per giver, N * N per reload,
 seconds of CPU at 128 workers; the givers of a generation still spread their
 connections over all the takers, each starting at a different one.
 
+Once a taker's ACK says it takes batches (contract/wire.py), the offers of
+a round to it go as BATCH messages of up to MAX_BATCH connections, each
+answered and committed as one; the first round to a taker, and a connection
+too large for one message, go as single OFFERs.
+
 Each `give_many` ends with an END to every taker it offered to that is still
 in play (contract/wire.py): the taker then knows this give is complete.
 """
@@ -29,7 +34,7 @@ import os
 import socket
 import time
 from collections import Counter
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from upgraderd.contract import wire
 from upgraderd.worker import peers
@@ -48,6 +53,7 @@ class _Target:
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
         self.sock: socket.socket | None = None
+        self.batches = False  # it said it takes BATCH messages
 
     def close(self) -> None:
         if self.sock is not None:
@@ -169,7 +175,7 @@ class Giver:
         while pending and self._targets:
             plan = self._plan(pending, sizes)
             offered += [t for t in plan if t not in offered]
-            failed = self._round(plan, [m.sock.fileno() for m in moving], msgs, given)
+            failed = self._round(plan, moving, msgs, given)
             for target, reason in failed.items():
                 self.failures[reason] += 1
                 target.close()
@@ -211,39 +217,45 @@ class Giver:
             self._next += 1
         return plan
 
-    def _round(self, plan: dict[_Target, list[int]], fds: list[int], msgs: dict[int, list[bytes]],
+    def _round(self, plan: dict[_Target, list[int]], moving: list[Handed], msgs: dict[int, list[bytes]],
                given: list[bool]) -> dict[_Target, str]:
         """Offer, collect the answers, commit; mark `given`; return the takers that failed, with why."""
         deadline = self.clock() + self.timeout
         failed: dict[_Target, str] = {}
-        for target, idxs in plan.items():
-            reason = self._send_offers(target, [(fds[i], msgs[i]) for i in idxs], deadline)
+        units = {target: _units(target, idxs, moving) for target, idxs in plan.items()}
+        for target, offers in units.items():
+            reason = self._send_offers(target, offers, moving, msgs, deadline)
             if reason:
                 failed[target] = reason
-        for target, idxs in plan.items():
+        for target, offers in units.items():
             if target in failed:
                 continue
-            acks, reason = self._answers(target, len(idxs), deadline)
+            acks, reason = self._answers(target, len(offers), deadline)
             if reason and reason != "refused":
                 failed[target] = reason  # nothing committed: the taker drops its copies
                 continue
-            committed = self._commit(target, sum(acks))
-            for i in [i for i, ok in zip(idxs, acks) if ok][:committed]:
-                given[i] = True
-            if reason or committed < sum(acks):
+            acked = [offer for offer, ok in zip(offers, acks) if ok]
+            committed = self._commit(target, len(acked))
+            for offer in acked[:committed]:
+                for i in offer.idxs:
+                    given[i] = True
+            if reason or committed < len(acked):
                 failed[target] = reason or "taker_gone"
         return failed
 
-    def _send_offers(self, target: _Target, offers: list[tuple[int, list[bytes]]], deadline: float) -> str:
-        """Send OFFER (and DATA) messages; return "" or the failure reason."""
+    def _send_offers(self, target: _Target, offers: list[_Unit], moving: list[Handed], msgs: dict[int, list[bytes]],
+                     deadline: float) -> str:
+        """Send OFFER (and DATA) or BATCH messages; return "" or the failure reason."""
         try:
             sock = target.sock
             if sock is None:
                 return "taker_gone"
-            for fd, msgs in offers:
+            for offer in offers:
+                fds = array.array("i", [moving[i].sock.fileno() for i in offer.idxs])
+                parts = [offer.batch] if offer.batch else msgs[offer.idxs[0]]
                 _timeout(sock, deadline, self.clock)
-                sock.sendmsg([msgs[0]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
-                for msg in msgs[1:]:
+                sock.sendmsg([parts[0]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+                for msg in parts[1:]:
                     _timeout(sock, deadline, self.clock)
                     sock.send(msg)
         except (socket.timeout, TimeoutError):
@@ -266,6 +278,7 @@ class Giver:
                 if kind not in (wire.ACK, wire.REFUSE):
                     return acks, "malformed_reply"
                 acks.append(kind == wire.ACK)
+                target.batches = target.batches or wire.takes_batches(reply)
         except (socket.timeout, TimeoutError):
             return acks, "timeout"
         except wire.Malformed:
@@ -293,6 +306,38 @@ class Giver:
         _timeout(sock, deadline, self.clock)
         sock.connect(wire.address(target.channel.name))
         return self.trust(peers.peer_of(sock), target.channel)
+
+
+class _Unit(NamedTuple):
+    """One message's worth of offers: a single OFFER (`batch` empty) or a BATCH of `idxs`."""
+
+    idxs: list[int]
+    batch: bytes
+
+
+def _units(target: _Target, idxs: list[int], moving: list[Handed]) -> list[_Unit]:
+    """Group one round's offers to `target` into messages: BATCHes if it takes them, else single OFFERs."""
+    if not target.batches:
+        return [_Unit([i], b"") for i in idxs]
+    out: list[_Unit] = []
+    entries: list[bytes] = []
+    group: list[int] = []
+    size = 0
+    for i in idxs:
+        m = moving[i]
+        entry = wire.batch_entry(m.listener, m.state, m.unhandled, m.unsent)
+        if entry is None:
+            out.append(_Unit([i], b""))
+            continue
+        if not wire.batch_fits(size, len(entries), entry):
+            out.append(_Unit(group, wire.encode_batch(entries)))
+            entries, group, size = [], [], 0
+        entries.append(entry)
+        group.append(i)
+        size += len(entry)
+    if entries:
+        out.append(_Unit(group, wire.encode_batch(entries)))
+    return out
 
 
 def _timeout(sock: socket.socket, deadline: float, clock: Callable[[], float]) -> None:

@@ -11,6 +11,12 @@ now and those that come back to us. The loop calls `pump()` when
 `fileno()` is readable, and on each pass while draining. Connections not
 in flight are served on meanwhile.
 
+Batches: once a taker's ACK says it takes them (contract/wire.py), the
+offers queued on its lane between two pumps go as BATCH messages of up to
+MAX_BATCH connections, each answered by one ACK or REFUSE and committed by
+one COMMIT. Until then, and for a connection whose payload does not fit in
+one message, the lane sends single OFFERs, which every taker understands.
+
 Flow control: a lane holds at most WINDOW offers and `BATCH_BYTES` of
 payload that are not answered yet (the taker holds at most MAX_PENDING
 acknowledged ones), so a slow taker gets no more than it can answer.
@@ -53,13 +59,26 @@ class _Lane:
 
     def __init__(self, sock: socket.socket, now: float) -> None:
         self.sock = sock
-        self.out: deque[tuple[bytes, int, int]] = deque()   # (message, fd to attach or -1, key committed or -1)
-        self.waiting: deque[tuple[int, int]] = deque()      # (key, payload size) sent or queued, unanswered
-        self.held = 0                                       # payload bytes of `waiting`
+        self.out: deque[tuple[bytes, list[int], list[int]]] = deque()  # (message, fds to attach, keys it commits)
+        self.waiting: deque[tuple[list[int], int]] = deque()  # (keys, payload size) per offer or batch, unanswered
+        self.flight = 0                                     # connections in `waiting` and in the open batch
+        self.held = 0                                       # their payload bytes
         self.progress = now                                 # last answer (or first offer) time
+        self.batches = False                                # the taker said it takes BATCH messages
+        self.entries: list[bytes] = []                      # the open batch: its entries, keys, fds, sizes
+        self.keys: list[int] = []
+        self.fds: list[int] = []
+        self.entry_bytes = self.payload = 0
 
     def room(self) -> bool:
-        return len(self.waiting) < WINDOW and self.held < BATCH_BYTES
+        return self.flight < WINDOW and self.held < BATCH_BYTES
+
+    def close_batch(self) -> None:
+        """Queue the open batch for sending (it is answered and committed as one)."""
+        if self.entries:
+            self.out.append((wire.encode_batch(self.entries), self.fds, []))
+            self.waiting.append((self.keys, self.payload))
+            self.entries, self.keys, self.fds, self.entry_bytes, self.payload = [], [], [], 0, 0
 
 
 class Outbox:
@@ -101,25 +120,44 @@ class Outbox:
 
     def offer(self, key: int, moving: Handed) -> bool:
         """Queue `moving` (stop reading it first) on the next taker with room; False: serve it on."""
-        try:
-            msgs = wire.encode_offer(moving.listener, moving.state, moving.unhandled, moving.unsent)
-        except ValueError:
-            self.failures["too_large"] += 1
-            return False
         for _ in range(len(self._lanes)):
             lane = self._lanes[self._next % len(self._lanes)]
             self._next += 1
             if lane.room():
-                size = len(moving.state) + len(moving.unhandled) + len(moving.unsent)
-                if not lane.waiting:
-                    lane.progress = self.clock()
-                lane.waiting.append((key, size))
-                lane.held += size
-                lane.out.append((msgs[0], moving.sock.fileno(), -1))
-                lane.out.extend((m, -1, -1) for m in msgs[1:])
-                self._pending[key] = moving
-                return True
+                return self._queue(lane, key, moving)
         return False
+
+    def _queue(self, lane: _Lane, key: int, moving: Handed) -> bool:
+        """Put `moving` in `lane`'s open batch, or queue it as an OFFER; False if it is too large to move."""
+        entry = wire.batch_entry(moving.listener, moving.state, moving.unhandled, moving.unsent) \
+            if lane.batches else None
+        msgs: list[bytes] = []
+        if entry is None:
+            try:
+                msgs = wire.encode_offer(moving.listener, moving.state, moving.unhandled, moving.unsent)
+            except ValueError:
+                self.failures["too_large"] += 1
+                return False
+        size = len(moving.state) + len(moving.unhandled) + len(moving.unsent)
+        if not lane.waiting and not lane.entries:
+            lane.progress = self.clock()
+        lane.flight += 1
+        lane.held += size
+        self._pending[key] = moving
+        if entry is None:
+            lane.close_batch()
+            lane.waiting.append(([key], size))
+            lane.out.append((msgs[0], [moving.sock.fileno()], []))
+            lane.out.extend((m, [], []) for m in msgs[1:])
+            return True
+        if not wire.batch_fits(lane.entry_bytes, len(lane.entries), entry):
+            lane.close_batch()
+        lane.entries.append(entry)
+        lane.keys.append(key)
+        lane.fds.append(moving.sock.fileno())
+        lane.entry_bytes += len(entry)
+        lane.payload += size
+        return True
 
     def pump(self) -> tuple[list[int], list[int]]:
         """Send, read and commit what can be now; return (keys given, keys back to serve on)."""
@@ -127,6 +165,7 @@ class Outbox:
             self._read(key.data)
         now = self.clock()
         for lane in list(self._lanes):
+            lane.close_batch()
             if lane.sock.fileno() >= 0:
                 self._send(lane)
             if lane.sock.fileno() >= 0 and lane.waiting and now - lane.progress > self.timeout:
@@ -145,10 +184,10 @@ class Outbox:
 
     def _send(self, lane: _Lane) -> None:
         while lane.out:
-            msg, fd, committed = lane.out[0]
+            msg, fds, committed = lane.out[0]
             try:
-                if fd >= 0:
-                    lane.sock.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))],
+                if fds:
+                    lane.sock.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))],
                                       socket.MSG_DONTWAIT)
                 else:
                     lane.sock.send(msg, socket.MSG_DONTWAIT)
@@ -158,9 +197,9 @@ class Outbox:
                 self._fail(lane, "taker_gone")
                 return
             lane.out.popleft()
-            if committed >= 0:
-                self._pending.pop(committed, None)
-                self._done.append(committed)
+            for key in committed:
+                self._pending.pop(key, None)
+                self._done.append(key)
 
     def _read(self, lane: _Lane) -> None:
         while lane.sock.fileno() >= 0:
@@ -178,16 +217,19 @@ class Outbox:
             if not reply or kind not in (wire.ACK, wire.REFUSE) or not lane.waiting:
                 self._fail(lane, "taker_gone" if not reply else "malformed_reply")
                 return
-            key, size = lane.waiting.popleft()
+            keys, size = lane.waiting.popleft()
+            lane.flight -= len(keys)
             lane.held -= size
             lane.progress = self.clock()
             if kind == wire.REFUSE:
-                self._pending.pop(key, None)
-                self._back.append(key)
+                for key in keys:
+                    self._pending.pop(key, None)
+                    self._back.append(key)
                 self._send(lane)        # the COMMITs of the offers it acknowledged before
                 self._fail(lane, "refused")
                 return
-            lane.out.append((_COMMIT, -1, key))
+            lane.batches = lane.batches or wire.takes_batches(reply)
+            lane.out.append((_COMMIT, [], keys))
 
     def _fail(self, lane: _Lane, reason: str | None) -> None:
         """Close the lane's socket (the taker drops whatever we did not commit), take those back."""
@@ -196,10 +238,12 @@ class Outbox:
         if lane.sock.fileno() >= 0:
             self._sel.unregister(lane.sock)
             lane.sock.close()
-        for key in [k for k, _ in lane.waiting] + [k for _, _, k in lane.out if k >= 0]:
+        for key in [k for keys, _ in lane.waiting for k in keys] + [k for _, _, keys in lane.out for k in keys] \
+                + lane.keys:
             if self._pending.pop(key, None) is not None:
                 self._back.append(key)
         lane.waiting.clear()
         lane.out.clear()
+        lane.entries, lane.keys, lane.fds, lane.flight, lane.held = [], [], [], 0, 0
         if lane in self._lanes:
             self._lanes.remove(lane)

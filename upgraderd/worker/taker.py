@@ -15,6 +15,12 @@ offer is a failed give, never a lost connection), and the refusal is counted.
 Without the total, 64 trusted givers at their own limit could make one worker
 hold 1 GiB.
 
+Batches: our ACK says we take BATCH messages (contract/wire.py), and a
+giver that read it may offer up to MAX_BATCH connections in one message,
+answered by one ACK or REFUSE and committed by one COMMIT. A batch is taken
+or refused whole: over the total, while closing, or if one of its
+connections names a listener we do not have.
+
 The end of a hand-off: a giver sends END once it has offered us everything
 it meant to in one give (contract/wire.py). `Taker.arriving` counts the
 givers that have begun to offer and not ended (by END, by closing the
@@ -27,67 +33,25 @@ that stalls holds nobody for long: `peer_timeout` drops it mid-offer,
 
 from __future__ import annotations
 
-import array
 import os
 import selectors
-import socket
-import stat
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from upgraderd.contract import wire
 from upgraderd.worker import peers
 from upgraderd.worker.moved import Handed, identity
+from upgraderd.worker.inbound import (Inbound, bind, close_fds, commits_queued, receive, size,
+                                     tcp_connection, unlink_if)
 from upgraderd.worker.peers import Peer
 
-MAX_FDS = 4
-MAX_PENDING = 128  # offers acknowledged on one channel connection and not committed yet
+MAX_PENDING = 128  # connections acknowledged on one channel connection and not committed yet
 MAX_PENDING_BYTES = wire.MAX_PENDING_BYTES
 # Payload offered and not committed over all givers at once: two givers at their limit.
 MAX_HELD_BYTES = 2 * MAX_PENDING_BYTES
 OVER_CAPACITY = "over_capacity"
 MAX_GENERATION = 999_999_999  # the largest UPGRADERD_GENERATION (contract/env.py `small_number`)
-
-
-@dataclass
-class _Inbound:
-    """A giver connected to our channel: the offer it is sending, and those we acknowledged."""
-
-    sock: socket.socket
-    since: float
-    head: wire.OfferHead | None = None  # the offer being received, until its payload is complete
-    conn: socket.socket | None = None
-    payload: bytearray = field(default_factory=bytearray)
-    got: int = 0  # payload bytes of the offer being received, kept in `payload` unless `refusing`
-    refusing: bool = False  # the offer being received is over the taker's total: read, not kept
-    acked: list[Handed] = field(default_factory=list)  # ACK sent, COMMIT due, in offer order
-    held: int = 0  # payload bytes of `acked` and of the offer being received (unless refused)
-    arriving: bool = False  # it offered since its last END: more may come
-
-    @property
-    def busy(self) -> bool:
-        """Return True while an offer is in progress or a COMMIT is due."""
-        return self.head is not None or bool(self.acked)
-
-    def complete(self) -> Handed:
-        """Return the offer just received in full, and start afresh."""
-        assert self.head is not None and self.conn is not None
-        h, p = self.head, bytes(self.payload)
-        moved = Handed(self.conn, h.listener, p[:h.state_len],
-                       p[h.state_len:h.state_len + h.unhandled_len], p[h.state_len + h.unhandled_len:])
-        self.head, self.conn, self.payload, self.got, self.refusing = None, None, bytearray(), 0, False
-        return moved
-
-    def discard(self) -> None:
-        """Close our copies of every connection not committed to us (the giver keeps them)."""
-        for moved in self.acked:
-            moved.sock.close()
-        if self.conn is not None:
-            self.conn.close()
-        self.head, self.conn, self.payload, self.acked, self.held = None, None, bytearray(), [], 0
-        self.got, self.refusing = 0, False
 
 
 class Taker:
@@ -109,10 +73,11 @@ class Taker:
         self.idle_timeout, self.max_held_bytes = idle_timeout, max_held_bytes
         self.accepting = True
         self.failures: Counter[str] = Counter()
-        self.sock, self._inode = _bind(self.name)
+        self.messages = 0  # messages read from givers (a batch of 64 connections is three, with its answer)
+        self.sock, self._inode = bind(self.name)
         self._sel = selectors.EpollSelector()
         self._sel.register(self.sock, selectors.EVENT_READ, None)
-        self._peers: dict[int, _Inbound] = {}
+        self._peers: dict[int, Inbound] = {}
 
     @property
     def held(self) -> int:
@@ -153,7 +118,7 @@ class Taker:
         if self.sock.fileno() >= 0:
             self._sel.unregister(self.sock)
             self.sock.close()
-            _unlink_if(self.name, self._inode)
+            unlink_if(self.name, self._inode)
         for inb in list(self._peers.values()):
             self._drop(inb, out, None)
         self._sel.close()
@@ -181,7 +146,7 @@ class Taker:
                 conn.close()
                 continue
             conn.setblocking(False)
-            inb = _Inbound(conn, self.clock())
+            inb = Inbound(conn, self.clock())
             self._peers[conn.fileno()] = inb
             self._sel.register(conn, selectors.EVENT_READ, inb)
 
@@ -193,10 +158,10 @@ class Taker:
         self._drop(min(idle, key=lambda inb: inb.since), [], "idle_giver")
         return True
 
-    def _serve_peer(self, inb: _Inbound, out: list[Handed]) -> None:
+    def _serve_peer(self, inb: Inbound, out: list[Handed]) -> None:
         while inb.sock.fileno() >= 0:
             try:
-                msg, fds = _receive(inb.sock)
+                msg, fds = receive(inb.sock)
             except (BlockingIOError, InterruptedError):
                 return
             except wire.Malformed:
@@ -206,29 +171,33 @@ class Taker:
                 self._drop(inb, out, "abandoned" if inb.busy else None)
                 return
             if not msg:
-                _close_fds(fds)
+                close_fds(fds)
                 self._drop(inb, out, "abandoned" if inb.busy else None)
                 return
+            self.messages += 1
             try:
                 self._on_message(inb, msg, fds, out)
             except wire.Malformed:
                 self._drop(inb, out, "malformed")
                 return
             finally:
-                _close_fds(fds)
+                close_fds(fds)
 
-    def _on_message(self, inb: _Inbound, msg: bytes, fds: list[int], out: list[Handed]) -> None:
+    def _on_message(self, inb: Inbound, msg: bytes, fds: list[int], out: list[Handed]) -> None:
         kind = wire.kind_of(msg)
         inb.since = self.clock()
         if kind == wire.END and not inb.busy and not fds and msg == wire.encode(wire.END):
             inb.arriving = False
             return
-        if kind == wire.OFFER and inb.head is None and len(fds) == 1 and len(inb.acked) < MAX_PENDING:
+        if kind == wire.BATCH and inb.head is None and fds:
+            self._take_batch(inb, msg, fds)
+            return
+        if kind == wire.OFFER and inb.head is None and len(fds) == 1 and inb.pending < MAX_PENDING:
             inb.arriving = True
             head, first = wire.decode_offer(msg)
             if inb.held + head.total > MAX_PENDING_BYTES:
                 raise wire.Malformed("more pending payload than a giver may hold")
-            inb.conn = _tcp_connection(fds.pop())
+            inb.conn = tcp_connection(fds.pop())
             inb.head = head
             inb.refusing = self.held + head.total > self.max_held_bytes
             inb.held += 0 if inb.refusing else head.total
@@ -236,9 +205,10 @@ class Taker:
         elif kind == wire.DATA and inb.head is not None and not fds:
             self._keep(inb, wire.data_of(msg))
         elif kind == wire.COMMIT and inb.acked and not fds and msg == wire.encode(wire.COMMIT):
-            moved = inb.acked.pop(0)
-            inb.held -= len(moved.state) + len(moved.unhandled) + len(moved.unsent)
-            out.append(moved)
+            group = inb.acked.pop(0)
+            inb.held -= sum(size(moved) for moved in group)
+            inb.pending -= len(group)
+            out.extend(group)
             return
         else:
             raise wire.Malformed(f"unexpected {kind!r}")
@@ -249,37 +219,83 @@ class Taker:
             self._decide(inb)
 
     @staticmethod
-    def _keep(inb: _Inbound, data: bytes) -> None:
+    def _keep(inb: Inbound, data: bytes) -> None:
         """Count `data` as received; keep it unless the offer is being refused."""
         inb.got += len(data)
         if not inb.refusing:
             inb.payload += data
 
-    def _decide(self, inb: _Inbound) -> None:
+    def _decide(self, inb: Inbound) -> None:
         assert inb.head is not None
         refusing = inb.refusing
         reason = (OVER_CAPACITY if refusing else "draining" if not self.accepting else
                   "unknown_listener" if self.listeners is not None and inb.head.listener not in self.listeners
                   else "")
         moved = inb.complete()
-        try:
-            inb.sock.send(wire.encode(wire.REFUSE if reason else wire.ACK, reason))
-        except OSError:
-            reason = "giver_gone"  # it still holds the connection; our copy goes
+        if not self._answer(inb, reason):
+            reason = "giver_gone"
         if refusing:
             self.failures["over_capacity"] += 1  # its bytes were never kept nor counted in `held`
         if reason:
             moved.sock.close()
-            inb.held -= 0 if refusing else len(moved.state) + len(moved.unhandled) + len(moved.unsent)
+            inb.held -= 0 if refusing else size(moved)
         else:
-            inb.acked.append(moved)
+            inb.acked.append([moved])
+            inb.pending += 1
 
-    def _drop(self, inb: _Inbound, out: list[Handed], reason: str | None) -> None:
+    @staticmethod
+    def _answer(inb: Inbound, reason: str) -> bool:
+        """Send ACK (saying we take batches) or REFUSE `reason`; return False if it could not be sent
+        (the giver still holds the connections; our copies go)."""
+        try:
+            inb.sock.send(wire.encode(wire.REFUSE, reason) if reason else wire.encode(wire.ACK, wire.TAKES_BATCHES))
+        except OSError:
+            return False
+        return True
+
+    def _take_batch(self, inb: Inbound, msg: bytes, fds: list[int]) -> None:
+        """Take or refuse a BATCH whole; raise Malformed (the caller closes the fds not taken)."""
+        entries = wire.decode_batch(msg)
+        if len(entries) != len(fds):
+            raise wire.Malformed(f"a batch of {len(entries)} connections with {len(fds)} fds")
+        if inb.pending + len(entries) > MAX_PENDING:
+            raise wire.Malformed("more pending connections than a giver may hold")
+        total = sum(head.total for head, _ in entries)
+        if inb.held + total > MAX_PENDING_BYTES:
+            raise wire.Malformed("more pending payload than a giver may hold")
+        inb.arriving = True
+        group: list[Handed] = []
+        try:
+            for head, p in entries:
+                u = head.state_len + head.unhandled_len
+                group.append(Handed(tcp_connection(fds.pop(0)), head.listener, p[:head.state_len],
+                                    p[head.state_len:u], p[u:]))
+        except wire.Malformed:
+            for moved in group:
+                moved.sock.close()
+            raise
+        refusing = self.held + total > self.max_held_bytes
+        reason = (OVER_CAPACITY if refusing else "draining" if not self.accepting else
+                  "unknown_listener" if self.listeners is not None
+                  and any(m.listener not in self.listeners for m in group) else "")
+        if not self._answer(inb, reason):
+            reason = "giver_gone"
+        if refusing:
+            self.failures["over_capacity"] += len(group)
+        if reason:
+            for moved in group:
+                moved.sock.close()
+        else:
+            inb.acked.append(group)
+            inb.pending += len(group)
+            inb.held += total
+
+    def _drop(self, inb: Inbound, out: list[Handed], reason: str | None) -> None:
         """Close one giver's channel; keep the connections whose COMMIT is already queued."""
         if inb.acked:
-            for _ in range(_commits_queued(inb.sock)):
+            for _ in range(commits_queued(inb.sock)):
                 if inb.acked:
-                    out.append(inb.acked.pop(0))
+                    out.extend(inb.acked.pop(0))
         if reason is not None:
             self.failures[reason] += 1
         inb.discard()
@@ -288,101 +304,3 @@ class Taker:
             self._sel.unregister(inb.sock)
             self._peers.pop(fd, None)
             inb.sock.close()
-
-
-def _bind(name: str) -> tuple[socket.socket, int | None]:
-    """Bind and listen on channel `name`; return the socket and, for a path, its inode.
-
-    A path left by a worker of this slot that died is removed first: the
-    channel directory is writable by our user alone, so it is ours.
-    """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-    try:
-        if name.startswith("/"):
-            try:
-                if stat.S_ISSOCK(os.lstat(name).st_mode):
-                    os.unlink(name)
-            except FileNotFoundError:
-                pass
-        sock.bind(wire.address(name))
-        sock.listen(64)
-        return sock, os.lstat(name).st_ino if name.startswith("/") else None
-    except OSError:
-        sock.close()
-        raise
-
-
-def _unlink_if(name: str, inode: int | None) -> None:
-    """Remove our channel's path, unless a successor in our slot has bound it since."""
-    if inode is None:
-        return
-    try:
-        if os.lstat(name).st_ino == inode:
-            os.unlink(name)
-    except OSError:
-        pass
-
-
-def _receive(sock: socket.socket) -> tuple[bytes, list[int]]:
-    """Read one message and the fds that came with it; raise Malformed if truncated."""
-    msg, anc, flags, _ = sock.recvmsg(wire.RECV_SIZE, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC)
-    fds: list[int] = []
-    for level, kind, data in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            got = array.array("i")
-            got.frombytes(data[:len(data) - len(data) % got.itemsize])
-            fds.extend(got)
-    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-        _close_fds(fds)
-        raise wire.Malformed("truncated message")
-    return msg, fds
-
-
-def _commits_queued(sock: socket.socket) -> int:
-    """Shut our reading side, then count the COMMITs already queued.
-
-    After shutdown(SHUT_RD) the kernel refuses the giver's next send (EPIPE),
-    so a COMMIT is either in the queue now or was never accepted, and the
-    giver then serves that connection on. Reading the queue dry settles which.
-    """
-    try:
-        sock.shutdown(socket.SHUT_RD)
-    except OSError:
-        pass
-    commits = 0
-    while True:
-        try:
-            msg, fds = _receive(sock)
-        except (OSError, wire.Malformed):
-            return commits
-        _close_fds(fds)
-        if not msg:
-            return commits
-        commits += msg == wire.encode(wire.COMMIT)
-
-
-def _tcp_connection(fd: int) -> socket.socket:
-    """Wrap `fd` if it is a connected TCP (or Unix stream) socket; close it and raise Malformed otherwise."""
-    try:
-        sock = socket.socket(fileno=fd)
-    except OSError:
-        os.close(fd)
-        raise wire.Malformed("the fd is not a socket") from None
-    try:
-        ok = sock.family in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX) and sock.type == socket.SOCK_STREAM
-        sock.getpeername()
-    except OSError:
-        ok = False
-    if not ok:
-        sock.close()
-        raise wire.Malformed("the fd is not a connected TCP socket")
-    return sock
-
-
-def _close_fds(fds: list[int]) -> None:
-    while fds:
-        try:
-            os.close(fds.pop())
-        except OSError:
-            pass
-
