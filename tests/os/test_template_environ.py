@@ -1,0 +1,27 @@
+"""A forked worker's environment becomes exactly the one the master sent (apps/template.py
+`become_environ`), in os.environ and in what an exec'd child inherits."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+SCRIPT = """
+import os, subprocess, sys
+from upgraderd.apps.template import become_environ
+os.environ["STALE"] = "1"
+os.environ["KEPT"] = "old"
+become_environ({"KEPT": "new", "ADDED": "x=y", "PATH": os.environ["PATH"], "SAME": os.environ.get("SAME", "")})
+print(repr(sorted(os.environ.items())))
+print(repr(sorted(line.partition("=")[::2] for line in
+      subprocess.run(["/usr/bin/env"], capture_output=True, text=True, check=True).stdout.splitlines())))
+"""
+
+
+def test_the_environment_becomes_exactly_the_one_sent_in_python_and_for_a_child():
+    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True,
+                         env={"PATH": "/usr/bin:/bin", "SAME": "s", "GONE": "g", "PYTHONPATH": "."}).stdout
+    py, child = out.splitlines()
+    want = [("ADDED", "x=y"), ("KEPT", "new"), ("PATH", "/usr/bin:/bin"), ("SAME", "s")]
+    assert eval(py) == want
+    assert eval(child) == [tuple(kv) for kv in want]
