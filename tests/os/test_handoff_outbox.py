@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support.fakes import FakeClock
+from upgraderd.contract import wire
 from upgraderd.worker import handoff
 from upgraderd.worker.outbox import WINDOW, Outbox
 
@@ -115,3 +116,33 @@ def test_a_draining_taker_refuses_and_its_offers_come_back(takers, pairs):
     done, back = box.pump()
     assert sorted(back) == [1, 3] and box.failures["refused"] == 1 and box.targets == 1 and done == []
     assert box.close() == [0, 2]   # offered to the other taker, never committed: still ours
+
+
+def test_large_connections_never_put_more_bytes_in_flight_than_a_taker_holds_for_one_giver(takers):
+    """Three connections of 7 MiB each (the taker holds 16 MiB per giver): the outbox waits for
+    room rather than sending the third, which made the taker drop the giver as malformed."""
+    giver = handoff.Giver(master=MASTER, trust=lambda p, c: True)
+    assert giver.aim([wire.Channel(2, 0, takers[0].name)]) == 1
+    box = Outbox(giver)
+    pairs = [socket.socketpair() for _ in range(3)]
+    left, given, got = [0, 1, 2], [], []
+    try:
+        for _ in range(20_000):
+            while left and box.has_room() and \
+                    box.offer(left[0], handoff.Handed(pairs[left[0]][1], "web", b"", b"", b"z" * (7 << 20))):
+                left.pop(0)
+            done, back = box.pump()
+            assert back == []
+            given += done
+            got += takers[0].poll()
+            if len(got) == 3:
+                break
+        assert sorted(given) == [0, 1, 2] and takers[0].failures == {}
+        assert [len(h.unsent) for h in got] == [7 << 20] * 3
+    finally:
+        box.close()
+        for h in got:
+            h.sock.close()
+        for a, b in pairs:
+            a.close()
+            b.close()

@@ -23,7 +23,7 @@ One connection moves in one exchange:
     END    (after the last COMMIT of a give) ->
 
 Batches. A taker of this release answers every offer with ACK followed by
-the word TAKES_BATCHES, which an older giver ignores (it reads the kind
+the word TAKES_BATCHES (a later release may add more words after it), which an older giver ignores (it reads the kind
 only). A giver that has seen it may then send a BATCH instead of single
 OFFERs: up to MAX_BATCH connections in one message, their fds in one
 SCM_RIGHTS in the same order, each with its OFFER header and its whole
@@ -267,7 +267,7 @@ def decode_batch(msg: bytes) -> list[tuple[OfferHead, bytes]]:
 
 def takes_batches(reply: bytes) -> bool:
     """Return True if `reply` is an ACK from a taker that takes BATCH messages."""
-    return reply == MAGIC + ACK + TAKES_BATCHES.encode()
+    return reply.startswith(MAGIC + ACK) and reply[len(MAGIC) + 1:].split()[:1] == [TAKES_BATCHES.encode()]
 
 
 def data_of(msg: bytes) -> bytes:

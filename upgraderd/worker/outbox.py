@@ -70,8 +70,9 @@ class _Lane:
         self.fds: list[int] = []
         self.entry_bytes = self.payload = 0
 
-    def room(self) -> bool:
-        return self.flight < WINDOW and self.held < BATCH_BYTES
+    def room(self, size: int = 0) -> bool:
+        """Return True if one more offer (of `size` payload bytes) fits in this lane's window."""
+        return self.flight < WINDOW and self.held + size <= BATCH_BYTES
 
     def close_batch(self) -> None:
         """Queue the open batch for sending (it is answered and committed as one)."""
@@ -120,10 +121,11 @@ class Outbox:
 
     def offer(self, key: int, moving: Handed) -> bool:
         """Queue `moving` (stop reading it first) on the next taker with room; False: serve it on."""
+        size = len(moving.state) + len(moving.unhandled) + len(moving.unsent)
         for _ in range(len(self._lanes)):
             lane = self._lanes[self._next % len(self._lanes)]
             self._next += 1
-            if lane.room():
+            if lane.room(size):   # with its bytes: the taker drops a giver past MAX_PENDING_BYTES
                 return self._queue(lane, key, moving)
         return False
 
@@ -244,6 +246,7 @@ class Outbox:
                 self._back.append(key)
         lane.waiting.clear()
         lane.out.clear()
-        lane.entries, lane.keys, lane.fds, lane.flight, lane.held = [], [], [], 0, 0
+        lane.entries, lane.keys, lane.fds, lane.flight, lane.held, lane.entry_bytes, lane.payload = \
+            [], [], [], 0, 0, 0, 0
         if lane in self._lanes:
             self._lanes.remove(lane)
