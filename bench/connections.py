@@ -31,6 +31,7 @@ import resource
 import select
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -116,6 +117,14 @@ class Clients:
         self.socks.pop(fd).close()
 
 
+def handoffs(log: str, generation: int) -> tuple[list[float], int, int]:
+    """Return each old worker's hand-off time in ms (its own `handed N of M ... in X ms` line) for
+    `generation`, and the connections handed and held in all."""
+    found = re.findall(rf"worker generation {generation} slot \d+: handed (\d+) of (\d+) connection\(s\) "
+                       r"to \d+ worker\(s\) in (\d+) ms", log)
+    return [float(ms) for _, _, ms in found], sum(int(g) for g, _, _ in found), sum(int(h) for _, h, _ in found)
+
+
 def client_main(port: int, count: int, source: str, timeout: float, pause: float, max_seconds: float) -> None:
     """Run as one client process: connect, report, do rounds until SIGTERM, one last round, report."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -173,9 +182,13 @@ def run(args: argparse.Namespace) -> int:
                     results.append({"failures": {"client did not report": 1}})
     took = [float(x) for x in re.findall(r"ACTIVE ([0-9.]+)s after HUP", log)]
     retired = {int(g): float(s) for g, s in re.findall(r"generation (\d+) DRAINING -> RETIRED after ([0-9.]+)s", log)}
-    print(f"{'HUP':>3} {'HUP->ACTIVE':>11} {'old gen retired after':>21} {'master RSS':>10}")
+    print(f"{'HUP':>3} {'HUP->ACTIVE':>11} {'old gen retired after':>21} {'master RSS':>10} "
+          f"{'hand-off per old worker p50 / max':>33} {'handed':>13}")
     for i, t in enumerate(took):
-        print(f"{i + 1:>3} {t * 1e3:>8.0f} ms {retired.get(i + 1, float('nan')):>19.2f} s {rss[i + 1] / 1024:>7.1f} MB")
+        ms, given, held = handoffs(log, i + 1)
+        per = f"{statistics.median(ms):.0f} / {max(ms):.0f} ms" if ms else "-"
+        print(f"{i + 1:>3} {t * 1e3:>8.0f} ms {retired.get(i + 1, float('nan')):>19.2f} s {rss[i + 1] / 1024:>7.1f} MB "
+              f"{per:>33} {f'{given} of {held}':>13}")
     failures: Counter[str] = Counter()
     for r in results:
         failures.update(r.get("failures", {}))
