@@ -28,5 +28,6 @@ def test_600_persistent_connections_survive_2_hups():
     assert proc.returncode == 0, out + proc.stderr[-3000:]
     assert "600 of 600 connected" in out
     assert "connections held to the end: 600 of 600;" in out and out.rstrip().endswith("failures: 0")
-    rows = re.findall(r"^\s+(\d) +\d+ ms +([0-9.]+) s +[0-9.]+ MB$", out, re.M)
+    rows = re.findall(r"^\s+(\d) +\d+ ms +([0-9.]+) s +[0-9.]+ MB +[0-9 /]+ ms +(\d+) of (\d+)$", out, re.M)
     assert [r[0] for r in rows] == ["1", "2"], out   # each HUP's old generation retired
+    assert [r[2:] for r in rows] == [("600", "600")] * 2, out   # and handed every connection it held
