@@ -166,3 +166,20 @@ def test_at_the_masters_stop_nothing_is_offered_and_every_connection_drains(pair
     clock.advance(moves.RETRY + 1)
     server.moves.give_ready()
     assert giver.finds == 0 and len(server.conns) == 2
+
+
+def test_movable_is_decided_per_class_as_the_protocol_says():
+    class Moves:
+        def handoff_state(self) -> tuple[bytes, bytes] | None:
+            return b"", b""
+
+        def restore(self, state: bytes) -> None:
+            pass
+
+    class Stays:
+        def handoff_state(self) -> tuple[bytes, bytes] | None:
+            return None
+
+    assert moves.movable(Moves()) and moves.movable(Moves())
+    assert not moves.movable(Stays()) and not moves.movable(object())
+    assert moves._MOVABLE[Moves] is True and moves._MOVABLE[Stays] is False
