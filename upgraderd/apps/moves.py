@@ -218,8 +218,9 @@ class Moves:
             for conn in list(self.server.conns.values()):
                 if not self.outbox.has_room():
                     break
-                if self._movable(conn):
-                    self._offer(conn)
+                state = self._movable(conn)
+                if state is not None:
+                    self._offer(conn, state)
             self._settle()
         if not self.giving:
             for conn in self.server.conns.values():
@@ -278,20 +279,20 @@ class Moves:
                         f"{given} of {held} connection(s) to {takers} worker(s) "
                         f"in {(self.clock() - started) * 1000:.0f} ms")
 
-    def _movable(self, conn: Conn) -> bool:
+    def _movable(self, conn: Conn) -> tuple[bytes, bytes] | None:
+        """Return `conn`'s hand-off state if it can move now, else None."""
         proto = conn.proto
         if not movable(proto):
             self._stay(conn)
-            return False
+            return None
         # A half-read request (handoff_state() is None) moves on a later pass.
-        return conn.sock.fileno() >= 0 and not conn.eof and not proto.closing() \
-            and cast(Movable, proto).handoff_state() is not None
+        if conn.sock.fileno() < 0 or conn.eof or proto.closing():
+            return None
+        return cast(Movable, proto).handoff_state()
 
-    def _offer(self, conn: Conn) -> None:
-        """Stop reading `conn` and offer it; serve it on if no taker can take it."""
-        assert self.outbox is not None and movable(conn.proto)
-        state = cast(Movable, conn.proto).handoff_state()
-        assert state is not None
+    def _offer(self, conn: Conn, state: tuple[bytes, bytes]) -> None:
+        """Stop reading `conn` and offer it with its hand-off `state`; serve it on if no taker can take it."""
+        assert self.outbox is not None
         conn.shared = True  # the taker may hold it too from now on: unregister it before a close
         key = conn.sock.fileno()
         if conn.events:
