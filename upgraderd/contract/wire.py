@@ -161,16 +161,45 @@ class OfferHead:
     def total(self) -> int:
         return self.state_len + self.unhandled_len + self.unsent_len
 
+    def split(self, payload: bytes) -> tuple[bytes, bytes, bytes]:
+        """Return the state blob, the unhandled bytes and the unsent output of a whole payload."""
+        u = self.state_len + self.unhandled_len
+        return payload[:self.state_len], payload[self.state_len:u], payload[u:]
 
-def encode_offer(listener: str, state: bytes, unhandled: bytes, unsent: bytes) -> list[bytes]:
-    """Return the OFFER message and its DATA messages for one connection."""
+
+def _head(listener: str, state: bytes, unhandled: bytes, unsent: bytes) -> bytes:
+    """Return one connection's OFFER header and listener name; raise ValueError past the limits."""
     name = listener.encode()
     if len(name) > MAX_LISTENER or len(state) > MAX_STATE:
         raise ValueError("listener name or state blob too long to hand off")
-    payload = state + unhandled + unsent
-    if len(payload) > MAX_PAYLOAD:
+    if len(state) + len(unhandled) + len(unsent) > MAX_PAYLOAD:
         raise ValueError("connection carries too many bytes to hand off")
-    head = MAGIC + OFFER + _OFFER_HEAD.pack(len(name), len(state), len(unhandled), len(unsent)) + name
+    return _OFFER_HEAD.pack(len(name), len(state), len(unhandled), len(unsent)) + name
+
+
+def _read_head(msg: bytes, at: int) -> tuple[OfferHead, int]:
+    """Return the OFFER header and listener name at `at` in `msg`, and where its payload starts;
+    raise Malformed."""
+    if len(msg) < at + _OFFER_HEAD.size:
+        raise Malformed("truncated offer")
+    name_len, state_len, unhandled_len, unsent_len = _OFFER_HEAD.unpack_from(msg, at)
+    body = at + _OFFER_HEAD.size
+    if name_len > MAX_LISTENER or len(msg) < body + name_len:
+        raise Malformed("bad listener name length")
+    try:
+        name = msg[body:body + name_len].decode()
+    except UnicodeDecodeError:
+        raise Malformed("listener name is not UTF-8") from None
+    head = OfferHead(name, state_len, unhandled_len, unsent_len)
+    if state_len > MAX_STATE or head.total > MAX_PAYLOAD:
+        raise Malformed("payload too large")
+    return head, body + name_len
+
+
+def encode_offer(listener: str, state: bytes, unhandled: bytes, unsent: bytes) -> list[bytes]:
+    """Return the OFFER message and its DATA messages for one connection."""
+    head = MAGIC + OFFER + _head(listener, state, unhandled, unsent)
+    payload = state + unhandled + unsent
     first = max(0, CHUNK - len(head))
     msgs = [head + payload[:first]]
     step = CHUNK - len(MAGIC) - 1
@@ -196,21 +225,8 @@ def kind_of(msg: bytes) -> bytes:
 
 def decode_offer(msg: bytes) -> tuple[OfferHead, bytes]:
     """Return the header and the first payload bytes of an OFFER; raise Malformed."""
-    start = len(MAGIC) + 1
-    if len(msg) < start + _OFFER_HEAD.size:
-        raise Malformed("truncated offer")
-    name_len, state_len, unhandled_len, unsent_len = _OFFER_HEAD.unpack_from(msg, start)
-    body = start + _OFFER_HEAD.size
-    if name_len > MAX_LISTENER or len(msg) < body + name_len:
-        raise Malformed("bad listener name length")
-    try:
-        name = msg[body:body + name_len].decode()
-    except UnicodeDecodeError:
-        raise Malformed("listener name is not UTF-8") from None
-    head = OfferHead(name, state_len, unhandled_len, unsent_len)
-    if state_len > MAX_STATE or head.total > MAX_PAYLOAD:
-        raise Malformed("payload too large")
-    first = msg[body + name_len:]
+    head, body = _read_head(msg, len(MAGIC) + 1)
+    first = msg[body:]
     if len(first) > head.total:
         raise Malformed("more payload than announced")
     return head, first
@@ -219,10 +235,10 @@ def decode_offer(msg: bytes) -> tuple[OfferHead, bytes]:
 def batch_entry(listener: str, state: bytes, unhandled: bytes, unsent: bytes) -> bytes | None:
     """Return one connection's part of a BATCH (its OFFER header and whole payload), or None if it
     cannot go in one (too large: it goes as an OFFER, or not at all)."""
-    name = listener.encode()
-    if len(name) > MAX_LISTENER or len(state) > MAX_STATE:
+    try:
+        entry = _head(listener, state, unhandled, unsent) + state + unhandled + unsent
+    except ValueError:
         return None
-    entry = _OFFER_HEAD.pack(len(name), len(state), len(unhandled), len(unsent)) + name + state + unhandled + unsent
     return entry if len(entry) <= CHUNK - len(MAGIC) - 1 - _BATCH_COUNT.size else None
 
 
@@ -247,19 +263,11 @@ def decode_batch(msg: bytes) -> list[tuple[OfferHead, bytes]]:
     at = start + _BATCH_COUNT.size
     out: list[tuple[OfferHead, bytes]] = []
     for _ in range(count):
-        if len(msg) < at + _OFFER_HEAD.size:
+        head, body = _read_head(msg, at)
+        at = body + head.total
+        if at > len(msg):
             raise Malformed("truncated batch")
-        name_len, state_len, unhandled_len, unsent_len = _OFFER_HEAD.unpack_from(msg, at)
-        at += _OFFER_HEAD.size
-        end = at + name_len + state_len + unhandled_len + unsent_len
-        if name_len > MAX_LISTENER or state_len > MAX_STATE or end > len(msg):
-            raise Malformed("truncated batch")
-        try:
-            name = msg[at:at + name_len].decode()
-        except UnicodeDecodeError:
-            raise Malformed("listener name is not UTF-8") from None
-        out.append((OfferHead(name, state_len, unhandled_len, unsent_len), msg[at + name_len:end]))
-        at = end
+        out.append((head, msg[body:at]))
     if at != len(msg):
         raise Malformed("bytes after the last connection of a batch")
     return out

@@ -170,7 +170,7 @@ class Giver:
             except ValueError:
                 self.failures["too_large"] += 1
         pending = list(msgs)
-        sizes = [len(m.state) + len(m.unhandled) + len(m.unsent) for m in moving]
+        sizes = [m.size for m in moving]
         offered: list[_Target] = []
         while pending and self._targets:
             plan = self._plan(pending, sizes)

@@ -45,9 +45,7 @@ class Inbound:
     def complete(self) -> Handed:
         """Return the offer just received in full, and start afresh."""
         assert self.head is not None and self.conn is not None
-        h, p = self.head, bytes(self.payload)
-        moved = Handed(self.conn, h.listener, p[:h.state_len],
-                       p[h.state_len:h.state_len + h.unhandled_len], p[h.state_len + h.unhandled_len:])
+        moved = Handed(self.conn, self.head.listener, *self.head.split(bytes(self.payload)))
         self.head, self.conn, self.payload, self.got, self.refusing = None, None, bytearray(), 0, False
         return moved
 
@@ -61,11 +59,6 @@ class Inbound:
         self.head, self.conn, self.payload, self.acked, self.held = None, None, bytearray(), [], 0
         self.pending = 0
         self.got, self.refusing = 0, False
-
-
-def size(moved: Handed) -> int:
-    """Return the payload bytes a connection came with."""
-    return len(moved.state) + len(moved.unhandled) + len(moved.unsent)
 
 
 def bind(name: str) -> tuple[socket.socket, int | None]:

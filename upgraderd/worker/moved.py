@@ -30,3 +30,8 @@ class Handed:
     state: bytes = b""
     unhandled: bytes = b""
     unsent: bytes = b""
+
+    @property
+    def size(self) -> int:
+        """Return the payload bytes that move with the connection (state, unhandled, unsent)."""
+        return len(self.state) + len(self.unhandled) + len(self.unsent)

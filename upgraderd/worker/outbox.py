@@ -121,15 +121,15 @@ class Outbox:
 
     def offer(self, key: int, moving: Handed) -> bool:
         """Queue `moving` (stop reading it first) on the next taker with room; False: serve it on."""
-        size = len(moving.state) + len(moving.unhandled) + len(moving.unsent)
+        size = moving.size
         for _ in range(len(self._lanes)):
             lane = self._lanes[self._next % len(self._lanes)]
             self._next += 1
             if lane.room(size):   # with its bytes: the taker drops a giver past MAX_PENDING_BYTES
-                return self._queue(lane, key, moving)
+                return self._queue(lane, key, moving, size)
         return False
 
-    def _queue(self, lane: _Lane, key: int, moving: Handed) -> bool:
+    def _queue(self, lane: _Lane, key: int, moving: Handed, size: int) -> bool:
         """Put `moving` in `lane`'s open batch, or queue it as an OFFER; False if it is too large to move."""
         entry = wire.batch_entry(moving.listener, moving.state, moving.unhandled, moving.unsent) \
             if lane.batches else None
@@ -140,7 +140,6 @@ class Outbox:
             except ValueError:
                 self.failures["too_large"] += 1
                 return False
-        size = len(moving.state) + len(moving.unhandled) + len(moving.unsent)
         if not lane.waiting and not lane.entries:
             lane.progress = self.clock()
         lane.flight += 1

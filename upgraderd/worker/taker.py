@@ -42,8 +42,7 @@ from typing import Callable, Iterable
 from upgraderd.contract import wire
 from upgraderd.worker import peers
 from upgraderd.worker.moved import Handed, identity
-from upgraderd.worker.inbound import (Inbound, bind, close_fds, commits_queued, receive, size,
-                                     tcp_connection, unlink_if)
+from upgraderd.worker.inbound import Inbound, bind, close_fds, commits_queued, receive, tcp_connection, unlink_if
 from upgraderd.worker.peers import Peer
 
 MAX_PENDING = 128  # connections acknowledged on one channel connection and not committed yet
@@ -206,7 +205,7 @@ class Taker:
             self._keep(inb, wire.data_of(msg))
         elif kind == wire.COMMIT and inb.acked and not fds and msg == wire.encode(wire.COMMIT):
             group = inb.acked.pop(0)
-            inb.held -= sum(size(moved) for moved in group)
+            inb.held -= sum(moved.size for moved in group)
             inb.pending -= len(group)
             out.extend(group)
             return
@@ -238,7 +237,7 @@ class Taker:
             self.failures["over_capacity"] += 1  # its bytes were never kept nor counted in `held`
         if reason:
             moved.sock.close()
-            inb.held -= 0 if refusing else size(moved)
+            inb.held -= 0 if refusing else moved.size
         else:
             inb.acked.append([moved])
             inb.pending += 1
@@ -266,10 +265,8 @@ class Taker:
         inb.arriving = True
         group: list[Handed] = []
         try:
-            for head, p in entries:
-                u = head.state_len + head.unhandled_len
-                group.append(Handed(tcp_connection(fds.pop(0)), head.listener, p[:head.state_len],
-                                    p[head.state_len:u], p[u:]))
+            for head, payload in entries:
+                group.append(Handed(tcp_connection(fds.pop(0)), head.listener, *head.split(payload)))
         except wire.Malformed:
             for moved in group:
                 moved.sock.close()
