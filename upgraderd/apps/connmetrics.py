@@ -46,7 +46,6 @@ the gauge, so that their counts add up.
 from __future__ import annotations
 
 import os
-import sys
 import threading
 
 from upgraderd.apps import httpcounts, logline, metricfile
@@ -220,9 +219,8 @@ def _shared_sink(listeners: tuple[str, ...], udp: bool = False) -> _Sink | None:
                 _SINKS[key] = _Sink(list(listeners))
             except OSError as e:
                 _SINKS[key] = None
-                print(f"upgraderd worker {os.getpid()}: connection metrics disabled, cannot write "
-                      f"{os.environ.get(ENV)}: {e.strerror or e}; serving without them",
-                      file=sys.stderr, flush=True)
+                logline.log(f"upgraderd worker {os.getpid()}: connection metrics disabled, cannot write "
+                            f"{os.environ.get(ENV)}: {e.strerror or e}; serving without them", "WARNING")
         return _SINKS[key]
 
 

@@ -32,10 +32,9 @@ so once); without `UPGRADERD_METRICS_DIR` nothing is recorded.
 from __future__ import annotations
 
 import os
-import sys
 from bisect import bisect_left
 
-from upgraderd.apps import metricfile
+from upgraderd.apps import logline, metricfile
 from upgraderd.contract import metricformat as layout
 from upgraderd.contract.env import METRICS_DIR
 
@@ -163,6 +162,6 @@ def _open_files() -> tuple[metricfile.MetricFile, metricfile.MetricFile | None, 
             os.close(fd)
         return counters, metricfile.shared(path), gauges
     except OSError as e:
-        print(f"upgraderd worker {os.getpid()}: request duration histogram disabled, cannot write {path}: "
-              f"{e.strerror or e}", file=sys.stderr, flush=True)
+        logline.log(f"upgraderd worker {os.getpid()}: request duration histogram disabled, cannot write {path}: "
+                    f"{e.strerror or e}", "WARNING")
         return counters, None, gauges
