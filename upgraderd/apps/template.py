@@ -172,55 +172,62 @@ def _fork_batch(control: socket.socket, batch: list[Request], run: Callable[[], 
 
     One middle per batch, not per worker: each fork and each exit is a hand-off
     between processes, which costs most on a loaded machine. The middle exits as
-    soon as it has forked, so the workers are re-parented to the master.
+    soon as it has forked, so the workers are re-parented to the master. The
+    workers wait at one gate, a pipe: the template writes a byte per worker
+    forked, and each worker reads one.
     """
-    gates = [os.pipe() for _ in batch]
+    gate_r, gate_w = os.pipe()
     pid_r, pid_w = os.pipe()
     try:
         middle = os.fork()
         if middle == 0:
-            _middle(control, batch, gates, pid_w, run)
+            _middle(control, batch, gate_r, pid_w, run)
     finally:
         os.close(pid_w)
-        for gate_r, _gate_w in gates:
-            os.close(gate_r)
+        os.close(gate_r)
     try:
         os.waitpid(middle, 0)
         # The middle wrote every line before it exited, so one read takes them all.
         lines = os.read(pid_r, 1 << 16).decode(errors="replace").split()
-        forked = [int(line.partition(":")[0]) for line in lines]
         for line in lines:
             index, _, pid = line.partition(":")
             i = int(index)
             notify.notify(notify.spawned(batch[i][0], int(pid)), batch[i][1].get(contract.NOTIFY_SOCKET))
-        # Every SPAWNED first, then the gates: a worker let run takes the core from the
+        # Every SPAWNED first, then the gate: a worker let run takes the core from the
         # template (wake-up preemption), so interleaved, the last SPAWNED of a batch
         # waited for the start-up of all the workers before it.
-        for i in forked:
-            os.write(gates[i][1], b"1")
+        if lines:
+            os.write(gate_w, b"1" * len(lines))   # at most MAX_BATCH bytes: one atomic pipe write
     finally:
         os.close(pid_r)
-        for _gate_r, gate_w in gates:
-            os.close(gate_w)
+        os.close(gate_w)
 
 
-def _middle(control: socket.socket, batch: list[Request], gates: list[tuple[int, int]], pid_w: int,
+def _middle(control: socket.socket, batch: list[Request], gate: int, pid_w: int,
             run: Callable[[], int]) -> None:
     """In the middle process: fork each worker, write `index:pid` lines, and exit."""
     try:
         for i, (_slot, env, fds) in enumerate(batch):
             worker = os.fork()
             if worker == 0:
-                mine = {gates[i][0], *fds}
-                # Another worker's gate held here could keep it shut forever.
-                for fd in [pid_w, *(fd for pair in gates for fd in pair),
-                           *(fd for _s, _e, other in batch for fd in other)]:
-                    if fd not in mine:
-                        os.close(fd)
-                _become_worker(control, gates[i][0], env, fds, run)
+                # Only its own fds: the gate's write end held by a worker would keep the
+                # others waiting forever if the template died before writing. A few
+                # close_range calls, not a close per fd of the batch (O(N) per worker).
+                close_all_but({gate, control.fileno(), *fds})
+                _become_worker(control, gate, env, fds, run)
             os.write(pid_w, f"{i}:{worker}\n".encode())
     finally:
         os._exit(0)
+
+
+def close_all_but(keep: set[int]) -> None:
+    """Close every fd above 2 that is not in `keep`."""
+    low = 3
+    for fd in sorted(fd for fd in keep if fd >= low):
+        if fd > low:
+            os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, max(os.sysconf("SC_OPEN_MAX"), low + 1))
 
 
 def _become_worker(control: socket.socket, gate: int, env: dict[str, str], fds: list[int],
