@@ -16,9 +16,18 @@ measured (steady state: the standby has done its imports and waits, as
   (less what it used as a standby before the HUP) and workers, read in steady state (what the new generation cost the machine, whatever the load;
   divided by the cores it bounds HUP -> ACTIVE on an idle machine from below);
 - the workers' total PSS (/proc/PID/smaps_rollup) and the master's RSS
-  (VmRSS), read after the last reload.
+  (VmRSS), read after the last reload;
+- the floor: the least N forked Python workers take here with no set-up and
+  no master (`python -m bench.scale_fork --floor N`, in the same run), and
+  HUP -> ACTIVE as a multiple of it.
 
-    .venv/bin/python -m bench.scale [--counts 4 16 32 64 128 256] [--reloads 5]
+The master runs as the shipped systemd units run it: with RuntimeDirectory=
+(`$RUNTIME_DIRECTORY`, a tmpfs: its metric files and hand-off channels go
+there, system/rundir.py), here a fresh directory under /dev/shm.
+`--runtime-dir tmpdir` leaves it unset, so they go to $TMPDIR as without
+systemd (the test's directory, on this machine's disk).
+
+    .venv/bin/python -m bench.scale [--counts 4 16 32 64 128 256] [--reloads 5] [--runtime-dir tmpfs|tmpdir]
 
 It prints a table of medians (and the mean of HUP -> ACTIVE, which the
 figures taken before flow control were) as it goes. Every process it starts
@@ -30,8 +39,10 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -118,8 +129,9 @@ def steady(d: Daemon, count: int) -> None:
     wait_until(done, 120, f"{count} workers and a standby", interval=0.05)
 
 
-def run_count(count: int, reloads: int) -> dict[str, float]:
-    with tempfile.TemporaryDirectory() as tmp, Daemon(Path(tmp), shipped(count)) as d:
+def run_count(count: int, reloads: int, runtime_dir: str | None) -> dict[str, float]:
+    env = {} if runtime_dir is None else {"RUNTIME_DIRECTORY": runtime_dir}
+    with tempfile.TemporaryDirectory() as tmp, Daemon(Path(tmp), shipped(count), env=env) as d:
         d.start(wait=False)
         d.wait_log(r"serving: generation 1 ACTIVE", timeout=180)
         steady(d, count)
@@ -159,12 +171,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--counts", type=int, nargs="+", default=[4, 16, 32, 64, 128, 256])
     ap.add_argument("--reloads", type=int, default=5)
+    ap.add_argument("--runtime-dir", choices=["tmpfs", "tmpdir"], default="tmpfs")
     args = ap.parse_args()
-    print(f"{'workers':>7} | {'HUP->ACTIVE p50':>15} {'mean':>8} {'max':>8} | {'master CPU/HUP':>14} | "
-          f"{'generation CPU':>14} | {'workers PSS':>11} | {'master RSS':>10}")
+    print(f"{'workers':>7} | {'HUP->ACTIVE p50':>15} {'mean':>8} {'max':>8} | {'floor':>8} {'ratio':>5} | "
+          f"{'master CPU/HUP':>14} | {'generation CPU':>14} | {'workers PSS':>11} | {'master RSS':>10}")
     for count in args.counts:
-        r = run_count(count, args.reloads)
+        runtime_dir = tempfile.mkdtemp(prefix="bench-scale-", dir="/dev/shm") if args.runtime_dir == "tmpfs" else None
+        try:
+            r = run_count(count, args.reloads, runtime_dir)
+        finally:
+            if runtime_dir is not None:
+                shutil.rmtree(runtime_dir, ignore_errors=True)
+        floor = float(subprocess.run([sys.executable, "-m", "bench.scale_fork", "--floor", str(count)],
+                                     check=True, capture_output=True, text=True, timeout=300).stdout) / 1e3
         print(f"{count:>7} | {r['p50'] * 1e3:>12.0f} ms {r['mean'] * 1e3:>5.0f} ms {r['max'] * 1e3:>5.0f} ms | "
+              f"{floor * 1e3:>5.0f} ms {r['p50'] / floor:>4.1f}x | "
               f"{r['cpu'] * 1e3:>11.0f} ms | {r['gen_cpu'] * 1e3:>11.0f} ms | {r['pss']:>8.0f} MB | "
               f"{r['rss']:>7.0f} MB", flush=True)
 

@@ -15,6 +15,12 @@ speed-up over one middle, and the middles' CPU time per fork (which the
 machine's load hardly changes), and the CPU count: what k middles can gain is
 bounded by the cores (here 2) and by the per-fork cost, which is mostly the
 copy of the template's page tables.
+
+`--floor N` prints instead the least a generation of N forked Python workers
+can take here: one middle forks N gated children, as a template does; once all
+are forked the gate opens and each child sends one datagram (its READY=1) and
+exits; timed from the first fork to the last datagram, median of --repeats.
+No worker set-up, no master: bench.scale prints it beside HUP -> ACTIVE.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import socket
 import statistics
 import time
 
@@ -64,15 +71,50 @@ def fork_phase(count: int, middles: int) -> tuple[float, float]:
     return took, cpu
 
 
+def floor(count: int) -> float:
+    """Return the wall seconds from the first fork of `count` gated children to their last READY."""
+    gate_r, gate_w = os.pipe()
+    rx, tx = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    t0 = time.perf_counter()
+    middle = os.fork()
+    if middle == 0:
+        try:
+            os.close(gate_w)
+            rx.close()
+            for _ in range(count):
+                if os.fork() == 0:
+                    if os.read(gate_r, 1) == b"1":
+                        tx.send(b"READY=1")
+                    os._exit(0)
+        finally:
+            os._exit(0)
+    os.waitpid(middle, 0)
+    os.write(gate_w, b"1" * count)
+    os.close(gate_w)   # and a child that finds no byte reads EOF and exits
+    os.close(gate_r)
+    tx.close()
+    rx.settimeout(30)   # bounded: a child that never reports ends the run with an error
+    for _ in range(count):
+        rx.recv(64)
+    took = time.perf_counter() - t0
+    rx.close()
+    return took
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--counts", type=int, nargs="+", default=[32, 128, 256])
     ap.add_argument("--middles", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--floor", type=int, metavar="N")
     args = ap.parse_args()
+    template.preload()
     template.load("echo")   # what a template imports before it forks
     gc.disable()
     gc.freeze()
+    if args.floor:
+        print(f"{statistics.median(floor(args.floor) for _ in range(args.repeats)) * 1e3:.1f}")
+        return
     rss = int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1])
     print(f"template-like process: RSS {rss / 1024:.0f} MB, {os.cpu_count()} CPUs")
     print(f"{'workers':>7} {'middles':>7} {'fork phase':>11} {'per worker':>11} {'speed-up':>8} "

@@ -1,4 +1,5 @@
-"""The master's private metrics directories under $TMPDIR, and those dead masters left.
+"""The master's private metrics directories (system/rundir.py: $RUNTIME_DIRECTORY or $TMPDIR),
+and those dead masters left.
 
 A private directory is named `upgraderd-metrics-<pid>-<random>`, after the
 master that made it. A master killed with SIGKILL cannot remove its own, so
@@ -22,6 +23,8 @@ import shutil
 import stat
 import tempfile
 
+from upgraderd.system import rundir
+
 log = logging.getLogger("upgraderd")
 
 PREFIX = "upgraderd-metrics-"
@@ -30,7 +33,7 @@ _OWNED = re.compile(re.escape(PREFIX) + r"([0-9]{1,10})-[A-Za-z0-9_]+\Z")
 
 def make_private() -> str:
     """Create and return a fresh private directory named after this master's pid."""
-    return tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-")
+    return tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=rundir.base())
 
 
 def remove_private(path: str) -> None:
@@ -48,7 +51,7 @@ def _pid_gone(pid: int) -> bool:
 
 def clean_stale(tmpdir: str | None = None) -> int:
     """Remove the private directories of masters that are no longer running; return how many."""
-    base = tmpdir or tempfile.gettempdir()
+    base = tmpdir or rundir.base()
     gone = 0
     try:
         names = os.listdir(base)

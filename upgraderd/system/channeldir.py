@@ -16,7 +16,9 @@ Workers bind their hand-off channels at `DIR/handoff-<gen>-<slot>`
 The master marks a stop there (`mark_stopping`) before it drains for it,
 so a worker can tell a stop from a reload (contract/wire.py `stop_marker`).
 
-Hazard: a Unix socket path is at most 107 bytes. A TMPDIR whose path would
+DIR is made in system/rundir.py's base: $RUNTIME_DIRECTORY under systemd, else $TMPDIR.
+
+Hazard: a Unix socket path is at most 107 bytes. A base whose path would
 not leave room for the channel names (or that holds whitespace, which
 /proc/net/unix cannot show unambiguously) is passed over for /tmp.
 """
@@ -32,6 +34,7 @@ from typing import MutableMapping
 
 from upgraderd.contract.env import HANDOFF_DIR as ENV_DIR
 from upgraderd.contract.wire import DIR_PREFIX, stop_marker
+from upgraderd.system import rundir
 
 log = logging.getLogger("upgraderd")
 
@@ -45,7 +48,7 @@ def prepare(environ: MutableMapping[str, str]) -> str:
     kept = environ.get(ENV_DIR, "")
     if kept and _ours(kept):
         return kept
-    base = tempfile.gettempdir()
+    base = rundir.base()
     prefix = DIR_PREFIX.format(master=os.getpid())
     if len(base) + 1 + len(prefix) + _ROOM > 107 or any(c.isspace() for c in base):
         base = "/tmp"
