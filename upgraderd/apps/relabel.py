@@ -22,8 +22,8 @@ master, by its own word", as for any worker.
 from __future__ import annotations
 
 import os
-import sys
 
+from upgraderd.apps import logline
 from upgraderd.contract import env as contract
 
 _LIMIT = 1 << 20
@@ -46,9 +46,8 @@ def relabel(generation: str | None) -> bool:
             return False
         new = generation.zfill(len(old)).encode()
         if len(new) != len(old):
-            print(f"upgraderd worker {os.getpid()}: generation {generation} does not fit in the template's "
-                  f"{old.decode(errors='replace')!r}; hand-offs to this worker will be refused",
-                  file=sys.stderr, flush=True)
+            logline.log(f"upgraderd worker {os.getpid()}: generation {generation} does not fit in the template's "
+                  f"{old.decode(errors='replace')!r}; hand-offs to this worker will be refused", "WARNING")
             return False
         with open("/proc/self/stat", "rb") as f:
             stat = f.read(4096)

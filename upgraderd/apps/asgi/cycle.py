@@ -18,10 +18,10 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from upgraderd.apps import logline
 from upgraderd.apps.asgi.streammove import EXTENSION, encode
 
 if TYPE_CHECKING:
@@ -232,7 +232,7 @@ class Cycle:
         try:
             saved = self.scope["extensions"][EXTENSION]["on_move"]()
         except Exception as e:
-            print(f"upgraderd worker: the app's on_move failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            logline.log(f"upgraderd worker: the app's on_move failed: {type(e).__name__}: {e}", "ERROR")
             return None
         if not isinstance(saved, (bytes, bytearray)):
             return None

@@ -9,8 +9,9 @@ without. `on` makes a failed or unsupported startup fatal for the worker
 from __future__ import annotations
 
 import asyncio
-import sys
 from typing import Any, Awaitable, Callable
+
+from upgraderd.apps import logline
 
 App = Callable[[dict[str, Any], Callable[[], Awaitable[dict[str, Any]]],
                 Callable[[dict[str, Any]], Awaitable[None]]], Awaitable[None]]
@@ -38,7 +39,7 @@ class Lifespan:
             return True
         if answer["type"] == "unsupported":
             return self.mode != "on"
-        print(f"upgraderd worker: lifespan startup failed: {answer.get('message', '')}", file=sys.stderr, flush=True)
+        logline.log(f"upgraderd worker: lifespan startup failed: {answer.get('message', '')}", "ERROR")
         return False
 
     async def shutdown(self) -> None:
@@ -48,8 +49,7 @@ class Lifespan:
         await self.inbox.put({"type": "lifespan.shutdown"})
         answer = await self.outbox.get()
         if answer["type"] == "lifespan.shutdown.failed":
-            print(f"upgraderd worker: lifespan shutdown failed: {answer.get('message', '')}",
-                  file=sys.stderr, flush=True)
+            logline.log(f"upgraderd worker: lifespan shutdown failed: {answer.get('message', '')}", "ERROR")
 
     async def _receive(self) -> dict[str, Any]:
         self.supported = True
@@ -66,7 +66,7 @@ class Lifespan:
                 await self.outbox.put({"type": "unsupported"})
                 return
             if self.mode == "on" or not isinstance(e, Exception):
-                print(f"upgraderd worker: lifespan: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                logline.log(f"upgraderd worker: lifespan: {type(e).__name__}: {e}", "ERROR")
             await self.outbox.put({"type": "lifespan.startup.failed", "message": repr(e)})
             await self.outbox.put({"type": "lifespan.shutdown.failed", "message": repr(e)})
             return

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import time
 from typing import TYPE_CHECKING
 
+from upgraderd.apps import logline
 from upgraderd.apps.asgi import wsmove
 from upgraderd.worker import handoff
 
@@ -52,8 +52,7 @@ class WebMoves:
         try:
             self.taker = handoff.Taker(list(self.server.listeners))
         except OSError as e:
-            print(f"upgraderd worker: hand-off channel unavailable, not starting: {e}",
-                  file=sys.stderr, flush=True)
+            logline.log(f"upgraderd worker: hand-off channel unavailable, not starting: {e}", "ERROR")
             self.server.metrics.handoff_failed("channel_in_use")
             self.server.metrics.flush()
             return False
@@ -97,9 +96,9 @@ class WebMoves:
         self.found_at = started
         held = len(self.server.conns)
         moved = self.give([p for p in self.server.conns if p.movable()])
-        print(f"upgraderd worker generation {self.giver.generation} slot {self.giver.slot}: handed "
+        logline.log(f"upgraderd worker generation {self.giver.generation} slot {self.giver.slot}: handed "
               f"{moved} of {held} connection(s) to {self.giver.targets} worker(s) in "
-              f"{(time.monotonic() - started) * 1000:.0f} ms", file=sys.stderr, flush=True)
+              f"{(time.monotonic() - started) * 1000:.0f} ms", "INFO")
 
     def give(self, protos: list[Movable]) -> int:
         """Offer idle connections to the takers; return how many moved."""

@@ -33,6 +33,7 @@ from urllib.parse import unquote
 
 import httptools
 
+from upgraderd.apps import logline
 from upgraderd import worker
 from upgraderd.apps.asgi import accesslog, streammove
 from upgraderd.apps.asgi.reqmetrics import RequestMetrics
@@ -186,8 +187,8 @@ class WebServer:
         except Exception as e:
             # Not an app failure: its response goes on in another worker (moved), or we ended it (cut_off).
             if not cycle.moved and not cycle.cut_off:
-                print(f"upgraderd worker: the app failed on {cycle.scope['method']} {cycle.scope['path']}: "
-                      f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                logline.log(f"upgraderd worker: the app failed on {cycle.scope['method']} {cycle.scope['path']}: "
+                      f"{type(e).__name__}: {e}", "ERROR")
                 proto.refuse(500, b"internal server error\n")
         else:
             if not cycle.started:

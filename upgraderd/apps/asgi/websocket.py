@@ -25,7 +25,6 @@ the TCP connection ends.
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections import deque
 from typing import TYPE_CHECKING, Any, cast
 
@@ -35,6 +34,7 @@ from wsproto.events import (AcceptConnection, BytesMessage, CloseConnection, Mes
                             RejectData, Request, TextMessage)
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
+from upgraderd.apps import logline
 from upgraderd.apps.asgi import wsmove
 from upgraderd.apps.asgi.wsframes import FrameScanner
 
@@ -94,8 +94,7 @@ class WebSocketProtocol(asyncio.Protocol):
         except asyncio.CancelledError:
             pass
         except Exception as e:
-            print(f"upgraderd worker: the app failed on a WebSocket {self.scope['path']}: {type(e).__name__}: {e}",
-                  flush=True, file=sys.stderr)
+            logline.log(f"upgraderd worker: the app failed on a WebSocket {self.scope['path']}: {type(e).__name__}: {e}", "ERROR")
         if not self.accepted and not self.denial and not self.gone:
             self._reject(500 if not self.closed else 403)
         elif not self.closed:
@@ -227,7 +226,7 @@ class WebSocketProtocol(asyncio.Protocol):
             saved = self.scope["extensions"][wsmove.EXTENSION]["on_move"]()
             return wsmove.encode(self.scope, self.subprotocol, bytes(saved))
         except Exception as e:
-            print(f"upgraderd worker: a WebSocket's on_move failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            logline.log(f"upgraderd worker: a WebSocket's on_move failed: {type(e).__name__}: {e}", "ERROR")
             return None
 
     def detach(self) -> tuple[int, bytes]:

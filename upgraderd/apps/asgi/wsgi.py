@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable
 from urllib.parse import unquote_to_bytes
 
+from upgraderd.apps import logline
 from upgraderd.apps.asgi import settings
 
 MAX_QUEUED = 16
@@ -94,7 +95,7 @@ class WsgiApp:
                 put({"type": "http.response.start", "status": head[0], "headers": head[1]})
             put({"type": "http.response.body", "body": b"", "more_body": False})
         except Exception as e:
-            print(f"upgraderd worker: the WSGI app failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            logline.log(f"upgraderd worker: the WSGI app failed: {type(e).__name__}: {e}", "ERROR")
             if not started:
                 put({"type": "http.response.start", "status": 500,
                      "headers": [(b"content-type", b"text/plain"), (b"connection", b"close")]})
