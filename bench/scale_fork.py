@@ -19,13 +19,15 @@ copy of the template's page tables.
 `--floor N` prints instead the least a generation of N forked Python workers
 can take here: one middle forks N gated children, as a template does; once all
 are forked the gate opens and each child sends one datagram (its READY=1) and
-exits; timed from the first fork to the last datagram, median of --repeats.
+waits, as a worker serves on (they exit after the timing); timed from the first
+fork to the last datagram, median of --repeats.
 No worker set-up, no master: bench.scale prints it beside HUP -> ACTIVE.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import os
 import socket
@@ -74,30 +76,39 @@ def fork_phase(count: int, middles: int) -> tuple[float, float]:
 def floor(count: int) -> float:
     """Return the wall seconds from the first fork of `count` gated children to their last READY."""
     gate_r, gate_w = os.pipe()
+    done_r, done_w = os.pipe()
     rx, tx = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     t0 = time.perf_counter()
     middle = os.fork()
     if middle == 0:
         try:
             os.close(gate_w)
+            os.close(done_w)
             rx.close()
             for _ in range(count):
                 if os.fork() == 0:
                     if os.read(gate_r, 1) == b"1":
                         tx.send(b"READY=1")
+                        os.read(done_r, 1)   # serving, until the timing is done (EOF)
                     os._exit(0)
         finally:
             os._exit(0)
     os.waitpid(middle, 0)
+    os.close(done_r)
     os.write(gate_w, b"1" * count)
     os.close(gate_w)   # and a child that finds no byte reads EOF and exits
     os.close(gate_r)
     tx.close()
     rx.settimeout(30)   # bounded: a child that never reports ends the run with an error
-    for _ in range(count):
-        rx.recv(64)
-    took = time.perf_counter() - t0
-    rx.close()
+    try:
+        for _ in range(count):
+            rx.recv(64)
+        took = time.perf_counter() - t0
+    finally:
+        os.close(done_w)   # EOF: every child exits, re-parented to us (a subreaper), and is reaped
+        rx.close()
+        for _ in range(count):
+            os.waitpid(-1, 0)
     return took
 
 
@@ -113,6 +124,9 @@ def main() -> None:
     gc.disable()
     gc.freeze()
     if args.floor:
+        # The forked children are re-parented to this process when their middle exits, so that
+        # each repeat reaps them before the next starts (PR_SET_CHILD_SUBREAPER).
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)
         print(f"{statistics.median(floor(args.floor) for _ in range(args.repeats)) * 1e3:.1f}")
         return
     rss = int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1])
