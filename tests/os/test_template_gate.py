@@ -52,8 +52,16 @@ def ask(channel: socket.socket, slot: int, env: dict[str, str], fds: list[int]) 
 
 
 def my_children() -> set[int]:
+    """Our children forked by a template (their name is the template's until released)."""
     me = os.getpid()
-    return {int(p) for p in Path(f"/proc/{me}/task/{me}/children").read_text().split()}
+    kids = set()
+    for pid in Path(f"/proc/{me}/task/{me}/children").read_text().split():
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "upgraderd-tmpl":
+                kids.add(int(pid))
+        except OSError:
+            pass
+    return kids
 
 
 def reap(pids: set[int], timeout: float) -> dict[int, int]:
