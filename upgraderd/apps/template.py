@@ -275,7 +275,7 @@ def _place(fds: list[int]) -> None:
     moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, top) for fd in fds]
     for i, fd in enumerate(moved):
         os.dup2(fd, 3 + i)
-    os.closerange(3 + len(fds), max(os.sysconf("SC_OPEN_MAX"), top + len(fds) + 1))
+    close_all_but(set(range(3, 3 + len(fds))))   # the moved copies too
 
 
 def preload() -> None:
