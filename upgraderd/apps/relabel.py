@@ -47,7 +47,7 @@ def relabel(generation: str | None) -> bool:
         new = generation.zfill(len(old)).encode()
         if len(new) != len(old):
             logline.log(f"upgraderd worker {os.getpid()}: generation {generation} does not fit in the template's "
-                  f"{old.decode(errors='replace')!r}; hand-offs to this worker will be refused", "WARNING")
+                        f"{old.decode(errors='replace')!r}; hand-offs to this worker will be refused", "WARNING")
             return False
         with open("/proc/self/stat", "rb") as f:
             stat = f.read(4096)

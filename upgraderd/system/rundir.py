@@ -4,8 +4,9 @@ Under systemd with `RuntimeDirectory=` (the shipped units: `/run/upgraderd`, a
 tmpfs), `$RUNTIME_DIRECTORY`; otherwise `$TMPDIR` (or /tmp). Each worker
 creates its metric files and binds its hand-off channel there as it starts, so
 at a reload a generation creates about six files per worker. On a disk-backed
-/tmp (ext4 here) that cost a 128-worker generation 1.37-1.46 s of CPU, against
-0.92-0.93 s on a tmpfs (`python -m bench.scale`, docs/prefork.md).
+/tmp (ext4 here) a 128-worker generation cost 874-986 ms of CPU and the master
+240 ms per reload, against 769-810 ms and 190 ms on a tmpfs (`python -m
+bench.scale --runtime-dir tmpdir|tmpfs`, docs/prefork.md).
 
 Hazard: the variable is the service manager's, but a directory it names is
 used only if it is a real directory (not a symlink), owned by this user and

@@ -97,8 +97,8 @@ class WebMoves:
         held = len(self.server.conns)
         moved = self.give([p for p in self.server.conns if p.movable()])
         logline.log(f"upgraderd worker generation {self.giver.generation} slot {self.giver.slot}: handed "
-              f"{moved} of {held} connection(s) to {self.giver.targets} worker(s) in "
-              f"{(time.monotonic() - started) * 1000:.0f} ms", "INFO")
+                    f"{moved} of {held} connection(s) to {self.giver.targets} worker(s) in "
+                    f"{(time.monotonic() - started) * 1000:.0f} ms", "INFO")
 
     def give(self, protos: list[Movable]) -> int:
         """Offer idle connections to the takers; return how many moved."""

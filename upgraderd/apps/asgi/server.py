@@ -33,8 +33,8 @@ from urllib.parse import unquote
 
 import httptools
 
-from upgraderd.apps import logline
 from upgraderd import worker
+from upgraderd.apps import logline
 from upgraderd.apps.asgi import accesslog, streammove
 from upgraderd.apps.asgi.reqmetrics import RequestMetrics
 from upgraderd.apps.asgi.cycle import Cycle
@@ -188,7 +188,7 @@ class WebServer:
             # Not an app failure: its response goes on in another worker (moved), or we ended it (cut_off).
             if not cycle.moved and not cycle.cut_off:
                 logline.log(f"upgraderd worker: the app failed on {cycle.scope['method']} {cycle.scope['path']}: "
-                      f"{type(e).__name__}: {e}", "ERROR")
+                            f"{type(e).__name__}: {e}", "ERROR")
                 proto.refuse(500, b"internal server error\n")
         else:
             if not cycle.started:
