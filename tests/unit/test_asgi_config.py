@@ -38,6 +38,16 @@ def test_an_asgi_app_is_forked_from_a_template_and_gets_its_http_settings():
     assert settings.drain_timeout == cfg.drain.timeout   # when the worker ends what is still in progress
 
 
+def test_the_busy_limit_reaches_the_worker_with_the_names_of_the_shared_listeners():
+    text = ("listeners:\n  - {name: web, port: 8080, mode: shared}\n  - {name: api, port: 8081}\n"
+            "  - {name: sock, path: /run/app.sock}\n"
+            f"workers: {{app: 'asgi:asgi_app:app', cwd: '{EXAMPLES}'}}\nhttp: {{busy_limit: 3}}\n")
+    settings = from_environment(placeholders.environment(parse(text, "a.yaml"), {}))
+    assert settings.busy_limit == 3
+    assert settings.shared == ("web", "sock")   # a Unix socket is one queue for all workers too
+    assert from_environment(placeholders.environment(parse(config("asgi:asgi_app:app")), {})).busy_limit == 8
+
+
 def test_a_command_worker_gets_no_http_variable():
     cfg = parse(config("echo"))
     assert "UPGRADERD_HTTP" not in placeholders.environment(cfg, {})
@@ -58,6 +68,7 @@ def test_a_bad_app_spec_is_named_with_its_location(app, message):
     ("  max_header_bytes: 10\n", "a.yaml:4:21: http.max_header_bytes: 10 is out of range"),
     ("  lifespan: maybe\n", "a.yaml:4:13: http.lifespan:"),
     ("  max_headers: 10\n", "a.yaml:4:3: http.max_headers: unknown key"),
+    ("  busy_limit: -1\n", "a.yaml:4:15: http.busy_limit: -1 is out of range"),
 ])
 def test_a_bad_http_value_is_named_with_its_location(http, message):
     assert problems(config("asgi:asgi_app:app", http))[0].startswith(message)

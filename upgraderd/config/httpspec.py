@@ -62,9 +62,14 @@ class HttpSpec:
     wsgi_threads: int = opt(8, integer(1, 1024), "Threads per worker that run a `wsgi:` app.")
     websocket_max_message: int = opt(16 << 20, integer(1024, 1 << 30),
                                      "A WebSocket message larger than this closes the connection (1009).")
+    busy_limit: int = opt(8, integer(0, 1 << 16), "On a `shared` listener, a worker stops accepting while this "
+                          "many requests are starting or in progress (for at most a second each), so the next "
+                          "connection goes to a less busy worker; 0: accept whenever the queue has one.")
 
 
-def environment(spec: HttpSpec, drain_timeout: float = 0.0) -> dict[str, str]:
-    """Return the worker's variable that carries `spec`, and drain.timeout (when a response still
-    in progress must end: apps/asgi/server.py)."""
-    return {ENV: json.dumps({**dataclasses.asdict(spec), "drain_timeout": drain_timeout}, separators=(",", ":"))}
+def environment(spec: HttpSpec, drain_timeout: float = 0.0, shared: tuple[str, ...] = ()) -> dict[str, str]:
+    """Return the worker's variable that carries `spec`, drain.timeout (when a response still
+    in progress must end) and the names of the `shared` listeners (where `busy_limit` applies:
+    apps/asgi/server.py)."""
+    return {ENV: json.dumps({**dataclasses.asdict(spec), "drain_timeout": drain_timeout, "shared": shared},
+                            separators=(",", ":"))}

@@ -135,5 +135,6 @@ def environment(cfg: Config, vals: Mapping[str, str]) -> dict[str, str]:
     if cfg.workers.app is not None and cfg.workers.app.partition(":")[0] in ("asgi", "wsgi"):
         # Imported here: only web apps need the http section's variable.
         from upgraderd.config.httpspec import environment as http_environment
-        env.update(http_environment(cfg.http, cfg.drain.timeout))
+        env.update(http_environment(cfg.http, cfg.drain.timeout,
+                                    tuple(s.name for s in cfg.listeners if s.mode == "shared")))
     return env

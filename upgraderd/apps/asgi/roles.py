@@ -108,6 +108,12 @@ class WebHost(Protocol):
     def run_app(self, cycle: Any) -> Coroutine[Any, Any, None]:
         """Run the app for one request."""
 
+    def started(self, cycle: Any) -> None:
+        """A request's app task was created."""
+
+    def ended(self, cycle: Any) -> None:
+        """A request's app task is done."""
+
     def upgrade(self, proto: Any, scope: dict[str, Any], rest: bytes) -> None:
         """Take a WebSocket handshake."""
 

@@ -32,7 +32,9 @@ class Settings:
     lifespan: str = "auto"
     wsgi_threads: int = 8
     websocket_max_message: int = 16 << 20
+    busy_limit: int = 8
     drain_timeout: float = 0.0   # drain.timeout (0: unknown), not an `http:` key
+    shared: tuple[str, ...] = ()   # the listeners in mode `shared`, not an `http:` key
 
     def trusts(self, peer: str) -> bool:
         """Return True if X-Forwarded-* headers from `peer` (an IP address) are believed."""
