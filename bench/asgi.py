@@ -9,9 +9,10 @@ connections) for every server, 4 workers each:
   upgraderd (`app: asgi:...`, forked from a template, access log off), uvicorn
   (`--workers 4 --loop uvloop --http httptools --no-access-log`), granian
   (`--interface asgi --workers 4 --loop uvloop --no-access-log`), one after the
-  other, `--repeats` rounds interleaved, each figure the median; `--servers` may
-  add `upgraderd-shared` (the listener in `mode: shared`: one accept queue for
-  all workers, as uvicorn's, not one per slot);
+  other, `--repeats` rounds interleaved, each figure the median; upgraderd's
+  listener in `mode: shared` as in config/examples/fastapi.yaml (one accept
+  queue, spread over the workers by `http.busy_limit`); `--servers` may add
+  `upgraderd-reuseport` (one queue per worker slot);
 - memory: PSS per forked upgraderd worker with FastAPI loaded, and RSS per
   exec'd uvicorn worker serving the same app;
 - reloads, FastAPI app, `--hups` HUPs `--interval` s apart, under 64 keep-alive
@@ -96,7 +97,7 @@ def comm(pid: int) -> str:
 
 
 @contextmanager
-def upgraderd(tmp: Path, module: str, port: int, mode: str = "reuseport") -> Iterator[list[int]]:
+def upgraderd(tmp: Path, module: str, port: int, mode: str = "shared") -> Iterator[list[int]]:
     cfg = {"listeners": [{"name": "web", "host": "127.0.0.1", "port": port, "mode": mode}],
            "workers": {"count": WORKERS, "app": f"asgi:{module}:app", "cwd": str(EXAMPLES)},
            "http": {"access_log": False}, "metrics": {"listen": None}}
@@ -143,9 +144,9 @@ def granian(module: str, port: int) -> Any:
 
 
 def server(name: str, tmp: Path, module: str, port: int) -> Any:
-    """Start server `name`: upgraderd (reuseport slots), upgraderd-shared (one shared socket), uvicorn, granian."""
+    """Start server `name`: upgraderd (one shared socket), upgraderd-reuseport (reuseport slots), uvicorn, granian."""
     if name.startswith("upgraderd"):
-        return upgraderd(tmp, module, port, "shared" if name == "upgraderd-shared" else "reuseport")
+        return upgraderd(tmp, module, port, "reuseport" if name == "upgraderd-reuseport" else "shared")
     return uvicorn(module, port) if name == "uvicorn" else granian(module, port)
 
 
@@ -189,7 +190,10 @@ def reloads(client: Path, tmp: Path, system: str, mode: str, hups: int, interval
         workers = {"count": WORKERS, "cwd": str(EXAMPLES),
                    "command": [str(BIN / "python"), "uvicorn_server.py", "--loop", "uvloop", "--app-dir", ".",
                                "--idle-grace", "1", "--timeout-graceful-shutdown", "20", "fastapi_app:app"]}
-    cfg = {"listeners": [{"name": "web", "host": "127.0.0.1", "port": port}], "workers": workers,
+    # Each listener mode as its example has it: fastapi.yaml shared, uvicorn.yaml reuseport.
+    listener = {"name": "web", "host": "127.0.0.1", "port": port,
+                "mode": "shared" if system.startswith("app") else "reuseport"}
+    cfg = {"listeners": [listener], "workers": workers,
            "http": {"access_log": False}, "drain": {"timeout": "30s"}, "metrics": {"listen": None},
            "ready": {"timeout": "30s"}}
     work = tmp / f"reload-{system}-{mode}"
@@ -261,7 +265,7 @@ def main() -> int:
     parser.add_argument("--interval", type=float, default=1.0)
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--servers", default="upgraderd,uvicorn,granian",
-                        help="throughput: upgraderd, upgraderd-shared (mode: shared), uvicorn, granian "
+                        help="throughput: upgraderd, upgraderd-reuseport (mode: reuseport), uvicorn, granian "
                              "(uvicorn is the ratios' reference: keep it)")
     parser.add_argument("--apps", default=",".join(APPS), help="throughput: hello, fastapi")
     parser.add_argument("--modes", default="keepalive,close", help="reload runs' client modes")
