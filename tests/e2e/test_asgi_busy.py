@@ -2,7 +2,7 @@
 
 Two workers share one listener with `busy_limit: 1`. A request that hangs in
 one worker makes it stop accepting, so the next connections all go to the
-other worker; and a request counts for a second at most (server.BUSY_WINDOW),
+other worker; and a request counts for a second at most (busy.WINDOW),
 so two hanging requests, one in each worker, do not stop the service.
 """
 
@@ -20,7 +20,7 @@ from tests.support.upgraderd_proc import Daemon, free_port
 
 pytestmark = pytest.mark.e2e
 
-WINDOW = 1.0   # upgraderd/apps/asgi/server.py BUSY_WINDOW
+WINDOW = 1.0   # upgraderd/apps/asgi/busy.py WINDOW
 
 
 def config(port: int, mode: str = "shared") -> dict[str, object]:

@@ -12,6 +12,7 @@ import asyncio
 import socket
 from typing import Any, Coroutine, Protocol
 
+from upgraderd.apps.asgi.busy import BusyLimit
 from upgraderd.apps.asgi.settings import Settings
 from upgraderd.apps.connmetrics import ConnectionMetrics
 
@@ -82,6 +83,7 @@ class WebHost(Protocol):
     listeners: dict[str, socket.socket]
     metrics: ConnectionMetrics
     moves: Any
+    busy: BusyLimit
     conns: set[Any]
     websockets_open: set[Any]
     websockets: bool
@@ -107,12 +109,6 @@ class WebHost(Protocol):
 
     def run_app(self, cycle: Any) -> Coroutine[Any, Any, None]:
         """Run the app for one request."""
-
-    def started(self, cycle: Any) -> None:
-        """A request's app task was created."""
-
-    def ended(self, cycle: Any) -> None:
-        """A request's app task is done."""
 
     def upgrade(self, proto: Any, scope: dict[str, Any], rest: bytes) -> None:
         """Take a WebSocket handshake."""

@@ -7,15 +7,8 @@ sees a reset. At drain the reader goes, what is queued is accepted, and only
 then does our copy of the listener close; the kernel keeps the rest for the
 next generation, which holds the same sockets.
 
-On a `shared` listener every worker accepts from one queue, and a worker that
-takes what is there whenever it wakes serves its share in long passes while
-the others idle: the connections it took wait for its whole pass (FastAPI with
-64 clients opening a connection per request, 4 workers: p99 50-66 ms, 27-31
-with the limit). So a worker stops accepting while `http.busy_limit` requests
-are starting or in progress and leaves the queue to the others. A request
-counts for BUSY_WINDOW at most: long polls and streams must not stop a worker
-accepting. On a `reuseport` listener the queue is this worker's alone, and
-nobody else would take what we leave: the limit does not apply there.
+On a `shared` listener a busy worker stops accepting and leaves the queue to
+the others (`http.busy_limit`: busy.py).
 
 Order at start-up: signal handlers, lifespan startup, the hand-off channel,
 the listeners, then READY=1. A READY=1 before the drain handler exists could
@@ -46,6 +39,7 @@ import httptools
 from upgraderd import worker
 from upgraderd.apps import logline
 from upgraderd.apps.asgi import accesslog, streammove
+from upgraderd.apps.asgi.busy import BusyLimit
 from upgraderd.apps.asgi.reqmetrics import RequestMetrics
 from upgraderd.apps.asgi.cycle import Cycle
 from upgraderd.apps.asgi.h1 import HttpProtocol
@@ -58,7 +52,6 @@ from upgraderd.worker.outlive import OrphanWatch
 IDLE_GRACE = 1.0     # seconds an idle connection is kept after the drain starts (no taker)
 END_MARGIN = 1.0     # at most: seconds before drain.timeout (the master's SIGKILL) that responses in progress end
 ACCEPT_BATCH = 32    # connections accepted per listener wake-up
-BUSY_WINDOW = 1.0    # seconds a request in progress counts towards http.busy_limit
 WS_MOVE_WAIT = 2.0   # seconds a WebSocket that opted in may take to reach a message boundary, else 1012
 TICK = 0.5           # housekeeping: timeouts, the date header, metric files, the parent check, drain progress
 ASGI = {"version": "3.0", "spec_version": "2.3"}
@@ -72,9 +65,7 @@ class WebServer:
         self.loop = asyncio.get_event_loop()
         self.conns: set[HttpProtocol] = set()
         self.attaching = 0          # accepted sockets whose protocol is not connected yet
-        self.running: dict[Cycle, float] = {}   # requests started less than BUSY_WINDOW ago, oldest first
-        self.paused: dict[str, socket.socket] = {}   # shared listeners we stopped accepting from (busy)
-        self.resume_at: asyncio.TimerHandle | None = None
+        self.busy = BusyLimit(self.loop, settings.busy_limit, settings.shared, lambda: self.attaching, self._accept)
         self.draining = False
         self.drained_at = 0.0
         self.done = self.loop.create_future()
@@ -121,10 +112,10 @@ class WebServer:
     # -- accepting --
 
     def _accept(self, name: str, lsock: socket.socket) -> None:
-        limited = name in self.settings.shared and self.settings.busy_limit > 0 and not self.draining
+        limited = self.busy.applies(name)
         for _ in range(ACCEPT_BATCH):
-            if limited and self._busy():
-                self._pause(name, lsock)
+            if limited and self.busy.busy():
+                self.busy.pause(name, lsock)
                 return
             try:
                 sock, _addr = lsock.accept()
@@ -136,49 +127,6 @@ class WebServer:
                 return   # EMFILE and friends: leave the rest queued, the kernel keeps them
             self.tally[name][ACCEPTED] += 1
             self.adopt(sock, name, b"")
-
-    def _busy(self) -> bool:
-        """Return True if `http.busy_limit` requests are starting or in progress (recently)."""
-        limit, running = self.settings.busy_limit, self.running
-        if self.attaching + len(running) < limit:
-            return False
-        horizon = self.loop.time() - BUSY_WINDOW
-        while running:
-            oldest = next(iter(running))
-            if running[oldest] > horizon:
-                break
-            del running[oldest]   # a long poll or a stream: it no longer counts
-        return self.attaching + len(running) >= limit
-
-    def _pause(self, name: str, lsock: socket.socket) -> None:
-        self.loop.remove_reader(lsock.fileno())
-        self.paused[name] = lsock
-        if self.resume_at is None:   # the requests counted now no longer count by then
-            self.resume_at = self.loop.call_later(BUSY_WINDOW, self._resume)
-
-    def _resume(self) -> None:
-        """Accept again on the listeners paused by `_busy`, unless still busy or draining."""
-        if self.resume_at is not None:
-            self.resume_at.cancel()
-            self.resume_at = None
-        if not self.paused or self.draining:
-            return
-        if self._busy():
-            self.resume_at = self.loop.call_later(BUSY_WINDOW, self._resume)
-            return
-        paused, self.paused = self.paused, {}
-        for name, lsock in paused.items():
-            self.loop.add_reader(lsock.fileno(), self._accept, name, lsock)
-
-    def started(self, cycle: Cycle) -> None:
-        """A request's app task was created; `ended` follows when it is done, however it ends."""
-        self.running[cycle] = self.loop.time()
-
-    def ended(self, cycle: Cycle) -> None:
-        """A request's app task is done."""
-        self.running.pop(cycle, None)
-        if self.paused:
-            self._resume()
 
     def adopt(self, sock: socket.socket, listener: str, unhandled: bytes, state: bytes = b"") -> None:  # noqa: D401
         """Serve `sock` (accepted here, or moved here with `unhandled` bytes and, for a response
@@ -202,8 +150,8 @@ class WebServer:
             return
         finally:
             self.attaching -= 1
-            if self.paused:
-                self._resume()
+            if self.busy.paused:
+                self.busy.resume()
         if stream is not None:
             proto.resume_stream(*stream)
         if unhandled:
@@ -328,7 +276,7 @@ class WebServer:
         self.draining = True
         self.drained_at = time.monotonic()
         self.metrics.draining()
-        self.paused.clear()   # every listener is accepted from below, then closed
+        self.busy.stop()   # every listener is accepted from below, then closed
         for name, lsock in self.listeners.items():
             self.loop.remove_reader(lsock.fileno())
             lsock.setblocking(False)   # shared with other generations: re-assert it before the last accepts
