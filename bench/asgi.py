@@ -22,7 +22,8 @@ connections) for every server, 4 workers each:
   requests, reconnects (keep-alive answers that said Connection: close),
   HUP -> new generation ACTIVE p50 (the master's own figure), and the answers in
   the first 250 ms after each HUP over the steady rate (the 250 ms windows that
-  start more than 1 s after any HUP); upgraderd's `app:` beside
+  start more than 1 s after any HUP), beside the lowest of those steady windows
+  over their own median (how far a window strays with no HUP); upgraderd's `app:` beside
   config/examples/uvicorn_server.py run as a `command:` worker (the same app).
 
 Run from the repository root (needs gcc, uvicorn[standard], granian, fastapi):
@@ -234,6 +235,8 @@ def reloads(client: Path, tmp: Path, system: str, mode: str, hups: int, interval
             **standby_timing(log),
             "start_p50_ms": statistics.median(starts) * 1000 if starts else -1.0,
             "first_250ms_median": statistics.median(ratios), "first_250ms_min": min(ratios),
+            # the same ratio for the steady windows themselves: how far one 250 ms window strays with no HUP
+            "steady_min": min(steady) / base if base else 0.0, "steady_windows": float(len(steady)),
             "requests": report["requests"], "hups": len(active), "sent": len(sent)}
 
 
@@ -304,6 +307,7 @@ def main() -> int:
                       f"p95 {r['active_p95_ms']:6.0f} ms "
                       f"(STARTING->ACTIVE {r['start_p50_ms']:5.0f} ms)  "
                       f"first 250 ms / steady: median {r['first_250ms_median']:.2f} min {r['first_250ms_min']:.2f} "
+                      f"(steady windows' own min {r['steady_min']:.2f} of {r['steady_windows']:.0f}) "
                       f"({r['hups']:.0f} reloads for {r['sent']:.0f} HUPs; stale standbys {r['stale_standbys']:.0f}; "
                       f"templates warm {r['warm']:.0f} (still importing at the HUP {r['late']:.0f}) cold {r['cold']:.0f}, "
                       f"app import p50 {r['load_ms']:.0f} ms; "
