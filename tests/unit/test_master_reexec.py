@@ -7,6 +7,8 @@ process would be, and must carry every counter on.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import signal
 from pathlib import Path
 from tests.support.fakes import FakeClock, FakeExec, FakeNotify, FakeProcessAPI, fake_system
@@ -36,7 +38,18 @@ def _reexec(m: Master, procs: FakeProcessAPI, execs: FakeExec) -> Handover:
     procs.exit(procs.spawns[-1].pid, code=0)
     m.step(set())
     (record,) = execs.records
-    return record
+    return _as_execd(record)
+
+
+def _as_execd(record: Handover) -> Handover:
+    """Return `record` with its listeners' fds duplicated (the only real fds in it: the notify
+    socket is a fake). An exec keeps the old master's open files under the same numbers, and
+    the old master is gone. Here it lives on in this process (the fake exec fails, like a
+    broken one), so the new master must own copies: two socket objects on one fd number close
+    it twice when they are collected, and the second close hits whatever file has that number
+    by then (another test's: a metric file test failed with EBADF that way)."""
+    assert record.fds == {}, "a real fd in the record: duplicate it too"
+    return dataclasses.replace(record, listeners=[{**e, "fd": os.dup(int(str(e["fd"])))} for e in record.listeners])
 
 
 def test_templates_started_counts_on_after_a_reexec(tmp_path: Path) -> None:
