@@ -75,6 +75,10 @@ def test_the_limit_applies_to_shared_listeners_only_and_not_at_zero() -> None:
     assert BusyLimit(loop, 8, ("web",), lambda: 0, print).applies("web")  # type: ignore[arg-type]
     assert not BusyLimit(loop, 8, ("web",), lambda: 0, print).applies("api")  # type: ignore[arg-type]
     assert not BusyLimit(loop, 0, ("web",), lambda: 0, print).applies("web")  # type: ignore[arg-type]
+    # Requests are counted only where some listener can pause: no per-request work otherwise.
+    assert BusyLimit(loop, 8, ("web",), lambda: 0, print).counting  # type: ignore[arg-type]
+    assert not BusyLimit(loop, 8, (), lambda: 0, print).counting  # type: ignore[arg-type]
+    assert not BusyLimit(loop, 0, ("web",), lambda: 0, print).counting  # type: ignore[arg-type]
 
 
 def test_starting_and_running_requests_count_and_the_first_to_end_resumes_accepting(rig: Rig) -> None:
@@ -126,7 +130,31 @@ def test_the_drain_stops_it_for_good(rig: Rig) -> None:
     rig.gate.started(object())
     rig.gate.pause("web", rig.lsock)
     rig.gate.stop()
-    assert rig.loop.pending() == [] and not rig.gate.applies("web")
+    assert rig.loop.pending() == [] and not rig.gate.applies("web") and not rig.gate.counting
     rig.gate.ended(next(iter(rig.gate.running)))
     rig.loop.advance(2 * WINDOW)
     assert not rig.accepting()   # the server accepts what is queued itself, then closes the listener
+
+
+class FakeTask:
+    def __init__(self) -> None:
+        self.callbacks: list[Callable[[Any], None]] = []
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        self.callbacks.append(fn)
+
+    def finish(self) -> None:
+        for fn in self.callbacks:
+            fn(self)
+
+
+def test_a_tracked_request_counts_until_its_task_is_done_and_only_where_a_listener_can_pause(rig: Rig) -> None:
+    cycle, task = object(), FakeTask()
+    rig.gate.track(cycle, task)  # type: ignore[arg-type]
+    assert list(rig.gate.running) == [cycle]
+    task.finish()
+    assert rig.gate.running == {}
+    reuseport_only = BusyLimit(rig.loop, 8, (), lambda: 0, print)  # type: ignore[arg-type]
+    other = FakeTask()
+    reuseport_only.track(object(), other)  # type: ignore[arg-type]
+    assert reuseport_only.running == {} and other.callbacks == []

@@ -34,6 +34,11 @@ class BusyLimit:
         self.resume_at: asyncio.TimerHandle | None = None
         self.stopped = False   # draining: the listeners are the server's to close
 
+    @property
+    def counting(self) -> bool:
+        """Return True if requests are counted: some shared listener stops accepting when busy."""
+        return self.limit > 0 and bool(self.shared) and not self.stopped
+
     def applies(self, name: str) -> bool:
         """Return True if listener `name` stops accepting when busy."""
         return self.limit > 0 and name in self.shared and not self.stopped
@@ -71,6 +76,13 @@ class BusyLimit:
         paused, self.paused = self.paused, {}
         for name, lsock in paused.items():
             self.loop.add_reader(lsock.fileno(), self.accept, name, lsock)
+
+    def track(self, cycle: Any, task: asyncio.Future[Any]) -> None:
+        """Count a request until its app task is done, however it ends (cancelled before it ran
+        too); only where it can matter (`counting`), so reuseport-only workers do no work per request."""
+        if self.counting:
+            self.started(cycle)
+            task.add_done_callback(lambda _task: self.ended(cycle))
 
     def started(self, cycle: Any) -> None:
         """A request's app task was created."""

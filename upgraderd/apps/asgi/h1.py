@@ -190,8 +190,7 @@ class HttpProtocol(asyncio.Protocol):
         self.started_at = time.monotonic()
         self._arm(self.settings.request_timeout, self._request_timeout)
         cycle.task = self.loop.create_task(self.server.run_app(cycle))
-        self.server.busy.started(cycle)
-        cycle.task.add_done_callback(lambda _task: self.server.busy.ended(cycle))   # also when cancelled before it ran
+        self.server.busy.track(cycle, cycle.task)
 
     def resume_stream(self, scope: dict[str, Any], status: int, keep_alive: bool) -> None:
         """Continue a response another worker started and moved here (streammove.py)."""
